@@ -1,0 +1,3 @@
+from taskfleet.cli.main import main
+
+main()

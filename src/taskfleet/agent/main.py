@@ -1,0 +1,488 @@
+"""The agent: enrolls once, then exchanges with the server and runs what it is given.
+
+Contract (see ``protocol/exchange.py`` for the wire protocol):
+* Exchanges happen at start, at once on a valid tickle, at once when a result
+  is ready, and every ``poll_interval`` (default 30 min) as a fallback. An
+  agent that cannot receive UDP (``--tickle-port 0``) holds a long poll open
+  instead, which it abandons when it has a result to send.
+* Every operation is written to local state before it is acknowledged, and its
+  result before it is sent; results stay queued until the server acks them,
+  across restarts and server outages.
+* The agent verifies each operation's Ed25519 signature and that it names this
+  computer, and refuses (reporting Failed with the reason) what its own policy
+  does not allow: scripts must be enabled (``--allow-scripts``) and may run
+  only as the listed users (default: the agent's own user).
+* A server that is down is retried with exponential backoff, and the agent
+  says so in its log.
+* An operation found unfinished at start (the agent died while it ran) is
+  reported Failed with a result line saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from taskfleet import __version__
+from taskfleet.agent import state as st
+from taskfleet.agent.executor import RunningScript, ScriptSpec, start_script
+from taskfleet.agent.http import Connection, HttpError
+from taskfleet.domain.results import REFUSED_PREFIX, describe_script_outcome, result_line
+from taskfleet.domain.scripts import EXECUTE_SCRIPT, policy_refusal, validate_script_params
+from taskfleet.protocol.exchange import ENROLL_PATH, EXCHANGE_PATH, MAX_MESSAGES
+from taskfleet.protocol.signing import SignatureError, Verifier
+from taskfleet.protocol.tickle import TickleVerifier
+from taskfleet.settings import (
+    AGENT_RETRY_MAX,
+    AGENT_RETRY_MIN,
+    AGENT_TICKLE_PORT,
+    EXCHANGE_HTTP_TIMEOUT,
+    LONG_POLL_WAIT,
+    OUTPUT_CAP_MAX,
+    POLL_INTERVAL,
+    TICKLE_MAX_SKEW,
+    TICKLE_MIN_INTERVAL,
+)
+
+log = logging.getLogger("taskfleet.agent")
+SEND_BUDGET = 3 * 1024 * 1024  # bytes of results per exchange, under the server's limit
+
+
+@dataclass
+class AgentConfig:
+    server: str
+    state_dir: Path
+    enroll_token: str | None = None
+    hostname: str = field(default_factory=socket.gethostname)
+    machine_id: str | None = None
+    tickle_port: int = AGENT_TICKLE_PORT  # 0: no UDP, hold a long poll instead
+    tickle_bind: str = "0.0.0.0"
+    poll_interval: float | None = None  # None: what the server says (default 30 min)
+    allow_scripts: bool = False
+    script_users: tuple[str, ...] = ()
+    reenroll: bool = False
+
+
+def default_machine_id(state_dir: Path) -> str:
+    """Stable per machine and state folder, so a rebuilt machine re-enrolls as itself."""
+    try:
+        base = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        base = platform.node()
+    return hashlib.sha256(f"{base}|{state_dir.resolve()}".encode()).hexdigest()[:32]
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.state = st.LocalState(config.state_dir)  # raises StateError: refuse to start
+        self.ident: st.Identity | None = None
+        self.conn = Connection(config.server, timeout=EXCHANGE_HTTP_TIMEOUT)
+        self.trigger = asyncio.Event()
+        self.running: dict[int, RunningScript] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.verifier: TickleVerifier | None = None
+        self.poll_interval = config.poll_interval or POLL_INTERVAL
+        self.info_sent = False
+        self.own_user = _own_user()
+        self.policy = {
+            "scripts": config.allow_scripts,
+            "users": sorted({self.own_user, *config.script_users}),
+            "types": [EXECUTE_SCRIPT] if config.allow_scripts else [],
+        }
+        self.stopping = asyncio.Event()
+        self.exchanges = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, self.stopping.set)
+        self.ident = self.state.identity()
+        if self.ident is None or self.config.reenroll:
+            if not self.config.enroll_token:
+                raise SystemExit(
+                    f"this agent is not enrolled (state folder {self.config.state_dir}); "
+                    "give --enroll-token"
+                )
+            self.ident = await self._enroll()
+        elif self.ident.server != self.config.server:
+            log.warning(
+                "state folder was enrolled with %s; talking to it, not %s",
+                self.ident.server,
+                self.config.server,
+            )
+            self.conn = Connection(self.ident.server, timeout=EXCHANGE_HTTP_TIMEOUT)
+        self.verifier_obj = Verifier(self.ident.server_public_key)
+        transport = await self._listen_tickles()
+        self._recover()
+        log.info(
+            "agent ready: computer %d, %s, poll every %gs",
+            self.ident.computer_id,
+            f"tickles on UDP {self.config.tickle_port}" if transport else "long poll",
+            self.poll_interval,
+        )
+        self.trigger.set()
+        main = asyncio.create_task(self._loop())
+        await self.stopping.wait()
+        main.cancel()
+        for running in self.running.values():
+            running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await main
+        if transport:
+            transport.close()
+        await self.conn.close()
+        self.state.close()
+        log.info("agent stopped")
+
+    async def _enroll(self) -> st.Identity:
+        cfg = self.config
+        body = json.dumps(
+            {
+                "token": cfg.enroll_token,
+                "hostname": cfg.hostname,
+                "machine_id": cfg.machine_id or default_machine_id(cfg.state_dir),
+                "tickle_port": cfg.tickle_port or None,
+                "version": __version__,
+                "policy": self.policy,
+            }
+        ).encode()
+        delay = AGENT_RETRY_MIN
+        while True:
+            try:
+                raw = await self.conn.post(ENROLL_PATH, body, {})
+                break
+            except HttpError as exc:
+                if exc.status in (400, 401, 403, 422):
+                    raise SystemExit(f"enrollment refused: {_error_text(exc)}") from None
+                log.warning("enrollment failed (%s); retrying in %.0fs", exc, delay)
+            except (TimeoutError, OSError) as exc:
+                log.warning(
+                    "server %s unreachable (%s); retrying enrollment in %.0fs",
+                    cfg.server,
+                    exc or type(exc).__name__,
+                    delay,
+                )
+            await self._sleep(delay)
+            delay = min(delay * 2, AGENT_RETRY_MAX)
+        d = json.loads(raw)
+        ident = st.Identity(
+            cfg.server,
+            d["computer_id"],
+            d["secret"],
+            d["generation"],
+            bytes.fromhex(d["tickle_key"]),
+            d["server_public_key"],
+        )
+        self.state.save_identity(ident)
+        self.info_sent = True  # enrollment carried our info
+        self._apply_settings(d.get("settings", {}))
+        log.info(
+            "enrolled as computer %d%s",
+            ident.computer_id,
+            " (re-enrolled: its queued work was canceled)" if d.get("reenrolled") else "",
+        )
+        return ident
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        if self.stopping.is_set():
+            raise SystemExit(0)
+
+    async def _listen_tickles(self) -> asyncio.DatagramTransport | None:
+        if not self.config.tickle_port:
+            return None
+        assert self.ident is not None
+        self.verifier = TickleVerifier(
+            self.ident.tickle_key,
+            self.ident.computer_id,
+            max_skew=TICKLE_MAX_SKEW,
+            min_interval=TICKLE_MIN_INTERVAL,
+        )
+        agent = self
+
+        class _Udp(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                assert agent.verifier is not None
+                if agent.verifier.accept(data, time.time()):
+                    agent.trigger.set()
+
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            _Udp, local_addr=(self.config.tickle_bind, self.config.tickle_port)
+        )
+        return transport
+
+    def _recover(self) -> None:
+        # The agent died while these ran: say so rather than leave them "in progress".
+        for op in self.state.unfinished():
+            if op.status == st.UNKNOWN:
+                self._spawn(op)  # received, never started: run it now
+                continue
+            line = result_line(
+                "Running", "Failed", "Interrupted: the agent stopped while it ran", None
+            )
+            self.state.finish(op.op, st.FAILED, _result(op.op, "failed", line))
+            log.warning("operation %d was interrupted by an agent restart; reported Failed", op.op)
+
+    # -- exchanging ------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        delay = AGENT_RETRY_MIN
+        while True:
+            long_poll = not self.config.tickle_port
+            if not long_poll:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.trigger.wait(), self.poll_interval)
+            self.trigger.clear()
+            try:
+                await self._exchange_once(long_poll)
+                delay = AGENT_RETRY_MIN
+            except HttpError as exc:
+                if exc.status == 401:
+                    log.error(
+                        "server refused this computer's credentials (%s); re-enroll "
+                        "with --enroll-token TOKEN --reenroll",
+                        _error_text(exc),
+                    )
+                else:
+                    log.warning("exchange refused: %s", _error_text(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, AGENT_RETRY_MAX)
+                self.trigger.set()
+            except (TimeoutError, OSError, ValueError) as exc:
+                log.warning(
+                    "server %s unreachable (%s); retrying in %.0fs",
+                    self.config.server,
+                    exc or type(exc).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, AGENT_RETRY_MAX)
+                self.trigger.set()
+
+    async def _exchange_once(self, long_poll: bool) -> None:
+        assert self.ident is not None
+        messages = self.state.pending(MAX_MESSAGES, SEND_BUDGET)
+        wait = LONG_POLL_WAIT if long_poll and not messages else 0.0
+        body: dict[str, Any] = {"ack": self.state.server_seq}
+        if messages:
+            body["messages"] = "@@"
+        if not self.info_sent:
+            body["agent"] = {
+                "tickle_port": self.config.tickle_port or None,
+                "version": __version__,
+                "policy": self.policy,
+            }
+        if wait:
+            body["wait"] = wait
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        if messages:  # splice the stored JSON texts in as they are
+            raw = raw.replace(b'"@@"', ("[" + ",".join(messages) + "]").encode(), 1)
+        headers = {
+            "X-Taskfleet-Computer": str(self.ident.computer_id),
+            "Authorization": f"Bearer {self.ident.secret}",
+        }
+        post = asyncio.ensure_future(
+            self.conn.post(EXCHANGE_PATH, raw, headers, timeout=EXCHANGE_HTTP_TIMEOUT + wait)
+        )
+        if wait:
+            # Abandon the long poll as soon as we have something to say.
+            trig = asyncio.ensure_future(self.trigger.wait())
+            done, _ = await asyncio.wait({post, trig}, return_when=asyncio.FIRST_COMPLETED)
+            trig.cancel()
+            if post not in done:
+                post.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await post
+                return
+        reply = json.loads(await post)
+        self.exchanges += 1
+        if "agent" in body:
+            self.info_sent = True
+        self.state.acked(int(reply.get("ack", 0)))
+        self._apply_settings(reply.get("settings", {}))
+        if self.verifier is not None and "server_time" in reply:
+            self.verifier.set_clock_offset(float(reply["server_time"]) - time.time())
+        self._receive(reply.get("messages", []))
+        if self.state.outbox_size() > len(messages) or (messages and reply.get("messages")):
+            self.trigger.set()
+
+    def _apply_settings(self, settings: dict[str, Any]) -> None:
+        if self.config.poll_interval is None and "poll_interval" in settings:
+            self.poll_interval = float(settings["poll_interval"])
+
+    def _receive(self, messages: list[dict[str, Any]]) -> None:
+        last = self.state.server_seq
+        ops: list[tuple[int, int, str, str]] = []
+        cancels: list[int] = []
+        top = last
+        for m in messages:
+            seq = int(m.get("seq", 0))
+            if seq <= last:
+                continue  # already stored: a resend
+            top = max(top, seq)
+            if m.get("type") == "operation":
+                ops.append((int(m["op"]), seq, EXECUTE_SCRIPT, json.dumps(m)))
+            elif m.get("type") == "cancel":
+                cancels.append(int(m["op"]))
+        if top == last:
+            return
+        new = self.state.receive(ops, cancels, top)
+        for op_id in cancels:
+            running = self.running.get(op_id)
+            if running is not None:
+                log.info("operation %d: cancel received, stopping its process group", op_id)
+                running.cancel()
+        for op_id in new:
+            op = self.state.operation(op_id)
+            if op is not None:
+                self._spawn(op)
+
+    # -- running ---------------------------------------------------------------
+
+    def _spawn(self, op: st.Operation) -> None:
+        task = asyncio.create_task(self._run(op))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, op: st.Operation) -> None:
+        refusal, spec, timeout = self._check(op)
+        if op.cancel_requested:
+            refusal = "Canceled before it started"
+        if refusal is not None or spec is None:
+            status = "canceled" if op.cancel_requested else "failed"
+            line = result_line("Starting", status.title(), refusal or "invalid", None)
+            self.state.finish(
+                op.op,
+                st.CANCELED if op.cancel_requested else st.FAILED,
+                _result(op.op, status, line),
+            )
+            log.warning("operation %d refused: %s", op.op, refusal)
+            self.trigger.set()
+            return
+        self.state.start(op.op)
+        running = await start_script(spec)
+        self.running[op.op] = running
+        try:
+            res = await running.wait()
+        finally:
+            self.running.pop(op.op, None)
+        outcome = describe_script_outcome(
+            exit_code=res.exit_code,
+            signal=res.signal,
+            timed_out=res.timed_out,
+            canceled=res.canceled,
+            error=res.error,
+            timeout=timeout,
+        )
+        status = "succeeded" if outcome.succeeded else "canceled" if res.canceled else "failed"
+        message = _result(op.op, status, outcome.line)
+        message.update(
+            exit_code=res.exit_code,
+            stdout=res.stdout,
+            stderr=res.stderr,
+            stdout_dropped=res.stdout_dropped,
+            stderr_dropped=res.stderr_dropped,
+            started_at=res.started_at,
+            ended_at=res.ended_at,
+        )
+        code = {"succeeded": st.SUCCESS, "canceled": st.CANCELED}.get(status, st.FAILED)
+        self.state.finish(op.op, code, message)
+        log.info("operation %d %s: %s", op.op, status, outcome.line)
+        self.trigger.set()
+
+    def _check(self, op: st.Operation) -> tuple[str | None, ScriptSpec | None, float]:
+        assert self.ident is not None
+        try:
+            m = json.loads(op.body)
+            self.verifier_obj.verify(m["body"], m["sig"])
+            payload = json.loads(m["body"])
+        except (SignatureError, KeyError, ValueError, TypeError):
+            return f"{REFUSED_PREFIX}: the payload signature does not verify", None, 0
+        if payload.get("computer") != self.ident.computer_id or payload.get("op") != op.op:
+            return f"{REFUSED_PREFIX}: the payload is meant for another computer", None, 0
+        if payload.get("type") != EXECUTE_SCRIPT:
+            return (
+                f"{REFUSED_PREFIX}: activity type {payload.get('type')!r} is not enabled",
+                None,
+                0,
+            )
+        try:
+            params = validate_script_params(
+                payload.get("params"), default_cap=65536, max_cap=OUTPUT_CAP_MAX
+            )
+            timeout = float(payload["timeout"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return f"{REFUSED_PREFIX}: invalid parameters ({exc})", None, 0
+        why = policy_refusal(self.policy, params)
+        if why:
+            return f"{REFUSED_PREFIX}: {why}", None, timeout
+        user = params.get("user")
+        try:
+            spec = ScriptSpec(
+                argv=params.get("argv"),
+                script=params.get("script"),
+                interpreter=params.get("interpreter") or "/bin/sh",
+                env={
+                    **params.get("env", {}),
+                    "TASKFLEET_COMPUTER_ID": str(self.ident.computer_id),
+                    "TASKFLEET_OPERATION_ID": str(op.op),
+                },
+                cwd=params.get("cwd"),
+                timeout=timeout,
+                output_cap=params["output_cap"],
+                user=None if user in (None, self.own_user) else user,
+                tmp_dir=str(self.config.state_dir),
+            )
+        except ValueError as exc:
+            return f"{REFUSED_PREFIX}: invalid parameters ({exc})", None, timeout
+        return None, spec, timeout
+
+
+def _result(op: int, status: str, line: str) -> dict[str, Any]:
+    return {
+        "type": "operation-result",
+        "op": op,
+        "status": status,
+        "result_line": line,
+        "exit_code": None,
+        "stdout": "",
+        "stderr": "",
+    }
+
+
+def _own_user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def _error_text(exc: HttpError) -> str:
+    try:
+        return str(json.loads(exc.body).get("error") or json.loads(exc.body).get("detail"))
+    except (ValueError, AttributeError):
+        return str(exc)
+
+
+def run_agent(config: AgentConfig) -> None:
+    asyncio.run(Agent(config).run())

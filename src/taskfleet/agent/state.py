@@ -1,0 +1,254 @@
+"""The agent's durable local state: identity, operations, unacknowledged results.
+
+Contract: one SQLite file (``state.db``) in the agent's state folder, written
+with ``synchronous=FULL`` so that every committed step survives a crash or a
+power cut. An operation is recorded (with its server sequence number) before
+the agent acknowledges it, and its result is appended to the outbox in the
+same transaction that marks it finished, before it is sent. Outbox messages
+stay until the server acknowledges their sequence number. A folder that is
+missing-and-uncreatable, unwritable or corrupt raises :class:`StateError` with
+a clear message; the agent then refuses to start rather than pretend to work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Local status codes (SPEC 5).
+UNKNOWN, WORKING, DOWNLOADING, INSTALLING, SUCCESS, FAILED, CANCELED, DEFERRED = range(8)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS operations (
+    op INTEGER PRIMARY KEY,          -- operation id given by the server
+    seq INTEGER NOT NULL,            -- server message sequence number
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,              -- the signed canonical text, as received
+    status INTEGER NOT NULL,         -- local status code 0..7
+    received_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    result TEXT                      -- the operation-result message once finished
+);
+CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, message TEXT NOT NULL);
+"""
+
+
+class StateError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Identity:
+    server: str
+    computer_id: int
+    secret: str
+    generation: int
+    tickle_key: bytes
+    server_public_key: str
+
+
+@dataclass(frozen=True)
+class Operation:
+    op: int
+    seq: int
+    type: str
+    body: str
+    status: int
+    cancel_requested: bool
+    attempts: int
+
+
+class LocalState:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StateError(f"cannot create state folder {folder}: {exc.strerror}") from None
+        if not folder.is_dir():
+            raise StateError(f"state folder {folder} is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StateError(f"state folder {folder} is not writable by this user")
+        path = folder / "state.db"
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            result = self.db.execute("PRAGMA quick_check").fetchone()[0]
+            if result != "ok":
+                raise sqlite3.DatabaseError(result)
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StateError(
+                f"state file {path} is corrupt or unreadable ({exc}); move it away and "
+                "re-enroll the agent"
+            ) from None
+        except OSError as exc:
+            raise StateError(f"cannot open state file {path}: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- meta ------------------------------------------------------------------
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def _set(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def identity(self) -> Identity | None:
+        raw = self.get("identity")
+        if raw is None:
+            return None
+        d = json.loads(raw)
+        return Identity(
+            d["server"],
+            d["computer_id"],
+            d["secret"],
+            d["generation"],
+            bytes.fromhex(d["tickle_key"]),
+            d["server_public_key"],
+        )
+
+    def save_identity(self, ident: Identity) -> None:
+        """A new identity starts a fresh conversation: forget the old one's messages."""
+        value = json.dumps(
+            {
+                "server": ident.server,
+                "computer_id": ident.computer_id,
+                "secret": ident.secret,
+                "generation": ident.generation,
+                "tickle_key": ident.tickle_key.hex(),
+                "server_public_key": ident.server_public_key,
+            }
+        )
+        with self._tx():
+            self._set("identity", value)
+            self._set("server_seq", "0")
+            self._set("next_seq", "1")
+            self.db.execute("DELETE FROM outbox")
+            self.db.execute(
+                "DELETE FROM operations WHERE status NOT IN (?, ?, ?)", (SUCCESS, FAILED, CANCELED)
+            )
+        os.chmod(self.folder / "state.db", 0o600)
+
+    @property
+    def server_seq(self) -> int:
+        return int(self.get("server_seq", "0") or 0)
+
+    # -- transactions ----------------------------------------------------------
+
+    class _Tx:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.db.execute("BEGIN IMMEDIATE")
+            return self.db
+
+        def __exit__(self, exc_type: Any, *_: Any) -> None:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _tx(self) -> LocalState._Tx:
+        return LocalState._Tx(self.db)
+
+    # -- operations ------------------------------------------------------------
+
+    def receive(
+        self, ops: list[tuple[int, int, str, str]], cancels: list[int], last_seq: int
+    ) -> list[int]:
+        """Record new operations and cancel orders, then the new server ack, atomically.
+
+        ``ops`` holds (op, seq, type, body). Returns the ops that are new here
+        (an op seen before is dropped: exactly-once per computer).
+        """
+        now = time.time()
+        new = []
+        with self._tx() as db:
+            for op, seq, type_, body in ops:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO operations(op, seq, type, body, status, received_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (op, seq, type_, body, UNKNOWN, now),
+                )
+                if cur.rowcount:
+                    new.append(op)
+            for op in cancels:
+                db.execute("UPDATE operations SET cancel_requested=1 WHERE op=?", (op,))
+            if last_seq > self.server_seq:
+                self._set("server_seq", str(last_seq))
+        return new
+
+    def operation(self, op: int) -> Operation | None:
+        row = self.db.execute(
+            "SELECT op, seq, type, body, status, cancel_requested, attempts FROM operations "
+            "WHERE op=?",
+            (op,),
+        ).fetchone()
+        return (
+            Operation(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6]) if row else None
+        )
+
+    def unfinished(self) -> list[Operation]:
+        rows = self.db.execute(
+            "SELECT op, seq, type, body, status, cancel_requested, attempts FROM operations "
+            "WHERE result IS NULL ORDER BY seq"
+        ).fetchall()
+        return [Operation(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6]) for r in rows]
+
+    def start(self, op: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE operations SET status=?, started_at=?, attempts=attempts+1 WHERE op=?",
+                (WORKING, time.time(), op),
+            )
+
+    def finish(self, op: int, status: int, message: dict[str, Any]) -> int:
+        """Mark ``op`` finished and queue its result; returns the result's sequence number."""
+        with self._tx() as db:
+            seq = int(self.get("next_seq", "1") or 1)
+            message = {**message, "seq": seq}
+            text = json.dumps(message, separators=(",", ":"))
+            db.execute(
+                "UPDATE operations SET status=?, ended_at=?, result=? WHERE op=?",
+                (status, time.time(), text, op),
+            )
+            db.execute("INSERT INTO outbox(seq, message) VALUES (?, ?)", (seq, text))
+            self._set("next_seq", str(seq + 1))
+        return seq
+
+    # -- outbox ----------------------------------------------------------------
+
+    def pending(self, max_messages: int, max_bytes: int) -> list[str]:
+        out, size = [], 0
+        for (text,) in self.db.execute("SELECT message FROM outbox ORDER BY seq"):
+            if out and (len(out) >= max_messages or size + len(text) > max_bytes):
+                break
+            out.append(text)
+            size += len(text)
+        return out
+
+    def outbox_size(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    def acked(self, seq: int) -> None:
+        self.db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
+
+    def records(self) -> list[dict[str, Any]]:
+        cur = self.db.execute(
+            "SELECT op, seq, type, status, received_at, started_at, ended_at, attempts, "
+            "cancel_requested FROM operations ORDER BY op"
+        )
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur]

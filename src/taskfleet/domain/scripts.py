@@ -1,0 +1,77 @@
+"""The execute-script activity: which parameters a request may carry (pure validation).
+
+Contract: ``validate_script_params`` returns the normalised parameters or
+raises ``ValueError`` naming the first bad field. The server checks a request
+with it before anything is stored; the agent checks again before it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+EXECUTE_SCRIPT = "execute-script"
+MAX_SCRIPT_CHARS = 1024 * 1024
+MAX_TIMEOUT = 7 * 24 * 3600.0
+
+
+def validate_timeout(timeout: Any) -> float:
+    if type(timeout) not in (int, float) or not 0 < timeout <= MAX_TIMEOUT:
+        raise ValueError(f"timeout must be a number of seconds in (0, {MAX_TIMEOUT:g}]")
+    return float(timeout)
+
+
+def validate_script_params(params: Any, *, default_cap: int, max_cap: int) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        raise ValueError("params must be an object")
+    unknown = set(params) - {"argv", "script", "interpreter", "env", "cwd", "user", "output_cap"}
+    if unknown:
+        raise ValueError(f"unknown script parameter(s): {', '.join(sorted(unknown))}")
+    argv, script = params.get("argv"), params.get("script")
+    if (argv is None) == (script is None):
+        raise ValueError("give exactly one of argv (a command) or script (a script text)")
+    out: dict[str, Any] = {}
+    if argv is not None:
+        if (
+            not isinstance(argv, list)
+            or not argv
+            or not all(isinstance(a, str) for a in argv)
+            or not argv[0]
+        ):
+            raise ValueError("argv must be a non-empty list of strings")
+        out["argv"] = argv
+    else:
+        if not isinstance(script, str) or not script.strip():
+            raise ValueError("script must be a non-empty text")
+        if len(script) > MAX_SCRIPT_CHARS:
+            raise ValueError(f"script is {len(script)} characters, the limit is {MAX_SCRIPT_CHARS}")
+        out["script"] = script
+        interpreter = params.get("interpreter", "/bin/sh")
+        if not isinstance(interpreter, str) or not interpreter:
+            raise ValueError("interpreter must be a non-empty string")
+        out["interpreter"] = interpreter
+    env = params.get("env") or {}
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()
+    ):
+        raise ValueError("env must map variable names to strings")
+    out["env"] = env
+    for key in ("cwd", "user"):
+        value = params.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"{key} must be a non-empty string")
+        out[key] = value
+    cap = params.get("output_cap", default_cap)
+    if type(cap) is not int or not 0 <= cap <= max_cap:
+        raise ValueError(f"output_cap must be 0..{max_cap} bytes")
+    out["output_cap"] = cap
+    return out
+
+
+def policy_refusal(policy: dict[str, Any] | None, params: dict[str, Any]) -> str | None:
+    """Why an agent with this policy would refuse the script, or None if it would run it."""
+    if not policy or not policy.get("scripts"):
+        return "scripts are disabled in its configuration"
+    user = params.get("user")
+    if user is not None and user not in policy.get("users", []):
+        return f"user {user!r} is not in its allowed script users"
+    return None

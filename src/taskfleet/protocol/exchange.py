@@ -1,0 +1,187 @@
+"""The agent <-> server message exchange (SPEC 3.1). Read this before changing it.
+
+An *exchange* is one authenticated ``POST /agent/v1/exchange`` carrying the
+agent's outgoing messages and returning the server's. Both directions use the
+same scheme, borrowed from landscape-client:
+
+* Every message carries ``seq``, a per-computer, per-direction sequence number
+  that starts at 1 and grows by one per message.
+* Each side states in every exchange the highest sequence number it has
+  *durably stored* from the other side (``ack``). Everything above the peer's
+  ack is sent again at the next exchange; the receiver drops any message whose
+  ``seq`` it has already applied. Delivery is therefore at-least-once and the
+  effect exactly-once, and a lost request or response never loses or doubles
+  work.
+* Agent -> server messages: ``operation-result`` (``op``, status, exit code,
+  output, start/end time on the computer, result line). A result for an
+  operation that is already final is recorded but changes no state.
+* Server -> agent messages: ``operation`` (``op`` is the operation id; the
+  payload is a canonical JSON text in ``body`` signed with the server's Ed25519
+  key in ``sig``, and names the computer it is meant for, so a relay cannot
+  invent, alter or redirect work) and ``cancel`` (stop operation ``op``).
+* The agent writes an operation to its local state before it acks it, and a
+  result before it sends it. The server writes results before it acks them.
+* Request body: ``{"ack": int, "messages": [...], "agent": {...}?, "wait": s?}``;
+  ``agent`` (tickle port, version, policy) is sent when it changed; ``wait``
+  asks for a long poll: the server holds the exchange up to ``wait`` seconds
+  until there is work (agents that cannot receive UDP tickles).
+* Response body: ``{"ack": int, "messages": [...], "server_time": float,
+  "settings": {...}}``.
+
+Limits (``MAX_*`` below) are checked before anything is applied; a body that
+breaks one is refused whole with a clear error and nothing changes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+EXCHANGE_PATH = "/agent/v1/exchange"
+ENROLL_PATH = "/agent/v1/enroll"
+PROTOCOL_VERSION = 1
+
+MAX_BODY_BYTES = 4 * 1024 * 1024  # whole exchange request body
+MAX_MESSAGES = 500  # messages in one exchange
+MAX_OUTPUT_CHARS = 1024 * 1024  # stdout or stderr in one result
+MAX_TEXT_CHARS = 2000  # result line, reasons
+MAX_LONG_POLL = 300.0  # seconds a long poll may be held
+
+RESULT_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+
+
+class ProtocolError(ValueError):
+    """A malformed or oversized exchange; the whole request is refused."""
+
+
+@dataclass(frozen=True)
+class OperationResult:
+    seq: int
+    op: int
+    status: str  # succeeded | failed | canceled (what really happened on the computer)
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    stdout_dropped: int
+    stderr_dropped: int
+    started_at: float | None
+    ended_at: float | None
+    result_line: str
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    tickle_port: int | None
+    version: str
+    policy: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AgentRequest:
+    ack: int
+    results: list[OperationResult] = field(default_factory=list)
+    agent: AgentInfo | None = None
+    wait: float = 0.0
+
+    @property
+    def max_seq(self) -> int:
+        return max((r.seq for r in self.results), default=0)
+
+
+def _int(obj: dict[str, Any], key: str, *, minimum: int = 0, optional: bool = False) -> int | None:
+    value = obj.get(key)
+    if value is None and optional:
+        return None
+    if type(value) is not int or value < minimum:
+        raise ProtocolError(f"{key!r} must be an integer >= {minimum}")
+    return value
+
+
+def _num(obj: dict[str, Any], key: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if type(value) not in (int, float):
+        raise ProtocolError(f"{key!r} must be a number")
+    return float(value)
+
+
+def _str(obj: dict[str, Any], key: str, limit: int) -> str:
+    value = obj.get(key, "")
+    if not isinstance(value, str):
+        raise ProtocolError(f"{key!r} must be a string")
+    if len(value) > limit:
+        raise ProtocolError(f"{key!r} is {len(value)} characters, the limit is {limit}")
+    return value
+
+
+def _parse_result(msg: dict[str, Any]) -> OperationResult:
+    status = msg.get("status")
+    if status not in RESULT_STATUSES:
+        raise ProtocolError(f"'status' must be one of {sorted(RESULT_STATUSES)}")
+    exit_code = msg.get("exit_code")
+    if exit_code is not None and type(exit_code) is not int:
+        raise ProtocolError("'exit_code' must be an integer or null")
+    return OperationResult(
+        seq=_int(msg, "seq", minimum=1) or 0,
+        op=_int(msg, "op", minimum=1) or 0,
+        status=status,
+        exit_code=exit_code,
+        stdout=_str(msg, "stdout", MAX_OUTPUT_CHARS),
+        stderr=_str(msg, "stderr", MAX_OUTPUT_CHARS),
+        stdout_dropped=_int(msg, "stdout_dropped", optional=True) or 0,
+        stderr_dropped=_int(msg, "stderr_dropped", optional=True) or 0,
+        started_at=_num(msg, "started_at"),
+        ended_at=_num(msg, "ended_at"),
+        result_line=_str(msg, "result_line", MAX_TEXT_CHARS),
+    )
+
+
+def parse_agent_request(obj: Any) -> AgentRequest:
+    """Validate a decoded exchange body; raise ProtocolError naming the first problem."""
+    if not isinstance(obj, dict):
+        raise ProtocolError("the exchange body must be a JSON object")
+    ack = _int(obj, "ack") or 0
+    raw_messages = obj.get("messages", [])
+    if not isinstance(raw_messages, list):
+        raise ProtocolError("'messages' must be a list")
+    if len(raw_messages) > MAX_MESSAGES:
+        raise ProtocolError(f"{len(raw_messages)} messages, the limit is {MAX_MESSAGES}")
+    results: list[OperationResult] = []
+    last_seq = 0
+    for i, msg in enumerate(raw_messages):
+        if not isinstance(msg, dict):
+            raise ProtocolError(f"message {i} must be an object")
+        kind = msg.get("type")
+        if kind != "operation-result":
+            raise ProtocolError(f"message {i}: unknown type {kind!r}")
+        try:
+            result = _parse_result(msg)
+        except ProtocolError as exc:
+            raise ProtocolError(f"message {i}: {exc}") from None
+        if result.seq <= last_seq:
+            raise ProtocolError(f"message {i}: sequence numbers must increase")
+        last_seq = result.seq
+        results.append(result)
+    agent = None
+    raw_agent = obj.get("agent")
+    if raw_agent is not None:
+        if not isinstance(raw_agent, dict):
+            raise ProtocolError("'agent' must be an object")
+        port = _int(raw_agent, "tickle_port", optional=True)
+        if port is not None and not 0 < port < 65536:
+            raise ProtocolError("'tickle_port' must be 1..65535")
+        policy = raw_agent.get("policy", {})
+        if not isinstance(policy, dict):
+            raise ProtocolError("'policy' must be an object")
+        agent = AgentInfo(port, _str(raw_agent, "version", 64), policy)
+    wait = _num(obj, "wait") or 0.0
+    if not 0.0 <= wait <= MAX_LONG_POLL:
+        raise ProtocolError(f"'wait' must be 0..{MAX_LONG_POLL:g} seconds")
+    return AgentRequest(ack=ack, results=results, agent=agent, wait=wait)
+
+
+def canonical(obj: Any) -> str:
+    """The exact text that is signed: sorted keys, no spaces, ASCII only."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

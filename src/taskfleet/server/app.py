@@ -1,0 +1,653 @@
+"""The server process: admin API (``/api/v1``), agent endpoints, metrics.
+
+Contract: ``create_app(config)`` returns an ASGI app whose lifespan migrates
+the database, bootstraps the default tenant, keys and first admin token,
+loads the fleet into memory and starts the single writer, the tickler, the
+lost-activity reaper and the last-seen flusher. Admin routes authenticate a
+bearer token and enforce its role; every query is scoped to its tenant. The
+exchange endpoint is a plain Starlette route: it is the hot path and answers
+from memory whenever there is nothing to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import generate_latest
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+from taskfleet import __version__
+from taskfleet.protocol.exchange import (
+    ENROLL_PATH,
+    EXCHANGE_PATH,
+    MAX_BODY_BYTES,
+    ProtocolError,
+    parse_agent_request,
+)
+from taskfleet.protocol.signing import Signer
+from taskfleet.protocol.tickle import derive_tickle_key
+from taskfleet.server import metrics, service
+from taskfleet.server.fleet import ComputerState, Fleet
+from taskfleet.server.service import ApiError, Principal
+from taskfleet.server.tickler import Tickler
+from taskfleet.server.writer import ExchangeJob, Writer, reap_lost
+from taskfleet.settings import (
+    LAST_SEEN_FLUSH,
+    LOST_GRACE,
+    POLL_INTERVAL,
+    REAPER_INTERVAL,
+    SCRIPT_TIMEOUT,
+    TICKLE_MIN_INTERVAL,
+    TICKLE_RATE,
+)
+from taskfleet.store import db
+from taskfleet.store.schema import computers
+
+log = logging.getLogger("taskfleet.server")
+T = TypeVar("T")
+
+
+@dataclass
+class ServerConfig:
+    database_url: str
+    data_dir: Path
+    tickle_rate: float = TICKLE_RATE
+    tickle_min_interval: float = TICKLE_MIN_INTERVAL
+    lost_grace: float = LOST_GRACE
+    poll_interval: float = POLL_INTERVAL
+    reaper_interval: float = REAPER_INTERVAL
+    public_url: str = ""  # shown to humans; set by the CLI
+
+
+@dataclass
+class Runtime:
+    config: ServerConfig
+    read: Any
+    writer: Writer
+    fleet: Fleet
+    tickler: Tickler
+    signer: Signer
+    tickle_master: bytes
+    settings_json: bytes
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def _now() -> float:
+    return time.time()
+
+
+class _Err(BaseModel):
+    error: str
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+# -- request bodies (these make the OpenAPI document) --------------------------
+
+
+class TokenIn(BaseModel):
+    kind: str = Field("admin", description="admin (API access) or enroll (agent enrollment)")
+    name: str
+    role: str | None = Field(None, description="viewer, operator or admin (admin tokens)")
+    expires_in: float | None = Field(None, description="seconds until the token expires")
+    max_uses: int | None = Field(None, description="enrollments allowed (enroll tokens)")
+    group: str | None = Field(None, description="group that enrolled computers join")
+
+
+class GroupIn(BaseModel):
+    name: str
+
+
+class MembersIn(BaseModel):
+    computer_ids: list[int]
+
+
+class TagIn(BaseModel):
+    key: str
+    value: str
+
+
+class RequestIn(BaseModel):
+    type: str = "execute-script"
+    target: str = Field(..., description="all | group:NAME | tag:KEY=VALUE | computer:ID[,ID]")
+    params: dict[str, Any] = Field(
+        ..., description="argv | script (+interpreter), env, cwd, user, output_cap"
+    )
+    timeout: float = SCRIPT_TIMEOUT
+
+
+class CancelIn(BaseModel):
+    reason: str = ""
+
+
+class EnrollIn(BaseModel):
+    token: str
+    hostname: str
+    machine_id: str
+    tickle_port: int | None = None
+    version: str = ""
+    policy: dict[str, Any] = {}
+
+
+def _role(needed: str) -> Callable[..., Awaitable[Principal]]:
+    async def dep(request: Request) -> Principal:
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "missing bearer token (Authorization: Bearer TOKEN)")
+        rt: Runtime = request.app.state.rt
+        async with rt.read.connect() as conn:
+            p = await service.resolve_token(conn, token.strip(), _now())
+        if p is None:
+            raise ApiError(401, "invalid, expired or revoked token")
+        if not p.allows(needed):
+            raise ApiError(403, f"this needs the {needed} role; the token has {p.role}")
+        return p
+
+    return dep
+
+
+Viewer = Annotated[Principal, Depends(_role("viewer"))]
+Operator = Annotated[Principal, Depends(_role("operator"))]
+Admin = Annotated[Principal, Depends(_role("admin"))]
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    rt: Runtime | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal rt
+        rt = await _start(config)
+        app.state.rt = rt
+        try:
+            yield
+        finally:
+            await _stop(rt)
+
+    app = FastAPI(
+        title="taskfleet",
+        version=__version__,
+        description="Run work on a fleet of managed computers; see docs/api.md.",
+        lifespan=lifespan,
+        responses={
+            400: {"model": _Err},
+            401: {"model": _Err},
+            403: {"model": _Err},
+            404: {"model": _Err},
+            409: {"model": _Err},
+        },
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    def runtime() -> Runtime:
+        assert rt is not None
+        return rt
+
+    async def read(fn: Callable[[Any], Awaitable[T]]) -> T:
+        async with runtime().read.connect() as conn:
+            return await fn(conn)
+
+    # -- admin API -------------------------------------------------------------
+
+    @app.get("/api/v1/whoami", tags=["auth"])
+    async def whoami(p: Viewer) -> dict[str, Any]:
+        return {"token_id": p.token_id, "name": p.name, "role": p.role, "tenant_id": p.tenant_id}
+
+    @app.post("/api/v1/tokens", status_code=201, tags=["auth"])
+    async def create_token(body: TokenIn, p: Admin) -> dict[str, Any]:
+        return await runtime().writer.run(
+            lambda c: service.create_token(
+                c,
+                p,
+                _now(),
+                kind=body.kind,
+                name=body.name,
+                role=body.role,
+                expires_in=body.expires_in,
+                max_uses=body.max_uses,
+                group=body.group,
+            )
+        )
+
+    @app.get("/api/v1/tokens", tags=["auth"])
+    async def list_tokens(p: Admin) -> list[dict[str, Any]]:
+        return await read(lambda c: service.list_tokens(c, p))
+
+    @app.delete("/api/v1/tokens/{token_id}", status_code=204, tags=["auth"])
+    async def revoke_token(token_id: int, p: Admin) -> Response:
+        await runtime().writer.run(lambda c: service.revoke_token(c, p, token_id, _now()))
+        return Response(status_code=204)
+
+    @app.get("/api/v1/computers", tags=["computers"])
+    async def list_computers(p: Viewer) -> list[dict[str, Any]]:
+        out = await read(lambda c: service.list_computers(c, p))
+        return [_live(runtime(), c) for c in out]
+
+    @app.get("/api/v1/computers/{computer_id}", tags=["computers"])
+    async def get_computer(computer_id: int, p: Viewer) -> dict[str, Any]:
+        return _live(runtime(), await read(lambda c: service.get_computer(c, p, computer_id)))
+
+    @app.put("/api/v1/computers/{computer_id}/tags", tags=["computers"])
+    async def set_tag(computer_id: int, body: TagIn, p: Operator) -> dict[str, Any]:
+        await runtime().writer.run(
+            lambda c: service.set_tag(c, p, computer_id, body.key, body.value, _now())
+        )
+        return {"computer_id": computer_id, "key": body.key, "value": body.value}
+
+    @app.delete("/api/v1/computers/{computer_id}/tags/{key}", status_code=204, tags=["computers"])
+    async def remove_tag(computer_id: int, key: str, p: Operator) -> Response:
+        await runtime().writer.run(lambda c: service.set_tag(c, p, computer_id, key, None, _now()))
+        return Response(status_code=204)
+
+    @app.get("/api/v1/groups", tags=["groups"])
+    async def list_groups(p: Viewer) -> list[dict[str, Any]]:
+        return await read(lambda c: service.list_groups(c, p))
+
+    @app.post("/api/v1/groups", status_code=201, tags=["groups"])
+    async def create_group(body: GroupIn, p: Operator) -> dict[str, Any]:
+        return await runtime().writer.run(lambda c: service.create_group(c, p, body.name, _now()))
+
+    @app.delete("/api/v1/groups/{name}", status_code=204, tags=["groups"])
+    async def delete_group(name: str, p: Operator) -> Response:
+        await runtime().writer.run(lambda c: service.delete_group(c, p, name, _now()))
+        return Response(status_code=204)
+
+    @app.post("/api/v1/groups/{name}/members", tags=["groups"])
+    async def add_members(name: str, body: MembersIn, p: Operator) -> dict[str, Any]:
+        await runtime().writer.run(
+            lambda c: service.set_members(c, p, name, body.computer_ids, True, _now())
+        )
+        return {"group": name, "added": body.computer_ids}
+
+    @app.post("/api/v1/groups/{name}/members/remove", tags=["groups"])
+    async def remove_members(name: str, body: MembersIn, p: Operator) -> dict[str, Any]:
+        await runtime().writer.run(
+            lambda c: service.set_members(c, p, name, body.computer_ids, False, _now())
+        )
+        return {"group": name, "removed": body.computer_ids}
+
+    @app.post("/api/v1/requests", status_code=201, tags=["requests"])
+    async def create_request(body: RequestIn, p: Operator) -> dict[str, Any]:
+        r = runtime()
+        created = await r.writer.run(
+            lambda c: service.create_request(
+                c,
+                p,
+                _now(),
+                type=body.type,
+                target=body.target,
+                params=body.params,
+                timeout=body.timeout,
+            ),
+            after=lambda res: r.tickler.wake(r.fleet.mark_work(res.computer_ids)),
+        )
+        metrics.REQUESTS.inc()
+        log.info(
+            "request %d created: %s on %s (%d computers)",
+            created.request["id"],
+            body.type,
+            created.request["target"],
+            len(created.computer_ids),
+        )
+        return created.request
+
+    @app.get("/api/v1/requests", tags=["requests"])
+    async def list_requests(p: Viewer, limit: int = 50) -> list[dict[str, Any]]:
+        return await read(lambda c: service.list_requests(c, p, min(max(limit, 1), 1000)))
+
+    @app.get("/api/v1/requests/{request_id}", tags=["requests"])
+    async def get_request(request_id: int, p: Viewer) -> dict[str, Any]:
+        return await read(lambda c: service.get_request(c, p, request_id))
+
+    @app.post("/api/v1/requests/{request_id}/cancel", tags=["requests"])
+    async def cancel_request(
+        request_id: int, p: Operator, body: CancelIn | None = None
+    ) -> dict[str, Any]:
+        ids = await _cancel(runtime(), p, request_id=request_id, reason=body.reason if body else "")
+        return {"request_id": request_id, "canceled": ids}
+
+    @app.get("/api/v1/activities", tags=["activities"])
+    async def list_activities(
+        p: Viewer,
+        request_id: int | None = None,
+        computer_id: int | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        output: bool = False,
+    ) -> list[dict[str, Any]]:
+        return await read(
+            lambda c: service.list_activities(
+                c,
+                p,
+                request_id=request_id,
+                computer_id=computer_id,
+                state=state,
+                limit=min(max(limit, 1), 100_000),
+                with_output=output,
+            )
+        )
+
+    @app.get("/api/v1/activities/{activity_id}", tags=["activities"])
+    async def get_activity(activity_id: int, p: Viewer) -> dict[str, Any]:
+        return await read(lambda c: service.get_activity(c, p, activity_id))
+
+    @app.post("/api/v1/activities/{activity_id}/cancel", tags=["activities"])
+    async def cancel_activity(
+        activity_id: int, p: Operator, body: CancelIn | None = None
+    ) -> dict[str, Any]:
+        await _cancel(runtime(), p, activity_id=activity_id, reason=body.reason if body else "")
+        return await read(lambda c: service.get_activity(c, p, activity_id))
+
+    @app.get("/api/v1/audit", tags=["audit"])
+    async def list_audit(p: Admin, limit: int = 100) -> list[dict[str, Any]]:
+        return await read(lambda c: service.list_audit(c, p, min(max(limit, 1), 10_000)))
+
+    # -- agents, metrics, health -----------------------------------------------
+
+    @app.post(ENROLL_PATH, tags=["agent"], status_code=201)
+    async def enroll(body: EnrollIn, request: Request) -> dict[str, Any]:
+        r = runtime()
+        address = request.client.host if request.client else None
+
+        def after(res: service.Enrolled) -> None:
+            r.fleet.put(res.state)
+            metrics.COMPUTERS.set(len(r.fleet.computers))
+
+        res = await r.writer.run(
+            lambda c: service.enroll(
+                c,
+                _now(),
+                token=body.token,
+                hostname=body.hostname,
+                machine_id=body.machine_id,
+                tickle_port=body.tickle_port,
+                version=body.version,
+                policy=body.policy,
+                address=address,
+            ),
+            after=after,
+        )
+        log.info(
+            "computer %d %s (%s)%s",
+            res.state.id,
+            "re-enrolled" if res.reenrolled else "enrolled",
+            body.hostname,
+            f", {res.canceled} open activities canceled" if res.canceled else "",
+        )
+        return {
+            "computer_id": res.state.id,
+            "secret": res.secret,
+            "generation": res.state.generation,
+            "tickle_key": derive_tickle_key(
+                r.tickle_master, res.state.id, res.state.generation
+            ).hex(),
+            "server_public_key": r.signer.public_key_hex,
+            "settings": orjson.loads(r.settings_json),
+            "reenrolled": res.reenrolled,
+        }
+
+    async def exchange(request: Request) -> Response:
+        return await _exchange(runtime(), request)
+
+    app.router.add_route(EXCHANGE_PATH, exchange, methods=["POST"], include_in_schema=False)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prom() -> Response:
+        return Response(generate_latest(metrics.REGISTRY), media_type="text/plain; version=0.0.4")
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, Any]:
+        return {"ok": True, "version": __version__, "computers": len(runtime().fleet.computers)}
+
+    return app
+
+
+def _live(rt: Runtime, c: dict[str, Any]) -> dict[str, Any]:
+    cs = rt.fleet.get(c["id"])
+    if cs is not None and cs.last_seen and (c["last_seen_at"] or 0) < cs.last_seen:
+        c["last_seen_at"] = cs.last_seen
+    return c
+
+
+async def _cancel(
+    rt: Runtime,
+    p: Principal,
+    *,
+    activity_id: int | None = None,
+    request_id: int | None = None,
+    reason: str = "",
+) -> list[int]:
+    def after(res: service.Canceled) -> None:
+        for cid, n in res.notify.items():
+            cs = rt.fleet.get(cid)
+            if cs is not None:
+                cs.out_seq += n
+        rt.tickler.wake(rt.fleet.mark_work(res.notify))
+
+    async def fn(conn: Any) -> service.Canceled:
+        seqs = {cid: cs.out_seq for cid, cs in rt.fleet.computers.items()}
+        return await service.cancel(
+            conn, p, _now(), seqs, activity_id=activity_id, request_id=request_id, reason=reason
+        )
+
+    res = await rt.writer.run(fn, after=after)
+    return res.ids
+
+
+# -- the exchange hot path ------------------------------------------------------
+
+
+async def _exchange(rt: Runtime, request: Request) -> Response:
+    try:
+        computer_id = int(request.headers.get("x-taskfleet-computer", ""))
+    except ValueError:
+        return _refuse("auth", 401, "missing or malformed X-Taskfleet-Computer header")
+    auth = request.headers.get("authorization", "")
+    cs = rt.fleet.get(computer_id)
+    if cs is None or not auth.startswith("Bearer ") or not cs.check_secret(auth[7:]):
+        return _refuse("auth", 401, "unknown computer or wrong secret")
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        return _refuse("too-large", 413, f"exchange body over {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            return _refuse("too-large", 413, f"exchange body over {MAX_BODY_BYTES} bytes")
+    try:
+        req = parse_agent_request(orjson.loads(body))
+        if req.ack > cs.out_seq:
+            raise ProtocolError(f"ack {req.ack} is beyond the last message sent ({cs.out_seq})")
+    except (orjson.JSONDecodeError, ProtocolError) as exc:
+        kind = "malformed" if isinstance(exc, orjson.JSONDecodeError) else "invalid"
+        return _refuse(kind, 400, f"bad exchange: {exc}")
+    address = request.client.host if request.client else None
+    now = time.time()
+    cs.last_seen = now
+    cs.dirty = True
+    if req.agent is None:
+        cs.address = address  # the agent's info exchange updates it in the database
+
+    def quiet() -> bool:
+        return (
+            not cs.has_work
+            and req.ack >= cs.out_seq
+            and req.agent is None
+            and req.max_seq <= cs.in_acked
+        )
+
+    if quiet() and req.wait > 0:
+        cs.waiter = asyncio.Event()
+        try:
+            await asyncio.wait_for(cs.waiter.wait(), req.wait)
+        except TimeoutError:
+            pass
+        finally:
+            cs.waiter = None
+    if quiet():
+        metrics.EXCHANGES.labels("fast").inc()
+        return Response(
+            b'{"ack":%d,"messages":[],"server_time":%.3f,"settings":%s}'
+            % (cs.in_acked, time.time(), rt.settings_json),
+            media_type="application/json",
+        )
+    metrics.EXCHANGES.labels("slow").inc()
+    try:
+        out = await rt.writer.exchange(ExchangeJob(cs, req, address))
+    except ProtocolError as exc:
+        return _refuse("invalid", 400, f"bad exchange: {exc}")
+    return Response(
+        b'{"ack":%d,"messages":[%s],"server_time":%.3f,"settings":%s}'
+        % (out["ack"], ",".join(out["messages"]).encode(), out["server_time"], rt.settings_json),
+        media_type="application/json",
+    )
+
+
+def _refuse(reason: str, status: int, message: str) -> Response:
+    metrics.EXCHANGE_ERRORS.labels(reason).inc()
+    return Response(
+        orjson.dumps({"error": message}), status_code=status, media_type="application/json"
+    )
+
+
+# -- lifecycle ------------------------------------------------------------------
+
+
+async def _start(config: ServerConfig) -> Runtime:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    await db.upgrade(config.database_url)
+    write_engine = db.create_engine(config.database_url, writer=True)
+    read_engine = (
+        write_engine
+        if not db.is_sqlite(config.database_url)
+        else db.create_engine(config.database_url)
+    )
+    async with write_engine.begin() as conn:
+        keys, token = await service.bootstrap(conn, _now())
+    if token is not None:
+        path = config.data_dir / "admin-token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        log.warning("bootstrap admin token written to %s (readable by this user only)", path)
+    fleet = Fleet()
+    async with read_engine.connect() as conn:
+        for row in await conn.execute(sa.select(computers)):
+            fleet.put(
+                ComputerState(
+                    row.id,
+                    row.tenant_id,
+                    row.secret_hash,
+                    row.generation,
+                    row.in_acked,
+                    row.out_seq,
+                    row.out_acked,
+                    row.address,
+                    row.tickle_port,
+                    row.last_seen_at,
+                )
+            )
+    metrics.COMPUTERS.set(len(fleet.computers))
+    signer = Signer(keys["signing_seed"])
+    writer = Writer(write_engine, fleet, signer, lost_grace=config.lost_grace)
+    writer.start()
+    tickler = Tickler(
+        keys["tickle_master"], rate=config.tickle_rate, min_interval=config.tickle_min_interval
+    )
+    tickler.start()
+    rt = Runtime(
+        config=config,
+        read=read_engine,
+        writer=writer,
+        fleet=fleet,
+        tickler=tickler,
+        signer=signer,
+        tickle_master=keys["tickle_master"],
+        settings_json=orjson.dumps({"poll_interval": config.poll_interval}),
+    )
+    rt.tasks.append(asyncio.create_task(_reaper(rt), name="reaper"))
+    rt.tasks.append(asyncio.create_task(_flush_seen(rt), name="last-seen"))
+    log.info(
+        "server ready: %d computers, database %s",
+        len(fleet.computers),
+        db.database_url(config.database_url).split("@")[-1],
+    )
+    return rt
+
+
+async def _stop(rt: Runtime) -> None:
+    for task in rt.tasks:
+        task.cancel()
+    for task in rt.tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await rt.tickler.stop()
+    await rt.writer.stop()
+    with contextlib.suppress(Exception):
+        await _flush_once(rt)
+    await rt.writer.engine.dispose()
+    if rt.read is not rt.writer.engine:
+        await rt.read.dispose()
+
+
+async def _reaper(rt: Runtime) -> None:
+    while True:
+        await asyncio.sleep(rt.config.reaper_interval)
+        try:
+            lost = await rt.writer.run(lambda c: reap_lost(c, _now()))
+        except Exception:
+            log.exception("lost-activity reaper failed; retrying next interval")
+            continue
+        if lost:
+            metrics.LOST.inc(len(lost))
+            log.warning("%d activities failed as lost: %s", len(lost), lost[:20])
+
+
+async def _flush_once(rt: Runtime) -> None:
+    dirty = rt.fleet.take_dirty()
+    if not dirty:
+        return
+
+    async def fn(conn: Any) -> None:
+        await conn.execute(
+            computers.update()
+            .where(computers.c.id == sa.bindparam("b_id"))
+            .values(last_seen_at=sa.bindparam("seen"), address=sa.bindparam("addr")),
+            [{"b_id": cs.id, "seen": cs.last_seen, "addr": cs.address} for cs in dirty],
+        )
+
+    if rt.writer._task is not None and not rt.writer._task.done():
+        await rt.writer.run(fn)
+    else:
+        async with rt.writer.engine.begin() as conn:
+            await fn(conn)
+
+
+async def _flush_seen(rt: Runtime) -> None:
+    # Last-seen times live in memory and reach the database in one batch per
+    # interval, so idle exchanges stay off the database.
+    while True:
+        await asyncio.sleep(LAST_SEEN_FLUSH)
+        try:
+            await _flush_once(rt)
+        except Exception:
+            log.exception("last-seen flush failed")

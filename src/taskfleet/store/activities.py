@@ -1,0 +1,83 @@
+"""Writing activity state changes: the only code that assigns ``activities.state``.
+
+Contract: callers get a :class:`~taskfleet.domain.states.Transition` from
+``domain.states.transition`` (which checks the table) and hand it here with the
+columns that change alongside; ``apply_changes`` updates the rows and appends
+one history event per change, in the caller's transaction. Rows are updated
+only if they are still in the state the transition starts from, so a racing
+writer cannot be overwritten silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from taskfleet.domain.states import Transition
+from taskfleet.store.schema import activities, activity_events
+
+
+class ConcurrentChange(RuntimeError):
+    """An activity changed state under us; the transaction must be retried."""
+
+
+@dataclass
+class Change:
+    activity_id: int
+    tenant_id: int
+    transition: Transition
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+async def apply_changes(conn: AsyncConnection, changes: list[Change]) -> None:
+    if not changes:
+        return
+    by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for ch in changes:
+        t = ch.transition
+        assert t.from_state is not None, "use insert for creation events"
+        params = {
+            "b_id": ch.activity_id,
+            "b_from": t.from_state.value,
+            "state": t.to_state.value,
+            "updated_at": t.at,
+            "reason": t.reason,
+            **ch.values,
+        }
+        by_columns.setdefault(tuple(sorted(params)), []).append(params)
+    for cols, rows in by_columns.items():
+        stmt = (
+            activities.update()
+            .where(activities.c.id == sa.bindparam("b_id"))
+            .where(activities.c.state == sa.bindparam("b_from"))
+            .values({c: sa.bindparam(c) for c in cols if not c.startswith("b_")})
+        )
+        result = await conn.execute(stmt, rows)
+        # Not every driver counts executemany rows; where it does, check it.
+        if result.rowcount not in (-1, None) and len(rows) > 0 and result.rowcount < len(rows):
+            raise ConcurrentChange(f"{len(rows) - result.rowcount} activities changed concurrently")
+    await insert_events(conn, [(ch.activity_id, ch.tenant_id, ch.transition) for ch in changes])
+
+
+async def insert_events(conn: AsyncConnection, rows: list[tuple[int, int, Transition]]) -> None:
+    if not rows:
+        return
+    await conn.execute(
+        activity_events.insert(),
+        [
+            {
+                "activity_id": aid,
+                "tenant_id": tid,
+                "from_state": t.from_state.value if t.from_state else None,
+                "to_state": t.to_state.value,
+                "cause": t.cause.value,
+                "actor": t.actor,
+                "at": t.at,
+                "reason": t.reason,
+            }
+            for aid, tid, t in rows
+        ],
+    )

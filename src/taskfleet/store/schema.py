@@ -1,0 +1,182 @@
+"""The database schema (SQLAlchemy Core). One schema, two engines: SQLite and PostgreSQL.
+
+Every row belongs to a tenant. Migrations in ``store/migrations`` must produce
+exactly this schema (tests/integration/test_migrations.py proves it).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+    }
+)
+
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite rowid aliasing
+
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("id", BigId, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+server_secrets = sa.Table(
+    "server_secrets",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.LargeBinary, nullable=False),
+)
+
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", BigId, primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),  # admin | enroll
+    sa.Column("role", sa.String(16), nullable=True),  # viewer | operator | admin (admin kind)
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=True),
+    sa.Column("uses_left", sa.Integer, nullable=True),  # enroll tokens: None = unlimited
+    sa.Column("group_name", sa.String(64), nullable=True),  # enroll tokens: join this group
+    sa.Column("revoked", sa.Boolean, nullable=False, default=False),
+)
+
+computers = sa.Table(
+    "computers",
+    metadata,
+    sa.Column("id", BigId, primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("hostname", sa.String(255), nullable=False),
+    sa.Column("machine_id", sa.String(128), nullable=False),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False, default=1),  # +1 per re-enrollment
+    sa.Column("enrolled_at", sa.Float, nullable=False),
+    sa.Column("last_seen_at", sa.Float, nullable=True),
+    sa.Column("address", sa.String(64), nullable=True),
+    sa.Column("tickle_port", sa.Integer, nullable=True),
+    sa.Column("agent_version", sa.String(64), nullable=True),
+    sa.Column("policy", sa.JSON, nullable=True),
+    sa.Column("in_acked", sa.BigInteger, nullable=False, default=0),  # agent seq applied
+    sa.Column("out_seq", sa.BigInteger, nullable=False, default=0),  # last server seq used
+    sa.Column("out_acked", sa.BigInteger, nullable=False, default=0),  # server seq agent stored
+    sa.UniqueConstraint("tenant_id", "machine_id"),
+)
+
+groups = sa.Table(
+    "groups",
+    metadata,
+    sa.Column("id", BigId, primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("tenant_id", "name"),
+)
+
+group_members = sa.Table(
+    "group_members",
+    metadata,
+    sa.Column("group_id", sa.BigInteger, sa.ForeignKey("groups.id"), primary_key=True),
+    sa.Column("computer_id", sa.BigInteger, sa.ForeignKey("computers.id"), primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Index(None, "computer_id"),
+)
+
+computer_tags = sa.Table(
+    "computer_tags",
+    metadata,
+    sa.Column("computer_id", sa.BigInteger, sa.ForeignKey("computers.id"), primary_key=True),
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Index(None, "tenant_id", "key", "value"),
+)
+
+requests = sa.Table(
+    "requests",
+    metadata,
+    sa.Column("id", BigId, primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("target", sa.String(512), nullable=False),
+    sa.Column("created_by", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("timeout", sa.Float, nullable=False),
+    sa.Column("total", sa.Integer, nullable=False),
+)
+
+activities = sa.Table(
+    "activities",
+    metadata,
+    sa.Column("id", BigId, primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("request_id", sa.BigInteger, sa.ForeignKey("requests.id"), nullable=True),
+    sa.Column("computer_id", sa.BigInteger, sa.ForeignKey("computers.id"), nullable=True),
+    sa.Column("kind", sa.String(8), nullable=False),  # client | server
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("delivered_at", sa.Float, nullable=True),
+    sa.Column("deadline_at", sa.Float, nullable=True),  # lost after this without a result
+    sa.Column("finished_at", sa.Float, nullable=True),
+    sa.Column("reason", sa.String(2000), nullable=True),  # why it is in its state
+    sa.Column("exit_code", sa.Integer, nullable=True),
+    sa.Column("result_line", sa.String(2000), nullable=True),
+    sa.Column("stdout", sa.Text, nullable=True),
+    sa.Column("stderr", sa.Text, nullable=True),
+    sa.Column("stdout_dropped", sa.Integer, nullable=True),
+    sa.Column("stderr_dropped", sa.Integer, nullable=True),
+    sa.Column("agent_started_at", sa.Float, nullable=True),
+    sa.Column("agent_ended_at", sa.Float, nullable=True),
+    sa.Column("agent_report", sa.JSON, nullable=True),  # a report that changed no state
+    sa.Index(None, "computer_id", "state"),
+    sa.Index(None, "request_id", "state"),
+    sa.Index(None, "state", "deadline_at"),
+)
+
+activity_events = sa.Table(
+    "activity_events",
+    metadata,
+    sa.Column("id", BigId, primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("activity_id", sa.BigInteger, sa.ForeignKey("activities.id"), nullable=False),
+    sa.Column("from_state", sa.String(16), nullable=True),
+    sa.Column("to_state", sa.String(16), nullable=False),
+    sa.Column("cause", sa.String(32), nullable=False),
+    sa.Column("actor", sa.String(64), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("reason", sa.String(2000), nullable=False, default=""),
+    sa.Index(None, "activity_id"),
+)
+
+# Server -> agent messages not yet acknowledged by the agent (SPEC 3.1 resend).
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("computer_id", sa.BigInteger, sa.ForeignKey("computers.id"), primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),  # the JSON text sent as is
+)
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", BigId, primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(64), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("detail", sa.JSON, nullable=False),
+)
