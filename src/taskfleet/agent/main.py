@@ -103,6 +103,8 @@ class Agent:
             "types": [EXECUTE_SCRIPT] if config.allow_scripts else [],
         }
         self.stopping = asyncio.Event()
+        self.last_drop_log = -1e9
+        self.retickle: asyncio.TimerHandle | None = None
         self.exchanges = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -220,8 +222,32 @@ class Agent:
         class _Udp(asyncio.DatagramProtocol):
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
                 assert agent.verifier is not None
+                before = dict(agent.verifier.drops)
                 if agent.verifier.accept(data, time.time()):
                     agent.trigger.set()
+                    return
+                reason = next(
+                    (k for k, v in agent.verifier.drops.items() if v != before.get(k)), "?"
+                )
+                now = time.monotonic()
+                # Say why, but never let a flood of bad datagrams flood the log too.
+                if reason == "rate-limited" and agent.retickle is None:
+                    # A valid wake-up inside the interval: exchange once it is over.
+                    def again() -> None:
+                        agent.retickle = None
+                        agent.trigger.set()
+
+                    agent.retickle = asyncio.get_running_loop().call_later(
+                        TICKLE_MIN_INTERVAL, again
+                    )
+                if reason != "rate-limited" and now - agent.last_drop_log >= 1.0:
+                    agent.last_drop_log = now
+                    log.warning(
+                        "tickle dropped (%s) from %s; totals %s",
+                        reason,
+                        addr[0],
+                        agent.verifier.drops,
+                    )
 
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(

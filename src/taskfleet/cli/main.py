@@ -87,6 +87,18 @@ def _listen(value: str) -> tuple[str, int]:
     help="Seconds past a script's time limit before it is declared lost [default: 60].",
 )
 @click.option(
+    "--reaper-interval",
+    type=float,
+    default=None,
+    help="Seconds between checks for lost activities [default: 5].",
+)
+@click.option(
+    "--tickles/--no-tickles",
+    default=True,
+    show_default=True,
+    help="Send UDP wake-ups (off: agents rely on polls and long polls).",
+)
+@click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
 )
 def server(
@@ -97,6 +109,8 @@ def server(
     tickle_min_interval: float | None,
     poll_interval: float | None,
     lost_grace: float | None,
+    reaper_interval: float | None,
+    tickles: bool,
     log_format: str,
 ) -> None:
     """Run the server: API, agent exchanges, tickles (one process, SQLite by default)."""
@@ -111,12 +125,14 @@ def server(
         database_url=database or f"sqlite:///{(data_dir / 'taskfleet.sqlite3').resolve()}",
         data_dir=data_dir.resolve(),
         public_url=f"http://{host}:{port}",
+        tickles=tickles,
     )
     for name, value in (
         ("tickle_rate", tickle_rate),
         ("tickle_min_interval", tickle_min_interval),
         ("poll_interval", poll_interval),
         ("lost_grace", lost_grace),
+        ("reaper_interval", reaper_interval),
     ):
         if value is not None:
             if value <= 0:

@@ -70,6 +70,7 @@ class ServerConfig:
     poll_interval: float = POLL_INTERVAL
     reaper_interval: float = REAPER_INTERVAL
     public_url: str = ""  # shown to humans; set by the CLI
+    tickles: bool = True  # off: agents rely on their polls (benchmarks compare both)
 
 
 @dataclass
@@ -571,7 +572,10 @@ async def _start(config: ServerConfig) -> Runtime:
     writer = Writer(write_engine, fleet, signer, lost_grace=config.lost_grace)
     writer.start()
     tickler = Tickler(
-        keys["tickle_master"], rate=config.tickle_rate, min_interval=config.tickle_min_interval
+        keys["tickle_master"],
+        rate=config.tickle_rate,
+        min_interval=config.tickle_min_interval,
+        enabled=config.tickles,
     )
     tickler.start()
     rt = Runtime(

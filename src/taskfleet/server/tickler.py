@@ -37,10 +37,13 @@ class Tickler:
         rate: float,
         min_interval: float,
         clock: Callable[[], float] = time.time,
+        enabled: bool = True,
     ) -> None:
+        self.enabled = enabled
         self.master_key = master_key
         self.pacer = TicklePacer(rate)
         self.limiter = PerComputerLimiter(min_interval)
+        self.min_interval = min_interval
         self.clock = clock
         self._pending: deque[ComputerState] = deque()
         self._queued: set[int] = set()
@@ -48,6 +51,7 @@ class Tickler:
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._keys: dict[tuple[int, int], bytes] = {}
+        self._deferred: set[int] = set()
 
     def start(self) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -63,6 +67,8 @@ class Tickler:
             self._sock.close()
 
     def wake(self, states: Iterable[ComputerState]) -> None:
+        if not self.enabled:
+            return
         for cs in states:
             if cs.tickle_port is None or not cs.address:
                 metrics.TICKLES_SKIPPED.labels("no-address").inc()
@@ -73,6 +79,17 @@ class Tickler:
         if self._pending:
             self._event.set()
 
+    def _defer(self, cs: ComputerState) -> None:
+        if cs.id in self._deferred:
+            return
+        self._deferred.add(cs.id)
+
+        def again() -> None:
+            self._deferred.discard(cs.id)
+            self.wake([cs])
+
+        asyncio.get_running_loop().call_later(self.min_interval, again)
+
     def _key(self, cs: ComputerState) -> bytes:
         k = (cs.id, cs.generation)
         key = self._keys.get(k)
@@ -81,6 +98,16 @@ class Tickler:
         return key
 
     async def _loop(self) -> None:
+        while True:
+            try:
+                await self._send_pending()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Never die silently: a dead tickler would leave work to the polls.
+                log.exception("tickler failed; going on")
+
+    async def _send_pending(self) -> None:
         assert self._sock is not None
         while True:
             await self._event.wait()
@@ -90,7 +117,10 @@ class Tickler:
                 self._queued.discard(cs.id)
                 now = self.clock()
                 if not self.limiter.allow(cs.id, now):
-                    metrics.TICKLES_SKIPPED.labels("rate-limited").inc()
+                    # Too soon after the last one: send it when the interval is
+                    # over instead, so new work is never left waiting for a poll.
+                    metrics.TICKLES_SKIPPED.labels("deferred").inc()
+                    self._defer(cs)
                     continue
                 wait = self.pacer.reserve(now)
                 if wait > 0.002:

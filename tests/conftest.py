@@ -1,0 +1,338 @@
+"""Shared fixtures: real databases, real server and agent processes, deadlines.
+
+``TASKFLEET_TEST_DB`` selects the store: ``sqlite`` (default) or ``postgresql``
+(``TASKFLEET_PG_URL``, default postgresql://postgres@127.0.0.1:5432/test). Each
+test gets its own database. A missing service skips its tests with a reason,
+unless ``TASKFLEET_REQUIRE_SERVICES=1`` (CI), where it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+PG_URL = os.environ.get("TASKFLEET_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REQUIRE = os.environ.get("TASKFLEET_REQUIRE_SERVICES") == "1"
+BACKEND = os.environ.get("TASKFLEET_TEST_DB", "sqlite")
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _service_missing(message: str) -> None:
+    if REQUIRE:
+        pytest.fail(f"{message} (TASKFLEET_REQUIRE_SERVICES=1)")
+    pytest.skip(message)
+
+
+def _pg_admin(sql: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql)
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of the selected backend."""
+    if BACKEND == "sqlite":
+        yield f"sqlite:///{tmp_path / 'server' / 'taskfleet.sqlite3'}"
+        return
+    if BACKEND != "postgresql":
+        raise ValueError(f"TASKFLEET_TEST_DB must be sqlite or postgresql, not {BACKEND!r}")
+    name = "tf_" + uuid.uuid4().hex[:16]
+    try:
+        _pg_admin(f"CREATE DATABASE {name}")
+    except Exception as exc:  # psycopg.OperationalError and friends
+        _service_missing(f"PostgreSQL unavailable at {PG_URL}: {exc}")
+    base = PG_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    try:
+        _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    except Exception:
+        pass
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "taskfleet", *args]
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        popen = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+    return Proc(popen, log)
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    data_dir: Path
+    database_url: str
+    proc: Proc
+    admin_token: str = ""
+    args: list[str] = field(default_factory=list)
+
+    def api(self, token: str | None = None) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url + "/api/v1",
+            headers={"Authorization": f"Bearer {token or self.admin_token}"},
+            timeout=30,
+        )
+
+    def restart(self) -> None:
+        self.proc.stop()
+        self.proc = _start_server_proc(self)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        key = name + (("{" + labels + "}") if labels else "")
+        for line in text.splitlines():
+            if line.startswith(key + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _start_server_proc(s: Server) -> Proc:
+    proc = spawn(
+        _cli(
+            "server",
+            "--listen",
+            f"127.0.0.1:{s.port}",
+            "--data-dir",
+            str(s.data_dir),
+            "--database",
+            s.database_url,
+            *s.args,
+        ),
+        s.data_dir.parent / "server.log",
+    )
+
+    def up() -> bool:
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"server exited:\n{proc.text()[-3000:]}")
+        return _healthy(s.url)
+
+    wait_until(up, 60, "server to start")
+    return proc
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Server]]:
+    servers: list[Server] = []
+
+    def start(*args: str, port: int | None = None) -> Server:
+        port = port or free_port()
+        s = Server(
+            url=f"http://127.0.0.1:{port}",
+            port=port,
+            data_dir=tmp_path / "server",
+            database_url=database_url,
+            proc=None,  # type: ignore[arg-type]
+            args=list(args),
+        )
+        s.proc = _start_server_proc(s)
+        token_file = s.data_dir / "admin-token"
+        s.admin_token = wait_until(
+            lambda: token_file.exists() and token_file.read_text().strip(), 10, "admin token"
+        )
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.proc.stop()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., Server]) -> Server:
+    return start_server("--lost-grace", "2", "--reaper-interval", "0.2")
+
+
+@dataclass
+class Agent:
+    state_dir: Path
+    tickle_port: int
+    proc: Proc
+
+    def status(self) -> dict[str, Any]:
+        out = subprocess.run(
+            _cli("agent", "--state-dir", str(self.state_dir), "status", "--json"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    @property
+    def computer_id(self) -> int:
+        return int(self.status()["computer_id"])
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
+    agents: list[Agent] = []
+    counter = iter(range(1, 10_000))
+
+    def start(
+        server: Server | str,
+        enroll_token: str | None = None,
+        *extra: str,
+        name: str | None = None,
+        state_dir: Path | None = None,
+        tickle_port: int | None = None,
+        allow_scripts: bool = True,
+        wait_enrolled: bool = True,
+    ) -> Agent:
+        n = next(counter)
+        name = name or f"agent-{n}"
+        state_dir = state_dir or tmp_path / name
+        port = free_port(socket.SOCK_DGRAM) if tickle_port is None else tickle_port
+        url = server if isinstance(server, str) else server.url
+        args = [
+            "agent",
+            "--server",
+            url,
+            "--state-dir",
+            str(state_dir),
+            "--tickle-port",
+            str(port),
+            "--tickle-bind",
+            "127.0.0.1",
+            "--hostname",
+            name,
+            *extra,
+        ]
+        if enroll_token:
+            args += ["--enroll-token", enroll_token]
+        if allow_scripts:
+            args.append("--allow-scripts")
+        proc = spawn(_cli(*args), tmp_path / f"{name}.log")
+        agent = Agent(state_dir, port, proc)
+        agents.append(agent)
+        if wait_enrolled:
+
+            def ready() -> bool:
+                if not proc.alive():
+                    raise AssertionError(f"agent exited:\n{proc.text()[-3000:]}")
+                return "agent ready" in proc.text()
+
+            wait_until(ready, 30, f"{name} to be ready")
+        return agent
+
+    yield start
+    for a in agents:
+        a.proc.stop()
+
+
+def enroll_token(server: Server, **kw: Any) -> str:
+    with server.api() as api:
+        r = api.post("/tokens", json={"kind": "enroll", "name": "test", **kw})
+        assert r.status_code == 201, r.text
+        return str(r.json()["token"])
+
+
+def run_request(server: Server, target: str, params: dict[str, Any], timeout: float = 30) -> dict:
+    with server.api() as api:
+        r = api.post(
+            "/requests",
+            json={"type": "execute-script", "target": target, "params": params, "timeout": timeout},
+        )
+        assert r.status_code == 201, r.text
+        return r.json()
+
+
+def request_done(server: Server, request_id: int, timeout: float = 30) -> dict:
+    def done() -> dict | None:
+        with server.api() as api:
+            req = api.get(f"/requests/{request_id}").json()
+        return req if req["progress"]["done"] else None
+
+    return wait_until(done, timeout, f"request {request_id} to finish")
+
+
+def activities_of(server: Server, request_id: int) -> list[dict]:
+    with server.api() as api:
+        rows = api.get(
+            "/activities", params={"request_id": request_id, "output": True, "limit": 10000}
+        ).json()
+    return sorted(rows, key=lambda a: a["computer_id"])
