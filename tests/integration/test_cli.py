@@ -1,0 +1,115 @@
+"""The taskfleet command as an administrator uses it: env defaults, tables, --json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import enroll_token
+
+
+def tf(server, *args, token=None, check=True):
+    env = {
+        **os.environ,
+        "TASKFLEET_SERVER": server.url,
+        "TASKFLEET_TOKEN": token or server.admin_token,
+        "COLUMNS": "200",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "taskfleet", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    if check:
+        assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def test_cli_runs_a_command_and_shows_results_as_table_and_json(server, start_agent, tmp_path):
+    token = json.loads(tf(server, "token", "create", "--enroll", "--name", "t", "--json").stdout)
+    assert token["token"].startswith("tfe_")
+    agent = start_agent(server, token["token"])
+    cid = agent.computer_id
+    tf(server, "group", "create", "web")
+    tf(server, "group", "add", "web", str(cid))
+    tf(server, "group", "tag", str(cid), "role=db")
+    computers = json.loads(tf(server, "computer", "list", "--json").stdout)
+    assert computers[0]["groups"] == ["web"] and computers[0]["tags"] == {"role": "db"}
+
+    out = tf(server, "run", "--target", "group:web", "--wait", "--", "echo", "hello fleet")
+    assert "hello fleet" in out.stdout and "Succeeded" in out.stdout
+
+    script = tmp_path / "s.sh"
+    script.write_text('echo "$GREETING from $(pwd)"; exit 4\n')
+    out = tf(
+        server,
+        "run",
+        "--target",
+        "tag:role=db",
+        "--script",
+        str(script),
+        "--env",
+        "GREETING=hey",
+        "--cwd",
+        str(tmp_path),
+        "--wait",
+        "--json",
+        check=False,
+    )
+    assert out.returncode == 1  # not every computer succeeded
+    result = json.loads(out.stdout)
+    (a,) = result["activities"]
+    assert a["stdout"] == f"hey from {tmp_path}\n" and a["exit_code"] == 4
+
+    shown = json.loads(tf(server, "activity", "show", str(a["id"]), "--json").stdout)
+    assert [h["to_state"] for h in shown["history"]] == ["queued", "in_progress", "failed"]
+    table = tf(server, "activity", "show", str(a["id"])).stdout
+    assert "Exited with code 4" in table and "hey from" in table
+    listed = json.loads(tf(server, "request", "list", "--json").stdout)
+    assert [r["progress"]["finished"] for r in listed] == [1, 1]
+
+
+def test_cli_errors_are_clear_and_exit_nonzero(server):
+    out = tf(server, "run", "--target", "group:nope", "--", "true", check=False)
+    assert out.returncode == 2
+    assert "unknown group 'nope'" in out.stderr
+    out = tf(server, "computer", "list", token="tfa_wrong", check=False)
+    assert out.returncode == 2 and "invalid, expired or revoked token" in out.stderr
+    viewer = json.loads(
+        tf(server, "token", "create", "--name", "v", "--role", "viewer", "--json").stdout
+    )["token"]
+    out = tf(server, "group", "create", "x", token=viewer, check=False)
+    assert out.returncode == 2 and "needs the operator role" in out.stderr
+
+
+def test_every_command_has_help():
+    for args in (
+        ["server"],
+        ["agent"],
+        ["run"],
+        ["token", "create"],
+        ["activity", "list"],
+        ["request", "show"],
+        ["computer", "show"],
+        ["group", "add"],
+        ["demo"],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "taskfleet", *args, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0 and "Usage:" in out.stdout, args
+
+
+def test_agent_status_shows_local_records(server, start_agent):
+    agent = start_agent(server, enroll_token(server))
+    tf(server, "run", "--target", f"computer:{agent.computer_id}", "--wait", "--", "true")
+    status = agent.status()
+    assert status["computer_id"] == agent.computer_id
+    assert [r["status"] for r in status["records"]] == [4]  # Success
