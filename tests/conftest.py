@@ -8,6 +8,7 @@ unless ``TASKFLEET_REQUIRE_SERVICES=1`` (CI), where it fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -75,10 +76,8 @@ def database_url(tmp_path: Path) -> Iterator[str]:
         _service_missing(f"PostgreSQL unavailable at {PG_URL}: {exc}")
     base = PG_URL.rsplit("/", 1)[0]
     yield f"{base}/{name}"
-    try:
+    with contextlib.suppress(Exception):
         _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    except Exception:
-        pass
 
 
 def _cli(*args: str) -> list[str]:
@@ -96,10 +95,8 @@ class Proc:
     def lines(self) -> list[dict[str, Any]]:
         out = []
         for line in self.text().splitlines():
-            try:
+            with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
-            except ValueError:
-                pass
         return out
 
     def alive(self) -> bool:

@@ -56,8 +56,8 @@ def test_tables_cover_every_state():
 
 
 def test_initial_and_final_states_are_as_specified():
-    assert INITIAL_STATES == {Q, S, W, B}
-    assert FINAL_STATES == {F, OK, C}
+    assert {Q, S, W, B} == INITIAL_STATES
+    assert {F, OK, C} == FINAL_STATES
     for final in FINAL_STATES:
         assert not CLIENT_TRANSITIONS[final] and not SERVER_TRANSITIONS[final]
 

@@ -231,7 +231,8 @@ class LocalState:
     # -- outbox ----------------------------------------------------------------
 
     def pending(self, max_messages: int, max_bytes: int) -> list[str]:
-        out, size = [], 0
+        out: list[str] = []
+        size = 0
         for (text,) in self.db.execute("SELECT message FROM outbox ORDER BY seq"):
             if out and (len(out) >= max_messages or size + len(text) > max_bytes):
                 break

@@ -8,6 +8,7 @@ with a live progress bar; prints the per-computer results and how to go on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -140,10 +141,8 @@ def run_demo(n_agents: int, workdir: Path, stay: bool) -> int:
         )
         if stay:
             click.echo("\nthe fleet keeps running; press Ctrl-C to stop it")
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 signal.pause()
-            except KeyboardInterrupt:
-                pass
         return 0 if ok == len(rows) else 1
     finally:
         for p in reversed(procs):

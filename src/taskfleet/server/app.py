@@ -445,9 +445,18 @@ async def _cancel(
         rt.tickler.wake(rt.fleet.mark_work(res.notify))
 
     async def fn(conn: Any) -> service.Canceled:
-        seqs = {cid: cs.out_seq for cid, cs in rt.fleet.computers.items()}
+        def seq_of(cid: int) -> int:
+            cs = rt.fleet.get(cid)
+            return cs.out_seq if cs is not None else 0
+
         return await service.cancel(
-            conn, p, _now(), seqs, activity_id=activity_id, request_id=request_id, reason=reason
+            conn,
+            p,
+            _now(),
+            seq_of,
+            activity_id=activity_id,
+            request_id=request_id,
+            reason=reason,
         )
 
     res = await rt.writer.run(fn, after=after)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -650,7 +651,7 @@ async def cancel(
     conn: AsyncConnection,
     p: Principal,
     now: float,
-    fleet_seq: dict[int, int],
+    seq_of: Callable[[int], int],
     *,
     activity_id: int | None = None,
     request_id: int | None = None,
@@ -658,7 +659,7 @@ async def cancel(
 ) -> Canceled:
     """Cancel one activity (illegal from a final state) or every open child of a request.
 
-    ``fleet_seq`` maps computer id -> last server seq used; the caller applies
+    ``seq_of(computer_id)`` gives the last server seq used; the caller applies
     the returned counts to the in-memory fleet after the commit.
     """
     q = sa.select(activities.c.id, activities.c.state, activities.c.computer_id).where(
@@ -676,7 +677,9 @@ async def cancel(
             if State(r.state) not in (State.FAILED, State.SUCCEEDED, State.CANCELED)
         ]
     why = reason or "canceled by administrator"
-    changes, notify, out_rows = [], {}, []
+    changes: list[Change] = []
+    notify: dict[int, int] = {}
+    out_rows: list[dict[str, Any]] = []
     for r in rows:
         try:
             t = transition(
@@ -693,7 +696,7 @@ async def cancel(
         changes.append(Change(r.id, p.tenant_id, t, {"finished_at": now}))
         if State(r.state) is State.IN_PROGRESS:
             # SPEC 2.1: stays Canceled; the agent is told to stop and its report recorded.
-            seq = fleet_seq.get(r.computer_id, 0) + notify.get(r.computer_id, 0) + 1
+            seq = seq_of(r.computer_id) + notify.get(r.computer_id, 0) + 1
             notify[r.computer_id] = notify.get(r.computer_id, 0) + 1
             out_rows.append(
                 {
@@ -710,7 +713,7 @@ async def cancel(
             computers.update()
             .where(computers.c.id == sa.bindparam("b_id"))
             .values(out_seq=sa.bindparam("seq")),
-            [{"b_id": cid, "seq": fleet_seq.get(cid, 0) + n} for cid, n in notify.items()],
+            [{"b_id": cid, "seq": seq_of(cid) + n} for cid, n in notify.items()],
         )
     await audit(
         conn,

@@ -288,7 +288,7 @@ class Writer:
         ).where(activities.c.id.in_(ids))
         if self.pg:
             query = query.with_for_update()
-        current = {row.id: row for row in await conn.execute(query)}
+        current: dict[int, Any] = {row.id: row for row in await conn.execute(query)}
         changes: list[Change] = []
         reports: list[dict[str, Any]] = []
         for job, r in fresh:
