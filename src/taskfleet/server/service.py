@@ -270,6 +270,8 @@ async def enroll(
         raise ApiError(401, "enrollment token used up")
     if not hostname or len(hostname) > 255 or not machine_id or len(machine_id) > 128:
         raise ApiError(400, "hostname (1..255) and machine_id (1..128) are required")
+    if tickle_port is not None and not 0 < tickle_port < 65536:
+        raise ApiError(400, "tickle_port must be 1..65535 (or null: no UDP wake-ups)")
     if row.uses_left is not None:
         await conn.execute(
             api_tokens.update().where(api_tokens.c.id == row.id).values(uses_left=row.uses_left - 1)
@@ -457,6 +459,8 @@ async def set_members(
     conn: AsyncConnection, p: Principal, name: str, ids: list[int], add: bool, now: float
 ) -> None:
     gid = await _group_id(conn, p.tenant_id, name)
+    if len(set(ids)) != len(ids):
+        raise ApiError(400, "computer ids repeat; give each once")
     await _check_computers(conn, p.tenant_id, ids)
     await conn.execute(
         group_members.delete().where(

@@ -106,6 +106,8 @@ class Tickler:
             except Exception:
                 # Never die silently: a dead tickler would leave work to the polls.
                 log.exception("tickler failed; going on")
+                if self._pending:
+                    self._event.set()
 
     async def _send_pending(self) -> None:
         assert self._sock is not None
@@ -137,5 +139,6 @@ class Tickler:
                     # Socket buffer full: yield and let the kernel drain it; the
                     # agent's poll covers a tickle dropped here.
                     await asyncio.sleep(0.001)
-                except OSError as exc:
+                except (OSError, OverflowError, ValueError) as exc:
+                    # One bad address must never hold up the computers queued behind it.
                     log.warning("tickle to computer %d at %s failed: %s", cs.id, cs.address, exc)
