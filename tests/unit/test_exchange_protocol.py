@@ -30,7 +30,7 @@ def _result(seq=1, **kw):
 
 def test_a_valid_exchange_parses():
     req = parse_agent_request({"ack": 3, "messages": [_result(1), _result(2)], "wait": 10})
-    assert req.ack == 3 and [r.seq for r in req.results] == [1, 2] and req.wait == 10
+    assert req.ack == 3 and [r.seq for r in req.messages] == [1, 2] and req.wait == 10
     assert req.max_seq == 2
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,8 +40,19 @@ from taskfleet import __version__
 from taskfleet.agent import state as st
 from taskfleet.agent.executor import RunningScript, ScriptSpec, start_script
 from taskfleet.agent.http import Connection, HttpError
+from taskfleet.agent.scrub import (
+    DEFAULT_MAX_ATTEMPTS,
+    agent_lock,
+    executor_lock,
+    kill_leftover,
+    process_start,
+)
+from taskfleet.agent.scrub import plan as scrub_plan
+from taskfleet.agent.scrub import scrub as scrub_record
+from taskfleet.domain.policy import RunWindow, validate_policy
 from taskfleet.domain.results import REFUSED_PREFIX, describe_script_outcome, result_line
 from taskfleet.domain.scripts import EXECUTE_SCRIPT, policy_refusal, validate_script_params
+from taskfleet.domain.scrubber import Action
 from taskfleet.protocol.exchange import ENROLL_PATH, EXCHANGE_PATH, MAX_MESSAGES
 from taskfleet.protocol.signing import SignatureError, Verifier
 from taskfleet.protocol.tickle import TickleVerifier
@@ -73,6 +85,9 @@ class AgentConfig:
     allow_scripts: bool = False
     script_users: tuple[str, ...] = ()
     reenroll: bool = False
+    run_window: str | None = None  # HH:MM-HH:MM local: when optional work may run
+    scrub_interval: float = 3600.0  # SPEC 5: the scrubber runs at start, then this often
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # continuing stops after this many attempts
 
 
 def default_machine_id(state_dir: Path) -> str:
@@ -105,6 +120,16 @@ class Agent:
         self.stopping = asyncio.Event()
         self.last_drop_log = -1e9
         self.retickle: asyncio.TimerHandle | None = None
+        self.tickled = False
+        self.woken = False
+        self.timers: dict[int, asyncio.TimerHandle] = {}
+        self.window = RunWindow.parse(config.run_window) if config.run_window else None
+        self.exec_lock = executor_lock(config.state_dir)
+        self.agent_lock = agent_lock(config.state_dir)
+        if not self.agent_lock.acquire():
+            raise st.StateError(
+                f"another agent is already running with state folder {config.state_dir}"
+            )
         self.exchanges = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -131,7 +156,8 @@ class Agent:
             self.conn = Connection(self.ident.server, timeout=EXCHANGE_HTTP_TIMEOUT)
         self.verifier_obj = Verifier(self.ident.server_public_key)
         transport = await self._listen_tickles()
-        self._recover()
+        self._startup()
+        scrubber = asyncio.create_task(self._scrub_loop())
         log.info(
             "agent ready: computer %d, %s, poll every %gs",
             self.ident.computer_id,
@@ -142,6 +168,9 @@ class Agent:
         main = asyncio.create_task(self._loop())
         await self.stopping.wait()
         main.cancel()
+        scrubber.cancel()
+        for timer in self.timers.values():
+            timer.cancel()
         for running in self.running.values():
             running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -224,6 +253,7 @@ class Agent:
                 assert agent.verifier is not None
                 before = dict(agent.verifier.drops)
                 if agent.verifier.accept(data, time.time()):
+                    agent.tickled = True
                     agent.trigger.set()
                     return
                 reason = next(
@@ -235,6 +265,7 @@ class Agent:
                     # A valid wake-up inside the interval: exchange once it is over.
                     def again() -> None:
                         agent.retickle = None
+                        agent.tickled = True
                         agent.trigger.set()
 
                     agent.retickle = asyncio.get_running_loop().call_later(
@@ -255,17 +286,56 @@ class Agent:
         )
         return transport
 
-    def _recover(self) -> None:
-        # The agent died while these ran: say so rather than leave them "in progress".
+    def _startup(self) -> None:
+        # SPEC 5: scrub at start, before anything runs; then resume pending work.
+        self._scrub(executor_running=False)
         for op in self.state.unfinished():
-            if op.status == st.UNKNOWN:
-                self._spawn(op)  # received, never started: run it now
+            if op.cancel_requested or op.status == st.UNKNOWN:
+                self._spawn(op)  # received and never started (or continued): run it now
+            elif op.next_run_at is not None:
+                self._spawn(op, max(0.0, op.next_run_at - time.time()))
+
+    def _scrub(self, *, executor_running: bool) -> None:
+        plan, ops = scrub_plan(
+            self.state,
+            self.config.state_dir,
+            executor_running=executor_running,
+            max_attempts=self.config.max_attempts,
+        )
+        if plan.skipped:
+            log.info("scrubber skipped this run: %d task executor(s) running", len(self.running))
+            return
+        continued = 0
+        for record, decision in plan.decisions:
+            op = ops[record.op]
+            if decision.action is Action.LEAVE:
                 continue
-            line = result_line(
-                "Running", "Failed", "Interrupted: the agent stopped while it ran", None
-            )
-            self.state.finish(op.op, st.FAILED, _result(op.op, "failed", line))
-            log.warning("operation %d was interrupted by an agent restart; reported Failed", op.op)
+            kill_leftover(op)
+            if decision.action is Action.SCRUB:
+                scrub_record(self.state, op, decision)
+            else:
+                continued += 1
+                log.warning(
+                    "operation %d continues (attempt %d): %s", op.op, op.attempts + 1, decision.rule
+                )
+                self.state.requeue(op.op)
+        log.info(
+            "scrubber: %d records checked, %d scrubbed, %d continued",
+            len(plan.decisions),
+            plan.scrubbed,
+            continued,
+        )
+        if plan.scrubbed:
+            self.trigger.set()
+
+    async def _scrub_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.scrub_interval)
+            running = bool(self.running) or self.exec_lock.held_elsewhere()
+            self._scrub(executor_running=running)
+            for op in self.state.unfinished():
+                if op.status == st.UNKNOWN and op.op not in self.running:
+                    self._spawn(op)
 
     # -- exchanging ------------------------------------------------------------
 
@@ -305,6 +375,9 @@ class Agent:
 
     async def _exchange_once(self, long_poll: bool) -> None:
         assert self.ident is not None
+        # Work that arrives in an exchange a wake-up caused was pushed by the
+        # server; work found at the agent's own poll was pulled (SPEC 5).
+        self.woken, self.tickled = self.tickled, False
         messages = self.state.pending(MAX_MESSAGES, SEND_BUDGET)
         wait = LONG_POLL_WAIT if long_poll and not messages else 0.0
         body: dict[str, Any] = {"ack": self.state.server_seq}
@@ -346,7 +419,7 @@ class Agent:
         self._apply_settings(reply.get("settings", {}))
         if self.verifier is not None and "server_time" in reply:
             self.verifier.set_clock_offset(float(reply["server_time"]) - time.time())
-        self._receive(reply.get("messages", []))
+        self._receive(reply.get("messages", []), pushed=bool(wait) or self.woken)
         if self.state.outbox_size() > len(messages) or (messages and reply.get("messages")):
             self.trigger.set()
 
@@ -354,9 +427,9 @@ class Agent:
         if self.config.poll_interval is None and "poll_interval" in settings:
             self.poll_interval = float(settings["poll_interval"])
 
-    def _receive(self, messages: list[dict[str, Any]]) -> None:
+    def _receive(self, messages: list[dict[str, Any]], pushed: bool) -> None:
         last = self.state.server_seq
-        ops: list[tuple[int, int, str, str]] = []
+        ops: list[st.NewOperation] = []
         cancels: list[int] = []
         top = last
         for m in messages:
@@ -365,28 +438,68 @@ class Agent:
                 continue  # already stored: a resend
             top = max(top, seq)
             if m.get("type") == "operation":
-                ops.append((int(m["op"]), seq, EXECUTE_SCRIPT, json.dumps(m)))
+                policy = _policy_of(m)
+                ops.append(
+                    st.NewOperation(
+                        int(m["op"]),
+                        seq,
+                        EXECUTE_SCRIPT,
+                        json.dumps(m),
+                        pushed,
+                        policy["mode"],
+                        policy["interval"],
+                        policy["every"],
+                    )
+                )
             elif m.get("type") == "cancel":
                 cancels.append(int(m["op"]))
         if top == last:
             return
         new = self.state.receive(ops, cancels, top)
         for op_id in cancels:
-            running = self.running.get(op_id)
-            if running is not None:
-                log.info("operation %d: cancel received, stopping its process group", op_id)
-                running.cancel()
+            self._cancel(op_id)
         for op_id in new:
             op = self.state.operation(op_id)
             if op is not None:
                 self._spawn(op)
 
+    def _cancel(self, op_id: int) -> None:
+        running = self.running.get(op_id)
+        if running is not None:
+            log.info("operation %d: cancel received, stopping its process group", op_id)
+            running.cancel()
+            return
+        timer = self.timers.pop(op_id, None)
+        op = self.state.operation(op_id)
+        if op is not None and timer is not None:
+            # Waiting for its window or its next recurring run: it ends here.
+            timer.cancel()
+            line = result_line("Waiting", "Canceled", "Canceled before its next run", None)
+            self.state.finish(op_id, st.CANCELED, _result(op_id, "canceled", line))
+            self.trigger.set()
+
     # -- running ---------------------------------------------------------------
 
-    def _spawn(self, op: st.Operation) -> None:
+    def _spawn(self, op: st.Operation, delay: float = 0.0) -> None:
+        if delay > 0:
+            self.timers[op.op] = asyncio.get_running_loop().call_later(
+                delay, self._spawn_now, op.op
+            )
+            return
+        self._spawn_now(op.op)
+
+    def _spawn_now(self, op_id: int) -> None:
+        self.timers.pop(op_id, None)
+        op = self.state.operation(op_id)
+        if op is None or op_id in self.running:
+            return
         task = asyncio.create_task(self._run(op))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def _minute_of_day(self) -> float:
+        t = time.localtime()
+        return t.tm_hour * 60 + t.tm_min + t.tm_sec / 60
 
     async def _run(self, op: st.Operation) -> None:
         refusal, spec, timeout = self._check(op)
@@ -403,13 +516,50 @@ class Agent:
             log.warning("operation %d refused: %s", op.op, refusal)
             self.trigger.set()
             return
-        self.state.start(op.op)
+        if op.mode == "optional" and self.window is not None:
+            wait = self.window.seconds_until_open(self._minute_of_day())
+            if wait > 0:
+                # SPEC 5 Deferred: this computer's policy says not now.
+                until = time.time() + wait
+                reason = f"optional work waits for the local run window {self.window}"
+                self.state.set_status(
+                    op.op,
+                    st.DEFERRED,
+                    next_run_at=until,
+                    message=_status(op.op, "deferred", op.attempts, until, reason),
+                )
+                log.info("operation %d deferred %.0fs: %s", op.op, wait, reason)
+                self._spawn(op, wait)
+                self.trigger.set()
+                return
+        # Tell the server about runs it cannot know of (a continued attempt, a
+        # deferred or recurring run), so its lost-deadline follows this run.
+        tell = op.attempts > 0 or op.status == st.DEFERRED or op.interval == "recurring"
+        attempt = self.state.start(op.op, _status(op.op, "working", 0, None, "") if tell else None)
+        if tell:
+            self.trigger.set()
+        checkpoint = op.checkpoint_path(self.config.state_dir)
+        checkpoint.parent.mkdir(mode=0o700, exist_ok=True)
+        spec = dataclasses.replace(
+            spec,
+            env={
+                **(spec.env or {}),
+                "TASKFLEET_CHECKPOINT": str(checkpoint),
+                "TASKFLEET_ATTEMPT": str(attempt),
+            },
+        )
+        if not self.running and self.exec_lock.fd is None:
+            self.exec_lock.acquire()
         running = await start_script(spec)
         self.running[op.op] = running
+        if running.pid:
+            self.state.running(op.op, running.pid, process_start(running.pid))
         try:
             res = await running.wait()
         finally:
             self.running.pop(op.op, None)
+            if not self.running:
+                self.exec_lock.release()
         outcome = describe_script_outcome(
             exit_code=res.exit_code,
             signal=res.signal,
@@ -430,8 +580,25 @@ class Agent:
             ended_at=res.ended_at,
         )
         code = {"succeeded": st.SUCCESS, "canceled": st.CANCELED}.get(status, st.FAILED)
-        self.state.finish(op.op, code, message)
-        log.info("operation %d %s: %s", op.op, status, outcome.line)
+        latest = self.state.operation(op.op)
+        if (
+            op.interval == "recurring"
+            and status != "canceled"
+            and not (latest and latest.cancel_requested)
+        ):
+            every = op.every or 3600.0
+            self.state.set_status(
+                op.op,
+                code,
+                next_run_at=time.time() + every,
+                message={**message, "recurring": True},
+            )
+            log.info("operation %d run %d %s; next run in %gs", op.op, attempt, status, every)
+            self._spawn(op, every)
+        else:
+            checkpoint.unlink(missing_ok=True)
+            self.state.finish(op.op, code, message)
+            log.info("operation %d %s: %s", op.op, status, outcome.line)
         self.trigger.set()
 
     def _check(self, op: st.Operation) -> tuple[str | None, ScriptSpec | None, float]:
@@ -480,6 +647,24 @@ class Agent:
         except ValueError as exc:
             return f"{REFUSED_PREFIX}: invalid parameters ({exc})", None, timeout
         return None, spec, timeout
+
+
+def _policy_of(message: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return validate_policy(json.loads(message["body"]).get("policy"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return validate_policy(None)  # _check refuses a body it cannot read
+
+
+def _status(op: int, status: str, attempt: int, until: float | None, reason: str) -> dict[str, Any]:
+    return {
+        "type": "operation-status",
+        "op": op,
+        "status": status,
+        "attempt": attempt,
+        "until": until,
+        "reason": reason,
+    }
 
 
 def _result(op: int, status: str, line: str) -> dict[str, Any]:

@@ -30,13 +30,20 @@ CREATE TABLE IF NOT EXISTS operations (
     seq INTEGER NOT NULL,            -- server message sequence number
     type TEXT NOT NULL,
     body TEXT NOT NULL,              -- the signed canonical text, as received
-    status INTEGER NOT NULL,         -- local status code 0..7
+    status INTEGER NOT NULL,         -- local status code 0..7 (SPEC 5)
     received_at REAL NOT NULL,
     started_at REAL,
     ended_at REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
-    result TEXT                      -- the operation-result message once finished
+    pushed INTEGER NOT NULL DEFAULT 1,       -- arrived on a wake-up (1) or at a poll (0)
+    mode TEXT NOT NULL DEFAULT 'required',   -- required | optional
+    interval TEXT NOT NULL DEFAULT 'once',   -- once | recurring
+    every REAL,                              -- recurring: seconds between runs
+    next_run_at REAL,                        -- deferred or recurring: when to run next
+    pgid INTEGER,                            -- process group of the running attempt
+    pstart TEXT,                             -- its start time in /proc, to recognise it
+    result TEXT                      -- the final operation-result message once finished
 );
 CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, message TEXT NOT NULL);
 """
@@ -57,6 +64,18 @@ class Identity:
 
 
 @dataclass(frozen=True)
+class NewOperation:
+    op: int
+    seq: int
+    type: str
+    body: str
+    pushed: bool
+    mode: str = "required"
+    interval: str = "once"
+    every: float | None = None
+
+
+@dataclass(frozen=True)
 class Operation:
     op: int
     seq: int
@@ -65,6 +84,25 @@ class Operation:
     status: int
     cancel_requested: bool
     attempts: int
+    pushed: bool
+    mode: str
+    interval: str
+    every: float | None
+    next_run_at: float | None
+    pgid: int | None
+    pstart: str | None
+    received_at: float
+    started_at: float | None
+    ended_at: float | None
+
+    def checkpoint_path(self, folder: Path) -> Path:
+        return folder / "checkpoints" / str(self.op)
+
+    def has_checkpoint(self, folder: Path) -> bool:
+        try:
+            return self.checkpoint_path(folder).stat().st_size > 0
+        except OSError:
+            return False
 
 
 class LocalState:
@@ -165,25 +203,65 @@ class LocalState:
 
     # -- operations ------------------------------------------------------------
 
+    _COLS = (
+        "op, seq, type, body, status, cancel_requested, attempts, pushed, mode, interval, "
+        "every, next_run_at, pgid, pstart, received_at, started_at, ended_at"
+    )
+
+    def _op(self, row: tuple[Any, ...]) -> Operation:
+        return Operation(
+            op=row[0],
+            seq=row[1],
+            type=row[2],
+            body=row[3],
+            status=row[4],
+            cancel_requested=bool(row[5]),
+            attempts=row[6],
+            pushed=bool(row[7]),
+            mode=row[8],
+            interval=row[9],
+            every=row[10],
+            next_run_at=row[11],
+            pgid=row[12],
+            pstart=row[13],
+            received_at=row[14],
+            started_at=row[15],
+            ended_at=row[16],
+        )
+
     def receive(
-        self, ops: list[tuple[int, int, str, str]], cancels: list[int], last_seq: int
+        self,
+        ops: list[NewOperation],
+        cancels: list[int],
+        last_seq: int,
     ) -> list[int]:
         """Record new operations and cancel orders, then the new server ack, atomically.
 
-        ``ops`` holds (op, seq, type, body). Returns the ops that are new here
-        (an op seen before is dropped: exactly-once per computer).
+        Returns the ops that are new here (an op seen before is dropped:
+        exactly-once per computer).
         """
         now = time.time()
         new = []
         with self._tx() as db:
-            for op, seq, type_, body in ops:
+            for o in ops:
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO operations(op, seq, type, body, status, received_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (op, seq, type_, body, UNKNOWN, now),
+                    "INSERT OR IGNORE INTO operations(op, seq, type, body, status, received_at, "
+                    "pushed, mode, interval, every) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        o.op,
+                        o.seq,
+                        o.type,
+                        o.body,
+                        UNKNOWN,
+                        now,
+                        int(o.pushed),
+                        o.mode,
+                        o.interval,
+                        o.every,
+                    ),
                 )
                 if cur.rowcount:
-                    new.append(op)
+                    new.append(o.op)
             for op in cancels:
                 db.execute("UPDATE operations SET cancel_requested=1 WHERE op=?", (op,))
             if last_seq > self.server_seq:
@@ -191,42 +269,71 @@ class LocalState:
         return new
 
     def operation(self, op: int) -> Operation | None:
-        row = self.db.execute(
-            "SELECT op, seq, type, body, status, cancel_requested, attempts FROM operations "
-            "WHERE op=?",
-            (op,),
-        ).fetchone()
-        return (
-            Operation(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6]) if row else None
-        )
+        row = self.db.execute(f"SELECT {self._COLS} FROM operations WHERE op=?", (op,)).fetchone()
+        return self._op(row) if row else None
 
     def unfinished(self) -> list[Operation]:
         rows = self.db.execute(
-            "SELECT op, seq, type, body, status, cancel_requested, attempts FROM operations "
-            "WHERE result IS NULL ORDER BY seq"
+            f"SELECT {self._COLS} FROM operations WHERE result IS NULL ORDER BY seq"
         ).fetchall()
-        return [Operation(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6]) for r in rows]
+        return [self._op(r) for r in rows]
 
-    def start(self, op: int) -> None:
+    def _queue(self, db: sqlite3.Connection, message: dict[str, Any]) -> str:
+        seq = int(self.get("next_seq", "1") or 1)
+        text = json.dumps({**message, "seq": seq}, separators=(",", ":"))
+        db.execute("INSERT INTO outbox(seq, message) VALUES (?, ?)", (seq, text))
+        self._set("next_seq", str(seq + 1))
+        return text
+
+    def start(self, op: int, message: dict[str, Any] | None = None) -> int:
+        """Count an attempt and mark it Working; optionally queue a status message."""
         with self._tx() as db:
             db.execute(
-                "UPDATE operations SET status=?, started_at=?, attempts=attempts+1 WHERE op=?",
+                "UPDATE operations SET status=?, started_at=?, attempts=attempts+1, "
+                "next_run_at=NULL, pgid=NULL, pstart=NULL WHERE op=?",
                 (WORKING, time.time(), op),
             )
+            attempts = int(
+                db.execute("SELECT attempts FROM operations WHERE op=?", (op,)).fetchone()[0]
+            )
+            if message is not None:
+                self._queue(db, {**message, "attempt": attempts})
+        return attempts
+
+    def running(self, op: int, pgid: int | None, pstart: str | None) -> None:
+        self.db.execute("UPDATE operations SET pgid=?, pstart=? WHERE op=?", (pgid, pstart, op))
+
+    def set_status(
+        self,
+        op: int,
+        status: int,
+        *,
+        next_run_at: float | None = None,
+        message: dict[str, Any] | None = None,
+    ) -> None:
+        """A new local status (deferred, a recurring run's outcome), its message queued."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE operations SET status=?, next_run_at=?, ended_at=?, pgid=NULL WHERE op=?",
+                (status, next_run_at, time.time(), op),
+            )
+            if message is not None:
+                self._queue(db, message)
 
     def finish(self, op: int, status: int, message: dict[str, Any]) -> int:
         """Mark ``op`` finished and queue its result; returns the result's sequence number."""
         with self._tx() as db:
-            seq = int(self.get("next_seq", "1") or 1)
-            message = {**message, "seq": seq}
-            text = json.dumps(message, separators=(",", ":"))
+            text = self._queue(db, message)
             db.execute(
-                "UPDATE operations SET status=?, ended_at=?, result=? WHERE op=?",
+                "UPDATE operations SET status=?, ended_at=?, result=?, next_run_at=NULL, "
+                "pgid=NULL WHERE op=?",
                 (status, time.time(), text, op),
             )
-            db.execute("INSERT INTO outbox(seq, message) VALUES (?, ?)", (seq, text))
-            self._set("next_seq", str(seq + 1))
-        return seq
+        return int(json.loads(text)["seq"])
+
+    def requeue(self, op: int) -> None:
+        """A decision to continue taken outside the agent: it runs at the agent's start."""
+        self.db.execute("UPDATE operations SET status=?, pgid=NULL WHERE op=?", (UNKNOWN, op))
 
     # -- outbox ----------------------------------------------------------------
 
@@ -249,7 +356,9 @@ class LocalState:
     def records(self) -> list[dict[str, Any]]:
         cur = self.db.execute(
             "SELECT op, seq, type, status, received_at, started_at, ended_at, attempts, "
-            "cancel_requested FROM operations ORDER BY op"
+            "cancel_requested, pushed, mode, interval, every, next_run_at, result IS NOT NULL "
+            "FROM operations ORDER BY op"
         )
         names = [d[0] for d in cur.description]
+        names[-1] = "finished"
         return [dict(zip(names, row, strict=True)) for row in cur]

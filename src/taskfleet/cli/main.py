@@ -194,6 +194,25 @@ def server(
 )
 @click.option("--reenroll", is_flag=True, help="Enroll again even if already enrolled.")
 @click.option(
+    "--run-window",
+    default=None,
+    help="HH:MM-HH:MM local time when optional work may run; outside it, it is Deferred.",
+)
+@click.option(
+    "--scrub-interval",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    help="Seconds between scrubber runs (it also runs at start).",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(1, 100),
+    default=3,
+    show_default=True,
+    help="Attempts after which the scrubber stops continuing an operation.",
+)
+@click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
 )
 @click.pass_context
@@ -210,12 +229,24 @@ def agent(
     hostname: str | None,
     machine_id: str | None,
     reenroll: bool,
+    run_window: str | None,
+    scrub_interval: float,
+    max_attempts: int,
     log_format: str,
 ) -> None:
     """Run the agent on a managed computer (enrolls on first start)."""
     if ctx.invoked_subcommand is not None:
-        ctx.obj = {"state_dir": state_dir}
+        ctx.obj = {"state_dir": state_dir, "max_attempts": max_attempts}
         return
+    if run_window is not None:
+        from taskfleet.domain.policy import RunWindow
+
+        try:
+            RunWindow.parse(run_window)
+        except ValueError as exc:
+            fail(str(exc))
+    if scrub_interval <= 0:
+        fail("--scrub-interval must be positive")
     from taskfleet import logs
     from taskfleet.agent.main import AgentConfig, run_agent
     from taskfleet.agent.state import StateError
@@ -236,6 +267,9 @@ def agent(
         script_users=script_user,
         machine_id=machine_id,
         reenroll=reenroll,
+        run_window=run_window,
+        scrub_interval=scrub_interval,
+        max_attempts=max_attempts,
     )
     if hostname:
         config.hostname = hostname
@@ -301,6 +335,97 @@ def agent_status(ctx: click.Context, as_json: bool) -> None:
                 for r in d["records"]
             ],
         )
+
+    emit(data, as_json, table)
+
+
+@agent.command("scrub")
+@click.option("--dry-run", is_flag=True, help="Only print the decisions.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def agent_scrub(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
+    """Run the task status scrubber (SPEC 5) on the local records and print each decision."""
+    from taskfleet.agent import scrub
+    from taskfleet.agent.state import LocalState, StateError
+
+    folder = ctx.obj["state_dir"]
+    try:
+        state = LocalState(folder)
+    except StateError as exc:
+        fail(str(exc))
+    if not dry_run and scrub.agent_lock(folder).held_elsewhere():
+        fail(
+            "the agent is running: it scrubs its own records (at start and every "
+            "--scrub-interval); stop it first, or use --dry-run to see the decisions"
+        )
+    running = scrub.executor_lock(folder).held_elsewhere()
+    plan, ops = scrub.plan(
+        state, folder, executor_running=running, max_attempts=ctx.obj["max_attempts"]
+    )
+    rows = [
+        {
+            "op": r.op,
+            "pushed": r.pushed,
+            "mode": r.mode.value,
+            "interval": r.interval.value,
+            "status": int(r.status),
+            "status_name": r.status.name.title(),
+            "checkpoint": r.has_checkpoint,
+            "attempts": r.attempts,
+            "decision": d.action.value,
+            "rule": d.rule,
+        }
+        for r, d in plan.decisions
+    ]
+    if not dry_run:
+        for r, d in plan.decisions:
+            if d.action.value == "leave":
+                continue
+            scrub.kill_leftover(ops[r.op])
+            if d.action.value == "scrub":
+                scrub.scrub(state, ops[r.op], d)
+            else:
+                state.requeue(r.op)  # the agent runs it (attempt counted) at its start
+    data = {
+        "skipped": plan.skipped,
+        "dry_run": dry_run,
+        "scrubbed": plan.scrubbed,
+        "decisions": rows,
+    }
+
+    def table(d: dict[str, Any]) -> None:
+        if d["skipped"]:
+            click.echo("skipped: a task executor is running (SPEC 5 rule 1)")
+            return
+        print_table(
+            "scrubber" + (" (dry run)" if dry_run else ""),
+            [
+                "op",
+                "pushed",
+                "mode",
+                "interval",
+                "status",
+                "checkpoint",
+                "attempts",
+                "decision",
+                "rule",
+            ],
+            [
+                [
+                    r["op"],
+                    "pushed" if r["pushed"] else "pulled",
+                    r["mode"],
+                    r["interval"],
+                    f"{r['status']} {r['status_name']}",
+                    "yes" if r["checkpoint"] else "no",
+                    r["attempts"],
+                    r["decision"],
+                    r["rule"],
+                ]
+                for r in d["decisions"]
+            ],
+        )
+        click.echo(f"{d['scrubbed']} {'would be ' if dry_run else ''}scrubbed")
 
     emit(data, as_json, table)
 
@@ -441,6 +566,17 @@ def token_revoke(token_id: int, server: str | None, token: str | None, as_json: 
 @click.option(
     "--output-cap", type=int, default=None, help="Bytes kept per stream [default: 65536]."
 )
+@click.option(
+    "--optional",
+    is_flag=True,
+    help="Optional work: each computer defers it until its local run window.",
+)
+@click.option(
+    "--every",
+    type=float,
+    default=None,
+    help="Recurring: run again every this many seconds until canceled.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @client_options
 def run(
@@ -453,6 +589,8 @@ def run(
     cwd: str | None,
     user: str | None,
     output_cap: int | None,
+    optional: bool,
+    every: float | None,
     command: tuple[str, ...],
     server: str | None,
     token: str | None,
@@ -477,9 +615,20 @@ def run(
     if output_cap is not None:
         params["output_cap"] = output_cap
     api = Api(server, token)
+    policy: dict[str, Any] = {"mode": "optional" if optional else "required"}
+    if every is not None:
+        policy.update(interval="recurring", every=every)
+        if wait:
+            fail("--wait does not end for recurring work; follow it with taskfleet request show")
     req = api.post(
         "/requests",
-        {"type": "execute-script", "target": target, "params": params, "timeout": timeout},
+        {
+            "type": "execute-script",
+            "target": target,
+            "params": params,
+            "timeout": timeout,
+            "policy": policy,
+        },
     )
     if not wait:
         emit(

@@ -12,6 +12,8 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from taskfleet.domain.policy import Interval, Mode
+
 
 class LocalStatus(enum.IntEnum):
     """Local status codes of an agent's operation record (SPEC 5)."""
@@ -24,16 +26,6 @@ class LocalStatus(enum.IntEnum):
     FAILED = 5
     CANCELED = 6
     DEFERRED = 7
-
-
-class Mode(enum.StrEnum):
-    REQUIRED = "required"
-    OPTIONAL = "optional"
-
-
-class Interval(enum.StrEnum):
-    ONCE = "once"
-    RECURRING = "recurring"
 
 
 class Action(enum.StrEnum):

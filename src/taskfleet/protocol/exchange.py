@@ -13,8 +13,12 @@ same scheme, borrowed from landscape-client:
   effect exactly-once, and a lost request or response never loses or doubles
   work.
 * Agent -> server messages: ``operation-result`` (``op``, status, exit code,
-  output, start/end time on the computer, result line). A result for an
-  operation that is already final is recorded but changes no state.
+  output, start/end time on the computer, result line; ``recurring`` marks one
+  run of a recurring operation, which changes no state) and
+  ``operation-status`` (``op`` is ``working`` on its ``attempt``, or
+  ``deferred`` ``until`` a time, with a reason; it changes no state but moves
+  the server's lost-deadline). A result for an operation that is already final
+  is recorded but changes no state.
 * Server -> agent messages: ``operation`` (``op`` is the operation id; the
   payload is a canonical JSON text in ``body`` signed with the server's Ed25519
   key in ``sig``, and names the computer it is meant for, so a relay cannot
@@ -49,6 +53,7 @@ MAX_TEXT_CHARS = 2000  # result line, reasons
 MAX_LONG_POLL = 300.0  # seconds a long poll may be held
 
 RESULT_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+PROGRESS_STATUSES = frozenset({"working", "deferred"})
 
 
 class ProtocolError(ValueError):
@@ -68,6 +73,20 @@ class OperationResult:
     started_at: float | None
     ended_at: float | None
     result_line: str
+    recurring: bool = False
+
+
+@dataclass(frozen=True)
+class OperationStatus:
+    seq: int
+    op: int
+    status: str  # working | deferred
+    attempt: int
+    until: float | None  # deferred: when the agent expects to run it
+    reason: str
+
+
+AgentMessage = OperationResult | OperationStatus
 
 
 @dataclass(frozen=True)
@@ -80,13 +99,13 @@ class AgentInfo:
 @dataclass(frozen=True)
 class AgentRequest:
     ack: int
-    results: list[OperationResult] = field(default_factory=list)
+    messages: list[AgentMessage] = field(default_factory=list)
     agent: AgentInfo | None = None
     wait: float = 0.0
 
     @property
     def max_seq(self) -> int:
-        return max((r.seq for r in self.results), default=0)
+        return max((m.seq for m in self.messages), default=0)
 
 
 def _int(obj: dict[str, Any], key: str, *, minimum: int = 0, optional: bool = False) -> int | None:
@@ -135,6 +154,21 @@ def _parse_result(msg: dict[str, Any]) -> OperationResult:
         started_at=_num(msg, "started_at"),
         ended_at=_num(msg, "ended_at"),
         result_line=_str(msg, "result_line", MAX_TEXT_CHARS),
+        recurring=msg.get("recurring") is True,
+    )
+
+
+def _parse_status(msg: dict[str, Any]) -> OperationStatus:
+    status = msg.get("status")
+    if status not in PROGRESS_STATUSES:
+        raise ProtocolError(f"'status' must be one of {sorted(PROGRESS_STATUSES)}")
+    return OperationStatus(
+        seq=_int(msg, "seq", minimum=1) or 0,
+        op=_int(msg, "op", minimum=1) or 0,
+        status=status,
+        attempt=_int(msg, "attempt", optional=True) or 0,
+        until=_num(msg, "until"),
+        reason=_str(msg, "reason", MAX_TEXT_CHARS),
     )
 
 
@@ -148,22 +182,24 @@ def parse_agent_request(obj: Any) -> AgentRequest:
         raise ProtocolError("'messages' must be a list")
     if len(raw_messages) > MAX_MESSAGES:
         raise ProtocolError(f"{len(raw_messages)} messages, the limit is {MAX_MESSAGES}")
-    results: list[OperationResult] = []
+    messages: list[AgentMessage] = []
     last_seq = 0
     for i, msg in enumerate(raw_messages):
         if not isinstance(msg, dict):
             raise ProtocolError(f"message {i} must be an object")
         kind = msg.get("type")
-        if kind != "operation-result":
+        if kind not in ("operation-result", "operation-status"):
             raise ProtocolError(f"message {i}: unknown type {kind!r}")
         try:
-            result = _parse_result(msg)
+            message: AgentMessage = (
+                _parse_result(msg) if kind == "operation-result" else _parse_status(msg)
+            )
         except ProtocolError as exc:
             raise ProtocolError(f"message {i}: {exc}") from None
-        if result.seq <= last_seq:
+        if message.seq <= last_seq:
             raise ProtocolError(f"message {i}: sequence numbers must increase")
-        last_seq = result.seq
-        results.append(result)
+        last_seq = message.seq
+        messages.append(message)
     agent = None
     raw_agent = obj.get("agent")
     if raw_agent is not None:
@@ -179,7 +215,7 @@ def parse_agent_request(obj: Any) -> AgentRequest:
     wait = _num(obj, "wait") or 0.0
     if not 0.0 <= wait <= MAX_LONG_POLL:
         raise ProtocolError(f"'wait' must be 0..{MAX_LONG_POLL:g} seconds")
-    return AgentRequest(ack=ack, results=results, agent=agent, wait=wait)
+    return AgentRequest(ack=ack, messages=messages, agent=agent, wait=wait)
 
 
 def canonical(obj: Any) -> str:

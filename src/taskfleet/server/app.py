@@ -130,6 +130,11 @@ class RequestIn(BaseModel):
         ..., description="argv | script (+interpreter), env, cwd, user, output_cap"
     )
     timeout: float = SCRIPT_TIMEOUT
+    policy: dict[str, Any] | None = Field(
+        None,
+        description="mode required|optional (optional work waits for the agent's run window), "
+        "interval once|recurring, every (seconds, recurring)",
+    )
 
 
 class CancelIn(BaseModel):
@@ -298,6 +303,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 target=body.target,
                 params=body.params,
                 timeout=body.timeout,
+                policy=body.policy,
             ),
             after=lambda res: r.tickler.wake(r.fleet.mark_work(res.computer_ids)),
         )

@@ -18,6 +18,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from taskfleet.domain.policy import validate_policy
 from taskfleet.domain.progress import progress
 from taskfleet.domain.scripts import (
     EXECUTE_SCRIPT,
@@ -565,6 +566,7 @@ async def create_request(
     target: str,
     params: Any,
     timeout: Any,
+    policy: Any = None,
 ) -> Created:
     if type != EXECUTE_SCRIPT:
         raise ApiError(400, f"unknown activity type {type!r} (known: {EXECUTE_SCRIPT})")
@@ -572,6 +574,7 @@ async def create_request(
         parsed = parse_target(target)
         clean = validate_script_params(params, default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX)
         limit = validate_timeout(timeout)
+        run_policy = validate_policy(policy)
     except (TargetError, ValueError) as exc:
         raise ApiError(400, str(exc)) from None
     ids = await resolve_target(conn, p.tenant_id, parsed)
@@ -602,6 +605,7 @@ async def create_request(
                 created_at=now,
                 timeout=limit,
                 total=len(ids),
+                policy=run_policy,
             )
             .returning(requests.c.id)
         )

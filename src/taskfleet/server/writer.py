@@ -28,9 +28,17 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from taskfleet.domain.policy import DEFAULT_POLICY
 from taskfleet.domain.results import LOST_LINE
-from taskfleet.domain.states import ActivityKind, Cause, State, transition
-from taskfleet.protocol.exchange import AgentRequest, OperationResult, ProtocolError, canonical
+from taskfleet.domain.states import FINAL_STATES, ActivityKind, Cause, State, transition
+from taskfleet.protocol.exchange import (
+    AgentMessage,
+    AgentRequest,
+    OperationResult,
+    OperationStatus,
+    ProtocolError,
+    canonical,
+)
 from taskfleet.protocol.signing import Signer
 from taskfleet.server import metrics
 from taskfleet.server.fleet import ComputerState, Fleet
@@ -274,38 +282,72 @@ class Writer:
         pending: dict[int, _Pending],
         now: float,
     ) -> None:
-        fresh: list[tuple[ExchangeJob, OperationResult]] = []
+        fresh: list[tuple[ExchangeJob, AgentMessage]] = []
         for job in jobs:
-            new = [r for r in job.req.results if r.seq > job.cs.in_acked]
+            new = [m for m in job.req.messages if m.seq > job.cs.in_acked]
             if new:
                 pending[job.cs.id].in_acked = new[-1].seq
-                fresh.extend((job, r) for r in new)
+                fresh.extend((job, m) for m in new)
         if not fresh:
             return
-        ids = list({r.op for _, r in fresh})
-        query = sa.select(
-            activities.c.id, activities.c.computer_id, activities.c.state, activities.c.kind
-        ).where(activities.c.id.in_(ids))
+        ids = list({m.op for _, m in fresh})
+        query = (
+            sa.select(
+                activities.c.id,
+                activities.c.computer_id,
+                activities.c.state,
+                activities.c.kind,
+                activities.c.runs,
+                requests.c.timeout,
+            )
+            .join(requests, requests.c.id == activities.c.request_id)
+            .where(activities.c.id.in_(ids))
+        )
         if self.pg:
-            query = query.with_for_update()
+            query = query.with_for_update(of=activities)
         current: dict[int, Any] = {row.id: row for row in await conn.execute(query)}
         changes: list[Change] = []
         reports: list[dict[str, Any]] = []
-        for job, r in fresh:
-            row = current.get(r.op)
+        statuses: list[dict[str, Any]] = []
+        for job, m in fresh:
+            row = current.get(m.op)
             if row is None or row.computer_id != job.cs.id or row.kind != _CLIENT.value:
                 raise _BadJob(
                     job,
-                    ProtocolError(f"operation {r.op} does not belong to this computer"),
+                    ProtocolError(f"operation {m.op} does not belong to this computer"),
                 )
             state = State(row.state)
-            values = _result_values(r)
-            if state is State.IN_PROGRESS:
+            if state not in (State.IN_PROGRESS, *FINAL_STATES):
+                raise _BadJob(
+                    job,
+                    ProtocolError(f"operation {m.op} was never delivered (state {state.label})"),
+                )
+            if isinstance(m, OperationStatus):
+                if state is State.IN_PROGRESS:
+                    statuses.append(self._status_values(m, row.timeout, now))
+                continue
+            values = _result_values(m)
+            if state is State.IN_PROGRESS and m.recurring:
+                # One run of a recurring operation: recorded, the activity goes on.
+                runs = (row.runs or 0) + 1
+                current[m.op] = _Row(
+                    row.id, row.computer_id, row.state, row.kind, runs, row.timeout
+                )
+                reports.append(
+                    {
+                        "b_id": m.op,
+                        "report": {**values, "status": m.status, "received_at": now, "run": runs},
+                        "runs": runs,
+                        "deadline_at": None,
+                        "agent_status": "waiting",
+                    }
+                )
+            elif state is State.IN_PROGRESS:
                 target = {
                     "succeeded": State.SUCCEEDED,
                     "failed": State.FAILED,
                     "canceled": State.CANCELED,
-                }[r.status]
+                }[m.status]
                 t = transition(
                     _CLIENT,
                     state,
@@ -313,30 +355,72 @@ class Writer:
                     cause=Cause.AGENT_REPORT,
                     actor=f"computer:{job.cs.id}",
                     at=now,
-                    reason=r.result_line,
+                    reason=m.result_line,
                 )
-                changes.append(Change(r.op, job.cs.tenant_id, t, {**values, "finished_at": now}))
-                current[r.op] = _Row(row.id, row.computer_id, target.value, row.kind)
-            elif state in (State.CANCELED, State.FAILED, State.SUCCEEDED):
+                changes.append(Change(m.op, job.cs.tenant_id, t, {**values, "finished_at": now}))
+                current[m.op] = _Row(
+                    row.id, row.computer_id, target.value, row.kind, row.runs, row.timeout
+                )
+            else:
                 # A late report (after a cancel, or after the server declared it
                 # lost): the state stays, what really happened is recorded.
                 reports.append(
-                    {"b_id": r.op, "report": {**values, "status": r.status, "received_at": now}}
-                )
-            else:
-                raise _BadJob(
-                    job,
-                    ProtocolError(f"operation {r.op} was never delivered (state {state.label})"),
+                    {
+                        "b_id": m.op,
+                        "report": {**values, "status": m.status, "received_at": now},
+                        "runs": row.runs,
+                        "deadline_at": None,
+                        "agent_status": None,
+                    }
                 )
         await apply_changes(conn, changes)
         if reports:
             await conn.execute(
                 activities.update()
                 .where(activities.c.id == sa.bindparam("b_id"))
-                .values(agent_report=sa.bindparam("report")),
+                .values(
+                    agent_report=sa.bindparam("report"),
+                    runs=sa.bindparam("runs"),
+                    deadline_at=sa.bindparam("deadline_at"),
+                    agent_status=sa.bindparam("agent_status"),
+                ),
                 reports,
             )
+        if statuses:
+            await conn.execute(
+                activities.update()
+                .where(activities.c.id == sa.bindparam("b_id"))
+                .values(
+                    agent_status=sa.bindparam("agent_status"),
+                    agent_attempt=sa.bindparam("agent_attempt"),
+                    deadline_at=sa.bindparam("deadline_at"),
+                    reason=sa.bindparam("reason"),
+                ),
+                statuses,
+            )
         metrics.RESULTS.inc(len(changes))
+
+    def _first_deadline(self, row: Any, now: float) -> float | None:
+        # A recurring operation has no end; each run's "working" status sets one.
+        return None if _recurring(row.policy) else now + row.timeout + self.lost_grace
+
+    def _status_values(self, m: OperationStatus, timeout: float, now: float) -> dict[str, Any]:
+        # SPEC 9's two timeouts stay in step with what the agent says: a run
+        # (or a new attempt) restarts the clock; deferred work is not lost
+        # while it waits for its window.
+        if m.status == "working":
+            deadline: float | None = now + timeout + self.lost_grace
+            reason = f"running on the computer (attempt {m.attempt})"
+        else:
+            deadline = None if m.until is None else m.until + timeout + self.lost_grace
+            reason = f"deferred by the computer: {m.reason}"
+        return {
+            "b_id": m.op,
+            "agent_status": m.status,
+            "agent_attempt": m.attempt,
+            "deadline_at": deadline,
+            "reason": reason[:2000],
+        }
 
     async def _hand_out(
         self,
@@ -359,6 +443,7 @@ class Writer:
                 activities.c.type,
                 requests.c.params,
                 requests.c.timeout,
+                requests.c.policy,
             )
             .join(requests, requests.c.id == activities.c.request_id)
             .where(activities.c.computer_id.in_(list(by_id)))
@@ -384,6 +469,7 @@ class Writer:
                     "op": row.id,
                     "type": row.type,
                     "params": row.params,
+                    "policy": row.policy or DEFAULT_POLICY,
                     "timeout": row.timeout,
                     "issued_at": now,
                 }
@@ -419,12 +505,16 @@ class Writer:
                     row.id,
                     row.tenant_id,
                     t,
-                    {"delivered_at": now, "deadline_at": now + row.timeout + self.lost_grace},
+                    {"delivered_at": now, "deadline_at": self._first_deadline(row, now)},
                 )
             )
         await conn.execute(outbox.insert(), out_rows)
         await apply_changes(conn, changes)
         metrics.DELIVERED.inc(len(changes))
+
+
+def _recurring(policy: dict[str, Any] | None) -> bool:
+    return policy is not None and policy.get("interval") == "recurring"
 
 
 @dataclass
@@ -433,6 +523,8 @@ class _Row:
     computer_id: int
     state: str
     kind: str
+    runs: int | None
+    timeout: float
 
 
 class _BadJob(Exception):

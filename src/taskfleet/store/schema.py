@@ -113,6 +113,7 @@ requests = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("timeout", sa.Float, nullable=False),
     sa.Column("total", sa.Integer, nullable=False),
+    sa.Column("policy", sa.JSON, nullable=True),  # mode, interval, every (domain/policy.py)
 )
 
 activities = sa.Table(
@@ -140,6 +141,9 @@ activities = sa.Table(
     sa.Column("agent_started_at", sa.Float, nullable=True),
     sa.Column("agent_ended_at", sa.Float, nullable=True),
     sa.Column("agent_report", sa.JSON, nullable=True),  # a report that changed no state
+    sa.Column("agent_status", sa.String(16), nullable=True),  # working | deferred (agent says)
+    sa.Column("agent_attempt", sa.Integer, nullable=True),
+    sa.Column("runs", sa.Integer, nullable=True),  # recurring: runs reported so far
     sa.Index(None, "computer_id", "state"),
     sa.Index(None, "request_id", "state"),
     sa.Index(None, "state", "deadline_at"),

@@ -1,0 +1,144 @@
+"""Applying the scrubber (SPEC 5) to the agent's local records.
+
+Contract: ``plan`` reads the local records and asks the pure
+``domain.scrubber.plan_scrub`` what to do, skipping the whole run while any
+task executor holds the executor lock (an flock, so a crashed executor cannot
+leave it held). ``scrub`` marks a record Failed and queues the Failed result,
+with the old status in its result line, for the server. Continuing is the
+agent's job (it reruns the operation under the same id, counting an attempt).
+Before either, ``kill_leftover`` stops a process group the old attempt left
+running, if it is still the same process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+from pathlib import Path
+
+from taskfleet.agent import state as st
+from taskfleet.domain.policy import Interval, Mode
+from taskfleet.domain.results import result_line
+from taskfleet.domain.scrubber import Decision, LocalStatus, Plan, Record, plan_scrub
+
+log = logging.getLogger("taskfleet.agent.scrub")
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+class FileLock:
+    """An flock on a file: released by the kernel if its holder dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def held_elsewhere(self) -> bool:
+        if self.fd is not None:
+            return False
+        if self.acquire():
+            self.release()
+            return False
+        return True
+
+
+def executor_lock(folder: Path) -> FileLock:
+    return FileLock(folder / "executor.lock")
+
+
+def agent_lock(folder: Path) -> FileLock:
+    return FileLock(folder / "agent.lock")
+
+
+def as_record(op: st.Operation, folder: Path) -> Record:
+    return Record(
+        op=op.op,
+        pushed=op.pushed,
+        mode=Mode(op.mode),
+        interval=Interval(op.interval),
+        status=LocalStatus(op.status),
+        has_checkpoint=op.has_checkpoint(folder),
+        attempts=op.attempts,
+    )
+
+
+def candidates(state: st.LocalState) -> list[st.Operation]:
+    # Received-but-never-started operations (Unknown, no attempt) are pending
+    # work, not leftovers: the agent simply runs them.
+    return [o for o in state.unfinished() if not (o.status == st.UNKNOWN and o.attempts == 0)]
+
+
+def plan(
+    state: st.LocalState, folder: Path, *, executor_running: bool, max_attempts: int
+) -> tuple[Plan, dict[int, st.Operation]]:
+    ops = {o.op: o for o in candidates(state)}
+    return (
+        plan_scrub(
+            [as_record(o, folder) for o in ops.values()],
+            executor_running=executor_running,
+            max_attempts=max_attempts,
+        ),
+        ops,
+    )
+
+
+def process_start(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def kill_leftover(op: st.Operation) -> bool:
+    """Kill the process group an earlier attempt left behind, if it is still that one."""
+    if not op.pgid or not op.pstart or process_start(op.pgid) != op.pstart:
+        return False
+    try:
+        os.killpg(op.pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    log.warning("operation %d: killed process group %d left by its last attempt", op.op, op.pgid)
+    return True
+
+
+def scrub(state: st.LocalState, op: st.Operation, decision: Decision) -> None:
+    old = LocalStatus(op.status)
+    line = result_line(
+        "Recovering",
+        "Failed",
+        f"Scrubbed: local status was {old.name.title()} ({int(old)}) with nothing running "
+        f"({decision.rule})",
+        None,
+    )
+    state.finish(
+        op.op,
+        st.FAILED,
+        {
+            "type": "operation-result",
+            "op": op.op,
+            "status": "failed",
+            "result_line": line,
+            "exit_code": None,
+            "stdout": "",
+            "stderr": "",
+        },
+    )
+    log.warning("operation %d scrubbed: old status %s (%d)", op.op, old.name.title(), int(old))
