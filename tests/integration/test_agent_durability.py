@@ -88,7 +88,7 @@ def test_pulled_required_working_operation_is_scrubbed_after_agent_kill9(start_s
     assert got["state"] == "failed"
     assert "Scrubbed: local status was Working (1)" in got["result_line"]
     assert "scrub: pulled, Required and Working" in got["result_line"]
-    assert "operation %d scrubbed: old status Working" % a["id"] in again.proc.text()
+    assert f"operation {a['id']} scrubbed: old status Working" in again.proc.text()
     assert "1 scrubbed" in again.proc.text()
     subprocess.run(["pkill", "-f", "sleep 1000"], check=False)
 
@@ -99,8 +99,9 @@ def test_a_checkpoint_lets_a_pulled_operation_resume_instead_of_being_scrubbed(
     srv = start_server("--no-tickles")
     agent = start_agent(srv, enroll_token(srv), "--poll-interval", "0.3")
     script = (
-        'if [ -s "$TASKFLEET_CHECKPOINT" ]; then echo "resumed after $(cat "$TASKFLEET_CHECKPOINT")";'
-        " exit 0; fi\n"
+        'if [ -s "$TASKFLEET_CHECKPOINT" ]; then\n'
+        '  echo "resumed after $(cat "$TASKFLEET_CHECKPOINT")"; exit 0\n'
+        "fi\n"
         'echo step-1 > "$TASKFLEET_CHECKPOINT"; sleep 1000\n'
     )
     req = run_request(srv, f"computer:{agent.computer_id}", {"script": script}, 600)

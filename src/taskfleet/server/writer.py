@@ -128,32 +128,59 @@ class Writer:
             batch: list[ExchangeJob | _FnJob] = [first]
             while len(batch) < WRITE_BATCH_MAX and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            # Keep FIFO order: consecutive exchange jobs go together, each
-            # function job runs alone.
+            # Keep FIFO order: consecutive jobs of one kind go together.
             run: list[ExchangeJob] = []
+            fns: list[_FnJob] = []
             for job in batch:
                 if isinstance(job, ExchangeJob):
+                    if fns:
+                        await self._fns(fns)
+                        fns = []
                     run.append(job)
-                    continue
-                if run:
-                    await self._exchanges(run)
-                    run = []
-                await self._fn(job)
+                else:
+                    if run:
+                        await self._exchanges(run)
+                        run = []
+                    fns.append(job)
             if run:
                 await self._exchanges(run)
+            if fns:
+                await self._fns(fns)
 
-    async def _fn(self, job: _FnJob) -> None:
+    async def _fns(self, jobs: list[_FnJob]) -> None:
+        """Run function jobs in one transaction, each in its own savepoint, so a
+        failing job undoes only its own writes and the batch costs one commit."""
+        outcomes: list[tuple[bool, Any]] = []
         try:
             async with self.engine.begin() as conn:
-                result = await job.fn(conn)
-        except Exception as exc:  # the caller gets it; the writer goes on
-            if not job.fut.done():
-                job.fut.set_exception(exc)
+                for job in jobs:
+                    savepoint = await conn.begin_nested()
+                    try:
+                        result = await job.fn(conn)
+                    except Exception as exc:  # the caller gets it; the others go on
+                        await savepoint.rollback()
+                        outcomes.append((False, exc))
+                    else:
+                        await savepoint.commit()
+                        outcomes.append((True, result))
+        except Exception as exc:
+            log.exception("write batch of %d jobs failed at commit", len(jobs))
+            for job in jobs:
+                if not job.fut.done():
+                    job.fut.set_exception(exc)
             return
-        if job.after is not None:
-            job.after(result)
-        if not job.fut.done():
-            job.fut.set_result(result)
+        for job, (ok, value) in zip(jobs, outcomes, strict=True):
+            if ok and job.after is not None:
+                try:
+                    job.after(value)
+                except Exception:
+                    log.exception("after-commit step failed")
+            if job.fut.done():
+                continue
+            if ok:
+                job.fut.set_result(value)
+            else:
+                job.fut.set_exception(value)
 
     async def _exchanges(self, jobs: list[ExchangeJob]) -> None:
         # One computer may appear once per batch: its counters are per batch.
