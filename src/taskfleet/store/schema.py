@@ -184,3 +184,38 @@ audit_log = sa.Table(
     sa.Column("action", sa.String(64), nullable=False),
     sa.Column("detail", sa.JSON, nullable=False),
 )
+
+# Server tasks (SPEC 4): the activity row holds the state; this row the rest.
+server_tasks = sa.Table(
+    "server_tasks",
+    metadata,
+    sa.Column("activity_id", sa.BigInteger, sa.ForeignKey("activities.id"), primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("scope_tenant", sa.BigInteger, nullable=True),  # the tenant it works on
+    sa.Column("group_name", sa.String(64), nullable=True),  # the group it works on
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("dedupe_key", sa.String(64), nullable=False),  # type, tenant, group, params
+    sa.Column("not_before", sa.Float, nullable=True),
+    sa.Column("dispatched_at", sa.Float, nullable=True),
+    sa.Column("claimed_by", sa.String(64), nullable=True),  # worker id
+    sa.Column("claimed_at", sa.Float, nullable=True),
+    sa.Column("retry_of", sa.BigInteger, nullable=True),
+    sa.Column("command_line", sa.Text, nullable=True),
+    sa.Column("submitted_by", sa.String(64), nullable=False),
+    sa.Index(None, "dedupe_key"),
+    sa.Index(None, "claimed_by"),
+)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("queue", sa.String(255), nullable=False),  # embedded | amqp host/queue (no secrets)
+    sa.Column("pid", sa.Integer, nullable=True),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # idle | busy | stopped | lost
+    sa.Column("running", sa.JSON, nullable=False),  # task ids it holds
+)
