@@ -121,6 +121,8 @@ class LocalState:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
+            # A few hundred records: a small page cache keeps the idle agent lean.
+            self.db.execute("PRAGMA cache_size=-128")
             result = self.db.execute("PRAGMA quick_check").fetchone()[0]
             if result != "ok":
                 raise sqlite3.DatabaseError(result)
