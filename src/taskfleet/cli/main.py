@@ -93,6 +93,32 @@ def _listen(value: str) -> tuple[str, int]:
     help="Seconds between checks for lost activities [default: 5].",
 )
 @click.option(
+    "--task-types",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="TOML file declaring server task types (see docs/task-types.example.toml).",
+)
+@click.option(
+    "--queue",
+    default="embedded",
+    show_default=True,
+    help="Dispatch queue: embedded (in-process workers) or amqp://USER:PASS@HOST/VHOST.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 256),
+    default=4,
+    show_default=True,
+    help="Embedded queue: server tasks run at once in this process.",
+)
+@click.option(
+    "--heartbeat-timeout",
+    type=float,
+    default=5 * 3600.0,
+    show_default=True,
+    help="Seconds without a worker heartbeat before its tasks fail.",
+)
+@click.option(
     "--tickles/--no-tickles",
     default=True,
     show_default=True,
@@ -110,6 +136,10 @@ def server(
     poll_interval: float | None,
     lost_grace: float | None,
     reaper_interval: float | None,
+    task_types: Path | None,
+    queue: str,
+    workers: int,
+    heartbeat_timeout: float,
     tickles: bool,
     log_format: str,
 ) -> None:
@@ -126,7 +156,15 @@ def server(
         data_dir=data_dir.resolve(),
         public_url=f"http://{host}:{port}",
         tickles=tickles,
+        task_types=task_types,
+        queue=queue,
+        workers=workers,
+        heartbeat_timeout=heartbeat_timeout,
     )
+    if heartbeat_timeout <= 0:
+        raise click.BadParameter("--heartbeat-timeout must be positive")
+    if queue != "embedded" and not queue.startswith(("amqp://", "amqps://")):
+        raise click.BadParameter(f"--queue must be embedded or amqp://..., not {queue!r}")
     for name, value in (
         ("tickle_rate", tickle_rate),
         ("tickle_min_interval", tickle_min_interval),
@@ -978,3 +1016,233 @@ def group_untag(
     """Remove a tag from a computer."""
     Api(server, token).call("DELETE", f"/computers/{computer_id}/tags/{key}")
     emit({"removed": key}, as_json, lambda d: click.echo(f"computer {computer_id}: {key} removed"))
+
+
+# -- server tasks ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--queue",
+    envvar="TASKFLEET_QUEUE",
+    required=True,
+    help="amqp://USER:PASS@HOST/VHOST [env: TASKFLEET_QUEUE].",
+)
+@click.option(
+    "--database",
+    envvar="TASKFLEET_DATABASE",
+    required=True,
+    help="The server's database (postgresql://...) [env: TASKFLEET_DATABASE].",
+)
+@click.option(
+    "--task-types",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="The same TOML file the server uses.",
+)
+@click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True)
+@click.option("--heartbeat-interval", type=float, default=10.0, show_default=True)
+@click.option("--name", default=None, help="Name in logs and `taskfleet task workers`.")
+@click.option(
+    "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
+)
+def worker(
+    queue: str,
+    database: str,
+    task_types: Path | None,
+    concurrency: int,
+    heartbeat_interval: float,
+    name: str | None,
+    log_format: str,
+) -> None:
+    """Run a worker: take server tasks from RabbitMQ, run them, heartbeat."""
+    from taskfleet import logs
+    from taskfleet.worker.main import run_worker
+
+    logs.setup(log_format)
+    if heartbeat_interval <= 0:
+        fail("--heartbeat-interval must be positive")
+    try:
+        run_worker(
+            queue=queue,
+            database=database,
+            task_types=task_types,
+            concurrency=concurrency,
+            heartbeat_interval=heartbeat_interval,
+            name=name,
+        )
+    except ValueError as exc:
+        fail(str(exc))
+
+
+@cli.group()
+def task() -> None:
+    """Server tasks: submit, list, show, cancel (run by workers under the batch scheduler)."""
+
+
+def _when_arg(value: str | None) -> float | None:
+    if value is None:
+        return None
+    from datetime import datetime
+
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        fail(f"--not-before expects epoch seconds or an ISO time, got {value!r}")
+
+
+_TASK_COLS = ["id", "task", "state", "scope", "dispatched", "worker", "result / waiting for"]
+
+
+def _task_row(t: dict[str, Any]) -> list[Any]:
+    scope = (
+        (t.get("group_name") and f"group:{t['group_name']}")
+        or (t.get("scope_tenant") and f"tenant:{t['scope_tenant']}")
+        or "-"
+    )
+    return [
+        t["id"],
+        t["name"],
+        state_label(t["state"]),
+        scope,
+        when(t["dispatched_at"]),
+        t["claimed_by"],
+        t.get("result_line") or t.get("waiting_for") or t.get("reason"),
+    ]
+
+
+@task.command("submit")
+@click.argument("type_name", metavar="TYPE")
+@click.option("--tenant", default=None)
+@click.option("--group", default=None)
+@click.option("--param", "params", multiple=True, help="K=V (repeatable).")
+@click.option("--not-before", default=None, help="Epoch seconds or ISO time.")
+@client_options
+def task_submit(
+    type_name: str,
+    tenant: str | None,
+    group: str | None,
+    params: tuple[str, ...],
+    not_before: str | None,
+    server: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Submit a server task; a duplicate of a waiting one is not queued again."""
+    values: dict[str, str] = {}
+    for pair in params:
+        k, eq, v = pair.partition("=")
+        if not eq or not k:
+            fail(f"--param expects K=V, got {pair!r}")
+        values[k] = v
+    out = Api(server, token).post(
+        "/tasks",
+        {
+            "type": type_name,
+            "tenant": tenant,
+            "group": group,
+            "params": values,
+            "not_before": _when_arg(not_before),
+        },
+    )
+
+    def human(d: dict[str, Any]) -> None:
+        t = d["task"]
+        if d["duplicate_of"] is not None:
+            click.echo(f"duplicate of {t['name']} ({state_label(t['state'])}): not queued again")
+        else:
+            click.echo(f"submitted {t['name']} ({state_label(t['state'])})")
+
+    emit(out, as_json, human)
+
+
+@task.command("list")
+@click.option("--state", default=None)
+@click.option("--type", "type_name", default=None)
+@click.option("--limit", type=int, default=100, show_default=True)
+@client_options
+def task_list(
+    state: str | None,
+    type_name: str | None,
+    limit: int,
+    server: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """List server tasks, newest first."""
+    rows = Api(server, token).get("/tasks", state=state, type=type_name, limit=limit)
+    emit(rows, as_json, lambda rs: print_table("tasks", _TASK_COLS, [_task_row(t) for t in rs]))
+
+
+@task.command("show")
+@click.argument("task_id", type=int)
+@client_options
+def task_show(task_id: int, server: str | None, token: str | None, as_json: bool) -> None:
+    """Show one server task."""
+    t = Api(server, token).get(f"/tasks/{task_id}")
+
+    def human(t: dict[str, Any]) -> None:
+        print_fields(
+            t["name"],
+            [
+                ("state", state_label(t["state"])),
+                ("params", t["params"]),
+                ("tenant", t["scope_tenant"]),
+                ("group", t["group_name"]),
+                ("not before", when(t["not_before"])),
+                ("dispatched", when(t["dispatched_at"])),
+                ("worker", t["claimed_by"]),
+                ("command line", t["command_line"]),
+                ("waiting for", t.get("waiting_for")),
+                ("result", t["result_line"]),
+                ("return code", t["exit_code"]),
+                ("reason", t["reason"]),
+            ],
+        )
+        if t.get("stdout"):
+            click.echo(f"--- output ---\n{t['stdout'].rstrip()}")
+
+    emit(t, as_json, human)
+
+
+@task.command("cancel")
+@click.argument("task_id", type=int)
+@click.option("--reason", default="")
+@client_options
+def task_cancel(
+    task_id: int, reason: str, server: str | None, token: str | None, as_json: bool
+) -> None:
+    """Cancel a server task."""
+    t = Api(server, token).post(f"/tasks/{task_id}/cancel", {"reason": reason})
+    emit(t, as_json, lambda d: click.echo(f"{d['name']}: {state_label(d['state'])}"))
+
+
+@task.command("types")
+@client_options
+def task_types_cmd(server: str | None, token: str | None, as_json: bool) -> None:
+    """List the declared server task types."""
+    rows = Api(server, token).get("/task-types")
+    emit(
+        rows,
+        as_json,
+        lambda rs: print_table(
+            "task types",
+            ["name", "scope", "kind", "limit", "time limit", "excludes", "retry"],
+            [
+                [
+                    r["name"],
+                    r["scope"],
+                    r["kind"],
+                    r["concurrency"] or "-",
+                    f"{r['time_limit']:g}s",
+                    ",".join(r["excludes"]),
+                    r["retry_safe"],
+                ]
+                for r in rs
+            ],
+        ),
+    )

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from taskfleet import __version__
+from taskfleet.dispatch import open_queue
 from taskfleet.protocol.exchange import (
     ENROLL_PATH,
     EXCHANGE_PATH,
@@ -42,6 +43,7 @@ from taskfleet.protocol.tickle import derive_tickle_key
 from taskfleet.server import metrics, service
 from taskfleet.server.fleet import ComputerState, Fleet
 from taskfleet.server.service import ApiError, Principal
+from taskfleet.server.tasks import TaskManager
 from taskfleet.server.tickler import Tickler
 from taskfleet.server.writer import ExchangeJob, Writer, reap_lost
 from taskfleet.settings import (
@@ -55,6 +57,10 @@ from taskfleet.settings import (
 )
 from taskfleet.store import db
 from taskfleet.store.schema import computers
+from taskfleet.store.schema import workers as workers_table
+from taskfleet.worker.builtin import BUILTINS
+from taskfleet.worker.handlers import load_task_types
+from taskfleet.worker.runner import Worker
 
 log = logging.getLogger("taskfleet.server")
 T = TypeVar("T")
@@ -71,6 +77,11 @@ class ServerConfig:
     reaper_interval: float = REAPER_INTERVAL
     public_url: str = ""  # shown to humans; set by the CLI
     tickles: bool = True  # off: agents rely on their polls (benchmarks compare both)
+    task_types: Path | None = None  # TOML declarations of server task types (SPEC 4)
+    queue: str = "embedded"  # or amqp://... (workers then run as `taskfleet worker`)
+    workers: int = 4  # embedded: tasks run at once by the in-process worker
+    heartbeat_timeout: float = 5 * 3600.0  # SPEC 4.6: a silent worker's tasks fail after this
+    worker_heartbeat: float = 10.0
 
 
 @dataclass
@@ -83,6 +94,7 @@ class Runtime:
     signer: Signer
     tickle_master: bytes
     settings_json: bytes
+    manager: TaskManager | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -135,6 +147,14 @@ class RequestIn(BaseModel):
         description="mode required|optional (optional work waits for the agent's run window), "
         "interval once|recurring, every (seconds, recurring)",
     )
+
+
+class TaskIn(BaseModel):
+    type: str
+    tenant: str | None = Field(None, description="tenant-scoped types (single-tenant: omit)")
+    group: str | None = Field(None, description="group-scoped types")
+    params: dict[str, Any] = {}
+    not_before: float | None = Field(None, description="epoch seconds: not earlier than")
 
 
 class CancelIn(BaseModel):
@@ -368,6 +388,61 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def list_audit(p: Admin, limit: int = 100) -> list[dict[str, Any]]:
         return await read(lambda c: service.list_audit(c, p, min(max(limit, 1), 10_000)))
 
+    @app.post("/api/v1/tasks", status_code=201, tags=["tasks"])
+    async def submit_task(body: TaskIn, p: Operator, response: Response) -> dict[str, Any]:
+        out = await _manager(runtime()).submit(
+            p,
+            type_=body.type,
+            tenant=body.tenant,
+            group=body.group,
+            params=body.params,
+            not_before=body.not_before,
+        )
+        if out["duplicate_of"] is not None:
+            response.status_code = 200  # nothing new was queued
+        return out
+
+    @app.get("/api/v1/tasks", tags=["tasks"])
+    async def list_tasks(
+        p: Viewer, state: str | None = None, type: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        return await _manager(runtime()).list_tasks(p, state, type, min(max(limit, 1), 10_000))
+
+    @app.get("/api/v1/tasks/{task_id}", tags=["tasks"])
+    async def get_task(task_id: int, p: Viewer) -> dict[str, Any]:
+        return await _manager(runtime()).get(p, task_id)
+
+    @app.post("/api/v1/tasks/{task_id}/cancel", tags=["tasks"])
+    async def cancel_task(
+        task_id: int, p: Operator, body: CancelIn | None = None
+    ) -> dict[str, Any]:
+        return await _manager(runtime()).cancel(p, task_id, body.reason if body else "")
+
+    @app.get("/api/v1/task-types", tags=["tasks"])
+    async def task_types(p: Viewer) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": s.name,
+                "scope": s.scope,
+                "kind": s.kind,
+                "time_limit": s.time_limit,
+                "concurrency": s.concurrency,
+                "per_tenant": s.per_tenant,
+                "excludes": list(s.excludes),
+                "retry_safe": s.retry_safe,
+                "params": s.params,
+                "defaults": s.defaults,
+                "description": s.description,
+            }
+            for s in _manager(runtime()).specs.values()
+        ]
+
+    @app.get("/api/v1/workers", tags=["tasks"])
+    async def list_workers(p: Viewer) -> list[dict[str, Any]]:
+        async with runtime().read.connect() as conn:
+            rows = await conn.execute(sa.select(workers_table).order_by(workers_table.c.started_at))
+            return [dict(r._mapping) for r in rows]
+
     # -- agents, metrics, health -----------------------------------------------
 
     @app.post(ENROLL_PATH, tags=["agent"], status_code=201)
@@ -426,6 +501,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"ok": True, "version": __version__, "computers": len(runtime().fleet.computers)}
 
     return app
+
+
+def _manager(rt: Runtime) -> TaskManager:
+    assert rt.manager is not None
+    return rt.manager
 
 
 def _live(rt: Runtime, c: dict[str, Any]) -> dict[str, Any]:
@@ -605,12 +685,41 @@ async def _start(config: ServerConfig) -> Runtime:
     )
     rt.tasks.append(asyncio.create_task(_reaper(rt), name="reaper"))
     rt.tasks.append(asyncio.create_task(_flush_seen(rt), name="last-seen"))
+    await _start_tasks(rt, config)
     log.info(
         "server ready: %d computers, database %s",
         len(fleet.computers),
         db.database_url(config.database_url).split("@")[-1],
     )
     return rt
+
+
+async def _start_tasks(rt: Runtime, config: ServerConfig) -> None:
+    specs = load_task_types(config.task_types, builtins=BUILTINS)
+    queue = open_queue(config.queue)
+    pg = not db.is_sqlite(config.database_url)
+    rt.manager = TaskManager(
+        rt.writer,
+        rt.read,
+        specs,
+        queue,
+        config.heartbeat_timeout,
+        reap_interval=min(5.0, max(0.2, config.heartbeat_timeout / 4)),
+    )
+    await rt.manager.start()
+    if config.queue == "embedded" and config.workers > 0:
+        worker = Worker(
+            queue=queue,
+            types=specs,
+            run_tx=rt.writer.run,
+            pg=pg,
+            concurrency=config.workers,
+            heartbeat_interval=config.worker_heartbeat,
+            on_finished=rt.manager.finished,
+            context={"run_tx": rt.writer.run},
+            name="embedded",
+        )
+        rt.tasks.append(asyncio.create_task(worker.run(), name="embedded-worker"))
 
 
 async def _stop(rt: Runtime) -> None:
@@ -620,6 +729,8 @@ async def _stop(rt: Runtime) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await rt.tickler.stop()
+    if rt.manager is not None:
+        await rt.manager.stop()
     await rt.writer.stop()
     with contextlib.suppress(Exception):
         await _flush_once(rt)

@@ -1,0 +1,52 @@
+"""The dispatch queue port (SPEC 4.5): the scheduler publishes task ids, workers consume them.
+
+Contract of every adapter:
+* ``publish(ids)`` returns only when the queue holds them durably (RabbitMQ:
+  publisher confirms); if it raises, the caller treats them as not dispatched.
+* ``deliveries()`` yields :class:`Delivery` objects, at most ``prefetch``
+  unacknowledged at a time; a worker acks a delivery only after the task's
+  result is stored. A delivery that is never acked comes back (RabbitMQ
+  redelivers it when the worker's connection dies); the database claim makes
+  that harmless.
+Adapters: ``embedded`` (in-process asyncio queue; durable through the database:
+dispatched-but-unclaimed tasks are published again at server start) and
+``rabbitmq`` (aio-pika).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+
+class Delivery(Protocol):
+    task_id: int
+    redelivered: bool
+
+    async def ack(self) -> None: ...
+
+    async def reject(self, requeue: bool) -> None: ...
+
+
+class DispatchQueue(Protocol):
+    name: str  # for logs and the workers table, never with credentials
+
+    async def connect(self) -> None: ...
+
+    async def publish(self, task_ids: list[int]) -> None: ...
+
+    def deliveries(self, prefetch: int) -> AsyncIterator[Delivery]: ...
+
+    async def close(self) -> None: ...
+
+
+def open_queue(url: str) -> DispatchQueue:
+    if url == "embedded":
+        from taskfleet.dispatch.embedded import EmbeddedQueue
+
+        return EmbeddedQueue()
+    if url.startswith(("amqp://", "amqps://")):
+        from taskfleet.dispatch.rabbitmq import RabbitQueue
+
+        return RabbitQueue(url)
+    raise ValueError(f"unknown queue {url!r}: use embedded or amqp://USER:PASS@HOST/VHOST")

@@ -1,0 +1,55 @@
+"""In-process dispatch queue: the embedded default (one process, no broker).
+
+Durability comes from the database: a task is marked dispatched before it is
+put here, and at server start every dispatched-but-unclaimed task is published
+again, so a crash between the two loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+
+@dataclass
+class _Delivery:
+    task_id: int
+    queue: EmbeddedQueue
+    redelivered: bool = False
+
+    async def ack(self) -> None:
+        self.queue._inflight.release()
+
+    async def reject(self, requeue: bool) -> None:
+        self.queue._inflight.release()
+        if requeue:
+            self.queue._q.put_nowait(self.task_id)
+
+
+class EmbeddedQueue:
+    name = "embedded"
+
+    def __init__(self) -> None:
+        self._q: asyncio.Queue[int] = asyncio.Queue()
+        self._inflight = asyncio.Semaphore(1 << 30)
+
+    async def connect(self) -> None:
+        return None
+
+    async def publish(self, task_ids: list[int]) -> None:
+        for tid in task_ids:
+            self._q.put_nowait(tid)
+
+    async def deliveries(self, prefetch: int) -> AsyncIterator[_Delivery]:
+        self._inflight = asyncio.Semaphore(prefetch)
+        while True:
+            await self._inflight.acquire()
+            tid = await self._q.get()
+            yield _Delivery(tid, self)
+
+    async def close(self) -> None:
+        return None
+
+    def qsize(self) -> int:
+        return self._q.qsize()

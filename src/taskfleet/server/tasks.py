@@ -1,0 +1,365 @@
+"""The batch scheduler on the server (SPEC 4): submit, assess, dispatch, reap.
+
+Contract: ``submit`` validates type and scope (refusing with the reason, and
+logging it), drops duplicates of a not-yet-dispatched task (naming it),
+persists before it answers, and wakes the scheduler. A scheduler pass asks the
+pure ``domain.scheduling.Scheduler`` which pending tasks may start (oldest
+first, under type limits, exclusions, per-tenant limits and not-before times:
+conflicting work waits), marks them dispatched in the database, then publishes
+them; a publish that fails un-marks them so they are dispatched again. Its cost
+follows what changed. The reaper fails tasks held by workers whose heartbeats
+stopped, and resubmits them when their type says a retry is safe. In the
+embedded default the workers run in this process, on the in-process queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from taskfleet.dispatch import DispatchQueue
+from taskfleet.domain.scheduling import Pending, Scheduler, Scope, TaskType, validate_types
+from taskfleet.domain.states import FINAL_STATES, State
+from taskfleet.server.service import ApiError, Principal
+from taskfleet.server.writer import Writer
+from taskfleet.store import tasks as store
+from taskfleet.store.schema import groups, tenants
+from taskfleet.worker.handlers import TaskTypeSpec, validate_params
+
+log = logging.getLogger("taskfleet.scheduler")
+
+
+def scheduling_types(specs: dict[str, TaskTypeSpec]) -> dict[str, TaskType]:
+    return validate_types(
+        TaskType(
+            name=s.name,
+            scope=Scope(s.scope),
+            concurrency=s.concurrency,
+            per_tenant=s.per_tenant,
+            excludes=frozenset(s.excludes),
+            time_limit=s.time_limit,
+            retry_safe=s.retry_safe,
+        )
+        for s in specs.values()
+    )
+
+
+@dataclass
+class TaskManager:
+    writer: Writer
+    read: Any  # engine for reads
+    specs: dict[str, TaskTypeSpec]
+    queue: DispatchQueue
+    heartbeat_timeout: float
+    reap_interval: float = 5.0
+    clock: Callable[[], float] = time.time
+    scheduler: Scheduler = field(init=False)
+    _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
+    _types: dict[str, TaskType] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._types = scheduling_types(self.specs)
+        self.scheduler = Scheduler(self._types)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.queue.connect()
+        async with self.read.connect() as conn:
+            open_tasks = await store.load_open(conn)
+        republish = []
+        for t in open_tasks:
+            if t.type not in self._types:
+                log.warning(
+                    "%s: type is no longer declared; it waits until it is",
+                    store.label(t.type, t.id),
+                )
+                continue
+            p = Pending(t.id, t.type, t.tenant, t.group, t.not_before)
+            if t.state is State.IN_PROGRESS or t.dispatched:
+                self.scheduler.restore_running(p)
+                if t.state is State.QUEUED:
+                    republish.append(t.id)  # dispatched before a restart, not yet claimed
+            else:
+                self.scheduler.add(p)
+        if republish:
+            # The embedded queue died with the process; RabbitMQ may hold them
+            # already, and a second delivery is dropped at the claim.
+            await self.queue.publish(republish)
+            log.info("republished %d dispatched-but-unclaimed tasks", len(republish))
+        log.info(
+            "scheduler ready: %d pending, %d running",
+            self.scheduler.pending_count,
+            self.scheduler.running_count,
+        )
+        self._tasks.append(asyncio.create_task(self._loop(), name="scheduler"))
+        self._tasks.append(asyncio.create_task(self._reaper(), name="worker-reaper"))
+        self._tasks.append(asyncio.create_task(self._watch_finished(), name="task-watch"))
+        self._wake.set()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.queue.close()
+
+    # -- submit and cancel ---------------------------------------------------------
+
+    async def _tenant_id(self, conn: Any, name: str) -> int:
+        tid = (await conn.execute(sa.select(tenants.c.id).where(tenants.c.name == name))).scalar()
+        if tid is None:
+            raise ApiError(404, f"unknown tenant {name!r}")
+        return int(tid)
+
+    async def submit(
+        self,
+        p: Principal,
+        *,
+        type_: str,
+        tenant: str | None,
+        group: str | None,
+        params: dict[str, Any],
+        not_before: float | None,
+    ) -> dict[str, Any]:
+        spec = self.specs.get(type_)
+        try:
+            if spec is None:
+                known = ", ".join(sorted(self.specs)) or "none"
+                raise ApiError(400, f"unknown task type {type_!r} (declared: {known})")
+            if spec.scope == "group" and (group is None or tenant is not None):
+                raise ApiError(400, f"{type_} is group-scoped: give a group and no tenant")
+            if spec.scope == "tenant" and group is not None:
+                raise ApiError(400, f"{type_} is tenant-scoped: give a tenant, not a group")
+            if spec.scope == "none" and (group is not None or tenant is not None):
+                raise ApiError(400, f"{type_} takes neither a tenant nor a group")
+            try:
+                clean = validate_params(spec, params)
+            except ValueError as exc:
+                raise ApiError(400, f"{type_}: {exc}") from None
+            if not_before is not None and not_before != not_before:  # NaN
+                raise ApiError(400, "not_before must be a time")
+        except ApiError as exc:
+            log.warning("task submission refused: %s", exc.message)
+            raise
+        now = self.clock()
+
+        async def fn(conn: Any) -> tuple[store.Submitted, int | None]:
+            scope_tenant = None
+            if spec.scope == "tenant":
+                # Single-tenant mode: the submitter's own tenant.
+                scope_tenant = (
+                    await self._tenant_id(conn, tenant) if tenant is not None else p.tenant_id
+                )
+                if scope_tenant != p.tenant_id:
+                    raise ApiError(403, "a token may only submit tasks for its own tenant")
+            if group is not None:
+                found = (
+                    await conn.execute(
+                        sa.select(groups.c.id).where(
+                            groups.c.tenant_id == p.tenant_id, groups.c.name == group
+                        )
+                    )
+                ).scalar()
+                if found is None:
+                    raise ApiError(404, f"unknown group {group!r}")
+            sub = await store.submit(
+                conn,
+                owner_tenant=p.tenant_id,
+                actor=p.actor,
+                type_=type_,
+                scope_tenant=scope_tenant,
+                group=group,
+                params=clean,
+                not_before=not_before,
+                now=now,
+            )
+            return sub, scope_tenant
+
+        def after(res: tuple[store.Submitted, int | None]) -> None:
+            sub, scope_tenant = res
+            if sub.duplicate_of is None:
+                self.scheduler.add(Pending(sub.id, type_, scope_tenant, group, not_before))
+                self._wake.set()
+
+        try:
+            sub, _ = await self.writer.run(fn, after=after)
+        except ApiError as exc:
+            log.warning("task submission refused: %s", exc.message)
+            raise
+        name = store.label(type_, sub.id)
+        if sub.duplicate_of is not None:
+            log.info("%s submission is a duplicate of a task not yet dispatched: not queued", name)
+        else:
+            log.info("%s submitted by %s (%s)", name, p.actor, sub.state.label)
+        async with self.read.connect() as conn:
+            task = await store.get_task(conn, p.tenant_id, sub.id)
+        assert task is not None
+        return {"task": self._describe(task), "duplicate_of": sub.duplicate_of}
+
+    async def cancel(self, p: Principal, task_id: int, reason: str) -> dict[str, Any]:
+        now = self.clock()
+
+        async def fn(conn: Any) -> State:
+            try:
+                return await store.cancel(conn, p.tenant_id, task_id, p.actor, now, reason)
+            except LookupError as exc:
+                raise ApiError(404, str(exc)) from None
+            except ValueError as exc:  # IllegalTransition
+                raise ApiError(409, str(exc)) from None
+
+        def after(previous: State) -> None:
+            if not self.scheduler.cancel(task_id):
+                self.scheduler.finished(task_id)
+            self._wake.set()
+
+        previous = await self.writer.run(fn, after=after)
+        if previous is State.IN_PROGRESS:
+            log.info(
+                "task[%d] canceled while running; its worker's report will be recorded", task_id
+            )
+        return await self.get(p, task_id)
+
+    async def get(self, p: Principal, task_id: int) -> dict[str, Any]:
+        async with self.read.connect() as conn:
+            task = await store.get_task(conn, p.tenant_id, task_id)
+        if task is None:
+            raise ApiError(404, f"no task {task_id}")
+        return self._describe(task)
+
+    async def list_tasks(
+        self, p: Principal, state: str | None, type_: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        if state is not None and state not in {s.value for s in State}:
+            raise ApiError(400, f"unknown state {state!r}")
+        async with self.read.connect() as conn:
+            rows = await store.list_tasks(conn, p.tenant_id, state=state, type_=type_, limit=limit)
+        return [self._describe(r) for r in rows]
+
+    def _describe(self, task: dict[str, Any]) -> dict[str, Any]:
+        task = dict(task)
+        task["name"] = store.label(task["type"], task["id"])
+        state = State(task["state"])
+        if state in (State.QUEUED, State.SCHEDULED) and task["dispatched_at"] is None:
+            wait = self.scheduler.why_waiting(task["id"], self.clock())
+            task["waiting_for"] = wait.reason if wait else None
+        return task
+
+    def finished(self, task_id: int) -> None:
+        self.scheduler.finished(task_id)
+        self._wake.set()
+
+    # -- the pass ----------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            wakeup = self.scheduler.next_wakeup()
+            timeout = None if wakeup is None else max(0.0, wakeup - self.clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+            try:
+                await self._pass()
+            except Exception:
+                log.exception("scheduler pass failed; retrying")
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
+    async def _pass(self) -> None:
+        batch = self.scheduler.dispatch(self.clock(), limit=5000)
+        if not batch:
+            return
+        ids = [t.id for t in batch]
+        await self.writer.run(lambda c: store.mark_dispatched(c, ids, self.clock()))
+        try:
+            await self.queue.publish(ids)
+        except Exception as exc:
+            log.warning("publishing %d tasks failed (%s); they stay pending", len(ids), exc)
+            await self.writer.run(lambda c: store.undispatch(c, ids))
+            for t in batch:
+                self.scheduler.finished(t.id)
+                self.scheduler.add(t)
+            await asyncio.sleep(1.0)
+            self._wake.set()
+            return
+        for t in batch:
+            log.info("%s dispatched", store.label(t.type, t.id))
+        if len(batch) == 5000:
+            self._wake.set()
+
+    async def _watch_finished(self) -> None:
+        # Workers in other processes (RabbitMQ) finish tasks the scheduler must
+        # hear of; it asks only about what it believes is running.
+        while True:
+            await asyncio.sleep(0.5)
+            running = self.scheduler.running_ids()
+            if not running:
+                continue
+            try:
+                async with self.read.connect() as conn:
+                    states = await store.states_of(conn, running)
+            except Exception as exc:
+                log.warning("could not read task states: %s", exc)
+                continue
+            done = [tid for tid, s in states.items() if s in FINAL_STATES]
+            for tid in done:
+                self.scheduler.finished(tid)
+            if done:
+                self._wake.set()
+
+    async def _reaper(self) -> None:
+        while True:
+            await asyncio.sleep(self.reap_interval)
+            try:
+                reaped = await self.writer.run(self._reap_once)
+            except Exception:
+                log.exception("worker reaper failed")
+                continue
+            for r in reaped:
+                name = store.label(r.type, r.task_id)
+                log.warning("%s failed: %s (worker %s)", name, store.HEARTBEAT_LOST, r.worker_id)
+                self.scheduler.finished(r.task_id)
+                spec = self.specs.get(r.type)
+                if spec is not None and spec.retry_safe:
+                    await self._retry(r)
+            if reaped:
+                self._wake.set()
+
+    async def _reap_once(self, conn: Any) -> list[store.Reaped]:
+        return await store.reap_workers(conn, self.heartbeat_timeout, self.clock())
+
+    async def _retry(self, r: store.Reaped) -> None:
+        now = self.clock()
+
+        async def fn(conn: Any) -> store.Submitted:
+            return await store.submit(
+                conn,
+                owner_tenant=r.tenant_id,
+                actor="reaper",
+                type_=r.type,
+                scope_tenant=r.scope_tenant,
+                group=r.group,
+                params=r.params,
+                not_before=None,
+                now=now,
+                retry_of=r.task_id,
+            )
+
+        sub = await self.writer.run(
+            fn,
+            after=lambda s: self.scheduler.add(Pending(s.id, r.type, r.scope_tenant, r.group)),
+        )
+        log.info(
+            "%s submitted again as %s: its type is retry-safe",
+            store.label(r.type, r.task_id),
+            store.label(r.type, sub.id),
+        )

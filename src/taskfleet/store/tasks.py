@@ -1,0 +1,507 @@
+"""Server tasks in the store (SPEC 4): submit, dispatch, claim, complete, heartbeats, reaping.
+
+Contract: every function runs in the caller's transaction and moves states only
+through ``domain.states.transition`` and ``store.activities.apply_changes``.
+``claim`` is the guard that makes a redelivered task never run twice at the
+same time: only a Queued, unclaimed task can be claimed, by one worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from taskfleet.domain.states import (
+    FINAL_STATES,
+    ActivityKind,
+    Cause,
+    IllegalTransition,
+    State,
+    creation,
+    transition,
+)
+from taskfleet.protocol.exchange import canonical
+from taskfleet.store.activities import Change, apply_changes, insert_events
+from taskfleet.store.schema import activities, server_tasks, workers
+
+SERVER = ActivityKind.SERVER
+HEARTBEAT_LOST = "worker heartbeat lost"
+
+
+def dedupe_key(type_: str, tenant: int | None, group: str | None, params: dict[str, Any]) -> str:
+    text = canonical({"type": type_, "tenant": tenant, "group": group, "params": params})
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def label(type_: str, task_id: int) -> str:
+    """SPEC 4.7: how logs name a task."""
+    return f"{type_}[{task_id}]"
+
+
+@dataclass(frozen=True)
+class Submitted:
+    id: int
+    duplicate_of: int | None  # set: nothing was queued, this is the existing task
+    state: State
+
+
+async def submit(
+    conn: AsyncConnection,
+    *,
+    owner_tenant: int,
+    actor: str,
+    type_: str,
+    scope_tenant: int | None,
+    group: str | None,
+    params: dict[str, Any],
+    not_before: float | None,
+    now: float,
+    retry_of: int | None = None,
+) -> Submitted:
+    key = dedupe_key(type_, scope_tenant, group, params)
+    existing = (
+        await conn.execute(
+            sa.select(server_tasks.c.activity_id, activities.c.state)
+            .join(activities, activities.c.id == server_tasks.c.activity_id)
+            .where(
+                server_tasks.c.dedupe_key == key,
+                server_tasks.c.tenant_id == owner_tenant,
+                server_tasks.c.dispatched_at.is_(None),
+                activities.c.state.in_([State.QUEUED.value, State.SCHEDULED.value]),
+            )
+            .order_by(server_tasks.c.activity_id)
+            .limit(1)
+        )
+    ).first()
+    if existing is not None and retry_of is None:
+        return Submitted(existing.activity_id, existing.activity_id, State(existing.state))
+    state = State.SCHEDULED if not_before is not None and not_before > now else State.QUEUED
+    task_id = (
+        await conn.execute(
+            activities.insert()
+            .values(
+                tenant_id=owner_tenant,
+                kind=SERVER.value,
+                type=type_,
+                state=state.value,
+                created_at=now,
+                updated_at=now,
+                reason="" if retry_of is None else f"retry of {retry_of}",
+            )
+            .returning(activities.c.id)
+        )
+    ).scalar_one()
+    await conn.execute(
+        server_tasks.insert().values(
+            activity_id=task_id,
+            tenant_id=owner_tenant,
+            type=type_,
+            scope_tenant=scope_tenant,
+            group_name=group,
+            params=params,
+            dedupe_key=key,
+            not_before=not_before,
+            retry_of=retry_of,
+            submitted_by=actor,
+        )
+    )
+    reason = "submitted" if retry_of is None else f"retry of {retry_of} (retry-safe type)"
+    await insert_events(
+        conn, [(task_id, owner_tenant, creation(state, actor=actor, at=now, reason=reason))]
+    )
+    return Submitted(task_id, None, state)
+
+
+@dataclass(frozen=True)
+class OpenTask:
+    id: int
+    type: str
+    tenant: int | None
+    group: str | None
+    not_before: float | None
+    state: State
+    dispatched: bool
+
+
+async def load_open(conn: AsyncConnection) -> list[OpenTask]:
+    """Every task not finished: pending ones and those dispatched or running."""
+    rows = await conn.execute(
+        sa.select(
+            activities.c.id,
+            activities.c.state,
+            server_tasks.c.type,
+            server_tasks.c.scope_tenant,
+            server_tasks.c.group_name,
+            server_tasks.c.not_before,
+            server_tasks.c.dispatched_at,
+        )
+        .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
+        .where(activities.c.kind == SERVER.value)
+        .where(activities.c.state.notin_([s.value for s in FINAL_STATES]))
+        .order_by(activities.c.id)
+    )
+    return [
+        OpenTask(
+            r.id,
+            r.type,
+            r.scope_tenant,
+            r.group_name,
+            r.not_before,
+            State(r.state),
+            r.dispatched_at is not None,
+        )
+        for r in rows
+    ]
+
+
+async def mark_dispatched(conn: AsyncConnection, ids: list[int], now: float) -> None:
+    """Persist "dispatched" before the queue sees it; a due Scheduled task becomes Queued."""
+    if not ids:
+        return
+    rows = (
+        await conn.execute(
+            sa.select(activities.c.id, activities.c.tenant_id, activities.c.state).where(
+                activities.c.id.in_(ids)
+            )
+        )
+    ).all()
+    changes = [
+        Change(
+            r.id,
+            r.tenant_id,
+            transition(
+                SERVER,
+                State.SCHEDULED,
+                State.QUEUED,
+                cause=Cause.SYSTEM,
+                actor="scheduler",
+                at=now,
+                reason="its not-before time came",
+            ),
+        )
+        for r in rows
+        if r.state == State.SCHEDULED.value
+    ]
+    await apply_changes(conn, changes)
+    await conn.execute(
+        server_tasks.update().where(server_tasks.c.activity_id.in_(ids)).values(dispatched_at=now)
+    )
+
+
+async def undispatch(conn: AsyncConnection, ids: list[int]) -> None:
+    """The queue did not confirm them: they are pending again (nothing lost)."""
+    await conn.execute(
+        server_tasks.update()
+        .where(server_tasks.c.activity_id.in_(ids), server_tasks.c.claimed_by.is_(None))
+        .values(dispatched_at=None)
+    )
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    type: str
+    params: dict[str, Any]
+    tenant: int | None
+    group: str | None
+
+
+async def claim(
+    conn: AsyncConnection, task_id: int, worker_id: str, now: float, *, pg: bool
+) -> Claimed | str:
+    """Take a dispatched task for ``worker_id``, or say why not (already claimed, canceled...)."""
+    q = (
+        sa.select(
+            activities.c.id,
+            activities.c.tenant_id,
+            activities.c.state,
+            server_tasks.c.type,
+            server_tasks.c.params,
+            server_tasks.c.scope_tenant,
+            server_tasks.c.group_name,
+            server_tasks.c.claimed_by,
+        )
+        .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
+        .where(activities.c.id == task_id, activities.c.kind == SERVER.value)
+    )
+    if pg:
+        q = q.with_for_update(of=activities)
+    row = (await conn.execute(q)).first()
+    if row is None:
+        return "no such task"
+    if row.claimed_by is not None:
+        return f"already claimed by worker {row.claimed_by} ({State(row.state).label})"
+    if row.state != State.QUEUED.value:
+        return f"it is {State(row.state).label}"
+    t = transition(
+        SERVER,
+        State.QUEUED,
+        State.IN_PROGRESS,
+        cause=Cause.DELIVERED,
+        actor=f"worker:{worker_id}",
+        at=now,
+        reason=f"taken by worker {worker_id}",
+    )
+    await apply_changes(conn, [Change(task_id, row.tenant_id, t, {"delivered_at": now})])
+    await conn.execute(
+        server_tasks.update()
+        .where(server_tasks.c.activity_id == task_id)
+        .values(claimed_by=worker_id, claimed_at=now)
+    )
+    return Claimed(task_id, row.type, row.params, row.scope_tenant, row.group_name)
+
+
+async def complete(
+    conn: AsyncConnection,
+    task_id: int,
+    worker_id: str,
+    now: float,
+    *,
+    ok: bool,
+    return_code: int | None,
+    output: str,
+    result_line: str,
+    command_line: str | None,
+) -> bool:
+    """Record a worker's result; False if the task was no longer its to finish."""
+    row = (
+        await conn.execute(
+            sa.select(activities.c.tenant_id, activities.c.state, server_tasks.c.claimed_by)
+            .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
+            .where(activities.c.id == task_id)
+        )
+    ).first()
+    values = {
+        "exit_code": return_code,
+        "stdout": output,
+        "result_line": result_line,
+        "finished_at": now,
+    }
+    await conn.execute(
+        server_tasks.update()
+        .where(server_tasks.c.activity_id == task_id)
+        .values(command_line=command_line)
+    )
+    if row is None or row.claimed_by != worker_id or row.state != State.IN_PROGRESS.value:
+        # Canceled meanwhile, or failed as lost: keep the state, record what happened.
+        await conn.execute(
+            activities.update()
+            .where(activities.c.id == task_id)
+            .values(
+                agent_report={
+                    "worker": worker_id,
+                    "ok": ok,
+                    "return_code": return_code,
+                    "result_line": result_line,
+                    "received_at": now,
+                }
+            )
+        )
+        return False
+    target = State.SUCCEEDED if ok else State.FAILED
+    t = transition(
+        SERVER,
+        State.IN_PROGRESS,
+        target,
+        cause=Cause.AGENT_REPORT,
+        actor=f"worker:{worker_id}",
+        at=now,
+        reason=result_line,
+    )
+    await apply_changes(conn, [Change(task_id, row.tenant_id, t, values)])
+    return True
+
+
+async def cancel(
+    conn: AsyncConnection, tenant_id: int, task_id: int, actor: str, now: float, reason: str
+) -> State:
+    row = (
+        await conn.execute(
+            sa.select(activities.c.state).where(
+                activities.c.id == task_id,
+                activities.c.tenant_id == tenant_id,
+                activities.c.kind == SERVER.value,
+            )
+        )
+    ).first()
+    if row is None:
+        raise LookupError(f"no task {task_id}")
+    t = transition(
+        SERVER,
+        State(row.state),
+        State.CANCELED,
+        cause=Cause.ADMIN,
+        actor=actor,
+        at=now,
+        reason=reason or "canceled by administrator",
+    )
+    await apply_changes(conn, [Change(task_id, tenant_id, t, {"finished_at": now})])
+    return State(row.state)
+
+
+async def heartbeat(
+    conn: AsyncConnection,
+    *,
+    worker_id: str,
+    name: str,
+    queue: str,
+    pid: int | None,
+    status: str,
+    running: list[int],
+    now: float,
+) -> None:
+    updated = await conn.execute(
+        workers.update()
+        .where(workers.c.id == worker_id)
+        .values(heartbeat_at=now, status=status, running=running)
+    )
+    if updated.rowcount == 0:
+        await conn.execute(
+            workers.insert().values(
+                id=worker_id,
+                name=name,
+                queue=queue,
+                pid=pid,
+                started_at=now,
+                heartbeat_at=now,
+                status=status,
+                running=running,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Reaped:
+    worker_id: str
+    task_id: int
+    type: str
+    tenant_id: int
+    scope_tenant: int | None
+    group: str | None
+    params: dict[str, Any]
+
+
+async def reap_workers(conn: AsyncConnection, timeout: float, now: float) -> list[Reaped]:
+    """SPEC 4.6: fail every task a silent worker holds, with reason "worker heartbeat lost"."""
+    silent = list(
+        (
+            await conn.execute(
+                sa.select(workers.c.id).where(
+                    workers.c.heartbeat_at < now - timeout,
+                    workers.c.status.in_(["idle", "busy"]),
+                )
+            )
+        ).scalars()
+    )
+    if not silent:
+        return []
+    rows = (
+        await conn.execute(
+            sa.select(
+                activities.c.id,
+                activities.c.tenant_id,
+                server_tasks.c.claimed_by,
+                server_tasks.c.type,
+                server_tasks.c.scope_tenant,
+                server_tasks.c.group_name,
+                server_tasks.c.params,
+            )
+            .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
+            .where(
+                server_tasks.c.claimed_by.in_(silent),
+                activities.c.state == State.IN_PROGRESS.value,
+            )
+        )
+    ).all()
+    changes = []
+    for r in rows:
+        try:
+            t = transition(
+                SERVER,
+                State.IN_PROGRESS,
+                State.FAILED,
+                cause=Cause.TIMEOUT,
+                actor="reaper",
+                at=now,
+                reason=HEARTBEAT_LOST,
+            )
+        except IllegalTransition:  # pragma: no cover - the query selected In Progress only
+            continue
+        changes.append(
+            Change(r.id, r.tenant_id, t, {"finished_at": now, "result_line": HEARTBEAT_LOST})
+        )
+    await apply_changes(conn, changes)
+    await conn.execute(
+        workers.update().where(workers.c.id.in_(silent)).values(status="lost", running=[])
+    )
+    return [
+        Reaped(r.claimed_by, r.id, r.type, r.tenant_id, r.scope_tenant, r.group_name, r.params)
+        for r in rows
+    ]
+
+
+async def states_of(conn: AsyncConnection, ids: list[int]) -> dict[int, State]:
+    if not ids:
+        return {}
+    rows = await conn.execute(
+        sa.select(activities.c.id, activities.c.state).where(activities.c.id.in_(ids))
+    )
+    return {r.id: State(r.state) for r in rows}
+
+
+_TASK_COLUMNS = (
+    activities.c.id,
+    activities.c.type,
+    activities.c.state,
+    activities.c.created_at,
+    activities.c.updated_at,
+    activities.c.delivered_at,
+    activities.c.finished_at,
+    activities.c.exit_code,
+    activities.c.result_line,
+    activities.c.reason,
+    server_tasks.c.scope_tenant,
+    server_tasks.c.group_name,
+    server_tasks.c.params,
+    server_tasks.c.not_before,
+    server_tasks.c.dispatched_at,
+    server_tasks.c.claimed_by,
+    server_tasks.c.retry_of,
+    server_tasks.c.command_line,
+    server_tasks.c.submitted_by,
+)
+
+
+async def list_tasks(
+    conn: AsyncConnection, tenant_id: int, *, state: str | None, type_: str | None, limit: int
+) -> list[dict[str, Any]]:
+    q = (
+        sa.select(*_TASK_COLUMNS)
+        .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
+        .where(activities.c.tenant_id == tenant_id, activities.c.kind == SERVER.value)
+    )
+    if state is not None:
+        q = q.where(activities.c.state == State(state).value)
+    if type_ is not None:
+        q = q.where(server_tasks.c.type == type_)
+    rows = await conn.execute(q.order_by(activities.c.id.desc()).limit(limit))
+    return [dict(r._mapping) for r in rows]
+
+
+async def get_task(conn: AsyncConnection, tenant_id: int, task_id: int) -> dict[str, Any] | None:
+    row = (
+        await conn.execute(
+            sa.select(*_TASK_COLUMNS, activities.c.stdout, activities.c.agent_report)
+            .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
+            .where(
+                activities.c.id == task_id,
+                activities.c.tenant_id == tenant_id,
+                activities.c.kind == SERVER.value,
+            )
+        )
+    ).first()
+    return None if row is None else dict(row._mapping)
