@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import sys
 import uuid
@@ -142,3 +143,104 @@ def test_a_killed_worker_s_task_fails_with_heartbeat_lost_and_nothing_else(rabbi
     assert finished(srv, after)["state"] == "succeeded"
     with srv.api() as api:
         assert not any(x["retry_of"] == stuck for x in api.get("/tasks").json())
+
+
+class _CutProxy:
+    """A TCP proxy to RabbitMQ that can swallow one direction, then cut every link."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.port = 0
+        self.swallow: str | None = None  # "confirms" (broker->server) or "publishes"
+        self.loop = asyncio.new_event_loop()
+        self.links: list[asyncio.StreamWriter] = []
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def _run(self, ready) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            ready.set()
+            await asyncio.Event().wait()
+
+        with contextlib.suppress(RuntimeError):
+            self.loop.run_until_complete(main())
+
+    async def _client(self, creader, cwriter) -> None:
+        breader, bwriter = await asyncio.open_connection("127.0.0.1", 5672)
+        self.links += [cwriter, bwriter]
+
+        async def pipe(reader, writer, direction) -> None:
+            with contextlib.suppress(Exception):
+                while data := await reader.read(65536):
+                    if self.swallow != direction:
+                        writer.write(data)
+                        await writer.drain()
+            writer.close()
+
+        await asyncio.gather(
+            pipe(creader, bwriter, "publishes"), pipe(breader, cwriter, "confirms")
+        )
+
+    def cut(self) -> None:
+        def close_all() -> None:
+            for w in self.links:
+                w.transport.abort()
+            self.links.clear()
+            self.swallow = None
+
+        self.loop.call_soon_threadsafe(close_all)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.mark.parametrize("swallow", ["confirms", "publishes"])
+def test_a_link_dropped_between_publish_and_confirm_loses_nothing(
+    start_server, amqp_url, tmp_path, database_url, swallow
+):
+    proxy = _CutProxy()
+    types = tmp_path / "types.toml"
+    marks = tmp_path / "marks"
+    types.write_text(TYPES + MARK.format(marks=marks))
+    queue = amqp_url.replace("127.0.0.1:5672", f"127.0.0.1:{proxy.port}")
+    srv = start_server("--task-types", str(types), "--queue", queue)
+    w = spawn(
+        [
+            sys.executable,
+            "-m",
+            "taskfleet",
+            "worker",
+            "--queue",
+            amqp_url,
+            "--database",
+            database_url,
+            "--task-types",
+            str(types),
+        ],
+        tmp_path / "worker.log",
+    )
+    try:
+        wait_until(lambda: "consuming" in w.text(), 30, "worker")
+        proxy.swallow = swallow
+        ids = [submit(srv, "mark", params={"n": i})["task"]["id"] for i in range(10)]
+        if swallow == "confirms":
+            # The broker has the first one (the worker runs it); the server never hears
+            # the confirm, so its scheduler is still waiting when the link drops.
+            wait_until(lambda: marks.exists() and marks.read_text().strip(), 30, "a first run")
+        else:
+            wait_until(lambda: task(srv, ids[0])["dispatched_at"], 20, "a first dispatch")
+        proxy.cut()
+        for i in ids:
+            assert finished(srv, i, timeout=60)["state"] == "succeeded"
+        assert sorted(int(x) for x in marks.read_text().split()) == list(range(10))
+        assert re.search(r"publishing \d+ tasks failed", srv.proc.text())
+    finally:
+        w.stop()
+        proxy.close()

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 QUEUE_NAME = "taskfleet.tasks"
+PUBLISH_TIMEOUT = 30.0  # seconds to wait for publisher confirms
 
 
 class _Delivery:
@@ -67,8 +68,9 @@ class RabbitQueue:
             )
             for tid in task_ids
         ]
-        # Each publish resolves on the broker's confirm (raises on nack or a lost link).
-        await asyncio.gather(*confirms)
+        # Each publish resolves on the broker's confirm (raises on nack or a lost link);
+        # a broker that stops answering must not stall the scheduler forever.
+        await asyncio.wait_for(asyncio.gather(*confirms), PUBLISH_TIMEOUT)
 
     async def deliveries(self, prefetch: int) -> AsyncIterator[_Delivery]:
         if self._channel is None:

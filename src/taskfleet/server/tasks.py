@@ -283,11 +283,12 @@ class TaskManager:
         try:
             await self.queue.publish(ids)
         except Exception as exc:
-            log.warning("publishing %d tasks failed (%s); they stay pending", len(ids), exc)
-            await self.writer.run(lambda c: store.undispatch(c, ids))
+            log.warning("publishing %d tasks failed (%r); they stay pending", len(ids), exc)
+            again = set(await self.writer.run(lambda c: store.undispatch(c, ids)))
             for t in batch:
-                self.scheduler.finished(t.id)
-                self.scheduler.add(t)
+                if t.id in again:
+                    self.scheduler.finished(t.id)
+                    self.scheduler.add(t)
             await asyncio.sleep(1.0)
             self._wake.set()
             return

@@ -192,13 +192,25 @@ async def mark_dispatched(conn: AsyncConnection, ids: list[int], now: float) -> 
     )
 
 
-async def undispatch(conn: AsyncConnection, ids: list[int]) -> None:
-    """The queue did not confirm them: they are pending again (nothing lost)."""
-    await conn.execute(
-        server_tasks.update()
-        .where(server_tasks.c.activity_id.in_(ids), server_tasks.c.claimed_by.is_(None))
-        .values(dispatched_at=None)
+async def undispatch(conn: AsyncConnection, ids: list[int]) -> list[int]:
+    """The queue did not confirm them: those not yet claimed are pending again (nothing
+    lost). Returns them; the others already reached a worker through the queue."""
+    unclaimed = list(
+        (
+            await conn.execute(
+                sa.select(server_tasks.c.activity_id).where(
+                    server_tasks.c.activity_id.in_(ids), server_tasks.c.claimed_by.is_(None)
+                )
+            )
+        ).scalars()
     )
+    if unclaimed:
+        await conn.execute(
+            server_tasks.update()
+            .where(server_tasks.c.activity_id.in_(unclaimed))
+            .values(dispatched_at=None)
+        )
+    return unclaimed
 
 
 @dataclass(frozen=True)
