@@ -220,3 +220,18 @@ n = "int"
     for i in ids:
         assert finished(srv, i)["state"] == "succeeded"
     assert sorted(int(x) for x in marks.read_text().split()) == list(range(20))
+
+
+def test_a_batch_is_checked_whole_then_persisted_together(tasks_server):
+    with tasks_server.api() as api:
+        bad = [{"type": "echo", "params": {"msg": str(i)}} for i in range(3)]
+        bad.append({"type": "echo", "params": {}})
+        r = api.post("/tasks/batch", json={"tasks": bad})
+        assert r.status_code == 400 and r.json()["error"].startswith("task 3: ")
+        assert api.get("/tasks").json() == []
+        good = [{"type": "echo", "params": {"msg": str(i)}} for i in range(30)]
+        r = api.post("/tasks/batch", json={"tasks": good})
+        assert r.status_code == 201, r.text
+        ids = [t["id"] for t in r.json()]
+    outputs = sorted(finished(tasks_server, i)["stdout"] for i in ids)
+    assert outputs == sorted(f"{i}\n" for i in range(30))

@@ -157,6 +157,10 @@ class TaskIn(BaseModel):
     not_before: float | None = Field(None, description="epoch seconds: not earlier than")
 
 
+class TaskBatchIn(BaseModel):
+    tasks: list[TaskIn] = Field(..., min_length=1, max_length=5000)
+
+
 class CancelIn(BaseModel):
     reason: str = ""
 
@@ -401,6 +405,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         if out["duplicate_of"] is not None:
             response.status_code = 200  # nothing new was queued
         return out
+
+    @app.post("/api/v1/tasks/batch", status_code=201, tags=["tasks"])
+    async def submit_tasks(body: TaskBatchIn, p: Operator) -> list[dict[str, Any]]:
+        return await _manager(runtime()).submit_many(p, [t.model_dump() for t in body.tasks])
 
     @app.get("/api/v1/tasks", tags=["tasks"])
     async def list_tasks(

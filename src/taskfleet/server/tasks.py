@@ -121,16 +121,15 @@ class TaskManager:
             raise ApiError(404, f"unknown tenant {name!r}")
         return int(tid)
 
-    async def submit(
+    def _check(
         self,
-        p: Principal,
-        *,
         type_: str,
         tenant: str | None,
         group: str | None,
         params: dict[str, Any],
         not_before: float | None,
     ) -> dict[str, Any]:
+        """SPEC 4.1: refuse a bad type, scope or parameters with the reason (and log it)."""
         spec = self.specs.get(type_)
         try:
             if spec is None:
@@ -142,69 +141,152 @@ class TaskManager:
                 raise ApiError(400, f"{type_} is tenant-scoped: give a tenant, not a group")
             if spec.scope == "none" and (group is not None or tenant is not None):
                 raise ApiError(400, f"{type_} takes neither a tenant nor a group")
-            try:
-                clean = validate_params(spec, params)
-            except ValueError as exc:
-                raise ApiError(400, f"{type_}: {exc}") from None
             if not_before is not None and not_before != not_before:  # NaN
                 raise ApiError(400, "not_before must be a time")
+            try:
+                return validate_params(spec, params)
+            except ValueError as exc:
+                raise ApiError(400, f"{type_}: {exc}") from None
         except ApiError as exc:
             log.warning("task submission refused: %s", exc.message)
             raise
-        now = self.clock()
 
-        async def fn(conn: Any) -> tuple[store.Submitted, int | None]:
-            scope_tenant = None
-            if spec.scope == "tenant":
-                # Single-tenant mode: the submitter's own tenant.
-                scope_tenant = (
-                    await self._tenant_id(conn, tenant) if tenant is not None else p.tenant_id
-                )
-                if scope_tenant != p.tenant_id:
-                    raise ApiError(403, "a token may only submit tasks for its own tenant")
-            if group is not None:
-                found = (
-                    await conn.execute(
-                        sa.select(groups.c.id).where(
-                            groups.c.tenant_id == p.tenant_id, groups.c.name == group
-                        )
-                    )
-                ).scalar()
-                if found is None:
-                    raise ApiError(404, f"unknown group {group!r}")
-            sub = await store.submit(
-                conn,
-                owner_tenant=p.tenant_id,
-                actor=p.actor,
-                type_=type_,
-                scope_tenant=scope_tenant,
-                group=group,
-                params=clean,
-                not_before=not_before,
-                now=now,
+    async def _insert(
+        self,
+        conn: Any,
+        p: Principal,
+        now: float,
+        type_: str,
+        tenant: str | None,
+        group: str | None,
+        clean: dict[str, Any],
+        not_before: float | None,
+    ) -> tuple[store.Submitted, Pending]:
+        scope_tenant = None
+        if self.specs[type_].scope == "tenant":
+            # Single-tenant mode: the submitter's own tenant.
+            scope_tenant = (
+                await self._tenant_id(conn, tenant) if tenant is not None else p.tenant_id
             )
-            return sub, scope_tenant
+            if scope_tenant != p.tenant_id:
+                raise ApiError(403, "a token may only submit tasks for its own tenant")
+        if group is not None:
+            found = (
+                await conn.execute(
+                    sa.select(groups.c.id).where(
+                        groups.c.tenant_id == p.tenant_id, groups.c.name == group
+                    )
+                )
+            ).scalar()
+            if found is None:
+                raise ApiError(404, f"unknown group {group!r}")
+        sub = await store.submit(
+            conn,
+            owner_tenant=p.tenant_id,
+            actor=p.actor,
+            type_=type_,
+            scope_tenant=scope_tenant,
+            group=group,
+            params=clean,
+            not_before=not_before,
+            now=now,
+        )
+        return sub, Pending(sub.id, type_, scope_tenant, group, not_before)
 
-        def after(res: tuple[store.Submitted, int | None]) -> None:
-            sub, scope_tenant = res
+    def _accepted(self, results: list[tuple[store.Submitted, Pending]]) -> None:
+        for sub, pending in results:
             if sub.duplicate_of is None:
-                self.scheduler.add(Pending(sub.id, type_, scope_tenant, group, not_before))
-                self._wake.set()
+                self.scheduler.add(pending)
+        self._wake.set()
 
-        try:
-            sub, _ = await self.writer.run(fn, after=after)
-        except ApiError as exc:
-            log.warning("task submission refused: %s", exc.message)
-            raise
+    def _log_submitted(self, p: Principal, type_: str, sub: store.Submitted) -> None:
         name = store.label(type_, sub.id)
         if sub.duplicate_of is not None:
             log.info("%s submission is a duplicate of a task not yet dispatched: not queued", name)
         else:
             log.info("%s submitted by %s (%s)", name, p.actor, sub.state.label)
+
+    async def submit(
+        self,
+        p: Principal,
+        *,
+        type_: str,
+        tenant: str | None,
+        group: str | None,
+        params: dict[str, Any],
+        not_before: float | None,
+    ) -> dict[str, Any]:
+        clean = self._check(type_, tenant, group, params, not_before)
+        now = self.clock()
+
+        async def fn(conn: Any) -> list[tuple[store.Submitted, Pending]]:
+            return [await self._insert(conn, p, now, type_, tenant, group, clean, not_before)]
+
+        try:
+            [(sub, _)] = await self.writer.run(fn, after=self._accepted)
+        except ApiError as exc:
+            log.warning("task submission refused: %s", exc.message)
+            raise
+        self._log_submitted(p, type_, sub)
         async with self.read.connect() as conn:
             task = await store.get_task(conn, p.tenant_id, sub.id)
         assert task is not None
         return {"task": self._describe(task), "duplicate_of": sub.duplicate_of}
+
+    async def submit_many(self, p: Principal, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Submit several tasks at once: all are checked first, then persisted together
+        (one transaction); a bad one refuses the whole batch, naming it."""
+        checked = []
+        for i, item in enumerate(items):
+            try:
+                checked.append(
+                    (
+                        item,
+                        self._check(
+                            item["type"],
+                            item.get("tenant"),
+                            item.get("group"),
+                            item.get("params", {}),
+                            item.get("not_before"),
+                        ),
+                    )
+                )
+            except ApiError as exc:
+                raise ApiError(exc.status, f"task {i}: {exc.message}") from None
+        now = self.clock()
+
+        async def fn(conn: Any) -> list[tuple[store.Submitted, Pending]]:
+            out = []
+            for i, (item, clean) in enumerate(checked):
+                try:
+                    out.append(
+                        await self._insert(
+                            conn,
+                            p,
+                            now,
+                            item["type"],
+                            item.get("tenant"),
+                            item.get("group"),
+                            clean,
+                            item.get("not_before"),
+                        )
+                    )
+                except ApiError as exc:
+                    raise ApiError(exc.status, f"task {i}: {exc.message}") from None
+            return out
+
+        results = await self.writer.run(fn, after=self._accepted)
+        for (item, _), (sub, _) in zip(checked, results, strict=True):
+            self._log_submitted(p, item["type"], sub)
+        return [
+            {
+                "id": sub.id,
+                "name": store.label(pend.type, sub.id),
+                "state": sub.state.value,
+                "duplicate_of": sub.duplicate_of,
+            }
+            for sub, pend in results
+        ]
 
     async def cancel(self, p: Principal, task_id: int, reason: str) -> dict[str, Any]:
         now = self.clock()
