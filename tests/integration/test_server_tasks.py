@@ -235,3 +235,19 @@ def test_a_batch_is_checked_whole_then_persisted_together(tasks_server):
         ids = [t["id"] for t in r.json()]
     outputs = sorted(finished(tasks_server, i)["stdout"] for i in ids)
     assert outputs == sorted(f"{i}\n" for i in range(30))
+
+
+def test_purge_history_removes_only_finished_work_older_than_the_retention(tasks_server):
+    old = [submit(tasks_server, "echo", params={"msg": str(i)})["task"]["id"] for i in range(3)]
+    for i in old:
+        finished(tasks_server, i)
+    waiting = submit(tasks_server, "echo", params={"msg": "w"}, not_before=time.time() + 3600)
+    keep = submit(tasks_server, "purge-history", params={"older_than_days": 1})["task"]["id"]
+    assert "purged 0 activities" in finished(tasks_server, keep)["stdout"]
+    purge = submit(tasks_server, "purge-history", params={"older_than_days": 0})["task"]["id"]
+    t = finished(tasks_server, purge)
+    assert t["state"] == "succeeded" and "purged 4 activities" in t["stdout"], t
+    with tasks_server.api() as api:
+        for i in old:
+            assert api.get(f"/tasks/{i}").status_code == 404
+        assert api.get(f"/tasks/{waiting['task']['id']}").json()["state"] == "scheduled"
