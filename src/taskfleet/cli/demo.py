@@ -132,12 +132,15 @@ def run_demo(n_agents: int, workdir: Path, stay: bool) -> int:
         )
         click.echo(f"admin token file: {token_file}")
         click.echo(f"logs:      {workdir}/*.log")
+        # The quick start installs into .venv: name the command so it works as printed.
+        tf = shutil.which("taskfleet") or str(Path(sys.executable).parent / "taskfleet")
+        tf = "taskfleet" if shutil.which("taskfleet") == tf else tf
         click.echo(
-            "try:\n"
+            "try, in another terminal while the fleet runs:\n"
             f"  export TASKFLEET_SERVER={url} TASKFLEET_TOKEN=$(cat {token_file})\n"
-            "  taskfleet computer list\n"
-            "  taskfleet run --target group:demo --wait -- uname -a\n"
-            f"  taskfleet activity show {rows[0]['id']}"
+            f"  {tf} computer list\n"
+            f"  {tf} run --target group:demo --wait -- uname -a\n"
+            f"  {tf} activity show {rows[0]['id']}"
         )
         if stay:
             click.echo("\nthe fleet keeps running; press Ctrl-C to stop it")
