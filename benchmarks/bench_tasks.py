@@ -694,7 +694,12 @@ def main() -> int:
     print("\n" + fmt_table(results))
 
     def best(prefix: str, phase: str) -> Phase | None:
-        return next((r for r in results if r.setup.startswith(prefix) and r.phase == phase), None)
+        # only complete phases count: a stalled or timed-out one would give a false ratio
+        r = next((r for r in results if r.setup.startswith(prefix) and r.phase == phase), None)
+        if r is not None and r.done < r.n:
+            print(f"[{phase}] {r.setup}: only {r.done}/{r.n} done: left out of the verdicts")
+            return None
+        return r
 
     verdicts: dict[str, Any] = {}
     print()

@@ -224,6 +224,10 @@ def report(
                 ),
             ),
             row(
+                "    server CPU for the whole request (median)",
+                lambda r: fmt_s(median(undisturbed(r["tickled_runs"], "server_cpu_seconds"))),
+            ),
+            row(
                 "    other processes' CPU meanwhile (cores)",
                 lambda r: " / ".join(f"{x['load']['other_cores']:.2f}" for x in r["tickled_runs"]),
             ),
@@ -242,6 +246,10 @@ def report(
                 ),
                 ">= 3,000/s",
                 verdict("empty_exchanges_per_s", ex_big),
+            ),
+            row(
+                "    server CPU per empty exchange",
+                lambda r: f"{r['hammer']['server_cpu_us_per_exchange']:.0f} us",
             ),
             row(
                 "    latency p50 / p99 (ms)",
