@@ -235,6 +235,13 @@ def test_a_batch_is_checked_whole_then_persisted_together(tasks_server):
         ids = [t["id"] for t in r.json()]
     outputs = sorted(finished(tasks_server, i)["stdout"] for i in ids)
     assert outputs == sorted(f"{i}\n" for i in range(30))
+    later = time.time() + 3600
+    twice = [{"type": "echo", "params": {"msg": "same"}, "not_before": later}] * 2
+    with tasks_server.api() as api:
+        first, second = api.post("/tasks/batch", json={"tasks": twice}).json()
+        assert first["duplicate_of"] is None and second["duplicate_of"] == first["id"]
+        again = api.post("/tasks/batch", json={"tasks": twice[:1]}).json()
+        assert again[0]["duplicate_of"] == first["id"]
 
 
 def test_purge_history_removes_only_finished_work_older_than_the_retention(tasks_server):

@@ -37,7 +37,7 @@ from taskfleet.domain.states import (
 from taskfleet.domain.targets import Target, TargetError, TargetKind, parse_target, valid_name
 from taskfleet.server.fleet import ComputerState, hash_secret
 from taskfleet.settings import OUTPUT_CAP, OUTPUT_CAP_MAX
-from taskfleet.store.activities import Change, apply_changes, insert_events
+from taskfleet.store.activities import Change, apply_changes, insert_activities, insert_events
 from taskfleet.store.schema import (
     activities,
     activity_events,
@@ -610,28 +610,22 @@ async def create_request(
             .returning(requests.c.id)
         )
     ).scalar_one()
-    rows = (
-        (
-            await conn.execute(
-                activities.insert().returning(activities.c.id, sort_by_parameter_order=True),
-                [
-                    {
-                        "tenant_id": p.tenant_id,
-                        "request_id": request_id,
-                        "computer_id": cid,
-                        "kind": ActivityKind.CLIENT.value,
-                        "type": type,
-                        "state": State.QUEUED.value,
-                        "created_at": now,
-                        "updated_at": now,
-                        "reason": "",
-                    }
-                    for cid in ids
-                ],
-            )
-        )
-        .scalars()
-        .all()
+    rows = await insert_activities(
+        conn,
+        [
+            {
+                "tenant_id": p.tenant_id,
+                "request_id": request_id,
+                "computer_id": cid,
+                "kind": ActivityKind.CLIENT.value,
+                "type": type,
+                "state": State.QUEUED.value,
+                "created_at": now,
+                "updated_at": now,
+                "reason": "",
+            }
+            for cid in ids
+        ],
     )
     event = creation(State.QUEUED, actor=p.actor, at=now, reason=f"request {request_id}")
     await insert_events(conn, [(aid, p.tenant_id, event) for aid in rows])

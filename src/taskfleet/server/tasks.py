@@ -162,6 +162,23 @@ class TaskManager:
         clean: dict[str, Any],
         not_before: float | None,
     ) -> tuple[store.Submitted, Pending]:
+        scope_tenant, group = await self._scope(conn, p, type_, tenant, group)
+        sub = await store.submit(
+            conn,
+            owner_tenant=p.tenant_id,
+            actor=p.actor,
+            type_=type_,
+            scope_tenant=scope_tenant,
+            group=group,
+            params=clean,
+            not_before=not_before,
+            now=now,
+        )
+        return sub, Pending(sub.id, type_, scope_tenant, group, not_before)
+
+    async def _scope(
+        self, conn: Any, p: Principal, type_: str, tenant: str | None, group: str | None
+    ) -> tuple[int | None, str | None]:
         scope_tenant = None
         if self.specs[type_].scope == "tenant":
             # Single-tenant mode: the submitter's own tenant.
@@ -180,18 +197,7 @@ class TaskManager:
             ).scalar()
             if found is None:
                 raise ApiError(404, f"unknown group {group!r}")
-        sub = await store.submit(
-            conn,
-            owner_tenant=p.tenant_id,
-            actor=p.actor,
-            type_=type_,
-            scope_tenant=scope_tenant,
-            group=group,
-            params=clean,
-            not_before=not_before,
-            now=now,
-        )
-        return sub, Pending(sub.id, type_, scope_tenant, group, not_before)
+        return scope_tenant, group
 
     def _accepted(self, results: list[tuple[store.Submitted, Pending]]) -> None:
         for sub, pending in results:
@@ -256,24 +262,24 @@ class TaskManager:
         now = self.clock()
 
         async def fn(conn: Any) -> list[tuple[store.Submitted, Pending]]:
-            out = []
+            news = []
             for i, (item, clean) in enumerate(checked):
                 try:
-                    out.append(
-                        await self._insert(
-                            conn,
-                            p,
-                            now,
-                            item["type"],
-                            item.get("tenant"),
-                            item.get("group"),
-                            clean,
-                            item.get("not_before"),
-                        )
+                    scope_tenant, group = await self._scope(
+                        conn, p, item["type"], item.get("tenant"), item.get("group")
                     )
                 except ApiError as exc:
                     raise ApiError(exc.status, f"task {i}: {exc.message}") from None
-            return out
+                news.append(
+                    store.NewTask(item["type"], scope_tenant, group, clean, item.get("not_before"))
+                )
+            subs = await store.submit_many(
+                conn, owner_tenant=p.tenant_id, actor=p.actor, items=news, now=now
+            )
+            return [
+                (sub, Pending(sub.id, t.type, t.scope_tenant, t.group, t.not_before))
+                for sub, t in zip(subs, news, strict=True)
+            ]
 
         results = await self.writer.run(fn, after=self._accepted)
         for (item, _), (sub, _) in zip(checked, results, strict=True):

@@ -148,8 +148,20 @@ class Writer:
                 await self._fns(fns)
 
     async def _fns(self, jobs: list[_FnJob]) -> None:
-        """Run function jobs in one transaction, each in its own savepoint, so a
-        failing job undoes only its own writes and the batch costs one commit."""
+        """Run function jobs in one transaction: one commit for the batch.
+
+        Optimistic first: the whole batch without savepoints (they cost a round
+        trip each). If any job fails, the batch is rolled back and run again with
+        one savepoint per job, so a failing job undoes only its own writes."""
+        if len(jobs) > 1:
+            try:
+                async with self.engine.begin() as conn:
+                    results = [await job.fn(conn) for job in jobs]
+            except Exception:
+                pass  # someone's bad input: find out whose, below
+            else:
+                self._settle(jobs, [(True, r) for r in results])
+                return
         outcomes: list[tuple[bool, Any]] = []
         try:
             async with self.engine.begin() as conn:
@@ -169,6 +181,9 @@ class Writer:
                 if not job.fut.done():
                     job.fut.set_exception(exc)
             return
+        self._settle(jobs, outcomes)
+
+    def _settle(self, jobs: list[_FnJob], outcomes: list[tuple[bool, Any]]) -> None:
         for job, (ok, value) in zip(jobs, outcomes, strict=True):
             if ok and job.after is not None:
                 try:

@@ -81,3 +81,26 @@ async def insert_events(conn: AsyncConnection, rows: list[tuple[int, int, Transi
             for aid, tid, t in rows
         ],
     )
+
+
+async def insert_activities(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert activity rows, returning their ids in order, with few statements.
+
+    PostgreSQL: INSERT ... RETURNING in pages (ordered by SQLAlchemy). SQLite:
+    one executemany, then the ids by arithmetic: all writes of a process go
+    through the single writer inside BEGIN IMMEDIATE, and SQLite gives a table
+    without AUTOINCREMENT max(rowid)+1, so the new ids are consecutive.
+    """
+    if not rows:
+        return []
+    if conn.dialect.name == "postgresql":
+        result = await conn.execute(
+            activities.insert().returning(activities.c.id, sort_by_parameter_order=True), rows
+        )
+        return [int(i) for i in result.scalars().all()]
+    before = (await conn.execute(sa.select(sa.func.max(activities.c.id)))).scalar() or 0
+    await conn.execute(activities.insert(), rows)
+    after = (await conn.execute(sa.select(sa.func.max(activities.c.id)))).scalar() or 0
+    if after - before != len(rows):
+        raise ConcurrentChange("activity ids were not consecutive; retry the batch")
+    return list(range(int(before) + 1, int(after) + 1))
