@@ -2,8 +2,8 @@
 
 Contract: every function runs in the caller's transaction and moves states only
 through ``domain.states.transition`` and ``store.activities.apply_changes``.
-``claim`` is the guard that makes a redelivered task never run twice at the
-same time: only a Queued, unclaimed task can be claimed, by one worker.
+``claim_many`` is the guard that makes a redelivered task never run twice at
+the same time: only a Queued, unclaimed task can be claimed, by one worker.
 """
 
 from __future__ import annotations
@@ -319,112 +319,6 @@ class Claimed:
     group: str | None
 
 
-async def claim(
-    conn: AsyncConnection, task_id: int, worker_id: str, now: float, *, pg: bool
-) -> Claimed | str:
-    """Take a dispatched task for ``worker_id``, or say why not (already claimed, canceled...)."""
-    q = (
-        sa.select(
-            activities.c.id,
-            activities.c.tenant_id,
-            activities.c.state,
-            server_tasks.c.type,
-            server_tasks.c.params,
-            server_tasks.c.scope_tenant,
-            server_tasks.c.group_name,
-            server_tasks.c.claimed_by,
-        )
-        .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
-        .where(activities.c.id == task_id, activities.c.kind == SERVER.value)
-    )
-    if pg:
-        q = q.with_for_update(of=activities)
-    row = (await conn.execute(q)).first()
-    if row is None:
-        return "no such task"
-    if row.claimed_by is not None:
-        return f"already claimed by worker {row.claimed_by} ({State(row.state).label})"
-    if row.state != State.QUEUED.value:
-        return f"it is {State(row.state).label}"
-    t = transition(
-        SERVER,
-        State.QUEUED,
-        State.IN_PROGRESS,
-        cause=Cause.DELIVERED,
-        actor=f"worker:{worker_id}",
-        at=now,
-        reason=f"taken by worker {worker_id}",
-    )
-    await apply_changes(conn, [Change(task_id, row.tenant_id, t, {"delivered_at": now})])
-    await conn.execute(
-        server_tasks.update()
-        .where(server_tasks.c.activity_id == task_id)
-        .values(claimed_by=worker_id, claimed_at=now)
-    )
-    return Claimed(task_id, row.type, row.params, row.scope_tenant, row.group_name)
-
-
-async def complete(
-    conn: AsyncConnection,
-    task_id: int,
-    worker_id: str,
-    now: float,
-    *,
-    ok: bool,
-    return_code: int | None,
-    output: str,
-    result_line: str,
-    command_line: str | None,
-) -> bool:
-    """Record a worker's result; False if the task was no longer its to finish."""
-    row = (
-        await conn.execute(
-            sa.select(activities.c.tenant_id, activities.c.state, server_tasks.c.claimed_by)
-            .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
-            .where(activities.c.id == task_id)
-        )
-    ).first()
-    values = {
-        "exit_code": return_code,
-        "stdout": output,
-        "result_line": result_line,
-        "finished_at": now,
-    }
-    await conn.execute(
-        server_tasks.update()
-        .where(server_tasks.c.activity_id == task_id)
-        .values(command_line=command_line)
-    )
-    if row is None or row.claimed_by != worker_id or row.state != State.IN_PROGRESS.value:
-        # Canceled meanwhile, or failed as lost: keep the state, record what happened.
-        await conn.execute(
-            activities.update()
-            .where(activities.c.id == task_id)
-            .values(
-                agent_report={
-                    "worker": worker_id,
-                    "ok": ok,
-                    "return_code": return_code,
-                    "result_line": result_line,
-                    "received_at": now,
-                }
-            )
-        )
-        return False
-    target = State.SUCCEEDED if ok else State.FAILED
-    t = transition(
-        SERVER,
-        State.IN_PROGRESS,
-        target,
-        cause=Cause.AGENT_REPORT,
-        actor=f"worker:{worker_id}",
-        at=now,
-        reason=result_line,
-    )
-    await apply_changes(conn, [Change(task_id, row.tenant_id, t, values)])
-    return True
-
-
 async def cancel(
     conn: AsyncConnection, tenant_id: int, task_id: int, actor: str, now: float, reason: str
 ) -> State:
@@ -614,3 +508,151 @@ async def get_task(conn: AsyncConnection, tenant_id: int, task_id: int) -> dict[
         )
     ).first()
     return None if row is None else dict(row._mapping)
+
+
+async def claim_many(
+    conn: AsyncConnection, task_ids: list[int], worker_id: str, now: float, *, pg: bool
+) -> dict[int, Claimed | str]:
+    """Take dispatched tasks for ``worker_id``, or say per task why not (already
+    claimed, canceled...). The worker batches the deliveries that arrive together."""
+    q = (
+        sa.select(
+            activities.c.id,
+            activities.c.tenant_id,
+            activities.c.state,
+            server_tasks.c.type,
+            server_tasks.c.params,
+            server_tasks.c.scope_tenant,
+            server_tasks.c.group_name,
+            server_tasks.c.claimed_by,
+        )
+        .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
+        .where(activities.c.id.in_(task_ids), activities.c.kind == SERVER.value)
+    )
+    if pg:
+        q = q.with_for_update(of=activities)
+    rows = {r.id: r for r in await conn.execute(q)}
+    out: dict[int, Claimed | str] = {}
+    changes: list[Change] = []
+    for tid in task_ids:
+        row = rows.get(tid)
+        if row is None:
+            out[tid] = "no such task"
+        elif row.claimed_by is not None or tid in out:
+            out.setdefault(tid, f"already claimed by worker {row.claimed_by}")
+        elif row.state != State.QUEUED.value:
+            out[tid] = f"it is {State(row.state).label}"
+        else:
+            t = transition(
+                SERVER,
+                State.QUEUED,
+                State.IN_PROGRESS,
+                cause=Cause.DELIVERED,
+                actor=f"worker:{worker_id}",
+                at=now,
+                reason=f"taken by worker {worker_id}",
+            )
+            changes.append(Change(tid, row.tenant_id, t, {"delivered_at": now}))
+            out[tid] = Claimed(tid, row.type, row.params, row.scope_tenant, row.group_name)
+    if changes:
+        await apply_changes(conn, changes)
+        await conn.execute(
+            server_tasks.update()
+            .where(server_tasks.c.activity_id == sa.bindparam("b_id"))
+            .values(claimed_by=worker_id, claimed_at=now),
+            [{"b_id": ch.activity_id} for ch in changes],
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Outcome:
+    task_id: int
+    ok: bool
+    return_code: int | None
+    output: str
+    result_line: str
+    command_line: str | None
+
+
+async def complete_many(
+    conn: AsyncConnection, worker_id: str, now: float, outcomes: list[Outcome]
+) -> dict[int, bool]:
+    """Record workers' results; True where the state moved, False where the task was
+    no longer the worker's to finish (canceled meanwhile, or failed as lost): then the
+    state stays and what happened is recorded on it."""
+    ids = [o.task_id for o in outcomes]
+    rows = {
+        r.id: r
+        for r in await conn.execute(
+            sa.select(
+                activities.c.id,
+                activities.c.tenant_id,
+                activities.c.state,
+                server_tasks.c.claimed_by,
+            )
+            .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
+            .where(activities.c.id.in_(ids))
+        )
+    }
+    changes: list[Change] = []
+    reports: list[dict[str, Any]] = []
+    done: dict[int, bool] = {}
+    for o in outcomes:
+        row = rows.get(o.task_id)
+        if row is None or row.claimed_by != worker_id or row.state != State.IN_PROGRESS.value:
+            reports.append(
+                {
+                    "b_id": o.task_id,
+                    "report": {
+                        "worker": worker_id,
+                        "ok": o.ok,
+                        "return_code": o.return_code,
+                        "result_line": o.result_line,
+                        "received_at": now,
+                    },
+                }
+            )
+            done[o.task_id] = False
+            continue
+        target = State.SUCCEEDED if o.ok else State.FAILED
+        t = transition(
+            SERVER,
+            State.IN_PROGRESS,
+            target,
+            cause=Cause.AGENT_REPORT,
+            actor=f"worker:{worker_id}",
+            at=now,
+            reason=o.result_line,
+        )
+        changes.append(
+            Change(
+                o.task_id,
+                row.tenant_id,
+                t,
+                {
+                    "exit_code": o.return_code,
+                    "stdout": o.output,
+                    "result_line": o.result_line,
+                    "finished_at": now,
+                },
+            )
+        )
+        done[o.task_id] = True
+    await apply_changes(conn, changes)
+    if reports:
+        await conn.execute(
+            activities.update()
+            .where(activities.c.id == sa.bindparam("b_id"))
+            .values(agent_report=sa.bindparam("report")),
+            reports,
+        )
+    lines = [{"b_id": o.task_id, "cmd": o.command_line} for o in outcomes if o.command_line]
+    if lines:
+        await conn.execute(
+            server_tasks.update()
+            .where(server_tasks.c.activity_id == sa.bindparam("b_id"))
+            .values(command_line=sa.bindparam("cmd")),
+            lines,
+        )
+    return done

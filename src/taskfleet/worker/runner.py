@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -29,6 +30,57 @@ log = logging.getLogger("taskfleet.worker")
 
 RunTx = Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]]
 HEARTBEAT_INTERVAL = 10.0  # seconds; the reaper's timeout is far longer (default 5 h)
+
+
+class _Batcher:
+    """Collects calls that arrive together and runs them as one transaction.
+
+    Claims and results of many small tasks would otherwise cost a transaction
+    (and a few statements) each; this is what lets a worker keep up with
+    thousands of no-op tasks a second."""
+
+    def __init__(
+        self,
+        run_tx: RunTx,
+        many: Callable[[Any, list[Any]], Awaitable[dict[int, Any]]],
+        key: Callable[[Any], int],
+    ) -> None:
+        self.run_tx = run_tx
+        self.many = many
+        self.key = key
+        self._queue: asyncio.Queue[tuple[Any, asyncio.Future[Any]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def call(self, item: Any) -> Any:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop())
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, fut))
+        return await fut
+
+    async def _loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            items = [item for item, _ in batch]
+            try:
+                results = await self.run_tx(functools.partial(self._many, items))
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for item, fut in batch:
+                if not fut.done():
+                    fut.set_result(results[self.key(item)])
+
+    async def _many(self, items: list[Any], conn: Any) -> dict[int, Any]:
+        return await self.many(conn, items)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 class Worker:
@@ -57,6 +109,16 @@ class Worker:
         self.context = context or {}
         self.running: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._claims = _Batcher(
+            run_tx,
+            lambda c, ids: store.claim_many(c, ids, self.id, time.time(), pg=self.pg),
+            key=lambda tid: tid,
+        )
+        self._results = _Batcher(
+            run_tx,
+            lambda c, outcomes: store.complete_many(c, self.id, time.time(), outcomes),
+            key=lambda o: o.task_id,
+        )
 
     async def run(self) -> None:
         await self._heartbeat()
@@ -79,6 +141,8 @@ class Worker:
             beat.cancel()
             for t in list(self._tasks):
                 t.cancel()
+            self._claims.close()
+            self._results.close()
             with contextlib.suppress(Exception):
                 await self.run_tx(
                     lambda c: store.heartbeat(
@@ -125,7 +189,7 @@ class Worker:
 
     async def _handle(self, delivery: Delivery) -> None:
         tid = delivery.task_id
-        claimed = await self.run_tx(lambda c: store.claim(c, tid, self.id, time.time(), pg=self.pg))
+        claimed = await self._claims.call(tid)
         if isinstance(claimed, str):
             log.info(
                 "task[%d] delivery dropped%s: %s",
@@ -195,19 +259,7 @@ class Worker:
         delay = 0.5
         while True:
             try:
-                stored = await self.run_tx(
-                    lambda c: store.complete(
-                        c,
-                        tid,
-                        self.id,
-                        time.time(),
-                        ok=ok,
-                        return_code=rc,
-                        output=output,
-                        result_line=line,
-                        command_line=cmd,
-                    )
-                )
+                stored = await self._results.call(store.Outcome(tid, ok, rc, output, line, cmd))
                 break
             except Exception as exc:
                 # Never ack before the result is stored: retry until the database is back.
