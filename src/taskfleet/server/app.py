@@ -713,6 +713,8 @@ async def _start_tasks(rt: Runtime, config: ServerConfig) -> None:
         queue,
         config.heartbeat_timeout,
         reap_interval=min(5.0, max(0.2, config.heartbeat_timeout / 4)),
+        # In-process workers report through on_finished; only remote ones need watching.
+        watch_remote=config.queue != "embedded",
     )
     await rt.manager.start()
     if config.queue == "embedded" and config.workers > 0:

@@ -59,6 +59,7 @@ class TaskManager:
     queue: DispatchQueue
     heartbeat_timeout: float
     reap_interval: float = 5.0
+    watch_remote: bool = True  # workers in other processes: learn their results by polling
     clock: Callable[[], float] = time.time
     scheduler: Scheduler = field(init=False)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
@@ -102,7 +103,8 @@ class TaskManager:
         )
         self._tasks.append(asyncio.create_task(self._loop(), name="scheduler"))
         self._tasks.append(asyncio.create_task(self._reaper(), name="worker-reaper"))
-        self._tasks.append(asyncio.create_task(self._watch_finished(), name="task-watch"))
+        if self.watch_remote:
+            self._tasks.append(asyncio.create_task(self._watch_finished(), name="task-watch"))
         self._wake.set()
 
     async def stop(self) -> None:

@@ -57,7 +57,9 @@ def _sqlite_manual_transactions(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None  # let the "begin" hook issue BEGIN itself
 
 
-def create_engine(raw_url: str, *, writer: bool = False, **kwargs: Any) -> AsyncEngine:
+def create_engine(
+    raw_url: str, *, writer: bool = False, pre_ping: bool = True, **kwargs: Any
+) -> AsyncEngine:
     """An engine for reads, or (``writer=True``) the one the single writer uses."""
     url = database_url(raw_url)
     if url.startswith("sqlite"):
@@ -72,7 +74,7 @@ def create_engine(raw_url: str, *, writer: bool = False, **kwargs: Any) -> Async
         sa.event.listen(engine.sync_engine, "connect", _sqlite_manual_transactions)
         sa.event.listen(engine.sync_engine, "begin", _sqlite_begin_immediate)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, **kwargs)
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=pre_ping, **kwargs)
 
 
 def _alembic_config(url: str) -> Any:

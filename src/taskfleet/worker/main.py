@@ -38,7 +38,9 @@ async def _main(
     heartbeat_interval: float,
     name: str | None,
 ) -> None:
-    engine = db.create_engine(database, writer=True)
+    # No ping per checkout: a worker retries storing a result until the database
+    # answers, and the ping would cost a round trip per transaction.
+    engine = db.create_engine(database, writer=True, pre_ping=False)
 
     async def run_tx(fn: Any) -> Any:
         async with engine.begin() as conn:
