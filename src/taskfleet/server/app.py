@@ -775,7 +775,7 @@ async def _flush_once(rt: Runtime) -> None:
             [{"b_id": cs.id, "seen": cs.last_seen, "addr": cs.address} for cs in dirty],
         )
 
-    if rt.writer._task is not None and not rt.writer._task.done():
+    if rt.writer.running:
         await rt.writer.run(fn)
     else:
         async with rt.writer.engine.begin() as conn:

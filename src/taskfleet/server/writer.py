@@ -101,6 +101,10 @@ class Writer:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="writer")
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
