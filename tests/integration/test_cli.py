@@ -113,3 +113,16 @@ def test_agent_status_shows_local_records(server, start_agent):
     status = agent.status()
     assert status["computer_id"] == agent.computer_id
     assert [r["status"] for r in status["records"]] == [4]  # Success
+
+
+def test_bulk_cancel_shows_the_count_and_needs_yes_when_not_interactive(server, start_agent):
+    agent = start_agent(server, enroll_token(server))
+    cid = agent.computer_id
+    agent.proc.stop()
+    tf(server, "run", "--target", f"computer:{cid}", "--", "true")
+    out = tf(server, "activity", "cancel-bulk", "--state", "queued", check=False)
+    assert out.returncode == 2 and "1 activities match; add --yes" in out.stderr
+    out = tf(server, "activity", "cancel-bulk", "--state", "queued", "--yes")
+    assert "1 activities canceled" in out.stdout
+    listed = json.loads(tf(server, "activity", "list", "--json").stdout)
+    assert [a["state"] for a in listed] == ["canceled"]

@@ -267,3 +267,50 @@ def test_demo_command_runs_a_real_fleet(tmp_path):
     assert "3/3 succeeded" in out.stdout
     assert "hello from computer" in out.stdout
     assert "/api/v1" in out.stdout
+
+
+def test_rerun_runs_again_only_where_it_failed(server, start_agent):
+    token = enroll_token(server)
+    agents = [start_agent(server, token) for _ in range(3)]
+    ids = sorted(a.computer_id for a in agents)
+    script = "exit $((TASKFLEET_COMPUTER_ID % 2))"
+    req = run_request(server, "all", {"script": script})
+    request_done(server, req["id"])
+    failed = [a["computer_id"] for a in activities_of(server, req["id"]) if a["state"] == "failed"]
+    assert failed == [i for i in ids if i % 2]
+    with server.api() as api:
+        r = api.post(f"/requests/{req['id']}/rerun-failed")
+        assert r.status_code == 201, r.text
+        again = r.json()
+    assert again["total"] == len(failed) and again["target"] == f"failed of request {req['id']}"
+    request_done(server, again["id"])
+    assert [a["computer_id"] for a in activities_of(server, again["id"])] == failed
+    ok = run_request(
+        server, f"computer:{ids[1] if ids[1] % 2 == 0 else ids[0]}", {"argv": ["true"]}
+    )
+    request_done(server, ok["id"])
+    with server.api() as api:
+        r = api.post(f"/requests/{ok['id']}/rerun-failed")
+        assert r.status_code == 409 and "no computer failed" in r.json()["error"]
+
+
+def test_bulk_cancel_counts_first_then_cancels_only_what_matches(server, start_agent):
+    token = enroll_token(server)
+    a1, a2 = start_agent(server, token), start_agent(server, token)
+    with server.api() as api:
+        api.post("/groups", json={"name": "web"})
+        api.post("/groups/web/members", json={"computer_ids": [a1.computer_id]})
+    a1.proc.stop()
+    a2.proc.stop()
+    reqs = [run_request(server, "all", {"argv": ["true"]}) for _ in range(3)]
+    with server.api() as api:
+        bad = api.post("/activities/cancel", json={"state": "succeeded"})
+        assert bad.status_code == 400 and "finished" in bad.json()["error"]
+        preview = api.post("/activities/cancel", json={"group": "web", "dry_run": True}).json()
+        assert preview["count"] == 3
+        assert all(a["state"] == "queued" for r in reqs for a in activities_of(server, r["id"]))
+        done = api.post("/activities/cancel", json={"group": "web", "reason": "freeze"}).json()
+        assert done["count"] == 3 and sorted(done["ids"]) == sorted(preview["ids"])
+    for r in reqs:
+        states = {a["computer_id"]: a["state"] for a in activities_of(server, r["id"])}
+        assert states == {a1.computer_id: "canceled", a2.computer_id: "queued"}

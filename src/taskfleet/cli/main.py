@@ -1246,3 +1246,73 @@ def task_types_cmd(server: str | None, token: str | None, as_json: bool) -> None
             ],
         ),
     )
+
+
+@request.command("rerun")
+@click.argument("request_id", type=int)
+@click.option("--wait", is_flag=True, help="Show progress and the results when done.")
+@client_options
+def request_rerun(
+    request_id: int, wait: bool, server: str | None, token: str | None, as_json: bool
+) -> None:
+    """Run a request again on only the computers where it failed."""
+    api = Api(server, token)
+    req = api.post(f"/requests/{request_id}/rerun-failed")
+    if not wait:
+        emit(
+            req,
+            as_json,
+            lambda r: click.echo(
+                f"request {r['id']} re-runs request {request_id} on its {r['total']} failed "
+                "computers"
+            ),
+        )
+        return
+    req = wait_for_request(api, req["id"], show_progress=not as_json)
+    rows = results_table(api, req, as_json)
+    sys.exit(0 if all(a["state"] == "succeeded" for a in rows) else 1)
+
+
+@activity.command("cancel-bulk")
+@click.option("--state", default=None, help="queued, scheduled, waiting, blocked, in_progress")
+@click.option("--type", "type_name", default=None)
+@click.option("--group", default=None)
+@click.option("--older-than", type=float, default=None, help="Seconds since created.")
+@click.option("--request", "request_id", type=int, default=None)
+@click.option("--reason", default="")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@client_options
+def activity_cancel_bulk(
+    state: str | None,
+    type_name: str | None,
+    group: str | None,
+    older_than: float | None,
+    request_id: int | None,
+    reason: str,
+    yes: bool,
+    server: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Cancel every unfinished activity matching the filters; shows the count first."""
+    if not any(v is not None for v in (state, type_name, group, older_than, request_id)):
+        fail("give at least one filter (--state, --type, --group, --older-than, --request)")
+    api = Api(server, token)
+    body = {
+        "state": state.lower().replace(" ", "_") if state else None,
+        "type": type_name,
+        "group": group,
+        "older_than": older_than,
+        "request_id": request_id,
+        "reason": reason,
+    }
+    preview = api.post("/activities/cancel", {**body, "dry_run": True})
+    if preview["count"] == 0:
+        emit(preview, as_json, lambda d: click.echo("no unfinished activity matches"))
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"{preview['count']} activities match; add --yes to cancel them")
+        click.confirm(f"cancel {preview['count']} activities?", abort=True)
+    out = api.post("/activities/cancel", body)
+    emit(out, as_json, lambda d: click.echo(f"{d['count']} activities canceled"))

@@ -149,6 +149,16 @@ class RequestIn(BaseModel):
     )
 
 
+class BulkCancelIn(BaseModel):
+    state: str | None = Field(None, description="queued, scheduled, waiting, blocked, in_progress")
+    type: str | None = None
+    group: str | None = None
+    older_than: float | None = Field(None, description="created more than this many seconds ago")
+    request_id: int | None = None
+    reason: str = ""
+    dry_run: bool = Field(False, description="only count what would be canceled")
+
+
 class TaskIn(BaseModel):
     type: str
     tenant: str | None = Field(None, description="tenant-scoped types (single-tenant: omit)")
@@ -356,6 +366,32 @@ def create_app(config: ServerConfig) -> FastAPI:
         ids = await _cancel(runtime(), p, request_id=request_id, reason=body.reason if body else "")
         return {"request_id": request_id, "canceled": ids}
 
+    @app.post("/api/v1/requests/{request_id}/rerun-failed", status_code=201, tags=["requests"])
+    async def rerun_failed(request_id: int, p: Operator) -> dict[str, Any]:
+        r = runtime()
+        created = await r.writer.run(
+            lambda c: service.rerun_failed(c, p, _now(), request_id),
+            after=lambda res: r.tickler.wake(r.fleet.mark_work(res.computer_ids)),
+        )
+        log.info(
+            "request %d re-runs the %d failed computers of request %d",
+            created.request["id"],
+            len(created.computer_ids),
+            request_id,
+        )
+        return created.request
+
+    @app.post("/api/v1/activities/cancel", tags=["activities"])
+    async def cancel_bulk(body: BulkCancelIn, p: Operator) -> dict[str, Any]:
+        f = service.BulkFilter(body.state, body.type, body.group, body.older_than, body.request_id)
+        async with runtime().read.connect() as conn:
+            await service.check_bulk(conn, p, f)
+            if body.dry_run:
+                ids = [r.id for r in await conn.execute(service.bulk_query(p, f, _now()))]
+                return {"count": len(ids), "dry_run": True, "ids": ids[:1000]}
+        ids = await _cancel(runtime(), p, bulk=f, reason=body.reason or "bulk cancel")
+        return {"count": len(ids), "dry_run": False, "ids": ids[:1000]}
+
     @app.get("/api/v1/activities", tags=["activities"])
     async def list_activities(
         p: Viewer,
@@ -529,6 +565,7 @@ async def _cancel(
     *,
     activity_id: int | None = None,
     request_id: int | None = None,
+    bulk: service.BulkFilter | None = None,
     reason: str = "",
 ) -> list[int]:
     def after(res: service.Canceled) -> None:
@@ -550,6 +587,7 @@ async def _cancel(
             seq_of,
             activity_id=activity_id,
             request_id=request_id,
+            bulk=bulk,
             reason=reason,
         )
 

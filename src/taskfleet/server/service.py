@@ -578,6 +578,50 @@ async def create_request(
     except (TargetError, ValueError) as exc:
         raise ApiError(400, str(exc)) from None
     ids = await resolve_target(conn, p.tenant_id, parsed)
+    return await _create(conn, p, now, type, str(parsed), clean, limit, run_policy, ids)
+
+
+async def rerun_failed(conn: AsyncConnection, p: Principal, now: float, request_id: int) -> Created:
+    """SPEC 9: a new request, same work, aimed only at the computers that failed."""
+    old = await get_request(conn, p, request_id)
+    ids = sorted(
+        int(i)
+        for i in (
+            await conn.execute(
+                sa.select(activities.c.computer_id).where(
+                    activities.c.request_id == request_id,
+                    activities.c.state == State.FAILED.value,
+                    activities.c.computer_id.is_not(None),
+                )
+            )
+        ).scalars()
+    )
+    if not ids:
+        raise ApiError(409, f"no computer failed in request {request_id}: nothing to re-run")
+    return await _create(
+        conn,
+        p,
+        now,
+        old["type"],
+        f"failed of request {request_id}",
+        old["params"],
+        old["timeout"],
+        old["policy"] or validate_policy(None),
+        ids,
+    )
+
+
+async def _create(
+    conn: AsyncConnection,
+    p: Principal,
+    now: float,
+    type: str,
+    target: str,
+    clean: dict[str, Any],
+    limit: float,
+    run_policy: dict[str, Any],
+    ids: list[int],
+) -> Created:
     refusals = []
     for row in await conn.execute(
         sa.select(computers.c.id, computers.c.hostname, computers.c.policy).where(
@@ -600,7 +644,7 @@ async def create_request(
                 tenant_id=p.tenant_id,
                 type=type,
                 params=clean,
-                target=str(parsed),
+                target=target,
                 created_by=p.actor,
                 created_at=now,
                 timeout=limit,
@@ -636,10 +680,63 @@ async def create_request(
         now,
         id=request_id,
         type=type,
-        target=str(parsed),
+        target=target,
         computers=len(ids),
     )
     return Created(await get_request(conn, p, request_id), ids)
+
+
+@dataclass(frozen=True)
+class BulkFilter:
+    """Which unfinished client activities a bulk cancel takes (all given filters apply)."""
+
+    state: str | None = None
+    type: str | None = None
+    group: str | None = None
+    older_than: float | None = None  # seconds since creation
+    request_id: int | None = None
+
+
+async def check_bulk(conn: AsyncConnection, p: Principal, f: BulkFilter) -> None:
+    final = {s.value for s in (State.FAILED, State.SUCCEEDED, State.CANCELED)}
+    if f.state is not None:
+        if f.state not in {s.value for s in State}:
+            raise ApiError(400, f"unknown state {f.state!r}")
+        if f.state in final:
+            raise ApiError(
+                400, f"{State(f.state).label} activities are finished: nothing to cancel"
+            )
+    if f.older_than is not None and f.older_than < 0:
+        raise ApiError(400, "older_than must be a number of seconds >= 0")
+    if f.group is not None:
+        await _group_id(conn, p.tenant_id, f.group)
+    if f.request_id is not None:
+        await get_request(conn, p, f.request_id)
+
+
+def bulk_query(p: Principal, f: BulkFilter, now: float) -> sa.Select[Any]:
+    final = [s.value for s in (State.FAILED, State.SUCCEEDED, State.CANCELED)]
+    q = sa.select(activities.c.id, activities.c.state, activities.c.computer_id).where(
+        activities.c.tenant_id == p.tenant_id,
+        activities.c.kind == ActivityKind.CLIENT.value,
+        activities.c.state.notin_(final),
+    )
+    if f.state is not None:
+        q = q.where(activities.c.state == f.state)
+    if f.type is not None:
+        q = q.where(activities.c.type == f.type)
+    if f.older_than is not None:
+        q = q.where(activities.c.created_at < now - f.older_than)
+    if f.request_id is not None:
+        q = q.where(activities.c.request_id == f.request_id)
+    if f.group is not None:
+        q = q.join(group_members, group_members.c.computer_id == activities.c.computer_id).join(
+            groups,
+            (groups.c.id == group_members.c.group_id)
+            & (groups.c.name == f.group)
+            & (groups.c.tenant_id == p.tenant_id),
+        )
+    return q.order_by(activities.c.id)
 
 
 @dataclass
@@ -657,6 +754,7 @@ async def cancel(
     *,
     activity_id: int | None = None,
     request_id: int | None = None,
+    bulk: BulkFilter | None = None,
     reason: str = "",
 ) -> Canceled:
     """Cancel one activity (illegal from a final state) or every open child of a request.
@@ -671,6 +769,8 @@ async def cancel(
         rows = (await conn.execute(q.where(activities.c.id == activity_id))).all()
         if not rows:
             raise ApiError(404, f"no activity {activity_id}")
+    elif bulk is not None:
+        rows = list(await conn.execute(bulk_query(p, bulk, now)))
     else:
         await get_request(conn, p, request_id or 0)  # 404 if not ours
         rows = [
@@ -720,7 +820,7 @@ async def cancel(
     await audit(
         conn,
         p,
-        "activity.cancel" if activity_id else "request.cancel",
+        "activity.cancel" if activity_id else "bulk.cancel" if bulk else "request.cancel",
         now,
         id=activity_id or request_id,
         canceled=len(changes),
