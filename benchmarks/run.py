@@ -8,9 +8,11 @@
    request -> all results, idle RSS/USS and CPU per agent.
 3. SaltStack's published figures beside ours, and every target with PASS/MISS.
 
-Full: N = 1,000 and 10,000, M = 200 (about 6 minutes on 2 cores). Quick:
-N = 2,000, M = 20, short windows (about 1.5 minutes). Results go to
-benchmarks/out/ (JSON). Every child process is stopped on exit, Ctrl-C and
+Full: N = 1,000 and 10,000, M = 200: about 9 minutes on 2 cores, up to ~16 when
+other processes keep the machine busy (each timed measurement first waits, bounded,
+for other processes to go quiet, and disturbed runs are repeated a bounded number
+of times). Quick: N = 2,000, M = 20, short windows (about 1.5 minutes). Results go
+to benchmarks/out/ (JSON). Every child process is stopped on exit, Ctrl-C and
 errors; all traffic stays on 127.0.0.1.
 """
 
