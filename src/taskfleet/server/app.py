@@ -45,7 +45,7 @@ from taskfleet.server.fleet import ComputerState, Fleet
 from taskfleet.server.service import ApiError, Principal
 from taskfleet.server.tasks import TaskManager
 from taskfleet.server.tickler import Tickler
-from taskfleet.server.writer import ExchangeJob, Writer, reap_lost
+from taskfleet.server.writer import ExchangeJob, Writer, reap_expired, reap_lost
 from taskfleet.settings import (
     LAST_SEEN_FLUSH,
     LOST_GRACE,
@@ -142,6 +142,9 @@ class RequestIn(BaseModel):
         ..., description="argv | script (+interpreter), env, cwd, user, output_cap"
     )
     timeout: float = SCRIPT_TIMEOUT
+    expires_in: float | None = Field(
+        None, description="seconds: queued work not handed out by then is Canceled (expired)"
+    )
     policy: dict[str, Any] | None = Field(
         None,
         description="mode required|optional (optional work waits for the agent's run window), "
@@ -338,6 +341,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 params=body.params,
                 timeout=body.timeout,
                 policy=body.policy,
+                expires_in=body.expires_in,
             ),
             after=lambda res: r.tickler.wake(r.fleet.mark_work(res.computer_ids)),
         )
@@ -792,12 +796,15 @@ async def _reaper(rt: Runtime) -> None:
         await asyncio.sleep(rt.config.reaper_interval)
         try:
             lost = await rt.writer.run(lambda c: reap_lost(c, _now()))
+            expired = await rt.writer.run(lambda c: reap_expired(c, _now()))
         except Exception:
             log.exception("lost-activity reaper failed; retrying next interval")
             continue
         if lost:
             metrics.LOST.inc(len(lost))
             log.warning("%d activities failed as lost: %s", len(lost), lost[:20])
+        if expired:
+            log.info("%d queued activities expired: %s", len(expired), expired[:20])
 
 
 async def _flush_once(rt: Runtime) -> None:
