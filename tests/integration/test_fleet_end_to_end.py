@@ -314,3 +314,33 @@ def test_bulk_cancel_counts_first_then_cancels_only_what_matches(server, start_a
     for r in reqs:
         states = {a["computer_id"]: a["state"] for a in activities_of(server, r["id"])}
         assert states == {a1.computer_id: "canceled", a2.computer_id: "queued"}
+
+
+def test_queued_work_expires_and_never_reaches_the_agent(server, start_agent, tmp_path):
+    agent = start_agent(server, enroll_token(server))
+    cid = agent.computer_id
+    agent.proc.stop()
+    marker = tmp_path / "ran"
+    with server.api() as api:
+        r = api.post(
+            "/requests",
+            json={
+                "target": f"computer:{cid}",
+                "expires_in": 0.5,
+                "params": {"argv": ["touch", str(marker)]},
+            },
+        )
+        assert r.status_code == 201, r.text
+        bad = api.post(
+            "/requests",
+            json={"target": f"computer:{cid}", "expires_in": -1, "params": {"argv": ["true"]}},
+        )
+        assert bad.status_code == 400 and "expires_in" in bad.json()["error"]
+    req = request_done(server, r.json()["id"], timeout=20)
+    (a,) = activities_of(server, req["id"])
+    assert a["state"] == "canceled" and a["reason"] == "expired"
+    assert "Expired before the computer picked it up" in a["result_line"]
+    start_agent(server, None, state_dir=agent.state_dir)
+    later = run_request(server, f"computer:{cid}", {"argv": ["true"]})
+    request_done(server, later["id"])
+    assert not marker.exists()

@@ -605,6 +605,12 @@ def token_revoke(token_id: int, server: str | None, token: str | None, as_json: 
     "--output-cap", type=int, default=None, help="Bytes kept per stream [default: 65536]."
 )
 @click.option(
+    "--expires-in",
+    type=float,
+    default=None,
+    help="Seconds: work a computer has not picked up by then is Canceled (expired).",
+)
+@click.option(
     "--optional",
     is_flag=True,
     help="Optional work: each computer defers it until its local run window.",
@@ -627,6 +633,7 @@ def run(
     cwd: str | None,
     user: str | None,
     output_cap: int | None,
+    expires_in: float | None,
     optional: bool,
     every: float | None,
     command: tuple[str, ...],
@@ -666,6 +673,7 @@ def run(
             "params": params,
             "timeout": timeout,
             "policy": policy,
+            "expires_in": expires_in,
         },
     )
     if not wait:

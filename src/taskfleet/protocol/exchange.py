@@ -105,7 +105,8 @@ class AgentRequest:
 
     @property
     def max_seq(self) -> int:
-        return max((m.seq for m in self.messages), default=0)
+        # parse_agent_request guarantees increasing sequence numbers.
+        return self.messages[-1].seq if self.messages else 0
 
 
 def _int(obj: dict[str, Any], key: str, *, minimum: int = 0, optional: bool = False) -> int | None:

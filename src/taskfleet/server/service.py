@@ -567,6 +567,7 @@ async def create_request(
     params: Any,
     timeout: Any,
     policy: Any = None,
+    expires_in: float | None = None,
 ) -> Created:
     if type != EXECUTE_SCRIPT:
         raise ApiError(400, f"unknown activity type {type!r} (known: {EXECUTE_SCRIPT})")
@@ -575,10 +576,13 @@ async def create_request(
         clean = validate_script_params(params, default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX)
         limit = validate_timeout(timeout)
         run_policy = validate_policy(policy)
+        if expires_in is not None and not 0 < expires_in <= 366 * 86400:
+            raise ValueError("expires_in must be a number of seconds in (0, 366 days]")
     except (TargetError, ValueError) as exc:
         raise ApiError(400, str(exc)) from None
     ids = await resolve_target(conn, p.tenant_id, parsed)
-    return await _create(conn, p, now, type, str(parsed), clean, limit, run_policy, ids)
+    expires_at = None if expires_in is None else now + expires_in
+    return await _create(conn, p, now, type, str(parsed), clean, limit, run_policy, ids, expires_at)
 
 
 async def rerun_failed(conn: AsyncConnection, p: Principal, now: float, request_id: int) -> Created:
@@ -621,6 +625,7 @@ async def _create(
     limit: float,
     run_policy: dict[str, Any],
     ids: list[int],
+    expires_at: float | None = None,
 ) -> Created:
     refusals = []
     for row in await conn.execute(
@@ -667,6 +672,7 @@ async def _create(
                 "created_at": now,
                 "updated_at": now,
                 "reason": "",
+                "expires_at": expires_at,
             }
             for cid in ids
         ],

@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from taskfleet.domain.policy import DEFAULT_POLICY
-from taskfleet.domain.results import LOST_LINE
+from taskfleet.domain.results import LOST_LINE, result_line
 from taskfleet.domain.states import FINAL_STATES, ActivityKind, Cause, State, transition
 from taskfleet.protocol.exchange import (
     AgentMessage,
@@ -495,6 +495,8 @@ class Writer:
             .where(activities.c.computer_id.in_(list(by_id)))
             .where(activities.c.state == State.QUEUED.value)
             .where(activities.c.kind == _CLIENT.value)
+            # Expired work is never handed out, even before the reaper gets to it.
+            .where(sa.or_(activities.c.expires_at.is_(None), activities.c.expires_at > now))
             .order_by(activities.c.id)
         )
         if self.pg:
@@ -619,6 +621,42 @@ async def reap_lost(conn: AsyncConnection, now: float, limit: int = 5000) -> lis
                 reason="lost: no result within the time limit plus grace",
             ),
             {"result_line": LOST_LINE, "finished_at": now},
+        )
+        for row in rows
+    ]
+    await apply_changes(conn, changes)
+    return [row.id for row in rows]
+
+
+EXPIRED_LINE = result_line("Queued", "Canceled", "Expired before the computer picked it up", None)
+
+
+async def reap_expired(conn: AsyncConnection, now: float, limit: int = 5000) -> list[int]:
+    """SPEC 9: queued work that was not handed out by its expiry is Canceled, "expired"."""
+    rows = (
+        await conn.execute(
+            sa.select(activities.c.id, activities.c.tenant_id)
+            .where(activities.c.state == State.QUEUED.value)
+            .where(activities.c.kind == _CLIENT.value)
+            .where(activities.c.expires_at <= now)
+            .order_by(activities.c.expires_at)
+            .limit(limit)
+        )
+    ).all()
+    changes = [
+        Change(
+            row.id,
+            row.tenant_id,
+            transition(
+                _CLIENT,
+                State.QUEUED,
+                State.CANCELED,
+                cause=Cause.TIMEOUT,
+                actor="server",
+                at=now,
+                reason="expired",
+            ),
+            {"result_line": EXPIRED_LINE, "finished_at": now},
         )
         for row in rows
     ]

@@ -130,6 +130,9 @@ activities = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("delivered_at", sa.Float, nullable=True),
     sa.Column("deadline_at", sa.Float, nullable=True),  # lost after this without a result
+    sa.Column(
+        "expires_at", sa.Float, nullable=True
+    ),  # Queued work not handed out by then: Canceled
     sa.Column("finished_at", sa.Float, nullable=True),
     sa.Column("reason", sa.String(2000), nullable=True),  # why it is in its state
     sa.Column("exit_code", sa.Integer, nullable=True),
@@ -147,6 +150,7 @@ activities = sa.Table(
     sa.Index(None, "computer_id", "state"),
     sa.Index(None, "request_id", "state"),
     sa.Index(None, "state", "deadline_at"),
+    sa.Index(None, "state", "expires_at"),
 )
 
 activity_events = sa.Table(
