@@ -363,7 +363,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 policy=body.policy,
                 expires_in=body.expires_in,
             ),
-            after=lambda res: r.tickler.wake(r.fleet.mark_work(res.computer_ids)),
+            after=lambda res: _wake_targets(r, res),
         )
         metrics.REQUESTS.inc()
         log.info(
@@ -395,7 +395,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         r = runtime()
         created = await r.writer.run(
             lambda c: service.rerun_failed(c, p, _now(), request_id),
-            after=lambda res: r.tickler.wake(r.fleet.mark_work(res.computer_ids)),
+            after=lambda res: _wake_targets(r, res),
         )
         log.info(
             "request %d re-runs the %d failed computers of request %d",
@@ -570,6 +570,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"ok": True, "version": __version__, "computers": len(runtime().fleet.computers)}
 
     return app
+
+
+def _wake_targets(rt: Runtime, created: service.Created) -> None:
+    """After a request commits: its computers have work; tickle them."""
+    rt.tickler.wake(rt.fleet.mark_work(created.computer_ids))
 
 
 def _manager(rt: Runtime) -> TaskManager:

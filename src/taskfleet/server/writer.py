@@ -595,15 +595,25 @@ def _result_values(r: OperationResult) -> dict[str, Any]:
     }
 
 
-async def reap_lost(conn: AsyncConnection, now: float, limit: int = 5000) -> list[int]:
-    """SPEC 9: fail client activities whose time limit plus grace passed with no result."""
+async def _time_out(
+    conn: AsyncConnection,
+    now: float,
+    *,
+    state: State,
+    target: State,
+    column: sa.Column[Any],
+    reason: str,
+    line: str,
+    limit: int,
+) -> list[int]:
+    """Move client activities in ``state`` whose time ``column`` passed to ``target``."""
     rows = (
         await conn.execute(
             sa.select(activities.c.id, activities.c.tenant_id)
-            .where(activities.c.state == State.IN_PROGRESS.value)
+            .where(activities.c.state == state.value)
             .where(activities.c.kind == _CLIENT.value)
-            .where(activities.c.deadline_at < now)
-            .order_by(activities.c.deadline_at)
+            .where(column <= now)
+            .order_by(column)
             .limit(limit)
         )
     ).all()
@@ -612,20 +622,28 @@ async def reap_lost(conn: AsyncConnection, now: float, limit: int = 5000) -> lis
             row.id,
             row.tenant_id,
             transition(
-                _CLIENT,
-                State.IN_PROGRESS,
-                State.FAILED,
-                cause=Cause.TIMEOUT,
-                actor="server",
-                at=now,
-                reason="lost: no result within the time limit plus grace",
+                _CLIENT, state, target, cause=Cause.TIMEOUT, actor="server", at=now, reason=reason
             ),
-            {"result_line": LOST_LINE, "finished_at": now},
+            {"result_line": line, "finished_at": now},
         )
         for row in rows
     ]
     await apply_changes(conn, changes)
     return [row.id for row in rows]
+
+
+async def reap_lost(conn: AsyncConnection, now: float, limit: int = 5000) -> list[int]:
+    """SPEC 9: fail client activities whose time limit plus grace passed with no result."""
+    return await _time_out(
+        conn,
+        now,
+        state=State.IN_PROGRESS,
+        target=State.FAILED,
+        column=activities.c.deadline_at,
+        reason="lost: no result within the time limit plus grace",
+        line=LOST_LINE,
+        limit=limit,
+    )
 
 
 EXPIRED_LINE = result_line("Queued", "Canceled", "Expired before the computer picked it up", None)
@@ -633,32 +651,13 @@ EXPIRED_LINE = result_line("Queued", "Canceled", "Expired before the computer pi
 
 async def reap_expired(conn: AsyncConnection, now: float, limit: int = 5000) -> list[int]:
     """SPEC 9: queued work that was not handed out by its expiry is Canceled, "expired"."""
-    rows = (
-        await conn.execute(
-            sa.select(activities.c.id, activities.c.tenant_id)
-            .where(activities.c.state == State.QUEUED.value)
-            .where(activities.c.kind == _CLIENT.value)
-            .where(activities.c.expires_at <= now)
-            .order_by(activities.c.expires_at)
-            .limit(limit)
-        )
-    ).all()
-    changes = [
-        Change(
-            row.id,
-            row.tenant_id,
-            transition(
-                _CLIENT,
-                State.QUEUED,
-                State.CANCELED,
-                cause=Cause.TIMEOUT,
-                actor="server",
-                at=now,
-                reason="expired",
-            ),
-            {"result_line": EXPIRED_LINE, "finished_at": now},
-        )
-        for row in rows
-    ]
-    await apply_changes(conn, changes)
-    return [row.id for row in rows]
+    return await _time_out(
+        conn,
+        now,
+        state=State.QUEUED,
+        target=State.CANCELED,
+        column=activities.c.expires_at,
+        reason="expired",
+        line=EXPIRED_LINE,
+        limit=limit,
+    )
