@@ -130,19 +130,24 @@ def test_a_killed_worker_s_task_fails_with_heartbeat_lost_and_nothing_else(rabbi
     done_before = submit(srv, "echo", params={"msg": "fine"})["task"]["id"]
     assert finished(srv, done_before)["state"] == "succeeded"
     gate = tmp_path / "never"
-    stuck = submit(srv, "gate", params={"path": str(gate)})["task"]["id"]
-    wait_until(lambda: task(srv, stuck)["state"] == "in_progress", 20, "the task to run")
-    victim.kill9()
-    t = finished(srv, stuck, timeout=30)
-    assert t["state"] == "failed"
-    assert t["result_line"] == "worker heartbeat lost"
-    assert task(srv, done_before)["state"] == "succeeded"
-    # Work goes on with a new worker; the lost task is not rerun (its type is not retry-safe).
-    worker("--heartbeat-interval", "0.5")
-    after = submit(srv, "echo", params={"msg": "again"})["task"]["id"]
-    assert finished(srv, after)["state"] == "succeeded"
-    with srv.api() as api:
-        assert not any(x["retry_of"] == stuck for x in api.get("/tasks").json())
+    try:
+        stuck = submit(srv, "gate", params={"path": str(gate)})["task"]["id"]
+        wait_until(lambda: task(srv, stuck)["state"] == "in_progress", 20, "the task to run")
+        victim.kill9()
+        t = finished(srv, stuck, timeout=30)
+        assert t["state"] == "failed"
+        assert t["result_line"] == "worker heartbeat lost"
+        assert task(srv, done_before)["state"] == "succeeded"
+        # Work goes on with a new worker; the lost task is not rerun (its type is not
+        # retry-safe).
+        worker("--heartbeat-interval", "0.5")
+        after = submit(srv, "echo", params={"msg": "again"})["task"]["id"]
+        assert finished(srv, after)["state"] == "succeeded"
+        with srv.api() as api:
+            assert not any(x["retry_of"] == stuck for x in api.get("/tasks").json())
+    finally:
+        # The killed worker's command runs on in its own process group: let it end.
+        gate.touch()
 
 
 class _CutProxy:
@@ -244,3 +249,91 @@ def test_a_link_dropped_between_publish_and_confirm_loses_nothing(
     finally:
         w.stop()
         proxy.close()
+
+
+HOLD = """
+[types.hold]
+scope = "none"
+command = "sh -c 'while [ ! -e {gate} ]; do sleep 0.02; done; echo {{n}} >> {marks}'"
+[types.hold.params]
+n = "int"
+"""
+
+
+def test_dispatch_packs_ids_and_a_multi_id_message_redelivered_after_a_kill_runs_each_once(
+    start_server, amqp_url, tmp_path, database_url
+):
+    """3 * SPREAD tasks dispatched together travel as SPREAD messages of 3 ids. A
+    worker that may run 2 at a time takes one message (claims its 3 tasks together,
+    runs 2) and has a second one prefetched but unclaimed when it is killed -9: both
+    messages come back to the next worker, which drops the 3 claimed tasks (the
+    reaper fails them) and runs every other task exactly once."""
+    from taskfleet.dispatch.rabbitmq import SPREAD, pack
+
+    n = 3 * SPREAD
+    assert [len(b.split(b",")) for b in pack(list(range(1, n + 1)))] == [3] * SPREAD
+    gate, marks = tmp_path / "gate", tmp_path / "marks"
+    types = tmp_path / "types.toml"
+    types.write_text(TYPES + HOLD.format(gate=gate, marks=marks))
+    srv = start_server("--task-types", str(types), "--queue", amqp_url, "--heartbeat-timeout", "3")
+
+    def worker(log: str, *args: str):
+        proc = spawn(
+            [
+                sys.executable, "-m", "taskfleet", "worker",
+                "--queue", amqp_url, "--database", database_url,
+                "--task-types", str(types), "--heartbeat-interval", "0.5", *args,
+            ],
+            tmp_path / log,
+        )  # fmt: skip
+        wait_until(lambda: "consuming" in proc.text() or not proc.alive(), 30, "worker")
+        assert proc.alive(), proc.text()
+        return proc
+
+    victim = worker("victim.log", "--concurrency", "2")
+    survivor = None
+    try:
+        with srv.api() as api:
+            r = api.post(
+                "/tasks/batch",
+                json={"tasks": [{"type": "hold", "params": {"n": i}} for i in range(n)]},
+            )
+            assert r.status_code in (200, 201), r.text
+            ids = [t["id"] for t in r.json()]
+
+            def in_progress() -> list[int]:
+                return [t["id"] for t in api.get("/tasks", params={"state": "in_progress"}).json()]
+
+            # The whole first message is claimed (3 tasks), and nothing more: the
+            # worker has no room for its second, prefetched message.
+            held = wait_until(lambda: len(in_progress()) == 3 and in_progress(), 20, "3 claims")
+            wait_until(lambda: victim.text().count("running: sh -c") == 2, 20, "2 running")
+            assert len(in_progress()) == 3 and victim.text().count(" taken by worker ") == 2
+        victim.kill9()
+        survivor = worker("survivor.log", "--concurrency", "64")
+        gate.touch()
+        for tid in ids:
+            t = finished(srv, tid, timeout=60)
+            if tid in held:
+                assert (t["state"], t["result_line"]) == ("failed", "worker heartbeat lost")
+            else:
+                assert t["state"] == "succeeded", t
+        # The redelivered message of claimed tasks was dropped, task by task.
+        dropped = re.findall(r"task\[(\d+)\] delivery dropped \(redelivered\)", survivor.text())
+        assert sorted(int(x) for x in dropped) == sorted(held)
+        # Every task not claimed by the victim ran exactly once; the victim's two
+        # running commands (orphaned by the kill) finish when the gate opens, so a
+        # held task ran at most once, and never on the survivor.
+        wait_until(lambda: len(marks.read_text().split()) >= n - 3, 20, "the marks")
+        ran = sorted(int(x) for x in marks.read_text().split())
+        assert len(ran) == len(set(ran))
+        n_of = {tid: i for i, tid in enumerate(ids)}
+        assert {n_of[t] for t in ids if t not in held} <= set(ran)
+        assert f"hold[{held[0]}] taken by worker" not in survivor.text()
+        with srv.api() as api:
+            assert not any(x["retry_of"] in held for x in api.get("/tasks").json())
+    finally:
+        gate.touch()
+        victim.stop()
+        if survivor is not None:
+            survivor.stop()

@@ -4,13 +4,15 @@ Contract of every adapter:
 * ``publish(ids)`` returns only when the queue holds them durably (RabbitMQ:
   publisher confirms); if it raises, the caller treats them as not dispatched.
 * ``deliveries()`` yields :class:`Delivery` objects, at most ``prefetch``
-  unacknowledged at a time; a worker acks a delivery only after the task's
-  result is stored. A delivery that is never acked comes back (RabbitMQ
-  redelivers it when the worker's connection dies); the database claim makes
-  that harmless.
-Adapters: ``embedded`` (in-process asyncio queue; durable through the database:
-dispatched-but-unclaimed tasks are published again at server start) and
-``rabbitmq`` (aio-pika).
+  unacknowledged at a time. A delivery carries one or more task ids (RabbitMQ
+  packs the tasks of a large dispatch into fewer messages); a worker acks it
+  only after the result of every task in it that it claimed is stored. A
+  delivery that is never acked comes back (RabbitMQ redelivers it when the
+  worker's connection dies); the database claim makes that harmless: a task
+  already claimed is dropped, one never claimed runs once.
+Adapters: ``embedded`` (in-process asyncio queue, one id per delivery; durable
+through the database: dispatched-but-unclaimed tasks are published again at
+server start) and ``rabbitmq`` (aio-pika).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from typing import Protocol
 
 
 class Delivery(Protocol):
-    task_id: int
     redelivered: bool
+
+    @property
+    def task_ids(self) -> list[int]: ...  # in dispatch order, at least one
 
     async def ack(self) -> None: ...
 

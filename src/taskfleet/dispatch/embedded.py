@@ -18,6 +18,12 @@ class _Delivery:
     queue: EmbeddedQueue
     redelivered: bool = False
 
+    @property
+    def task_ids(self) -> list[int]:
+        # One id per delivery: the in-process hand-over costs nothing, so
+        # packing would only make tasks wait behind each other.
+        return [self.task_id]
+
     async def ack(self) -> None:
         self.queue._inflight.release()
 

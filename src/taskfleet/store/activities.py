@@ -16,8 +16,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taskfleet.domain.states import Transition
+from taskfleet.domain.states import FINAL_STATES, Transition
 from taskfleet.store.schema import activities, activity_events
+
+# A transaction that sets ``conn.info[FINISHED] = set()`` learns which
+# activities it moved to a final state (the server's lifecycle engine reacts
+# to those after the commit). Opt-in, so other processes collect nothing.
+FINISHED = "taskfleet.finished"
 
 
 class ConcurrentChange(RuntimeError):
@@ -52,7 +57,12 @@ async def apply_changes(conn: AsyncConnection, changes: list[Change]) -> None:
         stmt = (
             activities.update()
             .where(activities.c.id == sa.bindparam("b_id"))
-            .where(activities.c.state == sa.bindparam("b_from"))
+            # ``state || ''``: the same test, but no index on state can serve it.
+            # PostgreSQL's generic plan for a prepared statement on a table without
+            # statistics was seen to pick the (state, ...) indexes over the primary
+            # key and read every Queued row per update (730 rows per claimed task
+            # against 25 with this; bench_tasks.py, 2026-11-22).
+            .where(activities.c.state.concat("") == sa.bindparam("b_from"))
             .values({c: sa.bindparam(c) for c in cols if not c.startswith("b_")})
         )
         result = await conn.execute(stmt, rows)
@@ -60,6 +70,9 @@ async def apply_changes(conn: AsyncConnection, changes: list[Change]) -> None:
         if result.rowcount not in (-1, None) and len(rows) > 0 and result.rowcount < len(rows):
             raise ConcurrentChange(f"{len(rows) - result.rowcount} activities changed concurrently")
     await insert_events(conn, [(ch.activity_id, ch.tenant_id, ch.transition) for ch in changes])
+    finished = conn.info.get(FINISHED)
+    if finished is not None:
+        finished.update(ch.activity_id for ch in changes if ch.transition.to_state in FINAL_STATES)
 
 
 async def insert_events(conn: AsyncConnection, rows: list[tuple[int, int, Transition]]) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.states import (
@@ -61,6 +62,7 @@ async def submit(
     not_before: float | None,
     now: float,
     retry_of: int | None = None,
+    hold: tuple[State, str, dict[str, Any]] | None = None,  # Blocked|Waiting, why, details
 ) -> Submitted:
     key = dedupe_key(type_, scope_tenant, group, params)
     existing = (
@@ -80,6 +82,8 @@ async def submit(
     if existing is not None and retry_of is None:
         return Submitted(existing.activity_id, existing.activity_id, State(existing.state))
     state = State.SCHEDULED if not_before is not None and not_before > now else State.QUEUED
+    if hold is not None:
+        state = hold[0]
     task_id = (
         await conn.execute(
             activities.insert()
@@ -90,7 +94,7 @@ async def submit(
                 state=state.value,
                 created_at=now,
                 updated_at=now,
-                reason="" if retry_of is None else f"retry of {retry_of}",
+                reason=hold[1] if hold else "" if retry_of is None else f"retry of {retry_of}",
             )
             .returning(activities.c.id)
         )
@@ -107,9 +111,12 @@ async def submit(
             not_before=not_before,
             retry_of=retry_of,
             submitted_by=actor,
+            hold=hold[2] if hold else None,
         )
     )
     reason = "submitted" if retry_of is None else f"retry of {retry_of} (retry-safe type)"
+    if hold is not None:
+        reason = f"submitted; {hold[1]}"
     await insert_events(
         conn, [(task_id, owner_tenant, creation(state, actor=actor, at=now, reason=reason))]
     )
@@ -450,9 +457,14 @@ async def reap_workers(conn: AsyncConnection, timeout: float, now: float) -> lis
 async def states_of(conn: AsyncConnection, ids: list[int]) -> dict[int, State]:
     if not ids:
         return {}
-    rows = await conn.execute(
-        sa.select(activities.c.id, activities.c.state).where(activities.c.id.in_(ids))
-    )
+    if conn.dialect.name == "postgresql":
+        # One array parameter: the server asks this about every running task twice
+        # a second, and an IN list of thousands of parameters costs far more to
+        # build and parse than the lookup itself.
+        match = activities.c.id == sa.any_(sa.bindparam("ids", ids, type_=ARRAY(sa.BigInteger)))
+    else:
+        match = activities.c.id.in_(ids)
+    rows = await conn.execute(sa.select(activities.c.id, activities.c.state).where(match))
     return {r.id: State(r.state) for r in rows}
 
 
@@ -556,11 +568,11 @@ async def claim_many(
             out[tid] = Claimed(tid, row.type, row.params, row.scope_tenant, row.group_name)
     if changes:
         await apply_changes(conn, changes)
+        # One statement for the batch: the same values for every claimed row.
         await conn.execute(
             server_tasks.update()
-            .where(server_tasks.c.activity_id == sa.bindparam("b_id"))
-            .values(claimed_by=worker_id, claimed_at=now),
-            [{"b_id": ch.activity_id} for ch in changes],
+            .where(server_tasks.c.activity_id.in_([ch.activity_id for ch in changes]))
+            .values(claimed_by=worker_id, claimed_at=now)
         )
     return out
 
@@ -656,3 +668,49 @@ async def complete_many(
             lines,
         )
     return done
+
+
+async def held(conn: AsyncConnection, task_id: int | None = None) -> list[Any]:
+    """Blocked and Waiting tasks with what holds them (all, or one)."""
+    q = (
+        sa.select(
+            activities.c.id,
+            activities.c.tenant_id,
+            activities.c.state,
+            server_tasks.c.type,
+            server_tasks.c.scope_tenant,
+            server_tasks.c.group_name,
+            server_tasks.c.not_before,
+            server_tasks.c.hold,
+            server_tasks.c.submitted_by,
+            activities.c.created_at,
+        )
+        .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
+        .where(activities.c.state.in_([State.BLOCKED.value, State.WAITING.value]))
+    )
+    if task_id is not None:
+        q = q.where(activities.c.id == task_id)
+    return list(await conn.execute(q.order_by(activities.c.id)))
+
+
+async def move_held(
+    conn: AsyncConnection,
+    row: Any,
+    target: State,
+    *,
+    actor: str,
+    now: float,
+    reason: str,
+    cause: Cause = Cause.ADMIN,
+    hold: dict[str, Any] | None = None,
+) -> None:
+    """A held task moves on (approved, released, rejected, expired); ``hold`` updates it."""
+    t = transition(
+        SERVER, State(row.state), target, cause=cause, actor=actor, at=now, reason=reason
+    )
+    values = {"finished_at": now} if target in FINAL_STATES else {}
+    await apply_changes(conn, [Change(row.id, row.tenant_id, t, values)])
+    if hold is not None:
+        await conn.execute(
+            server_tasks.update().where(server_tasks.c.activity_id == row.id).values(hold=hold)
+        )

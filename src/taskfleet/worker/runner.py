@@ -1,11 +1,17 @@
 """A worker: takes tasks from the dispatch queue, claims, runs, reports, heartbeats (SPEC 4).
 
-Contract: for each delivery the worker claims the task in the database (only a
-Queued, unclaimed task can be claimed, so a redelivered task never runs twice
-at the same time), runs its handler, stores the result, and only then acks the
-delivery. It heartbeats (busy or idle) every ``heartbeat_interval`` seconds.
-Logs name each task ``TYPE[id]`` at every step, with the full command line of
-command handlers and the status update it stores.
+Contract: a delivery carries one or more task ids. The worker claims them in
+the database in one transaction (only a Queued, unclaimed task can be claimed,
+so a redelivered task never runs twice at the same time; an id already claimed
+is dropped), runs each claimed task's handler, stores each result, and only
+when every result of the delivery is stored acks it. At most ``concurrency``
+handlers run at once; a new delivery is taken only while fewer than
+``concurrency`` tasks are being claimed, waiting to run or running, so a
+worker holds at most ``concurrency - 1`` plus one delivery's tasks claimed and
+not yet run (In Progress), besides those whose results it is storing. It
+heartbeats (busy or idle) every ``heartbeat_interval`` seconds. Logs name each
+task ``TYPE[id]`` at every step, with the full command line of command handlers
+and the status update it stores.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, NamedTuple
 
 from taskfleet.dispatch import Delivery, DispatchQueue
 from taskfleet.domain.results import result_line
@@ -30,6 +36,7 @@ log = logging.getLogger("taskfleet.worker")
 
 RunTx = Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]]
 HEARTBEAT_INTERVAL = 10.0  # seconds; the reaper's timeout is far longer (default 5 h)
+CLAIM_RETRY_DELAY = 1.0  # seconds before a delivery whose claim failed goes back to the queue
 
 
 class _Batcher:
@@ -37,50 +44,91 @@ class _Batcher:
 
     Claims and results of many small tasks would otherwise cost a transaction
     (and a few statements) each; this is what lets a worker keep up with
-    thousands of no-op tasks a second."""
+    thousands of no-op tasks a second. Claims and results share the batch
+    (one commit for both), and an item whose key is already in the batch gets
+    ``repeat(item)`` instead of sharing the first one's result: two deliveries
+    of one task must not both get its claim. If a batch of several groups
+    fails, each group is tried alone, so a bad result cannot hold up claims
+    (or the other way round)."""
 
     def __init__(
         self,
         run_tx: RunTx,
-        many: Callable[[Any, list[Any]], Awaitable[dict[int, Any]]],
-        key: Callable[[Any], int],
+        many: Callable[[Any, list[Any]], Awaitable[dict[Hashable, Any]]],
+        key: Callable[[Any], Hashable],
+        group: Callable[[Any], Hashable] = lambda _: None,
+        repeat: Callable[[Any], Any] | None = None,
     ) -> None:
         self.run_tx = run_tx
         self.many = many
         self.key = key
+        self.group = group
+        self.repeat = repeat
         self._queue: asyncio.Queue[tuple[Any, asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
-    async def call(self, item: Any) -> Any:
+    def _submit(self, item: Any) -> asyncio.Future[Any]:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop())
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((item, fut))
-        return await fut
+        return fut
+
+    async def call(self, item: Any) -> Any:
+        return await self._submit(item)
+
+    async def call_many(self, items: list[Any]) -> list[Any]:
+        """All of ``items`` in one transaction (with whatever else is waiting)."""
+        futures = [self._submit(item) for item in items]
+        return list(await asyncio.gather(*futures))
 
     async def _loop(self) -> None:
         while True:
             batch = [await self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            items = [item for item, _ in batch]
+            groups: dict[Hashable, list[tuple[Any, asyncio.Future[Any]]]] = {}
+            for entry in batch:
+                groups.setdefault(self.group(entry[0]), []).append(entry)
             try:
-                results = await self.run_tx(functools.partial(self._many, items))
+                await self._run(batch)
             except Exception as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for item, fut in batch:
-                if not fut.done():
-                    fut.set_result(results[self.key(item)])
+                if len(groups) == 1:
+                    self._fail(batch, exc)
+                    continue
+                for part in groups.values():
+                    try:
+                        await self._run(part)
+                    except Exception as exc:
+                        self._fail(part, exc)
 
-    async def _many(self, items: list[Any], conn: Any) -> dict[int, Any]:
+    async def _run(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        items = [item for item, _ in batch]
+        results = await self.run_tx(functools.partial(self._many, items))
+        seen: set[Hashable] = set()
+        for item, fut in batch:
+            k = self.key(item)
+            value = results[k] if k not in seen or self.repeat is None else self.repeat(item)
+            seen.add(k)
+            if not fut.done():
+                fut.set_result(value)
+
+    @staticmethod
+    def _fail(batch: list[tuple[Any, asyncio.Future[Any]]], exc: Exception) -> None:
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def _many(self, items: list[Any], conn: Any) -> dict[Hashable, Any]:
         return await self.many(conn, items)
 
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+
+class _Claim(NamedTuple):
+    task_id: int
 
 
 class Worker:
@@ -107,23 +155,37 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         self.on_finished = on_finished
         self.context = context or {}
-        self.running: set[int] = set()
+        self.running: set[int] = set()  # claimed by this worker and not yet reported
+        self._in_hand = 0  # ids of deliveries taken and not yet finished or dropped
+        self._room = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._claims = _Batcher(
+        # Claims and results go through one batcher: a transaction records the
+        # results that are ready and claims the deliveries that arrived.
+        self._db = _Batcher(
             run_tx,
-            lambda c, ids: store.claim_many(c, ids, self.id, time.time(), pg=self.pg),
-            key=lambda tid: tid,
+            self._claim_and_complete,
+            key=lambda item: (type(item).__name__, item.task_id),
+            group=lambda item: type(item).__name__,
+            repeat=lambda _: "delivered twice at once; the other copy runs it",
         )
-        self._results = _Batcher(
-            run_tx,
-            lambda c, outcomes: store.complete_many(c, self.id, time.time(), outcomes),
-            key=lambda o: o.task_id,
-        )
+
+    async def _claim_and_complete(self, conn: Any, items: list[Any]) -> dict[Hashable, Any]:
+        now = time.time()
+        out: dict[Hashable, Any] = {}
+        outcomes = [i for i in items if isinstance(i, store.Outcome)]
+        if outcomes:
+            done = await store.complete_many(conn, self.id, now, outcomes)
+            out.update((("Outcome", tid), v) for tid, v in done.items())
+        claims = [i.task_id for i in items if isinstance(i, _Claim)]
+        if claims:
+            got = await store.claim_many(conn, claims, self.id, now, pg=self.pg)
+            out.update((("_Claim", tid), v) for tid, v in got.items())
+        return out
 
     async def run(self) -> None:
         await self._heartbeat()
         beat = asyncio.create_task(self._heartbeats())
-        slots = asyncio.Semaphore(self.concurrency)
         log.info(
             "worker %s (%s) consuming %s, %d at a time",
             self.id,
@@ -133,16 +195,21 @@ class Worker:
         )
         try:
             async for delivery in self.queue.deliveries(self.concurrency):
-                await slots.acquire()
+                # Take the next delivery only with room for it: a delivery's tasks
+                # are claimed together, and claimed tasks should not queue up here
+                # while other workers are idle.
+                while self._in_hand >= self.concurrency:
+                    self._room.clear()
+                    await self._room.wait()
+                self._in_hand += len(delivery.task_ids)
                 task = asyncio.create_task(self._handle(delivery))
                 self._tasks.add(task)
-                task.add_done_callback(self._done_callback(slots))
+                task.add_done_callback(self._tasks.discard)
         finally:
             beat.cancel()
             for t in list(self._tasks):
                 t.cancel()
-            self._claims.close()
-            self._results.close()
+            self._db.close()
             with contextlib.suppress(Exception):
                 await self.run_tx(
                     lambda c: store.heartbeat(
@@ -157,12 +224,10 @@ class Worker:
                     )
                 )
 
-    def _done_callback(self, slots: asyncio.Semaphore) -> Callable[[asyncio.Task[None]], None]:
-        def done(task: asyncio.Task[None]) -> None:
-            self._tasks.discard(task)
-            slots.release()
-
-        return done
+    def _release(self, count: int = 1) -> None:
+        self._in_hand -= count
+        if self._in_hand < self.concurrency:
+            self._room.set()
 
     async def _heartbeats(self) -> None:
         while True:
@@ -188,62 +253,96 @@ class Worker:
         )
 
     async def _handle(self, delivery: Delivery) -> None:
-        tid = delivery.task_id
-        claimed = await self._claims.call(tid)
-        if isinstance(claimed, str):
-            log.info(
-                "task[%d] delivery dropped%s: %s",
-                tid,
-                " (redelivered)" if delivery.redelivered else "",
-                claimed,
-            )
-            await delivery.ack()
-            return
-        name = store.label(claimed.type, tid)
-        self.running.add(tid)
+        ids = delivery.task_ids
         try:
-            log.info("%s taken by worker %s", name, self.id)
-            spec = self.types.get(claimed.type)
-            context = {
-                "task_id": tid,
-                "type": claimed.type,
-                "tenant": claimed.tenant,
-                "group": claimed.group,
-                **self.context,
-            }
-            if spec is None:
-                ok, rc, output, line, cmd = (
-                    False,
-                    None,
-                    "",
-                    result_line(
-                        "Starting",
-                        "Failed",
-                        f"task type {claimed.type!r} is not declared on this worker",
-                        None,
-                    ),
-                    None,
+            claims = await self._db.call_many([_Claim(tid) for tid in ids])
+        except Exception as exc:
+            # Nothing was claimed (the transaction failed): the delivery goes back
+            # to the queue, after a pause so a database outage is not a busy loop.
+            log.warning("claiming tasks %s failed (%s); the delivery goes back", ids, exc)
+            self._release(len(ids))
+            await asyncio.sleep(CLAIM_RETRY_DELAY)
+            with contextlib.suppress(Exception):
+                await delivery.reject(requeue=True)
+            return
+        runs = []
+        for tid, claimed in zip(ids, claims, strict=True):
+            if isinstance(claimed, str):
+                log.info(
+                    "task[%d] delivery dropped%s: %s",
+                    tid,
+                    " (redelivered)" if delivery.redelivered else "",
+                    claimed,
                 )
+                self._release()
             else:
-                if spec.kind == "command":
-                    with contextlib.suppress(ValueError):
-                        log.info(
-                            "%s running: %s",
-                            name,
-                            " ".join(render_command(spec.handler, claimed.params, context)),
-                        )
-                res = await run_handler(spec, claimed.params, context)
-                ok, rc, output, cmd = res.ok, res.return_code, res.output, res.command_line
-                stage = "Completed" if res.error is None or rc is not None else "Running"
-                line = result_line(
-                    stage, "Succeeded" if ok else "Failed", res.error or "handler returned", rc
-                )
+                self.running.add(tid)
+                runs.append(self._run(claimed))
+        if runs:
+            await asyncio.gather(*runs)
+        # Every claimed task's result is stored (or none was claimed): only now may
+        # the broker forget the delivery.
+        await delivery.ack()
+
+    async def _run(self, claimed: store.Claimed) -> None:
+        tid = claimed.id
+        name = store.label(claimed.type, tid)
+        released = False
+        try:
+            async with self._slots:
+                log.info("%s taken by worker %s", name, self.id)
+                ok, rc, output, line, cmd = await self._execute(claimed, name)
+            # A task whose handler returned no longer takes room: storing its result
+            # overlaps with claiming and running the next ones (its delivery stays
+            # unacknowledged until then, bounded by the prefetch).
+            self._release()
+            released = True
             await self._store(tid, name, ok=ok, rc=rc, output=output, line=line, cmd=cmd)
-            await delivery.ack()
         finally:
             self.running.discard(tid)
+            if not released:
+                self._release()
         if self.on_finished is not None:
             self.on_finished(tid)
+
+    async def _execute(
+        self, claimed: store.Claimed, name: str
+    ) -> tuple[bool, int | None, str, str, str | None]:
+        spec = self.types.get(claimed.type)
+        context = {
+            "task_id": claimed.id,
+            "type": claimed.type,
+            "tenant": claimed.tenant,
+            "group": claimed.group,
+            **self.context,
+        }
+        if spec is None:
+            return (
+                False,
+                None,
+                "",
+                result_line(
+                    "Starting",
+                    "Failed",
+                    f"task type {claimed.type!r} is not declared on this worker",
+                    None,
+                ),
+                None,
+            )
+        if spec.kind == "command":
+            with contextlib.suppress(ValueError):
+                log.info(
+                    "%s running: %s",
+                    name,
+                    " ".join(render_command(spec.handler, claimed.params, context)),
+                )
+        res = await run_handler(spec, claimed.params, context)
+        ok, rc = res.ok, res.return_code
+        stage = "Completed" if res.error is None or rc is not None else "Running"
+        line = result_line(
+            stage, "Succeeded" if ok else "Failed", res.error or "handler returned", rc
+        )
+        return ok, rc, res.output, line, res.command_line
 
     async def _store(
         self,
@@ -259,7 +358,7 @@ class Worker:
         delay = 0.5
         while True:
             try:
-                stored = await self._results.call(store.Outcome(tid, ok, rc, output, line, cmd))
+                stored = await self._db.call(store.Outcome(tid, ok, rc, output, line, cmd))
                 break
             except Exception as exc:
                 # Never ack before the result is stored: retry until the database is back.

@@ -1,0 +1,76 @@
+"""Packing task ids into RabbitMQ messages, and the worker's claim/result batcher."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from taskfleet.dispatch.rabbitmq import MAX_IDS_PER_MESSAGE, SPREAD, pack, unpack
+from taskfleet.worker.runner import _Batcher
+
+
+@pytest.mark.parametrize("n", [1, 2, SPREAD, SPREAD + 1, 100, 999, 5000])
+def test_pack_keeps_every_id_once_in_order_and_spreads_small_dispatches(n: int) -> None:
+    ids = list(range(10, 10 + n))
+    bodies = pack(ids)
+    assert [i for b in bodies for i in unpack(b)] == ids
+    sizes = [len(unpack(b)) for b in bodies]
+    assert max(sizes) <= MAX_IDS_PER_MESSAGE
+    # A small dispatch is one task per message, so several workers share it.
+    assert len(bodies) >= min(n, SPREAD)
+    if n <= SPREAD:
+        assert sizes == [1] * n
+
+
+def test_unpack_reads_a_single_id_as_older_servers_published_it_and_refuses_garbage() -> None:
+    assert unpack(b"42") == [42]
+    assert unpack(b"1,2,3") == [1, 2, 3]
+    for bad in (b"", b"x", b"1,,2", b"-1", b"0", b"1;2"):
+        with pytest.raises(ValueError):
+            unpack(bad)
+
+
+def test_batcher_runs_what_arrives_together_in_one_transaction_and_never_shares_a_claim() -> None:
+    calls: list[list[int]] = []
+
+    async def run_tx(fn: Any) -> Any:
+        await asyncio.sleep(0)
+        return await fn(None)
+
+    async def many(_conn: Any, items: list[int]) -> dict[int, Any]:
+        calls.append(list(items))
+        return {i: f"claimed {i}" for i in items}
+
+    async def main() -> tuple[list[Any], list[Any]]:
+        b = _Batcher(run_tx, many, key=lambda i: i, repeat=lambda i: f"duplicate {i}")
+        try:
+            return await asyncio.gather(b.call_many([1, 2, 3]), b.call_many([3, 4]))
+        finally:
+            b.close()
+
+    first, second = asyncio.run(main())
+    assert calls == [[1, 2, 3, 3, 4]]
+    assert first == ["claimed 1", "claimed 2", "claimed 3"]
+    assert second == ["duplicate 3", "claimed 4"]
+
+
+def test_batcher_retries_each_group_alone_when_a_mixed_batch_fails() -> None:
+    async def run_tx(fn: Any) -> Any:
+        return await fn(None)
+
+    async def many(_conn: Any, items: list[int]) -> dict[int, Any]:
+        if any(i < 0 for i in items):
+            raise RuntimeError("bad result")
+        return {i: "ok" for i in items}
+
+    async def main() -> tuple[Any, Any]:
+        b = _Batcher(run_tx, many, key=lambda i: i, group=lambda i: i < 0)
+        try:
+            return await asyncio.gather(b.call(-1), b.call(2), return_exceptions=True)
+        finally:
+            b.close()
+
+    bad, good = asyncio.run(main())
+    assert isinstance(bad, RuntimeError) and good == "ok"
