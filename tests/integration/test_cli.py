@@ -126,3 +126,76 @@ def test_bulk_cancel_shows_the_count_and_needs_yes_when_not_interactive(server, 
     assert "1 activities canceled" in out.stdout
     listed = json.loads(tf(server, "activity", "list", "--json").stdout)
     assert [a["state"] for a in listed] == ["canceled"]
+
+
+def test_cli_lifecycle_approval_dependency_window_and_schedule(server, start_agent):
+    """An administrator's day: approval with separation, a chained run, a window, a schedule."""
+    agent = start_agent(server, enroll_token(server))
+    alice = json.loads(
+        tf(server, "token", "create", "--name", "alice", "--role", "admin", "--json").stdout
+    )["token"]
+    out = tf(
+        server,
+        "run",
+        "--target",
+        "all",
+        "--approval",
+        "--separate-approver",
+        "--approval-expires-in",
+        "2h",
+        "--json",
+        "--",
+        "echo",
+        "approved work",
+        token=alice,
+    )
+    first = json.loads(out.stdout)["id"]
+    listed = json.loads(tf(server, "approval", "list", "--json").stdout)
+    assert [a["request_id"] for a in listed] == [first]
+    assert "awaiting approval" in tf(server, "approval", "list").stdout
+    refused = tf(server, "request", "approve", str(first), token=alice, check=False)
+    assert refused.returncode != 0 and "separation of duties" in refused.stderr
+    second = json.loads(
+        tf(
+            server,
+            "run",
+            "--target",
+            "all",
+            "--after",
+            f"request:{first}",
+            "--after-metric",
+            "succeeded",
+            "--json",
+            "--",
+            "echo",
+            "chained",
+        ).stdout
+    )["id"]
+    shown = tf(server, "request", "show", str(second)).stdout
+    assert f"after: request {first} 100% succeeded" in shown and "Waiting" in shown
+    assert f"request {first} approved" in tf(server, "request", "approve", str(first)).stdout
+    from tests.conftest import request_done
+
+    request_done(server, first)
+    done = request_done(server, second)
+    assert done["progress"]["succeeded"] == 1
+    outputs = json.loads(tf(server, "request", "show", str(second), "--json").stdout)
+    assert "chained" in json.dumps(outputs)
+
+    tf(server, "group", "create", "night")
+    tf(server, "group", "add", "night", str(agent.computer_id))
+    out = tf(server, "group", "window", "night", "22:00-04:00", "--utc-offset", "+02:00")
+    assert "22:00-04:00 (UTC+2h)" in out.stdout
+    bad = tf(server, "group", "window", "night", "04:00-04:00", check=False)
+    assert bad.returncode != 0 and "empty" in bad.stderr
+    assert "no maintenance window" in tf(server, "group", "window", "night", "--clear").stdout
+
+    sched = json.loads(
+        tf(server, "run", "--target", "all", "--cron", "30 2 * * *", "--json", "--", "true").stdout
+    )
+    listed = tf(server, "schedule", "list").stdout
+    assert "30 2 * * *" in listed and "active" in listed
+    tf(server, "schedule", "cancel", str(sched["id"]))
+    assert "canceled" in tf(server, "schedule", "show", str(sched["id"])).stdout
+    bad = tf(server, "run", "--target", "all", "--cron", "every day", "--", "true", check=False)
+    assert bad.returncode != 0 and "5 fields" in bad.stderr

@@ -7,6 +7,7 @@ agent needs (it runs on production machines and must stay lean).
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -578,6 +579,17 @@ def token_revoke(token_id: int, server: str | None, token: str | None, as_json: 
 # -- run ------------------------------------------------------------------------------
 
 
+def _after_arg(value: str | None, metric: str, threshold: float) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    kind, sep, ident = value.partition(":")
+    if not sep:
+        kind, ident = "request", value
+    if kind not in ("request", "activity") or not ident.isdigit():
+        fail(f"--after expects request:ID, activity:ID or ID, got {value!r}")
+    return {kind: int(ident), "metric": metric, "percent": threshold}
+
+
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.option(
     "--target", required=True, help="all | group:NAME | tag:KEY=VALUE | computer:ID[,ID...]"
@@ -621,6 +633,43 @@ def token_revoke(token_id: int, server: str | None, token: str | None, as_json: 
     default=None,
     help="Recurring: run again every this many seconds until canceled.",
 )
+@click.option("--at", "at", default=None, help="Scheduled: not earlier than (ISO, epoch, +2h).")
+@click.option(
+    "--cron", default=None, help="Recurring schedule, 5 fields in UTC: each run is a new request."
+)
+@click.option(
+    "--after",
+    default=None,
+    help="Waiting: start after request:ID (or ID) or activity:ID finishes (see --threshold).",
+)
+@click.option(
+    "--after-metric",
+    type=click.Choice(["finished", "succeeded"]),
+    default="finished",
+    show_default=True,
+    help="What --after counts.",
+)
+@click.option("--threshold", type=float, default=100.0, show_default=True, help="Percent.")
+@click.option("--approval", is_flag=True, help="Blocked until an admin approves it.")
+@click.option("--separate-approver", is_flag=True, help="The requester may not approve.")
+@click.option("--approval-expires-in", default=None, help="Canceled if not approved by (2h).")
+@click.option("--canary", type=int, default=None, help="Rollout: computers in the first wave.")
+@click.option("--wave-size", type=int, default=None, help="Rollout: computers per wave.")
+@click.option("--wave-share", type=float, default=None, help="Rollout: percent per wave.")
+@click.option(
+    "--wave-success",
+    type=float,
+    default=100.0,
+    show_default=True,
+    help="Rollout: percent of a wave that must succeed before the next starts.",
+)
+@click.option(
+    "--max-failures",
+    type=float,
+    default=100.0,
+    show_default=True,
+    help="Rollout: pause when more than this percent of finished computers failed.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @client_options
 def run(
@@ -636,12 +685,29 @@ def run(
     expires_in: float | None,
     optional: bool,
     every: float | None,
+    at: str | None,
+    cron: str | None,
+    after: str | None,
+    after_metric: str,
+    threshold: float,
+    approval: bool,
+    separate_approver: bool,
+    approval_expires_in: str | None,
+    canary: int | None,
+    wave_size: int | None,
+    wave_share: float | None,
+    wave_success: float,
+    max_failures: float,
     command: tuple[str, ...],
     server: str | None,
     token: str | None,
     as_json: bool,
 ) -> None:
-    """Run a command (after --) or a script file on target computers."""
+    """Run a command (after --) or a script file on target computers.
+
+    Lifecycle options: --at schedules it, --cron repeats it, --after makes it
+    wait for other work, --approval holds it for an admin, --canary and
+    --wave-size/--wave-share roll it out in waves."""
     if bool(command) == bool(script_file):
         fail("give a command after -- or --script FILE (not both)")
     params: dict[str, Any] = {}
@@ -665,17 +731,44 @@ def run(
         policy.update(interval="recurring", every=every)
         if wait:
             fail("--wait does not end for recurring work; follow it with taskfleet request show")
-    req = api.post(
-        "/requests",
-        {
-            "type": "execute-script",
-            "target": target,
-            "params": params,
-            "timeout": timeout,
-            "policy": policy,
-            "expires_in": expires_in,
-        },
-    )
+    body: dict[str, Any] = {
+        "type": "execute-script",
+        "target": target,
+        "params": params,
+        "timeout": timeout,
+        "policy": policy,
+        "expires_in": expires_in,
+        "at": _when_arg(at, "--at"),
+        "after": _after_arg(after, after_metric, threshold),
+    }
+    if approval or separate_approver or approval_expires_in:
+        body["approval"] = {
+            "separation": separate_approver,
+            "expires_in": _seconds_arg(approval_expires_in, "--approval-expires-in")
+            if approval_expires_in
+            else None,
+        }
+    if canary is not None or wave_size is not None or wave_share is not None:
+        body["rollout"] = {
+            "canary": canary or 0,
+            "size": wave_size,
+            "share": wave_share,
+            "success": wave_success,
+            "max_failures": max_failures,
+        }
+    if cron is not None:
+        if wait:
+            fail("--wait does not end for a schedule; follow it with taskfleet schedule show")
+        sched = api.post("/schedules", {"cron": cron, "request": body})
+        emit(
+            sched,
+            as_json,
+            lambda d: click.echo(
+                f"schedule {d['id']} created ({d['cron']} UTC); first run at {when(d['next_at'])}"
+            ),
+        )
+        return
+    req = api.post("/requests", body)
     if not wait:
         emit(
             req,
@@ -734,7 +827,37 @@ def request_show(request_id: int, server: str | None, token: str | None, as_json
     req = api.get(f"/requests/{request_id}")
     if not as_json:
         print_table(None, _REQ_COLS, [_req_row(req)])
+        for line in _lifecycle_lines(req):
+            click.echo(line)
     results_table(api, req, as_json)
+
+
+def _lifecycle_lines(req: dict[str, Any]) -> list[str]:
+    """What holds a request: its time, dependency, approval, rollout state."""
+    out = []
+    if req.get("not_before"):
+        out.append(f"not earlier than: {when(req['not_before'])}")
+    d = req.get("depends_on")
+    if d:
+        out.append(f"after: {d['kind']} {d['on']} {d['percent']:g}% {d['metric']}")
+    a = req.get("approval")
+    if a:
+        status = a.get("decision") or "awaiting approval"
+        by = f" by {a['decided_by']}" if a.get("decided_by") else ""
+        exp = f", expires {when(a['expires_at'])}" if a.get("expires_at") and not by else ""
+        sep = " (requester may not approve)" if a.get("separation") else ""
+        out.append(f"approval: {status}{by}{exp}{sep}")
+    r = req.get("rollout")
+    if r:
+        step = f"{r['size']} computers" if r.get("size") else f"{r['share']:g}%"
+        state = f"PAUSED: {r.get('pause_reason')}" if r.get("paused") else "running"
+        out.append(
+            f"rollout: {r['waves']} waves (canary {r['canary']}, then {step}), next wave at "
+            f"{r['success']:g}% succeeded, pause above {r['max_failures']:g}% failed; {state}"
+        )
+    if req.get("schedule_id"):
+        out.append(f"run of schedule {req['schedule_id']}")
+    return out
 
 
 @request.command("cancel")
@@ -1088,11 +1211,14 @@ def task() -> None:
     """Server tasks: submit, list, show, cancel (run by workers under the batch scheduler)."""
 
 
-def _when_arg(value: str | None) -> float | None:
+def _when_arg(value: str | None, option: str = "--not-before") -> float | None:
+    """Epoch seconds, an ISO 8601 time (no zone: local time), or +DURATION from now."""
     if value is None:
         return None
     from datetime import datetime
 
+    if value.startswith("+"):
+        return time.time() + _seconds_arg(value[1:], option)
     try:
         return float(value)
     except ValueError:
@@ -1100,7 +1226,24 @@ def _when_arg(value: str | None) -> float | None:
     try:
         return datetime.fromisoformat(value).timestamp()
     except ValueError:
-        fail(f"--not-before expects epoch seconds or an ISO time, got {value!r}")
+        fail(f"{option} expects epoch seconds, an ISO time or +DURATION, got {value!r}")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds_arg(value: str, option: str) -> float:
+    """``90``, ``30s``, ``10m``, ``2h``, ``1d`` -> seconds."""
+    text = value.strip().lower()
+    unit = _UNITS.get(text[-1:])
+    number = text[:-1] if unit else text
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        fail(f"{option} expects a duration like 90, 30s, 10m, 2h or 1d, got {value!r}")
+    if not seconds > 0:
+        fail(f"{option} must be a positive duration, got {value!r}")
+    return seconds
 
 
 _TASK_COLS = ["id", "task", "state", "scope", "dispatched", "worker", "result / waiting for"]
@@ -1128,7 +1271,17 @@ def _task_row(t: dict[str, Any]) -> list[Any]:
 @click.option("--tenant", default=None)
 @click.option("--group", default=None)
 @click.option("--param", "params", multiple=True, help="K=V (repeatable).")
-@click.option("--not-before", default=None, help="Epoch seconds or ISO time.")
+@click.option("--not-before", default=None, help="Epoch seconds, ISO time or +DURATION.")
+@click.option("--approval", is_flag=True, help="Blocked until an admin approves it.")
+@click.option("--separate-approver", is_flag=True, help="The submitter may not approve.")
+@click.option("--approval-expires-in", default=None, help="Canceled if not approved by (2h).")
+@click.option("--after", "after_task", type=int, default=None, help="Wait for this task.")
+@click.option(
+    "--after-metric",
+    type=click.Choice(["finished", "succeeded"]),
+    default="finished",
+    show_default=True,
+)
 @client_options
 def task_submit(
     type_name: str,
@@ -1136,6 +1289,11 @@ def task_submit(
     group: str | None,
     params: tuple[str, ...],
     not_before: str | None,
+    approval: bool,
+    separate_approver: bool,
+    approval_expires_in: str | None,
+    after_task: int | None,
+    after_metric: str,
     server: str | None,
     token: str | None,
     as_json: bool,
@@ -1155,6 +1313,15 @@ def task_submit(
             "group": group,
             "params": values,
             "not_before": _when_arg(not_before),
+            "approval": {
+                "separation": separate_approver,
+                "expires_in": _seconds_arg(approval_expires_in, "--approval-expires-in")
+                if approval_expires_in
+                else None,
+            }
+            if approval or separate_approver or approval_expires_in
+            else None,
+            "after": {"task": after_task, "metric": after_metric} if after_task else None,
         },
     )
 
@@ -1166,6 +1333,27 @@ def task_submit(
             click.echo(f"submitted {t['name']} ({state_label(t['state'])})")
 
     emit(out, as_json, human)
+
+
+@task.command("approve")
+@click.argument("task_id", type=int)
+@client_options
+def task_approve(task_id: int, server: str | None, token: str | None, as_json: bool) -> None:
+    """Approve a Blocked task (admin; maybe not its submitter)."""
+    t = Api(server, token).post(f"/tasks/{task_id}/approve")
+    emit(t, as_json, lambda t: click.echo(f"{t['name']} approved: {state_label(t['state'])}"))
+
+
+@task.command("reject")
+@click.argument("task_id", type=int)
+@click.option("--reason", default="")
+@client_options
+def task_reject(
+    task_id: int, reason: str, server: str | None, token: str | None, as_json: bool
+) -> None:
+    """Reject a Blocked task: it is Canceled."""
+    t = Api(server, token).post(f"/tasks/{task_id}/reject", {"reason": reason})
+    emit(t, as_json, lambda t: click.echo(f"{t['name']} rejected: {state_label(t['state'])}"))
 
 
 @task.command("list")
@@ -1324,3 +1512,186 @@ def activity_cancel_bulk(
         click.confirm(f"cancel {preview['count']} activities?", abort=True)
     out = api.post("/activities/cancel", body)
     emit(out, as_json, lambda d: click.echo(f"{d['count']} activities canceled"))
+
+
+# -- lifecycle: approvals, rollouts, dependencies, windows, schedules -------------------
+
+
+@request.command("approve")
+@click.argument("request_id", type=int)
+@client_options
+def request_approve(request_id: int, server: str | None, token: str | None, as_json: bool) -> None:
+    """Approve a request that waits for approval (admin; maybe not its requester)."""
+    out = Api(server, token).post(f"/requests/{request_id}/approve")
+    emit(out, as_json, lambda r: click.echo(f"request {request_id} approved: {_states(r)}"))
+
+
+@request.command("reject")
+@click.argument("request_id", type=int)
+@click.option("--reason", default="")
+@client_options
+def request_reject(
+    request_id: int, reason: str, server: str | None, token: str | None, as_json: bool
+) -> None:
+    """Reject a request that waits for approval: its activities are Canceled."""
+    out = Api(server, token).post(f"/requests/{request_id}/reject", {"reason": reason})
+    emit(out, as_json, lambda r: click.echo(f"request {request_id} rejected: {_states(r)}"))
+
+
+@request.command("resume")
+@click.argument("request_id", type=int)
+@client_options
+def request_resume(request_id: int, server: str | None, token: str | None, as_json: bool) -> None:
+    """Resume a paused rollout (to stop it instead: taskfleet request cancel)."""
+    out = Api(server, token).post(f"/requests/{request_id}/resume")
+    emit(out, as_json, lambda r: click.echo(f"rollout {request_id} resumed: {_states(r)}"))
+
+
+@request.command("wait")
+@click.argument("request_id", type=int)
+@click.option("--after", required=True, help="request:ID (or ID) or activity:ID")
+@click.option(
+    "--after-metric",
+    type=click.Choice(["finished", "succeeded"]),
+    default="finished",
+    show_default=True,
+)
+@click.option("--threshold", type=float, default=100.0, show_default=True, help="Percent.")
+@client_options
+def request_wait(
+    request_id: int,
+    after: str,
+    after_metric: str,
+    threshold: float,
+    server: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Make a Blocked or Waiting request wait for other work (replaces its dependency)."""
+    body = {"after": _after_arg(after, after_metric, threshold)}
+    out = Api(server, token).call("PUT", f"/requests/{request_id}/after", json=body)
+    emit(out, as_json, lambda r: click.echo(f"request {request_id} waits: {_states(r)}"))
+
+
+def _states(r: dict[str, Any]) -> str:
+    return ", ".join(f"{state_label(k)} {v}" for k, v in r["progress"]["counts"].items())
+
+
+@cli.group()
+def approval() -> None:
+    """Approvals: requests held Blocked until an admin decides."""
+
+
+@approval.command("list")
+@client_options
+def approval_list(server: str | None, token: str | None, as_json: bool) -> None:
+    """Requests waiting for approval, oldest first."""
+    rows = Api(server, token).get("/approvals")
+    emit(
+        rows,
+        as_json,
+        lambda rs: print_table(
+            "awaiting approval",
+            ["what", "type", "target", "computers", "requested by", "at", "expires", "separate"],
+            [
+                [
+                    f"request {r['request_id']}"
+                    if r["kind"] == "request"
+                    else f"task {r['task_id']}",
+                    r["type"],
+                    r["target"],
+                    r["total"],
+                    r["requested_by"],
+                    when(r["requested_at"]),
+                    when(r["expires_at"]) if r["expires_at"] else "never",
+                    "yes" if r["separation"] else "no",
+                ]
+                for r in rs
+            ],
+        ),
+    )
+
+
+@group.command("window")
+@click.argument("name")
+@click.argument("window", required=False)
+@click.option("--utc-offset", default="+00:00", show_default=True, help="The group's local time.")
+@click.option("--clear", is_flag=True, help="Remove the window: work runs any time.")
+@client_options
+def group_window(
+    name: str,
+    window: str | None,
+    utc_offset: str,
+    clear: bool,
+    server: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Set a maintenance window (HH:MM-HH:MM): members get client work only inside it."""
+    api = Api(server, token)
+    if clear == (window is not None):
+        fail("give a window HH:MM-HH:MM or --clear")
+    if clear:
+        out = api.call("DELETE", f"/groups/{name}/window")
+    else:
+        out = api.call(
+            "PUT", f"/groups/{name}/window", json={"window": window, "utc_offset": utc_offset}
+        )
+    emit(
+        out,
+        as_json,
+        lambda d: click.echo(
+            f"group {name}: window {d['window']} (UTC{(d['utc_offset'] or 0) / 60:+g}h)"
+            if d["window"]
+            else f"group {name}: no maintenance window"
+        ),
+    )
+
+
+@cli.group()
+def schedule() -> None:
+    """Cron schedules: `taskfleet run --cron ...` creates one; each run is its own request."""
+
+
+_SCHED_COLS = ["id", "cron (UTC)", "target", "next run", "runs", "last request", "state / error"]
+
+
+def _sched_row(d: dict[str, Any]) -> list[Any]:
+    state = "canceled" if d["canceled_at"] else (d["last_error"] or "active")
+    return [
+        d["id"],
+        d["cron"],
+        d["template"]["target"],
+        when(d["next_at"]) if d["next_at"] else "-",
+        d["runs"],
+        d["last_request_id"] or "-",
+        state,
+    ]
+
+
+@schedule.command("list")
+@client_options
+def schedule_list(server: str | None, token: str | None, as_json: bool) -> None:
+    """All schedules with their next run."""
+    rows = Api(server, token).get("/schedules")
+    emit(
+        rows, as_json, lambda rs: print_table("schedules", _SCHED_COLS, [_sched_row(d) for d in rs])
+    )
+
+
+@schedule.command("show")
+@click.argument("schedule_id", type=int)
+@client_options
+def schedule_show(schedule_id: int, server: str | None, token: str | None, as_json: bool) -> None:
+    """One schedule."""
+    d = Api(server, token).get(f"/schedules/{schedule_id}")
+    emit(d, as_json, lambda d: print_table(None, _SCHED_COLS, [_sched_row(d)]))
+
+
+@schedule.command("cancel")
+@click.argument("schedule_id", type=int)
+@client_options
+def schedule_cancel(schedule_id: int, server: str | None, token: str | None, as_json: bool) -> None:
+    """Stop future runs (runs already created go on; cancel them as requests)."""
+    d = Api(server, token).post(f"/schedules/{schedule_id}/cancel")
+    emit(d, as_json, lambda d: click.echo(f"schedule {schedule_id} canceled"))

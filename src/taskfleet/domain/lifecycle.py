@@ -342,3 +342,112 @@ def next_cron(expr: str, after: float) -> float:
 def release_at(not_before: float, now: float) -> bool:
     """A "not earlier than" schedule releases from ``not_before`` on (inclusive)."""
     return now >= not_before
+
+
+# --------------------------------------------------------------------------- initial states
+
+
+def initial_state(*, approval: bool, waits: bool, not_before: float | None, now: float) -> State:
+    """The state a new activity starts in (SPEC 2.1 initial states).
+
+    Approval comes first: nothing moves before a person said yes. Then a
+    dependency (or an earlier rollout wave) not met yet: Waiting. Then a time
+    in the future: Scheduled. Otherwise Queued.
+    """
+    if approval:
+        return State.BLOCKED
+    if waits:
+        return State.WAITING
+    if not_before is not None and not release_at(not_before, now):
+        return State.SCHEDULED
+    return State.QUEUED
+
+
+# --------------------------------------------------------------------------- rollout steps
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    """Waves and the rules between them (SPEC 7 and 9)."""
+
+    canary: int = 0
+    size: int | None = None
+    share: float | None = None
+    success: float = 100.0  # percent of a wave that must succeed before the next starts
+    max_failures: float = 100.0  # percent of finished children failed that pauses it
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "success", validate_threshold(self.success))
+        limit = _number(self.max_failures, "maximum failure percent")
+        if not 0.0 <= limit <= 100.0:
+            raise RuleError(f"maximum failure percent must be in [0, 100], got {limit:g}")
+        object.__setattr__(self, "max_failures", limit)
+
+
+@dataclass(frozen=True)
+class RolloutStep:
+    """What a rollout does now: pause (with a reason), release a wave, or nothing."""
+
+    pause: bool = False
+    release: int | None = None
+    reason: str = ""
+
+
+def _sum(parts: Iterable[Progress]) -> tuple[int, int]:
+    finished = succeeded = 0
+    for p in parts:
+        finished += p.finished
+        succeeded += p.succeeded
+    return finished, succeeded
+
+
+def rollout_step(
+    policy: RolloutPolicy,
+    waves: Sequence[Progress],
+    waiting: Sequence[int],
+    *,
+    baseline: tuple[int, int] = (0, 0),
+    override: bool = False,
+) -> RolloutStep:
+    """Decide the next step of an unpaused rollout.
+
+    ``waves[i]`` is wave i's progress, ``waiting[i]`` how many of its
+    activities are still Waiting (a wave is released once none is).
+    ``baseline`` is (finished, succeeded) counted when a person last resumed:
+    the failure rule judges only what finished since, so a resume is not undone
+    by the failures it already accepted. ``override`` (set once, at a resume)
+    releases a wave whose predecessor can no longer reach the threshold instead
+    of pausing again.
+    """
+    finished, succeeded = _sum(waves)
+    since = Progress({}, 0, finished - baseline[0], succeeded - baseline[1])
+    if rollout_should_pause(since, policy.max_failures):
+        failed = since.finished - since.succeeded
+        return RolloutStep(
+            pause=True,
+            reason=f"rollout paused: {failed} of {since.finished} finished failed "
+            f"(more than {policy.max_failures:g}%)",
+        )
+    for k, left in enumerate(waiting):
+        if left == 0:
+            continue
+        if k == 0:  # nothing before the first wave: it is never held back
+            return RolloutStep(release=0, reason="first wave")
+        dep = Dependency(k - 1, "succeeded", policy.success)
+        prev = waves[k - 1]
+        if dependency_met(dep, prev):
+            return RolloutStep(
+                release=k,
+                reason=f"wave {k - 1} reached {policy.success:g}% succeeded "
+                f"({prev.succeeded} of {prev.total})",
+            )
+        if dependency_doomed(dep, prev):
+            if override:
+                return RolloutStep(release=k, reason="resumed by an administrator")
+            return RolloutStep(
+                pause=True,
+                reason=f"rollout paused: wave {k - 1} can no longer reach "
+                f"{policy.success:g}% succeeded ({prev.succeeded} of {prev.total})",
+            )
+        return RolloutStep()
+    return RolloutStep()

@@ -40,8 +40,10 @@ from taskfleet.protocol.exchange import (
 )
 from taskfleet.protocol.signing import Signer
 from taskfleet.protocol.tickle import derive_tickle_key
+from taskfleet.server import lifecycle as lc
 from taskfleet.server import metrics, service
 from taskfleet.server.fleet import ComputerState, Fleet
+from taskfleet.server.lifecycle import Lifecycle
 from taskfleet.server.service import ApiError, Principal
 from taskfleet.server.tasks import TaskManager
 from taskfleet.server.tickler import Tickler
@@ -82,6 +84,10 @@ class ServerConfig:
     workers: int = 4  # embedded: tasks run at once by the in-process worker
     heartbeat_timeout: float = 5 * 3600.0  # SPEC 4.6: a silent worker's tasks fail after this
     worker_heartbeat: float = 10.0
+    # Every time-driven rule (schedules, expiry, approvals, windows) reads this;
+    # tests inject a fake clock and move it instead of sleeping.
+    clock: Callable[[], float] = time.time
+    lifecycle_interval: float = 1.0  # seconds between lifecycle passes at most
 
 
 @dataclass
@@ -95,11 +101,16 @@ class Runtime:
     tickle_master: bytes
     settings_json: bytes
     manager: TaskManager | None = None
+    lifecycle: Lifecycle | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
+# The server's clock; _start sets it from ServerConfig.clock (one server per process).
+_clock: Callable[[], float] = time.time
+
+
 def _now() -> float:
-    return time.time()
+    return _clock()
 
 
 class _Err(BaseModel):
@@ -150,6 +161,36 @@ class RequestIn(BaseModel):
         description="mode required|optional (optional work waits for the agent's run window), "
         "interval once|recurring, every (seconds, recurring)",
     )
+    at: float | None = Field(None, description="epoch seconds: Scheduled, not earlier than")
+    after: dict[str, Any] | None = Field(
+        None,
+        description="Waiting: {request: ID} or {activity: ID}, metric finished|succeeded "
+        "(default finished), percent (0, 100] (default 100)",
+    )
+    approval: dict[str, Any] | None = Field(
+        None,
+        description="Blocked until approved: {separation: bool (requester may not approve), "
+        "expires_in: seconds}",
+    )
+    rollout: dict[str, Any] | None = Field(
+        None,
+        description="waves: {canary: N, size: N | share: percent, success: percent a wave "
+        "must reach before the next, max_failures: percent of finished that pauses it}",
+    )
+
+
+class AfterIn(BaseModel):
+    after: dict[str, Any]
+
+
+class WindowIn(BaseModel):
+    window: str = Field(..., description="HH:MM-HH:MM in the group's local time")
+    utc_offset: str = Field("+00:00", description="the group's local offset, e.g. +02:00")
+
+
+class ScheduleIn(BaseModel):
+    cron: str = Field(..., description="5 fields, UTC: minute hour day month weekday")
+    request: RequestIn
 
 
 class BulkCancelIn(BaseModel):
@@ -168,6 +209,12 @@ class TaskIn(BaseModel):
     group: str | None = Field(None, description="group-scoped types")
     params: dict[str, Any] = {}
     not_before: float | None = Field(None, description="epoch seconds: not earlier than")
+    approval: dict[str, Any] | None = Field(
+        None, description="Blocked until approved: {separation: bool, expires_in: seconds}"
+    )
+    after: dict[str, Any] | None = Field(
+        None, description="Waiting: {task: ID, metric: finished|succeeded}"
+    )
 
 
 class TaskBatchIn(BaseModel):
@@ -332,6 +379,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.delete("/api/v1/groups/{name}", status_code=204, tags=["groups"])
     async def delete_group(name: str, p: Operator) -> Response:
         await runtime().writer.run(lambda c: service.delete_group(c, p, name, _now()))
+        await _lifecycle(runtime()).reload_windows()
         return Response(status_code=204)
 
     @app.post("/api/v1/groups/{name}/members", tags=["groups"])
@@ -339,6 +387,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         await runtime().writer.run(
             lambda c: service.set_members(c, p, name, body.computer_ids, True, _now())
         )
+        await _lifecycle(runtime()).reload_windows()
         return {"group": name, "added": body.computer_ids}
 
     @app.post("/api/v1/groups/{name}/members/remove", tags=["groups"])
@@ -346,11 +395,15 @@ def create_app(config: ServerConfig) -> FastAPI:
         await runtime().writer.run(
             lambda c: service.set_members(c, p, name, body.computer_ids, False, _now())
         )
+        await _lifecycle(runtime()).reload_windows()
         return {"group": name, "removed": body.computer_ids}
 
     @app.post("/api/v1/requests", status_code=201, tags=["requests"])
     async def create_request(body: RequestIn, p: Operator) -> dict[str, Any]:
         r = runtime()
+        opts = lc.parse_options(
+            _now(), at=body.at, after=body.after, approval=body.approval, rollout=body.rollout
+        )
         created = await r.writer.run(
             lambda c: service.create_request(
                 c,
@@ -362,6 +415,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 timeout=body.timeout,
                 policy=body.policy,
                 expires_in=body.expires_in,
+                options=opts,
             ),
             after=lambda res: _wake_targets(r, res),
         )
@@ -405,6 +459,84 @@ def create_app(config: ServerConfig) -> FastAPI:
         )
         return created.request
 
+    async def _lifecycle_write(fn: Callable[[Any], Awaitable[lc.Moved]]) -> lc.Moved:
+        r = runtime()
+        return await r.writer.run(fn, after=_lifecycle(r).apply)
+
+    @app.post("/api/v1/requests/{request_id}/approve", tags=["approvals"])
+    async def approve(request_id: int, p: Admin) -> dict[str, Any]:
+        await _lifecycle_write(lambda c: lc.approve(c, p, _now(), request_id))
+        return await read(lambda c: service.get_request(c, p, request_id))
+
+    @app.post("/api/v1/requests/{request_id}/reject", tags=["approvals"])
+    async def reject(request_id: int, p: Admin, body: CancelIn | None = None) -> dict[str, Any]:
+        reason = body.reason if body else ""
+        await _lifecycle_write(lambda c: lc.reject(c, p, _now(), request_id, reason))
+        return await read(lambda c: service.get_request(c, p, request_id))
+
+    @app.get("/api/v1/approvals", tags=["approvals"])
+    async def approvals(p: Viewer) -> list[dict[str, Any]]:
+        return await read(lambda c: lc.list_approvals(c, p))
+
+    @app.post("/api/v1/requests/{request_id}/resume", tags=["requests"])
+    async def resume(request_id: int, p: Admin) -> dict[str, Any]:
+        await _lifecycle_write(lambda c: lc.resume(c, p, _now(), request_id))
+        return await read(lambda c: service.get_request(c, p, request_id))
+
+    @app.put("/api/v1/requests/{request_id}/after", tags=["requests"])
+    async def set_after(request_id: int, body: AfterIn, p: Operator) -> dict[str, Any]:
+        opts = lc.parse_options(_now(), after=body.after)
+        assert opts.after is not None
+        after = opts.after
+        await _lifecycle_write(lambda c: lc.set_after(c, p, _now(), request_id, after))
+        return await read(lambda c: service.get_request(c, p, request_id))
+
+    @app.put("/api/v1/groups/{name}/window", tags=["groups"])
+    async def set_window(name: str, body: WindowIn, p: Admin) -> dict[str, Any]:
+        out = await runtime().writer.run(
+            lambda c: lc.set_window(c, p, _now(), name, body.window, body.utc_offset)
+        )
+        await _lifecycle(runtime()).reload_windows()
+        return out
+
+    @app.delete("/api/v1/groups/{name}/window", tags=["groups"])
+    async def clear_window(name: str, p: Admin) -> dict[str, Any]:
+        out = await runtime().writer.run(lambda c: lc.set_window(c, p, _now(), name, None))
+        await _lifecycle(runtime()).reload_windows()
+        return out
+
+    @app.post("/api/v1/schedules", status_code=201, tags=["schedules"])
+    async def create_schedule(body: ScheduleIn, p: Operator) -> dict[str, Any]:
+        template = body.request.model_dump()
+        # Checked now, so a schedule never fires something that cannot be created
+        # (only what can change by then, like an emptied group, fails at a run).
+        service.check_template(
+            type=body.request.type,
+            target=body.request.target,
+            params=body.request.params,
+            timeout=body.request.timeout,
+            policy=body.request.policy,
+            expires_in=body.request.expires_in,
+        )
+        lc.parse_options(_now(), approval=template["approval"], rollout=template["rollout"])
+        out = await runtime().writer.run(
+            lambda c: lc.create_schedule(c, p, _now(), body.cron, template)
+        )
+        _lifecycle(runtime()).add_schedule(out["id"], out["next_at"])
+        return out
+
+    @app.get("/api/v1/schedules", tags=["schedules"])
+    async def list_schedules(p: Viewer) -> list[dict[str, Any]]:
+        return await read(lambda c: lc.list_schedules(c, p))
+
+    @app.get("/api/v1/schedules/{schedule_id}", tags=["schedules"])
+    async def get_schedule(schedule_id: int, p: Viewer) -> dict[str, Any]:
+        return await read(lambda c: lc.get_schedule(c, p, schedule_id))
+
+    @app.post("/api/v1/schedules/{schedule_id}/cancel", tags=["schedules"])
+    async def cancel_schedule(schedule_id: int, p: Operator) -> dict[str, Any]:
+        return await runtime().writer.run(lambda c: lc.cancel_schedule(c, p, _now(), schedule_id))
+
     @app.post("/api/v1/activities/cancel", tags=["activities"])
     async def cancel_bulk(body: BulkCancelIn, p: Operator) -> dict[str, Any]:
         f = service.BulkFilter(body.state, body.type, body.group, body.older_than, body.request_id)
@@ -439,7 +571,10 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/api/v1/activities/{activity_id}", tags=["activities"])
     async def get_activity(activity_id: int, p: Viewer) -> dict[str, Any]:
-        return await read(lambda c: service.get_activity(c, p, activity_id))
+        out = await read(lambda c: service.get_activity(c, p, activity_id))
+        if out["state"] in ("queued", "scheduled") and out["computer_id"] is not None:
+            out["held"] = _lifecycle(runtime()).why_held(out["computer_id"], _now())
+        return out
 
     @app.post("/api/v1/activities/{activity_id}/cancel", tags=["activities"])
     async def cancel_activity(
@@ -461,6 +596,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             group=body.group,
             params=body.params,
             not_before=body.not_before,
+            approval=body.approval,
+            after=body.after,
         )
         if out["duplicate_of"] is not None:
             response.status_code = 200  # nothing new was queued
@@ -485,6 +622,16 @@ def create_app(config: ServerConfig) -> FastAPI:
         task_id: int, p: Operator, body: CancelIn | None = None
     ) -> dict[str, Any]:
         return await _manager(runtime()).cancel(p, task_id, body.reason if body else "")
+
+    @app.post("/api/v1/tasks/{task_id}/approve", tags=["approvals"])
+    async def approve_task(task_id: int, p: Admin) -> dict[str, Any]:
+        await _manager(runtime()).approve_task(p, task_id)
+        return await _manager(runtime()).get(p, task_id)
+
+    @app.post("/api/v1/tasks/{task_id}/reject", tags=["approvals"])
+    async def reject_task(task_id: int, p: Admin, body: CancelIn | None = None) -> dict[str, Any]:
+        await _manager(runtime()).reject_task(p, task_id, body.reason if body else "")
+        return await _manager(runtime()).get(p, task_id)
 
     @app.get("/api/v1/task-types", tags=["tasks"])
     async def task_types(p: Viewer) -> list[dict[str, Any]]:
@@ -521,6 +668,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         def after(res: service.Enrolled) -> None:
             r.fleet.put(res.state)
             metrics.COMPUTERS.set(len(r.fleet.computers))
+            if _lifecycle(r).has_windows:  # it may have joined a windowed group
+                asyncio.get_running_loop().create_task(_lifecycle(r).reload_windows())
 
         res = await r.writer.run(
             lambda c: service.enroll(
@@ -575,6 +724,12 @@ def create_app(config: ServerConfig) -> FastAPI:
 def _wake_targets(rt: Runtime, created: service.Created) -> None:
     """After a request commits: its computers have work; tickle them."""
     rt.tickler.wake(rt.fleet.mark_work(created.computer_ids))
+    _lifecycle(rt).watch(created.request)
+
+
+def _lifecycle(rt: Runtime) -> Lifecycle:
+    assert rt.lifecycle is not None
+    return rt.lifecycle
 
 
 def _manager(rt: Runtime) -> TaskManager:
@@ -705,6 +860,8 @@ def _refuse(reason: str, status: int, message: str) -> Response:
 
 
 async def _start(config: ServerConfig) -> Runtime:
+    global _clock
+    _clock = config.clock
     config.data_dir.mkdir(parents=True, exist_ok=True)
     await db.upgrade(config.database_url)
     write_engine = db.create_engine(config.database_url, writer=True)
@@ -740,7 +897,7 @@ async def _start(config: ServerConfig) -> Runtime:
             )
     metrics.COMPUTERS.set(len(fleet.computers))
     signer = Signer(keys["signing_seed"])
-    writer = Writer(write_engine, fleet, signer, lost_grace=config.lost_grace)
+    writer = Writer(write_engine, fleet, signer, lost_grace=config.lost_grace, clock=config.clock)
     writer.start()
     tickler = Tickler(
         keys["tickle_master"],
@@ -759,6 +916,18 @@ async def _start(config: ServerConfig) -> Runtime:
         tickle_master=keys["tickle_master"],
         settings_json=orjson.dumps({"poll_interval": config.poll_interval}),
     )
+    rt.lifecycle = Lifecycle(
+        writer.run,
+        read_engine,
+        lambda cids: tickler.wake(fleet.mark_work(cids)),
+        clock=config.clock,
+        interval=config.lifecycle_interval,
+        fire=lambda sid: _fire_schedule(rt, sid),
+    )
+    writer.on_finished = rt.lifecycle.on_finished
+    writer.window_closed = rt.lifecycle.window_closed
+    await rt.lifecycle.load()
+    rt.lifecycle.start()
     rt.tasks.append(asyncio.create_task(_reaper(rt), name="reaper"))
     rt.tasks.append(asyncio.create_task(_flush_seen(rt), name="last-seen"))
     await _start_tasks(rt, config)
@@ -783,6 +952,7 @@ async def _start_tasks(rt: Runtime, config: ServerConfig) -> None:
         reap_interval=min(5.0, max(0.2, config.heartbeat_timeout / 4)),
         # In-process workers report through on_finished; only remote ones need watching.
         watch_remote=config.queue != "embedded",
+        clock=config.clock,
     )
     await rt.manager.start()
     if config.queue == "embedded" and config.workers > 0:
@@ -806,9 +976,17 @@ async def _stop(rt: Runtime) -> None:
     for task in rt.tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    await rt.tickler.stop()
+    # Each part stops on its own: one failing to stop must not leave the writer running.
+    parts = [rt.tickler.stop]
+    if rt.lifecycle is not None:
+        parts.append(rt.lifecycle.stop)
     if rt.manager is not None:
-        await rt.manager.stop()
+        parts.append(rt.manager.stop)
+    for stop in parts:
+        try:
+            await stop()
+        except Exception:
+            log.exception("stopping %s failed", getattr(stop, "__qualname__", stop))
     await rt.writer.stop()
     with contextlib.suppress(Exception):
         await _flush_once(rt)
@@ -817,20 +995,41 @@ async def _stop(rt: Runtime) -> None:
         await rt.read.dispose()
 
 
+async def _fire_schedule(rt: Runtime, sid: int) -> float | None:
+    """A cron schedule is due: create its run (a request of its own); the next time or None."""
+
+    async def fn(conn: Any) -> tuple[service.Created | None, float | None]:
+        return await lc.fire_schedule(conn, _now(), sid)
+
+    def after(res: tuple[service.Created | None, float | None]) -> None:
+        if res[0] is not None:
+            _wake_targets(rt, res[0])
+
+    created, next_at = await rt.writer.run(fn, after=after)
+    if created is not None:
+        metrics.REQUESTS.inc()
+        log.info("schedule %d fired: request %d", sid, created.request["id"])
+    return next_at
+
+
+async def reap_once(rt: Runtime) -> None:
+    """One pass of the timeout reaper: lost activities fail, expired work is canceled."""
+    lost = await rt.writer.run(lambda c: reap_lost(c, _now()))
+    expired = await rt.writer.run(lambda c: reap_expired(c, _now()))
+    if lost:
+        metrics.LOST.inc(len(lost))
+        log.warning("%d activities failed as lost: %s", len(lost), lost[:20])
+    if expired:
+        log.info("%d queued activities expired: %s", len(expired), expired[:20])
+
+
 async def _reaper(rt: Runtime) -> None:
     while True:
         await asyncio.sleep(rt.config.reaper_interval)
         try:
-            lost = await rt.writer.run(lambda c: reap_lost(c, _now()))
-            expired = await rt.writer.run(lambda c: reap_expired(c, _now()))
+            await reap_once(rt)
         except Exception:
             log.exception("lost-activity reaper failed; retrying next interval")
-            continue
-        if lost:
-            metrics.LOST.inc(len(lost))
-            log.warning("%d activities failed as lost: %s", len(lost), lost[:20])
-        if expired:
-            log.info("%d queued activities expired: %s", len(expired), expired[:20])
 
 
 async def _flush_once(rt: Runtime) -> None:

@@ -12,7 +12,7 @@ import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import sqlalchemy as sa
@@ -53,6 +53,9 @@ from taskfleet.store.schema import (
     tenants,
 )
 
+if TYPE_CHECKING:
+    from taskfleet.server.lifecycle import Options
+
 ROLES = ("viewer", "operator", "admin")
 DEFAULT_TENANT = "default"
 
@@ -70,10 +73,11 @@ class Principal:
     tenant_id: int
     role: str
     name: str
+    via: str | None = None  # acting for the token, e.g. "schedule:4" (a cron run)
 
     @property
     def actor(self) -> str:
-        return f"token:{self.token_id}"
+        return self.via or f"token:{self.token_id}"
 
     def allows(self, role: str) -> bool:
         return ROLES.index(self.role) >= ROLES.index(role)
@@ -568,6 +572,8 @@ async def create_request(
     timeout: Any,
     policy: Any = None,
     expires_in: float | None = None,
+    options: Options | None = None,
+    schedule_id: int | None = None,
 ) -> Created:
     if type != EXECUTE_SCRIPT:
         raise ApiError(400, f"unknown activity type {type!r} (known: {EXECUTE_SCRIPT})")
@@ -582,7 +588,37 @@ async def create_request(
         raise ApiError(400, str(exc)) from None
     ids = await resolve_target(conn, p.tenant_id, parsed)
     expires_at = None if expires_in is None else now + expires_in
-    return await _create(conn, p, now, type, str(parsed), clean, limit, run_policy, ids, expires_at)
+    return await _create(
+        conn,
+        p,
+        now,
+        type,
+        str(parsed),
+        clean,
+        limit,
+        run_policy,
+        ids,
+        expires_at,
+        options,
+        schedule_id,
+    )
+
+
+def check_template(
+    *, type: str, target: str, params: Any, timeout: Any, policy: Any, expires_in: Any
+) -> None:
+    """What create_request checks before touching the store, for a schedule's template."""
+    if type != EXECUTE_SCRIPT:
+        raise ApiError(400, f"unknown activity type {type!r} (known: {EXECUTE_SCRIPT})")
+    try:
+        parse_target(target)
+        validate_script_params(params, default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX)
+        validate_timeout(timeout)
+        validate_policy(policy)
+        if expires_in is not None and not 0 < expires_in <= 366 * 86400:
+            raise ValueError("expires_in must be a number of seconds in (0, 366 days]")
+    except (TargetError, ValueError) as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 async def rerun_failed(conn: AsyncConnection, p: Principal, now: float, request_id: int) -> Created:
@@ -626,7 +662,24 @@ async def _create(
     run_policy: dict[str, Any],
     ids: list[int],
     expires_at: float | None = None,
+    options: Options | None = None,
+    schedule_id: int | None = None,
 ) -> Created:
+    # The lifecycle module builds on this one; imported here, not at the top.
+    from taskfleet.domain.lifecycle import RuleError, initial_state, plan_waves
+    from taskfleet.server.lifecycle import Options, check_options
+
+    opts = options or Options()
+    met = await check_options(conn, p, opts)
+    if opts.rollout is not None:
+        r = opts.rollout
+        try:
+            waves = plan_waves(ids, canary=r.canary, size=r.size, share=r.share)
+        except RuleError as exc:
+            raise ApiError(400, f"rollout: {exc}") from None
+    else:
+        waves = [ids]
+    wave_of = {cid: k for k, wave in enumerate(waves) for cid in wave}
     refusals = []
     for row in await conn.execute(
         sa.select(computers.c.id, computers.c.hostname, computers.c.policy).where(
@@ -655,10 +708,25 @@ async def _create(
                 timeout=limit,
                 total=len(ids),
                 policy=run_policy,
+                not_before=opts.not_before,
+                depends_on=opts.after.as_json() if opts.after else None,
+                approval=opts.approval,
+                rollout=_rollout_json(opts, len(waves)),
+                schedule_id=schedule_id,
             )
             .returning(requests.c.id)
         )
     ).scalar_one()
+    states: dict[int, tuple[State, str]] = {}
+    for cid in ids:
+        wave = wave_of[cid] if opts.rollout is not None else None
+        state = initial_state(
+            approval=opts.approval is not None,
+            waits=met is False or bool(wave),
+            not_before=opts.not_before,
+            now=now,
+        )
+        states[cid] = (state, _why(state, opts, request_id, wave))
     rows = await insert_activities(
         conn,
         [
@@ -668,17 +736,28 @@ async def _create(
                 "computer_id": cid,
                 "kind": ActivityKind.CLIENT.value,
                 "type": type,
-                "state": State.QUEUED.value,
+                "state": states[cid][0].value,
                 "created_at": now,
                 "updated_at": now,
-                "reason": "",
+                "reason": states[cid][1],
                 "expires_at": expires_at,
+                "not_before": opts.not_before,
+                "wave": wave_of[cid] if opts.rollout is not None else None,
             }
             for cid in ids
         ],
     )
-    event = creation(State.QUEUED, actor=p.actor, at=now, reason=f"request {request_id}")
-    await insert_events(conn, [(aid, p.tenant_id, event) for aid in rows])
+    await insert_events(
+        conn,
+        [
+            (
+                aid,
+                p.tenant_id,
+                creation(states[cid][0], actor=p.actor, at=now, reason=states[cid][1]),
+            )
+            for aid, cid in zip(rows, ids, strict=True)
+        ],
+    )
     await audit(
         conn,
         p,
@@ -688,8 +767,54 @@ async def _create(
         type=type,
         target=target,
         computers=len(ids),
+        **({} if opts.empty else {"options": _options_json(opts)}),
     )
-    return Created(await get_request(conn, p, request_id), ids)
+    ready = [cid for cid in ids if states[cid][0] in (State.QUEUED, State.SCHEDULED)]
+    return Created(await get_request(conn, p, request_id), ready)
+
+
+def _rollout_json(opts: Options, waves: int) -> dict[str, Any] | None:
+    r = opts.rollout
+    if r is None:
+        return None
+    return {
+        "canary": r.canary,
+        "size": r.size,
+        "share": r.share,
+        "success": r.success,
+        "max_failures": r.max_failures,
+        "waves": waves,
+        "paused": False,
+    }
+
+
+def _options_json(opts: Options) -> dict[str, Any]:
+    return {
+        "not_before": opts.not_before,
+        "after": opts.after.as_json() if opts.after else None,
+        "approval": opts.approval,
+        "rollout": _rollout_json(opts, 0),
+    }
+
+
+def _why(state: State, opts: Options, request_id: int, wave: int | None) -> str:
+    """The creation event's reason: why the activity starts in ``state``."""
+    head = f"request {request_id}" + ("" if wave is None else f", rollout wave {wave}")
+    if state is State.BLOCKED:
+        return f"{head}; needs approval"
+    if state is State.WAITING:
+        if opts.after is not None and not wave:
+            return f"{head}; waits for {opts.after.describe()}"
+        return (
+            f"{head}; waits for wave {(wave or 1) - 1} to reach {opts.rollout.success:g}% succeeded"
+            if opts.rollout
+            else head
+        )
+    if state is State.SCHEDULED and opts.not_before is not None:
+        from taskfleet.server.lifecycle import iso
+
+        return f"{head}; not earlier than {iso(opts.not_before)}"
+    return head
 
 
 @dataclass(frozen=True)
@@ -837,6 +962,18 @@ async def cancel(
 # -- reads ---------------------------------------------------------------------
 
 
+async def state_counts(conn: AsyncConnection, *where: Any) -> dict[State, int]:
+    """How many activities matching ``where`` are in each state."""
+    return {
+        State(r.state): r.n
+        for r in await conn.execute(
+            sa.select(activities.c.state, sa.func.count().label("n"))
+            .where(*where)
+            .group_by(activities.c.state)
+        )
+    }
+
+
 async def get_request(conn: AsyncConnection, p: Principal, request_id: int) -> dict[str, Any]:
     row = (
         await conn.execute(
@@ -847,15 +984,7 @@ async def get_request(conn: AsyncConnection, p: Principal, request_id: int) -> d
     ).first()
     if row is None:
         raise ApiError(404, f"no request {request_id}")
-    counts = {
-        State(r.state): r.n
-        for r in await conn.execute(
-            sa.select(activities.c.state, sa.func.count().label("n"))
-            .where(activities.c.request_id == request_id)
-            .group_by(activities.c.state)
-        )
-    }
-    prog = progress(counts)
+    prog = progress(await state_counts(conn, activities.c.request_id == request_id))
     out = dict(row._mapping)
     out.pop("tenant_id")
     out["progress"] = {

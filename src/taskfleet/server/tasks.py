@@ -28,6 +28,7 @@ from taskfleet.dispatch import DispatchQueue
 from taskfleet.domain.scheduling import Pending, Scheduler, Scope, TaskType, validate_types
 from taskfleet.domain.states import FINAL_STATES, State
 from taskfleet.server.service import ApiError, Principal
+from taskfleet.server.task_holds import TaskHolds, parse_hold
 from taskfleet.server.writer import Writer
 from taskfleet.store import tasks as store
 from taskfleet.store.schema import groups, tenants
@@ -52,7 +53,7 @@ def scheduling_types(specs: dict[str, TaskTypeSpec]) -> dict[str, TaskType]:
 
 
 @dataclass
-class TaskManager:
+class TaskManager(TaskHolds):
     writer: Writer
     read: Any  # engine for reads
     specs: dict[str, TaskTypeSpec]
@@ -65,6 +66,8 @@ class TaskManager:
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
     _types: dict[str, TaskType] = field(init=False)
+    _task_waiters: dict[int, set[int]] = field(init=False, default_factory=dict)
+    _new_holds: dict[int, dict[str, Any]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._types = scheduling_types(self.specs)
@@ -85,12 +88,19 @@ class TaskManager:
                 )
                 continue
             p = Pending(t.id, t.type, t.tenant, t.group, t.not_before)
+            if t.state in (State.BLOCKED, State.WAITING):
+                continue  # held: enters the scheduler when released
             if t.state is State.IN_PROGRESS or t.dispatched:
                 self.scheduler.restore_running(p)
                 if t.state is State.QUEUED:
                     republish.append(t.id)  # dispatched before a restart, not yet claimed
             else:
                 self.scheduler.add(p)
+        async with self.read.connect() as conn:
+            for row in await store.held(conn):
+                self.track(row.id, State(row.state), row.hold)
+        # A dependency may have ended while the server was down.
+        self.dependency_finished(list(self._task_waiters))
         if republish:
             # The embedded queue died with the process; RabbitMQ may hold them
             # already, and a second delivery is dropped at the claim.
@@ -163,8 +173,10 @@ class TaskManager:
         group: str | None,
         clean: dict[str, Any],
         not_before: float | None,
+        hold: dict[str, Any] | None = None,
     ) -> tuple[store.Submitted, Pending]:
         scope_tenant, group = await self._scope(conn, p, type_, tenant, group)
+        held = await self.hold_for(conn, p, hold)
         sub = await store.submit(
             conn,
             owner_tenant=p.tenant_id,
@@ -175,7 +187,10 @@ class TaskManager:
             params=clean,
             not_before=not_before,
             now=now,
+            hold=held,
         )
+        if held is not None:
+            self._new_holds[sub.id] = held[2]
         return sub, Pending(sub.id, type_, scope_tenant, group, not_before)
 
     async def _scope(
@@ -203,7 +218,12 @@ class TaskManager:
 
     def _accepted(self, results: list[tuple[store.Submitted, Pending]]) -> None:
         for sub, pending in results:
-            if sub.duplicate_of is None:
+            hold = self._new_holds.pop(sub.id, None)
+            if sub.duplicate_of is not None:
+                continue
+            if sub.state in (State.BLOCKED, State.WAITING):
+                self.track(sub.id, sub.state, hold)
+            else:
                 self.scheduler.add(pending)
         self._wake.set()
 
@@ -223,12 +243,15 @@ class TaskManager:
         group: str | None,
         params: dict[str, Any],
         not_before: float | None,
+        approval: dict[str, Any] | None = None,
+        after: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         clean = self._check(type_, tenant, group, params, not_before)
         now = self.clock()
+        hold = parse_hold(now, p.actor, approval, after)
 
         async def fn(conn: Any) -> list[tuple[store.Submitted, Pending]]:
-            return [await self._insert(conn, p, now, type_, tenant, group, clean, not_before)]
+            return [await self._insert(conn, p, now, type_, tenant, group, clean, not_before, hold)]
 
         try:
             [(sub, _)] = await self.writer.run(fn, after=self._accepted)
@@ -246,6 +269,10 @@ class TaskManager:
         (one transaction); a bad one refuses the whole batch, naming it."""
         checked = []
         for i, item in enumerate(items):
+            if item.get("approval") is not None or item.get("after") is not None:
+                raise ApiError(
+                    400, f"task {i}: approval and after are for one task at a time (POST /tasks)"
+                )
             try:
                 checked.append(
                     (
@@ -310,6 +337,7 @@ class TaskManager:
         def after(previous: State) -> None:
             if not self.scheduler.cancel(task_id):
                 self.scheduler.finished(task_id)
+            self.dependency_finished([task_id])
             self._wake.set()
 
         previous = await self.writer.run(fn, after=after)
@@ -346,6 +374,7 @@ class TaskManager:
 
     def finished(self, task_id: int) -> None:
         self.scheduler.finished(task_id)
+        self.dependency_finished([task_id])
         self._wake.set()
 
     # -- the pass ----------------------------------------------------------------------
@@ -404,6 +433,7 @@ class TaskManager:
             done = [tid for tid, s in states.items() if s in FINAL_STATES]
             for tid in done:
                 self.scheduler.finished(tid)
+            self.dependency_finished(done)
             if done:
                 self._wake.set()
 
@@ -412,9 +442,13 @@ class TaskManager:
             await asyncio.sleep(self.reap_interval)
             try:
                 reaped = await self.writer.run(self._reap_once)
+                expired = await self.writer.run(self.expire_approvals)
             except Exception:
                 log.exception("worker reaper failed")
                 continue
+            for tid in expired:
+                log.info("task[%d]: approval expired; Canceled", tid)
+            self.dependency_finished(expired + [r.task_id for r in reaped])
             for r in reaped:
                 name = store.label(r.type, r.task_id)
                 log.warning("%s failed: %s (worker %s)", name, store.HEARTBEAT_LOST, r.worker_id)

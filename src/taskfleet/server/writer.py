@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -43,10 +43,11 @@ from taskfleet.protocol.signing import Signer
 from taskfleet.server import metrics
 from taskfleet.server.fleet import ComputerState, Fleet
 from taskfleet.settings import WRITE_BATCH_MAX
-from taskfleet.store.activities import Change, apply_changes
+from taskfleet.store.activities import FINISHED, Change, apply_changes
 from taskfleet.store.schema import activities, computers, outbox, requests
 
 log = logging.getLogger("taskfleet.writer")
+_STOP = object()  # put by stop(): the loop ends after the jobs queued before it
 T = TypeVar("T")
 
 _CLIENT = ActivityKind.CLIENT
@@ -90,11 +91,17 @@ class Writer:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
+        # Called after each commit with the activities it moved to a final
+        # state (the lifecycle engine releases what waited on them).
+        self.on_finished: Callable[[set[int]], None] | None = None
+        self._done_ids: set[int] = set()
+        # computer id, now -> True while its maintenance window is closed
+        self.window_closed: Callable[[int, float], bool] = lambda _cid, _now: False
         self.fleet = fleet
         self.signer = signer
         self.lost_grace = lost_grace
         self.clock = clock
-        self._queue: asyncio.Queue[ExchangeJob | _FnJob] = asyncio.Queue()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()  # jobs, or _STOP
         self._task: asyncio.Task[None] | None = None
         self.pg = engine.dialect.name == "postgresql"
 
@@ -106,10 +113,17 @@ class Writer:
         return self._task is not None and not self._task.done()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        """Finish what is queued, then end; cancel only if that takes too long."""
+        task = self._task
+        if task is None or task.done():
+            return
+        self._queue.put_nowait(_STOP)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 10.0)
+        except TimeoutError:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     async def run(
         self,
@@ -129,9 +143,16 @@ class Writer:
     async def _loop(self) -> None:
         while True:
             first = await self._queue.get()
-            batch: list[ExchangeJob | _FnJob] = [first]
-            while len(batch) < WRITE_BATCH_MAX and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch: list[ExchangeJob | _FnJob] = []
+            stopping = first is _STOP
+            if not stopping:
+                batch.append(first)
+            while len(batch) < WRITE_BATCH_MAX and not self._queue.empty() and not stopping:
+                job = self._queue.get_nowait()
+                if job is _STOP:
+                    stopping = True
+                else:
+                    batch.append(job)
             # Keep FIFO order: consecutive jobs of one kind go together.
             run: list[ExchangeJob] = []
             fns: list[_FnJob] = []
@@ -150,6 +171,8 @@ class Writer:
                 await self._exchanges(run)
             if fns:
                 await self._fns(fns)
+            if stopping:
+                return
 
     async def _fns(self, jobs: list[_FnJob]) -> None:
         """Run function jobs in one transaction: one commit for the batch.
@@ -159,16 +182,17 @@ class Writer:
         one savepoint per job, so a failing job undoes only its own writes."""
         if len(jobs) > 1:
             try:
-                async with self.engine.begin() as conn:
+                async with self._begin() as conn:
                     results = [await job.fn(conn) for job in jobs]
             except Exception:
                 pass  # someone's bad input: find out whose, below
             else:
+                self._finished(conn)
                 self._settle(jobs, [(True, r) for r in results])
                 return
         outcomes: list[tuple[bool, Any]] = []
         try:
-            async with self.engine.begin() as conn:
+            async with self._begin() as conn:
                 for job in jobs:
                     savepoint = await conn.begin_nested()
                     try:
@@ -185,7 +209,28 @@ class Writer:
                 if not job.fut.done():
                     job.fut.set_exception(exc)
             return
+        self._finished(conn)
         self._settle(jobs, outcomes)
+
+    @contextlib.asynccontextmanager
+    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        self._done_ids = set()
+        async with self.engine.begin() as conn:
+            # Per transaction: the pooled connection's info outlives it.
+            conn.info[FINISHED] = self._done_ids
+            try:
+                yield conn
+            finally:
+                conn.info.pop(FINISHED, None)
+
+    def _finished(self, _conn: AsyncConnection) -> None:
+        """After a commit: tell the lifecycle engine what that transaction finished."""
+        ids, self._done_ids = self._done_ids, set()
+        if ids and self.on_finished is not None:
+            try:
+                self.on_finished(ids)
+            except Exception:
+                log.exception("after-commit finished hook failed")
 
     def _settle(self, jobs: list[_FnJob], outcomes: list[tuple[bool, Any]]) -> None:
         for job, (ok, value) in zip(jobs, outcomes, strict=True):
@@ -214,7 +259,7 @@ class Writer:
         metrics.BATCH_SIZE.observe(len(now_jobs))
         while now_jobs:
             try:
-                async with self.engine.begin() as conn:
+                async with self._begin() as conn:
                     pending = await self._apply(conn, now_jobs)
             except _BadJob as bad:
                 now_jobs.remove(bad.job)
@@ -227,6 +272,7 @@ class Writer:
                     if not job.fut.done():
                         job.fut.set_exception(exc)
                 return
+            self._finished(conn)
             now = self.clock()
             for job in now_jobs:
                 p = pending[job.cs.id]
@@ -480,23 +526,31 @@ class Writer:
         by_id = {j.cs.id: j.cs for j in jobs}
         for cs in by_id.values():
             # Cleared before the read: work committed after it sets it again.
+            # Held work (a closed window, a later time) is woken by the
+            # lifecycle engine when it becomes due.
             cs.has_work = False
+        by_id = {cid: cs for cid, cs in by_id.items() if not self.window_closed(cid, now)}
+        if not by_id:
+            return
         query = (
             sa.select(
                 activities.c.id,
                 activities.c.computer_id,
                 activities.c.tenant_id,
                 activities.c.type,
+                activities.c.state,
                 requests.c.params,
                 requests.c.timeout,
                 requests.c.policy,
             )
             .join(requests, requests.c.id == activities.c.request_id)
             .where(activities.c.computer_id.in_(list(by_id)))
-            .where(activities.c.state == State.QUEUED.value)
+            .where(activities.c.state.in_([State.QUEUED.value, State.SCHEDULED.value]))
             .where(activities.c.kind == _CLIENT.value)
             # Expired work is never handed out, even before the reaper gets to it.
             .where(sa.or_(activities.c.expires_at.is_(None), activities.c.expires_at > now))
+            # "Not earlier than" (SPEC 2.1): Scheduled, or Queued after an approval.
+            .where(sa.or_(activities.c.not_before.is_(None), activities.c.not_before <= now))
             .order_by(activities.c.id)
         )
         if self.pg:
@@ -541,7 +595,7 @@ class Writer:
             )
             t = transition(
                 _CLIENT,
-                State.QUEUED,
+                State(row.state),  # Queued, or Scheduled whose time came
                 State.IN_PROGRESS,
                 cause=Cause.DELIVERED,
                 actor="server",
@@ -646,18 +700,22 @@ async def reap_lost(conn: AsyncConnection, now: float, limit: int = 5000) -> lis
     )
 
 
-EXPIRED_LINE = result_line("Queued", "Canceled", "Expired before the computer picked it up", None)
+EXPIRED_LINE = result_line("Pending", "Canceled", "Expired before the computer picked it up", None)
 
 
 async def reap_expired(conn: AsyncConnection, now: float, limit: int = 5000) -> list[int]:
-    """SPEC 9: queued work that was not handed out by its expiry is Canceled, "expired"."""
-    return await _time_out(
-        conn,
-        now,
-        state=State.QUEUED,
-        target=State.CANCELED,
-        column=activities.c.expires_at,
-        reason="expired",
-        line=EXPIRED_LINE,
-        limit=limit,
-    )
+    """SPEC 9: work not handed out by its expiry is Canceled, "expired" (Queued, and
+    also Scheduled, Waiting or Blocked: it would reach the computer too late)."""
+    out: list[int] = []
+    for state in (State.QUEUED, State.SCHEDULED, State.WAITING, State.BLOCKED):
+        out += await _time_out(
+            conn,
+            now,
+            state=state,
+            target=State.CANCELED,
+            column=activities.c.expires_at,
+            reason="expired",
+            line=EXPIRED_LINE,
+            limit=limit,
+        )
+    return out

@@ -18,6 +18,9 @@ metadata = sa.MetaData(
     }
 )
 
+# Python None stored as SQL NULL (not JSON null), so "IS NOT NULL" finds the set ones.
+_JSON_OR_NULL = sa.JSON(none_as_null=True)
+
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite rowid aliasing
 
 tenants = sa.Table(
@@ -79,6 +82,9 @@ groups = sa.Table(
     sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
     sa.Column("name", sa.String(64), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    # Maintenance window (SPEC 9): client work for members is handed out only inside it.
+    sa.Column("window", sa.String(16), nullable=True),  # HH:MM-HH:MM, local time
+    sa.Column("utc_offset", sa.Integer, nullable=True),  # minutes east of UTC
     sa.UniqueConstraint("tenant_id", "name"),
 )
 
@@ -114,6 +120,12 @@ requests = sa.Table(
     sa.Column("timeout", sa.Float, nullable=False),
     sa.Column("total", sa.Integer, nullable=False),
     sa.Column("policy", sa.JSON, nullable=True),  # mode, interval, every (domain/policy.py)
+    # The lifecycle (SPEC 2.1, 7, 9); see server/lifecycle.py.
+    sa.Column("not_before", sa.Float, nullable=True),  # Scheduled: not earlier than
+    sa.Column("depends_on", _JSON_OR_NULL, nullable=True),  # {kind, on, metric, percent}
+    sa.Column("approval", _JSON_OR_NULL, nullable=True),  # {separation, expires_at, decision, ...}
+    sa.Column("rollout", _JSON_OR_NULL, nullable=True),  # {canary, size|share, success, ...}
+    sa.Column("schedule_id", sa.BigInteger, nullable=True),  # fired by this cron schedule
 )
 
 activities = sa.Table(
@@ -147,6 +159,8 @@ activities = sa.Table(
     sa.Column("agent_status", sa.String(16), nullable=True),  # working | deferred (agent says)
     sa.Column("agent_attempt", sa.Integer, nullable=True),
     sa.Column("runs", sa.Integer, nullable=True),  # recurring: runs reported so far
+    sa.Column("not_before", sa.Float, nullable=True),  # not handed out before this time
+    sa.Column("wave", sa.Integer, nullable=True),  # rollout wave (0 = first)
     sa.Index(None, "computer_id", "state"),
     sa.Index(None, "request_id", "state"),
     sa.Index(None, "state", "deadline_at"),
@@ -166,6 +180,23 @@ activity_events = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
     sa.Column("reason", sa.String(2000), nullable=False, default=""),
     sa.Index(None, "activity_id"),
+)
+
+# Recurring work (SPEC "cron schedules"): each firing creates its own request.
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    sa.Column("id", BigId, primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("cron", sa.String(128), nullable=False),  # 5 fields, UTC
+    sa.Column("template", sa.JSON, nullable=False),  # the request body each run uses
+    sa.Column("created_by", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("next_at", sa.Float, nullable=True),  # None once canceled
+    sa.Column("canceled_at", sa.Float, nullable=True),
+    sa.Column("runs", sa.Integer, nullable=False, default=0),
+    sa.Column("last_request_id", sa.BigInteger, nullable=True),
+    sa.Column("last_error", sa.String(2000), nullable=True),
 )
 
 # Server -> agent messages not yet acknowledged by the agent (SPEC 3.1 resend).
@@ -207,6 +238,8 @@ server_tasks = sa.Table(
     sa.Column("retry_of", sa.BigInteger, nullable=True),
     sa.Column("command_line", sa.Text, nullable=True),
     sa.Column("submitted_by", sa.String(64), nullable=False),
+    # Blocked/Waiting (issue 5): {"approval": {...}, "after": {"task": ID, "metric": ...}}
+    sa.Column("hold", _JSON_OR_NULL, nullable=True),
     sa.Index(None, "dedupe_key"),
     sa.Index(None, "claimed_by"),
 )
