@@ -64,6 +64,13 @@ def _pg_admin(sql: str) -> None:
 @pytest.fixture
 def database_url(tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database of the selected backend."""
+    with fresh_database(tmp_path) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def fresh_database(tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of the selected backend, dropped afterwards."""
     if BACKEND == "sqlite":
         yield f"sqlite:///{tmp_path / 'server' / 'taskfleet.sqlite3'}"
         return

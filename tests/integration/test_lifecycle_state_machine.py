@@ -27,6 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from taskfleet.domain.policy import RunWindow
 from taskfleet.domain.states import CLIENT_TRANSITIONS, State
+from tests.conftest import fresh_database
 from tests.inproc import FakeClock, Harness, SimAgent, inproc_server
 
 KINDS = ["plain", "at", "after", "approval", "approval+after", "rollout", "separation"]
@@ -38,7 +39,10 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.tmp = tempfile.TemporaryDirectory()
         self.stack = contextlib.AsyncExitStack()
-        url = f"sqlite:///{Path(self.tmp.name) / 'db.sqlite3'}"
+        # The selected backend (TASKFLEET_TEST_DB): SQLite, or a fresh PostgreSQL
+        # database per example.
+        self.db = contextlib.ExitStack()
+        url = self.db.enter_context(fresh_database(Path(self.tmp.name)))
         self.clock = FakeClock()
         self.h: Harness = self._await(
             self.stack.enter_async_context(
@@ -77,9 +81,12 @@ class LifecycleMachine(RuleBasedStateMachine):
                     t.print_stack()
                 raise
 
-        self._await(close())
-        self.loop.close()
-        self.tmp.cleanup()
+        try:
+            self._await(close())
+        finally:
+            self.loop.close()
+            self.db.close()
+            self.tmp.cleanup()
 
     def _check(self, r: Any) -> Any:
         assert r.status_code < 500, r.text
