@@ -967,6 +967,9 @@ class Lifecycle:
         self._window_next: dict[int, float] = {}  # group id -> its pending opening timer
         self._finished: set[int] = set()
         self._event = asyncio.Event()
+        # One pass at a time: a pass started elsewhere (a test's tick, the loop)
+        # waits for the running one, which may have popped the timers it wants.
+        self._pass_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.passes = 0
 
@@ -1114,7 +1117,12 @@ class Lifecycle:
                 await asyncio.sleep(self.interval)
 
     async def run_pass(self) -> None:
-        """One pass: the due timers, then what finished since the last pass."""
+        """One pass: the due timers, then what finished since the last pass.
+        Passes never overlap; one asked for during another runs after it."""
+        async with self._pass_lock:
+            await self._pass()
+
+    async def _pass(self) -> None:
         self.passes += 1
         now = self.clock()
         while self.timers and self.timers[0][0] <= now:
