@@ -79,6 +79,8 @@ class _Batcher:
 
     async def call_many(self, items: list[Any]) -> list[Any]:
         """All of ``items`` in one transaction (with whatever else is waiting)."""
+        if len(items) == 1:  # the embedded queue's case: no gather to pay for
+            return [await self._submit(items[0])]
         futures = [self._submit(item) for item in items]
         return list(await asyncio.gather(*futures))
 
@@ -278,7 +280,9 @@ class Worker:
             else:
                 self.running.add(tid)
                 runs.append(self._run(claimed))
-        if runs:
+        if len(runs) == 1:
+            await runs[0]  # one task per delivery (embedded): no gather task per task
+        elif runs:
             await asyncio.gather(*runs)
         # Every claimed task's result is stored (or none was claimed): only now may
         # the broker forget the delivery.
