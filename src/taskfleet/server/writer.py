@@ -179,17 +179,20 @@ class Writer:
 
         Optimistic first: the whole batch without savepoints (they cost a round
         trip each). If any job fails, the batch is rolled back and run again with
-        one savepoint per job, so a failing job undoes only its own writes."""
-        if len(jobs) > 1:
-            try:
-                async with self._begin() as conn:
-                    results = [await job.fn(conn) for job in jobs]
-            except Exception:
-                pass  # someone's bad input: find out whose, below
-            else:
-                self._finished(conn)
-                self._settle(jobs, [(True, r) for r in results])
-                return
+        one savepoint per job, so a failing job undoes only its own writes. A
+        batch of one needs no savepoint: its transaction is its own."""
+        if len(jobs) == 1:
+            await self._one_fn(jobs[0])
+            return
+        try:
+            async with self._begin() as conn:
+                results = [await job.fn(conn) for job in jobs]
+        except Exception:
+            pass  # someone's bad input: find out whose, below
+        else:
+            self._finished(conn)
+            self._settle(jobs, [(True, r) for r in results])
+            return
         outcomes: list[tuple[bool, Any]] = []
         try:
             async with self._begin() as conn:
@@ -211,6 +214,21 @@ class Writer:
             return
         self._finished(conn)
         self._settle(jobs, outcomes)
+
+    async def _one_fn(self, job: _FnJob) -> None:
+        ran = False
+        try:
+            async with self._begin() as conn:
+                result = await job.fn(conn)
+                ran = True
+        except Exception as exc:
+            if ran:
+                log.exception("write batch of 1 job failed at commit")
+            if not job.fut.done():
+                job.fut.set_exception(exc)
+            return
+        self._finished(conn)
+        self._settle([job], [(True, result)])
 
     @contextlib.asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
