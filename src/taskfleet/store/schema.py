@@ -120,7 +120,7 @@ requests = sa.Table(
     sa.Column("timeout", sa.Float, nullable=False),
     sa.Column("total", sa.Integer, nullable=False),
     sa.Column("policy", sa.JSON, nullable=True),  # mode, interval, every (domain/policy.py)
-    # The lifecycle (SPEC 2.1, 7, 9); see server/lifecycle.py.
+    # The lifecycle (SPEC 2.1, 7, 9); see server/lifecycle/.
     sa.Column("not_before", sa.Float, nullable=True),  # Scheduled: not earlier than
     sa.Column("depends_on", _JSON_OR_NULL, nullable=True),  # {kind, on, metric, percent}
     sa.Column("approval", _JSON_OR_NULL, nullable=True),  # {separation, expires_at, decision, ...}

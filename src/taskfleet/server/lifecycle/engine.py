@@ -1,0 +1,289 @@
+"""The lifecycle engine: :class:`Lifecycle` keeps in-memory indexes (who waits on
+what, open rollouts, a timer heap, windows per computer) so a pass costs what
+changed: a finished activity looks only at its waiters, time pops only due timers.
+It never sleeps past a timer and reads the time from an injectable clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import sqlalchemy as sa
+
+from taskfleet.domain.lifecycle import next_window_open
+from taskfleet.domain.policy import RunWindow
+from taskfleet.domain.states import State
+from taskfleet.server.lifecycle.approvals import expire_approval
+from taskfleet.server.lifecycle.moves import Moved, evaluate_rollout, evaluate_waiter
+from taskfleet.server.lifecycle.options import iso
+from taskfleet.server.lifecycle.windows import closed_windows, load_windows
+from taskfleet.store.schema import activities, requests, schedules
+
+log = logging.getLogger("taskfleet.lifecycle")
+
+
+Wake = Callable[[Iterable[int]], None]  # computer ids that have work now
+
+
+class Lifecycle:
+    """In-memory indexes and the pass loop; see the module docstring."""
+
+    def __init__(
+        self,
+        run: Callable[..., Any],  # Writer.run
+        read: Any,  # engine for reads
+        wake: Wake,
+        *,
+        clock: Callable[[], float] = time.time,
+        interval: float = 1.0,
+        fire: Callable[[int], Any] | None = None,  # schedule id -> awaitable (creates a run)
+    ) -> None:
+        self.run = run
+        self.read = read
+        self.wake = wake
+        self.clock = clock
+        self.interval = interval
+        self.fire = fire
+        # dependency key ("request"|"activity", id) -> requests Waiting on it
+        self.waiters: dict[tuple[str, int], set[int]] = {}
+        self._waits_on: dict[int, tuple[str, int]] = {}  # the reverse: O(1) forget
+        self.rollouts: set[int] = set()
+        self.timers: list[tuple[float, str, int]] = []
+        self.windows: dict[int, list[tuple[RunWindow, int, int]]] = {}
+        self._window_next: dict[int, float] = {}  # group id -> its pending opening timer
+        self._finished: set[int] = set()
+        self._event = asyncio.Event()
+        # One pass at a time: a pass started elsewhere (a test's tick, the loop)
+        # waits for the running one, which may have popped the timers it wants.
+        self._pass_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.passes = 0
+
+    # -- memory ------------------------------------------------------------------
+
+    def watch(self, req: dict[str, Any]) -> None:
+        """Index one request's pending lifecycle (after creation, approval, at start)."""
+        now = self.clock()
+        rid = int(req["id"])
+        if req.get("not_before") is not None and req["not_before"] > now:
+            self._at(req["not_before"], "release", rid)
+        a = req.get("approval")
+        if a and a.get("decision") is None and a.get("expires_at") is not None:
+            self._at(a["expires_at"], "approval", rid)
+        if req.get("depends_on") is not None:
+            d = req["depends_on"]
+            key = (d["kind"], int(d["on"]))
+            self.waiters.setdefault(key, set()).add(rid)
+            self._waits_on[rid] = key
+        if req.get("rollout"):
+            self.rollouts.add(rid)
+        self.poke()
+
+    def _at(self, when: float, kind: str, ident: int) -> None:
+        heapq.heappush(self.timers, (when, kind, ident))
+
+    def forget(self, request_ids: Iterable[int], *, rollouts: bool = False) -> None:
+        gone = set(request_ids)
+        for rid in gone:
+            key = self._waits_on.pop(rid, None)
+            if key is not None and key in self.waiters:
+                self.waiters[key].discard(rid)
+                if not self.waiters[key]:
+                    del self.waiters[key]
+        if rollouts:
+            self.rollouts -= gone
+
+    def on_finished(self, activity_ids: set[int]) -> None:
+        """Writer hook (after commit): these activities reached a final state."""
+        if self.waiters or self.rollouts:
+            self._finished |= activity_ids
+            self._event.set()
+
+    def poke(self) -> None:
+        self._event.set()
+
+    @property
+    def has_windows(self) -> bool:
+        return bool(self._window_next)
+
+    def window_closed(self, computer_id: int, now: float) -> bool:
+        ws = self.windows.get(computer_id)
+        return ws is not None and bool(closed_windows(ws, now))
+
+    def why_held(self, computer_id: int, now: float) -> str | None:
+        ws = self.windows.get(computer_id)
+        closed = closed_windows(ws, now) if ws else []
+        if not closed:
+            return None
+        opens = max(next_window_open(w, now, off) for w, off, _ in closed)
+        shown = ", ".join(f"{w} (UTC{off / 60:+g}h)" for w, off, _ in closed)
+        return f"waits for the maintenance window {shown}; opens at {iso(opens)}"
+
+    # -- loading -------------------------------------------------------------------
+
+    async def load(self) -> None:
+        async with self.read.connect() as conn:
+            pending = sa.select(activities.c.request_id).where(
+                activities.c.state.in_(
+                    [
+                        State.SCHEDULED.value,
+                        State.WAITING.value,
+                        State.BLOCKED.value,
+                        State.QUEUED.value,
+                        State.IN_PROGRESS.value,
+                    ]
+                ),
+                activities.c.request_id == requests.c.id,
+            )
+            for row in await conn.execute(
+                sa.select(requests).where(
+                    sa.or_(
+                        requests.c.not_before.is_not(None),
+                        requests.c.depends_on.is_not(None),
+                        requests.c.approval.is_not(None),
+                        requests.c.rollout.is_not(None),
+                    ),
+                    sa.exists(pending),
+                )
+            ):
+                self.watch(dict(row._mapping))
+            for row in await conn.execute(
+                sa.select(schedules.c.id, schedules.c.next_at).where(
+                    schedules.c.next_at.is_not(None)
+                )
+            ):
+                self._at(row.next_at, "cron", row.id)
+        await self.reload_windows()
+
+    async def reload_windows(self) -> None:
+        async with self.read.connect() as conn:
+            self.windows = await load_windows(conn)
+        now = self.clock()
+        seen: dict[int, tuple[RunWindow, int]] = {}
+        for ws in self.windows.values():
+            for w, off, gid in ws:
+                seen[gid] = (w, off)
+        for gid, (w, off) in seen.items():
+            # A changed window gets a new timer; the old one is recognised as stale.
+            when = next_window_open(w, now, off)
+            if self._window_next.get(gid) != when:
+                self._window_next[gid] = when
+                self._at(when, "window", gid)
+        for gid in set(self._window_next) - set(seen):
+            del self._window_next[gid]  # window cleared or group gone: its timer is stale
+        self.poke()
+
+    def add_schedule(self, sid: int, next_at: float) -> None:
+        self._at(next_at, "cron", sid)
+        self.poke()
+
+    # -- the loop ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="lifecycle")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            timeout = self.interval
+            if self.timers:
+                timeout = max(0.0, min(timeout, self.timers[0][0] - self.clock()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), timeout)
+            self._event.clear()
+            try:
+                await self.run_pass()
+            except Exception:
+                log.exception("lifecycle pass failed; retrying")
+                await asyncio.sleep(self.interval)
+
+    async def run_pass(self) -> None:
+        """One pass: the due timers, then what finished since the last pass.
+        Passes never overlap; one asked for during another runs after it."""
+        async with self._pass_lock:
+            await self._pass()
+
+    async def _pass(self) -> None:
+        self.passes += 1
+        now = self.clock()
+        while self.timers and self.timers[0][0] <= now:
+            when, kind, ident = heapq.heappop(self.timers)
+            await self._timer(kind, ident, now, when)
+        if self._finished:
+            ids, self._finished = self._finished, set()
+            await self._react(ids, now)
+
+    async def _timer(self, kind: str, ident: int, now: float, when: float) -> None:
+        if kind == "release":
+            async with self.read.connect() as conn:
+                cids = (
+                    await conn.execute(
+                        sa.select(activities.c.computer_id).where(
+                            activities.c.request_id == ident,
+                            activities.c.state.in_([State.SCHEDULED.value, State.QUEUED.value]),
+                        )
+                    )
+                ).scalars()
+                self.wake([int(c) for c in cids])
+        elif kind == "approval":
+            self.apply(await self.run(lambda c: expire_approval(c, self.clock(), ident)))
+        elif kind == "window":
+            if self._window_next.get(ident) != when:
+                return  # stale: the window changed or was cleared since
+            members = [cid for cid, ws in self.windows.items() if any(g == ident for *_, g in ws)]
+            self.wake(members)
+            for ws in self.windows.values():
+                for w, off, gid in ws:
+                    if gid == ident:
+                        # the next opening after this one (a minute on, so not "now")
+                        nxt = next_window_open(w, now + 60, off)
+                        self._window_next[gid] = nxt
+                        self._at(nxt, "window", gid)
+                        return
+            self._window_next.pop(ident, None)
+        elif kind == "cron" and self.fire is not None:
+            nxt = await self.fire(ident)
+            if nxt is not None:
+                self._at(nxt, "cron", ident)
+
+    async def _react(self, finished: set[int], now: float) -> None:
+        async with self.read.connect() as conn:
+            rows = list(
+                await conn.execute(
+                    sa.select(activities.c.id, activities.c.request_id).where(
+                        activities.c.id.in_(list(finished))
+                    )
+                )
+            )
+        touched_requests = {r.request_id for r in rows if r.request_id is not None}
+        waiting: set[int] = set()
+        for r in rows:
+            waiting |= self.waiters.get(("activity", r.id), set())
+        for rid in touched_requests:
+            waiting |= self.waiters.get(("request", rid), set())
+        for rid in sorted(waiting):
+            self.apply(await self.run(lambda c, rid=rid: evaluate_waiter(c, self.clock(), rid)))
+        for rid in sorted(touched_requests & self.rollouts):
+            self.apply(await self.run(lambda c, rid=rid: evaluate_rollout(c, self.clock(), rid)))
+
+    def apply(self, moved: Moved) -> None:
+        """After a lifecycle write committed: wake computers, update the indexes."""
+        if moved.done:
+            self.forget(moved.done)
+        if moved.over:
+            self.forget(moved.over, rollouts=True)
+        for req in moved.watch:  # after forgetting: a new dependency replaces the old
+            self.watch(req)
+        if moved.queued_computers:
+            self.wake(moved.queued_computers)
