@@ -850,7 +850,10 @@ def _lifecycle_lines(req: dict[str, Any]) -> list[str]:
     r = req.get("rollout")
     if r:
         step = f"{r['size']} computers" if r.get("size") else f"{r['share']:g}%"
-        state = f"PAUSED: {r.get('pause_reason')}" if r.get("paused") else "running"
+        if r.get("paused"):
+            state = f"PAUSED: {r.get('pause_reason')}"
+        else:
+            state = "finished" if (req.get("progress") or {}).get("done") else "running"
         out.append(
             f"rollout: {r['waves']} waves (canary {r['canary']}, then {step}), next wave at "
             f"{r['success']:g}% succeeded, pause above {r['max_failures']:g}% failed; {state}"
