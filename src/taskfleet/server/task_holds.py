@@ -14,18 +14,17 @@ a dict lookup when nobody waits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
-from taskfleet.domain.lifecycle import Approval, approval_refusal
+from taskfleet.domain.lifecycle import MAX_AHEAD, Approval, approval_refusal
 from taskfleet.domain.scheduling import Pending
 from taskfleet.domain.states import FINAL_STATES, Cause, State
 from taskfleet.server.service import ApiError, Principal
 from taskfleet.store import tasks as store
 
 log = logging.getLogger("taskfleet.scheduler")
-
-MAX_AHEAD = 366 * 86400.0
 
 
 def parse_hold(now: float, actor: str, approval: Any, after: Any) -> dict[str, Any] | None:
@@ -83,6 +82,7 @@ class TaskHolds:
     clock: Any
     _wake: Any
     _task_waiters: dict[int, set[int]]
+    _settling: set[asyncio.Task[None]]
 
     async def hold_for(
         self, conn: Any, p: Principal, hold: dict[str, Any] | None
@@ -119,9 +119,10 @@ class TaskHolds:
         """Tasks ended: release or cancel the tasks waiting on them (in the background)."""
         waiting = [w for t in task_ids for w in self._task_waiters.pop(t, ())]
         if waiting:
-            import asyncio
-
-            asyncio.get_running_loop().create_task(self._settle_waiters(waiting))
+            # Held here until done: the loop keeps only a weak reference to a task.
+            task = asyncio.get_running_loop().create_task(self._settle_waiters(waiting))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
 
     async def _settle_waiters(self, waiting: list[int]) -> None:
         for tid in waiting:

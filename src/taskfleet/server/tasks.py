@@ -68,6 +68,7 @@ class TaskManager(TaskHolds):
     _types: dict[str, TaskType] = field(init=False)
     _task_waiters: dict[int, set[int]] = field(init=False, default_factory=dict)
     _new_holds: dict[int, dict[str, Any]] = field(init=False, default_factory=dict)
+    _settling: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self._types = scheduling_types(self.specs)

@@ -32,7 +32,6 @@ from taskfleet.server.lifecycle.moves import (
     set_after,
 )
 from taskfleet.server.lifecycle.options import (
-    MAX_AHEAD,
     After,
     Options,
     check_options,
@@ -55,7 +54,6 @@ from taskfleet.server.lifecycle.windows import (
 )
 
 __all__ = [
-    "MAX_AHEAD",
     "After",
     "Lifecycle",
     "Moved",

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.lifecycle import (
+    MAX_AHEAD,
     Dependency,
     RolloutPolicy,
     RuleError,
@@ -23,8 +24,6 @@ from taskfleet.domain.lifecycle import (
 from taskfleet.domain.progress import Progress, progress
 from taskfleet.server.service import ApiError, Principal, state_counts
 from taskfleet.store.schema import activities, requests
-
-MAX_AHEAD = 366 * 86400.0  # a schedule or approval expiry further out is a typo
 
 
 def iso(ts: float) -> str:
