@@ -1,3 +1,3 @@
-from taskfleet.cli.main import main
+from taskfleet.cli import main
 
 main()

@@ -1,7 +1,8 @@
-"""The ``taskfleet`` command: one subcommand per part and per kind of work.
+"""The admin commands of ``taskfleet`` (the agent's are in ``cli/agent.py``).
 
-Imports are local to each command so ``taskfleet agent`` loads only what an
-agent needs (it runs on production machines and must stay lean).
+``cli`` collects them; the ``taskfleet`` command (``taskfleet.cli.root``)
+loads this module only when one of them runs. Imports are local to each
+command so each loads only what it needs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 
 import click
 
-from taskfleet import __version__
 from taskfleet.cli.client import (
     Api,
     client_options,
@@ -28,14 +28,9 @@ from taskfleet.cli.client import (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="taskfleet")
+@click.group()
 def cli() -> None:
-    """taskfleet: run work on a fleet of computers and see where it truly stands."""
-
-
-def main() -> None:
-    cli(prog_name="taskfleet")
+    """The admin commands (served through ``taskfleet.cli.root``)."""
 
 
 # -- parts ------------------------------------------------------------------------
@@ -186,287 +181,6 @@ def server(
         timeout_keep_alive=120,
         backlog=4096,
     )
-
-
-@cli.group(invoke_without_command=True)
-@click.option(
-    "--server", "server_url", envvar="TASKFLEET_SERVER", help="Server URL [env: TASKFLEET_SERVER]."
-)
-@click.option("--enroll-token", envvar="TASKFLEET_ENROLL_TOKEN", help="Enrollment token.")
-@click.option(
-    "--state-dir",
-    type=click.Path(path_type=Path),
-    default=Path("/var/lib/taskfleet"),
-    show_default=True,
-    help="The agent's durable local state.",
-)
-@click.option(
-    "--tickle-port",
-    type=int,
-    default=50124,
-    show_default=True,
-    help="UDP port for wake-ups; 0 = none, hold a long poll instead.",
-)
-@click.option("--tickle-bind", default="0.0.0.0", show_default=True)
-@click.option(
-    "--poll-interval",
-    type=float,
-    default=None,
-    help="Seconds between fallback exchanges [default: what the server says].",
-)
-@click.option(
-    "--allow-scripts/--no-allow-scripts",
-    default=False,
-    show_default=True,
-    help="Whether this computer runs scripts at all.",
-)
-@click.option(
-    "--script-user",
-    multiple=True,
-    help="Extra users scripts may run as (default: only the agent's own user).",
-)
-@click.option("--hostname", default=None, help="Name shown for this computer.")
-@click.option(
-    "--machine-id",
-    default=None,
-    help="Stable identity [default: from /etc/machine-id and the state folder].",
-)
-@click.option("--reenroll", is_flag=True, help="Enroll again even if already enrolled.")
-@click.option(
-    "--run-window",
-    default=None,
-    help="HH:MM-HH:MM local time when optional work may run; outside it, it is Deferred.",
-)
-@click.option(
-    "--scrub-interval",
-    type=float,
-    default=3600.0,
-    show_default=True,
-    help="Seconds between scrubber runs (it also runs at start).",
-)
-@click.option(
-    "--max-attempts",
-    type=click.IntRange(1, 100),
-    default=3,
-    show_default=True,
-    help="Attempts after which the scrubber stops continuing an operation.",
-)
-@click.option(
-    "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
-)
-@click.pass_context
-def agent(
-    ctx: click.Context,
-    server_url: str | None,
-    enroll_token: str | None,
-    state_dir: Path,
-    tickle_port: int,
-    tickle_bind: str,
-    poll_interval: float | None,
-    allow_scripts: bool,
-    script_user: tuple[str, ...],
-    hostname: str | None,
-    machine_id: str | None,
-    reenroll: bool,
-    run_window: str | None,
-    scrub_interval: float,
-    max_attempts: int,
-    log_format: str,
-) -> None:
-    """Run the agent on a managed computer (enrolls on first start)."""
-    if ctx.invoked_subcommand is not None:
-        ctx.obj = {"state_dir": state_dir, "max_attempts": max_attempts}
-        return
-    if run_window is not None:
-        from taskfleet.domain.policy import RunWindow
-
-        try:
-            RunWindow.parse(run_window)
-        except ValueError as exc:
-            fail(str(exc))
-    if scrub_interval <= 0:
-        fail("--scrub-interval must be positive")
-    from taskfleet import logs
-    from taskfleet.agent.main import AgentConfig, run_agent
-    from taskfleet.agent.state import StateError
-
-    if not server_url:
-        fail("no server given: use --server URL or set TASKFLEET_SERVER")
-    if not 0 <= tickle_port < 65536:
-        fail("--tickle-port must be 0..65535")
-    logs.setup(log_format)
-    config = AgentConfig(
-        server=server_url,
-        state_dir=state_dir,
-        enroll_token=enroll_token,
-        tickle_port=tickle_port,
-        tickle_bind=tickle_bind,
-        poll_interval=poll_interval,
-        allow_scripts=allow_scripts,
-        script_users=script_user,
-        machine_id=machine_id,
-        reenroll=reenroll,
-        run_window=run_window,
-        scrub_interval=scrub_interval,
-        max_attempts=max_attempts,
-    )
-    if hostname:
-        config.hostname = hostname
-    try:
-        run_agent(config)
-    except StateError as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(f"agent cannot start: {exc}")
-
-
-@agent.command("status")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def agent_status(ctx: click.Context, as_json: bool) -> None:
-    """Show this agent's identity and local operation records."""
-    from taskfleet.agent.state import LocalState, StateError
-
-    try:
-        state = LocalState(ctx.obj["state_dir"])
-    except StateError as exc:
-        fail(str(exc))
-    ident = state.identity()
-    data = {
-        "computer_id": ident.computer_id if ident else None,
-        "server": ident.server if ident else None,
-        "server_seq": state.server_seq,
-        "unsent_results": state.outbox_size(),
-        "records": state.records(),
-    }
-    names = [
-        "unknown",
-        "working",
-        "downloading",
-        "installing",
-        "success",
-        "failed",
-        "canceled",
-        "deferred",
-    ]
-
-    def table(d: dict[str, Any]) -> None:
-        print_fields(
-            "agent",
-            [
-                ("computer", d["computer_id"]),
-                ("server", d["server"]),
-                ("unsent results", d["unsent_results"]),
-            ],
-        )
-        print_table(
-            "local records",
-            ["op", "type", "status", "attempts", "received", "ended"],
-            [
-                [
-                    r["op"],
-                    r["type"],
-                    f"{r['status']} {names[r['status']]}",
-                    r["attempts"],
-                    when(r["received_at"]),
-                    when(r["ended_at"]),
-                ]
-                for r in d["records"]
-            ],
-        )
-
-    emit(data, as_json, table)
-
-
-@agent.command("scrub")
-@click.option("--dry-run", is_flag=True, help="Only print the decisions.")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def agent_scrub(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
-    """Run the task status scrubber (SPEC 5) on the local records and print each decision."""
-    from taskfleet.agent import scrub
-    from taskfleet.agent.state import LocalState, StateError
-
-    folder = ctx.obj["state_dir"]
-    try:
-        state = LocalState(folder)
-    except StateError as exc:
-        fail(str(exc))
-    if not dry_run and scrub.agent_lock(folder).held_elsewhere():
-        fail(
-            "the agent is running: it scrubs its own records (at start and every "
-            "--scrub-interval); stop it first, or use --dry-run to see the decisions"
-        )
-    running = scrub.executor_lock(folder).held_elsewhere()
-    plan, ops = scrub.plan(
-        state, folder, executor_running=running, max_attempts=ctx.obj["max_attempts"]
-    )
-    rows = [
-        {
-            "op": r.op,
-            "pushed": r.pushed,
-            "mode": r.mode.value,
-            "interval": r.interval.value,
-            "status": int(r.status),
-            "status_name": r.status.name.title(),
-            "checkpoint": r.has_checkpoint,
-            "attempts": r.attempts,
-            "decision": d.action.value,
-            "rule": d.rule,
-        }
-        for r, d in plan.decisions
-    ]
-    if not dry_run:
-        for r, d in plan.decisions:
-            if d.action.value == "leave":
-                continue
-            scrub.kill_leftover(ops[r.op])
-            if d.action.value == "scrub":
-                scrub.scrub(state, ops[r.op], d)
-            else:
-                state.requeue(r.op)  # the agent runs it (attempt counted) at its start
-    data = {
-        "skipped": plan.skipped,
-        "dry_run": dry_run,
-        "scrubbed": plan.scrubbed,
-        "decisions": rows,
-    }
-
-    def table(d: dict[str, Any]) -> None:
-        if d["skipped"]:
-            click.echo("skipped: a task executor is running (SPEC 5 rule 1)")
-            return
-        print_table(
-            "scrubber" + (" (dry run)" if dry_run else ""),
-            [
-                "op",
-                "pushed",
-                "mode",
-                "interval",
-                "status",
-                "checkpoint",
-                "attempts",
-                "decision",
-                "rule",
-            ],
-            [
-                [
-                    r["op"],
-                    "pushed" if r["pushed"] else "pulled",
-                    r["mode"],
-                    r["interval"],
-                    f"{r['status']} {r['status_name']}",
-                    "yes" if r["checkpoint"] else "no",
-                    r["attempts"],
-                    r["decision"],
-                    r["rule"],
-                ]
-                for r in d["decisions"]
-            ],
-        )
-        click.echo(f"{d['scrubbed']} {'would be ' if dry_run else ''}scrubbed")
-
-    emit(data, as_json, table)
 
 
 @cli.command()
