@@ -8,6 +8,7 @@ that nothing changed.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -587,3 +588,35 @@ async def test_expiry_covers_work_still_scheduled_waiting_or_blocked(
             [act] = await h.ok("GET", f"/activities?request_id={r['id']}")
             assert act["reason"] == "expired"
         assert await h.states(first["id"]) == {a.computer_id: "queued"}
+
+
+async def test_a_pass_asked_for_during_another_runs_after_it(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Passes never overlap: a tick while the loop's pass is still waking computers
+    returns only after that pass is done (it had popped the due timer already)."""
+    async with inproc_server(database_url, tmp_path, lifecycle_interval=3600) as h:
+        engine = h.rt.lifecycle
+        assert engine is not None
+        await engine.stop()
+        [a] = await h.enroll(1)
+        await h.run("all", at=START + 60)
+        h.clock.advance(60)
+        inside, go = asyncio.Event(), asyncio.Event()
+        real_timer = engine._timer
+
+        async def slow_timer(*args: object) -> None:
+            inside.set()
+            await go.wait()  # the first pass holds here, its timer already popped
+            await real_timer(*args)  # type: ignore[arg-type]
+
+        engine._timer = slow_timer  # type: ignore[method-assign]
+        first = asyncio.create_task(engine.run_pass())
+        await asyncio.wait_for(inside.wait(), 10)
+        second = asyncio.create_task(h.tick(reap=False))
+        done, _ = await asyncio.wait({second}, timeout=0.2)
+        assert not done, "a second pass ran while the first was still in progress"
+        go.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 10)
+        # Once the tick returned, the computer is woken: the released work is there.
+        assert h.rt.fleet.computers[a.computer_id].has_work
