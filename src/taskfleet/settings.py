@@ -24,3 +24,5 @@ EXCHANGE_HTTP_TIMEOUT = 30.0  # seconds an agent waits for an ordinary exchange
 
 WRITE_BATCH_MAX = 2000  # exchanges applied in one database transaction
 LAST_SEEN_FLUSH = 30.0  # seconds between writes of computers' last-seen times
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what both databases' BIGINT columns hold

@@ -333,6 +333,27 @@ OK_TYPE = '[types.{name}]\ncallable = "m.od:fn"\nscope = "none"\n'
             "built-in",
         ),
         ("[types]\na = 3\n", "a", None, "table"),
+        (
+            '[types.a]\ncallable = "m:f"\nscope = "none"\n[types.a.params]\nn = "str"\n'
+            "[types.a.ranges]\nn = [0, 1]\n",
+            "a",
+            "ranges.n",
+            "not a declared int or float",
+        ),
+        (
+            '[types.a]\ncallable = "m:f"\nscope = "none"\n[types.a.params]\nn = "int"\n'
+            "[types.a.ranges]\nn = [5, 1]\n",
+            "a",
+            "ranges.n",
+            "min <= max",
+        ),
+        (
+            '[types.a]\ncallable = "m:f"\nscope = "none"\n[types.a.params]\nn = "int"\n'
+            "[types.a.ranges]\nn = [0, 9]\n[types.a.defaults]\nn = 10\n",
+            "a",
+            "defaults.n",
+            "between 0 and 9",
+        ),
     ],
 )
 def test_bad_declaration_names_file_type_and_field(tmp_path, body, type_name, field, words):
@@ -422,6 +443,8 @@ def test_bool_words(word, expected):
         ({"name": "a\0b", "n": 1, "ratio": 1}, "parameter 'name': must not contain NUL"),
         ({"name": None, "n": 1, "ratio": 1}, "parameter 'name'"),
         ({"name": "x", "n": 1, "ratio": 1, "dry_run": "maybe"}, "parameter 'dry_run'"),
+        ({"name": "x", "n": 2**63, "ratio": 1}, "parameter 'n': must fit in 64 bits"),
+        ({"name": "x", "n": str(-(2**63) - 1), "ratio": 1}, "must fit in 64 bits"),
     ],
 )
 def test_validate_params_errors_name_the_parameter(params, words):
@@ -436,6 +459,31 @@ def test_validate_params_reports_every_problem_at_once():
     message = str(info.value)
     for words in ("'zzz'", "missing parameter 'name'", "parameter 'n'", "'ratio'"):
         assert words in message
+
+
+def test_ranges_bound_numbers_inclusively_at_submission():
+    ranged = spec(
+        params={"days": "int", "share": "float"}, ranges={"days": (0, 10), "share": (0, 1)}
+    )
+    assert validate_params(ranged, {"days": "0", "share": 1}) == {"days": 0, "share": 1.0}
+    assert validate_params(ranged, {"days": 10, "share": "0.5"})["days"] == 10
+    cases = [
+        ({"days": -1, "share": 0}, "'days': must be between 0 and 10, got -1"),
+        ({"days": 1, "share": 1.01}, "'share': must be between 0 and 1"),
+    ]
+    for bad, words in cases:
+        with pytest.raises(ValueError) as info:
+            validate_params(ranged, bad)
+        assert words in str(info.value)
+
+
+def test_purge_history_refuses_a_negative_retention_at_submission():
+    from taskfleet.worker.builtin import BUILTINS
+
+    purge = next(s for s in BUILTINS if s.name == "purge-history")
+    with pytest.raises(ValueError, match="older_than_days"):
+        validate_params(purge, {"older_than_days": -1})
+    assert validate_params(purge, {}) == {"older_than_days": 30}
 
 
 def test_type_without_params_refuses_any():

@@ -647,6 +647,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 "retry_safe": s.retry_safe,
                 "params": s.params,
                 "defaults": s.defaults,
+                "ranges": {k: list(v) for k, v in s.ranges.items()},
                 "description": s.description,
             }
             for s in _manager(runtime()).specs.values()

@@ -31,6 +31,7 @@ BUILTINS = (
         retry_safe=True,
         params={"older_than_days": "int"},
         defaults={"older_than_days": 30},
+        ranges={"older_than_days": (0, 36500)},
         description="delete finished activities and their history older than N days",
     ),
     TaskTypeSpec(

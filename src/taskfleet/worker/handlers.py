@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from taskfleet.agent.executor import TRUNCATION_MARKER, ScriptResult, ScriptSpec, start_script
-from taskfleet.settings import OUTPUT_CAP
+from taskfleet.settings import INT64_MAX, INT64_MIN, OUTPUT_CAP
 
 __all__ = [
     "CONTEXT_KEYS",
@@ -91,6 +91,7 @@ _KNOWN_KEYS = (
     "retry_safe",
     "params",
     "defaults",
+    "ranges",
     "description",
 )
 
@@ -131,6 +132,8 @@ class TaskTypeSpec:
     retry_safe: bool = False  # may be run again after a lost worker
     params: dict[str, str] = field(default_factory=dict)  # name -> one of PARAM_TYPES
     defaults: dict[str, Any] = field(default_factory=dict)  # params that are optional
+    # int/float params: inclusive [min, max]; a value outside is refused at submission
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     description: str = ""  # one line for listings
 
     def __post_init__(self) -> None:
@@ -199,6 +202,7 @@ class TaskTypeSpec:
                 raise bad(where, f"type must be one of {_alternatives(PARAM_TYPES)}, got {ptype!r}")
         object.__setattr__(self, "params", dict(self.params))
 
+        self._check_ranges(bad)
         if not isinstance(self.defaults, Mapping):
             raise bad("defaults", "must be a table of name = value")
         converted: dict[str, Any] = {}
@@ -206,13 +210,35 @@ class TaskTypeSpec:
             if pname not in self.params:
                 raise bad(f"defaults.{pname}", "is not a declared parameter")
             try:
-                converted[pname] = _convert(self.params[pname], value)
+                converted[pname] = _convert(self.params[pname], value, self.ranges.get(pname))
             except ValueError as exc:
                 raise bad(f"defaults.{pname}", str(exc)) from None
         object.__setattr__(self, "defaults", converted)
 
         if self.kind == "command":
             self._check_template()
+
+    def _check_ranges(self, bad: Callable[[str, str], TaskTypeError]) -> None:
+        if not isinstance(self.ranges, Mapping):
+            raise bad("ranges", "must be a table of name = [min, max]")
+        checked: dict[str, tuple[float, float]] = {}
+        for pname, bounds in self.ranges.items():
+            where = f"ranges.{pname}"
+            if self.params.get(pname) not in ("int", "float"):
+                raise bad(where, "is not a declared int or float parameter")
+            ok = (
+                isinstance(bounds, list | tuple)
+                and len(bounds) == 2
+                and all(
+                    isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b)
+                    for b in bounds
+                )
+                and bounds[0] <= bounds[1]
+            )
+            if not ok:
+                raise bad(where, f"must be [min, max] with finite min <= max, got {bounds!r}")
+            checked[pname] = (bounds[0], bounds[1])
+        object.__setattr__(self, "ranges", checked)
 
     def _check_template(self) -> None:
         try:
@@ -365,6 +391,7 @@ def _spec_from_table(name: str, table: dict[str, Any]) -> TaskTypeSpec:
         retry_safe=table.get("retry_safe", False),
         params=table.get("params", {}),
         defaults=table.get("defaults", {}),
+        ranges=table.get("ranges", {}),
         description=table.get("description", ""),
     )
 
@@ -390,7 +417,7 @@ def validate_params(spec: TaskTypeSpec, params: Mapping[str, Any]) -> dict[str, 
     for pname, ptype in spec.params.items():
         if pname in params:
             try:
-                result[pname] = _convert(ptype, params[pname])
+                result[pname] = _convert(ptype, params[pname], spec.ranges.get(pname))
             except ValueError as exc:
                 problems.append(f"parameter {pname!r}: {exc}")
         elif pname in spec.defaults:
@@ -402,7 +429,14 @@ def validate_params(spec: TaskTypeSpec, params: Mapping[str, Any]) -> dict[str, 
     return result
 
 
-def _convert(ptype: str, value: Any) -> Any:
+def _convert(ptype: str, value: Any, bounds: tuple[float, float] | None = None) -> Any:
+    out = _convert_type(ptype, value)
+    if bounds is not None and not bounds[0] <= out <= bounds[1]:
+        raise ValueError(f"must be between {bounds[0]} and {bounds[1]}, got {value!r}")
+    return out
+
+
+def _convert_type(ptype: str, value: Any) -> Any:
     if value is None:
         raise ValueError(f"needs a {ptype} value, got null")
     if ptype == "str":
@@ -412,12 +446,17 @@ def _convert(ptype: str, value: Any) -> Any:
             raise ValueError("must not contain NUL characters")
         return value
     if ptype == "int":
+        number_: int | None = None
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+            number_ = value
+        elif isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
             with contextlib.suppress(ValueError):  # beyond Python's digit limit
-                return int(value.strip())
-        raise ValueError(f"must be an integer, got {value!r}")
+                number_ = int(value.strip())
+        if number_ is None:
+            raise ValueError(f"must be an integer, got {value!r}")
+        if not INT64_MIN <= number_ <= INT64_MAX:
+            raise ValueError(f"must fit in 64 bits, got {str(number_)[:40]}")
+        return number_
     if ptype == "float":
         number: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
