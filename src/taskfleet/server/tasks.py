@@ -102,6 +102,12 @@ class TaskManager(TaskHolds):
                 self.track(row.id, State(row.state), row.hold)
         # A dependency may have ended while the server was down.
         self.dependency_finished(list(self._task_waiters))
+        if not self.watch_remote:  # embedded: this process's worker is not started yet
+            now = self.clock()
+            gone = await self.writer.run(
+                lambda c: store.reap_workers(c, self.heartbeat_timeout, now, embedded_gone=True)
+            )
+            await self._reaped(gone, "its server process ended")
         if republish:
             # The embedded queue died with the process; RabbitMQ may hold them
             # already, and a second delivery is dropped at the claim.
@@ -449,16 +455,23 @@ class TaskManager(TaskHolds):
                 continue
             for tid in expired:
                 log.info("task[%d]: approval expired; Canceled", tid)
-            self.dependency_finished(expired + [r.task_id for r in reaped])
-            for r in reaped:
-                name = store.label(r.type, r.task_id)
-                log.warning("%s failed: %s (worker %s)", name, store.HEARTBEAT_LOST, r.worker_id)
-                self.scheduler.finished(r.task_id)
-                spec = self.specs.get(r.type)
-                if spec is not None and spec.retry_safe:
-                    await self._retry(r)
-            if reaped:
-                self._wake.set()
+            self.dependency_finished(expired)
+            await self._reaped(reaped, "silent")
+
+    async def _reaped(self, reaped: list[store.Reaped], why: str) -> None:
+        """After a reap: the scheduler frees the slots, retry-safe tasks run again."""
+        self.dependency_finished([r.task_id for r in reaped])
+        for r in reaped:
+            name = store.label(r.type, r.task_id)
+            log.warning(
+                "%s failed: %s (worker %s %s)", name, store.HEARTBEAT_LOST, r.worker_id, why
+            )
+            self.scheduler.finished(r.task_id)
+            spec = self.specs.get(r.type)
+            if spec is not None and spec.retry_safe:
+                await self._retry(r)
+        if reaped:
+            self._wake.set()
 
     async def _reap_once(self, conn: Any) -> list[store.Reaped]:
         return await store.reap_workers(conn, self.heartbeat_timeout, self.clock())

@@ -31,6 +31,10 @@ from taskfleet.store.schema import activities, server_tasks, workers
 
 SERVER = ActivityKind.SERVER
 HEARTBEAT_LOST = "worker heartbeat lost"
+# SPEC 4.2: a submission equal to a task in any of these states (and not yet
+# dispatched) is a duplicate. "Submitted" covers work held for a time, for
+# another task or for an approval, not only work on its way to the queue.
+AWAITING_DISPATCH = [s.value for s in (State.QUEUED, State.SCHEDULED, State.WAITING, State.BLOCKED)]
 
 
 def dedupe_key(type_: str, tenant: int | None, group: str | None, params: dict[str, Any]) -> str:
@@ -65,20 +69,23 @@ async def submit(
     hold: tuple[State, str, dict[str, Any]] | None = None,  # Blocked|Waiting, why, details
 ) -> Submitted:
     key = dedupe_key(type_, scope_tenant, group, params)
-    existing = (
-        await conn.execute(
-            sa.select(server_tasks.c.activity_id, activities.c.state)
-            .join(activities, activities.c.id == server_tasks.c.activity_id)
-            .where(
-                server_tasks.c.dedupe_key == key,
-                server_tasks.c.tenant_id == owner_tenant,
-                server_tasks.c.dispatched_at.is_(None),
-                activities.c.state.in_([State.QUEUED.value, State.SCHEDULED.value]),
-            )
-            .order_by(server_tasks.c.activity_id)
-            .limit(1)
+    query = (
+        sa.select(server_tasks.c.activity_id, activities.c.state)
+        .join(activities, activities.c.id == server_tasks.c.activity_id)
+        .where(
+            server_tasks.c.dedupe_key == key,
+            server_tasks.c.tenant_id == owner_tenant,
+            server_tasks.c.dispatched_at.is_(None),
+            activities.c.state.in_(AWAITING_DISPATCH),
         )
-    ).first()
+        .order_by(server_tasks.c.activity_id)
+        .limit(1)
+    )
+    awaited = (hold[2].get("after") or {}).get("task") if hold is not None else None
+    if awaited is not None:
+        # "Run it again after that one" is never a duplicate of that one.
+        query = query.where(server_tasks.c.activity_id != awaited)
+    existing = (await conn.execute(query)).first()
     if existing is not None and retry_of is None:
         return Submitted(existing.activity_id, existing.activity_id, State(existing.state))
     state = State.SCHEDULED if not_before is not None and not_before > now else State.QUEUED
@@ -149,7 +156,7 @@ async def submit_many(
                 server_tasks.c.dedupe_key.in_(set(keys[start : start + 500])),
                 server_tasks.c.tenant_id == owner_tenant,
                 server_tasks.c.dispatched_at.is_(None),
-                activities.c.state.in_([State.QUEUED.value, State.SCHEDULED.value]),
+                activities.c.state.in_(AWAITING_DISPATCH),
             )
             .order_by(server_tasks.c.activity_id)
         )
@@ -395,15 +402,23 @@ class Reaped:
     params: dict[str, Any]
 
 
-async def reap_workers(conn: AsyncConnection, timeout: float, now: float) -> list[Reaped]:
-    """SPEC 4.6: fail every task a silent worker holds, with reason "worker heartbeat lost"."""
+async def reap_workers(
+    conn: AsyncConnection, timeout: float, now: float, *, embedded_gone: bool = False
+) -> list[Reaped]:
+    """SPEC 4.6: fail every task a silent worker holds, with reason "worker heartbeat lost".
+
+    ``embedded_gone``: reap every embedded worker still recorded as running,
+    whatever its last heartbeat. Embedded workers live inside their server's
+    process, so when a server starts, those recorded before it died with an
+    earlier process: waiting out the heartbeat timeout would list them as idle
+    and leave their tasks In Progress for hours."""
+    silent_when = (
+        workers.c.queue == "embedded" if embedded_gone else workers.c.heartbeat_at < now - timeout
+    )
     silent = list(
         (
             await conn.execute(
-                sa.select(workers.c.id).where(
-                    workers.c.heartbeat_at < now - timeout,
-                    workers.c.status.in_(["idle", "busy"]),
-                )
+                sa.select(workers.c.id).where(silent_when, workers.c.status.in_(["idle", "busy"]))
             )
         ).scalars()
     )
