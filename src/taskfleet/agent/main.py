@@ -16,6 +16,10 @@ Contract (see ``protocol/exchange.py`` for the wire protocol):
   says so in its log.
 * An operation found unfinished at start (the agent died while it ran) is
   reported Failed with a result line saying so.
+* A failed run of a pulled, Required, Once operation with attempts left is not
+  final (SPEC 5): it is Failed locally, the server is told "failed, will retry
+  (attempt k of N)" and the scrubber's next run continues it. Only the last
+  attempt's failure is reported as the final Failed.
 """
 
 from __future__ import annotations
@@ -49,10 +53,10 @@ from taskfleet.agent.scrub import (
 )
 from taskfleet.agent.scrub import plan as scrub_plan
 from taskfleet.agent.scrub import scrub as scrub_record
-from taskfleet.domain.policy import RunWindow, validate_policy
+from taskfleet.domain.policy import Interval, Mode, RunWindow, validate_policy
 from taskfleet.domain.results import REFUSED_PREFIX, describe_script_outcome, result_line
 from taskfleet.domain.scripts import EXECUTE_SCRIPT, policy_refusal, validate_script_params
-from taskfleet.domain.scrubber import Action
+from taskfleet.domain.scrubber import Action, after_failure
 from taskfleet.protocol.exchange import ENROLL_PATH, EXCHANGE_PATH, MAX_MESSAGES
 from taskfleet.protocol.signing import SignatureError, Verifier
 from taskfleet.protocol.tickle import TickleVerifier
@@ -131,6 +135,8 @@ class Agent:
                 f"another agent is already running with state folder {config.state_dir}"
             )
         self.exchanges = 0
+        # When the scrubber runs next: a failed attempt's retry starts then.
+        self.next_scrub_at = time.time() + config.scrub_interval
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -304,6 +310,7 @@ class Agent:
         )
         if plan.skipped:
             log.info("scrubber skipped this run: %d task executor(s) running", len(self.running))
+            self._retries_wait(time.time() + self.config.scrub_interval)
             return
         continued = 0
         for record, decision in plan.decisions:
@@ -328,8 +335,23 @@ class Agent:
         if plan.scrubbed:
             self.trigger.set()
 
+    def _retries_wait(self, until: float) -> None:
+        # Failed attempts waiting to be continued miss this run: tell the server
+        # when they can start now, so it does not declare them lost meanwhile.
+        waiting = [
+            o for o in self.state.unfinished() if o.status == st.FAILED and o.op not in self.running
+        ]
+        for o in waiting:
+            reason = "its retry waits for the scrubber's next run (a task is running)"
+            self.state.set_status(
+                o.op, st.FAILED, message=_status(o.op, "deferred", o.attempts, until, reason)
+            )
+        if waiting:
+            self.trigger.set()
+
     async def _scrub_loop(self) -> None:
         while True:
+            self.next_scrub_at = time.time() + self.config.scrub_interval
             await asyncio.sleep(self.config.scrub_interval)
             running = bool(self.running) or self.exec_lock.held_elsewhere()
             self._scrub(executor_running=running)
@@ -477,6 +499,13 @@ class Agent:
             line = result_line("Waiting", "Canceled", "Canceled before its next run", None)
             self.state.finish(op_id, st.CANCELED, _result(op_id, "canceled", line))
             self.trigger.set()
+        elif op is not None and not op.finished and op.status == st.FAILED:
+            # A failed attempt waiting for the scrubber to continue it: not retried.
+            line = result_line(
+                "Waiting", "Canceled", f"Canceled before attempt {op.attempts + 1}", None
+            )
+            self.state.finish(op_id, st.CANCELED, _result(op_id, "canceled", line))
+            self.trigger.set()
 
     # -- running ---------------------------------------------------------------
 
@@ -581,11 +610,15 @@ class Agent:
         )
         code = {"succeeded": st.SUCCESS, "canceled": st.CANCELED}.get(status, st.FAILED)
         latest = self.state.operation(op.op)
-        if (
-            op.interval == "recurring"
-            and status != "canceled"
-            and not (latest and latest.cancel_requested)
-        ):
+        cancel_asked = bool(latest and latest.cancel_requested)
+        after = after_failure(
+            pushed=op.pushed,
+            mode=Mode(op.mode),
+            interval=Interval(op.interval),
+            attempt=attempt,
+            max_attempts=self.config.max_attempts,
+        )
+        if op.interval == "recurring" and status != "canceled" and not cancel_asked:
             every = op.every or 3600.0
             self.state.set_status(
                 op.op,
@@ -595,6 +628,20 @@ class Agent:
             )
             log.info("operation %d run %d %s; next run in %gs", op.op, attempt, status, every)
             self._spawn(op, every)
+        elif status == "failed" and not cancel_asked and not after.final:
+            # SPEC 5: not final while attempts remain; the scrubber continues it.
+            reason = f"{after.reason}; {outcome.line}"
+            self.state.set_status(
+                op.op,
+                st.FAILED,
+                message=_status(op.op, "failed", attempt, self.next_scrub_at, reason),
+            )
+            log.warning(
+                "operation %d %s; the scrubber continues it in %.0fs",
+                op.op,
+                reason,
+                max(0.0, self.next_scrub_at - time.time()),
+            )
         else:
             checkpoint.unlink(missing_ok=True)
             self.state.finish(op.op, code, message)

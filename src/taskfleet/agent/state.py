@@ -94,6 +94,7 @@ class Operation:
     received_at: float
     started_at: float | None
     ended_at: float | None
+    finished: bool = False  # its final result is queued (or sent): nothing more to do
 
     def checkpoint_path(self, folder: Path) -> Path:
         return folder / "checkpoints" / str(self.op)
@@ -207,7 +208,8 @@ class LocalState:
 
     _COLS = (
         "op, seq, type, body, status, cancel_requested, attempts, pushed, mode, interval, "
-        "every, next_run_at, pgid, pstart, received_at, started_at, ended_at"
+        "every, next_run_at, pgid, pstart, received_at, started_at, ended_at, "
+        "result IS NOT NULL"
     )
 
     def _op(self, row: tuple[Any, ...]) -> Operation:
@@ -229,6 +231,7 @@ class LocalState:
             received_at=row[14],
             started_at=row[15],
             ended_at=row[16],
+            finished=bool(row[17]),
         )
 
     def receive(
