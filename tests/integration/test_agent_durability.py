@@ -74,23 +74,42 @@ def test_pushed_working_operation_continues_after_agent_kill9(server, start_agen
     assert [h["to_state"] for h in got["history"]] == ["queued", "in_progress", "succeeded"]
 
 
-def test_pulled_required_working_operation_is_scrubbed_after_agent_kill9(start_server, start_agent):
+@pytest.mark.parametrize("leftover", ["running", "gone"])
+def test_pulled_required_working_operation_is_scrubbed_after_agent_kill9(
+    start_server, start_agent, tmp_path, leftover
+):
     srv = start_server("--no-tickles")
     agent = start_agent(srv, enroll_token(srv), "--poll-interval", "0.3")
-    req = run_request(srv, f"computer:{agent.computer_id}", {"argv": ["sleep", "1000"]}, 600)
+    pidfile = tmp_path / "pid"
+    script = f"echo $$ > {pidfile}; exec sleep 1000"
+    req = run_request(srv, f"computer:{agent.computer_id}", {"script": script}, 600)
     (a,) = activities_of(srv, req["id"])
     record = _working(agent, a["id"])
     assert record["pushed"] == 0  # found at a poll
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the script")
+    pgid = int(pidfile.read_text())  # the script leads its own process group
     agent.proc.kill9()
+    assert _pid_alive(pgid)  # the agent's death leaves its task running
+    if leftover == "gone":
+        os.killpg(pgid, signal.SIGKILL)
+        wait_until(lambda: not _pid_alive(pgid), 10, "the leftover to die")
     again = start_agent(srv, None, "--poll-interval", "0.3", state_dir=agent.state_dir)
     request_done(srv, req["id"])
     got = _activity(srv, a["id"])
     assert got["state"] == "failed"
     assert "Scrubbed: local status was Working (1)" in got["result_line"]
     assert "scrub: pulled, Required and Working" in got["result_line"]
+    if leftover == "running":
+        # The scrubber killed it: the line must not claim nothing was running.
+        assert "with nothing running" not in got["result_line"]
+        assert f"process group {pgid} was still running and was killed" in got["result_line"]
+        assert f"killed process group {pgid}" in again.proc.text()
+    else:
+        assert "with nothing running" in got["result_line"]
+        assert "was killed" not in got["result_line"]
     assert f"operation {a['id']} scrubbed: old status Working" in again.proc.text()
     assert "1 scrubbed" in again.proc.text()
-    subprocess.run(["pkill", "-f", "sleep 1000"], check=False)
+    wait_until(lambda: not _pid_alive(pgid), 10, "the leftover to be gone")
 
 
 def test_a_checkpoint_lets_a_pulled_operation_resume_instead_of_being_scrubbed(
@@ -120,9 +139,13 @@ def test_a_checkpoint_lets_a_pulled_operation_resume_instead_of_being_scrubbed(
 
 def test_max_attempts_stop_continuing(server, start_agent, tmp_path):
     agent = start_agent(server, enroll_token(server), "--max-attempts", "1")
-    req = run_request(server, f"computer:{agent.computer_id}", {"argv": ["sleep", "1000"]}, 600)
+    pidfile = tmp_path / "pid"
+    script = f"echo $$ > {pidfile}; exec sleep 1000"
+    req = run_request(server, f"computer:{agent.computer_id}", {"script": script}, 600)
     (a,) = activities_of(server, req["id"])
     _working(agent, a["id"])
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the script")
+    pgid = int(pidfile.read_text())  # the script leads its own process group
     agent.proc.kill9()
     out = subprocess.run(
         [
@@ -146,7 +169,10 @@ def test_max_attempts_stop_continuing(server, start_agent, tmp_path):
     (decision,) = json.loads(out.stdout)["decisions"]
     assert decision["decision"] == "leave"
     assert "used 1 of 1 attempts" in decision["rule"]
-    subprocess.run(["pkill", "-f", "sleep 1000"], check=False)
+    # End only what this test started: the task the killed agent left running.
+    assert _pid_alive(pgid)
+    os.killpg(pgid, signal.SIGKILL)
+    wait_until(lambda: not _pid_alive(pgid), 10, "the leftover task to end")
 
 
 def test_killing_only_the_task_process_is_noticed_and_reported(server, start_agent, tmp_path):

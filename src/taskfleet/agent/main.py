@@ -317,9 +317,9 @@ class Agent:
             op = ops[record.op]
             if decision.action is Action.LEAVE:
                 continue
-            kill_leftover(op)
+            killed = kill_leftover(op)
             if decision.action is Action.SCRUB:
-                scrub_record(self.state, op, decision)
+                scrub_record(self.state, op, decision, killed=killed)
             else:
                 continued += 1
                 log.warning(

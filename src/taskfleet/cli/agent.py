@@ -247,9 +247,9 @@ def agent_scrub(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
         for r, d in plan.decisions:
             if d.action.value == "leave":
                 continue
-            scrub.kill_leftover(ops[r.op])
+            killed = scrub.kill_leftover(ops[r.op])
             if d.action.value == "scrub":
-                scrub.scrub(state, ops[r.op], d)
+                scrub.scrub(state, ops[r.op], d, killed=killed)
             else:
                 state.requeue(r.op)  # the agent runs it (attempt counted) at its start
     data = {
