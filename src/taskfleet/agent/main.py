@@ -145,6 +145,9 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, self.stopping.set)
+        # Claim the UDP port before enrolling: an agent that cannot listen must
+        # not leave a stray computer behind or use up an enrollment token.
+        sock = self._bind_tickle_port()
         self.ident = self.state.identity()
         if self.ident is None or self.config.reenroll:
             if not self.config.enroll_token:
@@ -161,7 +164,7 @@ class Agent:
             )
             self.conn = Connection(self.ident.server, timeout=EXCHANGE_HTTP_TIMEOUT)
         self.verifier_obj = Verifier(self.ident.server_public_key)
-        transport = await self._listen_tickles()
+        transport = await self._listen_tickles(sock)
         self._startup()
         scrubber = asyncio.create_task(self._scrub_loop())
         log.info(
@@ -242,8 +245,32 @@ class Agent:
         if self.stopping.is_set():
             raise SystemExit(0)
 
-    async def _listen_tickles(self) -> asyncio.DatagramTransport | None:
-        if not self.config.tickle_port:
+    def _bind_tickle_port(self) -> socket.socket | None:
+        cfg = self.config
+        if not cfg.tickle_port:
+            return None
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(
+                cfg.tickle_bind, cfg.tickle_port, type=socket.SOCK_DGRAM
+            )[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            raise SystemExit(f"cannot listen on --tickle-bind {cfg.tickle_bind!r}: {exc}") from None
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            sock.close()
+            raise SystemExit(
+                f"cannot listen for wake-ups on UDP {cfg.tickle_bind}:{cfg.tickle_port} "
+                f"({exc.strerror or exc}): is another agent using it? Choose another "
+                "--tickle-port, or --tickle-port 0 to hold a long poll instead. "
+                "Nothing was enrolled or changed."
+            ) from None
+        sock.setblocking(False)
+        return sock
+
+    async def _listen_tickles(self, sock: socket.socket | None) -> asyncio.DatagramTransport | None:
+        if sock is None:
             return None
         assert self.ident is not None
         self.verifier = TickleVerifier(
@@ -251,6 +278,7 @@ class Agent:
             self.ident.computer_id,
             max_skew=TICKLE_MAX_SKEW,
             min_interval=TICKLE_MIN_INTERVAL,
+            replay_floor_ms=self.state.tickle_high_water_ms,
         )
         agent = self
 
@@ -258,7 +286,11 @@ class Agent:
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
                 assert agent.verifier is not None
                 before = dict(agent.verifier.drops)
-                if agent.verifier.accept(data, time.time()):
+                high = agent.verifier.high_water_ms
+                accepted = agent.verifier.accept(data, time.time())
+                if agent.verifier.high_water_ms > high:
+                    agent.state.save_tickle_high_water(agent.verifier.high_water_ms)
+                if accepted:
                     agent.tickled = True
                     agent.trigger.set()
                     return
@@ -287,9 +319,7 @@ class Agent:
                     )
 
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            _Udp, local_addr=(self.config.tickle_bind, self.config.tickle_port)
-        )
+        transport, _ = await loop.create_datagram_endpoint(_Udp, sock=sock)
         return transport
 
     def _startup(self) -> None:

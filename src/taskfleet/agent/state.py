@@ -179,10 +179,22 @@ class LocalState:
             self._set("server_seq", "0")
             self._set("next_seq", "1")
             self.db.execute("DELETE FROM outbox")
+            # Another key (and perhaps another server's clock): the old floor means nothing.
+            self.db.execute("DELETE FROM meta WHERE key='tickle_high_water_ms'")
             self.db.execute(
                 "DELETE FROM operations WHERE status NOT IN (?, ?, ?)", (SUCCESS, FAILED, CANCELED)
             )
         os.chmod(self.folder / "state.db", 0o600)
+
+    @property
+    def tickle_high_water_ms(self) -> int:
+        """The newest tickle timestamp that passed verification (-1: none yet)."""
+        return int(self.get("tickle_high_water_ms", "-1") or -1)
+
+    def save_tickle_high_water(self, ms: int) -> None:
+        # Durable before the tickle is acted on: after a restart, the in-memory
+        # nonce cache is gone and only this keeps a captured tickle refused.
+        self._set("tickle_high_water_ms", str(ms))
 
     @property
     def server_seq(self) -> int:
