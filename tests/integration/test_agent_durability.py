@@ -74,23 +74,42 @@ def test_pushed_working_operation_continues_after_agent_kill9(server, start_agen
     assert [h["to_state"] for h in got["history"]] == ["queued", "in_progress", "succeeded"]
 
 
-def test_pulled_required_working_operation_is_scrubbed_after_agent_kill9(start_server, start_agent):
+@pytest.mark.parametrize("leftover", ["running", "gone"])
+def test_pulled_required_working_operation_is_scrubbed_after_agent_kill9(
+    start_server, start_agent, tmp_path, leftover
+):
     srv = start_server("--no-tickles")
     agent = start_agent(srv, enroll_token(srv), "--poll-interval", "0.3")
-    req = run_request(srv, f"computer:{agent.computer_id}", {"argv": ["sleep", "1000"]}, 600)
+    pidfile = tmp_path / "pid"
+    script = f"echo $$ > {pidfile}; exec sleep 1000"
+    req = run_request(srv, f"computer:{agent.computer_id}", {"script": script}, 600)
     (a,) = activities_of(srv, req["id"])
     record = _working(agent, a["id"])
     assert record["pushed"] == 0  # found at a poll
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the script")
+    pgid = int(pidfile.read_text())  # the script leads its own process group
     agent.proc.kill9()
+    assert _pid_alive(pgid)  # the agent's death leaves its task running
+    if leftover == "gone":
+        os.killpg(pgid, signal.SIGKILL)
+        wait_until(lambda: not _pid_alive(pgid), 10, "the leftover to die")
     again = start_agent(srv, None, "--poll-interval", "0.3", state_dir=agent.state_dir)
     request_done(srv, req["id"])
     got = _activity(srv, a["id"])
     assert got["state"] == "failed"
     assert "Scrubbed: local status was Working (1)" in got["result_line"]
     assert "scrub: pulled, Required and Working" in got["result_line"]
+    if leftover == "running":
+        # The scrubber killed it: the line must not claim nothing was running.
+        assert "with nothing running" not in got["result_line"]
+        assert f"process group {pgid} was still running and was killed" in got["result_line"]
+        assert f"killed process group {pgid}" in again.proc.text()
+    else:
+        assert "with nothing running" in got["result_line"]
+        assert "was killed" not in got["result_line"]
     assert f"operation {a['id']} scrubbed: old status Working" in again.proc.text()
     assert "1 scrubbed" in again.proc.text()
-    subprocess.run(["pkill", "-f", "sleep 1000"], check=False)
+    wait_until(lambda: not _pid_alive(pgid), 10, "the leftover to be gone")
 
 
 def test_a_checkpoint_lets_a_pulled_operation_resume_instead_of_being_scrubbed(
@@ -120,9 +139,13 @@ def test_a_checkpoint_lets_a_pulled_operation_resume_instead_of_being_scrubbed(
 
 def test_max_attempts_stop_continuing(server, start_agent, tmp_path):
     agent = start_agent(server, enroll_token(server), "--max-attempts", "1")
-    req = run_request(server, f"computer:{agent.computer_id}", {"argv": ["sleep", "1000"]}, 600)
+    pidfile = tmp_path / "pid"
+    script = f"echo $$ > {pidfile}; exec sleep 1000"
+    req = run_request(server, f"computer:{agent.computer_id}", {"script": script}, 600)
     (a,) = activities_of(server, req["id"])
     _working(agent, a["id"])
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the script")
+    pgid = int(pidfile.read_text())  # the script leads its own process group
     agent.proc.kill9()
     out = subprocess.run(
         [
@@ -146,7 +169,10 @@ def test_max_attempts_stop_continuing(server, start_agent, tmp_path):
     (decision,) = json.loads(out.stdout)["decisions"]
     assert decision["decision"] == "leave"
     assert "used 1 of 1 attempts" in decision["rule"]
-    subprocess.run(["pkill", "-f", "sleep 1000"], check=False)
+    # End only what this test started: the task the killed agent left running.
+    assert _pid_alive(pgid)
+    os.killpg(pgid, signal.SIGKILL)
+    wait_until(lambda: not _pid_alive(pgid), 10, "the leftover task to end")
 
 
 def test_killing_only_the_task_process_is_noticed_and_reported(server, start_agent, tmp_path):
@@ -305,3 +331,164 @@ def test_a_bad_state_folder_stops_the_agent_with_a_clear_error(server, tmp_path,
     assert expected in out.stderr
     with server.api() as api:
         assert api.get("/computers").json() == []
+
+
+def _retry_events(activity):
+    return [h for h in activity["history"] if h["cause"] == "agent-status"]
+
+
+def test_a_failed_pulled_required_once_operation_is_retried_and_succeeds(
+    start_server, start_agent, tmp_path
+):
+    # SPEC 5: not final while attempts remain. The first run fails, the agent
+    # says "failed, will retry", the scrubber's next run continues it. The time
+    # limit (1 s) plus grace (2 s) is shorter than the wait for the scrubber
+    # (6 s): the retry event must move the server's lost-deadline too.
+    srv = start_server("--no-tickles", "--lost-grace", "2", "--reaper-interval", "0.2")
+    agent = start_agent(srv, enroll_token(srv), "--poll-interval", "0.3", "--scrub-interval", "6")
+    marker, marks = tmp_path / "marker", tmp_path / "marks"
+    script = (
+        f'echo "$TASKFLEET_ATTEMPT" >> {marks}\n'
+        f"if [ -e {marker} ]; then echo second; exit 0; fi\n"
+        f"touch {marker}; echo first; exit 3\n"
+    )
+    req = run_request(srv, f"computer:{agent.computer_id}", {"script": script}, timeout=1)
+    (a,) = activities_of(srv, req["id"])
+
+    def retry_told():
+        got = _activity(srv, a["id"])
+        return _retry_events(got) and got
+
+    during = wait_until(retry_told, 20, "the retry event")
+    assert during["state"] == "in_progress"
+    (event,) = _retry_events(during)
+    assert (event["from_state"], event["to_state"]) == ("in_progress", "in_progress")
+    assert event["actor"] == f"computer:{agent.computer_id}"
+    assert event["reason"].startswith("failed, will retry (attempt 1 of 3)")
+    assert "Exited with code 3" in event["reason"]
+    assert _record(agent, a["id"])["status"] == 5  # Failed locally, not finished
+    assert not _record(agent, a["id"])["finished"]
+
+    done = request_done(srv, req["id"], timeout=30)
+    assert done["progress"]["counts"] == {"succeeded": 1}
+    got = _activity(srv, a["id"])
+    assert got["stdout"] == "second\n"
+    assert got["agent_attempt"] == 2
+    assert marks.read_text().split() == ["1", "2"]
+    assert [h["to_state"] for h in got["history"]] == [
+        "queued",
+        "in_progress",
+        "in_progress",
+        "succeeded",
+    ]
+    assert "continues (attempt 2): continue: pulled, Required, Once and Failed" in agent.proc.text()
+
+
+def test_an_always_failing_pulled_operation_is_final_after_its_last_attempt(
+    start_server, start_agent, tmp_path
+):
+    srv = start_server("--no-tickles")
+    agent = start_agent(
+        srv,
+        enroll_token(srv),
+        "--poll-interval",
+        "0.3",
+        "--scrub-interval",
+        "0.5",
+        "--max-attempts",
+        "3",
+    )
+    marks = tmp_path / "marks"
+    script = f'echo "$TASKFLEET_ATTEMPT" >> {marks}; echo "nope $TASKFLEET_ATTEMPT"; exit 7\n'
+    req = run_request(srv, f"computer:{agent.computer_id}", {"script": script}, timeout=30)
+    (a,) = activities_of(srv, req["id"])
+    done = request_done(srv, req["id"], timeout=30)
+    assert done["progress"]["counts"] == {"failed": 1}
+    got = _activity(srv, a["id"])
+    assert marks.read_text().split() == ["1", "2", "3"]
+    assert got["stdout"] == "nope 3\n"  # the last attempt's result is the final one
+    assert "Exited with code 7" in got["result_line"]
+    assert [e["reason"].split(";")[0] for e in _retry_events(got)] == [
+        "failed, will retry (attempt 1 of 3)",
+        "failed, will retry (attempt 2 of 3)",
+    ]
+    assert [h["to_state"] for h in got["history"]] == [
+        "queued",
+        "in_progress",
+        "in_progress",
+        "in_progress",
+        "failed",
+    ]
+    record = _record(agent, a["id"])
+    assert record["finished"] and record["status"] == 5 and record["attempts"] == 3
+
+
+def test_a_failed_pushed_operation_is_final_at_once(server, start_agent, tmp_path):
+    agent = start_agent(server, enroll_token(server), "--scrub-interval", "0.3")
+    marks = tmp_path / "marks"
+    script = f'echo "$TASKFLEET_ATTEMPT" >> {marks}; exit 4\n'
+    req = run_request(server, f"computer:{agent.computer_id}", {"script": script})
+    (a,) = activities_of(server, req["id"])
+    request_done(server, req["id"])
+    got = _activity(server, a["id"])
+    assert _record(agent, a["id"])["pushed"] == 1
+    assert got["state"] == "failed" and not _retry_events(got)
+    assert marks.read_text().split() == ["1"]
+
+
+def test_canceling_an_operation_that_waits_for_its_retry_ends_it(
+    start_server, start_agent, tmp_path
+):
+    srv = start_server("--no-tickles")
+    agent = start_agent(
+        srv, enroll_token(srv), "--poll-interval", "0.3", "--scrub-interval", "3600"
+    )
+    marks = tmp_path / "marks"
+    script = f'echo "$TASKFLEET_ATTEMPT" >> {marks}; exit 1\n'
+    req = run_request(srv, f"computer:{agent.computer_id}", {"script": script}, timeout=30)
+    (a,) = activities_of(srv, req["id"])
+    wait_until(lambda: _retry_events(_activity(srv, a["id"])), 20, "the retry event")
+    with srv.api() as api:
+        assert api.post(f"/activities/{a['id']}/cancel", json={}).status_code == 200
+    wait_until(lambda: _record(agent, a["id"])["finished"], 20, "the agent to end it")
+    assert _record(agent, a["id"])["status"] == 6
+    got = wait_until(
+        lambda: (g := _activity(srv, a["id"]))["agent_report"] and g, 20, "the agent's report"
+    )
+    assert got["state"] == "canceled"
+    assert "Canceled before attempt 2" in got["agent_report"]["result_line"]
+    assert marks.read_text().split() == ["1"]
+
+
+def test_a_retry_held_back_by_a_running_task_is_not_declared_lost(
+    start_server, start_agent, tmp_path
+):
+    # The scrubber skips its runs while another task runs (SPEC 5 rule 1), so
+    # the retry waits longer than the time limit (1 s) plus grace (2 s): the
+    # agent tells the server at each skipped run, and the retry still happens.
+    srv = start_server("--no-tickles", "--lost-grace", "2", "--reaper-interval", "0.2")
+    agent = start_agent(srv, enroll_token(srv), "--poll-interval", "0.3", "--scrub-interval", "1")
+    target = f"computer:{agent.computer_id}"
+    gate = tmp_path / "gate"
+    long = run_request(
+        srv, target, {"script": f"while [ ! -e {gate} ]; do sleep 0.1; done"}, timeout=60
+    )
+    (b,) = activities_of(srv, long["id"])
+    _working(agent, b["id"])
+    marker = tmp_path / "marker"
+    req = run_request(
+        srv,
+        target,
+        {"script": f"if [ -e {marker} ]; then exit 0; fi; touch {marker}; exit 3"},
+        timeout=1,
+    )
+    (a,) = activities_of(srv, req["id"])
+    wait_until(lambda: _retry_events(_activity(srv, a["id"])), 20, "the retry event")
+    # Well past the first deadline (time limit + grace) with the retry held back.
+    wait_until(
+        lambda: agent.proc.text().count("scrubber skipped this run") >= 6, 20, "skipped runs"
+    )
+    assert _activity(srv, a["id"])["state"] == "in_progress"
+    gate.touch()
+    assert request_done(srv, req["id"], timeout=30)["progress"]["counts"] == {"succeeded": 1}
+    assert request_done(srv, long["id"], timeout=30)["progress"]["counts"] == {"succeeded": 1}

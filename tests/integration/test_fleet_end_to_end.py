@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,6 +15,15 @@ from tests.conftest import (
     run_request,
     wait_until,
 )
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not reaped after its agent died, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def test_script_runs_on_every_computer_of_a_group_with_true_results(server, start_agent):
@@ -157,12 +168,13 @@ def test_illegal_transition_is_refused_and_changes_nothing(server, start_agent):
         assert api.get(f"/activities/{a['id']}").json() == before
 
 
-def test_activity_is_failed_as_lost_when_the_agent_dies_mid_run(server, start_agent):
+def test_activity_is_failed_as_lost_when_the_agent_dies_mid_run(server, start_agent, tmp_path):
     agent = start_agent(server, enroll_token(server))
-    req = run_request(server, f"computer:{agent.computer_id}", {"argv": ["sleep", "1000"]}, 1)
-    wait_until(
-        lambda: any(r["status"] == 1 for r in agent.status()["records"]), 20, "script to start"
-    )
+    pidfile = tmp_path / "pid"
+    script = f"echo $$ > {pidfile}; exec sleep 1000"
+    req = run_request(server, f"computer:{agent.computer_id}", {"script": script}, 1)
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, "script to start")
+    pgid = int(pidfile.read_text())  # the script leads its own process group
     agent.proc.kill9()
     # Agent limit 1 s + server grace 2 s (fixture), then the reaper.
     done = request_done(server, req["id"], timeout=30)
@@ -170,9 +182,11 @@ def test_activity_is_failed_as_lost_when_the_agent_dies_mid_run(server, start_ag
     assert a["state"] == "failed"
     assert "lost" in a["reason"]
     assert done["progress"]["counts"] == {"failed": 1}
-    # The orphaned script process group was killed with the agent's session? Not
-    # necessarily (kill -9); clean it up so the test leaves nothing behind.
-    subprocess.run(["pkill", "-f", "sleep 1000"], check=False)
+    # The agent's kill -9 leaves its task's process group behind (the agent is
+    # not there to kill it at its time limit): end it, and only it, by its group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    wait_until(lambda: not _running(pgid), 10, "the leftover task to end")
 
 
 def test_reenrolling_a_computer_cancels_its_queued_work(server, start_agent):

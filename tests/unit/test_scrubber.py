@@ -12,6 +12,7 @@ from taskfleet.domain.scrubber import (
     LocalStatus,
     Mode,
     Record,
+    after_failure,
     plan_scrub,
     scrub_decision,
 )
@@ -81,3 +82,39 @@ def test_a_run_is_skipped_whole_while_an_executor_runs():
     assert plan_scrub(records, executor_running=True, max_attempts=3).skipped
     plan = plan_scrub(records, executor_running=False, max_attempts=3)
     assert not plan.skipped and plan.scrubbed == 3
+
+
+@pytest.mark.parametrize(
+    ("pushed", "mode", "interval"), list(itertools.product([True, False], Mode, Interval))
+)
+def test_only_a_failed_pulled_required_once_run_with_attempts_left_is_not_final(
+    pushed, mode, interval
+):
+    retried = not pushed and mode is Mode.REQUIRED and interval is Interval.ONCE
+    for attempt in (1, 2, 3):
+        a = after_failure(
+            pushed=pushed, mode=mode, interval=interval, attempt=attempt, max_attempts=3
+        )
+        assert a.final is (not retried or attempt == 3)
+        if not a.final:
+            assert a.reason == f"failed, will retry (attempt {attempt} of 3)"
+
+
+def test_a_failed_run_left_open_is_exactly_what_the_scrubber_continues():
+    # The two halves of SPEC 5 agree: the record a non-final failure leaves
+    # (pulled, Required, Once, Failed, attempts used < max) is continued.
+    for attempt in (1, 2):
+        a = after_failure(
+            pushed=False,
+            mode=Mode.REQUIRED,
+            interval=Interval.ONCE,
+            attempt=attempt,
+            max_attempts=3,
+        )
+        assert not a.final
+        r = Record(1, False, Mode.REQUIRED, Interval.ONCE, LocalStatus.FAILED, False, attempt)
+        assert scrub_decision(r, max_attempts=3).action is Action.CONTINUE
+    last = after_failure(
+        pushed=False, mode=Mode.REQUIRED, interval=Interval.ONCE, attempt=3, max_attempts=3
+    )
+    assert last.final

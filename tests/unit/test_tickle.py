@@ -167,6 +167,30 @@ def test_same_nonce_with_new_timestamp_is_refused() -> None:
     assert reason_of(v, encode_tickle(KEY, CID, T0 + 1, nonce(1)), T0 + 1) == "replayed"
 
 
+def test_a_restarted_verifier_given_the_high_water_refuses_a_captured_tickle() -> None:
+    before = verifier()
+    captured = encode_tickle(KEY, CID, T0, nonce(1))
+    before.verify(captured, T0)
+    before.verify(encode_tickle(KEY, CID, T0 - 3, nonce(2)), T0)  # older: no new high water
+    assert before.high_water_ms == round(T0 * 1000)
+    # A restart loses the nonce cache: without the floor the replay passes...
+    assert verifier().verify(captured, T0 + 5).nonce == nonce(1)
+    # ...with the high water kept, it is refused, and a newer tickle still passes.
+    after = TickleVerifier(KEY, CID, replay_floor_ms=before.high_water_ms)
+    assert reason_of(after, captured, T0 + 5) == "replayed"
+    assert reason_of(after, encode_tickle(KEY, CID, T0 - 1, nonce(3)), T0 + 5) == "replayed"
+    after.verify(encode_tickle(KEY, CID, T0 + 0.001, nonce(4)), T0 + 5)
+    assert after.high_water_ms == round(T0 * 1000) + 1
+
+
+def test_high_water_moves_only_on_tickles_that_pass() -> None:
+    v = TickleVerifier(KEY, CID, replay_floor_ms=5)
+    assert v.high_water_ms == 5
+    assert not v.accept(encode_tickle(b"other", CID, T0, nonce(1)), T0)  # bad MAC
+    assert not v.accept(encode_tickle(KEY, CID, T0 + 500, nonce(2)), T0)  # stale
+    assert v.high_water_ms == 5
+
+
 def test_replay_after_capacity_eviction_inside_window_is_still_refused() -> None:
     v = verifier(replay_cache_size=4)
     first = encode_tickle(KEY, CID, T0, nonce(0))

@@ -16,6 +16,10 @@ Contract (see ``protocol/exchange.py`` for the wire protocol):
   says so in its log.
 * An operation found unfinished at start (the agent died while it ran) is
   reported Failed with a result line saying so.
+* A failed run of a pulled, Required, Once operation with attempts left is not
+  final (SPEC 5): it is Failed locally, the server is told "failed, will retry
+  (attempt k of N)" and the scrubber's next run continues it. Only the last
+  attempt's failure is reported as the final Failed.
 """
 
 from __future__ import annotations
@@ -49,10 +53,10 @@ from taskfleet.agent.scrub import (
 )
 from taskfleet.agent.scrub import plan as scrub_plan
 from taskfleet.agent.scrub import scrub as scrub_record
-from taskfleet.domain.policy import RunWindow, validate_policy
+from taskfleet.domain.policy import Interval, Mode, RunWindow, validate_policy
 from taskfleet.domain.results import REFUSED_PREFIX, describe_script_outcome, result_line
 from taskfleet.domain.scripts import EXECUTE_SCRIPT, policy_refusal, validate_script_params
-from taskfleet.domain.scrubber import Action
+from taskfleet.domain.scrubber import Action, after_failure
 from taskfleet.protocol.exchange import ENROLL_PATH, EXCHANGE_PATH, MAX_MESSAGES
 from taskfleet.protocol.signing import SignatureError, Verifier
 from taskfleet.protocol.tickle import TickleVerifier
@@ -131,6 +135,8 @@ class Agent:
                 f"another agent is already running with state folder {config.state_dir}"
             )
         self.exchanges = 0
+        # When the scrubber runs next: a failed attempt's retry starts then.
+        self.next_scrub_at = time.time() + config.scrub_interval
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -139,6 +145,9 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, self.stopping.set)
+        # Claim the UDP port before enrolling: an agent that cannot listen must
+        # not leave a stray computer behind or use up an enrollment token.
+        sock = self._bind_tickle_port()
         self.ident = self.state.identity()
         if self.ident is None or self.config.reenroll:
             if not self.config.enroll_token:
@@ -155,7 +164,7 @@ class Agent:
             )
             self.conn = Connection(self.ident.server, timeout=EXCHANGE_HTTP_TIMEOUT)
         self.verifier_obj = Verifier(self.ident.server_public_key)
-        transport = await self._listen_tickles()
+        transport = await self._listen_tickles(sock)
         self._startup()
         scrubber = asyncio.create_task(self._scrub_loop())
         log.info(
@@ -236,8 +245,32 @@ class Agent:
         if self.stopping.is_set():
             raise SystemExit(0)
 
-    async def _listen_tickles(self) -> asyncio.DatagramTransport | None:
-        if not self.config.tickle_port:
+    def _bind_tickle_port(self) -> socket.socket | None:
+        cfg = self.config
+        if not cfg.tickle_port:
+            return None
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(
+                cfg.tickle_bind, cfg.tickle_port, type=socket.SOCK_DGRAM
+            )[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            raise SystemExit(f"cannot listen on --tickle-bind {cfg.tickle_bind!r}: {exc}") from None
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            sock.close()
+            raise SystemExit(
+                f"cannot listen for wake-ups on UDP {cfg.tickle_bind}:{cfg.tickle_port} "
+                f"({exc.strerror or exc}): is another agent using it? Choose another "
+                "--tickle-port, or --tickle-port 0 to hold a long poll instead. "
+                "Nothing was enrolled or changed."
+            ) from None
+        sock.setblocking(False)
+        return sock
+
+    async def _listen_tickles(self, sock: socket.socket | None) -> asyncio.DatagramTransport | None:
+        if sock is None:
             return None
         assert self.ident is not None
         self.verifier = TickleVerifier(
@@ -245,6 +278,7 @@ class Agent:
             self.ident.computer_id,
             max_skew=TICKLE_MAX_SKEW,
             min_interval=TICKLE_MIN_INTERVAL,
+            replay_floor_ms=self.state.tickle_high_water_ms,
         )
         agent = self
 
@@ -252,7 +286,11 @@ class Agent:
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
                 assert agent.verifier is not None
                 before = dict(agent.verifier.drops)
-                if agent.verifier.accept(data, time.time()):
+                high = agent.verifier.high_water_ms
+                accepted = agent.verifier.accept(data, time.time())
+                if agent.verifier.high_water_ms > high:
+                    agent.state.save_tickle_high_water(agent.verifier.high_water_ms)
+                if accepted:
                     agent.tickled = True
                     agent.trigger.set()
                     return
@@ -281,9 +319,7 @@ class Agent:
                     )
 
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            _Udp, local_addr=(self.config.tickle_bind, self.config.tickle_port)
-        )
+        transport, _ = await loop.create_datagram_endpoint(_Udp, sock=sock)
         return transport
 
     def _startup(self) -> None:
@@ -304,15 +340,16 @@ class Agent:
         )
         if plan.skipped:
             log.info("scrubber skipped this run: %d task executor(s) running", len(self.running))
+            self._retries_wait(time.time() + self.config.scrub_interval)
             return
         continued = 0
         for record, decision in plan.decisions:
             op = ops[record.op]
             if decision.action is Action.LEAVE:
                 continue
-            kill_leftover(op)
+            killed = kill_leftover(op)
             if decision.action is Action.SCRUB:
-                scrub_record(self.state, op, decision)
+                scrub_record(self.state, op, decision, killed=killed)
             else:
                 continued += 1
                 log.warning(
@@ -328,8 +365,23 @@ class Agent:
         if plan.scrubbed:
             self.trigger.set()
 
+    def _retries_wait(self, until: float) -> None:
+        # Failed attempts waiting to be continued miss this run: tell the server
+        # when they can start now, so it does not declare them lost meanwhile.
+        waiting = [
+            o for o in self.state.unfinished() if o.status == st.FAILED and o.op not in self.running
+        ]
+        for o in waiting:
+            reason = "its retry waits for the scrubber's next run (a task is running)"
+            self.state.set_status(
+                o.op, st.FAILED, message=_status(o.op, "deferred", o.attempts, until, reason)
+            )
+        if waiting:
+            self.trigger.set()
+
     async def _scrub_loop(self) -> None:
         while True:
+            self.next_scrub_at = time.time() + self.config.scrub_interval
             await asyncio.sleep(self.config.scrub_interval)
             running = bool(self.running) or self.exec_lock.held_elsewhere()
             self._scrub(executor_running=running)
@@ -477,6 +529,13 @@ class Agent:
             line = result_line("Waiting", "Canceled", "Canceled before its next run", None)
             self.state.finish(op_id, st.CANCELED, _result(op_id, "canceled", line))
             self.trigger.set()
+        elif op is not None and not op.finished and op.status == st.FAILED:
+            # A failed attempt waiting for the scrubber to continue it: not retried.
+            line = result_line(
+                "Waiting", "Canceled", f"Canceled before attempt {op.attempts + 1}", None
+            )
+            self.state.finish(op_id, st.CANCELED, _result(op_id, "canceled", line))
+            self.trigger.set()
 
     # -- running ---------------------------------------------------------------
 
@@ -581,11 +640,15 @@ class Agent:
         )
         code = {"succeeded": st.SUCCESS, "canceled": st.CANCELED}.get(status, st.FAILED)
         latest = self.state.operation(op.op)
-        if (
-            op.interval == "recurring"
-            and status != "canceled"
-            and not (latest and latest.cancel_requested)
-        ):
+        cancel_asked = bool(latest and latest.cancel_requested)
+        after = after_failure(
+            pushed=op.pushed,
+            mode=Mode(op.mode),
+            interval=Interval(op.interval),
+            attempt=attempt,
+            max_attempts=self.config.max_attempts,
+        )
+        if op.interval == "recurring" and status != "canceled" and not cancel_asked:
             every = op.every or 3600.0
             self.state.set_status(
                 op.op,
@@ -595,6 +658,20 @@ class Agent:
             )
             log.info("operation %d run %d %s; next run in %gs", op.op, attempt, status, every)
             self._spawn(op, every)
+        elif status == "failed" and not cancel_asked and not after.final:
+            # SPEC 5: not final while attempts remain; the scrubber continues it.
+            reason = f"{after.reason}; {outcome.line}"
+            self.state.set_status(
+                op.op,
+                st.FAILED,
+                message=_status(op.op, "failed", attempt, self.next_scrub_at, reason),
+            )
+            log.warning(
+                "operation %d %s; the scrubber continues it in %.0fs",
+                op.op,
+                reason,
+                max(0.0, self.next_scrub_at - time.time()),
+            )
         else:
             checkpoint.unlink(missing_ok=True)
             self.state.finish(op.op, code, message)

@@ -4,7 +4,8 @@ Contract: ``plan`` reads the local records and asks the pure
 ``domain.scrubber.plan_scrub`` what to do, skipping the whole run while any
 task executor holds the executor lock (an flock, so a crashed executor cannot
 leave it held). ``scrub`` marks a record Failed and queues the Failed result,
-with the old status in its result line, for the server. Continuing is the
+with the old status in its result line, for the server; the line says whether
+a leftover process was killed or nothing was running. Continuing is the
 agent's job (it reruns the operation under the same id, counting an attempt).
 Before either, ``kill_leftover`` stops a process group the old attempt left
 running, if it is still the same process.
@@ -99,33 +100,64 @@ def plan(
     )
 
 
-def process_start(pid: int) -> str | None:
+def _stat(pid: int) -> list[str] | None:
+    # The fields after the command name: [0] state, [2] process group, [19] start time.
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
 
 
+def process_start(pid: int) -> str | None:
+    fields = _stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether any process of the group runs (a zombie is dead, only not yet reaped)."""
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields and len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in "ZX":
+                return True
+    return False
+
+
 def kill_leftover(op: st.Operation) -> bool:
-    """Kill the process group an earlier attempt left behind, if it is still that one."""
+    """Kill the process group an earlier attempt left behind, if it is still that one.
+
+    Returns True only if something of it was still running: a leader whose
+    parent (the old agent) died stays a zombie with its /proc entry when
+    nothing reaps it, and killing that stops nothing.
+    """
     if not op.pgid or not op.pstart or process_start(op.pgid) != op.pstart:
         return False
+    running = _group_running(op.pgid)
     try:
         os.killpg(op.pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
+        return False
+    if not running:
         return False
     log.warning("operation %d: killed process group %d left by its last attempt", op.op, op.pgid)
     return True
 
 
-def scrub(state: st.LocalState, op: st.Operation, decision: Decision) -> None:
+def scrub(
+    state: st.LocalState, op: st.Operation, decision: Decision, *, killed: bool = False
+) -> None:
+    """``killed``: ``kill_leftover`` just stopped the process group of its last attempt."""
     old = LocalStatus(op.status)
+    found = (
+        f"its last attempt's process group {op.pgid} was still running and was killed"
+        if killed
+        else "with nothing running"
+    )
     line = result_line(
         "Recovering",
         "Failed",
-        f"Scrubbed: local status was {old.name.title()} ({int(old)}) with nothing running "
-        f"({decision.rule})",
+        f"Scrubbed: local status was {old.name.title()} ({int(old)}) {found} ({decision.rule})",
         None,
     )
     state.finish(

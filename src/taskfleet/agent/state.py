@@ -94,6 +94,7 @@ class Operation:
     received_at: float
     started_at: float | None
     ended_at: float | None
+    finished: bool = False  # its final result is queued (or sent): nothing more to do
 
     def checkpoint_path(self, folder: Path) -> Path:
         return folder / "checkpoints" / str(self.op)
@@ -178,10 +179,22 @@ class LocalState:
             self._set("server_seq", "0")
             self._set("next_seq", "1")
             self.db.execute("DELETE FROM outbox")
+            # Another key (and perhaps another server's clock): the old floor means nothing.
+            self.db.execute("DELETE FROM meta WHERE key='tickle_high_water_ms'")
             self.db.execute(
                 "DELETE FROM operations WHERE status NOT IN (?, ?, ?)", (SUCCESS, FAILED, CANCELED)
             )
         os.chmod(self.folder / "state.db", 0o600)
+
+    @property
+    def tickle_high_water_ms(self) -> int:
+        """The newest tickle timestamp that passed verification (-1: none yet)."""
+        return int(self.get("tickle_high_water_ms", "-1") or -1)
+
+    def save_tickle_high_water(self, ms: int) -> None:
+        # Durable before the tickle is acted on: after a restart, the in-memory
+        # nonce cache is gone and only this keeps a captured tickle refused.
+        self._set("tickle_high_water_ms", str(ms))
 
     @property
     def server_seq(self) -> int:
@@ -207,7 +220,8 @@ class LocalState:
 
     _COLS = (
         "op, seq, type, body, status, cancel_requested, attempts, pushed, mode, interval, "
-        "every, next_run_at, pgid, pstart, received_at, started_at, ended_at"
+        "every, next_run_at, pgid, pstart, received_at, started_at, ended_at, "
+        "result IS NOT NULL"
     )
 
     def _op(self, row: tuple[Any, ...]) -> Operation:
@@ -229,6 +243,7 @@ class LocalState:
             received_at=row[14],
             started_at=row[15],
             ended_at=row[16],
+            finished=bool(row[17]),
         )
 
     def receive(

@@ -19,7 +19,18 @@ from taskfleet.cli.client import emit, fail, print_fields, print_table, when
 @click.option(
     "--server", "server_url", envvar="TASKFLEET_SERVER", help="Server URL [env: TASKFLEET_SERVER]."
 )
-@click.option("--enroll-token", envvar="TASKFLEET_ENROLL_TOKEN", help="Enrollment token.")
+@click.option(
+    "--enroll-token",
+    envvar="TASKFLEET_ENROLL_TOKEN",
+    help="Enrollment token [env: TASKFLEET_ENROLL_TOKEN]; on the command line it is "
+    "visible to every user in `ps`: prefer the variable or --enroll-token-file.",
+)
+@click.option(
+    "--enroll-token-file",
+    type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path),
+    default=None,
+    help="Read the enrollment token from this file (first line).",
+)
 @click.option(
     "--state-dir",
     type=click.Path(path_type=Path),
@@ -86,6 +97,7 @@ def agent(
     ctx: click.Context,
     server_url: str | None,
     enroll_token: str | None,
+    enroll_token_file: Path | None,
     state_dir: Path,
     tickle_port: int,
     tickle_bind: str,
@@ -113,6 +125,13 @@ def agent(
             fail(str(exc))
     if scrub_interval <= 0:
         fail("--scrub-interval must be positive")
+    if enroll_token_file is not None:
+        if enroll_token:
+            fail(
+                "give the enrollment token once: --enroll-token (or TASKFLEET_ENROLL_TOKEN) "
+                "or --enroll-token-file"
+            )
+        enroll_token = _read_token_file(enroll_token_file)
     from taskfleet import logs
     from taskfleet.agent.main import AgentConfig, run_agent
     from taskfleet.agent.state import StateError
@@ -145,6 +164,17 @@ def agent(
         fail(str(exc))
     except OSError as exc:
         fail(f"agent cannot start: {exc}")
+
+
+def _read_token_file(path: Path) -> str:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read --enroll-token-file {path}: {exc}")
+    token = lines[0].strip() if lines else ""
+    if not token:
+        fail(f"--enroll-token-file {path} is empty")
+    return token
 
 
 @agent.command("status")
@@ -247,9 +277,9 @@ def agent_scrub(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
         for r, d in plan.decisions:
             if d.action.value == "leave":
                 continue
-            scrub.kill_leftover(ops[r.op])
+            killed = scrub.kill_leftover(ops[r.op])
             if d.action.value == "scrub":
-                scrub.scrub(state, ops[r.op], d)
+                scrub.scrub(state, ops[r.op], d, killed=killed)
             else:
                 state.requeue(r.op)  # the agent runs it (attempt counted) at its start
     data = {

@@ -3,7 +3,10 @@
 Contract: ``scrub_decision(record, max_attempts)`` says what the scrubber does
 with one local record and which rule decided, applying SPEC 5's rules in
 SPEC 5's order; ``plan_scrub`` applies it to every record, or skips the whole
-run while any task executor is running. No I/O: the agent applies the plan.
+run while any task executor is running. ``after_failure`` says whether a failed
+run is final or (pulled, Required, Once, attempts left) waits for the
+scrubber's next run to continue it, and the status text the server records.
+No I/O: the agent applies the plan.
 """
 
 from __future__ import annotations
@@ -98,3 +101,26 @@ def plan_scrub(records: Iterable[Record], *, executor_running: bool, max_attempt
     if executor_running:
         return Plan(True, ())
     return Plan(False, tuple((r, scrub_decision(r, max_attempts)) for r in records))
+
+
+@dataclass(frozen=True)
+class AfterFailure:
+    final: bool  # True: report the final Failed; False: Failed locally, continued later
+    reason: str  # the status event the server records when not final ("" when final)
+
+
+def after_failure(
+    *, pushed: bool, mode: Mode, interval: Interval, attempt: int, max_attempts: int
+) -> AfterFailure:
+    """What a failed run of an operation means (SPEC 5).
+
+    ``attempt`` is the number of the run that failed (1 for the first). A
+    pulled, Required, Once operation is exactly what the scrubber continues
+    when Failed, so finalising it at once would leave that rule nothing to do:
+    while attempts remain it stays open and the server is told it will be
+    retried; the last attempt's failure is final. Every other failure is final.
+    """
+    retried = not pushed and mode is Mode.REQUIRED and interval is Interval.ONCE
+    if not retried or attempt >= max_attempts:
+        return AfterFailure(True, "")
+    return AfterFailure(False, f"failed, will retry (attempt {attempt} of {max_attempts})")

@@ -77,6 +77,7 @@ class Cause(enum.StrEnum):
     ADMIN = "admin"  # an administrator's request (cancel, approve, ...)
     DELIVERED = "delivered"  # handed to the agent in an exchange
     AGENT_REPORT = "agent-report"  # the agent's operation-result
+    AGENT_STATUS = "agent-status"  # a failed attempt to be retried: recorded, no state change
     TIMEOUT = "timeout"  # the server's own deadline (lost)
     REENROLLED = "re-enrolled"  # the computer's identity changed
     SYSTEM = "system"

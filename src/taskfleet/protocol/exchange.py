@@ -53,7 +53,8 @@ MAX_TEXT_CHARS = 2000  # result line, reasons
 MAX_LONG_POLL = 300.0  # seconds a long poll may be held
 
 RESULT_STATUSES = frozenset({"succeeded", "failed", "canceled"})
-PROGRESS_STATUSES = frozenset({"working", "deferred"})
+# "failed" here is a failed attempt that will be retried (SPEC 5): not final.
+PROGRESS_STATUSES = frozenset({"working", "deferred", "failed"})
 
 
 class ProtocolError(ValueError):
@@ -80,7 +81,7 @@ class OperationResult:
 class OperationStatus:
     seq: int
     op: int
-    status: str  # working | deferred
+    status: str  # working | deferred | failed (an attempt failed; it will be retried)
     attempt: int
     until: float | None  # deferred: when the agent expects to run it
     reason: str

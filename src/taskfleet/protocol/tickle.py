@@ -10,9 +10,12 @@ The key is per computer: derive_tickle_key(master, computer_id, generation). The
 order: length/magic/version ("malformed"), MAC in constant time ("bad-mac"), computer id
 ("wrong-computer"), |server-adjusted now - timestamp| <= max_skew ("stale"), nonce not seen and
 timestamp above the replay floor ("replayed"). Of the tickles that pass, the agent acts on at
-most one per min_interval ("rate-limited"). The server paces fleet-wide sends with a token bucket
-(TicklePacer) and sends at most one tickle per computer per min_interval (PerComputerLimiter),
-so a tickle can never amplify traffic. Everything here is pure: callers pass `now`.
+most one per min_interval ("rate-limited"). The nonce cache lives in memory, so an agent keeps
+``high_water_ms`` (the newest timestamp that passed) in its durable state and restores it as
+``replay_floor_ms`` after a restart: a tickle captured before the restart stays refused. The
+server paces fleet-wide sends with a token bucket (TicklePacer) and sends at most one tickle per
+computer per min_interval (PerComputerLimiter), so a tickle can never amplify traffic.
+Everything here is pure: callers pass `now`.
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ class TickleVerifier:
         max_skew: float = 120.0,
         min_interval: float = 1.0,
         replay_cache_size: int = 4096,
+        replay_floor_ms: int = -1,
     ) -> None:
         if not key:
             raise ValueError("tickle key must not be empty")
@@ -125,9 +129,15 @@ class TickleVerifier:
         self._seen: set[bytes] = set()
         # Ordered by tickle timestamp, which is also expiry order.
         self._expiry: list[tuple[int, bytes]] = []
-        self._floor_ms = -1
+        self._floor_ms = replay_floor_ms
+        self._high_ms = replay_floor_ms
         self._last_accept: float | None = None
         self.drops: dict[str, int] = dict.fromkeys(TICKLE_REASONS, 0)
+
+    @property
+    def high_water_ms(self) -> int:
+        """The newest timestamp (ms, server clock) that passed, or the floor given at start."""
+        return self._high_ms
 
     def set_clock_offset(self, offset: float) -> None:
         if not math.isfinite(offset):
@@ -164,6 +174,7 @@ class TickleVerifier:
             self._floor_ms = max(self._floor_ms, oldest_ms)
         heapq.heappush(self._expiry, (timestamp_ms, nonce))
         self._seen.add(nonce)
+        self._high_ms = max(self._high_ms, timestamp_ms)
         return Tickle(computer_id=computer_id, timestamp=timestamp, nonce=nonce)
 
     def _expire(self, server_now: float) -> None:

@@ -30,7 +30,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from taskfleet.domain.policy import DEFAULT_POLICY
 from taskfleet.domain.results import LOST_LINE, result_line
-from taskfleet.domain.states import FINAL_STATES, ActivityKind, Cause, State, transition
+from taskfleet.domain.states import (
+    FINAL_STATES,
+    ActivityKind,
+    Cause,
+    State,
+    Transition,
+    transition,
+)
 from taskfleet.protocol.exchange import (
     AgentMessage,
     AgentRequest,
@@ -43,7 +50,7 @@ from taskfleet.protocol.signing import Signer
 from taskfleet.server import metrics
 from taskfleet.server.fleet import ComputerState, Fleet
 from taskfleet.settings import WRITE_BATCH_MAX
-from taskfleet.store.activities import FINISHED, Change, apply_changes
+from taskfleet.store.activities import FINISHED, Change, apply_changes, insert_events
 from taskfleet.store.schema import activities, computers, outbox, requests
 
 log = logging.getLogger("taskfleet.writer")
@@ -419,6 +426,7 @@ class Writer:
         changes: list[Change] = []
         reports: list[dict[str, Any]] = []
         statuses: list[dict[str, Any]] = []
+        events: list[tuple[int, int, Transition]] = []
         for job, m in fresh:
             row = current.get(m.op)
             if row is None or row.computer_id != job.cs.id or row.kind != _CLIENT.value:
@@ -435,6 +443,10 @@ class Writer:
             if isinstance(m, OperationStatus):
                 if state is State.IN_PROGRESS:
                     statuses.append(self._status_values(m, row.timeout, now))
+                    if m.status == "failed":
+                        # A failed attempt that will be retried (SPEC 5): recorded in
+                        # the history, the activity stays In Progress.
+                        events.append((m.op, job.cs.tenant_id, _retry_event(job.cs.id, m, now)))
                 continue
             values = _result_values(m)
             if state is State.IN_PROGRESS and m.recurring:
@@ -484,6 +496,7 @@ class Writer:
                     }
                 )
         await apply_changes(conn, changes)
+        await insert_events(conn, events)
         if reports:
             await conn.execute(
                 activities.update()
@@ -521,6 +534,12 @@ class Writer:
         if m.status == "working":
             deadline: float | None = now + timeout + self.lost_grace
             reason = f"running on the computer (attempt {m.attempt})"
+        elif m.status == "failed":
+            # The retry starts at the agent's next scrubber run (``until``); it is
+            # lost only if no run starts by then plus the time limit and grace.
+            start = now if m.until is None else max(now, m.until)
+            deadline = start + timeout + self.lost_grace
+            reason = m.reason or f"failed, will retry (attempt {m.attempt})"
         else:
             deadline = None if m.until is None else m.until + timeout + self.lost_grace
             reason = f"deferred by the computer: {m.reason}"
@@ -652,6 +671,19 @@ class _BadJob(Exception):
         super().__init__(str(error))
         self.job = job
         self.error = error
+
+
+def _retry_event(computer_id: int, m: OperationStatus, now: float) -> Transition:
+    # Not a transition (the state stays In Progress), so not checked against
+    # the table; recorded in the same history so `activity show` tells it.
+    return Transition(
+        State.IN_PROGRESS,
+        State.IN_PROGRESS,
+        Cause.AGENT_STATUS,
+        f"computer:{computer_id}",
+        now,
+        (m.reason or f"failed, will retry (attempt {m.attempt})")[:2000],
+    )
 
 
 def _result_values(r: OperationResult) -> dict[str, Any]:
