@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from taskfleet.agent.executor import TRUNCATION_MARKER, ScriptResult, ScriptSpec, start_script
-from taskfleet.settings import OUTPUT_CAP
+from taskfleet.settings import MAX_ID, OUTPUT_CAP
 
 __all__ = [
     "CONTEXT_KEYS",
@@ -412,12 +412,18 @@ def _convert(ptype: str, value: Any) -> Any:
             raise ValueError("must not contain NUL characters")
         return value
     if ptype == "int":
+        whole: int | None = None
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+            whole = value
+        elif isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
             with contextlib.suppress(ValueError):  # beyond Python's digit limit
-                return int(value.strip())
-        raise ValueError(f"must be an integer, got {value!r}")
+                whole = int(value.strip())
+        if whole is None:
+            raise ValueError(f"must be an integer, got {value!r}")
+        # Stored and handed to handlers as JSON: 64-bit, like every integer column.
+        if not -MAX_ID - 1 <= whole <= MAX_ID:
+            raise ValueError(f"must be an integer, got {value!r}: beyond 64 bits")
+        return whole
     if ptype == "float":
         number: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
