@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import annotated_types as at
 import orjson
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Request, Security
@@ -140,7 +139,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 # out of range (an id beyond the 64-bit columns, NaN, 1e20 as a time) reaches the
 # service or the database. Path ids out of range answer 404, everything else 400.
 
-Id = Annotated[int, at.Ge(1), at.Le(MAX_ID)]
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 # Any finite number (its range is checked where its meaning is, with its own message).
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 EpochTime = Annotated[
