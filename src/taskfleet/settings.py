@@ -26,3 +26,25 @@ WRITE_BATCH_MAX = 2000  # exchanges applied in one database transaction
 LAST_SEEN_FLUSH = 30.0  # seconds between writes of computers' last-seen times
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what both databases' BIGINT columns hold
+
+# -- limits of what the API accepts (bad input is a 400/404/413, never a 500) ---------------
+# Every id is a 64-bit signed integer in both stores (SQLite INTEGER, PostgreSQL BIGINT): a
+# larger one cannot name anything (a path answers 404, a body or query 400).
+MAX_ID = INT64_MAX
+# Epoch times an administrator gives (a request's "at", a task's not_before): anything
+# before 1970 or after 2100 is a typo (or a 1e20), and the bounds keep every date shown,
+# stored or added to finite and exact.
+TIME_MIN = 0.0
+TIME_MAX = 4_102_444_800.0  # 2100-01-01T00:00:00Z
+# Durations in seconds (token lifetimes, "older than" filters): ten years is longer than
+# any sensible one, and now + ten years stays well inside float precision.
+DURATION_MAX = 10 * 366 * 86400.0
+# Request bodies, read to at most this before any parsing (413 beyond). The enrollment
+# route answers callers without a token, so it gets only what an enrollment needs; the
+# admin API must fit a request with a script at the documented limit (1 Mi characters,
+# up to 12 bytes each once JSON-escaped) plus its argv and env. The agent exchange has
+# its own limit (protocol/exchange.py MAX_BODY_BYTES).
+ENROLL_BODY_MAX = 64 * 1024
+API_BODY_MAX = 32 * 1024 * 1024
+# Tag values (keys follow domain/targets.py): printable text of at most this many characters.
+TAG_VALUE_MAX = 256

@@ -424,7 +424,7 @@ async def test_bad_input_is_refused_and_changes_nothing(database_url: str, tmp_p
             ),
             ("POST", "/requests", _req(rollout={"size": 1, "share": 10}), 400, "exactly one"),
             ("POST", "/requests", _req(rollout={"canary": 5, "size": 1}), 400, "canary"),
-            ("POST", "/requests", _req(at="tomorrow"), 422, "valid number"),
+            ("POST", "/requests", _req(at="tomorrow"), 400, "valid number"),
             ("POST", f"/requests/{plain['id']}/resume", None, 409, "not a rollout"),
             ("POST", f"/requests/{plain['id']}/reject", None, 409, "not awaiting approval"),
             (

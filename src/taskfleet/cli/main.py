@@ -7,6 +7,7 @@ command so each loads only what it needs.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -934,16 +935,23 @@ def _when_arg(value: str | None, option: str = "--not-before") -> float | None:
         return None
     from datetime import datetime
 
+    from taskfleet.settings import TIME_MAX, TIME_MIN
+
+    at: float | None = None
     if value.startswith("+"):
-        return time.time() + _seconds_arg(value[1:], option)
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        fail(f"{option} expects epoch seconds, an ISO time or +DURATION, got {value!r}")
+        at = time.time() + _seconds_arg(value[1:], option)
+    else:
+        with contextlib.suppress(ValueError):
+            at = float(value)
+        if at is None:
+            try:
+                at = datetime.fromisoformat(value).timestamp()
+            except (ValueError, OverflowError):
+                fail(f"{option} expects epoch seconds, an ISO time or +DURATION, got {value!r}")
+    # "nan", "inf", "1e20" parse as floats; the server would refuse them less clearly.
+    if not TIME_MIN <= at <= TIME_MAX:  # False for NaN too
+        fail(f"{option} must be a time between 1970 and 2100, got {value!r}")
+    return at
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

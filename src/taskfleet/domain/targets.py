@@ -12,6 +12,8 @@ import enum
 import re
 from dataclasses import dataclass
 
+from taskfleet.settings import MAX_ID, TAG_VALUE_MAX
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _TAG_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,63}$")
 
@@ -45,11 +47,22 @@ class Target:
 
 
 def valid_name(name: str) -> bool:
-    return bool(_NAME.match(name))
+    return bool(_NAME.fullmatch(name))  # fullmatch: "$" alone lets a trailing newline in
 
 
 def valid_tag_key(key: str) -> bool:
-    return bool(_TAG_KEY.match(key))
+    return bool(_TAG_KEY.fullmatch(key))
+
+
+def tag_value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a tag value, or None: printable text (no newlines or other
+    control characters, which would forge lines in listings and logs), bounded."""
+    if len(value) > TAG_VALUE_MAX:
+        return f"tag value is longer than {TAG_VALUE_MAX} characters"
+    if not value.isprintable():
+        bad = next(c for c in value if not c.isprintable())
+        return f"tag value must be printable text, it contains {bad!r}"
+    return None
 
 
 def parse_target(spec: str) -> Target:
@@ -66,15 +79,20 @@ def parse_target(spec: str) -> Target:
         return Target(TargetKind.GROUP, name=rest)
     if kind == "tag":
         key, eq, value = rest.partition("=")
-        if not eq or not valid_tag_key(key) or len(value) > 256:
+        if not eq or not valid_tag_key(key) or tag_value_problem(value) is not None:
             raise TargetError(f"invalid tag target {spec!r}: expected tag:KEY=VALUE")
         return Target(TargetKind.TAG, name=key, value=value)
     if kind == "computer":
-        try:
-            ids = tuple(int(part) for part in rest.split(","))
-        except ValueError:
-            raise TargetError(f"invalid computer id list {rest!r}: expected integers") from None
-        if any(i <= 0 for i in ids) or len(set(ids)) != len(ids):
-            raise TargetError(f"invalid computer id list {rest!r}: positive, no repeats")
+        parts = rest.split(",")
+        # ASCII digits only: int() would also take "1_0", " 1" or other scripts' digits.
+        if not all(part.isascii() and part.isdigit() for part in parts):
+            raise TargetError(f"invalid computer id list {rest!r}: expected integers")
+        # Length first: int() refuses texts of thousands of digits with a ValueError.
+        too_long = any(len(part) > len(str(MAX_ID)) for part in parts)
+        ids = () if too_long else tuple(int(part) for part in parts)
+        if too_long or any(not 0 < i <= MAX_ID for i in ids) or len(set(ids)) != len(ids):
+            raise TargetError(
+                f"invalid computer id list {rest!r}: positive, no repeats, at most {MAX_ID}"
+            )
         return Target(TargetKind.COMPUTER, computer_ids=ids)
     raise TargetError(f"invalid target kind {kind!r}: {usage}")

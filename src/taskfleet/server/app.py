@@ -16,18 +16,25 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import orjson
 import sqlalchemy as sa
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import generate_latest
 from pydantic import BaseModel, Field
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskfleet import __version__
 from taskfleet.dispatch import open_queue
@@ -49,13 +56,19 @@ from taskfleet.server.tasks import TaskManager
 from taskfleet.server.tickler import Tickler
 from taskfleet.server.writer import ExchangeJob, Writer, reap_expired, reap_lost
 from taskfleet.settings import (
+    API_BODY_MAX,
+    DURATION_MAX,
+    ENROLL_BODY_MAX,
     LAST_SEEN_FLUSH,
     LOST_GRACE,
+    MAX_ID,
     POLL_INTERVAL,
     REAPER_INTERVAL,
     SCRIPT_TIMEOUT,
     TICKLE_MIN_INTERVAL,
     TICKLE_RATE,
+    TIME_MAX,
+    TIME_MIN,
 )
 from taskfleet.store import db
 from taskfleet.store.schema import computers
@@ -117,8 +130,24 @@ class _Err(BaseModel):
     error: str
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# -- the types of every id, time and duration the API accepts -------------------
+# One place for each: a route or model field that takes one uses these, so nothing
+# out of range (an id beyond the 64-bit columns, NaN, 1e20 as a time) reaches the
+# service or the database. Path ids out of range answer 404, everything else 400.
+
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+# Any finite number (its range is checked where its meaning is, with its own message).
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+EpochTime = Annotated[
+    float,
+    Field(ge=TIME_MIN, le=TIME_MAX, allow_inf_nan=False, description="epoch seconds (UTC)"),
+]
+Duration = Annotated[float, Field(gt=0, le=DURATION_MAX, allow_inf_nan=False)]
+Age = Annotated[float, Field(ge=0, le=DURATION_MAX, allow_inf_nan=False)]
 
 
 # -- request bodies (these make the OpenAPI document) --------------------------
@@ -128,8 +157,8 @@ class TokenIn(BaseModel):
     kind: str = Field("admin", description="admin (API access) or enroll (agent enrollment)")
     name: str
     role: str | None = Field(None, description="viewer, operator or admin (admin tokens)")
-    expires_in: float | None = Field(None, description="seconds until the token expires")
-    max_uses: int | None = Field(None, description="enrollments allowed (enroll tokens)")
+    expires_in: Duration | None = Field(None, description="seconds until the token expires")
+    max_uses: Id | None = Field(None, description="enrollments allowed (enroll tokens)")
     group: str | None = Field(None, description="group that enrolled computers join")
 
 
@@ -138,7 +167,7 @@ class GroupIn(BaseModel):
 
 
 class MembersIn(BaseModel):
-    computer_ids: list[int]
+    computer_ids: list[Id]
 
 
 class TagIn(BaseModel):
@@ -152,8 +181,8 @@ class RequestIn(BaseModel):
     params: dict[str, Any] = Field(
         ..., description="argv | script (+interpreter), env, cwd, user, output_cap"
     )
-    timeout: float = SCRIPT_TIMEOUT
-    expires_in: float | None = Field(
+    timeout: Finite = SCRIPT_TIMEOUT
+    expires_in: Finite | None = Field(
         None, description="seconds: queued work not handed out by then is Canceled (expired)"
     )
     policy: dict[str, Any] | None = Field(
@@ -161,7 +190,7 @@ class RequestIn(BaseModel):
         description="mode required|optional (optional work waits for the agent's run window), "
         "interval once|recurring, every (seconds, recurring)",
     )
-    at: float | None = Field(None, description="epoch seconds: Scheduled, not earlier than")
+    at: EpochTime | None = Field(None, description="epoch seconds: Scheduled, not earlier than")
     after: dict[str, Any] | None = Field(
         None,
         description="Waiting: {request: ID} or {activity: ID}, metric finished|succeeded "
@@ -197,8 +226,8 @@ class BulkCancelIn(BaseModel):
     state: str | None = Field(None, description="queued, scheduled, waiting, blocked, in_progress")
     type: str | None = None
     group: str | None = None
-    older_than: float | None = Field(None, description="created more than this many seconds ago")
-    request_id: int | None = None
+    older_than: Age | None = Field(None, description="created more than this many seconds ago")
+    request_id: Id | None = None
     reason: str = ""
     dry_run: bool = Field(False, description="only count what would be canceled")
 
@@ -208,7 +237,7 @@ class TaskIn(BaseModel):
     tenant: str | None = Field(None, description="tenant-scoped types (single-tenant: omit)")
     group: str | None = Field(None, description="group-scoped types")
     params: dict[str, Any] = {}
-    not_before: float | None = Field(None, description="epoch seconds: not earlier than")
+    not_before: EpochTime | None = Field(None, description="epoch seconds: not earlier than")
     approval: dict[str, Any] | None = Field(
         None, description="Blocked until approved: {separation: bool, expires_in: seconds}"
     )
@@ -234,8 +263,16 @@ class EnrollIn(BaseModel):
     policy: dict[str, Any] = {}
 
 
+# Declared for the OpenAPI document (securitySchemes); _role reads the header itself so
+# that every refusal is one of its own 401s.
+_bearer = HTTPBearer(auto_error=False, description="an API token (tfa_...), see docs/guide.md")
+
+
 def _role(needed: str) -> Callable[..., Awaitable[Principal]]:
-    async def dep(request: Request) -> Principal:
+    async def dep(
+        request: Request,
+        _declared: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    ) -> Principal:
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -276,6 +313,265 @@ class _App(FastAPI):
             return
         await super().__call__(scope, receive, send)
 
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = finish_openapi(super().openapi())
+        return self.openapi_schema
+
+
+# -- the edge of the admin API: bodies, JSON, errors, the OpenAPI document ----------
+
+
+class _JsonRequest(Request):
+    """A request whose JSON body orjson parses: standard JSON only, so NaN, Infinity
+    and numbers beyond a double are refused (400), as are bodies that are not UTF-8."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = orjson.loads(await self.body())
+        return self._json
+
+
+class _Route(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(_JsonRequest(request.scope, request.receive))
+
+        return strict
+
+
+def body_limit(path: str) -> int:
+    """The most bytes a request body to ``path`` may have (settings.py says why)."""
+    return ENROLL_BODY_MAX if path == ENROLL_PATH else API_BODY_MAX
+
+
+class _BodyLimit:
+    """Reads each request body, up to its limit, before the routes see it: 413 beyond,
+    whether the size is declared (Content-Length) or not (chunked). Without it any
+    caller, even one without a token, could make the server read and parse any amount.
+    (The exchange never gets here: _App answers it first, with its own limit.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = body_limit(scope["path"])
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _too_large(limit)(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _too_large(limit)(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return _error(413, f"request body over {limit} bytes")
+
+
+def _where(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(x) for x in loc]
+    if parts and parts[0] == "body":
+        return ".".join(parts[1:]) or "request body"
+    if parts and parts[0] in ("query", "header", "cookie"):
+        return f"{parts[0]} parameter " + ".".join(parts[1:])
+    return ".".join(parts)
+
+
+def _validation_message(errors: Any) -> str:
+    """What was wrong, from pydantic's errors (never their input values: those may be
+    anything, and an error must always serialize)."""
+    out = []
+    for e in list(errors)[:5]:
+        if e.get("type") == "json_invalid":
+            out.append(f"invalid JSON: {(e.get('ctx') or {}).get('error', 'cannot parse')}")
+        else:
+            out.append(f"{_where(e.get('loc', ()))}: {e.get('msg', 'invalid')}")
+    more = len(errors) - len(out)
+    return "; ".join(out) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error is {"error": "..."} (docs/guide.md), whatever raised it."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        for e in errors:
+            loc = e.get("loc", ())
+            if len(loc) == 2 and loc[0] == "path":
+                # An id that cannot exist (not a number, 0, beyond 64 bits) names nothing.
+                name = str(loc[1])
+                raw = request.path_params.get(name, "")
+                return _error(404, f"no {name.removesuffix('_id')} {raw!r}: {e.get('msg')}")
+        return _error(400, _validation_message(errors))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such route: {request.url.path}"
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+            # Starlette names only the first route that matched the path; list them all.
+            allowed: set[str] = set()
+            for route in request.app.router.routes:
+                if route.matches(request.scope)[0] is Match.PARTIAL:
+                    allowed |= getattr(route, "methods", None) or set()
+            if allowed:
+                headers["Allow"] = ", ".join(sorted(allowed))
+        return _error(exc.status_code, message, headers)
+
+    @app.exception_handler(Exception)
+    async def _crash(_req: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this answers.
+        return _error(500, f"internal server error ({type(exc).__name__}); see the server log")
+
+
+_ERR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/_Err"}}}
+
+
+def _exchange_doc() -> dict[str, Any]:
+    """The agent exchange, as documentation only: _App answers it before the router."""
+    message = {"type": "object", "additionalProperties": True}
+    return {
+        "post": {
+            "tags": ["agent"],
+            "summary": "Agent exchange",
+            "operationId": "agent_exchange",
+            "description": "One round trip of the exchange protocol (docs/protocol.md): "
+            "the agent's messages and acknowledgement in, the server's out. Authenticated "
+            "by the computer id and the secret it got at enrollment. "
+            f"Body at most {MAX_BODY_BYTES} bytes.",
+            "security": [{"ComputerSecret": []}],
+            "parameters": [
+                {
+                    "name": "X-Taskfleet-Computer",
+                    "in": "header",
+                    "required": True,
+                    "description": "the computer id from enrollment",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["ack"],
+                            "properties": {
+                                "ack": {"type": "integer", "minimum": 0},
+                                "messages": {"type": "array", "items": message},
+                                "agent": {"type": "object", "additionalProperties": True},
+                                "wait": {"type": "number", "minimum": 0},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "the server's messages",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["ack", "messages", "server_time", "settings"],
+                                "properties": {
+                                    "ack": {"type": "integer"},
+                                    "messages": {"type": "array", "items": message},
+                                    "server_time": {"type": "number"},
+                                    "settings": {"type": "object", "additionalProperties": True},
+                                },
+                            }
+                        }
+                    },
+                },
+                "400": {
+                    "description": "malformed or invalid: nothing applied",
+                    "content": _ERR_JSON,
+                },
+                "401": {"description": "unknown computer or wrong secret", "content": _ERR_JSON},
+                "413": {"description": "body too large", "content": _ERR_JSON},
+            },
+        }
+    }
+
+
+def _integral_bounds(node: Any) -> None:
+    """FastAPI writes every bound as a float: give integer schemas their exact bounds
+    back (2^63 - 1 printed as 9.223372036854776e18 would allow 2^63)."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in ("minimum", "maximum"):
+                if isinstance(node.get(key), float):
+                    node[key] = min(int(node[key]), MAX_ID)
+        for value in node.values():
+            _integral_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _integral_bounds(value)
+
+
+def finish_openapi(schema: dict[str, Any]) -> dict[str, Any]:
+    """The document FastAPI makes, told the truth: errors are {"error": ...} with the
+    statuses the server answers (400 for invalid input, never 422; 413 for bodies),
+    the exchange route is in it, and integer bounds are exact."""
+    for path, item in schema.get("paths", {}).items():
+        for operation in item.values():
+            responses = operation.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.setdefault("400", {"description": "invalid input"})
+            if "requestBody" in operation:
+                responses["413"] = {"description": f"body over {body_limit(path)} bytes"}
+            for status, response in responses.items():
+                if status.startswith("4"):  # JSON, whatever the route's own media type
+                    response["content"] = _ERR_JSON
+    comps = schema.setdefault("components", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        comps.get("schemas", {}).pop(unused, None)
+    comps.setdefault("securitySchemes", {})["ComputerSecret"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "a computer's secret (tfc_...) from enrollment",
+    }
+    schema["paths"][EXCHANGE_PATH] = _exchange_doc()
+    _integral_bounds(schema)
+    return schema
+
 
 def create_app(config: ServerConfig) -> FastAPI:
     rt: Runtime | None = None
@@ -303,10 +599,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             409: {"model": _Err},
         },
     )
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message)
+    # Before any route is added: every route parses its JSON with orjson.
+    app.router.route_class = _Route
+    app.add_middleware(_BodyLimit)
+    _install_error_handlers(app)
 
     def runtime() -> Runtime:
         assert rt is not None
@@ -343,7 +639,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         return await read(lambda c: service.list_tokens(c, p))
 
     @app.delete("/api/v1/tokens/{token_id}", status_code=204, tags=["auth"])
-    async def revoke_token(token_id: int, p: Admin) -> Response:
+    async def revoke_token(token_id: Id, p: Admin) -> Response:
         await runtime().writer.run(lambda c: service.revoke_token(c, p, token_id, _now()))
         return Response(status_code=204)
 
@@ -353,18 +649,18 @@ def create_app(config: ServerConfig) -> FastAPI:
         return [_live(runtime(), c) for c in out]
 
     @app.get("/api/v1/computers/{computer_id}", tags=["computers"])
-    async def get_computer(computer_id: int, p: Viewer) -> dict[str, Any]:
+    async def get_computer(computer_id: Id, p: Viewer) -> dict[str, Any]:
         return _live(runtime(), await read(lambda c: service.get_computer(c, p, computer_id)))
 
     @app.put("/api/v1/computers/{computer_id}/tags", tags=["computers"])
-    async def set_tag(computer_id: int, body: TagIn, p: Operator) -> dict[str, Any]:
+    async def set_tag(computer_id: Id, body: TagIn, p: Operator) -> dict[str, Any]:
         await runtime().writer.run(
             lambda c: service.set_tag(c, p, computer_id, body.key, body.value, _now())
         )
         return {"computer_id": computer_id, "key": body.key, "value": body.value}
 
     @app.delete("/api/v1/computers/{computer_id}/tags/{key}", status_code=204, tags=["computers"])
-    async def remove_tag(computer_id: int, key: str, p: Operator) -> Response:
+    async def remove_tag(computer_id: Id, key: str, p: Operator) -> Response:
         await runtime().writer.run(lambda c: service.set_tag(c, p, computer_id, key, None, _now()))
         return Response(status_code=204)
 
@@ -434,18 +730,18 @@ def create_app(config: ServerConfig) -> FastAPI:
         return await read(lambda c: service.list_requests(c, p, min(max(limit, 1), 1000)))
 
     @app.get("/api/v1/requests/{request_id}", tags=["requests"])
-    async def get_request(request_id: int, p: Viewer) -> dict[str, Any]:
+    async def get_request(request_id: Id, p: Viewer) -> dict[str, Any]:
         return await read(lambda c: service.get_request(c, p, request_id))
 
     @app.post("/api/v1/requests/{request_id}/cancel", tags=["requests"])
     async def cancel_request(
-        request_id: int, p: Operator, body: CancelIn | None = None
+        request_id: Id, p: Operator, body: CancelIn | None = None
     ) -> dict[str, Any]:
         ids = await _cancel(runtime(), p, request_id=request_id, reason=body.reason if body else "")
         return {"request_id": request_id, "canceled": ids}
 
     @app.post("/api/v1/requests/{request_id}/rerun-failed", status_code=201, tags=["requests"])
-    async def rerun_failed(request_id: int, p: Operator) -> dict[str, Any]:
+    async def rerun_failed(request_id: Id, p: Operator) -> dict[str, Any]:
         r = runtime()
         created = await r.writer.run(
             lambda c: service.rerun_failed(c, p, _now(), request_id),
@@ -464,12 +760,12 @@ def create_app(config: ServerConfig) -> FastAPI:
         return await r.writer.run(fn, after=_lifecycle(r).apply)
 
     @app.post("/api/v1/requests/{request_id}/approve", tags=["approvals"])
-    async def approve(request_id: int, p: Admin) -> dict[str, Any]:
+    async def approve(request_id: Id, p: Admin) -> dict[str, Any]:
         await _lifecycle_write(lambda c: lc.approve(c, p, _now(), request_id))
         return await read(lambda c: service.get_request(c, p, request_id))
 
     @app.post("/api/v1/requests/{request_id}/reject", tags=["approvals"])
-    async def reject(request_id: int, p: Admin, body: CancelIn | None = None) -> dict[str, Any]:
+    async def reject(request_id: Id, p: Admin, body: CancelIn | None = None) -> dict[str, Any]:
         reason = body.reason if body else ""
         await _lifecycle_write(lambda c: lc.reject(c, p, _now(), request_id, reason))
         return await read(lambda c: service.get_request(c, p, request_id))
@@ -479,12 +775,12 @@ def create_app(config: ServerConfig) -> FastAPI:
         return await read(lambda c: lc.list_approvals(c, p))
 
     @app.post("/api/v1/requests/{request_id}/resume", tags=["requests"])
-    async def resume(request_id: int, p: Admin) -> dict[str, Any]:
+    async def resume(request_id: Id, p: Admin) -> dict[str, Any]:
         await _lifecycle_write(lambda c: lc.resume(c, p, _now(), request_id))
         return await read(lambda c: service.get_request(c, p, request_id))
 
     @app.put("/api/v1/requests/{request_id}/after", tags=["requests"])
-    async def set_after(request_id: int, body: AfterIn, p: Operator) -> dict[str, Any]:
+    async def set_after(request_id: Id, body: AfterIn, p: Operator) -> dict[str, Any]:
         opts = lc.parse_options(_now(), after=body.after)
         assert opts.after is not None
         after = opts.after
@@ -530,11 +826,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         return await read(lambda c: lc.list_schedules(c, p))
 
     @app.get("/api/v1/schedules/{schedule_id}", tags=["schedules"])
-    async def get_schedule(schedule_id: int, p: Viewer) -> dict[str, Any]:
+    async def get_schedule(schedule_id: Id, p: Viewer) -> dict[str, Any]:
         return await read(lambda c: lc.get_schedule(c, p, schedule_id))
 
     @app.post("/api/v1/schedules/{schedule_id}/cancel", tags=["schedules"])
-    async def cancel_schedule(schedule_id: int, p: Operator) -> dict[str, Any]:
+    async def cancel_schedule(schedule_id: Id, p: Operator) -> dict[str, Any]:
         return await runtime().writer.run(lambda c: lc.cancel_schedule(c, p, _now(), schedule_id))
 
     @app.post("/api/v1/activities/cancel", tags=["activities"])
@@ -551,8 +847,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.get("/api/v1/activities", tags=["activities"])
     async def list_activities(
         p: Viewer,
-        request_id: int | None = None,
-        computer_id: int | None = None,
+        request_id: Id | None = None,
+        computer_id: Id | None = None,
         state: str | None = None,
         limit: int = 100,
         output: bool = False,
@@ -570,7 +866,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         )
 
     @app.get("/api/v1/activities/{activity_id}", tags=["activities"])
-    async def get_activity(activity_id: int, p: Viewer) -> dict[str, Any]:
+    async def get_activity(activity_id: Id, p: Viewer) -> dict[str, Any]:
         out = await read(lambda c: service.get_activity(c, p, activity_id))
         if out["state"] in ("queued", "scheduled") and out["computer_id"] is not None:
             out["held"] = _lifecycle(runtime()).why_held(out["computer_id"], _now())
@@ -578,7 +874,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.post("/api/v1/activities/{activity_id}/cancel", tags=["activities"])
     async def cancel_activity(
-        activity_id: int, p: Operator, body: CancelIn | None = None
+        activity_id: Id, p: Operator, body: CancelIn | None = None
     ) -> dict[str, Any]:
         await _cancel(runtime(), p, activity_id=activity_id, reason=body.reason if body else "")
         return await read(lambda c: service.get_activity(c, p, activity_id))
@@ -587,7 +883,12 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def list_audit(p: Admin, limit: int = 100) -> list[dict[str, Any]]:
         return await read(lambda c: service.list_audit(c, p, min(max(limit, 1), 10_000)))
 
-    @app.post("/api/v1/tasks", status_code=201, tags=["tasks"])
+    @app.post(
+        "/api/v1/tasks",
+        status_code=201,
+        tags=["tasks"],
+        responses={200: {"description": "a duplicate of a submitted task: nothing new queued"}},
+    )
     async def submit_task(body: TaskIn, p: Operator, response: Response) -> dict[str, Any]:
         out = await _manager(runtime()).submit(
             p,
@@ -614,22 +915,20 @@ def create_app(config: ServerConfig) -> FastAPI:
         return await _manager(runtime()).list_tasks(p, state, type, min(max(limit, 1), 10_000))
 
     @app.get("/api/v1/tasks/{task_id}", tags=["tasks"])
-    async def get_task(task_id: int, p: Viewer) -> dict[str, Any]:
+    async def get_task(task_id: Id, p: Viewer) -> dict[str, Any]:
         return await _manager(runtime()).get(p, task_id)
 
     @app.post("/api/v1/tasks/{task_id}/cancel", tags=["tasks"])
-    async def cancel_task(
-        task_id: int, p: Operator, body: CancelIn | None = None
-    ) -> dict[str, Any]:
+    async def cancel_task(task_id: Id, p: Operator, body: CancelIn | None = None) -> dict[str, Any]:
         return await _manager(runtime()).cancel(p, task_id, body.reason if body else "")
 
     @app.post("/api/v1/tasks/{task_id}/approve", tags=["approvals"])
-    async def approve_task(task_id: int, p: Admin) -> dict[str, Any]:
+    async def approve_task(task_id: Id, p: Admin) -> dict[str, Any]:
         await _manager(runtime()).approve_task(p, task_id)
         return await _manager(runtime()).get(p, task_id)
 
     @app.post("/api/v1/tasks/{task_id}/reject", tags=["approvals"])
-    async def reject_task(task_id: int, p: Admin, body: CancelIn | None = None) -> dict[str, Any]:
+    async def reject_task(task_id: Id, p: Admin, body: CancelIn | None = None) -> dict[str, Any]:
         await _manager(runtime()).reject_task(p, task_id, body.reason if body else "")
         return await _manager(runtime()).get(p, task_id)
 
@@ -711,7 +1010,12 @@ def create_app(config: ServerConfig) -> FastAPI:
     # Also routed normally (for tools that walk the router); _App answers it first.
     app.router.add_route(EXCHANGE_PATH, exchange, methods=["POST"], include_in_schema=False)
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=PlainTextResponse,
+        responses={200: {"description": "Prometheus text exposition format"}},
+    )
     async def prom() -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type="text/plain; version=0.0.4")
 

@@ -494,12 +494,13 @@ async def list_groups(conn: AsyncConnection, p: Principal) -> list[dict[str, Any
 async def set_tag(
     conn: AsyncConnection, p: Principal, computer_id: int, key: str, value: str | None, now: float
 ) -> None:
-    from taskfleet.domain.targets import valid_tag_key
+    from taskfleet.domain.targets import tag_value_problem, valid_tag_key
 
     if not valid_tag_key(key):
         raise ApiError(400, f"invalid tag key {key!r}")
-    if value is not None and len(value) > 256:
-        raise ApiError(400, "tag value is longer than 256 characters")
+    problem = None if value is None else tag_value_problem(value)
+    if problem is not None:
+        raise ApiError(400, problem)
     await _check_computers(conn, p.tenant_id, [computer_id])
     existed = await conn.execute(
         computer_tags.delete().where(

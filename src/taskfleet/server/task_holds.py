@@ -22,6 +22,7 @@ from taskfleet.domain.lifecycle import MAX_AHEAD, Approval, approval_refusal
 from taskfleet.domain.scheduling import Pending
 from taskfleet.domain.states import FINAL_STATES, Cause, State
 from taskfleet.server.service import ApiError, Principal
+from taskfleet.settings import MAX_ID
 from taskfleet.store import tasks as store
 
 log = logging.getLogger("taskfleet.scheduler")
@@ -51,7 +52,7 @@ def parse_hold(now: float, actor: str, approval: Any, after: Any) -> dict[str, A
         if not isinstance(after, dict) or set(after) - {"task", "metric"}:
             raise ApiError(400, "after must be {task: ID, metric: finished|succeeded}")
         tid = after.get("task")
-        if isinstance(tid, bool) or not isinstance(tid, int) or tid < 1:
+        if isinstance(tid, bool) or not isinstance(tid, int) or not 1 <= tid <= MAX_ID:
             raise ApiError(400, f"after.task must be a task id, got {tid!r}")
         metric = after.get("metric", "finished")
         if metric not in ("finished", "succeeded"):

@@ -23,6 +23,7 @@ from taskfleet.domain.lifecycle import (
 )
 from taskfleet.domain.progress import Progress, progress
 from taskfleet.server.service import ApiError, Principal, state_counts
+from taskfleet.settings import MAX_ID, TIME_MAX, TIME_MIN
 from taskfleet.store.schema import activities, requests
 
 
@@ -72,7 +73,7 @@ class Options:
 
 
 def _time(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ApiError(400, f"{what} must be a time in epoch seconds, got {value!r}")
     return float(value)
 
@@ -90,6 +91,8 @@ def parse_options(
         not_before = None
         if at is not None:
             not_before = _time(at, "at")
+            if not TIME_MIN <= not_before <= TIME_MAX:  # and iso() below can show it
+                raise ApiError(400, f"at must be epoch seconds in [{TIME_MIN:g}, {TIME_MAX:g}]")
             if not_before > now + MAX_AHEAD:
                 raise ApiError(400, f"at {iso(not_before)} is more than a year ahead")
         dep = None
@@ -103,7 +106,7 @@ def parse_options(
             if len(kinds) != 1:
                 raise ApiError(400, "after needs exactly one of request or activity")
             on = after[kinds[0]]
-            if isinstance(on, bool) or not isinstance(on, int) or on < 1:
+            if isinstance(on, bool) or not isinstance(on, int) or not 1 <= on <= MAX_ID:
                 raise ApiError(400, f"after.{kinds[0]} must be an id, got {on!r}")
             dep = After(kinds[0], on, after.get("metric", "finished"), after.get("percent", 100.0))
             dep.rule()  # validates metric and threshold
