@@ -21,10 +21,13 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from taskfleet.server import writer
 from tests.conftest import (
     BACKEND,
     Server,
@@ -34,6 +37,7 @@ from tests.conftest import (
     run_request,
     wait_until,
 )
+from tests.inproc import inproc_server
 
 ENROLL = "/agent/v1/enroll"
 EXCHANGE = "/agent/v1/exchange"
@@ -395,9 +399,13 @@ def test_ten_megabyte_scripts_for_an_offline_computer_all_reach_it(server, start
     agent = start_agent(server, token, name="offline")
     cid = agent.computer_id
     agent.proc.stop()  # offline from here on
+    go = tmp_path / "go"
     # 1 Mi characters of "é" (the documented limit): ~7 MiB per signed operation,
-    # ~70 MiB for ten, beyond the agent's 64 MiB reply cap if sent at once.
-    script = "echo ran\n#" + "é" * (1024 * 1024 - 10)
+    # ~70 MiB for ten, beyond the agent's 64 MiB reply cap if sent at once. Each
+    # script waits for the go file, so no result (and no exchange it would
+    # cause) can pull the rest: only the replies' "more" can.
+    head = f"while [ ! -e {go} ]; do sleep 0.05; done; echo ran\n#"
+    script = head + "é" * (1024 * 1024 - len(head))
     assert len(script) == 1024 * 1024
     ids = []
     for _ in range(10):
@@ -414,8 +422,15 @@ def test_ten_megabyte_scripts_for_an_offline_computer_all_reach_it(server, start
         assert r.status_code == 201, r.text
         ids.append(r.json()["id"])
     again = start_agent(server, state_dir=tmp_path / "offline", name="offline-again")
+
+    def all_delivered() -> bool:
+        return all(activities_of(server, rid)[0]["state"] == "in_progress" for rid in ids)
+
+    wait_until(all_delivered, 120, "all ten operations to reach the agent")
+    assert server.metric("taskfleet_activities_delivered_total") == 10
+    go.touch()
     for rid in ids:
-        done = request_done(server, rid, timeout=240)
+        done = request_done(server, rid, timeout=120)
         assert done["progress"]["succeeded"] == 1, done
     for rid in ids:
         (a,) = activities_of(server, rid)
@@ -442,3 +457,61 @@ def test_argv_env_and_names_beyond_their_limits_are_refused_at_creation(server):
         ok = {"argv": ["echo", "a" * (1024 * 1024 - 4)], "env": {"A": "b" * (256 * 1024 - 1)}}
         r = api.post("/requests", json={"target": f"computer:{cid}", "params": ok})
         assert r.status_code == 201, r.text
+
+
+async def test_replies_are_bounded_by_bytes_resent_identically_and_the_rest_stays_queued(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small budget: two of these operations (~1.4 KB each) fit in one reply.
+    monkeypatch.setattr(writer, "REPLY_MAX_BYTES", 3000)
+    async with inproc_server(database_url, tmp_path) as h:
+        (sim,) = await h.enroll(1)
+        ids = []
+        for i in range(5):
+            req = await h.run(
+                f"computer:{sim.computer_id}", params={"argv": ["echo", f"{i}" * 1000]}
+            )
+            ids.append(req["id"])
+        big = await h.run(f"computer:{sim.computer_id}", params={"argv": ["echo", "b" * 5000]})
+
+        async def exchange(ack: int) -> tuple[httpx.Response, list[dict[str, Any]]]:
+            r = await h.client.post(
+                EXCHANGE,
+                headers={
+                    "x-taskfleet-computer": str(sim.computer_id),
+                    "authorization": f"Bearer {sim.secret}",
+                },
+                json={"ack": ack},
+            )
+            assert r.status_code == 200, r.text
+            return r, r.json()["messages"]
+
+        async def states() -> list[str]:
+            return [(await h.states(rid))[sim.computer_id] for rid in [*ids, big["id"]]]
+
+        r, first = await exchange(0)
+        assert [m["seq"] for m in first] == [1, 2]
+        assert r.json()["more"] is True
+        assert len(r.content) < 3000 + 200  # the messages within budget, plus the envelope
+        assert await states() == ["in_progress"] * 2 + ["queued"] * 4  # not handed out yet
+        # The reply was lost: the same two again, byte for byte, and nothing more.
+        r2, again = await exchange(0)
+        assert r2.json()["more"] is True
+        raw = r.content.split(b'"messages":[', 1)[1].split(b'],"server_time"', 1)[0]
+        raw2 = r2.content.split(b'"messages":[', 1)[1].split(b'],"server_time"', 1)[0]
+        assert raw2 == raw and again == first
+        assert await states() == ["in_progress"] * 2 + ["queued"] * 4
+        r, nxt = await exchange(2)
+        assert [m["seq"] for m in nxt] == [3, 4] and r.json()["more"] is True
+        r, nxt = await exchange(4)
+        # The fifth fits; the big one (over the budget by itself) waits for a reply
+        # of its own, and then goes alone.
+        assert [m["seq"] for m in nxt] == [5] and r.json()["more"] is True
+        r, nxt = await exchange(5)
+        (big_activity,) = await h.ok("GET", f"/activities?request_id={big['id']}")
+        assert [(m["seq"], m["op"]) for m in nxt] == [(6, big_activity["id"])]
+        assert len(nxt[0]["body"]) > 5000
+        assert "more" not in r.json()
+        assert await states() == ["in_progress"] * 6
+        r, nxt = await exchange(6)
+        assert nxt == [] and "more" not in r.json()
