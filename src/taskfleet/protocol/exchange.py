@@ -68,7 +68,7 @@ MAX_TEXT_CHARS = 2000  # result line, reasons
 MAX_LONG_POLL = 300.0  # seconds a long poll may be held
 MAX_VERSION_CHARS = 64  # agent version (computers.agent_version)
 INT64_MAX = 2**63 - 1  # BIGINT columns: sequence numbers, operation ids
-INT32_MAX = 2**31 - 1  # INTEGER columns: exit code, attempt, dropped byte counts
+INT32_MAX = 2**31 - 1  # INTEGER columns: exit code, attempt (dropped counts: capped at it)
 INT32_MIN = -(2**31)
 
 NUL_SYMBOL = "\u2400"  # what a NUL in remote text is stored as (visible, one character)
