@@ -21,11 +21,17 @@ REAPER_INTERVAL = 5.0  # how often the server looks for lost activities
 AGENT_RETRY_MIN = 1.0  # agent backoff when the server is down...
 AGENT_RETRY_MAX = 60.0  # ...doubling up to this
 EXCHANGE_HTTP_TIMEOUT = 30.0  # seconds an agent waits for an ordinary exchange
+# Bytes of messages in one exchange reply (one larger message still goes alone).
+# A quarter of the agent's 64 MiB response cap (agent/http.py MAX_RESPONSE), so
+# the largest single operation the script limits allow still fits beside it;
+# the rest is handed out at the next exchange, which "more" asks for at once.
+REPLY_MAX_BYTES = 16 * 1024 * 1024
 
 WRITE_BATCH_MAX = 2000  # exchanges applied in one database transaction
 LAST_SEEN_FLUSH = 30.0  # seconds between writes of computers' last-seen times
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what both databases' BIGINT columns hold
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # ... and their INTEGER columns (PostgreSQL)
 
 # -- limits of what the API accepts (bad input is a 400/404/413, never a 500) ---------------
 # Every id is a 64-bit signed integer in both stores (SQLite INTEGER, PostgreSQL BIGINT): a

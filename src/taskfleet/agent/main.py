@@ -4,7 +4,8 @@ Contract (see ``protocol/exchange.py`` for the wire protocol):
 * Exchanges happen at start, at once on a valid tickle, at once when a result
   is ready, and every ``poll_interval`` (default 30 min) as a fallback. An
   agent that cannot receive UDP (``--tickle-port 0``) holds a long poll open
-  instead, which it abandons when it has a result to send.
+  instead, which it abandons when it has a result to send. A reply that says
+  ``more`` (it was full) is followed by another exchange at once.
 * Every operation is written to local state before it is acknowledged, and its
   result before it is sent; results stay queued until the server acks them,
   across restarts and server outages.
@@ -473,6 +474,8 @@ class Agent:
             self.verifier.set_clock_offset(float(reply["server_time"]) - time.time())
         self._receive(reply.get("messages", []), pushed=bool(wait) or self.woken)
         if self.state.outbox_size() > len(messages) or (messages and reply.get("messages")):
+            self.trigger.set()
+        if reply.get("more"):  # the reply was full: the server holds more for us
             self.trigger.set()
 
     def _apply_settings(self, settings: dict[str, Any]) -> None:

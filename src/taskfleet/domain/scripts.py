@@ -11,6 +11,14 @@ from typing import Any
 
 EXECUTE_SCRIPT = "execute-script"
 MAX_SCRIPT_CHARS = 1024 * 1024
+# argv as a whole (a command instead of a script): the same bound as a script.
+MAX_ARGV_CHARS = MAX_SCRIPT_CHARS
+# env as a whole (names and values): Linux's execve takes at most 128 KiB per
+# string and about 2 MiB for argv and env together; an operation carries argv
+# or script plus env, so this keeps every operation well inside one exchange
+# reply (settings.REPLY_MAX_BYTES) even when each character is escaped.
+MAX_ENV_CHARS = 256 * 1024
+MAX_NAME_CHARS = 4096  # interpreter, cwd, user: a path or a name (PATH_MAX)
 MAX_TIMEOUT = 7 * 24 * 3600.0
 
 
@@ -38,6 +46,9 @@ def validate_script_params(params: Any, *, default_cap: int, max_cap: int) -> di
             or not argv[0]
         ):
             raise ValueError("argv must be a non-empty list of strings")
+        size = sum(len(a) for a in argv)
+        if size > MAX_ARGV_CHARS:
+            raise ValueError(f"argv is {size} characters, the limit is {MAX_ARGV_CHARS}")
         out["argv"] = argv
     else:
         if not isinstance(script, str) or not script.strip():
@@ -48,23 +59,34 @@ def validate_script_params(params: Any, *, default_cap: int, max_cap: int) -> di
         interpreter = params.get("interpreter", "/bin/sh")
         if not isinstance(interpreter, str) or not interpreter:
             raise ValueError("interpreter must be a non-empty string")
+        _check_name("interpreter", interpreter)
         out["interpreter"] = interpreter
     env = params.get("env") or {}
     if not isinstance(env, dict) or not all(
         isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()
     ):
         raise ValueError("env must map variable names to strings")
+    size = sum(len(k) + len(v) for k, v in env.items())
+    if size > MAX_ENV_CHARS:
+        raise ValueError(f"env is {size} characters, the limit is {MAX_ENV_CHARS}")
     out["env"] = env
     for key in ("cwd", "user"):
         value = params.get(key)
         if value is not None and (not isinstance(value, str) or not value):
             raise ValueError(f"{key} must be a non-empty string")
+        if value is not None:
+            _check_name(key, value)
         out[key] = value
     cap = params.get("output_cap", default_cap)
     if type(cap) is not int or not 0 <= cap <= max_cap:
         raise ValueError(f"output_cap must be 0..{max_cap} bytes")
     out["output_cap"] = cap
     return out
+
+
+def _check_name(key: str, value: str) -> None:
+    if len(value) > MAX_NAME_CHARS:
+        raise ValueError(f"{key} is {len(value)} characters, the limit is {MAX_NAME_CHARS}")
 
 
 def policy_refusal(policy: dict[str, Any] | None, params: dict[str, Any]) -> str | None:

@@ -33,14 +33,33 @@ same scheme, borrowed from landscape-client:
   "settings": {...}}``.
 
 Limits (``MAX_*`` below) are checked before anything is applied; a body that
-breaks one is refused whole with a clear error and nothing changes.
+breaks one is refused whole with a clear error and nothing changes. Every
+integer must fit the database column it is stored in (``INT64_MAX`` for
+sequence numbers and ids, ``INT32_MAX`` for exit codes and attempts), every
+number must be finite.
+
+Text from agents is stored as sent with two exceptions, the same on every
+database (``clean_text``): NUL (U+0000), which PostgreSQL text cannot hold,
+becomes U+2400 (the visible "symbol for null"), and unpaired surrogates, which
+are not Unicode text at all, become U+FFFD (as invalid UTF-8 in script output
+already does on the agent).
+
+A reply carries at most ``REPLY_MAX_BYTES`` (settings) of messages, or one
+message if a single one is larger; ``"more": true`` in it says more is waiting,
+and the agent exchanges again at once.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+# BIGINT columns (sequence numbers, operation ids) and INTEGER columns (exit
+# code, attempt; dropped counts are capped at INT32_MAX).
+from taskfleet.settings import INT32_MAX, INT32_MIN, INT64_MAX
 
 EXCHANGE_PATH = "/agent/v1/exchange"
 ENROLL_PATH = "/agent/v1/enroll"
@@ -51,6 +70,10 @@ MAX_MESSAGES = 500  # messages in one exchange
 MAX_OUTPUT_CHARS = 1024 * 1024  # stdout or stderr in one result
 MAX_TEXT_CHARS = 2000  # result line, reasons
 MAX_LONG_POLL = 300.0  # seconds a long poll may be held
+MAX_VERSION_CHARS = 64  # agent version (computers.agent_version)
+
+NUL_SYMBOL = "\u2400"  # what a NUL in remote text is stored as (visible, one character)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 RESULT_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 # "failed" here is a failed attempt that will be retried (SPEC 5): not final.
@@ -110,12 +133,63 @@ class AgentRequest:
         return self.messages[-1].seq if self.messages else 0
 
 
-def _int(obj: dict[str, Any], key: str, *, minimum: int = 0, optional: bool = False) -> int | None:
+def clean_text(value: str) -> str:
+    """Remote text as it can be stored on every database (module docstring)."""
+    if "\x00" in value:
+        value = value.replace("\x00", NUL_SYMBOL)
+    if not value.isascii() and _SURROGATE.search(value):
+        value = _SURROGATE.sub("\ufffd", value)
+    return value
+
+
+def clean_json(value: Any) -> Any:
+    """``clean_text`` on every string (keys too) of a decoded JSON value."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {clean_text(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_json(v) for v in value]
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_body(body: bytes) -> Any:
+    """Decode an exchange body. orjson refuses unpaired surrogate escapes, which
+    an agent's stdlib encoder can write (a surrogate-escaped file name in an
+    error message); the slow path takes them, and ``clean_text`` replaces them.
+    Non-finite constants (NaN, Infinity) are refused on both paths."""
+    import orjson
+
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        if b"\\u" not in body:
+            raise
+    try:
+        return json.loads(body, parse_constant=_no_constant)
+    except ValueError as exc:
+        raise ProtocolError(f"malformed JSON: {exc}") from None
+
+
+def _int(
+    obj: dict[str, Any],
+    key: str,
+    *,
+    minimum: int = 0,
+    maximum: int = INT64_MAX,
+    optional: bool = False,
+) -> int | None:
     value = obj.get(key)
     if value is None and optional:
         return None
     if type(value) is not int or value < minimum:
         raise ProtocolError(f"{key!r} must be an integer >= {minimum}")
+    if value > maximum:
+        raise ProtocolError(f"{key!r} is {value}, the limit is {maximum}")
     return value
 
 
@@ -125,7 +199,13 @@ def _num(obj: dict[str, Any], key: str) -> float | None:
         return None
     if type(value) not in (int, float):
         raise ProtocolError(f"{key!r} must be a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any double
+        number = math.inf
+    if not math.isfinite(number):
+        raise ProtocolError(f"{key!r} must be a finite number")
+    return number
 
 
 def _str(obj: dict[str, Any], key: str, limit: int) -> str:
@@ -134,7 +214,7 @@ def _str(obj: dict[str, Any], key: str, limit: int) -> str:
         raise ProtocolError(f"{key!r} must be a string")
     if len(value) > limit:
         raise ProtocolError(f"{key!r} is {len(value)} characters, the limit is {limit}")
-    return value
+    return clean_text(value)
 
 
 def _parse_result(msg: dict[str, Any]) -> OperationResult:
@@ -144,6 +224,8 @@ def _parse_result(msg: dict[str, Any]) -> OperationResult:
     exit_code = msg.get("exit_code")
     if exit_code is not None and type(exit_code) is not int:
         raise ProtocolError("'exit_code' must be an integer or null")
+    if exit_code is not None and not INT32_MIN <= exit_code <= INT32_MAX:
+        raise ProtocolError(f"'exit_code' must be {INT32_MIN}..{INT32_MAX}")
     return OperationResult(
         seq=_int(msg, "seq", minimum=1) or 0,
         op=_int(msg, "op", minimum=1) or 0,
@@ -168,7 +250,7 @@ def _parse_status(msg: dict[str, Any]) -> OperationStatus:
         seq=_int(msg, "seq", minimum=1) or 0,
         op=_int(msg, "op", minimum=1) or 0,
         status=status,
-        attempt=_int(msg, "attempt", optional=True) or 0,
+        attempt=_int(msg, "attempt", maximum=INT32_MAX, optional=True) or 0,
         until=_num(msg, "until"),
         reason=_str(msg, "reason", MAX_TEXT_CHARS),
     )
@@ -213,7 +295,7 @@ def parse_agent_request(obj: Any) -> AgentRequest:
         policy = raw_agent.get("policy", {})
         if not isinstance(policy, dict):
             raise ProtocolError("'policy' must be an object")
-        agent = AgentInfo(port, _str(raw_agent, "version", 64), policy)
+        agent = AgentInfo(port, _str(raw_agent, "version", MAX_VERSION_CHARS), clean_json(policy))
     wait = _num(obj, "wait") or 0.0
     if not 0.0 <= wait <= MAX_LONG_POLL:
         raise ProtocolError(f"'wait' must be 0..{MAX_LONG_POLL:g} seconds")

@@ -43,6 +43,7 @@ from taskfleet.protocol.exchange import (
     EXCHANGE_PATH,
     MAX_BODY_BYTES,
     ProtocolError,
+    loads_body,
     parse_agent_request,
 )
 from taskfleet.protocol.signing import Signer
@@ -1106,7 +1107,7 @@ async def _exchange(rt: Runtime, request: Request) -> Response:
         if len(body) > MAX_BODY_BYTES:
             return _refuse("too-large", 413, f"exchange body over {MAX_BODY_BYTES} bytes")
     try:
-        req = parse_agent_request(orjson.loads(body))
+        req = parse_agent_request(loads_body(bytes(body)))
         if req.ack > cs.out_seq:
             raise ProtocolError(f"ack {req.ack} is beyond the last message sent ({cs.out_seq})")
     except (orjson.JSONDecodeError, ProtocolError) as exc:
@@ -1147,9 +1148,20 @@ async def _exchange(rt: Runtime, request: Request) -> Response:
         out = await rt.writer.exchange(ExchangeJob(cs, req, address))
     except ProtocolError as exc:
         return _refuse("invalid", 400, f"bad exchange: {exc}")
+    except Exception:
+        # The writer already failed this exchange alone (the others of its batch
+        # went on); nothing of it was applied, the agent retries it.
+        log.exception("exchange of computer %d failed", cs.id)
+        return _refuse("server", 500, "the server could not apply this exchange; retry later")
     return Response(
-        b'{"ack":%d,"messages":[%s],"server_time":%.3f,"settings":%s}'
-        % (out["ack"], ",".join(out["messages"]).encode(), out["server_time"], rt.settings_json),
+        b'{"ack":%d,"messages":[%s],"server_time":%.3f,"settings":%s%s}'
+        % (
+            out["ack"],
+            ",".join(out["messages"]).encode(),
+            out["server_time"],
+            rt.settings_json,
+            b',"more":true' if out.get("more") else b"",
+        ),
         media_type="application/json",
     )
 

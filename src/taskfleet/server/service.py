@@ -35,6 +35,7 @@ from taskfleet.domain.states import (
     transition,
 )
 from taskfleet.domain.targets import Target, TargetError, TargetKind, parse_target, valid_name
+from taskfleet.protocol.exchange import MAX_VERSION_CHARS, clean_json, clean_text
 from taskfleet.server.fleet import ComputerState, hash_secret
 from taskfleet.settings import OUTPUT_CAP, OUTPUT_CAP_MAX
 from taskfleet.store.activities import Change, apply_changes, insert_activities, insert_events
@@ -275,6 +276,15 @@ async def enroll(
         raise ApiError(401, "enrollment token used up")
     if not hostname or len(hostname) > 255 or not machine_id or len(machine_id) > 128:
         raise ApiError(400, "hostname (1..255) and machine_id (1..128) are required")
+    # Remote text as every database can store it (protocol/exchange.py). The
+    # machine id is an identity: altered, two machines could become one.
+    if clean_text(machine_id) != machine_id:
+        raise ApiError(400, "machine_id must not contain NUL or unpaired surrogates")
+    if len(version) > MAX_VERSION_CHARS:
+        raise ApiError(
+            400, f"version is {len(version)} characters, the limit is {MAX_VERSION_CHARS}"
+        )
+    hostname, version, policy = clean_text(hostname), clean_text(version), clean_json(policy)
     if tickle_port is not None and not 0 < tickle_port < 65536:
         raise ApiError(400, "tickle_port must be 1..65535 (or null: no UDP wake-ups)")
     if row.uses_left is not None:

@@ -8,7 +8,12 @@ Contract:
   moment are applied together in ONE transaction with set-wise statements, so
   10,000 agents reporting at once cost a few hundred statements and a few
   fsyncs, not 10,000 of each. A job that turns out to be bad input fails alone:
-  the batch is retried without it.
+  the batch is retried without it; a batch that fails for any other reason is
+  split in halves, each retried on its own, so one failing exchange fails
+  alone and the others of its batch are applied.
+* A reply carries at most ``REPLY_MAX_BYTES`` of messages (or one larger
+  message); work that does not fit stays Queued and ``more`` tells the agent
+  to exchange again at once.
 * In-memory fleet counters change only after the commit that persisted them.
 A single writer per process also means SQLite never returns "database is
 locked" to a request.
@@ -49,7 +54,7 @@ from taskfleet.protocol.exchange import (
 from taskfleet.protocol.signing import Signer
 from taskfleet.server import metrics
 from taskfleet.server.fleet import ComputerState, Fleet
-from taskfleet.settings import WRITE_BATCH_MAX
+from taskfleet.settings import INT32_MAX, REPLY_MAX_BYTES, WRITE_BATCH_MAX
 from taskfleet.store.activities import FINISHED, Change, apply_changes, insert_events
 from taskfleet.store.schema import activities, computers, outbox, requests
 
@@ -85,6 +90,16 @@ class _Pending:
     out_seq: int
     out_acked: int
     messages: list[str] = field(default_factory=list)
+    size: int = 0  # bytes of ``messages`` (ASCII JSON texts)
+    more: bool = False  # messages left for the next exchange
+
+    def fits(self, message: str) -> bool:
+        """Whether the reply can take ``message``; a reply takes at least one."""
+        return not self.messages or self.size + len(message) <= REPLY_MAX_BYTES
+
+    def add(self, message: str) -> None:
+        self.messages.append(message)
+        self.size += len(message)
 
 
 class Writer:
@@ -282,30 +297,59 @@ class Writer:
                 seen.add(job.cs.id)
                 now_jobs.append(job)
         metrics.BATCH_SIZE.observe(len(now_jobs))
-        while now_jobs:
+        await self._exchange_batch(now_jobs)
+
+    async def _exchange_batch(self, jobs: list[ExchangeJob]) -> None:
+        """Apply ``jobs`` in one transaction, isolating a job that fails.
+
+        A job found to be bad input (``_BadJob``) fails and the rest are retried.
+        Any other failure (a value the database refuses, a trigger, a constraint)
+        cannot be pinned on a job by its exception, so the batch is split in
+        halves and each half retried on its own, down to the one job that fails
+        alone: about 2*log2(n) extra transactions, paid only when one failed.
+        A failure before the transaction began (the database is unreachable)
+        fails every job at once: retrying them one by one could not help."""
+        while jobs:
+            had_work = [j.cs.has_work for j in jobs]
+            began = False
             try:
                 async with self._begin() as conn:
-                    pending = await self._apply(conn, now_jobs)
+                    began = True
+                    pending = await self._apply(conn, jobs)
             except _BadJob as bad:
-                now_jobs.remove(bad.job)
-                if not bad.job.fut.done():
-                    bad.job.fut.set_exception(bad.error)
+                _restore_has_work(jobs, had_work)
+                jobs = [j for j in jobs if j is not bad.job]
+                _fail(bad.job, bad.error)
                 continue
             except Exception as exc:
-                log.exception("exchange batch of %d failed", len(now_jobs))
-                for job in now_jobs:
-                    if not job.fut.done():
-                        job.fut.set_exception(exc)
+                _restore_has_work(jobs, had_work)
+                if len(jobs) > 1 and began:
+                    log.warning("exchange batch of %d failed (%r); splitting it", len(jobs), exc)
+                    half = len(jobs) // 2
+                    await self._exchange_batch(jobs[:half])
+                    await self._exchange_batch(jobs[half:])
+                    return
+                log.exception("exchange batch of %d failed", len(jobs))
+                for job in jobs:
+                    _fail(job, exc)
                 return
             self._finished(conn)
             now = self.clock()
-            for job in now_jobs:
+            for job in jobs:
                 p = pending[job.cs.id]
                 cs = job.cs
                 cs.in_acked, cs.out_seq, cs.out_acked = p.in_acked, p.out_seq, p.out_acked
+                if job.req.agent is not None:
+                    cs.tickle_port = job.req.agent.tickle_port
+                    cs.address = job.address
                 if not job.fut.done():
                     job.fut.set_result(
-                        {"ack": p.in_acked, "messages": p.messages, "server_time": now}
+                        {
+                            "ack": p.in_acked,
+                            "messages": p.messages,
+                            "server_time": now,
+                            "more": p.more,
+                        }
                     )
             return
 
@@ -328,9 +372,8 @@ class Writer:
             for a in acked:
                 pending[a["c"]].out_acked = a["s"]
 
-        await self._hand_out(conn, [j for j in jobs if j.cs.has_work], pending, now)
-
-        # Resend everything above the agent's ack (including what was just added).
+        # Resend everything above the agent's ack, verbatim and in order, as far
+        # as the reply's byte budget goes; the agent acks it and gets the rest next.
         resend = [j for j in jobs if pending[j.cs.id].out_seq > j.req.ack]
         if resend:
             rows = await conn.execute(
@@ -340,8 +383,16 @@ class Writer:
             )
             acks = {j.cs.id: j.req.ack for j in resend}
             for cid, seq, message in rows:
-                if seq > acks[cid]:
-                    pending[cid].messages.append(message)
+                p = pending[cid]
+                if seq <= acks[cid] or p.more:
+                    continue
+                if p.fits(message):
+                    p.add(message)
+                else:
+                    p.more = True
+
+        # New work goes after the resends, in what is left of the budget.
+        await self._hand_out(conn, [j for j in jobs if j.cs.has_work], pending, now)
 
         await conn.execute(
             computers.update()
@@ -386,10 +437,6 @@ class Writer:
                     if j.req.agent is not None
                 ],
             )
-            for j in agent_info:
-                assert j.req.agent is not None
-                j.cs.tickle_port = j.req.agent.tickle_port
-                j.cs.address = j.address
         return pending
 
     async def _apply_results(
@@ -600,7 +647,11 @@ class Writer:
         for row in rows:
             cs = by_id[row.computer_id]
             p = pending[cs.id]
-            p.out_seq += 1
+            if p.more:
+                # The reply is full: the rest stays Queued (truthfully not
+                # delivered, no lost-deadline running) for the next exchange.
+                cs.has_work = True
+                continue
             body = canonical(
                 {
                     "computer": cs.id,
@@ -615,13 +666,18 @@ class Writer:
             )
             message = orjson.dumps(
                 {
-                    "seq": p.out_seq,
+                    "seq": p.out_seq + 1,
                     "type": "operation",
                     "op": row.id,
                     "body": body,
                     "sig": self.signer.sign(body),
                 }
             ).decode()
+            if not p.fits(message):
+                p.more = cs.has_work = True
+                continue
+            p.out_seq += 1
+            p.add(message)  # the very text stored in the outbox: resends are identical
             out_rows.append(
                 {
                     "computer_id": cs.id,
@@ -647,7 +703,8 @@ class Writer:
                     {"delivered_at": now, "deadline_at": self._first_deadline(row, now)},
                 )
             )
-        await conn.execute(outbox.insert(), out_rows)
+        if out_rows:
+            await conn.execute(outbox.insert(), out_rows)
         await apply_changes(conn, changes)
         metrics.DELIVERED.inc(len(changes))
 
@@ -664,6 +721,19 @@ class _Row:
     kind: str
     runs: int | None
     timeout: float
+
+
+def _fail(job: ExchangeJob, error: BaseException) -> None:
+    if not job.fut.done():
+        job.fut.set_exception(error)
+
+
+def _restore_has_work(jobs: list[ExchangeJob], had_work: list[bool]) -> None:
+    # A rolled-back hand-out handed nothing out: what was waiting still is.
+    # Only ever set (work queued meanwhile may have set it already).
+    for job, had in zip(jobs, had_work, strict=True):
+        if had:
+            job.cs.has_work = True
 
 
 class _BadJob(Exception):
@@ -692,8 +762,10 @@ def _result_values(r: OperationResult) -> dict[str, Any]:
         "result_line": r.result_line,
         "stdout": r.stdout,
         "stderr": r.stderr,
-        "stdout_dropped": r.stdout_dropped,
-        "stderr_dropped": r.stderr_dropped,
+        # INTEGER columns; a script can drop more than 2 GiB. The exact count
+        # is in the output's truncation marker, written by the agent.
+        "stdout_dropped": min(r.stdout_dropped, INT32_MAX),
+        "stderr_dropped": min(r.stderr_dropped, INT32_MAX),
         "agent_started_at": r.started_at,
         "agent_ended_at": r.ended_at,
     }
