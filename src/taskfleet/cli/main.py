@@ -43,7 +43,7 @@ def _listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option(
     "--database",
     envvar="TASKFLEET_DATABASE",
@@ -123,7 +123,9 @@ def _listen(value: str) -> tuple[str, int]:
 @click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
 )
+@click.pass_context
 def server(
+    ctx: click.Context,
     database: str | None,
     listen: str,
     data_dir: Path,
@@ -139,16 +141,29 @@ def server(
     tickles: bool,
     log_format: str,
 ) -> None:
-    """Run the server: API, agent exchanges, tickles (one process, SQLite by default)."""
+    """Run the server: API, agent exchanges, tickles (one process, SQLite by default).
+
+    `taskfleet server mint-admin-token` makes a new admin token from the data
+    folder when none is left."""
+    if ctx.invoked_subcommand is not None:
+        return
     import uvicorn
 
     from taskfleet import logs
     from taskfleet.server.app import ServerConfig, create_app
+    from taskfleet.store import db
 
     host, port = _listen(listen)
     logs.setup(log_format)
+    database_url = database or _default_database(data_dir)
+    try:
+        # Checked here too (the server's start-up checks again) for a clean message.
+        db.secure_data_dir(data_dir.resolve())
+        db.prepare_sqlite(database_url)
+    except (db.InsecureFileError, OSError, ValueError) as exc:
+        fail(f"refusing to start: {exc}")
     config = ServerConfig(
-        database_url=database or f"sqlite:///{(data_dir / 'taskfleet.sqlite3').resolve()}",
+        database_url=database_url,
         data_dir=data_dir.resolve(),
         public_url=f"http://{host}:{port}",
         tickles=tickles,
@@ -181,6 +196,55 @@ def server(
         timeout_keep_alive=120,
         backlog=4096,
     )
+
+
+def _default_database(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'taskfleet.sqlite3').resolve()}"
+
+
+@server.command("mint-admin-token")
+@click.option(
+    "--database",
+    envvar="TASKFLEET_DATABASE",
+    default=None,
+    help="The server's database [default: DATA_DIR/taskfleet.sqlite3].",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path("taskfleet-data"),
+    show_default=True,
+    help="The server's data folder: the token is written to DATA_DIR/admin-token.",
+)
+@click.option("--tenant", default="default", show_default=True)
+def server_mint_admin_token(database: str | None, data_dir: Path, tenant: str) -> None:
+    """Mint a new admin token from the data folder (when no admin token is left).
+
+    Works on the database directly, with or without a running server; the token
+    is written to DATA_DIR/admin-token (mode 0600), never printed, and the audit
+    log records it."""
+    import asyncio
+    import getpass
+    import socket
+
+    from taskfleet.server.app import mint_admin_token
+    from taskfleet.server.service import ApiError
+    from taskfleet.store import db
+
+    try:
+        token_id, path = asyncio.run(
+            mint_admin_token(
+                data_dir.resolve(),
+                database or _default_database(data_dir),
+                tenant=tenant,
+                actor=f"server-cli:{getpass.getuser()}@{socket.gethostname()}",
+            )
+        )
+    except ApiError as exc:
+        fail(exc.message)
+    except (db.InsecureFileError, OSError, ValueError) as exc:
+        fail(str(exc))
+    click.echo(f"admin token {token_id} minted for tenant {tenant}; written to {path}")
 
 
 @cli.command()

@@ -226,15 +226,82 @@ async def list_tokens(conn: AsyncConnection, p: Principal) -> list[dict[str, Any
     return [dict(r._mapping) for r in rows]
 
 
-async def revoke_token(conn: AsyncConnection, p: Principal, token_id: int, now: float) -> None:
-    result = await conn.execute(
-        api_tokens.update()
-        .where(api_tokens.c.id == token_id, api_tokens.c.tenant_id == p.tenant_id)
-        .values(revoked=True)
+def _valid_admin(tenant_id: int, now: float) -> Any:
+    """Where-clause: the tenant's admin-role API tokens that authenticate at ``now``."""
+    return sa.and_(
+        api_tokens.c.tenant_id == tenant_id,
+        api_tokens.c.kind == "admin",
+        api_tokens.c.role == "admin",
+        api_tokens.c.revoked.is_(False),
+        sa.or_(api_tokens.c.expires_at.is_(None), api_tokens.c.expires_at >= now),
     )
-    if result.rowcount == 0:
+
+
+async def revoke_token(conn: AsyncConnection, p: Principal, token_id: int, now: float) -> None:
+    row = (
+        await conn.execute(
+            sa.select(api_tokens.c.id).where(
+                api_tokens.c.id == token_id, api_tokens.c.tenant_id == p.tenant_id
+            )
+        )
+    ).first()
+    if row is None:
         raise ApiError(404, f"no token {token_id}")
+    # Revoking the tenant's last valid admin token would lock everyone out for good
+    # (no token could create another); the single writer serialises this check.
+    valid_admins = set(
+        (await conn.execute(sa.select(api_tokens.c.id).where(_valid_admin(p.tenant_id, now))))
+        .scalars()
+        .all()
+    )
+    if valid_admins == {token_id}:
+        raise ApiError(
+            409,
+            f"token {token_id} is the last valid admin token of this tenant: create another "
+            "admin token first (or mint one on the server: taskfleet server mint-admin-token)",
+        )
+    await conn.execute(api_tokens.update().where(api_tokens.c.id == token_id).values(revoked=True))
     await audit(conn, p, "token.revoke", now, id=token_id)
+
+
+async def mint_admin_token(
+    conn: AsyncConnection, now: float, *, tenant: str = DEFAULT_TENANT, actor: str
+) -> tuple[int, str]:
+    """A new admin-role token for ``tenant`` (recovery from the server's data folder).
+
+    Run by ``taskfleet server mint-admin-token`` with direct database access, not
+    through the API: it is the way back in when no admin token is left."""
+    tenant_id = (
+        await conn.execute(sa.select(tenants.c.id).where(tenants.c.name == tenant))
+    ).scalar()
+    if tenant_id is None:
+        raise ApiError(404, f"no tenant {tenant!r}")
+    token = "tfa_" + secrets.token_urlsafe(32)
+    token_id = (
+        await conn.execute(
+            api_tokens.insert()
+            .values(
+                tenant_id=tenant_id,
+                name="minted",
+                kind="admin",
+                role="admin",
+                token_hash=token_hash(token),
+                created_at=now,
+                revoked=False,
+            )
+            .returning(api_tokens.c.id)
+        )
+    ).scalar_one()
+    await conn.execute(
+        audit_log.insert().values(
+            tenant_id=tenant_id,
+            at=now,
+            actor=actor,
+            action="token.mint",
+            detail={"id": token_id, "kind": "admin", "role": "admin", "name": "minted"},
+        )
+    )
+    return int(token_id), token
 
 
 # -- enrollment ----------------------------------------------------------------
