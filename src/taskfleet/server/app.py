@@ -970,9 +970,7 @@ async def mint_admin_token(
                     .where(api_tokens.c.token_hash == service.token_hash(unseen))
                     .values(revoked=True)
                 )
-            token_id, token = await service.mint_admin_token(
-                conn, now, tenant=tenant, actor=actor
-            )
+            token_id, token = await service.mint_admin_token(conn, now, tenant=tenant, actor=actor)
     finally:
         await engine.dispose()
     return token_id, write_token_file(data_dir, token)
