@@ -24,3 +24,9 @@ EXCHANGE_HTTP_TIMEOUT = 30.0  # seconds an agent waits for an ordinary exchange
 
 WRITE_BATCH_MAX = 2000  # exchanges applied in one database transaction
 LAST_SEEN_FLUSH = 30.0  # seconds between writes of computers' last-seen times
+
+# `run --wait` (and `request rerun --wait`) keep polling through a server restart
+# or a proxy's 502/503/504 for this long before giving up: a restart takes
+# seconds, and a longer outage should reach the administrator as an error.
+CLI_WAIT_RETRY = 120.0
+CLI_RETRY_MAX_DELAY = 5.0  # seconds between two attempts at most (from 0.25 s, doubling)

@@ -7,6 +7,7 @@ command so each loads only what it needs.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -14,9 +15,12 @@ from typing import Any
 
 import click
 
+from taskfleet.cli import FINITE_FLOAT
 from taskfleet.cli.client import (
     Api,
+    clean,
     client_options,
+    echo,
     emit,
     fail,
     print_fields,
@@ -60,31 +64,31 @@ def _listen(value: str) -> tuple[str, int]:
 )
 @click.option(
     "--tickle-rate",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Fleet-wide UDP wake-ups per second [default: 5000].",
 )
 @click.option(
     "--tickle-min-interval",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Seconds between two wake-ups of one computer [default: 1].",
 )
 @click.option(
     "--poll-interval",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Seconds between agents' fallback exchanges [default: 1800].",
 )
 @click.option(
     "--lost-grace",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Seconds past a script's time limit before it is declared lost [default: 60].",
 )
 @click.option(
     "--reaper-interval",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Seconds between checks for lost activities [default: 5].",
 )
@@ -109,7 +113,7 @@ def _listen(value: str) -> tuple[str, int]:
 )
 @click.option(
     "--heartbeat-timeout",
-    type=float,
+    type=FINITE_FLOAT,
     default=5 * 3600.0,
     show_default=True,
     help="Seconds without a worker heartbeat before its tasks fail.",
@@ -244,7 +248,7 @@ def server_mint_admin_token(database: str | None, data_dir: Path, tenant: str) -
         fail(exc.message)
     except (db.InsecureFileError, OSError, ValueError) as exc:
         fail(str(exc))
-    click.echo(f"admin token {token_id} minted for tenant {tenant}; written to {path}")
+    echo(f"admin token {token_id} minted for tenant {tenant}; written to {path}")
 
 
 @cli.command()
@@ -280,7 +284,7 @@ def token() -> None:
 @click.option("--name", required=True)
 @click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), default=None)
 @click.option("--enroll", is_flag=True, help="An enrollment token for agents.")
-@click.option("--expires-in", type=float, default=None, help="Seconds until it expires.")
+@click.option("--expires-in", type=FINITE_FLOAT, default=None, help="Seconds until it expires.")
 @click.option("--max-uses", type=int, default=None, help="Enrollments allowed.")
 @click.option("--group", default=None, help="Group that computers enrolled with it join.")
 @client_options
@@ -310,7 +314,7 @@ def token_create(
     emit(
         out,
         as_json,
-        lambda d: click.echo(
+        lambda d: echo(
             f"created {d['kind']} token {d['id']} ({d['role'] or 'enrollment'}): {d['token']}\n"
             "it is shown only once; store it now"
         ),
@@ -351,7 +355,7 @@ def token_list(server: str | None, token: str | None, as_json: bool) -> None:
 def token_revoke(token_id: int, server: str | None, token: str | None, as_json: bool) -> None:
     """Revoke a token."""
     Api(server, token).call("DELETE", f"/tokens/{token_id}")
-    emit({"revoked": token_id}, as_json, lambda d: click.echo(f"token {token_id} revoked"))
+    emit({"revoked": token_id}, as_json, lambda d: echo(f"token {token_id} revoked"))
 
 
 # -- run ------------------------------------------------------------------------------
@@ -374,7 +378,7 @@ def _after_arg(value: str | None, metric: str, threshold: float) -> dict[str, An
 )
 @click.option(
     "--timeout",
-    type=float,
+    type=FINITE_FLOAT,
     default=300.0,
     show_default=True,
     help="Seconds before the agent kills the script.",
@@ -396,7 +400,7 @@ def _after_arg(value: str | None, metric: str, threshold: float) -> dict[str, An
 )
 @click.option(
     "--expires-in",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Seconds: work a computer has not picked up by then is Canceled (expired).",
 )
@@ -407,7 +411,7 @@ def _after_arg(value: str | None, metric: str, threshold: float) -> dict[str, An
 )
 @click.option(
     "--every",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Recurring: run again every this many seconds until canceled.",
 )
@@ -427,23 +431,23 @@ def _after_arg(value: str | None, metric: str, threshold: float) -> dict[str, An
     show_default=True,
     help="What --after counts.",
 )
-@click.option("--threshold", type=float, default=100.0, show_default=True, help="Percent.")
+@click.option("--threshold", type=FINITE_FLOAT, default=100.0, show_default=True, help="Percent.")
 @click.option("--approval", is_flag=True, help="Blocked until an admin approves it.")
 @click.option("--separate-approver", is_flag=True, help="The requester may not approve.")
 @click.option("--approval-expires-in", default=None, help="Canceled if not approved by (2h).")
 @click.option("--canary", type=int, default=None, help="Rollout: computers in the first wave.")
 @click.option("--wave-size", type=int, default=None, help="Rollout: computers per wave.")
-@click.option("--wave-share", type=float, default=None, help="Rollout: percent per wave.")
+@click.option("--wave-share", type=FINITE_FLOAT, default=None, help="Rollout: percent per wave.")
 @click.option(
     "--wave-success",
-    type=float,
+    type=FINITE_FLOAT,
     default=100.0,
     show_default=True,
     help="Rollout: percent of a wave that must succeed before the next starts.",
 )
 @click.option(
     "--max-failures",
-    type=float,
+    type=FINITE_FLOAT,
     default=100.0,
     show_default=True,
     help="Rollout: pause when more than this percent of finished computers failed.",
@@ -541,7 +545,7 @@ def run(
         emit(
             sched,
             as_json,
-            lambda d: click.echo(
+            lambda d: echo(
                 f"schedule {d['id']} created ({d['cron']} UTC); first run at {when(d['next_at'])}"
             ),
         )
@@ -551,14 +555,14 @@ def run(
         emit(
             req,
             as_json,
-            lambda r: click.echo(
+            lambda r: echo(
                 f"request {r['id']} created: {r['total']} computers; "
                 f"follow it with: taskfleet request show {r['id']}"
             ),
         )
         return
     req = wait_for_request(api, req["id"], show_progress=not as_json)
-    rows = results_table(api, req, as_json)
+    rows = results_table(api, req, as_json, waited=True)
     sys.exit(0 if all(a["state"] == "succeeded" for a in rows) else 1)
 
 
@@ -606,7 +610,7 @@ def request_show(request_id: int, server: str | None, token: str | None, as_json
     if not as_json:
         print_table(None, _REQ_COLS, [_req_row(req)])
         for line in _lifecycle_lines(req):
-            click.echo(line)
+            echo(line)
     results_table(api, req, as_json)
 
 
@@ -653,7 +657,7 @@ def request_cancel(
     emit(
         out,
         as_json,
-        lambda d: click.echo(f"request {request_id}: {len(d['canceled'])} activities canceled"),
+        lambda d: echo(f"request {request_id}: {len(d['canceled'])} activities canceled"),
     )
 
 
@@ -730,7 +734,7 @@ def activity_show(activity_id: int, server: str | None, token: str | None, as_js
         )
         for name in ("stdout", "stderr"):
             if a.get(name):
-                click.echo(f"--- {name} ---\n{a[name].rstrip()}")
+                echo(f"--- {name} ---\n{a[name].rstrip()}")
         print_table(
             "history",
             ["at", "from", "to", "cause", "actor", "reason"],
@@ -759,7 +763,7 @@ def activity_cancel(
 ) -> None:
     """Cancel an activity (a running one is stopped on its computer)."""
     a = Api(server, token).post(f"/activities/{activity_id}/cancel", {"reason": reason})
-    emit(a, as_json, lambda d: click.echo(f"activity {activity_id}: {state_label(d['state'])}"))
+    emit(a, as_json, lambda d: echo(f"activity {activity_id}: {state_label(d['state'])}"))
 
 
 # -- computers and groups -----------------------------------------------------------------
@@ -815,6 +819,7 @@ def computer_show(computer_id: int, server: str | None, token: str | None, as_js
                 ("tickle port", c["tickle_port"]),
                 ("agent", c["agent_version"]),
                 ("generation", c["generation"]),
+                ("removed", when(c["removed_at"]) if c.get("removed_at") else None),
                 ("policy", c["policy"]),
                 ("groups", ", ".join(c["groups"])),
                 ("tags", ", ".join(f"{k}={v}" for k, v in c["tags"].items())),
@@ -836,6 +841,39 @@ def computer_show(computer_id: int, server: str | None, token: str | None, as_js
         )
 
     emit(c, as_json, table)
+
+
+@computer.command("remove")
+@click.argument("computer_id", type=int)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@client_options
+def computer_remove(
+    computer_id: int, yes: bool, server: str | None, token: str | None, as_json: bool
+) -> None:
+    """Remove a computer (admin): its open work is Canceled, its credentials stop working.
+
+    Its history stays readable (taskfleet activity list --computer ID); enrolling
+    the machine again brings it back."""
+    api = Api(server, token)
+    c = api.get(f"/computers/{computer_id}")
+    if c.get("removed_at"):
+        fail(f"computer {computer_id} was already removed")
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"this removes computer {computer_id}; add --yes to do it")
+        click.confirm(
+            f"remove computer {computer_id} ({clean(c['hostname'])}) and cancel its open work?",
+            abort=True,
+        )
+    out = api.call("DELETE", f"/computers/{computer_id}")
+    emit(
+        out,
+        as_json,
+        lambda d: echo(
+            f"computer {d['id']} ({clean(d['hostname'])}) removed; "
+            f"{len(d['canceled'])} open activities canceled"
+        ),
+    )
 
 
 @cli.group()
@@ -863,7 +901,7 @@ def group_list(server: str | None, token: str | None, as_json: bool) -> None:
 def group_create(name: str, server: str | None, token: str | None, as_json: bool) -> None:
     """Create a group."""
     out = Api(server, token).post("/groups", {"name": name})
-    emit(out, as_json, lambda d: click.echo(f"group {name} created"))
+    emit(out, as_json, lambda d: echo(f"group {name} created"))
 
 
 @group.command("delete")
@@ -872,7 +910,7 @@ def group_create(name: str, server: str | None, token: str | None, as_json: bool
 def group_delete(name: str, server: str | None, token: str | None, as_json: bool) -> None:
     """Delete a group (its computers stay enrolled)."""
     Api(server, token).call("DELETE", f"/groups/{name}")
-    emit({"deleted": name}, as_json, lambda d: click.echo(f"group {name} deleted"))
+    emit({"deleted": name}, as_json, lambda d: echo(f"group {name} deleted"))
 
 
 @group.command("add")
@@ -884,7 +922,7 @@ def group_add(
 ) -> None:
     """Add computers to a group."""
     out = Api(server, token).post(f"/groups/{name}/members", {"computer_ids": list(computer_ids)})
-    emit(out, as_json, lambda d: click.echo(f"added {len(computer_ids)} computers to {name}"))
+    emit(out, as_json, lambda d: echo(f"added {len(computer_ids)} computers to {name}"))
 
 
 @group.command("remove")
@@ -898,7 +936,7 @@ def group_remove(
     out = Api(server, token).post(
         f"/groups/{name}/members/remove", {"computer_ids": list(computer_ids)}
     )
-    emit(out, as_json, lambda d: click.echo(f"removed {len(computer_ids)} computers from {name}"))
+    emit(out, as_json, lambda d: echo(f"removed {len(computer_ids)} computers from {name}"))
 
 
 @group.command("tag")
@@ -915,7 +953,7 @@ def group_tag(
     out = Api(server, token).call(
         "PUT", f"/computers/{computer_id}/tags", json={"key": key, "value": value}
     )
-    emit(out, as_json, lambda d: click.echo(f"computer {computer_id}: {key}={value}"))
+    emit(out, as_json, lambda d: echo(f"computer {computer_id}: {key}={value}"))
 
 
 @group.command("untag")
@@ -927,7 +965,7 @@ def group_untag(
 ) -> None:
     """Remove a tag from a computer."""
     Api(server, token).call("DELETE", f"/computers/{computer_id}/tags/{key}")
-    emit({"removed": key}, as_json, lambda d: click.echo(f"computer {computer_id}: {key} removed"))
+    emit({"removed": key}, as_json, lambda d: echo(f"computer {computer_id}: {key} removed"))
 
 
 # -- server tasks ---------------------------------------------------------------------------
@@ -953,7 +991,7 @@ def group_untag(
     help="The same TOML file the server uses.",
 )
 @click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True)
-@click.option("--heartbeat-interval", type=float, default=10.0, show_default=True)
+@click.option("--heartbeat-interval", type=FINITE_FLOAT, default=10.0, show_default=True)
 @click.option("--name", default=None, help="Name in logs and `taskfleet task workers`.")
 @click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
@@ -1001,9 +1039,13 @@ def _when_arg(value: str | None, option: str = "--not-before") -> float | None:
     if value.startswith("+"):
         return time.time() + _seconds_arg(value[1:], option)
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(number):
+            fail(f"{option} expects a finite number of epoch seconds, got {value!r}")
+        return number
     try:
         return datetime.fromisoformat(value).timestamp()
     except ValueError:
@@ -1022,8 +1064,8 @@ def _seconds_arg(value: str, option: str) -> float:
         seconds = float(number) * (unit or 1)
     except ValueError:
         fail(f"{option} expects a duration like 90, 30s, 10m, 2h or 1d, got {value!r}")
-    if not seconds > 0:
-        fail(f"{option} must be a positive duration, got {value!r}")
+    if not 0 < seconds < math.inf:
+        fail(f"{option} must be a positive, finite duration, got {value!r}")
     return seconds
 
 
@@ -1109,9 +1151,9 @@ def task_submit(
     def human(d: dict[str, Any]) -> None:
         t = d["task"]
         if d["duplicate_of"] is not None:
-            click.echo(f"duplicate of {t['name']} ({state_label(t['state'])}): not queued again")
+            echo(f"duplicate of {t['name']} ({state_label(t['state'])}): not queued again")
         else:
-            click.echo(f"submitted {t['name']} ({state_label(t['state'])})")
+            echo(f"submitted {t['name']} ({state_label(t['state'])})")
 
     emit(out, as_json, human)
 
@@ -1122,7 +1164,7 @@ def task_submit(
 def task_approve(task_id: int, server: str | None, token: str | None, as_json: bool) -> None:
     """Approve a Blocked task (admin; maybe not its submitter)."""
     t = Api(server, token).post(f"/tasks/{task_id}/approve")
-    emit(t, as_json, lambda t: click.echo(f"{t['name']} approved: {state_label(t['state'])}"))
+    emit(t, as_json, lambda t: echo(f"{t['name']} approved: {state_label(t['state'])}"))
 
 
 @task.command("reject")
@@ -1134,7 +1176,7 @@ def task_reject(
 ) -> None:
     """Reject a Blocked task: it is Canceled."""
     t = Api(server, token).post(f"/tasks/{task_id}/reject", {"reason": reason})
-    emit(t, as_json, lambda t: click.echo(f"{t['name']} rejected: {state_label(t['state'])}"))
+    emit(t, as_json, lambda t: echo(f"{t['name']} rejected: {state_label(t['state'])}"))
 
 
 @task.command("list")
@@ -1181,7 +1223,7 @@ def task_show(task_id: int, server: str | None, token: str | None, as_json: bool
             ],
         )
         if t.get("stdout"):
-            click.echo(f"--- output ---\n{t['stdout'].rstrip()}")
+            echo(f"--- output ---\n{t['stdout'].rstrip()}")
 
     emit(t, as_json, human)
 
@@ -1195,7 +1237,7 @@ def task_cancel(
 ) -> None:
     """Cancel a server task."""
     t = Api(server, token).post(f"/tasks/{task_id}/cancel", {"reason": reason})
-    emit(t, as_json, lambda d: click.echo(f"{d['name']}: {state_label(d['state'])}"))
+    emit(t, as_json, lambda d: echo(f"{d['name']}: {state_label(d['state'])}"))
 
 
 @task.command("types")
@@ -1239,14 +1281,14 @@ def request_rerun(
         emit(
             req,
             as_json,
-            lambda r: click.echo(
+            lambda r: echo(
                 f"request {r['id']} re-runs request {request_id} on its {r['total']} failed "
                 "computers"
             ),
         )
         return
     req = wait_for_request(api, req["id"], show_progress=not as_json)
-    rows = results_table(api, req, as_json)
+    rows = results_table(api, req, as_json, waited=True)
     sys.exit(0 if all(a["state"] == "succeeded" for a in rows) else 1)
 
 
@@ -1254,7 +1296,7 @@ def request_rerun(
 @click.option("--state", default=None, help="queued, scheduled, waiting, blocked, in_progress")
 @click.option("--type", "type_name", default=None)
 @click.option("--group", default=None)
-@click.option("--older-than", type=float, default=None, help="Seconds since created.")
+@click.option("--older-than", type=FINITE_FLOAT, default=None, help="Seconds since created.")
 @click.option("--request", "request_id", type=int, default=None)
 @click.option("--reason", default="")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -1285,14 +1327,14 @@ def activity_cancel_bulk(
     }
     preview = api.post("/activities/cancel", {**body, "dry_run": True})
     if preview["count"] == 0:
-        emit(preview, as_json, lambda d: click.echo("no unfinished activity matches"))
+        emit(preview, as_json, lambda d: echo("no unfinished activity matches"))
         return
     if not yes:
         if not sys.stdin.isatty():
             fail(f"{preview['count']} activities match; add --yes to cancel them")
         click.confirm(f"cancel {preview['count']} activities?", abort=True)
     out = api.post("/activities/cancel", body)
-    emit(out, as_json, lambda d: click.echo(f"{d['count']} activities canceled"))
+    emit(out, as_json, lambda d: echo(f"{d['count']} activities canceled"))
 
 
 # -- lifecycle: approvals, rollouts, dependencies, windows, schedules -------------------
@@ -1304,7 +1346,7 @@ def activity_cancel_bulk(
 def request_approve(request_id: int, server: str | None, token: str | None, as_json: bool) -> None:
     """Approve a request that waits for approval (admin; maybe not its requester)."""
     out = Api(server, token).post(f"/requests/{request_id}/approve")
-    emit(out, as_json, lambda r: click.echo(f"request {request_id} approved: {_states(r)}"))
+    emit(out, as_json, lambda r: echo(f"request {request_id} approved: {_states(r)}"))
 
 
 @request.command("reject")
@@ -1316,7 +1358,7 @@ def request_reject(
 ) -> None:
     """Reject a request that waits for approval: its activities are Canceled."""
     out = Api(server, token).post(f"/requests/{request_id}/reject", {"reason": reason})
-    emit(out, as_json, lambda r: click.echo(f"request {request_id} rejected: {_states(r)}"))
+    emit(out, as_json, lambda r: echo(f"request {request_id} rejected: {_states(r)}"))
 
 
 @request.command("resume")
@@ -1325,7 +1367,7 @@ def request_reject(
 def request_resume(request_id: int, server: str | None, token: str | None, as_json: bool) -> None:
     """Resume a paused rollout (to stop it instead: taskfleet request cancel)."""
     out = Api(server, token).post(f"/requests/{request_id}/resume")
-    emit(out, as_json, lambda r: click.echo(f"rollout {request_id} resumed: {_states(r)}"))
+    emit(out, as_json, lambda r: echo(f"rollout {request_id} resumed: {_states(r)}"))
 
 
 @request.command("wait")
@@ -1337,7 +1379,7 @@ def request_resume(request_id: int, server: str | None, token: str | None, as_js
     default="finished",
     show_default=True,
 )
-@click.option("--threshold", type=float, default=100.0, show_default=True, help="Percent.")
+@click.option("--threshold", type=FINITE_FLOAT, default=100.0, show_default=True, help="Percent.")
 @client_options
 def request_wait(
     request_id: int,
@@ -1351,7 +1393,7 @@ def request_wait(
     """Make a Blocked or Waiting request wait for other work (replaces its dependency)."""
     body = {"after": _after_arg(after, after_metric, threshold)}
     out = Api(server, token).call("PUT", f"/requests/{request_id}/after", json=body)
-    emit(out, as_json, lambda r: click.echo(f"request {request_id} waits: {_states(r)}"))
+    emit(out, as_json, lambda r: echo(f"request {request_id} waits: {_states(r)}"))
 
 
 def _states(r: dict[str, Any]) -> str:
@@ -1421,7 +1463,7 @@ def group_window(
     emit(
         out,
         as_json,
-        lambda d: click.echo(
+        lambda d: echo(
             f"group {name}: window {d['window']} (UTC{(d['utc_offset'] or 0) / 60:+g}h)"
             if d["window"]
             else f"group {name}: no maintenance window"
@@ -1475,4 +1517,4 @@ def schedule_show(schedule_id: int, server: str | None, token: str | None, as_js
 def schedule_cancel(schedule_id: int, server: str | None, token: str | None, as_json: bool) -> None:
     """Stop future runs (runs already created go on; cancel them as requests)."""
     d = Api(server, token).post(f"/schedules/{schedule_id}/cancel")
-    emit(d, as_json, lambda d: click.echo(f"schedule {schedule_id} canceled"))
+    emit(d, as_json, lambda d: echo(f"schedule {schedule_id} canceled"))

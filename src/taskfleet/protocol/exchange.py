@@ -42,6 +42,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from taskfleet.domain.policy import validate_agent_policy
+
 EXCHANGE_PATH = "/agent/v1/exchange"
 ENROLL_PATH = "/agent/v1/enroll"
 PROTOCOL_VERSION = 1
@@ -209,9 +211,10 @@ def parse_agent_request(obj: Any) -> AgentRequest:
         port = _int(raw_agent, "tickle_port", optional=True)
         if port is not None and not 0 < port < 65536:
             raise ProtocolError("'tickle_port' must be 1..65535")
-        policy = raw_agent.get("policy", {})
-        if not isinstance(policy, dict):
-            raise ProtocolError("'policy' must be an object")
+        try:
+            policy = validate_agent_policy(raw_agent.get("policy", {}))
+        except ValueError as exc:
+            raise ProtocolError(f"invalid policy: {exc}") from None
         agent = AgentInfo(port, _str(raw_agent, "version", 64), policy)
     wait = _num(obj, "wait") or 0.0
     if not 0.0 <= wait <= MAX_LONG_POLL:

@@ -356,6 +356,33 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def get_computer(computer_id: int, p: Viewer) -> dict[str, Any]:
         return _live(runtime(), await read(lambda c: service.get_computer(c, p, computer_id)))
 
+    @app.delete("/api/v1/computers/{computer_id}", tags=["computers"])
+    async def remove_computer(computer_id: int, p: Admin) -> dict[str, Any]:
+        # Admin, not operator: SPEC 7 gives operators the work (create, cancel,
+        # terminate); removing a computer revokes its credentials, like a token.
+        r = runtime()
+
+        def after(res: service.Removed) -> None:
+            r.fleet.remove(res.computer_id)
+            metrics.COMPUTERS.set(len(r.fleet.computers))
+
+        res = await r.writer.run(
+            lambda c: service.remove_computer(c, p, computer_id, _now()), after=after
+        )
+        await _lifecycle(r).reload_windows()  # it left its groups
+        log.info(
+            "computer %d (%s) removed, %d open activities canceled",
+            res.computer_id,
+            res.hostname,
+            len(res.canceled),
+        )
+        return {
+            "id": res.computer_id,
+            "hostname": res.hostname,
+            "removed_at": res.removed_at,
+            "canceled": res.canceled,
+        }
+
     @app.put("/api/v1/computers/{computer_id}/tags", tags=["computers"])
     async def set_tag(computer_id: int, body: TagIn, p: Operator) -> dict[str, Any]:
         await runtime().writer.run(
@@ -830,6 +857,8 @@ async def _exchange(rt: Runtime, request: Request) -> Response:
             pass
         finally:
             cs.waiter = None
+        if rt.fleet.get(computer_id) is not cs:  # removed (or re-enrolled) while it waited
+            return _refuse("auth", 401, "unknown computer or wrong secret")
     if quiet():
         metrics.FAST_EXCHANGES.inc()
         return Response(
@@ -878,7 +907,7 @@ async def _start(config: ServerConfig) -> Runtime:
         log.warning("bootstrap admin token written to %s (readable by this user only)", path)
     fleet = Fleet()
     async with read_engine.connect() as conn:
-        for row in await conn.execute(sa.select(computers)):
+        for row in await conn.execute(sa.select(computers).where(computers.c.removed_at.is_(None))):
             fleet.put(
                 ComputerState(
                     row.id,

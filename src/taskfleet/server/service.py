@@ -18,7 +18,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taskfleet.domain.policy import validate_policy
+from taskfleet.domain.policy import validate_agent_policy, validate_policy
 from taskfleet.domain.progress import progress
 from taskfleet.domain.scripts import (
     EXECUTE_SCRIPT,
@@ -344,6 +344,12 @@ async def enroll(
         raise ApiError(400, "hostname (1..255) and machine_id (1..128) are required")
     if tickle_port is not None and not 0 < tickle_port < 65536:
         raise ApiError(400, "tickle_port must be 1..65535 (or null: no UDP wake-ups)")
+    try:
+        # SPEC 7: the server refuses work the agent would refuse, so what it
+        # stores of the agent's policy must be exactly what the agent meant.
+        policy = validate_agent_policy(policy)
+    except ValueError as exc:
+        raise ApiError(400, f"invalid policy: {exc}") from None
     if row.uses_left is not None:
         await conn.execute(
             api_tokens.update().where(api_tokens.c.id == row.id).values(uses_left=row.uses_left - 1)
@@ -369,12 +375,13 @@ async def enroll(
         "in_acked": 0,
         "out_seq": 0,
         "out_acked": 0,
+        "removed_at": None,  # enrolling a removed machine again brings it back
     }
     canceled = 0
     if existing is not None:
         # SPEC 9: a rebuilt machine must never run stale work.
         computer_id, generation = existing.id, existing.generation + 1
-        canceled = await _cancel_open_work(conn, tenant_id, computer_id, now)
+        canceled = len(await _cancel_open_work(conn, tenant_id, computer_id, now))
         await conn.execute(outbox.delete().where(outbox.c.computer_id == computer_id))
         await conn.execute(
             computers.update()
@@ -432,8 +439,15 @@ async def enroll(
 
 
 async def _cancel_open_work(
-    conn: AsyncConnection, tenant_id: int, computer_id: int, now: float
-) -> int:
+    conn: AsyncConnection,
+    tenant_id: int,
+    computer_id: int,
+    now: float,
+    *,
+    cause: Cause = Cause.REENROLLED,
+    actor: str = "server",
+    reason: str = "re-enrolled",
+) -> list[int]:
     rows = (
         await conn.execute(
             sa.select(activities.c.id, activities.c.state).where(
@@ -453,17 +467,74 @@ async def _cancel_open_work(
                 ActivityKind.CLIENT,
                 State(r.state),
                 State.CANCELED,
-                cause=Cause.REENROLLED,
-                actor="server",
+                cause=cause,
+                actor=actor,
                 at=now,
-                reason="re-enrolled",
+                reason=reason,
             ),
             {"finished_at": now},
         )
         for r in rows
     ]
     await apply_changes(conn, changes)
-    return len(changes)
+    return [r.id for r in rows]
+
+
+# -- removal ---------------------------------------------------------------------
+
+
+@dataclass
+class Removed:
+    computer_id: int
+    hostname: str
+    removed_at: float
+    canceled: list[int]
+
+
+async def remove_computer(
+    conn: AsyncConnection, p: Principal, computer_id: int, now: float
+) -> Removed:
+    """Take a computer off the fleet; its row, activities and events stay readable.
+
+    Its open activities are Canceled (with the reason), its queued messages,
+    group memberships and tags go; the caller drops it from the in-memory fleet
+    after the commit, so its credentials stop working at once."""
+    row = (
+        await conn.execute(
+            sa.select(computers.c.hostname, computers.c.removed_at).where(
+                computers.c.id == computer_id, computers.c.tenant_id == p.tenant_id
+            )
+        )
+    ).first()
+    if row is None:
+        raise ApiError(404, f"no computer {computer_id}")
+    if row.removed_at is not None:
+        raise ApiError(409, f"computer {computer_id} was already removed")
+    canceled = await _cancel_open_work(
+        conn,
+        p.tenant_id,
+        computer_id,
+        now,
+        cause=Cause.ADMIN,
+        actor=p.actor,
+        reason=f"computer {computer_id} ({row.hostname}) was removed from the fleet",
+    )
+    await conn.execute(outbox.delete().where(outbox.c.computer_id == computer_id))
+    await conn.execute(group_members.delete().where(group_members.c.computer_id == computer_id))
+    await conn.execute(computer_tags.delete().where(computer_tags.c.computer_id == computer_id))
+    await conn.execute(
+        computers.update().where(computers.c.id == computer_id).values(removed_at=now)
+    )
+    await audit(
+        conn,
+        p,
+        "computer.remove",
+        now,
+        computer_id=computer_id,
+        hostname=row.hostname,
+        canceled=len(canceled),
+    )
+    return Removed(computer_id, row.hostname, now, canceled)
 
 
 # -- groups and tags -----------------------------------------------------------
@@ -483,18 +554,20 @@ async def _group_id(conn: AsyncConnection, tenant_id: int, name: str) -> int:
 async def _check_computers(conn: AsyncConnection, tenant_id: int, ids: list[int]) -> None:
     if not ids:
         raise ApiError(400, "no computer ids given")
-    found = set(
-        (
-            await conn.execute(
-                sa.select(computers.c.id).where(
-                    computers.c.tenant_id == tenant_id, computers.c.id.in_(ids)
-                )
+    rows = (
+        await conn.execute(
+            sa.select(computers.c.id, computers.c.removed_at).where(
+                computers.c.tenant_id == tenant_id, computers.c.id.in_(ids)
             )
-        ).scalars()
-    )
+        )
+    ).all()
+    found = {r.id for r in rows}
     missing = [i for i in ids if i not in found]
     if missing:
         raise ApiError(404, f"unknown computer(s): {', '.join(map(str, missing))}")
+    removed = sorted(r.id for r in rows if r.removed_at is not None)
+    if removed:
+        raise ApiError(404, f"removed computer(s): {', '.join(map(str, removed))}")
 
 
 async def create_group(
@@ -598,7 +671,7 @@ async def set_tag(
 async def resolve_target(conn: AsyncConnection, tenant_id: int, target: Target) -> list[int]:
     c = computers.c
     if target.kind is TargetKind.ALL:
-        q = sa.select(c.id).where(c.tenant_id == tenant_id)
+        q = sa.select(c.id).where(c.tenant_id == tenant_id, c.removed_at.is_(None))
     elif target.kind is TargetKind.GROUP:
         gid = await _group_id(conn, tenant_id, target.name)
         q = sa.select(group_members.c.computer_id).where(group_members.c.group_id == gid)
@@ -695,10 +768,12 @@ async def rerun_failed(conn: AsyncConnection, p: Principal, now: float, request_
         int(i)
         for i in (
             await conn.execute(
-                sa.select(activities.c.computer_id).where(
+                sa.select(activities.c.computer_id)
+                .join(computers, computers.c.id == activities.c.computer_id)
+                .where(
                     activities.c.request_id == request_id,
                     activities.c.state == State.FAILED.value,
-                    activities.c.computer_id.is_not(None),
+                    computers.c.removed_at.is_(None),  # a removed computer gets no new work
                 )
             )
         ).scalars()
@@ -1157,7 +1232,11 @@ async def get_activity(conn: AsyncConnection, p: Principal, activity_id: int) ->
     return out
 
 
-async def list_computers(conn: AsyncConnection, p: Principal) -> list[dict[str, Any]]:
+async def list_computers(
+    conn: AsyncConnection, p: Principal, *, only: int | None = None
+) -> list[dict[str, Any]]:
+    """The tenant's computers; removed ones only when asked for by id (``only``)."""
+    where = [computers.c.removed_at.is_(None)] if only is None else [computers.c.id == only]
     rows = (
         await conn.execute(
             sa.select(
@@ -1170,8 +1249,9 @@ async def list_computers(conn: AsyncConnection, p: Principal) -> list[dict[str, 
                 computers.c.agent_version,
                 computers.c.generation,
                 computers.c.policy,
+                computers.c.removed_at,
             )
-            .where(computers.c.tenant_id == p.tenant_id)
+            .where(computers.c.tenant_id == p.tenant_id, *where)
             .order_by(computers.c.id)
         )
     ).all()
@@ -1194,7 +1274,7 @@ async def list_computers(conn: AsyncConnection, p: Principal) -> list[dict[str, 
 
 
 async def get_computer(conn: AsyncConnection, p: Principal, computer_id: int) -> dict[str, Any]:
-    for c in await list_computers(conn, p):
+    for c in await list_computers(conn, p, only=computer_id):
         if c["id"] == computer_id:
             c["activities"] = await list_activities(
                 conn, p, request_id=None, computer_id=computer_id, state=None, limit=20
