@@ -54,3 +54,9 @@ ENROLL_BODY_MAX = 64 * 1024
 API_BODY_MAX = 32 * 1024 * 1024
 # Tag values (keys follow domain/targets.py): printable text of at most this many characters.
 TAG_VALUE_MAX = 256
+
+# `run --wait` (and `request rerun --wait`) keep polling through a server restart
+# or a proxy's 502/503/504 for this long before giving up: a restart takes
+# seconds, and a longer outage should reach the administrator as an error.
+CLI_WAIT_RETRY = 120.0
+CLI_RETRY_MAX_DELAY = 5.0  # seconds between two attempts at most (from 0.25 s, doubling)

@@ -53,6 +53,27 @@ class StateError(RuntimeError):
     pass
 
 
+def _private_file(path: Path) -> None:
+    """Create the state file 0600 before SQLite does (it holds the computer's secret).
+
+    SQLite gives its -wal and -shm files the database file's mode, so they are
+    0600 too whatever the umask; files left wider by an older agent are narrowed.
+    """
+    for f in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            fd = os.open(f, os.O_RDONLY | (os.O_CREAT if f == path else 0), 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StateError(f"cannot open state file {f}: {exc.strerror}") from None
+        try:
+            os.fchmod(fd, 0o600)
+        except OSError as exc:
+            raise StateError(f"cannot make state file {f} private: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+
+
 @dataclass(frozen=True)
 class Identity:
     server: str
@@ -118,6 +139,7 @@ class LocalState:
         if not os.access(folder, os.W_OK | os.X_OK):
             raise StateError(f"state folder {folder} is not writable by this user")
         path = folder / "state.db"
+        _private_file(path)
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")

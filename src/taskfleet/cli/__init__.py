@@ -7,9 +7,32 @@ command lives in ``cli/main.py``, imported when one of them runs or for help.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import click
 
 from taskfleet import __version__
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that refuses nan and infinity with a usage error (exit 2)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE_FLOAT = FiniteFloat()
 
 
 class _Commands(click.Group):

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from taskfleet.cli import FINITE_FLOAT
 from taskfleet.cli.client import emit, fail, print_fields, print_table, when
 
 
@@ -48,7 +49,7 @@ from taskfleet.cli.client import emit, fail, print_fields, print_table, when
 @click.option("--tickle-bind", default="0.0.0.0", show_default=True)
 @click.option(
     "--poll-interval",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Seconds between fallback exchanges [default: what the server says].",
 )
@@ -77,7 +78,7 @@ from taskfleet.cli.client import emit, fail, print_fields, print_table, when
 )
 @click.option(
     "--scrub-interval",
-    type=float,
+    type=FINITE_FLOAT,
     default=3600.0,
     show_default=True,
     help="Seconds between scrubber runs (it also runs at start).",

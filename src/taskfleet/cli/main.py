@@ -8,6 +8,7 @@ command so each loads only what it needs.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -15,9 +16,12 @@ from typing import Any
 
 import click
 
+from taskfleet.cli import FINITE_FLOAT
 from taskfleet.cli.client import (
     Api,
+    clean,
     client_options,
+    echo,
     emit,
     fail,
     print_fields,
@@ -44,7 +48,7 @@ def _listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option(
     "--database",
     envvar="TASKFLEET_DATABASE",
@@ -61,31 +65,31 @@ def _listen(value: str) -> tuple[str, int]:
 )
 @click.option(
     "--tickle-rate",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Fleet-wide UDP wake-ups per second [default: 5000].",
 )
 @click.option(
     "--tickle-min-interval",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Seconds between two wake-ups of one computer [default: 1].",
 )
 @click.option(
     "--poll-interval",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Seconds between agents' fallback exchanges [default: 1800].",
 )
 @click.option(
     "--lost-grace",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Seconds past a script's time limit before it is declared lost [default: 60].",
 )
 @click.option(
     "--reaper-interval",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Seconds between checks for lost activities [default: 5].",
 )
@@ -110,7 +114,7 @@ def _listen(value: str) -> tuple[str, int]:
 )
 @click.option(
     "--heartbeat-timeout",
-    type=float,
+    type=FINITE_FLOAT,
     default=5 * 3600.0,
     show_default=True,
     help="Seconds without a worker heartbeat before its tasks fail.",
@@ -124,7 +128,9 @@ def _listen(value: str) -> tuple[str, int]:
 @click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
 )
+@click.pass_context
 def server(
+    ctx: click.Context,
     database: str | None,
     listen: str,
     data_dir: Path,
@@ -140,16 +146,29 @@ def server(
     tickles: bool,
     log_format: str,
 ) -> None:
-    """Run the server: API, agent exchanges, tickles (one process, SQLite by default)."""
+    """Run the server: API, agent exchanges, tickles (one process, SQLite by default).
+
+    `taskfleet server mint-admin-token` makes a new admin token from the data
+    folder when none is left."""
+    if ctx.invoked_subcommand is not None:
+        return
     import uvicorn
 
     from taskfleet import logs
     from taskfleet.server.app import ServerConfig, create_app
+    from taskfleet.store import db
 
     host, port = _listen(listen)
     logs.setup(log_format)
+    database_url = database or _default_database(data_dir)
+    try:
+        # Checked here too (the server's start-up checks again) for a clean message.
+        db.secure_data_dir(data_dir.resolve())
+        db.prepare_sqlite(database_url)
+    except (db.InsecureFileError, OSError, ValueError) as exc:
+        fail(f"refusing to start: {exc}")
     config = ServerConfig(
-        database_url=database or f"sqlite:///{(data_dir / 'taskfleet.sqlite3').resolve()}",
+        database_url=database_url,
         data_dir=data_dir.resolve(),
         public_url=f"http://{host}:{port}",
         tickles=tickles,
@@ -182,6 +201,55 @@ def server(
         timeout_keep_alive=120,
         backlog=4096,
     )
+
+
+def _default_database(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'taskfleet.sqlite3').resolve()}"
+
+
+@server.command("mint-admin-token")
+@click.option(
+    "--database",
+    envvar="TASKFLEET_DATABASE",
+    default=None,
+    help="The server's database [default: DATA_DIR/taskfleet.sqlite3].",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path("taskfleet-data"),
+    show_default=True,
+    help="The server's data folder: the token is written to DATA_DIR/admin-token.",
+)
+@click.option("--tenant", default="default", show_default=True)
+def server_mint_admin_token(database: str | None, data_dir: Path, tenant: str) -> None:
+    """Mint a new admin token from the data folder (when no admin token is left).
+
+    Works on the database directly, with or without a running server; the token
+    is written to DATA_DIR/admin-token (mode 0600), never printed, and the audit
+    log records it."""
+    import asyncio
+    import getpass
+    import socket
+
+    from taskfleet.server.app import mint_admin_token
+    from taskfleet.server.service import ApiError
+    from taskfleet.store import db
+
+    try:
+        token_id, path = asyncio.run(
+            mint_admin_token(
+                data_dir.resolve(),
+                database or _default_database(data_dir),
+                tenant=tenant,
+                actor=f"server-cli:{getpass.getuser()}@{socket.gethostname()}",
+            )
+        )
+    except ApiError as exc:
+        fail(exc.message)
+    except (db.InsecureFileError, OSError, ValueError) as exc:
+        fail(str(exc))
+    echo(f"admin token {token_id} minted for tenant {tenant}; written to {path}")
 
 
 @cli.command()
@@ -217,7 +285,7 @@ def token() -> None:
 @click.option("--name", required=True)
 @click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), default=None)
 @click.option("--enroll", is_flag=True, help="An enrollment token for agents.")
-@click.option("--expires-in", type=float, default=None, help="Seconds until it expires.")
+@click.option("--expires-in", type=FINITE_FLOAT, default=None, help="Seconds until it expires.")
 @click.option("--max-uses", type=int, default=None, help="Enrollments allowed.")
 @click.option("--group", default=None, help="Group that computers enrolled with it join.")
 @client_options
@@ -247,7 +315,7 @@ def token_create(
     emit(
         out,
         as_json,
-        lambda d: click.echo(
+        lambda d: echo(
             f"created {d['kind']} token {d['id']} ({d['role'] or 'enrollment'}): {d['token']}\n"
             "it is shown only once; store it now"
         ),
@@ -288,7 +356,7 @@ def token_list(server: str | None, token: str | None, as_json: bool) -> None:
 def token_revoke(token_id: int, server: str | None, token: str | None, as_json: bool) -> None:
     """Revoke a token."""
     Api(server, token).call("DELETE", f"/tokens/{token_id}")
-    emit({"revoked": token_id}, as_json, lambda d: click.echo(f"token {token_id} revoked"))
+    emit({"revoked": token_id}, as_json, lambda d: echo(f"token {token_id} revoked"))
 
 
 # -- run ------------------------------------------------------------------------------
@@ -311,7 +379,7 @@ def _after_arg(value: str | None, metric: str, threshold: float) -> dict[str, An
 )
 @click.option(
     "--timeout",
-    type=float,
+    type=FINITE_FLOAT,
     default=300.0,
     show_default=True,
     help="Seconds before the agent kills the script.",
@@ -333,7 +401,7 @@ def _after_arg(value: str | None, metric: str, threshold: float) -> dict[str, An
 )
 @click.option(
     "--expires-in",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Seconds: work a computer has not picked up by then is Canceled (expired).",
 )
@@ -344,7 +412,7 @@ def _after_arg(value: str | None, metric: str, threshold: float) -> dict[str, An
 )
 @click.option(
     "--every",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Recurring: run again every this many seconds until canceled.",
 )
@@ -364,23 +432,23 @@ def _after_arg(value: str | None, metric: str, threshold: float) -> dict[str, An
     show_default=True,
     help="What --after counts.",
 )
-@click.option("--threshold", type=float, default=100.0, show_default=True, help="Percent.")
+@click.option("--threshold", type=FINITE_FLOAT, default=100.0, show_default=True, help="Percent.")
 @click.option("--approval", is_flag=True, help="Blocked until an admin approves it.")
 @click.option("--separate-approver", is_flag=True, help="The requester may not approve.")
 @click.option("--approval-expires-in", default=None, help="Canceled if not approved by (2h).")
 @click.option("--canary", type=int, default=None, help="Rollout: computers in the first wave.")
 @click.option("--wave-size", type=int, default=None, help="Rollout: computers per wave.")
-@click.option("--wave-share", type=float, default=None, help="Rollout: percent per wave.")
+@click.option("--wave-share", type=FINITE_FLOAT, default=None, help="Rollout: percent per wave.")
 @click.option(
     "--wave-success",
-    type=float,
+    type=FINITE_FLOAT,
     default=100.0,
     show_default=True,
     help="Rollout: percent of a wave that must succeed before the next starts.",
 )
 @click.option(
     "--max-failures",
-    type=float,
+    type=FINITE_FLOAT,
     default=100.0,
     show_default=True,
     help="Rollout: pause when more than this percent of finished computers failed.",
@@ -478,7 +546,7 @@ def run(
         emit(
             sched,
             as_json,
-            lambda d: click.echo(
+            lambda d: echo(
                 f"schedule {d['id']} created ({d['cron']} UTC); first run at {when(d['next_at'])}"
             ),
         )
@@ -488,14 +556,14 @@ def run(
         emit(
             req,
             as_json,
-            lambda r: click.echo(
+            lambda r: echo(
                 f"request {r['id']} created: {r['total']} computers; "
                 f"follow it with: taskfleet request show {r['id']}"
             ),
         )
         return
     req = wait_for_request(api, req["id"], show_progress=not as_json)
-    rows = results_table(api, req, as_json)
+    rows = results_table(api, req, as_json, waited=True)
     sys.exit(0 if all(a["state"] == "succeeded" for a in rows) else 1)
 
 
@@ -543,7 +611,7 @@ def request_show(request_id: int, server: str | None, token: str | None, as_json
     if not as_json:
         print_table(None, _REQ_COLS, [_req_row(req)])
         for line in _lifecycle_lines(req):
-            click.echo(line)
+            echo(line)
     results_table(api, req, as_json)
 
 
@@ -590,7 +658,7 @@ def request_cancel(
     emit(
         out,
         as_json,
-        lambda d: click.echo(f"request {request_id}: {len(d['canceled'])} activities canceled"),
+        lambda d: echo(f"request {request_id}: {len(d['canceled'])} activities canceled"),
     )
 
 
@@ -667,7 +735,7 @@ def activity_show(activity_id: int, server: str | None, token: str | None, as_js
         )
         for name in ("stdout", "stderr"):
             if a.get(name):
-                click.echo(f"--- {name} ---\n{a[name].rstrip()}")
+                echo(f"--- {name} ---\n{a[name].rstrip()}")
         print_table(
             "history",
             ["at", "from", "to", "cause", "actor", "reason"],
@@ -696,7 +764,7 @@ def activity_cancel(
 ) -> None:
     """Cancel an activity (a running one is stopped on its computer)."""
     a = Api(server, token).post(f"/activities/{activity_id}/cancel", {"reason": reason})
-    emit(a, as_json, lambda d: click.echo(f"activity {activity_id}: {state_label(d['state'])}"))
+    emit(a, as_json, lambda d: echo(f"activity {activity_id}: {state_label(d['state'])}"))
 
 
 # -- computers and groups -----------------------------------------------------------------
@@ -752,6 +820,7 @@ def computer_show(computer_id: int, server: str | None, token: str | None, as_js
                 ("tickle port", c["tickle_port"]),
                 ("agent", c["agent_version"]),
                 ("generation", c["generation"]),
+                ("removed", when(c["removed_at"]) if c.get("removed_at") else None),
                 ("policy", c["policy"]),
                 ("groups", ", ".join(c["groups"])),
                 ("tags", ", ".join(f"{k}={v}" for k, v in c["tags"].items())),
@@ -773,6 +842,39 @@ def computer_show(computer_id: int, server: str | None, token: str | None, as_js
         )
 
     emit(c, as_json, table)
+
+
+@computer.command("remove")
+@click.argument("computer_id", type=int)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@client_options
+def computer_remove(
+    computer_id: int, yes: bool, server: str | None, token: str | None, as_json: bool
+) -> None:
+    """Remove a computer (admin): its open work is Canceled, its credentials stop working.
+
+    Its history stays readable (taskfleet activity list --computer ID); enrolling
+    the machine again brings it back."""
+    api = Api(server, token)
+    c = api.get(f"/computers/{computer_id}")
+    if c.get("removed_at"):
+        fail(f"computer {computer_id} was already removed")
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"this removes computer {computer_id}; add --yes to do it")
+        click.confirm(
+            f"remove computer {computer_id} ({clean(c['hostname'])}) and cancel its open work?",
+            abort=True,
+        )
+    out = api.call("DELETE", f"/computers/{computer_id}")
+    emit(
+        out,
+        as_json,
+        lambda d: echo(
+            f"computer {d['id']} ({clean(d['hostname'])}) removed; "
+            f"{len(d['canceled'])} open activities canceled"
+        ),
+    )
 
 
 @cli.group()
@@ -800,7 +902,7 @@ def group_list(server: str | None, token: str | None, as_json: bool) -> None:
 def group_create(name: str, server: str | None, token: str | None, as_json: bool) -> None:
     """Create a group."""
     out = Api(server, token).post("/groups", {"name": name})
-    emit(out, as_json, lambda d: click.echo(f"group {name} created"))
+    emit(out, as_json, lambda d: echo(f"group {name} created"))
 
 
 @group.command("delete")
@@ -809,7 +911,7 @@ def group_create(name: str, server: str | None, token: str | None, as_json: bool
 def group_delete(name: str, server: str | None, token: str | None, as_json: bool) -> None:
     """Delete a group (its computers stay enrolled)."""
     Api(server, token).call("DELETE", f"/groups/{name}")
-    emit({"deleted": name}, as_json, lambda d: click.echo(f"group {name} deleted"))
+    emit({"deleted": name}, as_json, lambda d: echo(f"group {name} deleted"))
 
 
 @group.command("add")
@@ -821,7 +923,7 @@ def group_add(
 ) -> None:
     """Add computers to a group."""
     out = Api(server, token).post(f"/groups/{name}/members", {"computer_ids": list(computer_ids)})
-    emit(out, as_json, lambda d: click.echo(f"added {len(computer_ids)} computers to {name}"))
+    emit(out, as_json, lambda d: echo(f"added {len(computer_ids)} computers to {name}"))
 
 
 @group.command("remove")
@@ -835,7 +937,7 @@ def group_remove(
     out = Api(server, token).post(
         f"/groups/{name}/members/remove", {"computer_ids": list(computer_ids)}
     )
-    emit(out, as_json, lambda d: click.echo(f"removed {len(computer_ids)} computers from {name}"))
+    emit(out, as_json, lambda d: echo(f"removed {len(computer_ids)} computers from {name}"))
 
 
 @group.command("tag")
@@ -852,7 +954,7 @@ def group_tag(
     out = Api(server, token).call(
         "PUT", f"/computers/{computer_id}/tags", json={"key": key, "value": value}
     )
-    emit(out, as_json, lambda d: click.echo(f"computer {computer_id}: {key}={value}"))
+    emit(out, as_json, lambda d: echo(f"computer {computer_id}: {key}={value}"))
 
 
 @group.command("untag")
@@ -864,7 +966,7 @@ def group_untag(
 ) -> None:
     """Remove a tag from a computer."""
     Api(server, token).call("DELETE", f"/computers/{computer_id}/tags/{key}")
-    emit({"removed": key}, as_json, lambda d: click.echo(f"computer {computer_id}: {key} removed"))
+    emit({"removed": key}, as_json, lambda d: echo(f"computer {computer_id}: {key} removed"))
 
 
 # -- server tasks ---------------------------------------------------------------------------
@@ -890,7 +992,7 @@ def group_untag(
     help="The same TOML file the server uses.",
 )
 @click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True)
-@click.option("--heartbeat-interval", type=float, default=10.0, show_default=True)
+@click.option("--heartbeat-interval", type=FINITE_FLOAT, default=10.0, show_default=True)
 @click.option("--name", default=None, help="Name in logs and `taskfleet task workers`.")
 @click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
@@ -966,8 +1068,8 @@ def _seconds_arg(value: str, option: str) -> float:
         seconds = float(number) * (unit or 1)
     except ValueError:
         fail(f"{option} expects a duration like 90, 30s, 10m, 2h or 1d, got {value!r}")
-    if not seconds > 0:
-        fail(f"{option} must be a positive duration, got {value!r}")
+    if not 0 < seconds < math.inf:
+        fail(f"{option} must be a positive, finite duration, got {value!r}")
     return seconds
 
 
@@ -1053,9 +1155,9 @@ def task_submit(
     def human(d: dict[str, Any]) -> None:
         t = d["task"]
         if d["duplicate_of"] is not None:
-            click.echo(f"duplicate of {t['name']} ({state_label(t['state'])}): not queued again")
+            echo(f"duplicate of {t['name']} ({state_label(t['state'])}): not queued again")
         else:
-            click.echo(f"submitted {t['name']} ({state_label(t['state'])})")
+            echo(f"submitted {t['name']} ({state_label(t['state'])})")
 
     emit(out, as_json, human)
 
@@ -1066,7 +1168,7 @@ def task_submit(
 def task_approve(task_id: int, server: str | None, token: str | None, as_json: bool) -> None:
     """Approve a Blocked task (admin; maybe not its submitter)."""
     t = Api(server, token).post(f"/tasks/{task_id}/approve")
-    emit(t, as_json, lambda t: click.echo(f"{t['name']} approved: {state_label(t['state'])}"))
+    emit(t, as_json, lambda t: echo(f"{t['name']} approved: {state_label(t['state'])}"))
 
 
 @task.command("reject")
@@ -1078,7 +1180,7 @@ def task_reject(
 ) -> None:
     """Reject a Blocked task: it is Canceled."""
     t = Api(server, token).post(f"/tasks/{task_id}/reject", {"reason": reason})
-    emit(t, as_json, lambda t: click.echo(f"{t['name']} rejected: {state_label(t['state'])}"))
+    emit(t, as_json, lambda t: echo(f"{t['name']} rejected: {state_label(t['state'])}"))
 
 
 @task.command("list")
@@ -1125,7 +1227,7 @@ def task_show(task_id: int, server: str | None, token: str | None, as_json: bool
             ],
         )
         if t.get("stdout"):
-            click.echo(f"--- output ---\n{t['stdout'].rstrip()}")
+            echo(f"--- output ---\n{t['stdout'].rstrip()}")
 
     emit(t, as_json, human)
 
@@ -1139,7 +1241,7 @@ def task_cancel(
 ) -> None:
     """Cancel a server task."""
     t = Api(server, token).post(f"/tasks/{task_id}/cancel", {"reason": reason})
-    emit(t, as_json, lambda d: click.echo(f"{d['name']}: {state_label(d['state'])}"))
+    emit(t, as_json, lambda d: echo(f"{d['name']}: {state_label(d['state'])}"))
 
 
 @task.command("types")
@@ -1183,14 +1285,14 @@ def request_rerun(
         emit(
             req,
             as_json,
-            lambda r: click.echo(
+            lambda r: echo(
                 f"request {r['id']} re-runs request {request_id} on its {r['total']} failed "
                 "computers"
             ),
         )
         return
     req = wait_for_request(api, req["id"], show_progress=not as_json)
-    rows = results_table(api, req, as_json)
+    rows = results_table(api, req, as_json, waited=True)
     sys.exit(0 if all(a["state"] == "succeeded" for a in rows) else 1)
 
 
@@ -1198,7 +1300,7 @@ def request_rerun(
 @click.option("--state", default=None, help="queued, scheduled, waiting, blocked, in_progress")
 @click.option("--type", "type_name", default=None)
 @click.option("--group", default=None)
-@click.option("--older-than", type=float, default=None, help="Seconds since created.")
+@click.option("--older-than", type=FINITE_FLOAT, default=None, help="Seconds since created.")
 @click.option("--request", "request_id", type=int, default=None)
 @click.option("--reason", default="")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -1229,14 +1331,14 @@ def activity_cancel_bulk(
     }
     preview = api.post("/activities/cancel", {**body, "dry_run": True})
     if preview["count"] == 0:
-        emit(preview, as_json, lambda d: click.echo("no unfinished activity matches"))
+        emit(preview, as_json, lambda d: echo("no unfinished activity matches"))
         return
     if not yes:
         if not sys.stdin.isatty():
             fail(f"{preview['count']} activities match; add --yes to cancel them")
         click.confirm(f"cancel {preview['count']} activities?", abort=True)
     out = api.post("/activities/cancel", body)
-    emit(out, as_json, lambda d: click.echo(f"{d['count']} activities canceled"))
+    emit(out, as_json, lambda d: echo(f"{d['count']} activities canceled"))
 
 
 # -- lifecycle: approvals, rollouts, dependencies, windows, schedules -------------------
@@ -1248,7 +1350,7 @@ def activity_cancel_bulk(
 def request_approve(request_id: int, server: str | None, token: str | None, as_json: bool) -> None:
     """Approve a request that waits for approval (admin; maybe not its requester)."""
     out = Api(server, token).post(f"/requests/{request_id}/approve")
-    emit(out, as_json, lambda r: click.echo(f"request {request_id} approved: {_states(r)}"))
+    emit(out, as_json, lambda r: echo(f"request {request_id} approved: {_states(r)}"))
 
 
 @request.command("reject")
@@ -1260,7 +1362,7 @@ def request_reject(
 ) -> None:
     """Reject a request that waits for approval: its activities are Canceled."""
     out = Api(server, token).post(f"/requests/{request_id}/reject", {"reason": reason})
-    emit(out, as_json, lambda r: click.echo(f"request {request_id} rejected: {_states(r)}"))
+    emit(out, as_json, lambda r: echo(f"request {request_id} rejected: {_states(r)}"))
 
 
 @request.command("resume")
@@ -1269,7 +1371,7 @@ def request_reject(
 def request_resume(request_id: int, server: str | None, token: str | None, as_json: bool) -> None:
     """Resume a paused rollout (to stop it instead: taskfleet request cancel)."""
     out = Api(server, token).post(f"/requests/{request_id}/resume")
-    emit(out, as_json, lambda r: click.echo(f"rollout {request_id} resumed: {_states(r)}"))
+    emit(out, as_json, lambda r: echo(f"rollout {request_id} resumed: {_states(r)}"))
 
 
 @request.command("wait")
@@ -1281,7 +1383,7 @@ def request_resume(request_id: int, server: str | None, token: str | None, as_js
     default="finished",
     show_default=True,
 )
-@click.option("--threshold", type=float, default=100.0, show_default=True, help="Percent.")
+@click.option("--threshold", type=FINITE_FLOAT, default=100.0, show_default=True, help="Percent.")
 @client_options
 def request_wait(
     request_id: int,
@@ -1295,7 +1397,7 @@ def request_wait(
     """Make a Blocked or Waiting request wait for other work (replaces its dependency)."""
     body = {"after": _after_arg(after, after_metric, threshold)}
     out = Api(server, token).call("PUT", f"/requests/{request_id}/after", json=body)
-    emit(out, as_json, lambda r: click.echo(f"request {request_id} waits: {_states(r)}"))
+    emit(out, as_json, lambda r: echo(f"request {request_id} waits: {_states(r)}"))
 
 
 def _states(r: dict[str, Any]) -> str:
@@ -1365,7 +1467,7 @@ def group_window(
     emit(
         out,
         as_json,
-        lambda d: click.echo(
+        lambda d: echo(
             f"group {name}: window {d['window']} (UTC{(d['utc_offset'] or 0) / 60:+g}h)"
             if d["window"]
             else f"group {name}: no maintenance window"
@@ -1419,4 +1521,4 @@ def schedule_show(schedule_id: int, server: str | None, token: str | None, as_js
 def schedule_cancel(schedule_id: int, server: str | None, token: str | None, as_json: bool) -> None:
     """Stop future runs (runs already created go on; cancel them as requests)."""
     d = Api(server, token).post(f"/schedules/{schedule_id}/cancel")
-    emit(d, as_json, lambda d: click.echo(f"schedule {schedule_id} canceled"))
+    emit(d, as_json, lambda d: echo(f"schedule {schedule_id} canceled"))

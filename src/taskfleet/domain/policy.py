@@ -2,6 +2,9 @@
 
 Contract: ``validate_policy`` normalises a request's policy or raises
 ``ValueError``; the server sends the result inside every signed operation.
+``validate_agent_policy`` does the same for what an agent reports of its own
+configuration (SPEC 7: scripts allowed, script users, activity types) at
+enrollment and in its info exchanges; the server stores only its result.
 Mode: a Required operation runs as soon as it arrives; an Optional one waits
 (Deferred) while the agent is outside its local run window. Interval: Once, or
 Recurring every ``every`` seconds until canceled. ``RunWindow`` is a daily
@@ -56,6 +59,43 @@ def validate_policy(raw: Any) -> dict[str, Any]:
     elif raw_every is not None:
         raise ValueError("'every' is only for recurring policies")
     return {"mode": mode.value, "interval": interval.value, "every": every}
+
+
+AGENT_POLICY_FIELDS = ("scripts", "users", "types")
+MAX_POLICY_ITEMS = 256  # users or types an agent may list
+MAX_POLICY_NAME = 64  # characters of one user or type name
+
+
+def _names(raw: dict[str, Any], key: str) -> list[str]:
+    value = raw.get(key, [])
+    if not isinstance(value, list) or len(value) > MAX_POLICY_ITEMS:
+        raise ValueError(f"policy '{key}' must be a list of at most {MAX_POLICY_ITEMS} names")
+    for name in value:
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_POLICY_NAME:
+            raise ValueError(
+                f"policy '{key}' must hold names of 1..{MAX_POLICY_NAME} characters, not {name!r}"[
+                    :200
+                ]
+            )
+        if not name.isprintable() or any(ch.isspace() for ch in name):
+            raise ValueError(f"policy '{key}' has a name with spaces or control characters")
+    return sorted(set(value))
+
+
+def validate_agent_policy(raw: Any) -> dict[str, Any]:
+    """An agent's own policy, normalised: ``{"scripts": bool, "users": [...], "types": [...]}``.
+
+    Users and types are lists of exact names (a user is allowed only if it is
+    one of them, never a substring); a missing field means nothing allowed."""
+    if not isinstance(raw, dict):
+        raise ValueError("policy must be an object")
+    unknown = set(raw) - set(AGENT_POLICY_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown policy field(s): {', '.join(sorted(map(str, unknown)))}"[:200])
+    scripts = raw.get("scripts", False)
+    if not isinstance(scripts, bool):
+        raise ValueError("policy 'scripts' must be true or false")
+    return {"scripts": scripts, "users": _names(raw, "users"), "types": _names(raw, "types")}
 
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")

@@ -91,9 +91,12 @@ def _check_name(key: str, value: str) -> None:
 
 def policy_refusal(policy: dict[str, Any] | None, params: dict[str, Any]) -> str | None:
     """Why an agent with this policy would refuse the script, or None if it would run it."""
-    if not policy or not policy.get("scripts"):
+    # Exact checks only: a policy stored before the server validated policies may
+    # hold anything ("users": 5, "users": "root"); it allows nothing it does not list.
+    if not isinstance(policy, dict) or policy.get("scripts") is not True:
         return "scripts are disabled in its configuration"
     user = params.get("user")
-    if user is not None and user not in policy.get("users", []):
+    users = policy.get("users")
+    if user is not None and not (isinstance(users, list) and user in users):
         return f"user {user!r} is not in its allowed script users"
     return None

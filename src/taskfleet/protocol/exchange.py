@@ -57,6 +57,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from taskfleet.domain.policy import validate_agent_policy
+
 # BIGINT columns (sequence numbers, operation ids) and INTEGER columns (exit
 # code, attempt; dropped counts are capped at INT32_MAX).
 from taskfleet.settings import INT32_MAX, INT32_MIN, INT64_MAX
@@ -292,10 +294,11 @@ def parse_agent_request(obj: Any) -> AgentRequest:
         port = _int(raw_agent, "tickle_port", optional=True)
         if port is not None and not 0 < port < 65536:
             raise ProtocolError("'tickle_port' must be 1..65535")
-        policy = raw_agent.get("policy", {})
-        if not isinstance(policy, dict):
-            raise ProtocolError("'policy' must be an object")
-        agent = AgentInfo(port, _str(raw_agent, "version", MAX_VERSION_CHARS), clean_json(policy))
+        try:
+            policy = validate_agent_policy(raw_agent.get("policy", {}))
+        except ValueError as exc:
+            raise ProtocolError(f"invalid policy: {exc}") from None
+        agent = AgentInfo(port, _str(raw_agent, "version", MAX_VERSION_CHARS), policy)
     wait = _num(obj, "wait") or 0.0
     if not 0.0 <= wait <= MAX_LONG_POLL:
         raise ProtocolError(f"'wait' must be 0..{MAX_LONG_POLL:g} seconds")

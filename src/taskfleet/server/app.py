@@ -72,7 +72,7 @@ from taskfleet.settings import (
     TIME_MIN,
 )
 from taskfleet.store import db
-from taskfleet.store.schema import computers
+from taskfleet.store.schema import api_tokens, computers
 from taskfleet.store.schema import workers as workers_table
 from taskfleet.worker.builtin import BUILTINS
 from taskfleet.worker.handlers import load_task_types
@@ -653,6 +653,33 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def get_computer(computer_id: Id, p: Viewer) -> dict[str, Any]:
         return _live(runtime(), await read(lambda c: service.get_computer(c, p, computer_id)))
 
+    @app.delete("/api/v1/computers/{computer_id}", tags=["computers"])
+    async def remove_computer(computer_id: Id, p: Admin) -> dict[str, Any]:
+        # Admin, not operator: SPEC 7 gives operators the work (create, cancel,
+        # terminate); removing a computer revokes its credentials, like a token.
+        r = runtime()
+
+        def after(res: service.Removed) -> None:
+            r.fleet.remove(res.computer_id)
+            metrics.COMPUTERS.set(len(r.fleet.computers))
+
+        res = await r.writer.run(
+            lambda c: service.remove_computer(c, p, computer_id, _now()), after=after
+        )
+        await _lifecycle(r).reload_windows()  # it left its groups
+        log.info(
+            "computer %d (%s) removed, %d open activities canceled",
+            res.computer_id,
+            res.hostname,
+            len(res.canceled),
+        )
+        return {
+            "id": res.computer_id,
+            "hostname": res.hostname,
+            "removed_at": res.removed_at,
+            "canceled": res.canceled,
+        }
+
     @app.put("/api/v1/computers/{computer_id}/tags", tags=["computers"])
     async def set_tag(computer_id: Id, body: TagIn, p: Operator) -> dict[str, Any]:
         await runtime().writer.run(
@@ -1136,6 +1163,8 @@ async def _exchange(rt: Runtime, request: Request) -> Response:
             pass
         finally:
             cs.waiter = None
+        if rt.fleet.get(computer_id) is not cs:  # removed (or re-enrolled) while it waited
+            return _refuse("auth", 401, "unknown computer or wrong secret")
     if quiet():
         metrics.FAST_EXCHANGES.inc()
         return Response(
@@ -1179,7 +1208,8 @@ def _refuse(reason: str, status: int, message: str) -> Response:
 async def _start(config: ServerConfig) -> Runtime:
     global _clock
     _clock = config.clock
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    db.secure_data_dir(config.data_dir)
+    db.prepare_sqlite(config.database_url)  # raises InsecureFileError: refuse to start
     await db.upgrade(config.database_url)
     write_engine = db.create_engine(config.database_url, writer=True)
     read_engine = (
@@ -1190,14 +1220,11 @@ async def _start(config: ServerConfig) -> Runtime:
     async with write_engine.begin() as conn:
         keys, token = await service.bootstrap(conn, _now())
     if token is not None:
-        path = config.data_dir / "admin-token"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        path = write_token_file(config.data_dir, token)
         log.warning("bootstrap admin token written to %s (readable by this user only)", path)
     fleet = Fleet()
     async with read_engine.connect() as conn:
-        for row in await conn.execute(sa.select(computers)):
+        for row in await conn.execute(sa.select(computers).where(computers.c.removed_at.is_(None))):
             fleet.put(
                 ComputerState(
                     row.id,
@@ -1254,6 +1281,45 @@ async def _start(config: ServerConfig) -> Runtime:
         db.database_url(config.database_url).split("@")[-1],
     )
     return rt
+
+
+def write_token_file(data_dir: Path, token: str) -> Path:
+    """Write ``DATA_DIR/admin-token`` readable by this user only (even if it existed wider)."""
+    path = data_dir / "admin-token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return path
+
+
+async def mint_admin_token(
+    data_dir: Path, database_url: str, *, tenant: str, actor: str
+) -> tuple[int, Path]:
+    """Mint a new admin token straight in the database and write it to the data folder.
+
+    The way back in when every admin token is lost or revoked: it needs the
+    server's data folder and database, not the API, and works whether or not the
+    server runs (a running server reads tokens from the database on each call).
+    """
+    db.secure_data_dir(data_dir)
+    db.prepare_sqlite(database_url)
+    await db.upgrade(database_url)
+    engine = db.create_engine(database_url, writer=True)
+    try:
+        async with engine.begin() as conn:
+            now = time.time()
+            _, unseen = await service.bootstrap(conn, now)  # a fresh database: tenant, keys
+            if unseen is not None:  # nobody will ever see this one: the minted token replaces it
+                await conn.execute(
+                    api_tokens.update()
+                    .where(api_tokens.c.token_hash == service.token_hash(unseen))
+                    .values(revoked=True)
+                )
+            token_id, token = await service.mint_admin_token(conn, now, tenant=tenant, actor=actor)
+    finally:
+        await engine.dispose()
+    return token_id, write_token_file(data_dir, token)
 
 
 async def _start_tasks(rt: Runtime, config: ServerConfig) -> None:

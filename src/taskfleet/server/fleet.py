@@ -86,6 +86,12 @@ class Fleet:
     def put(self, state: ComputerState) -> None:
         self.computers[state.id] = state
 
+    def remove(self, computer_id: int) -> None:
+        """A removed computer: its exchanges get 401 from now on; a held long poll ends."""
+        cs = self.computers.pop(computer_id, None)
+        if cs is not None and cs.waiter is not None:
+            cs.waiter.set()
+
     def mark_work(self, computer_ids: Iterable[int]) -> list[ComputerState]:
         woken = []
         for cid in computer_ids:

@@ -18,7 +18,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taskfleet.domain.policy import validate_policy
+from taskfleet.domain.policy import validate_agent_policy, validate_policy
 from taskfleet.domain.progress import progress
 from taskfleet.domain.scripts import (
     EXECUTE_SCRIPT,
@@ -227,15 +227,82 @@ async def list_tokens(conn: AsyncConnection, p: Principal) -> list[dict[str, Any
     return [dict(r._mapping) for r in rows]
 
 
-async def revoke_token(conn: AsyncConnection, p: Principal, token_id: int, now: float) -> None:
-    result = await conn.execute(
-        api_tokens.update()
-        .where(api_tokens.c.id == token_id, api_tokens.c.tenant_id == p.tenant_id)
-        .values(revoked=True)
+def _valid_admin(tenant_id: int, now: float) -> Any:
+    """Where-clause: the tenant's admin-role API tokens that authenticate at ``now``."""
+    return sa.and_(
+        api_tokens.c.tenant_id == tenant_id,
+        api_tokens.c.kind == "admin",
+        api_tokens.c.role == "admin",
+        api_tokens.c.revoked.is_(False),
+        sa.or_(api_tokens.c.expires_at.is_(None), api_tokens.c.expires_at >= now),
     )
-    if result.rowcount == 0:
+
+
+async def revoke_token(conn: AsyncConnection, p: Principal, token_id: int, now: float) -> None:
+    row = (
+        await conn.execute(
+            sa.select(api_tokens.c.id).where(
+                api_tokens.c.id == token_id, api_tokens.c.tenant_id == p.tenant_id
+            )
+        )
+    ).first()
+    if row is None:
         raise ApiError(404, f"no token {token_id}")
+    # Revoking the tenant's last valid admin token would lock everyone out for good
+    # (no token could create another); the single writer serialises this check.
+    valid_admins = set(
+        (await conn.execute(sa.select(api_tokens.c.id).where(_valid_admin(p.tenant_id, now))))
+        .scalars()
+        .all()
+    )
+    if valid_admins == {token_id}:
+        raise ApiError(
+            409,
+            f"token {token_id} is the last valid admin token of this tenant: create another "
+            "admin token first (or mint one on the server: taskfleet server mint-admin-token)",
+        )
+    await conn.execute(api_tokens.update().where(api_tokens.c.id == token_id).values(revoked=True))
     await audit(conn, p, "token.revoke", now, id=token_id)
+
+
+async def mint_admin_token(
+    conn: AsyncConnection, now: float, *, tenant: str = DEFAULT_TENANT, actor: str
+) -> tuple[int, str]:
+    """A new admin-role token for ``tenant`` (recovery from the server's data folder).
+
+    Run by ``taskfleet server mint-admin-token`` with direct database access, not
+    through the API: it is the way back in when no admin token is left."""
+    tenant_id = (
+        await conn.execute(sa.select(tenants.c.id).where(tenants.c.name == tenant))
+    ).scalar()
+    if tenant_id is None:
+        raise ApiError(404, f"no tenant {tenant!r}")
+    token = "tfa_" + secrets.token_urlsafe(32)
+    token_id = (
+        await conn.execute(
+            api_tokens.insert()
+            .values(
+                tenant_id=tenant_id,
+                name="minted",
+                kind="admin",
+                role="admin",
+                token_hash=token_hash(token),
+                created_at=now,
+                revoked=False,
+            )
+            .returning(api_tokens.c.id)
+        )
+    ).scalar_one()
+    await conn.execute(
+        audit_log.insert().values(
+            tenant_id=tenant_id,
+            at=now,
+            actor=actor,
+            action="token.mint",
+            detail={"id": token_id, "kind": "admin", "role": "admin", "name": "minted"},
+        )
+    )
+    return int(token_id), token
 
 
 # -- enrollment ----------------------------------------------------------------
@@ -287,6 +354,12 @@ async def enroll(
     hostname, version, policy = clean_text(hostname), clean_text(version), clean_json(policy)
     if tickle_port is not None and not 0 < tickle_port < 65536:
         raise ApiError(400, "tickle_port must be 1..65535 (or null: no UDP wake-ups)")
+    try:
+        # SPEC 7: the server refuses work the agent would refuse, so what it
+        # stores of the agent's policy must be exactly what the agent meant.
+        policy = validate_agent_policy(policy)
+    except ValueError as exc:
+        raise ApiError(400, f"invalid policy: {exc}") from None
     if row.uses_left is not None:
         await conn.execute(
             api_tokens.update().where(api_tokens.c.id == row.id).values(uses_left=row.uses_left - 1)
@@ -312,12 +385,13 @@ async def enroll(
         "in_acked": 0,
         "out_seq": 0,
         "out_acked": 0,
+        "removed_at": None,  # enrolling a removed machine again brings it back
     }
     canceled = 0
     if existing is not None:
         # SPEC 9: a rebuilt machine must never run stale work.
         computer_id, generation = existing.id, existing.generation + 1
-        canceled = await _cancel_open_work(conn, tenant_id, computer_id, now)
+        canceled = len(await _cancel_open_work(conn, tenant_id, computer_id, now))
         await conn.execute(outbox.delete().where(outbox.c.computer_id == computer_id))
         await conn.execute(
             computers.update()
@@ -375,8 +449,15 @@ async def enroll(
 
 
 async def _cancel_open_work(
-    conn: AsyncConnection, tenant_id: int, computer_id: int, now: float
-) -> int:
+    conn: AsyncConnection,
+    tenant_id: int,
+    computer_id: int,
+    now: float,
+    *,
+    cause: Cause = Cause.REENROLLED,
+    actor: str = "server",
+    reason: str = "re-enrolled",
+) -> list[int]:
     rows = (
         await conn.execute(
             sa.select(activities.c.id, activities.c.state).where(
@@ -396,17 +477,74 @@ async def _cancel_open_work(
                 ActivityKind.CLIENT,
                 State(r.state),
                 State.CANCELED,
-                cause=Cause.REENROLLED,
-                actor="server",
+                cause=cause,
+                actor=actor,
                 at=now,
-                reason="re-enrolled",
+                reason=reason,
             ),
             {"finished_at": now},
         )
         for r in rows
     ]
     await apply_changes(conn, changes)
-    return len(changes)
+    return [r.id for r in rows]
+
+
+# -- removal ---------------------------------------------------------------------
+
+
+@dataclass
+class Removed:
+    computer_id: int
+    hostname: str
+    removed_at: float
+    canceled: list[int]
+
+
+async def remove_computer(
+    conn: AsyncConnection, p: Principal, computer_id: int, now: float
+) -> Removed:
+    """Take a computer off the fleet; its row, activities and events stay readable.
+
+    Its open activities are Canceled (with the reason), its queued messages,
+    group memberships and tags go; the caller drops it from the in-memory fleet
+    after the commit, so its credentials stop working at once."""
+    row = (
+        await conn.execute(
+            sa.select(computers.c.hostname, computers.c.removed_at).where(
+                computers.c.id == computer_id, computers.c.tenant_id == p.tenant_id
+            )
+        )
+    ).first()
+    if row is None:
+        raise ApiError(404, f"no computer {computer_id}")
+    if row.removed_at is not None:
+        raise ApiError(409, f"computer {computer_id} was already removed")
+    canceled = await _cancel_open_work(
+        conn,
+        p.tenant_id,
+        computer_id,
+        now,
+        cause=Cause.ADMIN,
+        actor=p.actor,
+        reason=f"computer {computer_id} ({row.hostname}) was removed from the fleet",
+    )
+    await conn.execute(outbox.delete().where(outbox.c.computer_id == computer_id))
+    await conn.execute(group_members.delete().where(group_members.c.computer_id == computer_id))
+    await conn.execute(computer_tags.delete().where(computer_tags.c.computer_id == computer_id))
+    await conn.execute(
+        computers.update().where(computers.c.id == computer_id).values(removed_at=now)
+    )
+    await audit(
+        conn,
+        p,
+        "computer.remove",
+        now,
+        computer_id=computer_id,
+        hostname=row.hostname,
+        canceled=len(canceled),
+    )
+    return Removed(computer_id, row.hostname, now, canceled)
 
 
 # -- groups and tags -----------------------------------------------------------
@@ -426,18 +564,20 @@ async def _group_id(conn: AsyncConnection, tenant_id: int, name: str) -> int:
 async def _check_computers(conn: AsyncConnection, tenant_id: int, ids: list[int]) -> None:
     if not ids:
         raise ApiError(400, "no computer ids given")
-    found = set(
-        (
-            await conn.execute(
-                sa.select(computers.c.id).where(
-                    computers.c.tenant_id == tenant_id, computers.c.id.in_(ids)
-                )
+    rows = (
+        await conn.execute(
+            sa.select(computers.c.id, computers.c.removed_at).where(
+                computers.c.tenant_id == tenant_id, computers.c.id.in_(ids)
             )
-        ).scalars()
-    )
+        )
+    ).all()
+    found = {r.id for r in rows}
     missing = [i for i in ids if i not in found]
     if missing:
         raise ApiError(404, f"unknown computer(s): {', '.join(map(str, missing))}")
+    removed = sorted(r.id for r in rows if r.removed_at is not None)
+    if removed:
+        raise ApiError(404, f"removed computer(s): {', '.join(map(str, removed))}")
 
 
 async def create_group(
@@ -542,7 +682,7 @@ async def set_tag(
 async def resolve_target(conn: AsyncConnection, tenant_id: int, target: Target) -> list[int]:
     c = computers.c
     if target.kind is TargetKind.ALL:
-        q = sa.select(c.id).where(c.tenant_id == tenant_id)
+        q = sa.select(c.id).where(c.tenant_id == tenant_id, c.removed_at.is_(None))
     elif target.kind is TargetKind.GROUP:
         gid = await _group_id(conn, tenant_id, target.name)
         q = sa.select(group_members.c.computer_id).where(group_members.c.group_id == gid)
@@ -639,10 +779,12 @@ async def rerun_failed(conn: AsyncConnection, p: Principal, now: float, request_
         int(i)
         for i in (
             await conn.execute(
-                sa.select(activities.c.computer_id).where(
+                sa.select(activities.c.computer_id)
+                .join(computers, computers.c.id == activities.c.computer_id)
+                .where(
                     activities.c.request_id == request_id,
                     activities.c.state == State.FAILED.value,
-                    activities.c.computer_id.is_not(None),
+                    computers.c.removed_at.is_(None),  # a removed computer gets no new work
                 )
             )
         ).scalars()
@@ -1101,7 +1243,11 @@ async def get_activity(conn: AsyncConnection, p: Principal, activity_id: int) ->
     return out
 
 
-async def list_computers(conn: AsyncConnection, p: Principal) -> list[dict[str, Any]]:
+async def list_computers(
+    conn: AsyncConnection, p: Principal, *, only: int | None = None
+) -> list[dict[str, Any]]:
+    """The tenant's computers; removed ones only when asked for by id (``only``)."""
+    where = [computers.c.removed_at.is_(None)] if only is None else [computers.c.id == only]
     rows = (
         await conn.execute(
             sa.select(
@@ -1114,8 +1260,9 @@ async def list_computers(conn: AsyncConnection, p: Principal) -> list[dict[str, 
                 computers.c.agent_version,
                 computers.c.generation,
                 computers.c.policy,
+                computers.c.removed_at,
             )
-            .where(computers.c.tenant_id == p.tenant_id)
+            .where(computers.c.tenant_id == p.tenant_id, *where)
             .order_by(computers.c.id)
         )
     ).all()
@@ -1138,7 +1285,7 @@ async def list_computers(conn: AsyncConnection, p: Principal) -> list[dict[str, 
 
 
 async def get_computer(conn: AsyncConnection, p: Principal, computer_id: int) -> dict[str, Any]:
-    for c in await list_computers(conn, p):
+    for c in await list_computers(conn, p, only=computer_id):
         if c["id"] == computer_id:
             c["activities"] = await list_activities(
                 conn, p, request_id=None, computer_id=computer_id, state=None, limit=20

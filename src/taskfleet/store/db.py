@@ -5,11 +5,17 @@ Contract: ``database_url`` accepts what an administrator types
 driver URL; ``create_engine`` applies the settings each engine needs for
 durability (SQLite: WAL, synchronous=FULL, foreign keys, a busy timeout);
 ``upgrade`` brings a database to the newest Alembic revision.
+``secure_data_dir`` and ``prepare_sqlite`` keep the server's secrets private:
+the data folder is created 0700 and the SQLite file (it holds the signing seed
+and the tickle master key) 0600 whatever the umask; a file others can read
+raises :class:`InsecureFileError` and the server refuses to start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,62 @@ def database_url(raw: str) -> str:
 
 def is_sqlite(url: str) -> bool:
     return database_url(url).startswith("sqlite")
+
+
+class InsecureFileError(RuntimeError):
+    """A file holding the server's keys can be read by other users."""
+
+
+def _make_private_dir(path: Path) -> None:
+    if not path.exists():
+        path.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)  # mkdir's mode is narrowed by the umask, never widened: be exact
+
+
+def secure_data_dir(path: Path) -> None:
+    """Create the data folder 0700 (it holds the admin token); an existing one is left alone."""
+    _make_private_dir(path)
+
+
+def sqlite_path(raw_url: str) -> Path | None:
+    url = database_url(raw_url)
+    if not url.startswith("sqlite"):
+        return None
+    return Path(url.split(":///", 1)[1])
+
+
+def prepare_sqlite(raw_url: str) -> None:
+    """Create the SQLite file 0600 before SQLite does; refuse one others can read.
+
+    SQLite gives the -wal and -shm files the mode of the database file, so a
+    0600 database keeps them 0600 too, whatever the umask. PostgreSQL: nothing to do.
+    """
+    path = sqlite_path(raw_url)
+    if path is None or path.name == ":memory:":
+        return
+    _make_private_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        os.fchmod(fd, 0o600)
+        os.close(fd)
+    exposed: list[tuple[Path, int]] = []
+    for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            mode = stat.S_IMODE(f.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            exposed.append((f, mode))
+    if exposed:
+        raise InsecureFileError(
+            "the database holds the server's signing key and tickle master key, but other "
+            "users can access "
+            + ", ".join(f"{f} (mode {mode:04o})" for f, mode in exposed)
+            + f": run `chmod 600 {' '.join(str(f) for f, _ in exposed)}` and start again"
+        )
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -65,7 +127,7 @@ def create_engine(
     if url.startswith("sqlite"):
         if url.rstrip("/").endswith(":memory:"):
             raise ValueError("an in-memory SQLite database is not durable; give a file path")
-        Path(url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+        _make_private_dir(Path(url.split(":///", 1)[1]).parent)
         if not writer:
             engine = create_async_engine(url, pool_size=8, max_overflow=8, **kwargs)
             sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)

@@ -72,6 +72,9 @@ computers = sa.Table(
     sa.Column("in_acked", sa.BigInteger, nullable=False, default=0),  # agent seq applied
     sa.Column("out_seq", sa.BigInteger, nullable=False, default=0),  # last server seq used
     sa.Column("out_acked", sa.BigInteger, nullable=False, default=0),  # server seq agent stored
+    # Set when an administrator removed it: the row stays so that its history
+    # (activities, events) still reads; enrolling the machine again clears it.
+    sa.Column("removed_at", sa.Float, nullable=True),
     sa.UniqueConstraint("tenant_id", "machine_id"),
 )
 
