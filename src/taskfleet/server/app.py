@@ -324,12 +324,14 @@ class _App(FastAPI):
 
 
 class _JsonRequest(Request):
-    """A request whose JSON body orjson parses: standard JSON only, so NaN, Infinity
-    and numbers beyond a double are refused (400), as are bodies that are not UTF-8."""
+    """A request whose JSON body is parsed like an exchange's (``loads_body``): standard
+    JSON only, so NaN, Infinity and numbers beyond a double are refused (400), as are
+    bodies that are not UTF-8; a lone surrogate escape (an agent's stdlib encoder can
+    write one in a hostname) is taken, and cleaned where the text is stored."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = orjson.loads(await self.body())
+            self._json = loads_body(await self.body())
         return self._json
 
 
