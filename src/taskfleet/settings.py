@@ -24,3 +24,8 @@ EXCHANGE_HTTP_TIMEOUT = 30.0  # seconds an agent waits for an ordinary exchange
 
 WRITE_BATCH_MAX = 2000  # exchanges applied in one database transaction
 LAST_SEEN_FLUSH = 30.0  # seconds between writes of computers' last-seen times
+
+# Server tasks canceled while running (issue 9).
+EARLY_CANCEL_MEMORY = 60.0  # seconds a worker remembers a cancel for a task it has not
+# claimed yet: the cancel message can overtake the end of the worker's own claim; the
+# database (read at every heartbeat) is the record after that

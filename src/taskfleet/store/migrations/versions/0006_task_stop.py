@@ -1,0 +1,25 @@
+"""server tasks canceled while running hold their slot until the worker stops them
+
+Revision ID: 0006
+Revises: 0005
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("server_tasks") as batch:
+        batch.add_column(sa.Column("stop_requested_at", sa.Float(), nullable=True))
+        batch.add_column(sa.Column("stopped_at", sa.Float(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("server_tasks") as batch:
+        batch.drop_column("stopped_at")
+        batch.drop_column("stop_requested_at")
