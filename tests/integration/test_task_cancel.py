@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.conftest import wait_until
@@ -109,6 +110,21 @@ def confirmed(server, tid, timeout=30):
     )
 
 
+def held_while_alive(server, pgid, waiting, timeout=30.0):
+    """Poll until process group ``pgid`` is gone, checking that task ``waiting`` never
+    went In Progress meanwhile; True if the group was seen alive at least once."""
+    deadline = time.monotonic() + timeout
+    seen = False
+    while True:
+        state = task(server, waiting)["state"]  # read before looking at the group
+        if not group_alive(pgid):
+            return seen
+        assert state == "queued", "the next task started while the canceled one still ran"
+        seen = True
+        assert time.monotonic() < deadline, f"process group {pgid} outlived the cancel"
+        time.sleep(0.05)
+
+
 def cli(server, *args):
     env = {**os.environ, "TASKFLEET_SERVER": server.url, "TASKFLEET_TOKEN": server.admin_token}
     out = subprocess.run(
@@ -143,21 +159,12 @@ def test_cancel_kills_the_process_group_and_the_next_task_waits_until_it_is_gone
         assert t["state"] == "canceled" and t["stop_requested_at"] is not None
 
         # While the first task's processes live, the second must not run (limit 1).
-        seen_alive_while_held = False
-        while True:
-            state2 = task(srv, second)["state"]  # read before looking at the group
-            if not group_alive(pg1):
-                break
-            assert state2 == "queued", "the next task started while the canceled one still ran"
-            seen_alive_while_held = True
-            show = cli(srv, "task", "show", str(first))
-            assert "held" in show or not group_alive(pg1)
-        assert seen_alive_while_held  # the window was observed, not skipped
-        with contextlib.suppress(ProcessLookupError):
+        assert "held" in cli(srv, "task", "show", str(first)) or not group_alive(pg1)
+        assert held_while_alive(srv, pg1, second)  # the window was observed, not skipped
+        t1 = confirmed(srv, first)
+        with contextlib.suppress(ProcessLookupError):  # gone, and reaped by its worker
             os.kill(pg1, 0)
             raise AssertionError(f"process {pg1} outlived the cancel")
-
-        t1 = confirmed(srv, first)
         pg2 = wait_until(lambda: read_pid(p2), 20, "the second task to start")
         t2 = task(srv, second)
         assert t2["state"] == "in_progress"
@@ -179,8 +186,11 @@ def test_cancel_kills_the_process_group_and_the_next_task_waits_until_it_is_gone
         confirmed(srv, second)
         assert not group_alive(pg2)
     finally:
-        kill_group(pg1)
-        kill_group(pg2)
+        # The commands run in their own sessions: stopping the server leaves them. The
+        # server goes first, so that it starts nothing after the pidfiles are read.
+        srv.proc.stop()
+        kill_group(pg1 or read_pid(p1))
+        kill_group(pg2 or read_pid(p2))
 
 
 def test_cancel_cancels_an_async_callable_before_the_next_one_starts(start_server, tmp_path):
@@ -244,3 +254,41 @@ def test_a_threaded_callable_cannot_be_stopped_and_keeps_its_slot_until_it_retur
     finally:
         (a / "gate").touch()
         (b / "gate").touch()
+
+
+async def test_a_lost_cancel_message_still_reaches_the_worker_at_its_heartbeat(
+    database_url, tmp_path, monkeypatch
+):
+    """The dispatch port's message is a prompt; the database is the record: with the
+    message lost, the worker learns of the cancel when it next heartbeats."""
+    from taskfleet.dispatch.embedded import EmbeddedQueue
+    from tests.inproc import eventually, inproc_server
+
+    async def lost(self, task_ids):
+        return None
+
+    monkeypatch.setattr(EmbeddedQueue, "cancel", lost)
+    types = tmp_path / "types.toml"
+    types.write_text(CALLABLES)
+    a = tmp_path / "a"
+    a.mkdir()
+    async with inproc_server(
+        database_url, tmp_path / "server", workers=1, worker_heartbeat=0.2, task_types=types
+    ) as h:
+        tid = (await h.ok("POST", "/tasks", {"type": "async-wait", "params": {"dir": str(a)}}))[
+            "task"
+        ]["id"]
+        await eventually(lambda: _exists(a / "started"), what="the coroutine to start")
+        assert (await h.ok("POST", f"/tasks/{tid}/cancel", {}))["stopping"] is True
+
+        async def stopped():
+            t = await h.ok("GET", f"/tasks/{tid}")
+            return t["stopped_at"] is not None and t
+
+        t = await eventually(stopped, what="the stop, learnt at a heartbeat")
+        assert (a / "ended").read_text() == "cancelled"
+        assert t["state"] == "canceled" and "stopped before completion" in t["reason"]
+
+
+async def _exists(path: Path) -> bool:
+    return path.exists()

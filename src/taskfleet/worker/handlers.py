@@ -595,7 +595,7 @@ class HandlerResult:
     ok: bool  # the task Succeeded
     return_code: int | None  # None: no exit code (could not start, killed, exception)
     output: str  # stdout then stderr, or a callable's output / traceback; capped
-    error: str | None  # why it failed, one line; None when ok
+    error: str | None  # why it failed (or how a stop ended), one line; None when ok
     timed_out: bool  # stopped at the type's time limit
     argv: list[str] | None  # the command line run (commands only), for the worker's log
     started_at: float  # wall clock, seconds
