@@ -456,3 +456,50 @@ def test_a_held_canceled_task_of_a_worker_killed_9_is_freed_by_the_reaper(
 def _history(srv, tid):
     with srv.api() as api:
         return api.get(f"/activities/{tid}").json()["history"]
+
+
+def test_a_held_canceled_task_still_holds_its_slot_after_a_server_restart(
+    start_server, amqp_url, tmp_path, database_url
+):
+    """The hold is in the database: a restarted server counts the canceled task (its
+    remote worker's thread still runs) as running until the worker reports it ended."""
+    from tests.integration.test_task_cancel import CALLABLES, confirmed
+
+    types = tmp_path / "types.toml"
+    types.write_text(CALLABLES)
+    srv = start_server("--task-types", str(types), "--queue", amqp_url)
+    w = spawn(
+        [
+            sys.executable, "-m", "taskfleet", "worker", "--queue", amqp_url,
+            "--database", database_url, "--task-types", str(types),
+        ],
+        tmp_path / "worker.log",
+    )  # fmt: skip
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        wait_until(lambda: "consuming" in w.text() or not w.alive(), 30, "worker")
+        first = submit(srv, "sync-wait", params={"dir": str(a)})["task"]["id"]
+        wait_until(lambda: (a / "started").exists(), 20, "the thread to start")
+        second = submit(srv, "sync-wait", params={"dir": str(b)})["task"]["id"]
+        with srv.api() as api:
+            assert api.post(f"/tasks/{first}/cancel", json={}).json()["stopping"] is True
+        wait_until(
+            lambda: "cannot be interrupted" in task(srv, first)["reason"], 20, "the held note"
+        )
+        srv.proc.kill9()
+        srv.restart()
+        assert srv.proc.text().count("scheduler ready") == 2  # started, then restarted
+        assert re.search(r"scheduler ready: 1 pending, 1 running", srv.proc.text())
+        t2 = task(srv, second)
+        assert t2["state"] == "queued" and "limit" in t2["waiting_for"], t2
+        (a / "gate").touch()  # the thread returns; the worker's report frees the slot
+        t1 = confirmed(srv, first)
+        assert t1["state"] == "canceled" and "finished on its own" in t1["reason"]
+        wait_until(lambda: (b / "started").exists(), 30, "the next task to start")
+        assert task(srv, second)["delivered_at"] >= t1["stopped_at"]
+    finally:
+        (a / "gate").touch()
+        (b / "gate").touch()
+        w.stop()
