@@ -357,17 +357,23 @@ class TaskManager(TaskHolds):
                 task_id,
                 res.worker,
             )
-            try:
-                await self.queue.cancel([task_id])
-            except Exception as exc:
-                # The database holds the request: the worker reads it at its next heartbeat.
-                log.warning(
-                    "task[%d]: the cancel message was not sent (%r); the worker learns it "
-                    "at its next heartbeat",
-                    task_id,
-                    exc,
-                )
+            # In the background: a broker that is away must not hold up the answer.
+            sending = asyncio.get_running_loop().create_task(self._send_cancel(task_id))
+            self._settling.add(sending)
+            sending.add_done_callback(self._settling.discard)
         return await self.get(p, task_id)
+
+    async def _send_cancel(self, task_id: int) -> None:
+        try:
+            await self.queue.cancel([task_id])
+        except Exception as exc:
+            # The database holds the request: the worker reads it at its next heartbeat.
+            log.warning(
+                "task[%d]: the cancel message was not sent (%r); the worker learns it "
+                "at its next heartbeat",
+                task_id,
+                exc,
+            )
 
     async def get(self, p: Principal, task_id: int) -> dict[str, Any]:
         async with self.read.connect() as conn:

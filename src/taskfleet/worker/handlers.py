@@ -570,17 +570,34 @@ def _describe(exc: BaseException) -> str:
 
 @dataclass(eq=False)
 class StopRequest:
-    """Asks ``run_handler`` to stop the handler it runs (its task was canceled)."""
+    """Asks ``run_handler`` to stop the handler it runs (its task was canceled).
 
-    requested: asyncio.Event = field(default_factory=asyncio.Event)
+    Plain futures rather than an ``asyncio.Event``: waiting on one costs no task, and
+    a worker makes one of these for every task it runs."""
+
     # Called once, at the stop, when the handler cannot be interrupted: why.
     on_held: Callable[[str], None] | None = None
+    _set: bool = False
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def set(self) -> None:
-        self.requested.set()
+        self._set = True
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
 
     def is_set(self) -> bool:
-        return self.requested.is_set()
+        return self._set
+
+    def future(self) -> asyncio.Future[None]:
+        """Done once the stop is asked for; cancel it to stop waiting."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._set:
+            fut.set_result(None)
+        else:
+            self._waiters.append(fut)
+        return fut
 
     def held(self, why: str) -> None:
         if self.on_held is not None:
@@ -635,7 +652,7 @@ async def _first(main: asyncio.Future[Any], stop: StopRequest | None) -> bool:
     if stop is None:
         await asyncio.wait({main})
         return False
-    halt = asyncio.ensure_future(stop.requested.wait())
+    halt = stop.future()
     try:
         await asyncio.wait({main, halt}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -833,10 +850,11 @@ async def _run_callable(
 
     call = _Call(fn, dict(params), dict(context))
     task = asyncio.create_task(call.run(), name=f"{spec.name}[{context.get('task_id')}]")
-    halt = asyncio.ensure_future(stop.requested.wait()) if stop is not None else None
+    halt = stop.future() if stop is not None else None
+    waits: set[asyncio.Future[Any]] = {task} if halt is None else {task, halt}
     try:
         done, _ = await asyncio.wait(
-            {task} if halt is None else {task, halt},
+            waits,
             timeout=spec.time_limit,
             return_when=asyncio.FIRST_COMPLETED,
         )

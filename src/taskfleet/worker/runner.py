@@ -388,8 +388,8 @@ class Worker:
         if not self._slots.locked():
             await self._slots.acquire()  # free now: no wait, so no race with the stop
             return True
-        acquire = asyncio.ensure_future(self._slots.acquire())
-        halt = asyncio.ensure_future(stop.requested.wait())
+        acquire: asyncio.Future[Any] = asyncio.ensure_future(self._slots.acquire())
+        halt: asyncio.Future[Any] = stop.future()
         try:
             await asyncio.wait({acquire, halt}, return_when=asyncio.FIRST_COMPLETED)
         finally:
