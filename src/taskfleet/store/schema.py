@@ -247,6 +247,8 @@ server_tasks = sa.Table(
     sa.Column("stopped_at", sa.Float, nullable=True),
     sa.Index(None, "dedupe_key"),
     sa.Index(None, "claimed_by"),
+    # Few rows have it set: the reaper and restarts find held tasks without a scan.
+    sa.Index(None, "stop_requested_at"),
 )
 
 workers = sa.Table(

@@ -428,13 +428,18 @@ async def note_stop(
     return True
 
 
-async def stops_for(conn: AsyncConnection, worker_id: str) -> list[int]:
-    """Held tasks of ``worker_id``: canceled, not yet confirmed stopped."""
+async def stops_for(conn: AsyncConnection, worker_id: str, ids: list[int]) -> list[int]:
+    """Which of ``ids`` (the tasks ``worker_id`` runs) are held: canceled, not yet
+    confirmed stopped."""
+    if not ids:
+        return []
     return list(
         (
             await conn.execute(
                 sa.select(server_tasks.c.activity_id).where(
-                    server_tasks.c.claimed_by == worker_id, _held()
+                    server_tasks.c.activity_id.in_(ids),
+                    server_tasks.c.claimed_by == worker_id,
+                    _held(),
                 )
             )
         ).scalars()

@@ -303,7 +303,7 @@ class Worker:
                 now=time.time(),
             )
             # The record of cancels: a cancel message lost on the way costs a heartbeat.
-            return await store.stops_for(c, self.id) if running else []
+            return await store.stops_for(c, self.id, running)
 
         to_stop = await self.run_tx(beat)
         self.cancel_requested([t for t in to_stop if t in self._stops])

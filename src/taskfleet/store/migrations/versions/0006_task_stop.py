@@ -17,9 +17,13 @@ def upgrade() -> None:
     with op.batch_alter_table("server_tasks") as batch:
         batch.add_column(sa.Column("stop_requested_at", sa.Float(), nullable=True))
         batch.add_column(sa.Column("stopped_at", sa.Float(), nullable=True))
+        batch.create_index(
+            batch.f("ix_server_tasks_stop_requested_at"), ["stop_requested_at"], unique=False
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("server_tasks") as batch:
+        batch.drop_index(batch.f("ix_server_tasks_stop_requested_at"))
         batch.drop_column("stopped_at")
         batch.drop_column("stop_requested_at")
