@@ -60,3 +60,7 @@ TAG_VALUE_MAX = 256
 # seconds, and a longer outage should reach the administrator as an error.
 CLI_WAIT_RETRY = 120.0
 CLI_RETRY_MAX_DELAY = 5.0  # seconds between two attempts at most (from 0.25 s, doubling)
+# Server tasks canceled while running (issue 9).
+EARLY_CANCEL_MEMORY = 60.0  # seconds a worker remembers a cancel for a task it has not
+# claimed yet: the cancel message can overtake the end of the worker's own claim; the
+# database (read at every heartbeat) is the record after that

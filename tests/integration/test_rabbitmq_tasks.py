@@ -42,6 +42,7 @@ def amqp_url():
         async with conn:
             channel = await conn.channel()
             await channel.queue_delete(name)
+            await channel.exchange_delete(f"{name}.control")  # the cancel fanout
 
     with contextlib.suppress(Exception):
         asyncio.run(drop())
@@ -337,3 +338,168 @@ def test_dispatch_packs_ids_and_a_multi_id_message_redelivered_after_a_kill_runs
         victim.stop()
         if survivor is not None:
             survivor.stop()
+
+
+def test_cancel_reaches_a_remote_worker_which_kills_the_process_group_before_the_next_starts(
+    start_server, amqp_url, tmp_path, database_url
+):
+    """Issue 9 on RabbitMQ: the cancel travels over the control exchange (the worker's
+    heartbeat, its other way to learn of it, is 60 s apart), the worker kills the
+    process group, and the next task of the concurrency-1 type starts only after that."""
+    from tests.integration.test_task_cancel import (
+        STUBBORN,
+        confirmed,
+        group_alive,
+        held_while_alive,
+        kill_group,
+        read_pid,
+    )
+
+    types = tmp_path / "types.toml"
+    types.write_text(STUBBORN)
+    srv = start_server("--task-types", str(types), "--queue", amqp_url)
+    w = spawn(
+        [
+            sys.executable, "-m", "taskfleet", "worker", "--queue", amqp_url,
+            "--database", database_url, "--task-types", str(types),
+            "--heartbeat-interval", "60",
+        ],
+        tmp_path / "worker.log",
+    )  # fmt: skip
+    p1, p2 = tmp_path / "first.pid", tmp_path / "second.pid"
+    pg1 = pg2 = None
+    try:
+        wait_until(lambda: "consuming" in w.text() or not w.alive(), 30, "worker")
+        first = submit(srv, "stubborn", params={"pidfile": str(p1)})["task"]["id"]
+        pg1 = wait_until(lambda: read_pid(p1), 20, "the first task's process")
+        second = submit(srv, "stubborn", params={"pidfile": str(p2)})["task"]["id"]
+        with srv.api() as api:
+            r = api.post(f"/tasks/{first}/cancel", json={})
+        assert r.status_code == 200 and r.json()["state"] == "canceled", r.text
+        assert r.json()["stopping"] is True
+        assert held_while_alive(srv, pg1, second)  # the ~2 s of kill grace was observed
+        t1 = confirmed(srv, first)
+        assert t1["stopped_at"] - t1["stop_requested_at"] < 30  # not the 60 s heartbeat
+        assert f"task[{first}] cancel received: stopping its handler" in w.text()
+        assert t1["state"] == "canceled" and "stopped before completion" in t1["reason"]
+        assert "process group killed" in t1["result_line"]
+        pg2 = wait_until(lambda: read_pid(p2), 30, "the second task to start")
+        assert task(srv, second)["delivered_at"] >= t1["stopped_at"]
+        with srv.api() as api:
+            api.post(f"/tasks/{second}/cancel", json={})
+        confirmed(srv, second)
+        assert not group_alive(pg2)
+    finally:
+        w.stop()
+        kill_group(pg1 or read_pid(p1))
+        kill_group(pg2 or read_pid(p2))
+
+
+def test_a_held_canceled_task_of_a_worker_killed_9_is_freed_by_the_reaper(
+    start_server, amqp_url, tmp_path, database_url
+):
+    """A threaded handler cannot be stopped, so its canceled task holds its slot; when
+    its worker dies (kill -9) the heartbeat is lost and the reaper frees the slot: the
+    next task of the concurrency-1 type then runs, on another worker."""
+    from tests.integration.test_task_cancel import CALLABLES, confirmed
+
+    types = tmp_path / "types.toml"
+    types.write_text(CALLABLES)
+    srv = start_server("--task-types", str(types), "--queue", amqp_url, "--heartbeat-timeout", "3")
+
+    def worker(log: str):
+        proc = spawn(
+            [
+                sys.executable, "-m", "taskfleet", "worker", "--queue", amqp_url,
+                "--database", database_url, "--task-types", str(types),
+                "--heartbeat-interval", "0.5",
+            ],
+            tmp_path / log,
+        )  # fmt: skip
+        wait_until(lambda: "consuming" in proc.text() or not proc.alive(), 30, "worker")
+        assert proc.alive(), proc.text()
+        return proc
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    victim = worker("victim.log")
+    survivor = None
+    try:
+        first = submit(srv, "sync-wait", params={"dir": str(a)})["task"]["id"]
+        wait_until(lambda: (a / "started").exists(), 20, "the thread to start")
+        second = submit(srv, "sync-wait", params={"dir": str(b)})["task"]["id"]
+        with srv.api() as api:
+            assert api.post(f"/tasks/{first}/cancel", json={}).json()["state"] == "canceled"
+        wait_until(
+            lambda: "cannot be interrupted" in task(srv, first)["reason"], 20, "the held note"
+        )
+        victim.kill9()
+        survivor = worker("survivor.log")
+        t1 = confirmed(srv, first)
+        assert t1["state"] == "canceled" and not t1["stopping"]
+        assert t1["reason"] == (
+            "canceled; worker heartbeat lost before it confirmed the stop: slot freed"
+        )
+        wait_until(lambda: (b / "started").exists(), 30, "the next task to start")
+        t2 = task(srv, second)
+        assert t2["delivered_at"] >= t1["stopped_at"] and t2["claimed_by"] != t1["claimed_by"]
+        assert "worker heartbeat lost" in [h["reason"] for h in _history(srv, first)][-1]
+    finally:
+        (a / "gate").touch()
+        (b / "gate").touch()
+        victim.stop()
+        if survivor is not None:
+            survivor.stop()
+
+
+def _history(srv, tid):
+    with srv.api() as api:
+        return api.get(f"/activities/{tid}").json()["history"]
+
+
+def test_a_held_canceled_task_still_holds_its_slot_after_a_server_restart(
+    start_server, amqp_url, tmp_path, database_url
+):
+    """The hold is in the database: a restarted server counts the canceled task (its
+    remote worker's thread still runs) as running until the worker reports it ended."""
+    from tests.integration.test_task_cancel import CALLABLES, confirmed
+
+    types = tmp_path / "types.toml"
+    types.write_text(CALLABLES)
+    srv = start_server("--task-types", str(types), "--queue", amqp_url)
+    w = spawn(
+        [
+            sys.executable, "-m", "taskfleet", "worker", "--queue", amqp_url,
+            "--database", database_url, "--task-types", str(types),
+        ],
+        tmp_path / "worker.log",
+    )  # fmt: skip
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        wait_until(lambda: "consuming" in w.text() or not w.alive(), 30, "worker")
+        first = submit(srv, "sync-wait", params={"dir": str(a)})["task"]["id"]
+        wait_until(lambda: (a / "started").exists(), 20, "the thread to start")
+        second = submit(srv, "sync-wait", params={"dir": str(b)})["task"]["id"]
+        with srv.api() as api:
+            assert api.post(f"/tasks/{first}/cancel", json={}).json()["stopping"] is True
+        wait_until(
+            lambda: "cannot be interrupted" in task(srv, first)["reason"], 20, "the held note"
+        )
+        srv.proc.kill9()
+        srv.restart()
+        assert srv.proc.text().count("scheduler ready") == 2  # started, then restarted
+        assert re.search(r"scheduler ready: 1 pending, 1 running", srv.proc.text())
+        t2 = task(srv, second)
+        assert t2["state"] == "queued" and "limit" in t2["waiting_for"], t2
+        (a / "gate").touch()  # the thread returns; the worker's report frees the slot
+        t1 = confirmed(srv, first)
+        assert t1["state"] == "canceled" and "finished on its own" in t1["reason"]
+        wait_until(lambda: (b / "started").exists(), 30, "the next task to start")
+        assert task(srv, second)["delivered_at"] >= t1["stopped_at"]
+    finally:
+        (a / "gate").touch()
+        (b / "gate").touch()
+        w.stop()

@@ -16,6 +16,7 @@ import pytest
 from taskfleet.agent.executor import TRUNCATION_MARKER
 from taskfleet.worker.handlers import (
     HandlerResult,
+    StopRequest,
     TaskTypeError,
     TaskTypeSpec,
     load_task_types,
@@ -775,3 +776,89 @@ async def test_cancelling_run_handler_cancels_an_async_callable():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert state["cancelled"] is True
+
+
+# --- stopping a canceled task (issue 9) ----------------------------------------------------
+
+
+async def test_a_stop_request_kills_the_command_s_whole_process_group(tmp_path):
+    pids = tmp_path / "pids"
+    t = command(
+        "sh -c 'sleep 30 & echo $! > {path}; echo $$ >> {path}; wait'",
+        params={"path": "str"},
+        time_limit=60,
+    )
+    stop = StopRequest()
+    task = asyncio.create_task(
+        run_handler(t, {"path": str(pids)}, CTX, kill_grace=GRACE, stop=stop)
+    )
+    while len(pids.read_text().split() if pids.exists() else []) < 2:
+        await asyncio.sleep(0.01)
+    child, leader = (int(p) for p in pids.read_text().split())
+    stop.set()
+    result = await asyncio.wait_for(task, 5)
+    assert result.stopped is True and result.ok is False
+    assert result.error == "stopped by cancel; process group killed"
+    for pid in (child, leader):  # the background child too: the group is gone
+        assert not _running(pid), pid
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for an init that never reaps)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_a_stop_request_cancels_an_async_callable():
+    t = spec(handler=f"{ME}:async_forever", time_limit=60)
+    stop = StopRequest()
+    task = asyncio.create_task(run_handler(t, {}, CTX, kill_grace=GRACE, stop=stop))
+    while "started" not in state:
+        await asyncio.sleep(0.01)
+    stop.set()
+    result = await asyncio.wait_for(task, 5)
+    assert state["cancelled"] is True
+    assert result.stopped is True and result.error == "stopped by cancel; handler cancelled"
+
+
+async def test_an_async_callable_ignoring_the_stop_is_waited_for_not_abandoned():
+    release = asyncio.Event()
+    state["release"] = release
+    t = spec(handler=f"{ME}:async_stubborn", time_limit=60)
+    stop = StopRequest()
+    task = asyncio.create_task(run_handler(t, {}, CTX, kill_grace=0.05, stop=stop))
+    await asyncio.sleep(0)
+    stop.set()
+    while "ignored" not in state:
+        await asyncio.sleep(0.01)
+    done, _ = await asyncio.wait({task}, timeout=0.3)  # well past the kill grace
+    assert not done  # still running: the worker must keep its slot
+    release.set()
+    result = await asyncio.wait_for(task, 5)
+    assert result.stopped is False
+    assert result.error.startswith("cancel requested; the handler ignored it")
+
+
+async def test_a_thread_cannot_be_stopped_says_so_and_is_waited_for_past_its_time_limit():
+    gate = threading.Event()
+    state["gate"] = gate
+    held: list[str] = []
+    t = spec(handler=f"{ME}:sync_blocking", time_limit=0.2)
+    stop = StopRequest(on_held=held.append)
+    task = asyncio.create_task(run_handler(t, {}, CTX, kill_grace=GRACE, stop=stop))
+    while not any(th.name == "taskfleet-handler" for th in threading.enumerate()):
+        await asyncio.sleep(0.01)
+    stop.set()
+    while not held:
+        await asyncio.sleep(0.01)
+    assert held == ["handler cannot be interrupted, slot held until it returns"]
+    done, _ = await asyncio.wait({task}, timeout=0.5)  # past the 0.2 s time limit
+    assert not done  # the thread runs on: run_handler returns only when it does
+    gate.set()
+    result = await asyncio.wait_for(task, 5)
+    assert state["thread_done"] is True
+    assert result.stopped is False and result.ok is True and result.return_code == 0
+    assert "could not be interrupted and returned on its own" in result.error

@@ -74,3 +74,33 @@ def test_batcher_retries_each_group_alone_when_a_mixed_batch_fails() -> None:
 
     bad, good = asyncio.run(main())
     assert isinstance(bad, RuntimeError) and good == "ok"
+
+
+def test_a_task_canceled_while_it_waits_for_a_run_slot_never_takes_one() -> None:
+    from taskfleet.dispatch.embedded import EmbeddedQueue
+    from taskfleet.worker.handlers import StopRequest
+    from taskfleet.worker.runner import Worker
+
+    async def run_tx(fn: Any) -> Any:
+        raise AssertionError("no database here")
+
+    async def main() -> tuple[bool, bool, bool, int]:
+        w = Worker(queue=EmbeddedQueue(), types={}, run_tx=run_tx, pg=False, concurrency=1)
+        await w._slots.acquire()  # another task runs
+        stop = StopRequest()
+        waiting = asyncio.create_task(w._slot_unless_stopped(stop))
+        await asyncio.sleep(0)
+        stop.set()
+        canceled = await waiting
+        # Another one, not canceled, gets the slot when it frees.
+        other = asyncio.create_task(w._slot_unless_stopped(StopRequest()))
+        await asyncio.sleep(0)
+        w._slots.release()
+        got = await other
+        early = StopRequest()
+        early.set()
+        return canceled, got, await w._slot_unless_stopped(early), w._slots._value
+
+    canceled, got, early, free = asyncio.run(main())
+    assert (canceled, got, early) == (False, True, False)
+    assert free == 0  # exactly one slot taken (by the second), none leaked

@@ -1224,6 +1224,11 @@ def task_show(task_id: int, server: str | None, token: str | None, as_json: bool
                 ("result", t["result_line"]),
                 ("return code", t["exit_code"]),
                 ("reason", t["reason"]),
+                *(
+                    [("slot", "held: canceled, its worker has not confirmed the stop yet")]
+                    if t.get("stopping")
+                    else []
+                ),
             ],
         )
         if t.get("stdout"):
@@ -1239,9 +1244,19 @@ def task_show(task_id: int, server: str | None, token: str | None, as_json: bool
 def task_cancel(
     task_id: int, reason: str, server: str | None, token: str | None, as_json: bool
 ) -> None:
-    """Cancel a server task."""
+    """Cancel a server task; a running one is stopped by its worker.
+
+    A task In Progress is Canceled at once and its worker is told to stop it; it
+    keeps its slot (its type's limit) until the worker confirms the stop."""
     t = Api(server, token).post(f"/tasks/{task_id}/cancel", {"reason": reason})
-    emit(t, as_json, lambda d: echo(f"{d['name']}: {state_label(d['state'])}"))
+
+    def human(d: dict[str, Any]) -> None:
+        line = f"{d['name']}: {state_label(d['state'])}"
+        if d.get("stop_requested_at") is not None:
+            line += f" ({d['reason']})"
+        echo(line)
+
+    emit(t, as_json, human)
 
 
 @task.command("types")

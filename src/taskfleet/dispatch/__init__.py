@@ -10,6 +10,14 @@ Contract of every adapter:
   delivery that is never acked comes back (RabbitMQ redelivers it when the
   worker's connection dies); the database claim makes that harmless: a task
   already claimed is dropped, one never claimed runs once.
+* ``cancel(ids)`` tells every worker consuming the queue to stop those tasks
+  if it runs them (a broadcast; the worker that holds one stops it and
+  reports, the others ignore it). It is a prompt, not the record: the
+  database says which tasks are to be stopped, and workers also read that at
+  every heartbeat, so a cancel message lost with a broker link only delays
+  the stop. ``listen_cancels(handler)`` is the worker's side: ``handler`` is
+  called (on the worker's loop) with the ids of every cancel published from
+  then on.
 Adapters: ``embedded`` (in-process asyncio queue, one id per delivery; durable
 through the database: dispatched-but-unclaimed tasks are published again at
 server start) and ``rabbitmq`` (aio-pika).
@@ -17,7 +25,7 @@ server start) and ``rabbitmq`` (aio-pika).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 
@@ -40,6 +48,10 @@ class DispatchQueue(Protocol):
     async def publish(self, task_ids: list[int]) -> None: ...
 
     def deliveries(self, prefetch: int) -> AsyncIterator[Delivery]: ...
+
+    async def cancel(self, task_ids: list[int]) -> None: ...
+
+    async def listen_cancels(self, handler: Callable[[list[int]], None]) -> None: ...
 
     async def close(self) -> None: ...
 

@@ -8,7 +8,7 @@ again, so a crash between the two loses nothing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 
@@ -39,6 +39,7 @@ class EmbeddedQueue:
     def __init__(self) -> None:
         self._q: asyncio.Queue[int] = asyncio.Queue()
         self._inflight = asyncio.Semaphore(1 << 30)
+        self._cancel_handlers: list[Callable[[list[int]], None]] = []
 
     async def connect(self) -> None:
         return None
@@ -53,6 +54,14 @@ class EmbeddedQueue:
             await self._inflight.acquire()
             tid = await self._q.get()
             yield _Delivery(tid, self)
+
+    async def cancel(self, task_ids: list[int]) -> None:
+        # The in-process workers hear it at once; nothing can lose it on the way.
+        for handler in list(self._cancel_handlers):
+            handler(list(task_ids))
+
+    async def listen_cancels(self, handler: Callable[[list[int]], None]) -> None:
+        self._cancel_handlers.append(handler)
 
     async def close(self) -> None:
         return None

@@ -10,6 +10,12 @@ message per task. A worker claims a message's tasks together, so packing can
 make a task wait behind others on one worker while another is idle: at most a
 message's worth, and only when a dispatch was large.
 
+Cancels travel apart from the tasks: a fanout exchange ``QUEUE.control``
+(durable, so a publish never hits a missing exchange) to which every worker
+binds its own exclusive, auto-deleted queue, so each worker hears each cancel
+(ids as above). Cancel messages are transient: a worker that is away misses
+them and learns the stop from the database at its next heartbeat.
+
 A publish that is not confirmed (the connection dropped between publish and
 confirm) raises; the scheduler then un-marks those tasks as dispatched and
 publishes them again later. If the first copy did reach the queue, the second
@@ -22,7 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 QUEUE_NAME = "taskfleet.tasks"
@@ -79,8 +86,10 @@ class RabbitQueue:
         )
         # Never put credentials in logs or the workers table.
         self.name = f"amqp://{u.hostname}:{u.port or 5672}{u.path or '/'} {self.queue_name}"
+        self.control_name = f"{self.queue_name}.control"
         self._conn: Any = None
         self._channel: Any = None
+        self._control: Any = None  # the control exchange, on its own channel
         self._lock = asyncio.Lock()
 
     async def connect(self) -> None:
@@ -123,7 +132,49 @@ class RabbitQueue:
                     continue
                 yield _Delivery(message, ids)
 
+    async def _control_exchange(self, channel: Any) -> Any:
+        import aio_pika
+
+        return await channel.declare_exchange(
+            self.control_name, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+
+    async def cancel(self, task_ids: list[int]) -> None:
+        import aio_pika
+
+        if self._conn is None:
+            await self.connect()
+        if self._control is None:
+            # Its own channel: an error on it must never close the dispatch channel.
+            channel = await self._conn.channel(publisher_confirms=True)
+            self._control = await self._control_exchange(channel)
+        body = ",".join(str(t) for t in task_ids).encode()
+        await asyncio.wait_for(
+            self._control.publish(aio_pika.Message(body), routing_key=""), PUBLISH_TIMEOUT
+        )
+
+    async def listen_cancels(self, handler: Callable[[list[int]], None]) -> None:
+        if self._conn is None:
+            await self.connect()
+        channel = await self._conn.channel()
+        exchange = await self._control_exchange(channel)
+        # Named here, not by the broker: a robust connection re-declares it by name.
+        queue = await channel.declare_queue(
+            f"{self.control_name}.{uuid.uuid4().hex[:12]}", exclusive=True, auto_delete=True
+        )
+        await queue.bind(exchange)
+
+        async def on_message(message: Any) -> None:
+            try:
+                ids = unpack(message.body)
+            except ValueError:
+                log.error("dropped a control message that is not task ids: %r", message.body[:200])
+                return
+            handler(ids)
+
+        await queue.consume(on_message, no_ack=True)
+
     async def close(self) -> None:
         if self._conn is not None:
             await self._conn.close()
-            self._conn = self._channel = None
+            self._conn = self._channel = self._control = None

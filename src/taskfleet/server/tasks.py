@@ -10,6 +10,12 @@ them; a publish that fails un-marks them so they are dispatched again. Its cost
 follows what changed. The reaper fails tasks held by workers whose heartbeats
 stopped, and resubmits them when their type says a retry is safe. In the
 embedded default the workers run in this process, on the in-process queue.
+
+Cancel of a running task (issue 9): it is Canceled at once and the worker is
+told over the dispatch port to stop it, but it keeps counting as running (its
+type's limit and exclusions) until the worker's report says it stopped (or it
+had finished), or the reaper finds its worker gone. The worker's report never
+changes the Canceled state; it is recorded on the task.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import sqlalchemy as sa
 
 from taskfleet.dispatch import DispatchQueue
 from taskfleet.domain.scheduling import Pending, Scheduler, Scope, TaskType, validate_types
-from taskfleet.domain.states import FINAL_STATES, State
+from taskfleet.domain.states import State
 from taskfleet.server.service import ApiError, Principal
 from taskfleet.server.task_holds import TaskHolds, parse_hold
 from taskfleet.server.writer import Writer
@@ -333,7 +339,7 @@ class TaskManager(TaskHolds):
     async def cancel(self, p: Principal, task_id: int, reason: str) -> dict[str, Any]:
         now = self.clock()
 
-        async def fn(conn: Any) -> State:
+        async def fn(conn: Any) -> store.Canceled:
             try:
                 return await store.cancel(conn, p.tenant_id, task_id, p.actor, now, reason)
             except LookupError as exc:
@@ -341,18 +347,39 @@ class TaskManager(TaskHolds):
             except ValueError as exc:  # IllegalTransition
                 raise ApiError(409, str(exc)) from None
 
-        def after(previous: State) -> None:
-            if not self.scheduler.cancel(task_id):
+        def after(res: store.Canceled) -> None:
+            # A running task keeps its slot: the worker's confirmation (or the reaper)
+            # frees it. One dispatched but not claimed never starts: free at once.
+            if res.worker is None and not self.scheduler.cancel(task_id):
                 self.scheduler.finished(task_id)
             self.dependency_finished([task_id])
             self._wake.set()
 
-        previous = await self.writer.run(fn, after=after)
-        if previous is State.IN_PROGRESS:
+        res = await self.writer.run(fn, after=after)
+        if res.worker is not None:
             log.info(
-                "task[%d] canceled while running; its worker's report will be recorded", task_id
+                "task[%d] canceled while running on worker %s: stop requested; "
+                "its slot is held until the worker confirms",
+                task_id,
+                res.worker,
             )
+            # In the background: a broker that is away must not hold up the answer.
+            sending = asyncio.get_running_loop().create_task(self._send_cancel(task_id))
+            self._settling.add(sending)
+            sending.add_done_callback(self._settling.discard)
         return await self.get(p, task_id)
+
+    async def _send_cancel(self, task_id: int) -> None:
+        try:
+            await self.queue.cancel([task_id])
+        except Exception as exc:
+            # The database holds the request: the worker reads it at its next heartbeat.
+            log.warning(
+                "task[%d]: the cancel message was not sent (%r); the worker learns it "
+                "at its next heartbeat",
+                task_id,
+                exc,
+            )
 
     async def get(self, p: Principal, task_id: int) -> dict[str, Any]:
         async with self.read.connect() as conn:
@@ -377,6 +404,8 @@ class TaskManager(TaskHolds):
         if state in (State.QUEUED, State.SCHEDULED) and task["dispatched_at"] is None:
             wait = self.scheduler.why_waiting(task["id"], self.clock())
             task["waiting_for"] = wait.reason if wait else None
+        # Canceled while running and not yet confirmed stopped: still takes its slot.
+        task["stopping"] = task.get("stop_requested_at") is not None and task["stopped_at"] is None
         return task
 
     def finished(self, task_id: int) -> None:
@@ -433,11 +462,10 @@ class TaskManager(TaskHolds):
                 continue
             try:
                 async with self.read.connect() as conn:
-                    states = await store.states_of(conn, running)
+                    done = await store.over(conn, running)
             except Exception as exc:
                 log.warning("could not read task states: %s", exc)
                 continue
-            done = [tid for tid, s in states.items() if s in FINAL_STATES]
             for tid in done:
                 self.scheduler.finished(tid)
             self.dependency_finished(done)
@@ -448,11 +476,20 @@ class TaskManager(TaskHolds):
         while True:
             await asyncio.sleep(self.reap_interval)
             try:
-                reaped = await self.writer.run(self._reap_once)
+                reaped, released = await self.writer.run(self._reap_once)
                 expired = await self.writer.run(self.expire_approvals)
             except Exception:
                 log.exception("worker reaper failed")
                 continue
+            for rel in released:
+                log.warning(
+                    "%s: worker %s is gone before it confirmed the stop; slot freed",
+                    store.label(rel.type, rel.task_id),
+                    rel.worker_id,
+                )
+                self.scheduler.finished(rel.task_id)
+            if released:
+                self._wake.set()
             for tid in expired:
                 log.info("task[%d]: approval expired; Canceled", tid)
             self.dependency_finished(expired)
@@ -473,8 +510,10 @@ class TaskManager(TaskHolds):
         if reaped:
             self._wake.set()
 
-    async def _reap_once(self, conn: Any) -> list[store.Reaped]:
-        return await store.reap_workers(conn, self.heartbeat_timeout, self.clock())
+    async def _reap_once(self, conn: Any) -> tuple[list[store.Reaped], list[store.Released]]:
+        now = self.clock()
+        reaped = await store.reap_workers(conn, self.heartbeat_timeout, now)
+        return reaped, await store.release_lost_stops(conn, now)
 
     async def _retry(self, r: store.Reaped) -> None:
         now = self.clock()

@@ -243,8 +243,15 @@ server_tasks = sa.Table(
     sa.Column("submitted_by", sa.String(64), nullable=False),
     # Blocked/Waiting (issue 5): {"approval": {...}, "after": {"task": ID, "metric": ...}}
     sa.Column("hold", _JSON_OR_NULL, nullable=True),
+    # Canceled while In Progress (issue 9): its type slot stays held from the
+    # cancel (stop_requested_at) until its worker confirms the handler stopped,
+    # or the worker is lost (stopped_at).
+    sa.Column("stop_requested_at", sa.Float, nullable=True),
+    sa.Column("stopped_at", sa.Float, nullable=True),
     sa.Index(None, "dedupe_key"),
     sa.Index(None, "claimed_by"),
+    # Few rows have it set: the reaper and restarts find held tasks without a scan.
+    sa.Index(None, "stop_requested_at"),
 )
 
 workers = sa.Table(

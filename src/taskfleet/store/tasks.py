@@ -4,6 +4,12 @@ Contract: every function runs in the caller's transaction and moves states only
 through ``domain.states.transition`` and ``store.activities.apply_changes``.
 ``claim_many`` is the guard that makes a redelivered task never run twice at
 the same time: only a Queued, unclaimed task can be claimed, by one worker.
+
+A task canceled while In Progress is Canceled at once and *held*
+(``stop_requested_at`` set, ``stopped_at`` not): it still counts against its
+type's limits until its worker's report arrives (``complete_many`` records it
+as what really happened: stopped, or finished on its own; the state stays
+Canceled) or its worker is gone (``release_lost_stops``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from taskfleet.domain.states import (
     Cause,
     IllegalTransition,
     State,
+    Transition,
     creation,
     transition,
 )
@@ -238,8 +245,16 @@ class OpenTask:
     dispatched: bool
 
 
+def _held() -> sa.ColumnElement[bool]:
+    """Canceled while running and its worker has not confirmed the stop yet."""
+    return sa.and_(
+        server_tasks.c.stop_requested_at.is_not(None), server_tasks.c.stopped_at.is_(None)
+    )
+
+
 async def load_open(conn: AsyncConnection) -> list[OpenTask]:
-    """Every task not finished: pending ones and those dispatched or running."""
+    """Every task not finished (pending ones, those dispatched or running), and every
+    canceled task still held by its worker (it counts as running)."""
     rows = await conn.execute(
         sa.select(
             activities.c.id,
@@ -252,7 +267,7 @@ async def load_open(conn: AsyncConnection) -> list[OpenTask]:
         )
         .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
         .where(activities.c.kind == SERVER.value)
-        .where(activities.c.state.notin_([s.value for s in FINAL_STATES]))
+        .where(sa.or_(activities.c.state.notin_([s.value for s in FINAL_STATES]), _held()))
         .order_by(activities.c.id)
     )
     return [
@@ -333,20 +348,30 @@ class Claimed:
     group: str | None
 
 
+@dataclass(frozen=True)
+class Canceled:
+    previous: State
+    worker: str | None  # set: it was running there, and is held until that worker stops it
+
+
 async def cancel(
     conn: AsyncConnection, tenant_id: int, task_id: int, actor: str, now: float, reason: str
-) -> State:
-    row = (
-        await conn.execute(
-            sa.select(activities.c.state).where(
-                activities.c.id == task_id,
-                activities.c.tenant_id == tenant_id,
-                activities.c.kind == SERVER.value,
-            )
+) -> Canceled:
+    q = (
+        sa.select(activities.c.state, server_tasks.c.claimed_by)
+        .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
+        .where(
+            activities.c.id == task_id,
+            activities.c.tenant_id == tenant_id,
+            activities.c.kind == SERVER.value,
         )
-    ).first()
+    )
+    if conn.dialect.name == "postgresql":
+        q = q.with_for_update(of=activities)  # a remote worker's report waits for this
+    row = (await conn.execute(q)).first()
     if row is None:
         raise LookupError(f"no task {task_id}")
+    why = reason or "canceled by administrator"
     t = transition(
         SERVER,
         State(row.state),
@@ -354,10 +379,151 @@ async def cancel(
         cause=Cause.ADMIN,
         actor=actor,
         at=now,
-        reason=reason or "canceled by administrator",
+        reason=why,
     )
-    await apply_changes(conn, [Change(task_id, tenant_id, t, {"finished_at": now})])
-    return State(row.state)
+    running = State(row.state) is State.IN_PROGRESS
+    values: dict[str, Any] = {"finished_at": now}
+    if running:
+        # SPEC 2.1 "stopped before completion": the worker is told to stop it, and
+        # until it says it did, the task keeps its slot (seed 003's limit).
+        values["reason"] = (
+            f"{why}; stop requested from worker {row.claimed_by}: "
+            "its slot stays held until the worker confirms the handler stopped"
+        )
+    await apply_changes(conn, [Change(task_id, tenant_id, t, values)])
+    if running:
+        await conn.execute(
+            server_tasks.update()
+            .where(server_tasks.c.activity_id == task_id)
+            .values(stop_requested_at=now)
+        )
+    return Canceled(State(row.state), row.claimed_by if running else None)
+
+
+def _note(
+    task_id: int, tenant_id: int, cause: Cause, actor: str, now: float, reason: str
+) -> tuple[int, int, Transition]:
+    """A history entry for a Canceled task that records what happened after the cancel
+    (no state change: Canceled is final for a server task)."""
+    return task_id, tenant_id, Transition(State.CANCELED, State.CANCELED, cause, actor, now, reason)
+
+
+async def note_stop(
+    conn: AsyncConnection, task_id: int, worker_id: str, now: float, note: str
+) -> bool:
+    """The worker says a held task's handler goes on (it cannot be interrupted)."""
+    row = (
+        await conn.execute(
+            sa.select(activities.c.tenant_id)
+            .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
+            .where(
+                activities.c.id == task_id,
+                activities.c.state == State.CANCELED.value,
+                server_tasks.c.claimed_by == worker_id,
+                _held(),
+            )
+        )
+    ).first()
+    if row is None:
+        return False
+    await conn.execute(
+        activities.update().where(activities.c.id == task_id).values(reason=note, updated_at=now)
+    )
+    await insert_events(
+        conn, [_note(task_id, row.tenant_id, Cause.AGENT_REPORT, f"worker:{worker_id}", now, note)]
+    )
+    return True
+
+
+async def stops_for(conn: AsyncConnection, worker_id: str, ids: list[int]) -> list[int]:
+    """Which of ``ids`` (the tasks ``worker_id`` runs) are held: canceled, not yet
+    confirmed stopped."""
+    if not ids:
+        return []
+    return list(
+        (
+            await conn.execute(
+                sa.select(server_tasks.c.activity_id).where(
+                    server_tasks.c.activity_id.in_(ids),
+                    server_tasks.c.claimed_by == worker_id,
+                    _held(),
+                )
+            )
+        ).scalars()
+    )
+
+
+@dataclass(frozen=True)
+class Released:
+    task_id: int
+    type: str
+    worker_id: str
+
+
+async def release_lost_stops(conn: AsyncConnection, now: float) -> list[Released]:
+    """Held tasks whose worker is gone (heartbeat lost, or stopped): their handler died
+    with it, so the slot is free. Run after ``reap_workers`` in the same transaction."""
+    rows = (
+        await conn.execute(
+            sa.select(
+                activities.c.id,
+                activities.c.tenant_id,
+                server_tasks.c.type,
+                server_tasks.c.claimed_by,
+                workers.c.status,
+            )
+            .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
+            .join(workers, workers.c.id == server_tasks.c.claimed_by)
+            .where(_held(), workers.c.status.in_(["lost", "stopped"]))
+        )
+    ).all()
+    if not rows:
+        return []
+    notes = []
+    for r in rows:
+        why = (
+            HEARTBEAT_LOST
+            if r.status == "lost"
+            else "the worker stopped (its handlers end with it)"
+        )
+        text = f"canceled; {why} before it confirmed the stop: slot freed"
+        notes.append((r.id, text))
+        await conn.execute(
+            activities.update()
+            .where(activities.c.id == r.id)
+            .values(reason=text, result_line=text, updated_at=now)
+        )
+    await conn.execute(
+        server_tasks.update()
+        .where(server_tasks.c.activity_id.in_([r.id for r in rows]))
+        .values(stopped_at=now)
+    )
+    tenants = {r.id: r.tenant_id for r in rows}
+    await insert_events(
+        conn, [_note(tid, tenants[tid], Cause.TIMEOUT, "reaper", now, text) for tid, text in notes]
+    )
+    return [Released(r.id, r.type, r.claimed_by) for r in rows]
+
+
+async def over(conn: AsyncConnection, ids: list[int]) -> list[int]:
+    """Which of ``ids`` no longer take a slot: final, and not held by a worker."""
+    if not ids:
+        return []
+    states = await states_of(conn, ids)
+    done = [tid for tid, st in states.items() if st in FINAL_STATES]
+    canceled = [tid for tid in done if states[tid] is State.CANCELED]
+    if not canceled:
+        return done
+    held = set(
+        (
+            await conn.execute(
+                sa.select(server_tasks.c.activity_id).where(
+                    server_tasks.c.activity_id.in_(canceled), _held()
+                )
+            )
+        ).scalars()
+    )
+    return [tid for tid in done if tid not in held]
 
 
 async def heartbeat(
@@ -503,6 +669,8 @@ _TASK_COLUMNS = (
     server_tasks.c.retry_of,
     server_tasks.c.command_line,
     server_tasks.c.submitted_by,
+    server_tasks.c.stop_requested_at,
+    server_tasks.c.stopped_at,
 )
 
 
@@ -600,6 +768,58 @@ class Outcome:
     output: str
     result_line: str
     command_line: str | None
+    stopped: bool = False  # the worker stopped the handler because the task was canceled
+
+
+def _stop_text(o: Outcome) -> str:
+    if o.stopped:
+        return f"canceled; stopped before completion by its worker ({o.result_line})"
+    status = "Succeeded" if o.ok else "Failed"
+    code = "" if o.return_code is None else f", return code {o.return_code}"
+    return (
+        f"canceled, but the handler was not stopped: it finished on its own "
+        f"({status}{code}: {o.result_line})"
+    )
+
+
+async def _confirm_stops(
+    conn: AsyncConnection, worker_id: str, now: float, confirmed: list[tuple[Outcome, int]]
+) -> None:
+    """Held tasks whose worker reported: what really happened is recorded (result,
+    output, history); the state stays Canceled and the slot is free."""
+    for o, _ in confirmed:
+        text = _stop_text(o)
+        await conn.execute(
+            activities.update()
+            .where(activities.c.id == o.task_id)
+            .values(
+                reason=text,
+                result_line=o.result_line,
+                exit_code=o.return_code,
+                stdout=o.output,
+                updated_at=now,
+                agent_report={
+                    "worker": worker_id,
+                    "ok": o.ok,
+                    "stopped": o.stopped,
+                    "return_code": o.return_code,
+                    "result_line": o.result_line,
+                    "received_at": now,
+                },
+            )
+        )
+    await conn.execute(
+        server_tasks.update()
+        .where(server_tasks.c.activity_id.in_([o.task_id for o, _ in confirmed]))
+        .values(stopped_at=now)
+    )
+    await insert_events(
+        conn,
+        [
+            _note(o.task_id, tid, Cause.AGENT_REPORT, f"worker:{worker_id}", now, _stop_text(o))
+            for o, tid in confirmed
+        ],
+    )
 
 
 async def complete_many(
@@ -607,7 +827,8 @@ async def complete_many(
 ) -> dict[int, bool]:
     """Record workers' results; True where the state moved, False where the task was
     no longer the worker's to finish (canceled meanwhile, or failed as lost): then the
-    state stays and what happened is recorded on it."""
+    state stays and what happened is recorded on it. A held task (canceled while it
+    ran) is released by its worker's report."""
     ids = [o.task_id for o in outcomes]
     rows = {
         r.id: r
@@ -617,6 +838,7 @@ async def complete_many(
                 activities.c.tenant_id,
                 activities.c.state,
                 server_tasks.c.claimed_by,
+                _held().label("held"),
             )
             .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
             .where(activities.c.id.in_(ids))
@@ -624,9 +846,19 @@ async def complete_many(
     }
     changes: list[Change] = []
     reports: list[dict[str, Any]] = []
+    confirmed: list[tuple[Outcome, int]] = []
     done: dict[int, bool] = {}
     for o in outcomes:
         row = rows.get(o.task_id)
+        if (
+            row is not None
+            and row.claimed_by == worker_id
+            and row.state == State.CANCELED.value
+            and row.held
+        ):
+            confirmed.append((o, row.tenant_id))
+            done[o.task_id] = False
+            continue
         if row is None or row.claimed_by != worker_id or row.state != State.IN_PROGRESS.value:
             reports.append(
                 {
@@ -667,6 +899,8 @@ async def complete_many(
         )
         done[o.task_id] = True
     await apply_changes(conn, changes)
+    if confirmed:
+        await _confirm_stops(conn, worker_id, now, confirmed)
     if reports:
         await conn.execute(
             activities.update()

@@ -22,6 +22,13 @@ Contract:
   belongs in a command handler.
 - ``run_handler`` never raises for a handler's failure; it returns a ``HandlerResult``.
   Cancelling ``run_handler`` itself kills a command's process group / cancels a coroutine.
+- A task canceled while it runs (issue 9) is stopped through a ``StopRequest``: a command's
+  process group is killed (SIGTERM, SIGKILL after ``kill_grace``) and its end awaited; a
+  coroutine is cancelled and awaited until it has really ended (one that ignores the
+  cancellation keeps running, and ``run_handler`` waits for it); a plain function in a
+  thread cannot be interrupted: ``on_held`` is told so at once, and ``run_handler``
+  returns only when the function does, whatever the time limit. ``HandlerResult.stopped``
+  says whether the stop ended the handler (False: it had finished on its own).
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ __all__ = [
     "PARAM_TYPES",
     "SCOPES",
     "HandlerResult",
+    "StopRequest",
     "TaskTypeError",
     "TaskTypeSpec",
     "load_task_types",
@@ -599,16 +607,56 @@ def _describe(exc: BaseException) -> str:
 # --- running -----------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class StopRequest:
+    """Asks ``run_handler`` to stop the handler it runs (its task was canceled).
+
+    Plain futures rather than an ``asyncio.Event``: waiting on one costs no task, and
+    a worker makes one of these for every task it runs."""
+
+    # Called once, at the stop, when the handler cannot be interrupted: why.
+    on_held: Callable[[str], None] | None = None
+    _set: bool = False
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def set(self) -> None:
+        self._set = True
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def future(self) -> asyncio.Future[None]:
+        """Done once the stop is asked for; cancel it to stop waiting."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._set:
+            fut.set_result(None)
+        else:
+            self._waiters.append(fut)
+        return fut
+
+    def held(self, why: str) -> None:
+        if self.on_held is not None:
+            self.on_held(why)
+
+
+THREAD_HELD = "handler cannot be interrupted, slot held until it returns"
+
+
 @dataclass(frozen=True)
 class HandlerResult:
     ok: bool  # the task Succeeded
     return_code: int | None  # None: no exit code (could not start, killed, exception)
     output: str  # stdout then stderr, or a callable's output / traceback; capped
-    error: str | None  # why it failed, one line; None when ok
+    error: str | None  # why it failed (or how a stop ended), one line; None when ok
     timed_out: bool  # stopped at the type's time limit
     argv: list[str] | None  # the command line run (commands only), for the worker's log
     started_at: float  # wall clock, seconds
     ended_at: float
+    stopped: bool = False  # a StopRequest ended it before it finished on its own
 
     @property
     def command_line(self) -> str | None:
@@ -623,17 +671,32 @@ async def run_handler(
     *,
     output_cap: int = OUTPUT_CAP,
     kill_grace: float = 2.0,
+    stop: StopRequest | None = None,
 ) -> HandlerResult:
     """Run ``spec``'s handler with validated ``params``; never raises for handler failures.
 
     ``context`` holds task_id, type, tenant, group (None where absent). ``output_cap`` is in
     bytes per stream (a command's stdout and stderr each; a callable's output).
     ``kill_grace``: seconds between SIGTERM and SIGKILL for a command, and how long a
-    cancelled coroutine gets to finish before it is abandoned.
+    cancelled coroutine gets to finish before it is abandoned (at the time limit).
+    ``stop``: set it to stop the handler (see the module docstring).
     """
     if spec.kind == "command":
-        return await _run_command(spec, params, context, output_cap, kill_grace)
-    return await _run_callable(spec, params, context, output_cap, kill_grace)
+        return await _run_command(spec, params, context, output_cap, kill_grace, stop)
+    return await _run_callable(spec, params, context, output_cap, kill_grace, stop)
+
+
+async def _first(main: asyncio.Future[Any], stop: StopRequest | None) -> bool:
+    """Wait for ``main`` or for ``stop``; True if the stop came first."""
+    if stop is None:
+        await asyncio.wait({main})
+        return False
+    halt = stop.future()
+    try:
+        await asyncio.wait({main, halt}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        halt.cancel()
+    return not main.done()
 
 
 async def _run_command(
@@ -642,6 +705,7 @@ async def _run_command(
     context: Mapping[str, Any],
     output_cap: int,
     kill_grace: float,
+    stop: StopRequest | None = None,
 ) -> HandlerResult:
     started_at = time.time()
     argv: list[str] | None = None
@@ -662,8 +726,11 @@ async def _run_command(
             ended_at=time.time(),
         )
     running = await start_script(script, kill_grace=kill_grace)
+    waiting = asyncio.ensure_future(running.wait())
     try:
-        result = await running.wait()
+        if await _first(waiting, stop):
+            running.cancel()  # the whole process group; wait() returns once it is gone
+        result = await waiting
     except asyncio.CancelledError:
         # The worker is giving up on this task: the process group must not outlive it.
         running.cancel()
@@ -679,6 +746,7 @@ async def _run_command(
         argv=argv,
         started_at=result.started_at,
         ended_at=result.ended_at,
+        stopped=result.canceled,
     )
 
 
@@ -698,7 +766,9 @@ def _join_streams(stdout: str, stderr: str) -> str:
 
 def _command_error(result: ScriptResult, time_limit: float) -> str | None:
     problems: list[str] = []
-    if result.timed_out:
+    if result.canceled:
+        problems.append("stopped by cancel; process group killed")
+    elif result.timed_out:
         problems.append(f"time limit of {time_limit:g} s exceeded; process group killed")
     elif result.signal is not None:
         problems.append(f"killed by signal {_signal_name(result.signal)}")
@@ -788,6 +858,7 @@ async def _run_callable(
     context: Mapping[str, Any],
     output_cap: int,
     kill_grace: float,
+    stop: StopRequest | None = None,
 ) -> HandlerResult:
     started_at = time.time()
 
@@ -797,6 +868,7 @@ async def _run_callable(
         output: str = "",
         error: str | None = None,
         timed_out: bool = False,
+        stopped: bool = False,
     ) -> HandlerResult:
         return HandlerResult(
             ok=ok,
@@ -807,6 +879,7 @@ async def _run_callable(
             argv=None,
             started_at=started_at,
             ended_at=time.time(),
+            stopped=stopped,
         )
 
     try:
@@ -816,11 +889,22 @@ async def _run_callable(
 
     call = _Call(fn, dict(params), dict(context))
     task = asyncio.create_task(call.run(), name=f"{spec.name}[{context.get('task_id')}]")
+    halt = stop.future() if stop is not None else None
+    waits: set[asyncio.Future[Any]] = {task} if halt is None else {task, halt}
     try:
-        done, _ = await asyncio.wait({task}, timeout=spec.time_limit)
+        done, _ = await asyncio.wait(
+            waits,
+            timeout=spec.time_limit,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
     except asyncio.CancelledError:
         await _stop(task, kill_grace)
         raise
+    finally:
+        if halt is not None:
+            halt.cancel()
+    if task not in done and halt is not None and halt in done:
+        return await _stop_callable(task, call, stop, finish)
     if task not in done:
         in_thread = call.in_thread
         stopped = await _stop(task, kill_grace)
@@ -844,6 +928,41 @@ async def _run_callable(
         return finish(False, None, error=f"handler returned {exc}")
     failure = None if return_code == 0 else f"handler returned code {return_code}"
     return finish(return_code == 0, return_code, output, failure)
+
+
+async def _stop_callable(
+    task: asyncio.Task[_Outcome],
+    call: _Call,
+    stop: StopRequest | None,
+    finish: Callable[..., HandlerResult],
+) -> HandlerResult:
+    """A stop came while the callable runs: end it if it can be ended, and in any case
+    return only once it has really ended (its slot is held until then)."""
+    if call.in_thread:
+        if stop is not None:
+            stop.held(THREAD_HELD)
+        await asyncio.wait({task})  # no time limit: the thread runs on until it returns
+        ended = "cancel requested; the handler could not be interrupted and returned on its own"
+        stopped = False
+    else:
+        task.cancel()
+        await asyncio.wait({task})  # a coroutine that ignores the cancel is waited for
+        stopped = task.cancelled()
+        ended = (
+            "stopped by cancel; handler cancelled"
+            if stopped
+            else "cancel requested; the handler ignored it and returned on its own"
+        )
+    if stopped:
+        return finish(False, None, error=ended, stopped=True)
+    outcome = task.result()
+    if outcome.exc is not None:
+        return finish(False, None, output=outcome.trace, error=f"{ended}: {_describe(outcome.exc)}")
+    try:
+        return_code, output = _interpret(outcome.value)
+    except ValueError as exc:
+        return finish(False, None, error=f"{ended}: handler returned {exc}")
+    return finish(return_code == 0, return_code, output, f"{ended} (code {return_code})")
 
 
 async def _stop(task: asyncio.Task[_Outcome], grace: float) -> bool:

@@ -12,6 +12,14 @@ not yet run (In Progress), besides those whose results it is storing. It
 heartbeats (busy or idle) every ``heartbeat_interval`` seconds. Logs name each
 task ``TYPE[id]`` at every step, with the full command line of command handlers
 and the status update it stores.
+
+Cancel (issue 9): the worker listens for cancels on the dispatch port and, at
+every heartbeat, also reads which of its tasks were canceled (a message may be
+lost). A canceled task it holds is stopped (``handlers.StopRequest``: process
+group killed, coroutine cancelled; a thread cannot be, and that is recorded at
+once), and its outcome is stored as the confirmation that frees its slot: the
+state stays Canceled and the store records what really happened. A task
+canceled before its handler started is never started.
 """
 
 from __future__ import annotations
@@ -29,8 +37,9 @@ from typing import Any, NamedTuple
 
 from taskfleet.dispatch import Delivery, DispatchQueue
 from taskfleet.domain.results import result_line
+from taskfleet.settings import EARLY_CANCEL_MEMORY
 from taskfleet.store import tasks as store
-from taskfleet.worker.handlers import TaskTypeSpec, render_command, run_handler
+from taskfleet.worker.handlers import StopRequest, TaskTypeSpec, render_command, run_handler
 
 log = logging.getLogger("taskfleet.worker")
 
@@ -158,6 +167,11 @@ class Worker:
         self.on_finished = on_finished
         self.context = context or {}
         self.running: set[int] = set()  # claimed by this worker and not yet reported
+        self._stops: dict[int, StopRequest] = {}  # one per task in ``running``
+        # Cancels of ids not (yet) in ``running``: a cancel message can overtake
+        # the end of our own claim; remembered a while, then forgotten.
+        self._early_cancels: dict[int, float] = {}
+        self._notes: set[asyncio.Task[None]] = set()
         self._in_hand = 0  # ids of deliveries taken and not yet finished or dropped
         self._room = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
@@ -185,7 +199,42 @@ class Worker:
             out.update((("_Claim", tid), v) for tid, v in got.items())
         return out
 
+    def cancel_requested(self, task_ids: list[int]) -> None:
+        """The dispatch port (or the heartbeat's look at the database) says: stop these."""
+        now = time.monotonic()
+        for tid in task_ids:
+            stop = self._stops.get(tid)
+            if stop is None:
+                self._early_cancels[tid] = now
+            elif not stop.is_set():
+                log.info("task[%d] cancel received: stopping its handler", tid)
+                stop.set()
+
+    def _stop_request(self, tid: int) -> StopRequest:
+        stop = StopRequest(on_held=lambda why: self._note(tid, why))
+        if self._early_cancels.pop(tid, None) is not None:
+            stop.set()
+        self._stops[tid] = stop
+        return stop
+
+    def _note(self, tid: int, why: str) -> None:
+        """Record at once that a canceled task's handler goes on (and holds its slot)."""
+        log.warning("task[%d] cancel requested; %s", tid, why)
+
+        async def write() -> None:
+            with contextlib.suppress(Exception):  # the final report records it anyway
+                await self.run_tx(
+                    lambda c: store.note_stop(
+                        c, tid, self.id, time.time(), f"cancel requested; {why}"
+                    )
+                )
+
+        task = asyncio.create_task(write())
+        self._notes.add(task)
+        task.add_done_callback(self._notes.discard)
+
     async def run(self) -> None:
+        await self.queue.listen_cancels(self.cancel_requested)
         await self._heartbeat()
         beat = asyncio.create_task(self._heartbeats())
         log.info(
@@ -241,8 +290,9 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         running = sorted(self.running)
-        await self.run_tx(
-            lambda c: store.heartbeat(
+
+        async def beat(c: Any) -> list[int]:
+            await store.heartbeat(
                 c,
                 worker_id=self.id,
                 name=self.name,
@@ -252,7 +302,15 @@ class Worker:
                 running=running,
                 now=time.time(),
             )
-        )
+            # The record of cancels: a cancel message lost on the way costs a heartbeat.
+            return await store.stops_for(c, self.id, running)
+
+        to_stop = await self.run_tx(beat)
+        self.cancel_requested([t for t in to_stop if t in self._stops])
+        cutoff = time.monotonic() - EARLY_CANCEL_MEMORY
+        for tid, at in list(self._early_cancels.items()):
+            if at < cutoff:
+                del self._early_cancels[tid]
 
     async def _handle(self, delivery: Delivery) -> None:
         ids = delivery.task_ids
@@ -279,6 +337,7 @@ class Worker:
                 self._release()
             else:
                 self.running.add(tid)
+                self._stop_request(tid)
                 runs.append(self._run(claimed))
         if len(runs) == 1:
             await runs[0]  # one task per delivery (embedded): no gather task per task
@@ -291,27 +350,62 @@ class Worker:
     async def _run(self, claimed: store.Claimed) -> None:
         tid = claimed.id
         name = store.label(claimed.type, tid)
+        stop = self._stops.get(tid) or self._stop_request(tid)
         released = False
         try:
-            async with self._slots:
-                log.info("%s taken by worker %s", name, self.id)
-                ok, rc, output, line, cmd = await self._execute(claimed, name)
+            if await self._slot_unless_stopped(stop):
+                try:
+                    log.info("%s taken by worker %s", name, self.id)
+                    ok, rc, output, line, cmd, stopped = await self._execute(claimed, name, stop)
+                finally:
+                    self._slots.release()
+            else:
+                log.info("%s canceled before its handler started: not started", name)
+                ok, rc, output, cmd, stopped = False, None, "", None, True
+                line = result_line(
+                    "Starting", "Canceled", "canceled before its handler started", None
+                )
             # A task whose handler returned no longer takes room: storing its result
             # overlaps with claiming and running the next ones (its delivery stays
             # unacknowledged until then, bounded by the prefetch).
             self._release()
             released = True
-            await self._store(tid, name, ok=ok, rc=rc, output=output, line=line, cmd=cmd)
+            await self._store(
+                tid, name, ok=ok, rc=rc, output=output, line=line, cmd=cmd, stopped=stopped
+            )
         finally:
             self.running.discard(tid)
+            self._stops.pop(tid, None)
             if not released:
                 self._release()
         if self.on_finished is not None:
             self.on_finished(tid)
 
+    async def _slot_unless_stopped(self, stop: StopRequest) -> bool:
+        """Take a run slot; False (and no slot) if the task is canceled first."""
+        if stop.is_set():
+            return False
+        if not self._slots.locked():
+            await self._slots.acquire()  # free now: no wait, so no race with the stop
+            return True
+        acquire: asyncio.Future[Any] = asyncio.ensure_future(self._slots.acquire())
+        halt: asyncio.Future[Any] = stop.future()
+        try:
+            await asyncio.wait({acquire, halt}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            halt.cancel()
+            if not acquire.done():
+                acquire.cancel()
+        if acquire.done() and not acquire.cancelled():
+            if stop.is_set():
+                self._slots.release()
+                return False
+            return True
+        return False
+
     async def _execute(
-        self, claimed: store.Claimed, name: str
-    ) -> tuple[bool, int | None, str, str, str | None]:
+        self, claimed: store.Claimed, name: str, stop: StopRequest
+    ) -> tuple[bool, int | None, str, str, str | None, bool]:
         spec = self.types.get(claimed.type)
         context = {
             "task_id": claimed.id,
@@ -332,6 +426,7 @@ class Worker:
                     None,
                 ),
                 None,
+                False,
             )
         if spec.kind == "command":
             with contextlib.suppress(ValueError):
@@ -340,13 +435,12 @@ class Worker:
                     name,
                     " ".join(render_command(spec.handler, claimed.params, context)),
                 )
-        res = await run_handler(spec, claimed.params, context)
+        res = await run_handler(spec, claimed.params, context, stop=stop)
         ok, rc = res.ok, res.return_code
         stage = "Completed" if res.error is None or rc is not None else "Running"
-        line = result_line(
-            stage, "Succeeded" if ok else "Failed", res.error or "handler returned", rc
-        )
-        return ok, rc, res.output, line, res.command_line
+        status = "Canceled" if res.stopped else "Succeeded" if ok else "Failed"
+        line = result_line(stage, status, res.error or "handler returned", rc)
+        return ok, rc, res.output, line, res.command_line, res.stopped
 
     async def _store(
         self,
@@ -358,11 +452,14 @@ class Worker:
         output: str,
         line: str,
         cmd: str | None,
+        stopped: bool = False,
     ) -> None:
         delay = 0.5
         while True:
             try:
-                stored = await self._db.call(store.Outcome(tid, ok, rc, output, line, cmd))
+                stored = await self._db.call(
+                    store.Outcome(tid, ok, rc, output, line, cmd, stopped=stopped)
+                )
                 break
             except Exception as exc:
                 # Never ack before the result is stored: retry until the database is back.
@@ -372,6 +469,6 @@ class Worker:
         log.info(
             "%s status update sent: %s%s",
             name,
-            "Succeeded" if ok else "Failed",
+            "Canceled (stopped)" if stopped else "Succeeded" if ok else "Failed",
             "" if stored else " (recorded only: the task had already ended)",
         )

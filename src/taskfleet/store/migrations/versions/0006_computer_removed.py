@@ -1,13 +1,13 @@
 """a computer can be removed; its row stays for its history
 
-Revision ID: 0006_computer_removed
+Revision ID: 0006
 Revises: 0005
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_computer_removed"
+revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None

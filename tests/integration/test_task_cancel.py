@@ -1,0 +1,294 @@
+"""Canceling a running server task stops it and holds its slot until it stopped (issue 9).
+
+Embedded queue, real server process: a ``concurrency = 1`` command type whose
+shell ignores SIGTERM (so the stop takes the kill grace, about 2 s), an async
+callable and a plain (threaded) callable. The RabbitMQ cases, with separate
+``taskfleet worker`` processes, are in test_rabbitmq_tasks.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import wait_until
+
+# The shell ignores TERM (and so do its children): stopping it takes SIGKILL after the
+# grace, which leaves a window where the canceled task's process group is still alive.
+STUBBORN = """
+[types.stubborn]
+scope = "none"
+concurrency = 1
+time_limit = 600
+command = '''sh -c 'trap "" TERM; echo $$ > "$1"; while :; do sleep 0.05; done' sh {pidfile}'''
+[types.stubborn.params]
+pidfile = "str"
+"""
+
+CALLABLES = """
+[types.async-wait]
+scope = "none"
+concurrency = 1
+time_limit = 600
+callable = "tests.integration.cancel_handlers:wait_async"
+[types.async-wait.params]
+dir = "str"
+
+[types.sync-wait]
+scope = "none"
+concurrency = 1
+time_limit = 600
+callable = "tests.integration.cancel_handlers:wait_sync"
+[types.sync-wait.params]
+dir = "str"
+"""
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process of group ``pgid`` runs (zombies do not count: an init
+    that does not reap would keep them forever)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def kill_group(pgid: int | None) -> None:
+    if pgid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def submit(server, type_, **params):
+    with server.api() as api:
+        r = api.post("/tasks", json={"type": type_, "params": params})
+    assert r.status_code == 201, r.text
+    return r.json()["task"]["id"]
+
+
+def task(server, tid):
+    with server.api() as api:
+        return api.get(f"/tasks/{tid}").json()
+
+
+def history(server, tid):
+    with server.api() as api:
+        return api.get(f"/activities/{tid}").json()["history"]
+
+
+def cancel(server, tid):
+    with server.api() as api:
+        r = api.post(f"/tasks/{tid}/cancel", json={})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def confirmed(server, tid, timeout=30):
+    return wait_until(
+        lambda: (t := task(server, tid))["stopped_at"] is not None and t,
+        timeout,
+        f"task {tid}'s stop to be confirmed",
+    )
+
+
+def held_while_alive(server, pgid, waiting, timeout=30.0):
+    """Poll until process group ``pgid`` is gone, checking that task ``waiting`` never
+    went In Progress meanwhile; True if the group was seen alive at least once."""
+    deadline = time.monotonic() + timeout
+    seen = False
+    while True:
+        state = task(server, waiting)["state"]  # read before looking at the group
+        if not group_alive(pgid):
+            return seen
+        assert state == "queued", "the next task started while the canceled one still ran"
+        seen = True
+        assert time.monotonic() < deadline, f"process group {pgid} outlived the cancel"
+        time.sleep(0.05)
+
+
+def cli(server, *args):
+    env = {**os.environ, "TASKFLEET_SERVER": server.url, "TASKFLEET_TOKEN": server.admin_token}
+    out = subprocess.run(
+        [sys.executable, "-m", "taskfleet", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "COLUMNS": "300"},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_cancel_kills_the_process_group_and_the_next_task_waits_until_it_is_gone(
+    start_server, tmp_path
+):
+    types = tmp_path / "types.toml"
+    types.write_text(STUBBORN)
+    srv = start_server("--task-types", str(types))
+    p1, p2 = tmp_path / "first.pid", tmp_path / "second.pid"
+    pg1 = pg2 = None
+    try:
+        first = submit(srv, "stubborn", pidfile=str(p1))
+        pg1 = wait_until(lambda: read_pid(p1), 20, "the first task's process")
+        assert task(srv, first)["state"] == "in_progress" and group_alive(pg1)
+        second = submit(srv, "stubborn", pidfile=str(p2))
+        assert task(srv, second)["state"] == "queued"
+
+        out = cli(srv, "task", "cancel", str(first))
+        assert f"stubborn[{first}]: Canceled" in out and "stop requested from worker" in out
+        t = task(srv, first)
+        assert t["state"] == "canceled" and t["stop_requested_at"] is not None
+
+        # While the first task's processes live, the second must not run (limit 1).
+        assert "held" in cli(srv, "task", "show", str(first)) or not group_alive(pg1)
+        assert held_while_alive(srv, pg1, second)  # the window was observed, not skipped
+        t1 = confirmed(srv, first)
+        with contextlib.suppress(ProcessLookupError):  # gone, and reaped by its worker
+            os.kill(pg1, 0)
+            raise AssertionError(f"process {pg1} outlived the cancel")
+        pg2 = wait_until(lambda: read_pid(p2), 20, "the second task to start")
+        t2 = task(srv, second)
+        assert t2["state"] == "in_progress"
+        assert t2["delivered_at"] >= t1["stopped_at"]  # only after the stop was confirmed
+        # The stored state stays Canceled; what happened is recorded on the task.
+        assert t1["state"] == "canceled" and not t1["stopping"]
+        assert "stopped before completion" in t1["reason"]
+        assert "stopped by cancel; process group killed" in t1["result_line"]
+        notes = [h for h in history(srv, first) if h["from_state"] == "canceled"]
+        assert [n["to_state"] for n in notes] == ["canceled"]
+        assert "stopped before completion" in notes[0]["reason"]
+        log = srv.proc.text()
+        assert f"task[{first}] cancel received: stopping its handler" in log
+        assert f"stubborn[{first}] status update sent: Canceled (stopped)" in log
+        shown = cli(srv, "task", "show", str(first))
+        assert "stopped before completion" in shown and "held" not in shown
+
+        cancel(srv, second)
+        confirmed(srv, second)
+        assert not group_alive(pg2)
+    finally:
+        # The commands run in their own sessions: stopping the server leaves them. The
+        # server goes first, so that it starts nothing after the pidfiles are read.
+        srv.proc.stop()
+        kill_group(pg1 or read_pid(p1))
+        kill_group(pg2 or read_pid(p2))
+
+
+def test_cancel_cancels_an_async_callable_before_the_next_one_starts(start_server, tmp_path):
+    types = tmp_path / "types.toml"
+    types.write_text(CALLABLES)
+    srv = start_server("--task-types", str(types))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    first = submit(srv, "async-wait", dir=str(a))
+    wait_until(lambda: (a / "started").exists(), 20, "the coroutine to start")
+    second = submit(srv, "async-wait", dir=str(b))
+    assert cancel(srv, first)["state"] == "canceled"
+    t1 = confirmed(srv, first)
+    assert (a / "ended").read_text() == "cancelled"  # the coroutine was cancelled
+    assert t1["state"] == "canceled"
+    assert "stopped before completion" in t1["reason"]
+    assert "handler cancelled" in t1["result_line"]
+    wait_until(lambda: (b / "started").exists(), 20, "the next one to start")
+    assert task(srv, second)["delivered_at"] >= t1["stopped_at"]
+    cancel(srv, second)
+    confirmed(srv, second)
+
+
+def test_a_threaded_callable_cannot_be_stopped_and_keeps_its_slot_until_it_returns(
+    start_server, tmp_path
+):
+    types = tmp_path / "types.toml"
+    types.write_text(CALLABLES)
+    srv = start_server("--task-types", str(types))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        first = submit(srv, "sync-wait", dir=str(a))
+        wait_until(lambda: (a / "started").exists(), 20, "the thread to start")
+        second = submit(srv, "sync-wait", dir=str(b))
+        assert cancel(srv, first)["state"] == "canceled"
+        held = wait_until(
+            lambda: "cannot be interrupted" in (t := task(srv, first))["reason"] and t,
+            20,
+            "the worker to say the thread cannot be stopped",
+        )
+        assert held["reason"] == (
+            "cancel requested; handler cannot be interrupted, slot held until it returns"
+        )
+        assert held["stopping"] and held["stopped_at"] is None
+        # The thread runs on, so the slot stays taken: the next task waits.
+        t2 = task(srv, second)
+        assert t2["state"] == "queued" and "limit" in t2["waiting_for"], t2
+        assert "slot" in cli(srv, "task", "show", str(first))
+
+        (a / "gate").touch()  # the thread returns on its own
+        t1 = confirmed(srv, first)
+        assert t1["state"] == "canceled"  # never overwritten by the late Succeeded
+        assert "not stopped: it finished on its own (Succeeded" in t1["reason"]
+        assert t1["stdout"] == "returned after the gate opened"
+        assert t1["agent_report"]["ok"] is True and t1["agent_report"]["stopped"] is False
+        wait_until(lambda: (b / "started").exists(), 20, "the next one to start")
+        assert task(srv, second)["delivered_at"] >= t1["stopped_at"]
+    finally:
+        (a / "gate").touch()
+        (b / "gate").touch()
+
+
+async def test_a_lost_cancel_message_still_reaches_the_worker_at_its_heartbeat(
+    database_url, tmp_path, monkeypatch
+):
+    """The dispatch port's message is a prompt; the database is the record: with the
+    message lost, the worker learns of the cancel when it next heartbeats."""
+    from taskfleet.dispatch.embedded import EmbeddedQueue
+    from tests.inproc import eventually, inproc_server
+
+    async def lost(self, task_ids):
+        return None
+
+    monkeypatch.setattr(EmbeddedQueue, "cancel", lost)
+    types = tmp_path / "types.toml"
+    types.write_text(CALLABLES)
+    a = tmp_path / "a"
+    a.mkdir()
+    async with inproc_server(
+        database_url, tmp_path / "server", workers=1, worker_heartbeat=0.2, task_types=types
+    ) as h:
+        tid = (await h.ok("POST", "/tasks", {"type": "async-wait", "params": {"dir": str(a)}}))[
+            "task"
+        ]["id"]
+        await eventually(lambda: _exists(a / "started"), what="the coroutine to start")
+        assert (await h.ok("POST", f"/tasks/{tid}/cancel", {}))["stopping"] is True
+
+        async def stopped():
+            t = await h.ok("GET", f"/tasks/{tid}")
+            return t["stopped_at"] is not None and t
+
+        t = await eventually(stopped, what="the stop, learnt at a heartbeat")
+        assert (a / "ended").read_text() == "cancelled"
+        assert t["state"] == "canceled" and "stopped before completion" in t["reason"]
+
+
+async def _exists(path: Path) -> bool:
+    return path.exists()
