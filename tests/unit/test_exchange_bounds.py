@@ -55,13 +55,18 @@ def test_every_text_of_a_parsed_exchange_is_cleaned() -> None:
     req = _parse(
         _result(stdout="o\x00", stderr="e\udc80", result_line="r\x00"),
         _status(seq=2, reason="why\x00"),
-        agent={"version": "v\x00", "policy": {"users": ["u\ud800"]}},
+        agent={"version": "v\x00", "policy": {"users": ["u"]}},
     )
     res, st = req.messages
     assert (res.stdout, res.stderr, res.result_line) == ("o␀", "e\ufffd", "r␀")
     assert st.reason == "why␀"
     assert req.agent is not None
-    assert (req.agent.version, req.agent.policy) == ("v␀", {"users": ["u\ufffd"]})
+    assert req.agent.version == "v␀"
+    assert req.agent.policy == {"scripts": False, "users": ["u"], "types": []}
+    # A policy names users exactly: a name that is not plain text is refused, not cleaned.
+    for user in ("u\ud800", "u\x00"):
+        with pytest.raises(ProtocolError, match="invalid policy"):
+            _parse(agent={"version": "v", "policy": {"users": [user]}})
 
 
 def test_loads_body_takes_lone_surrogate_escapes_and_still_refuses_non_numbers() -> None:

@@ -1052,7 +1052,7 @@ def _when_arg(value: str | None, option: str = "--not-before") -> float | None:
                 fail(f"{option} expects epoch seconds, an ISO time or +DURATION, got {value!r}")
     # "nan", "inf", "1e20" parse as floats; the server would refuse them less clearly.
     if not TIME_MIN <= at <= TIME_MAX:  # False for NaN too
-        fail(f"{option} must be a time between 1970 and 2100, got {value!r}")
+        fail(f"{option} must be a finite time between 1970 and 2100, got {value!r}")
     return at
 
 
