@@ -1,8 +1,10 @@
 """``taskfleet agent``: run the agent, and look at or repair its local state.
 
-Kept apart from the admin commands (``cli/main.py``) so that starting an agent
-imports only this module, click and the agent itself: it runs on production
-machines and must stay lean (issue "The embedded fleet end to end": idle RSS).
+Kept apart from the admin commands (one module per noun: ``cli/requests.py``
+and the like) so that starting an agent imports only this module, the lean
+shared helpers (``cli/output.py``, ``cli/options.py``), click and the agent
+itself: it runs on production machines and must stay lean (issue "The embedded
+fleet end to end": idle RSS).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from typing import Any
 
 import click
 
-from taskfleet.cli import FINITE_FLOAT
-from taskfleet.cli.client import emit, fail, print_fields, print_table, when
+from taskfleet.cli.options import FINITE_FLOAT
+from taskfleet.cli.output import emit, fail, print_fields, print_table, when
 
 
 @click.group(invoke_without_command=True)
