@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from taskfleet.cli.output import clean, duration, fail, first_line, print_table, state_label
+from taskfleet.settings import CLI_HTTP_TIMEOUT, CLI_POLL_INTERVAL
 
 
 class Api:
@@ -31,7 +32,7 @@ class Api:
         self.http = httpx.Client(
             base_url=self.server,
             headers={"Authorization": f"Bearer {token}"},
-            timeout=60.0,
+            timeout=CLI_HTTP_TIMEOUT,
         )
 
     def call(self, method: str, path: str, *, retry_for: float = 0.0, **kwargs: Any) -> Any:
@@ -123,7 +124,7 @@ def wait_for_request(api: Api, request_id: int, *, show_progress: bool) -> dict[
     req = api.poll(f"/requests/{request_id}")
     if not show_progress:
         while not req["progress"]["done"]:
-            time.sleep(0.2)  # polling interval of a human-facing CLI, not a test wait
+            time.sleep(CLI_POLL_INTERVAL)  # polling interval of a human-facing CLI, not a test wait
             req = api.poll(f"/requests/{request_id}")
         return req
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -147,7 +148,7 @@ def wait_for_request(api: Api, request_id: int, *, show_progress: bool) -> dict[
             bar.update(task, completed=p["finished"], counts=counts)
             if p["done"]:
                 return req
-            time.sleep(0.2)
+            time.sleep(CLI_POLL_INTERVAL)
             req = api.poll(f"/requests/{request_id}")
 
 

@@ -16,6 +16,7 @@ import click
 from taskfleet.cli.client import Api, client_options, results_table, wait_for_request
 from taskfleet.cli.options import FINITE_FLOAT, seconds_arg, when_arg
 from taskfleet.cli.output import echo, emit, fail, print_table, state_label, when
+from taskfleet.settings import OUTPUT_CAP, SCRIPT_INTERPRETER, SCRIPT_TIMEOUT
 
 
 def _after_arg(value: str | None, metric: str, threshold: float) -> dict[str, Any] | None:
@@ -36,7 +37,7 @@ def _after_arg(value: str | None, metric: str, threshold: float) -> dict[str, An
 @click.option(
     "--timeout",
     type=FINITE_FLOAT,
-    default=300.0,
+    default=SCRIPT_TIMEOUT,
     show_default=True,
     help="Seconds before the agent kills the script.",
 )
@@ -48,12 +49,12 @@ def _after_arg(value: str | None, metric: str, threshold: float) -> dict[str, An
     default=None,
     help="Run this script file instead of a command.",
 )
-@click.option("--interpreter", default="/bin/sh", show_default=True, help="For --script.")
+@click.option("--interpreter", default=SCRIPT_INTERPRETER, show_default=True, help="For --script.")
 @click.option("--env", "env_pairs", multiple=True, help="KEY=VALUE for the script.")
 @click.option("--cwd", default=None, help="Working directory on the computer.")
 @click.option("--user", default=None, help="Run as this user (the agent must allow it).")
 @click.option(
-    "--output-cap", type=int, default=None, help="Bytes kept per stream [default: 65536]."
+    "--output-cap", type=int, default=None, help=f"Bytes kept per stream [default: {OUTPUT_CAP}]."
 )
 @click.option(
     "--expires-in",

@@ -13,6 +13,19 @@ import click
 
 from taskfleet.cli.options import FINITE_FLOAT
 from taskfleet.cli.output import echo, fail
+from taskfleet.settings import (
+    LOST_GRACE,
+    POLL_INTERVAL,
+    REAPER_INTERVAL,
+    SERVER_BACKLOG,
+    SERVER_DATA_DIR,
+    SERVER_KEEP_ALIVE,
+    SERVER_PORT,
+    TICKLE_MIN_INTERVAL,
+    TICKLE_RATE,
+    WORKER_CONCURRENCY,
+    WORKER_HEARTBEAT_TIMEOUT,
+)
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -29,11 +42,13 @@ def _listen(value: str) -> tuple[str, int]:
     default=None,
     help="sqlite:///PATH or postgresql://... [default: DATA_DIR/taskfleet.sqlite3]",
 )
-@click.option("--listen", default="127.0.0.1:8470", show_default=True, help="HOST:PORT of the API.")
+@click.option(
+    "--listen", default=f"127.0.0.1:{SERVER_PORT}", show_default=True, help="HOST:PORT of the API."
+)
 @click.option(
     "--data-dir",
     type=click.Path(path_type=Path),
-    default=Path("taskfleet-data"),
+    default=Path(SERVER_DATA_DIR),
     show_default=True,
     help="Where the bootstrap admin token (and SQLite file) go.",
 )
@@ -41,31 +56,32 @@ def _listen(value: str) -> tuple[str, int]:
     "--tickle-rate",
     type=FINITE_FLOAT,
     default=None,
-    help="Fleet-wide UDP wake-ups per second [default: 5000].",
+    help=f"Fleet-wide UDP wake-ups per second [default: {TICKLE_RATE:g}].",
 )
 @click.option(
     "--tickle-min-interval",
     type=FINITE_FLOAT,
     default=None,
-    help="Seconds between two wake-ups of one computer [default: 1].",
+    help=f"Seconds between two wake-ups of one computer [default: {TICKLE_MIN_INTERVAL:g}].",
 )
 @click.option(
     "--poll-interval",
     type=FINITE_FLOAT,
     default=None,
-    help="Seconds between agents' fallback exchanges [default: 1800].",
+    help=f"Seconds between agents' fallback exchanges [default: {POLL_INTERVAL:g}].",
 )
 @click.option(
     "--lost-grace",
     type=FINITE_FLOAT,
     default=None,
-    help="Seconds past a script's time limit before it is declared lost [default: 60].",
+    help="Seconds past a script's time limit before it is declared lost "
+    f"[default: {LOST_GRACE:g}].",
 )
 @click.option(
     "--reaper-interval",
     type=FINITE_FLOAT,
     default=None,
-    help="Seconds between checks for lost activities [default: 5].",
+    help=f"Seconds between checks for lost activities [default: {REAPER_INTERVAL:g}].",
 )
 @click.option(
     "--task-types",
@@ -82,14 +98,14 @@ def _listen(value: str) -> tuple[str, int]:
 @click.option(
     "--workers",
     type=click.IntRange(0, 256),
-    default=4,
+    default=WORKER_CONCURRENCY,
     show_default=True,
     help="Embedded queue: server tasks run at once in this process.",
 )
 @click.option(
     "--heartbeat-timeout",
     type=FINITE_FLOAT,
-    default=5 * 3600.0,
+    default=WORKER_HEARTBEAT_TIMEOUT,
     show_default=True,
     help="Seconds without a worker heartbeat before its tasks fail.",
 )
@@ -172,8 +188,8 @@ def server(
         port=port,
         log_config=None,
         access_log=False,
-        timeout_keep_alive=120,
-        backlog=4096,
+        timeout_keep_alive=SERVER_KEEP_ALIVE,
+        backlog=SERVER_BACKLOG,
     )
 
 
@@ -191,7 +207,7 @@ def _default_database(data_dir: Path) -> str:
 @click.option(
     "--data-dir",
     type=click.Path(path_type=Path),
-    default=Path("taskfleet-data"),
+    default=Path(SERVER_DATA_DIR),
     show_default=True,
     help="The server's data folder: the token is written to DATA_DIR/admin-token.",
 )

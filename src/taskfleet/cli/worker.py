@@ -12,6 +12,7 @@ import click
 
 from taskfleet.cli.options import FINITE_FLOAT
 from taskfleet.cli.output import fail
+from taskfleet.settings import WORKER_CONCURRENCY, WORKER_HEARTBEAT_INTERVAL
 
 
 @click.command()
@@ -33,8 +34,12 @@ from taskfleet.cli.output import fail
     default=None,
     help="The same TOML file the server uses.",
 )
-@click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True)
-@click.option("--heartbeat-interval", type=FINITE_FLOAT, default=10.0, show_default=True)
+@click.option(
+    "--concurrency", type=click.IntRange(1, 256), default=WORKER_CONCURRENCY, show_default=True
+)
+@click.option(
+    "--heartbeat-interval", type=FINITE_FLOAT, default=WORKER_HEARTBEAT_INTERVAL, show_default=True
+)
 @click.option("--name", default=None, help="Name in logs and `taskfleet task workers`.")
 @click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
