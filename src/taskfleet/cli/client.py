@@ -121,7 +121,7 @@ def wait_for_request(api: Api, request_id: int, *, show_progress: bool) -> dict[
     """Poll a request until every child finished; show a live progress bar.
 
     A server restart meanwhile does not end the wait: polls retry (Api.poll)."""
-    req = api.poll(f"/requests/{request_id}")
+    req: dict[str, Any] = api.poll(f"/requests/{request_id}")
     if not show_progress:
         while not req["progress"]["done"]:
             time.sleep(CLI_POLL_INTERVAL)  # polling interval of a human-facing CLI, not a test wait
@@ -156,7 +156,9 @@ def results_table(
     api: Api, req: dict[str, Any], as_json: bool, *, waited: bool = False
 ) -> list[dict[str, Any]]:
     fetch = api.poll if waited else api.get
-    rows = fetch("/activities", request_id=req["id"], limit=req["total"], output=True)
+    rows: list[dict[str, Any]] = fetch(
+        "/activities", request_id=req["id"], limit=req["total"], output=True
+    )
     rows.sort(key=lambda a: a["computer_id"] or 0)
     if as_json:
         click.echo(json.dumps({"request": req, "activities": rows}, indent=2, default=str))
