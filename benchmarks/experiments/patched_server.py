@@ -116,7 +116,7 @@ def _create_app(config: Any) -> Any:
 appmod.create_app = _create_app  # type: ignore[assignment]
 
 if __name__ == "__main__":
-    from taskfleet.cli.main import cli
+    from taskfleet.cli import root
 
     print(f"patched server: {sorted(PATCHES)}", file=sys.stderr, flush=True)
-    cli(prog_name="taskfleet")
+    root(prog_name="taskfleet")

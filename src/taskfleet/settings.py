@@ -64,3 +64,20 @@ CLI_RETRY_MAX_DELAY = 5.0  # seconds between two attempts at most (from 0.25 s, 
 EARLY_CANCEL_MEMORY = 60.0  # seconds a worker remembers a cancel for a task it has not
 # claimed yet: the cancel message can overtake the end of the worker's own claim; the
 # database (read at every heartbeat) is the record after that
+
+# -- defaults the command line states (issue 10: the CLI's help prints these constants) -----
+SERVER_DATA_DIR = "taskfleet-data"  # relative to where `taskfleet server` starts: a first try
+# needs no root; an installed server is given its own --data-dir
+SERVER_KEEP_ALIVE = 120  # seconds an idle API connection stays open: longer than a long
+# poll (LONG_POLL_WAIT), so an agent keeps its one keep-alive connection
+SERVER_BACKLOG = 4096  # pending TCP connections: a fleet woken at TICKLE_RATE connects at once
+WORKER_CONCURRENCY = 4  # server tasks one worker (or the embedded queue) runs at once
+WORKER_HEARTBEAT_INTERVAL = 10.0  # seconds between a worker's heartbeats (far below the timeout)
+WORKER_HEARTBEAT_TIMEOUT = 5 * 3600.0  # SPEC 4.6: a silent worker's tasks fail after this
+SCRIPT_INTERPRETER = "/bin/sh"  # runs a --script file: the one shell every Unix agent has
+AGENT_STATE_DIR = "/var/lib/taskfleet"  # the agent's durable local state (FHS: service state)
+AGENT_TICKLE_BIND = "0.0.0.0"  # every interface: tickles come from wherever the server is
+SCRUB_INTERVAL = 3600.0  # SPEC 5: the agent's scrubber runs at start, then this often
+SCRUB_MAX_ATTEMPTS = 3  # SPEC 5: attempts after which the scrubber stops continuing an operation
+CLI_HTTP_TIMEOUT = 60.0  # seconds one admin API call may take (a bulk cancel of many rows)
+CLI_POLL_INTERVAL = 0.2  # seconds between two polls of `run --wait`: a live bar, a light load

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from taskfleet.cli.main import _lifecycle_lines
+from taskfleet.cli.requests import lifecycle_lines
 
 ROLLOUT = {"canary": 1, "size": None, "share": 50.0, "success": 100.0, "max_failures": 10.0}
 
@@ -13,7 +13,7 @@ def _rollout_line(**extra: Any) -> str:
     req: dict[str, Any] = {"rollout": {**ROLLOUT, "waves": 2, "paused": False}, **extra}
     if "pause_reason" in extra:
         req["rollout"].update(paused=True, pause_reason=extra["pause_reason"])
-    [line] = _lifecycle_lines(req)
+    [line] = lifecycle_lines(req)
     return line
 
 
@@ -27,7 +27,7 @@ def test_rollout_line_says_running_paused_or_finished() -> None:
 
 
 def test_approval_and_dependency_lines() -> None:
-    lines = _lifecycle_lines(
+    lines = lifecycle_lines(
         {
             "depends_on": {"kind": "request", "on": 4, "percent": 90.0, "metric": "succeeded"},
             "approval": {"decision": None, "separation": True, "expires_at": None},

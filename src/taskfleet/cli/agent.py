@@ -1,8 +1,10 @@
 """``taskfleet agent``: run the agent, and look at or repair its local state.
 
-Kept apart from the admin commands (``cli/main.py``) so that starting an agent
-imports only this module, click and the agent itself: it runs on production
-machines and must stay lean (issue "The embedded fleet end to end": idle RSS).
+Kept apart from the admin commands (one module per noun: ``cli/requests.py``
+and the like) so that starting an agent imports only this module, the lean
+shared helpers (``cli/output.py``, ``cli/options.py``), click and the agent
+itself: it runs on production machines and must stay lean (issue "The embedded
+fleet end to end": idle RSS).
 """
 
 from __future__ import annotations
@@ -12,8 +14,15 @@ from typing import Any
 
 import click
 
-from taskfleet.cli import FINITE_FLOAT
-from taskfleet.cli.client import emit, fail, print_fields, print_table, when
+from taskfleet.cli.options import FINITE_FLOAT
+from taskfleet.cli.output import emit, fail, print_fields, print_table, when
+from taskfleet.settings import (
+    AGENT_STATE_DIR,
+    AGENT_TICKLE_BIND,
+    AGENT_TICKLE_PORT,
+    SCRUB_INTERVAL,
+    SCRUB_MAX_ATTEMPTS,
+)
 
 
 @click.group(invoke_without_command=True)
@@ -35,18 +44,18 @@ from taskfleet.cli.client import emit, fail, print_fields, print_table, when
 @click.option(
     "--state-dir",
     type=click.Path(path_type=Path),
-    default=Path("/var/lib/taskfleet"),
+    default=Path(AGENT_STATE_DIR),
     show_default=True,
     help="The agent's durable local state.",
 )
 @click.option(
     "--tickle-port",
     type=int,
-    default=50124,
+    default=AGENT_TICKLE_PORT,
     show_default=True,
     help="UDP port for wake-ups; 0 = none, hold a long poll instead.",
 )
-@click.option("--tickle-bind", default="0.0.0.0", show_default=True)
+@click.option("--tickle-bind", default=AGENT_TICKLE_BIND, show_default=True)
 @click.option(
     "--poll-interval",
     type=FINITE_FLOAT,
@@ -79,14 +88,14 @@ from taskfleet.cli.client import emit, fail, print_fields, print_table, when
 @click.option(
     "--scrub-interval",
     type=FINITE_FLOAT,
-    default=3600.0,
+    default=SCRUB_INTERVAL,
     show_default=True,
     help="Seconds between scrubber runs (it also runs at start).",
 )
 @click.option(
     "--max-attempts",
     type=click.IntRange(1, 100),
-    default=3,
+    default=SCRUB_MAX_ATTEMPTS,
     show_default=True,
     help="Attempts after which the scrubber stops continuing an operation.",
 )

@@ -1,23 +1,23 @@
-"""The CLI's HTTP client for the admin API, and shared output helpers.
+"""The CLI's HTTP client for the admin API, and what several commands share on top of it.
 
-Contract: every text that came from the server (script output, result lines,
-hostnames, reasons, tag values, names, error messages) reaches the terminal
-through :func:`clean` (tables, fields and :func:`echo` apply it), so a script
-or an agent cannot send escape sequences to the administrator's terminal.
-``--json`` output is exact JSON (``json.dumps`` escapes every control character).
+Contract: :class:`Api` is the one way a command talks to the server (``--server``,
+``--token`` from :func:`client_options`); an HTTP error ends the command through
+``output.fail`` (exit 2) with the server's message, cleaned. Only GETs that are
+safe to repeat ride out a restart (:meth:`Api.poll`). httpx is imported when a
+client is made, not when this module loads.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import sys
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import click
+
+from taskfleet.cli.output import clean, duration, fail, first_line, print_table, state_label
+from taskfleet.settings import CLI_HTTP_TIMEOUT, CLI_POLL_INTERVAL
 
 
 class Api:
@@ -32,7 +32,7 @@ class Api:
         self.http = httpx.Client(
             base_url=self.server,
             headers={"Authorization": f"Bearer {token}"},
-            timeout=60.0,
+            timeout=CLI_HTTP_TIMEOUT,
         )
 
     def call(self, method: str, path: str, *, retry_for: float = 0.0, **kwargs: Any) -> Any:
@@ -98,52 +98,12 @@ class Api:
         return self.call("POST", path, json=body)
 
 
-# Terminal escape sequences, removed whole so that no parameter bytes are left:
-# CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), DCS/SOS/PM/APC (ESC P|X|^|_ ... ST),
-# other ESC sequences, and the 8-bit CSI.
-_ESCAPES = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]?"
-    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
-    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"
-    r"|\x1b[ -/]*[0-~]?"
-    r"|\x9b[0-?]*[ -/]*[@-~]?"
-)
-# Left-over control characters (C0 but tab and newline, DEL, C1) and the bidi
-# controls that reorder what a line shows.
-_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def clean(value: Any, *, multiline: bool = False) -> str:
-    """Remote text made safe for a terminal: no escape sequence, no control character.
-
-    ``multiline`` keeps newlines and tabs (script output); otherwise they become
-    spaces (a table cell, a field, a name). A carriage return that is not part of
-    a CRLF ends a line: it cannot overwrite what was printed before it."""
-    text = "-" if value is None else str(value)
-    text = _ESCAPES.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROLS.sub("", text)
-    if not multiline:
-        text = text.replace("\n", " ").replace("\t", " ")
-    return text
-
-
-def echo(text: Any = "", *, err: bool = False) -> None:
-    """``click.echo`` for human output that may hold remote text (lines kept)."""
-    click.echo(clean(text, multiline=True), err=err)
-
-
 def _pydantic_detail(detail: Any) -> str:
     if isinstance(detail, list):
         return "; ".join(
             f"{'.'.join(str(x) for x in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail
         )
     return str(detail)
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    # Server messages quote what they refuse (hostnames, names): cleaned too.
-    click.echo(f"error: {clean(message, multiline=True)}", err=True)
-    sys.exit(code)
 
 
 def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -157,69 +117,14 @@ def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def when(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
-def emit(data: Any, as_json: bool, table: Callable[[Any], None]) -> None:
-    if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
-    else:
-        table(data)
-
-
-def print_table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    # Text, not str: rich would read "[...]" in remote text as its markup.
-    t = Table(
-        title=None if title is None else Text(clean(title)), show_lines=False, header_style="bold"
-    )
-    for c in columns:
-        t.add_column(c, overflow="fold")
-    for r in rows:
-        t.add_row(*[Text(clean(v)) for v in r])
-    Console(width=max(100, int(os.environ.get("COLUMNS", "0") or 0))).print(t)
-
-
-def print_fields(title: str, fields: list[tuple[str, Any]]) -> None:
-    from rich.console import Console
-
-    console = Console()
-    console.print(clean(title), style="bold", highlight=False, markup=False)
-    width = max(len(k) for k, _ in fields)
-    for k, v in fields:
-        console.print(f"  {k.ljust(width)}  {clean(v)}", highlight=False, markup=False)
-
-
-def first_line(text: str | None) -> str:
-    if not text:
-        return ""
-    text = clean(text, multiline=True).strip()
-    return text.splitlines()[0][:80] if text else ""
-
-
-def duration(a: dict[str, Any]) -> str:
-    s, e = a.get("agent_started_at"), a.get("agent_ended_at")
-    return f"{e - s:.2f}s" if s and e else "-"
-
-
-def state_label(state: str) -> str:
-    return state.replace("_", " ").title()
-
-
 def wait_for_request(api: Api, request_id: int, *, show_progress: bool) -> dict[str, Any]:
     """Poll a request until every child finished; show a live progress bar.
 
     A server restart meanwhile does not end the wait: polls retry (Api.poll)."""
-    req = api.poll(f"/requests/{request_id}")
+    req: dict[str, Any] = api.poll(f"/requests/{request_id}")
     if not show_progress:
         while not req["progress"]["done"]:
-            time.sleep(0.2)  # polling interval of a human-facing CLI, not a test wait
+            time.sleep(CLI_POLL_INTERVAL)  # polling interval of a human-facing CLI, not a test wait
             req = api.poll(f"/requests/{request_id}")
         return req
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -243,7 +148,7 @@ def wait_for_request(api: Api, request_id: int, *, show_progress: bool) -> dict[
             bar.update(task, completed=p["finished"], counts=counts)
             if p["done"]:
                 return req
-            time.sleep(0.2)
+            time.sleep(CLI_POLL_INTERVAL)
             req = api.poll(f"/requests/{request_id}")
 
 
@@ -251,7 +156,9 @@ def results_table(
     api: Api, req: dict[str, Any], as_json: bool, *, waited: bool = False
 ) -> list[dict[str, Any]]:
     fetch = api.poll if waited else api.get
-    rows = fetch("/activities", request_id=req["id"], limit=req["total"], output=True)
+    rows: list[dict[str, Any]] = fetch(
+        "/activities", request_id=req["id"], limit=req["total"], output=True
+    )
     rows.sort(key=lambda a: a["computer_id"] or 0)
     if as_json:
         click.echo(json.dumps({"request": req, "activities": rows}, indent=2, default=str))

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import click
 
-from taskfleet.cli.client import Api, print_table, results_table, wait_for_request
+from taskfleet.cli.client import Api, results_table, wait_for_request
+from taskfleet.cli.output import print_table
 
 DEMO_SCRIPT = """\
 echo "hello from computer $TASKFLEET_COMPUTER_ID on $(uname -n), pid $$"
@@ -165,3 +166,22 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/healthz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@click.command()
+@click.option("--agents", type=click.IntRange(1, 500), default=5, show_default=True)
+@click.option(
+    "--dir",
+    "workdir",
+    type=click.Path(path_type=Path),
+    default=Path(".taskfleet-demo"),
+    show_default=True,
+)
+@click.option(
+    "--stay/--no-stay",
+    default=None,
+    help="Keep the fleet running until Ctrl-C [default: when interactive].",
+)
+def demo(agents: int, workdir: Path, stay: bool | None) -> None:
+    """Start a server and real agents here, run a real script on all of them."""
+    sys.exit(run_demo(agents, workdir, sys.stdin.isatty() if stay is None else stay))

@@ -1,0 +1,242 @@
+"""``taskfleet server``: run the server, and mint an admin token from its data folder.
+
+Contract: the only CLI module that imports server internals (``server.app``,
+``server.service``), inside the commands, so a restructured server is followed
+here alone and no other command pays for loading it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from taskfleet.cli.options import FINITE_FLOAT
+from taskfleet.cli.output import echo, fail
+from taskfleet.settings import (
+    LOST_GRACE,
+    POLL_INTERVAL,
+    REAPER_INTERVAL,
+    SERVER_BACKLOG,
+    SERVER_DATA_DIR,
+    SERVER_KEEP_ALIVE,
+    SERVER_PORT,
+    TICKLE_MIN_INTERVAL,
+    TICKLE_RATE,
+    WORKER_CONCURRENCY,
+    WORKER_HEARTBEAT_TIMEOUT,
+)
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter(f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+@click.group(invoke_without_command=True)
+@click.option(
+    "--database",
+    envvar="TASKFLEET_DATABASE",
+    default=None,
+    help="sqlite:///PATH or postgresql://... [default: DATA_DIR/taskfleet.sqlite3]",
+)
+@click.option(
+    "--listen", default=f"127.0.0.1:{SERVER_PORT}", show_default=True, help="HOST:PORT of the API."
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path(SERVER_DATA_DIR),
+    show_default=True,
+    help="Where the bootstrap admin token (and SQLite file) go.",
+)
+@click.option(
+    "--tickle-rate",
+    type=FINITE_FLOAT,
+    default=None,
+    help=f"Fleet-wide UDP wake-ups per second [default: {TICKLE_RATE:g}].",
+)
+@click.option(
+    "--tickle-min-interval",
+    type=FINITE_FLOAT,
+    default=None,
+    help=f"Seconds between two wake-ups of one computer [default: {TICKLE_MIN_INTERVAL:g}].",
+)
+@click.option(
+    "--poll-interval",
+    type=FINITE_FLOAT,
+    default=None,
+    help=f"Seconds between agents' fallback exchanges [default: {POLL_INTERVAL:g}].",
+)
+@click.option(
+    "--lost-grace",
+    type=FINITE_FLOAT,
+    default=None,
+    help="Seconds past a script's time limit before it is declared lost "
+    f"[default: {LOST_GRACE:g}].",
+)
+@click.option(
+    "--reaper-interval",
+    type=FINITE_FLOAT,
+    default=None,
+    help=f"Seconds between checks for lost activities [default: {REAPER_INTERVAL:g}].",
+)
+@click.option(
+    "--task-types",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="TOML file declaring server task types (see docs/task-types.example.toml).",
+)
+@click.option(
+    "--queue",
+    default="embedded",
+    show_default=True,
+    help="Dispatch queue: embedded (in-process workers) or amqp://USER:PASS@HOST/VHOST.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 256),
+    default=WORKER_CONCURRENCY,
+    show_default=True,
+    help="Embedded queue: server tasks run at once in this process.",
+)
+@click.option(
+    "--heartbeat-timeout",
+    type=FINITE_FLOAT,
+    default=WORKER_HEARTBEAT_TIMEOUT,
+    show_default=True,
+    help="Seconds without a worker heartbeat before its tasks fail.",
+)
+@click.option(
+    "--tickles/--no-tickles",
+    default=True,
+    show_default=True,
+    help="Send UDP wake-ups (off: agents rely on polls and long polls).",
+)
+@click.option(
+    "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
+)
+@click.pass_context
+def server(
+    ctx: click.Context,
+    database: str | None,
+    listen: str,
+    data_dir: Path,
+    tickle_rate: float | None,
+    tickle_min_interval: float | None,
+    poll_interval: float | None,
+    lost_grace: float | None,
+    reaper_interval: float | None,
+    task_types: Path | None,
+    queue: str,
+    workers: int,
+    heartbeat_timeout: float,
+    tickles: bool,
+    log_format: str,
+) -> None:
+    """Run the server: API, agent exchanges, tickles (one process, SQLite by default).
+
+    `taskfleet server mint-admin-token` makes a new admin token from the data
+    folder when none is left."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import uvicorn
+
+    from taskfleet import logs
+    from taskfleet.server.app import ServerConfig, create_app
+    from taskfleet.store import db
+
+    host, port = _listen(listen)
+    logs.setup(log_format)
+    database_url = database or _default_database(data_dir)
+    try:
+        # Checked here too (the server's start-up checks again) for a clean message.
+        db.secure_data_dir(data_dir.resolve())
+        db.prepare_sqlite(database_url)
+    except (db.InsecureFileError, OSError, ValueError) as exc:
+        fail(f"refusing to start: {exc}")
+    config = ServerConfig(
+        database_url=database_url,
+        data_dir=data_dir.resolve(),
+        public_url=f"http://{host}:{port}",
+        tickles=tickles,
+        task_types=task_types,
+        queue=queue,
+        workers=workers,
+        heartbeat_timeout=heartbeat_timeout,
+    )
+    if heartbeat_timeout <= 0:
+        raise click.BadParameter("--heartbeat-timeout must be positive")
+    if queue != "embedded" and not queue.startswith(("amqp://", "amqps://")):
+        raise click.BadParameter(f"--queue must be embedded or amqp://..., not {queue!r}")
+    for name, value in (
+        ("tickle_rate", tickle_rate),
+        ("tickle_min_interval", tickle_min_interval),
+        ("poll_interval", poll_interval),
+        ("lost_grace", lost_grace),
+        ("reaper_interval", reaper_interval),
+    ):
+        if value is not None:
+            if value <= 0:
+                raise click.BadParameter(f"--{name.replace('_', '-')} must be positive")
+            setattr(config, name, value)
+    uvicorn.run(
+        create_app(config),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_keep_alive=SERVER_KEEP_ALIVE,
+        backlog=SERVER_BACKLOG,
+    )
+
+
+def _default_database(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'taskfleet.sqlite3').resolve()}"
+
+
+@server.command("mint-admin-token")
+@click.option(
+    "--database",
+    envvar="TASKFLEET_DATABASE",
+    default=None,
+    help="The server's database [default: DATA_DIR/taskfleet.sqlite3].",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path(SERVER_DATA_DIR),
+    show_default=True,
+    help="The server's data folder: the token is written to DATA_DIR/admin-token.",
+)
+@click.option("--tenant", default="default", show_default=True)
+def server_mint_admin_token(database: str | None, data_dir: Path, tenant: str) -> None:
+    """Mint a new admin token from the data folder (when no admin token is left).
+
+    Works on the database directly, with or without a running server; the token
+    is written to DATA_DIR/admin-token (mode 0600), never printed, and the audit
+    log records it."""
+    import asyncio
+    import getpass
+    import socket
+
+    from taskfleet.server.app import mint_admin_token
+    from taskfleet.server.service import ApiError
+    from taskfleet.store import db
+
+    try:
+        token_id, path = asyncio.run(
+            mint_admin_token(
+                data_dir.resolve(),
+                database or _default_database(data_dir),
+                tenant=tenant,
+                actor=f"server-cli:{getpass.getuser()}@{socket.gethostname()}",
+            )
+        )
+    except ApiError as exc:
+        fail(exc.message)
+    except (db.InsecureFileError, OSError, ValueError) as exc:
+        fail(str(exc))
+    echo(f"admin token {token_id} minted for tenant {tenant}; written to {path}")

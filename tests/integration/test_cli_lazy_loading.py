@@ -1,0 +1,50 @@
+"""`taskfleet COMMAND` imports only COMMAND's module; `taskfleet agent` stays lean.
+
+The agent runs on production machines (README, architecture: idle RSS), so it
+must not pay for the admin commands, httpx or rich. Run in a fresh interpreter:
+the test process has imported everything already.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from taskfleet.cli import COMMANDS
+
+PROBE = """\
+import json, sys
+from taskfleet.cli import root
+try:
+    root(sys.argv[1:], prog_name="taskfleet")
+except SystemExit:
+    pass
+print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+"""
+HELPERS = {"taskfleet.cli.client", "taskfleet.cli.options", "taskfleet.cli.output"}
+
+
+def _loaded(*args: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=60
+    )
+    return set(json.loads(out.stderr.splitlines()[-1]))
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_command_loads_only_its_own_module(command: str) -> None:
+    cli_modules = {m for m in _loaded(command, "--help") if m.startswith("taskfleet.cli.")}
+    assert cli_modules - HELPERS == {f"taskfleet.cli.{COMMANDS[command]}"}
+
+
+def test_the_agent_loads_no_admin_module_nor_httpx_nor_rich() -> None:
+    loaded = _loaded("agent", "--help")
+    assert {m for m in loaded if m.startswith("taskfleet.cli.")} == {
+        "taskfleet.cli.agent",
+        "taskfleet.cli.options",
+        "taskfleet.cli.output",
+    }
+    assert not {"httpx", "rich", "taskfleet.server"} & loaded
