@@ -1,4 +1,4 @@
-"""Tests for taskfleet.agent.executor: real child processes, short timeouts and graces."""
+"""Tests for taskfleet.process: real child processes, short timeouts and graces."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from taskfleet.agent.executor import (
+from taskfleet.process import (
     DEFAULT_OUTPUT_CAP,
     TRUNCATION_MARKER,
     ScriptResult,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from taskfleet.agent.executor import TRUNCATION_MARKER
+from taskfleet.process import TRUNCATION_MARKER
 from taskfleet.worker.handlers import (
     HandlerResult,
     StopRequest,

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskfleet.agent.executor import TRUNCATION_MARKER, ScriptResult, ScriptSpec, start_script
+from taskfleet.process import TRUNCATION_MARKER, ScriptResult, ScriptSpec, start_script
 from taskfleet.settings import INT64_MAX, INT64_MIN, OUTPUT_CAP
 
 __all__ = [

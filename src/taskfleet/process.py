@@ -1,4 +1,7 @@
-"""Run one "execute-script" operation on the agent's machine.
+"""Run one child process under a time limit: the agent's scripts and the worker's commands.
+
+Neither the agent nor the worker owns this module; both import it (the agent for
+"execute-script" operations, the worker for command handlers of server task types).
 
 Contract:
 - The child gets its own session and process group, stdin from /dev/null, a minimal base
