@@ -42,6 +42,7 @@ __all__ = [
     "RunningScript",
     "ScriptResult",
     "ScriptSpec",
+    "cap_text",
     "start_script",
 ]
 
@@ -158,6 +159,15 @@ class _CappedBuffer:
         if self.dropped:
             text += TRUNCATION_MARKER.format(dropped=self.dropped)
         return text
+
+
+def cap_text(text: str, cap: int) -> str:
+    """``text`` cut to ``cap`` UTF-8 bytes, marked with ``TRUNCATION_MARKER`` like a stream."""
+    data = text.encode("utf-8", errors="replace")
+    if len(data) <= cap:
+        return text
+    kept = data[:cap].decode("utf-8", errors="ignore")  # never split a character
+    return kept + TRUNCATION_MARKER.format(dropped=len(data) - len(kept.encode("utf-8")))
 
 
 class _Protocol(asyncio.SubprocessProtocol):

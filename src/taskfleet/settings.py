@@ -16,6 +16,7 @@ SCRIPT_TIMEOUT = 300.0  # default time limit of a script on the agent
 LOST_GRACE = 60.0  # SPEC 9: the server waits this much longer than the agent's limit
 OUTPUT_CAP = 64 * 1024  # bytes per stream kept from a script (stated in every result)
 OUTPUT_CAP_MAX = 1024 * 1024  # the most a request may ask for
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL to a child's process group
 REAPER_INTERVAL = 5.0  # how often the server looks for lost activities
 
 AGENT_RETRY_MIN = 1.0  # agent backoff when the server is down...
@@ -64,3 +65,6 @@ CLI_RETRY_MAX_DELAY = 5.0  # seconds between two attempts at most (from 0.25 s, 
 EARLY_CANCEL_MEMORY = 60.0  # seconds a worker remembers a cancel for a task it has not
 # claimed yet: the cancel message can overtake the end of the worker's own claim; the
 # database (read at every heartbeat) is the record after that
+
+# -- server tasks (SPEC 4) ----------------------------------------------------------------
+TASK_TIME_LIMIT = 3600.0  # seconds; a server task whose type declares no limit still ends

@@ -33,12 +33,12 @@ import sqlalchemy as sa
 from taskfleet.dispatch import DispatchQueue
 from taskfleet.domain.scheduling import Pending, Scheduler, Scope, TaskType, validate_types
 from taskfleet.domain.states import State
+from taskfleet.domain.task_types import TaskTypeSpec, validate_params
 from taskfleet.server.service import ApiError, Principal
 from taskfleet.server.task_holds import TaskHolds, parse_hold
 from taskfleet.server.writer import Writer
 from taskfleet.store import tasks as store
 from taskfleet.store.schema import groups, tenants
-from taskfleet.worker.handlers import TaskTypeSpec, validate_params
 
 log = logging.getLogger("taskfleet.scheduler")
 

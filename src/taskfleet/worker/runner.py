@@ -37,9 +37,10 @@ from typing import Any, NamedTuple
 
 from taskfleet.dispatch import Delivery, DispatchQueue
 from taskfleet.domain.results import result_line
+from taskfleet.domain.task_types import TaskTypeSpec, render_command
 from taskfleet.settings import EARLY_CANCEL_MEMORY
 from taskfleet.store import tasks as store
-from taskfleet.worker.handlers import StopRequest, TaskTypeSpec, render_command, run_handler
+from taskfleet.worker.handlers import StopRequest, run_handler
 
 log = logging.getLogger("taskfleet.worker")
 
