@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import enum
 import math
 import re
 import shlex
@@ -38,15 +39,27 @@ __all__ = [
     "CONTEXT_KEYS",
     "PARAM_TYPES",
     "SCOPES",
+    "Scope",
     "TaskTypeError",
     "TaskTypeSpec",
     "alternatives",
     "did_you_mean",
+    "is_concurrency",
+    "is_time_limit",
     "render_command",
     "validate_params",
 ]
 
-SCOPES = ("none", "tenant", "group")  # SPEC 4.1: what a submission must name
+
+class Scope(enum.StrEnum):
+    """What a submission of the type must name (SPEC 4.1)."""
+
+    NONE = "none"
+    TENANT = "tenant"
+    GROUP = "group"
+
+
+SCOPES = tuple(s.value for s in Scope)  # as plain strings: what a declaration may say
 KINDS = ("callable", "command")
 PARAM_TYPES = ("str", "int", "float", "bool")
 CONTEXT_KEYS = ("task_id", "type", "tenant", "group")  # given by the worker, not the submitter
@@ -123,17 +136,12 @@ class TaskTypeSpec:
             raise bad("callable", f"must look like 'package.module:function', got {self.handler!r}")
 
         limit = self.time_limit
-        if (
-            isinstance(limit, bool)
-            or not isinstance(limit, int | float)
-            or not math.isfinite(limit)
-            or limit <= 0
-        ):
+        if not is_time_limit(limit):
             raise bad("time_limit", f"must be a number of seconds > 0, got {limit!r}")
         object.__setattr__(self, "time_limit", float(limit))
 
         conc = self.concurrency
-        if conc is not None and (isinstance(conc, bool) or not isinstance(conc, int) or conc < 1):
+        if not is_concurrency(conc):
             raise bad("concurrency", f"must be an integer >= 1 (or left out), got {conc!r}")
         for key in ("per_tenant", "retry_safe"):
             if not isinstance(getattr(self, key), bool):
@@ -237,6 +245,21 @@ class TaskTypeSpec:
                     type_name=self.name,
                     field=f"params.{name}",
                 )
+
+
+def is_time_limit(value: object) -> bool:
+    """A time limit is a finite number of seconds > 0 (true and false are not numbers)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def is_concurrency(value: object) -> bool:
+    """A concurrency limit is None (no limit) or an integer >= 1."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
 
 
 def _context_keys(scope: str) -> tuple[str, ...]:
