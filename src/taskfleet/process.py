@@ -16,7 +16,7 @@ Contract:
 - When the main process exits on its own, processes it left in the background are not killed;
   output is collected for at most ``EXIT_DRAIN`` more seconds, then reading stops.
 
-Stdlib only: the agent must stay lean.
+Stdlib only (and the constants in ``taskfleet.settings``): the agent must stay lean.
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from taskfleet.settings import EXIT_DRAIN, KILL_GRACE, OUTPUT_CAP, SCRIPT_TIMEOUT
+
 __all__ = [
-    "DEFAULT_OUTPUT_CAP",
-    "EXIT_DRAIN",
-    "KILL_GRACE",
     "TRUNCATION_MARKER",
     "RunningScript",
     "ScriptResult",
@@ -46,10 +45,7 @@ __all__ = [
     "start_script",
 ]
 
-DEFAULT_OUTPUT_CAP = 64 * 1024  # bytes per stream
 TRUNCATION_MARKER = "\n[taskfleet: output truncated, {dropped} bytes dropped]\n"
-KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL to the process group
-EXIT_DRAIN = 2.0  # seconds to keep reading pipes after the main process is gone
 
 _BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "USER")
 _GROUP_POLL = 0.02  # seconds between checks whether the process group is gone
@@ -62,8 +58,8 @@ class ScriptSpec:
     interpreter: str = "/bin/sh"
     env: dict[str, str] | None = None
     cwd: str | None = None
-    timeout: float = 300.0
-    output_cap: int = DEFAULT_OUTPUT_CAP
+    timeout: float = SCRIPT_TIMEOUT
+    output_cap: int = OUTPUT_CAP
     user: str | None = None
     tmp_dir: str | None = None
 

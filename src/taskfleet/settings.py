@@ -17,6 +17,9 @@ LOST_GRACE = 60.0  # SPEC 9: the server waits this much longer than the agent's 
 OUTPUT_CAP = 64 * 1024  # bytes per stream kept from a script (stated in every result)
 OUTPUT_CAP_MAX = 1024 * 1024  # the most a request may ask for
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL to a child's process group
+# Seconds a child's output is still read after its main process exited: processes it left in
+# the background may hold the pipes open for ever, and the result must not wait for them.
+EXIT_DRAIN = 2.0
 REAPER_INTERVAL = 5.0  # how often the server looks for lost activities
 
 AGENT_RETRY_MIN = 1.0  # agent backoff when the server is down...
@@ -68,3 +71,11 @@ EARLY_CANCEL_MEMORY = 60.0  # seconds a worker remembers a cancel for a task it 
 
 # -- server tasks (SPEC 4) ----------------------------------------------------------------
 TASK_TIME_LIMIT = 3600.0  # seconds; a server task whose type declares no limit still ends
+# A worker writes a heartbeat this often, busy or idle (and reads its tasks' cancels then):
+# far below the reaper's timeout (5 h), so only a really silent worker loses its tasks.
+WORKER_HEARTBEAT_INTERVAL = 10.0
+CLAIM_RETRY_DELAY = 1.0  # seconds before a delivery whose claim failed goes back to the queue
+# A worker retries storing a result until the database answers (it never acks before):
+# from this many seconds, doubling up to the next, so an outage is not a busy loop.
+RESULT_RETRY_MIN = 0.5
+RESULT_RETRY_MAX = 30.0

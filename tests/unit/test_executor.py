@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from taskfleet.process import (
-    DEFAULT_OUTPUT_CAP,
     TRUNCATION_MARKER,
     ScriptResult,
     ScriptSpec,
     start_script,
 )
+from taskfleet.settings import OUTPUT_CAP as DEFAULT_OUTPUT_CAP
 
 GRACE = 0.3  # short SIGTERM -> SIGKILL grace so the kill tests stay fast
 DRAIN = 0.3
