@@ -5,7 +5,7 @@ Contract:
   ``taskfleet.task_type_file``, or in code for the built-ins). Constructing one validates it;
   every problem raises ``TaskTypeError`` naming the type and the key. The server validates
   submissions with it, the worker runs handlers from it, and the scheduler takes its limits
-  from it (``domain.scheduling.view``).
+  from it (``domain.scheduling.from_spec``).
 - Parameters are declared with a type (``str``, ``int``, ``float``, ``bool``). Every declared
   parameter is required unless ``defaults`` gives it a default; ``ranges`` bound an int or
   float parameter, and an int must fit in 64 bits. ``validate_params`` converts submitted
@@ -101,6 +101,8 @@ def _type_label(name: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class TaskTypeSpec:
+    """A server task type as declared; the one model the server, worker and scheduler use."""
+
     name: str  # [a-z0-9][a-z0-9_.-]{0,63}
     scope: str  # "none" | "tenant" | "group": what a submission must name (SPEC 4.1)
     handler: str  # "package.module:function" or a command template
