@@ -19,7 +19,8 @@ import statistics
 import time
 from collections.abc import Callable
 
-from taskfleet.domain.scheduling import Pending, Scheduler, Scope, TaskType, validate_types
+from taskfleet.domain.scheduling import Pending, Scheduler, TaskType, validate_types
+from taskfleet.domain.task_types import Scope
 
 PENDING = 100_000
 TENANTS = 200

@@ -16,6 +16,10 @@ SCRIPT_TIMEOUT = 300.0  # default time limit of a script on the agent
 LOST_GRACE = 60.0  # SPEC 9: the server waits this much longer than the agent's limit
 OUTPUT_CAP = 64 * 1024  # bytes per stream kept from a script (stated in every result)
 OUTPUT_CAP_MAX = 1024 * 1024  # the most a request may ask for
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL to a child's process group
+# Seconds a child's output is still read after its main process exited: processes it left in
+# the background may hold the pipes open for ever, and the result must not wait for them.
+EXIT_DRAIN = 2.0
 REAPER_INTERVAL = 5.0  # how often the server looks for lost activities
 
 AGENT_RETRY_MIN = 1.0  # agent backoff when the server is down...
@@ -72,7 +76,6 @@ SERVER_KEEP_ALIVE = 120  # seconds an idle API connection stays open: longer tha
 # poll (LONG_POLL_WAIT), so an agent keeps its one keep-alive connection
 SERVER_BACKLOG = 4096  # pending TCP connections: a fleet woken at TICKLE_RATE connects at once
 WORKER_CONCURRENCY = 4  # server tasks one worker (or the embedded queue) runs at once
-WORKER_HEARTBEAT_INTERVAL = 10.0  # seconds between a worker's heartbeats (far below the timeout)
 WORKER_HEARTBEAT_TIMEOUT = 5 * 3600.0  # SPEC 4.6: a silent worker's tasks fail after this
 SCRIPT_INTERPRETER = "/bin/sh"  # runs a --script file: the one shell every Unix agent has
 AGENT_STATE_DIR = "/var/lib/taskfleet"  # the agent's durable local state (FHS: service state)
@@ -81,3 +84,14 @@ SCRUB_INTERVAL = 3600.0  # SPEC 5: the agent's scrubber runs at start, then this
 SCRUB_MAX_ATTEMPTS = 3  # SPEC 5: attempts after which the scrubber stops continuing an operation
 CLI_HTTP_TIMEOUT = 60.0  # seconds one admin API call may take (a bulk cancel of many rows)
 CLI_POLL_INTERVAL = 0.2  # seconds between two polls of `run --wait`: a live bar, a light load
+
+# -- server tasks (SPEC 4) ----------------------------------------------------------------
+TASK_TIME_LIMIT = 3600.0  # seconds; a server task whose type declares no limit still ends
+# A worker writes a heartbeat this often, busy or idle (and reads its tasks' cancels then):
+# far below the reaper's timeout (5 h), so only a really silent worker loses its tasks.
+WORKER_HEARTBEAT_INTERVAL = 10.0
+CLAIM_RETRY_DELAY = 1.0  # seconds before a delivery whose claim failed goes back to the queue
+# A worker retries storing a result until the database answers (it never acks before):
+# from this many seconds, doubling up to the next, so an outage is not a busy loop.
+RESULT_RETRY_MIN = 0.5
+RESULT_RETRY_MAX = 30.0

@@ -1,4 +1,4 @@
-"""Tests for taskfleet.agent.executor: real child processes, short timeouts and graces."""
+"""Tests for taskfleet.process: real child processes, short timeouts and graces."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from taskfleet.agent.executor import (
-    DEFAULT_OUTPUT_CAP,
+from taskfleet.process import (
     TRUNCATION_MARKER,
     ScriptResult,
     ScriptSpec,
     start_script,
 )
+from taskfleet.settings import OUTPUT_CAP as DEFAULT_OUTPUT_CAP
 
 GRACE = 0.3  # short SIGTERM -> SIGKILL grace so the kill tests stay fast
 DRAIN = 0.3

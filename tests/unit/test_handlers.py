@@ -1,4 +1,5 @@
-"""Tests for taskfleet.worker.handlers: declarations, parameters, templates and handlers."""
+"""Tests for server task types: declarations and parameters (domain.task_types), the TOML file
+(task_type_file), command templates and running handlers (worker.handlers)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from taskfleet.agent.executor import TRUNCATION_MARKER
-from taskfleet.worker.handlers import (
-    HandlerResult,
-    StopRequest,
-    TaskTypeError,
-    TaskTypeSpec,
-    load_task_types,
-    render_command,
-    resolve_callable,
-    run_handler,
-    validate_params,
-)
+from taskfleet.domain.task_types import TaskTypeError, TaskTypeSpec, render_command, validate_params
+from taskfleet.process import TRUNCATION_MARKER
+from taskfleet.task_type_file import load_task_types
+from taskfleet.worker.handlers import HandlerResult, StopRequest, resolve_callable, run_handler
 
 ME = "tests.unit.test_handlers"
 PY = shlex.quote(sys.executable).replace("{", "{{").replace("}", "}}")

@@ -19,11 +19,11 @@ from hypothesis.stateful import (
 from taskfleet.domain.scheduling import (
     Pending,
     Scheduler,
-    Scope,
     TaskType,
     Wait,
     validate_types,
 )
+from taskfleet.domain.task_types import Scope
 
 T0 = datetime(2026, 5, 9, 12, 0, 0, tzinfo=UTC).timestamp()
 

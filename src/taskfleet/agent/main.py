@@ -43,7 +43,6 @@ from typing import Any
 
 from taskfleet import __version__
 from taskfleet.agent import state as st
-from taskfleet.agent.executor import RunningScript, ScriptSpec, start_script
 from taskfleet.agent.http import Connection, HttpError
 from taskfleet.agent.scrub import (
     DEFAULT_MAX_ATTEMPTS,
@@ -58,6 +57,7 @@ from taskfleet.domain.policy import Interval, Mode, RunWindow, validate_policy
 from taskfleet.domain.results import REFUSED_PREFIX, describe_script_outcome, result_line
 from taskfleet.domain.scripts import EXECUTE_SCRIPT, policy_refusal, validate_script_params
 from taskfleet.domain.scrubber import Action, after_failure
+from taskfleet.process import RunningScript, ScriptSpec, start_script
 from taskfleet.protocol.exchange import ENROLL_PATH, EXCHANGE_PATH, MAX_MESSAGES
 from taskfleet.protocol.signing import SignatureError, Verifier
 from taskfleet.protocol.tickle import TickleVerifier

@@ -17,13 +17,15 @@ seconds since the epoch, never going backwards).
 
 from __future__ import annotations
 
-import enum
 import heapq
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
+
+from taskfleet.domain.task_types import Scope, TaskTypeSpec, is_concurrency, is_time_limit
+from taskfleet.settings import TASK_TIME_LIMIT
 
 # (type name, tenant for a per-tenant type else None): the unit of FIFO order and of slots.
 Key = tuple[str, int | None]
@@ -33,23 +35,21 @@ _COMPACT_MIN_STALE = 1024
 _K = TypeVar("_K")
 
 
-class Scope(enum.StrEnum):
-    """What a task of the type acts on; carried for callers, not used by the scheduler."""
-
-    NONE = "none"
-    TENANT = "tenant"
-    GROUP = "group"
-
-
 @dataclass(frozen=True)
 class TaskType:
+    """The scheduler's view of a declared task type (``from_spec``): the limits it enforces.
+
+    The declaration (``task_types.TaskTypeSpec``) is the model and validates itself; a view is
+    plain data, built from one or by hand (tests, benchmarks), and ``validate_types`` checks
+    only what the scheduler relies on, with the declaration's rules."""
+
     name: str
-    scope: Scope = Scope.NONE
+    scope: Scope = Scope.NONE  # carried for callers, not used by the scheduler
     concurrency: int | None = None  # max running at once (per tenant if per_tenant); None = any
     per_tenant: bool = False
     excludes: frozenset[str] = frozenset()  # types that may not run at the same time as this
-    time_limit: float = 3600.0
-    retry_safe: bool = False
+    time_limit: float = TASK_TIME_LIMIT  # carried for callers
+    retry_safe: bool = False  # carried for callers
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,24 @@ class Wait:
     reason: str
 
 
+def from_spec(spec: TaskTypeSpec) -> TaskType:
+    """The scheduler's view of the declared task type ``spec``."""
+    return TaskType(
+        name=spec.name,
+        scope=Scope(spec.scope),
+        concurrency=spec.concurrency,
+        per_tenant=spec.per_tenant,
+        excludes=frozenset(spec.excludes),
+        time_limit=spec.time_limit,
+        retry_safe=spec.retry_safe,
+    )
+
+
+def from_specs(specs: Mapping[str, TaskTypeSpec]) -> dict[str, TaskType]:
+    """Views of every declared type, indexed by name and checked as a set."""
+    return validate_types(from_spec(s) for s in specs.values())
+
+
 def validate_types(types: Iterable[TaskType]) -> dict[str, TaskType]:
     """Index ``types`` by name; ValueError names the first problem found."""
     out: dict[str, TaskType] = {}
@@ -77,12 +95,12 @@ def validate_types(types: Iterable[TaskType]) -> dict[str, TaskType]:
             raise ValueError("a task type needs a name")
         if t.name in out:
             raise ValueError(f"duplicate task type {t.name!r}")
-        if t.concurrency is not None and t.concurrency < 1:
+        if not is_concurrency(t.concurrency):
             raise ValueError(
                 f"task type {t.name!r}: concurrency must be at least 1 or None (unlimited),"
                 f" not {t.concurrency}"
             )
-        if not t.time_limit > 0:  # written this way so that NaN is refused too
+        if not is_time_limit(t.time_limit):
             raise ValueError(f"task type {t.name!r}: time_limit must be > 0, not {t.time_limit}")
         out[t.name] = t
     for t in listed:

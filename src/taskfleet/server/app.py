@@ -74,8 +74,8 @@ from taskfleet.settings import (
 from taskfleet.store import db
 from taskfleet.store.schema import api_tokens, computers
 from taskfleet.store.schema import workers as workers_table
+from taskfleet.task_type_file import load_task_types
 from taskfleet.worker.builtin import BUILTINS
-from taskfleet.worker.handlers import load_task_types
 from taskfleet.worker.runner import Worker
 
 log = logging.getLogger("taskfleet.server")

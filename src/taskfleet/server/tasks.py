@@ -31,31 +31,16 @@ from typing import Any
 import sqlalchemy as sa
 
 from taskfleet.dispatch import DispatchQueue
-from taskfleet.domain.scheduling import Pending, Scheduler, Scope, TaskType, validate_types
+from taskfleet.domain.scheduling import Pending, Scheduler, TaskType, from_specs
 from taskfleet.domain.states import State
+from taskfleet.domain.task_types import TaskTypeSpec, validate_params
 from taskfleet.server.service import ApiError, Principal
 from taskfleet.server.task_holds import TaskHolds, parse_hold
 from taskfleet.server.writer import Writer
 from taskfleet.store import tasks as store
 from taskfleet.store.schema import groups, tenants
-from taskfleet.worker.handlers import TaskTypeSpec, validate_params
 
 log = logging.getLogger("taskfleet.scheduler")
-
-
-def scheduling_types(specs: dict[str, TaskTypeSpec]) -> dict[str, TaskType]:
-    return validate_types(
-        TaskType(
-            name=s.name,
-            scope=Scope(s.scope),
-            concurrency=s.concurrency,
-            per_tenant=s.per_tenant,
-            excludes=frozenset(s.excludes),
-            time_limit=s.time_limit,
-            retry_safe=s.retry_safe,
-        )
-        for s in specs.values()
-    )
 
 
 @dataclass
@@ -77,7 +62,7 @@ class TaskManager(TaskHolds):
     _settling: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
-        self._types = scheduling_types(self.specs)
+        self._types = from_specs(self.specs)
         self.scheduler = Scheduler(self._types)
 
     # -- lifecycle ---------------------------------------------------------------

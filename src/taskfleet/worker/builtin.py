@@ -17,8 +17,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from taskfleet.domain.states import FINAL_STATES
+from taskfleet.domain.task_types import TaskTypeSpec
 from taskfleet.store.schema import activities, activity_events, requests, server_tasks
-from taskfleet.worker.handlers import TaskTypeSpec
 
 BUILTINS = (
     TaskTypeSpec(

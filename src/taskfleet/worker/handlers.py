@@ -1,20 +1,9 @@
-"""Server task types (SPEC 4): their declarations, parameters and handlers.
+"""Running a server task type's handler (SPEC 4) on the worker.
 
 Contract:
-- Administrators declare task types in a TOML file, one ``[types.NAME]`` table each (see
-  ``docs/task-types.example.toml``). ``load_task_types`` reads it; every problem (TOML syntax,
-  an unknown key, a bad value, an exclusion of an unknown type, redefining a built-in) raises
-  ``TaskTypeError`` naming the file, the type and the key. Nothing is imported at load time.
-- Parameters are declared with a type (``str``, ``int``, ``float``, ``bool``). Every declared
-  parameter is required unless ``[types.NAME.defaults]`` gives it a default.
-  ``validate_params`` converts submitted values (CLI strings or JSON scalars) and fills in
-  defaults, so equal submissions compare equal (SPEC 4.2 duplicates).
-- A command handler is a template: it is split into words by ``shlex`` FIRST and the
-  ``{name}`` placeholders are filled in each word afterwards, so a parameter value is always
-  exactly one argument, never more arguments or shell syntax. No shell is involved. The
-  executable (first word) may not contain a placeholder. It runs through the agent's
-  executor: own process group, killed (SIGTERM, then SIGKILL after ``kill_grace``) at the
-  type's time limit, output capped per stream.
+- A command handler's template is rendered (``domain.task_types.render_command``) and run
+  through ``taskfleet.process``: own process group, killed (SIGTERM, then SIGKILL after
+  ``kill_grace``) at the type's time limit, output capped per stream. No shell is involved.
 - A callable handler ``"package.module:function"`` is called as ``fn(params, context)``.
   Coroutine functions run on the worker's event loop and are cancelled at the time limit.
   Plain functions run in a daemon thread: at the time limit the result says timed out, but
@@ -36,538 +25,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import difflib
 import importlib
 import inspect
-import math
-import re
 import shlex
 import signal
 import threading
 import time
-import tomllib
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from taskfleet.agent.executor import TRUNCATION_MARKER, ScriptResult, ScriptSpec, start_script
-from taskfleet.settings import INT64_MAX, INT64_MIN, OUTPUT_CAP
+from taskfleet.domain.task_types import CALLABLE_REF, CONTEXT_KEYS, TaskTypeSpec, render_command
+from taskfleet.process import ScriptResult, ScriptSpec, cap_text, start_script
+from taskfleet.settings import KILL_GRACE, OUTPUT_CAP
 
 __all__ = [
-    "CONTEXT_KEYS",
-    "DEFAULT_TIME_LIMIT",
-    "PARAM_TYPES",
-    "SCOPES",
+    "THREAD_HELD",
     "HandlerResult",
     "StopRequest",
-    "TaskTypeError",
-    "TaskTypeSpec",
-    "load_task_types",
-    "render_command",
     "resolve_callable",
     "run_handler",
-    "validate_params",
 ]
-
-DEFAULT_TIME_LIMIT = 3600.0  # seconds; a server task with no declared limit still ends
-SCOPES = ("none", "tenant", "group")  # SPEC 4.1: what a submission must name
-KINDS = ("callable", "command")
-PARAM_TYPES = ("str", "int", "float", "bool")
-CONTEXT_KEYS = ("task_id", "type", "tenant", "group")  # given by the worker, not the submitter
-
-_TYPE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
-_PARAM_NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}")
-_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
-_CALLABLE_REF = re.compile(rf"{_DOTTED}:{_DOTTED}")
-_INT_TEXT = re.compile(r"[+-]?[0-9]+")
-_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-_TRUE = frozenset({"true", "yes", "on", "1"})
-_FALSE = frozenset({"false", "no", "off", "0"})
-# {{ and }} are literal braces, {name} a placeholder; any other brace is an error.
-_TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
-
-_KNOWN_KEYS = (
-    "callable",
-    "command",
-    "scope",
-    "time_limit",
-    "concurrency",
-    "per_tenant",
-    "excludes",
-    "retry_safe",
-    "params",
-    "defaults",
-    "ranges",
-    "description",
-)
-
-
-class TaskTypeError(ValueError):
-    """A bad task type declaration; the message names the file, the type and the key."""
-
-    def __init__(
-        self,
-        problem: str,
-        *,
-        path: Path | str | None = None,
-        type_name: str | None = None,
-        field: str | None = None,
-    ) -> None:
-        self.problem = problem
-        self.path = None if path is None else str(path)
-        self.type_name = type_name
-        self.field = field
-        parts = [p for p in (self.path, _type_label(type_name), field) if p]
-        super().__init__(": ".join([*parts, problem]))
-
-
-def _type_label(name: str | None) -> str | None:
-    return None if name is None else f"task type {name!r}"
-
-
-@dataclass(frozen=True)
-class TaskTypeSpec:
-    name: str  # [a-z0-9][a-z0-9_.-]{0,63}
-    scope: str  # "none" | "tenant" | "group": what a submission must name (SPEC 4.1)
-    handler: str  # "package.module:function" or a command template
-    kind: str  # "callable" | "command"
-    time_limit: float = DEFAULT_TIME_LIMIT  # seconds; the handler is stopped after this
-    concurrency: int | None = None  # at most this many running at once; None: no limit
-    per_tenant: bool = False  # concurrency and excludes count within one tenant
-    excludes: tuple[str, ...] = ()  # may not start while one of these types runs
-    retry_safe: bool = False  # may be run again after a lost worker
-    params: dict[str, str] = field(default_factory=dict)  # name -> one of PARAM_TYPES
-    defaults: dict[str, Any] = field(default_factory=dict)  # params that are optional
-    # int/float params: inclusive [min, max]; a value outside is refused at submission
-    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    description: str = ""  # one line for listings
-
-    def __post_init__(self) -> None:
-        def bad(key: str, problem: str) -> TaskTypeError:
-            return TaskTypeError(problem, type_name=self.name, field=key)
-
-        if not isinstance(self.name, str) or not _TYPE_NAME.fullmatch(self.name):
-            raise TaskTypeError(
-                f"invalid task type name {self.name!r}: use 1-64 characters a-z 0-9 _ . -, "
-                "starting with a letter or digit",
-                field="name",
-            )
-        if self.scope not in SCOPES:
-            raise bad("scope", f"must be one of {_alternatives(SCOPES)}, got {self.scope!r}")
-        if self.kind not in KINDS:
-            raise bad("kind", f"must be one of {_alternatives(KINDS)}, got {self.kind!r}")
-        if not isinstance(self.handler, str) or not self.handler.strip():
-            raise bad(self.kind, "must be a non-empty string")
-        if self.kind == "callable" and not _CALLABLE_REF.fullmatch(self.handler):
-            raise bad("callable", f"must look like 'package.module:function', got {self.handler!r}")
-
-        limit = self.time_limit
-        if (
-            isinstance(limit, bool)
-            or not isinstance(limit, int | float)
-            or not math.isfinite(limit)
-            or limit <= 0
-        ):
-            raise bad("time_limit", f"must be a number of seconds > 0, got {limit!r}")
-        object.__setattr__(self, "time_limit", float(limit))
-
-        conc = self.concurrency
-        if conc is not None and (isinstance(conc, bool) or not isinstance(conc, int) or conc < 1):
-            raise bad("concurrency", f"must be an integer >= 1 (or left out), got {conc!r}")
-        for key in ("per_tenant", "retry_safe"):
-            if not isinstance(getattr(self, key), bool):
-                raise bad(key, f"must be true or false, got {getattr(self, key)!r}")
-        if self.per_tenant and self.scope != "tenant":
-            raise bad(
-                "per_tenant",
-                f'needs scope = "tenant" (a task of scope {self.scope!r} has no tenant)',
-            )
-        if not isinstance(self.description, str):
-            raise bad("description", "must be a string")
-
-        if not isinstance(self.excludes, list | tuple):
-            raise bad("excludes", f"must be a list of task type names, got {self.excludes!r}")
-        for other in self.excludes:
-            if not isinstance(other, str) or not _TYPE_NAME.fullmatch(other):
-                raise bad("excludes", f"{other!r} is not a valid task type name")
-            if other == self.name:
-                raise bad("excludes", "a type cannot exclude itself (use concurrency = 1)")
-        if len(set(self.excludes)) != len(self.excludes):
-            raise bad("excludes", "names a type more than once")
-        object.__setattr__(self, "excludes", tuple(self.excludes))
-
-        if not isinstance(self.params, Mapping):
-            raise bad("params", "must be a table of name = type")
-        for pname, ptype in self.params.items():
-            where = f"params.{pname}"
-            if not isinstance(pname, str) or not _PARAM_NAME.fullmatch(pname):
-                raise bad(where, "invalid parameter name: use a-z 0-9 _, not starting with a digit")
-            if pname in CONTEXT_KEYS:
-                raise bad(where, f"{pname!r} is reserved for the task context")
-            if ptype not in PARAM_TYPES:
-                raise bad(where, f"type must be one of {_alternatives(PARAM_TYPES)}, got {ptype!r}")
-        object.__setattr__(self, "params", dict(self.params))
-
-        self._check_ranges(bad)
-        if not isinstance(self.defaults, Mapping):
-            raise bad("defaults", "must be a table of name = value")
-        converted: dict[str, Any] = {}
-        for pname, value in self.defaults.items():
-            if pname not in self.params:
-                raise bad(f"defaults.{pname}", "is not a declared parameter")
-            try:
-                converted[pname] = _convert(self.params[pname], value, self.ranges.get(pname))
-            except ValueError as exc:
-                raise bad(f"defaults.{pname}", str(exc)) from None
-        object.__setattr__(self, "defaults", converted)
-
-        if self.kind == "command":
-            self._check_template()
-
-    def _check_ranges(self, bad: Callable[[str, str], TaskTypeError]) -> None:
-        if not isinstance(self.ranges, Mapping):
-            raise bad("ranges", "must be a table of name = [min, max]")
-        checked: dict[str, tuple[float, float]] = {}
-        for pname, bounds in self.ranges.items():
-            where = f"ranges.{pname}"
-            if self.params.get(pname) not in ("int", "float"):
-                raise bad(where, "is not a declared int or float parameter")
-            ok = (
-                isinstance(bounds, list | tuple)
-                and len(bounds) == 2
-                and all(
-                    isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b)
-                    for b in bounds
-                )
-                and bounds[0] <= bounds[1]
-            )
-            if not ok:
-                raise bad(where, f"must be [min, max] with finite min <= max, got {bounds!r}")
-            checked[pname] = (bounds[0], bounds[1])
-        object.__setattr__(self, "ranges", checked)
-
-    def _check_template(self) -> None:
-        try:
-            words = _split_template(self.handler)
-            parsed = [_parse_word(word) for word in words]
-        except ValueError as exc:
-            raise TaskTypeError(str(exc), type_name=self.name, field="command") from None
-        if any(is_placeholder for _, is_placeholder in parsed[0]):
-            raise TaskTypeError(
-                "the executable (first word) may not contain a placeholder",
-                type_name=self.name,
-                field="command",
-            )
-        allowed = set(self.params) | set(_context_keys(self.scope))
-        used = {text for word in parsed for text, is_placeholder in word if is_placeholder}
-        for name in sorted(used - allowed):
-            hint = ""
-            if name in CONTEXT_KEYS:
-                hint = f" (a task of scope {self.scope!r} has no {name})"
-            raise TaskTypeError(
-                f"unknown placeholder {{{name}}}{hint}; known: {_alternatives(sorted(allowed))}",
-                type_name=self.name,
-                field="command",
-            )
-        for name in self.params:
-            if name not in used:
-                raise TaskTypeError(
-                    f"parameter {name!r} is declared but the command never uses {{{name}}}",
-                    type_name=self.name,
-                    field=f"params.{name}",
-                )
-
-
-def _context_keys(scope: str) -> tuple[str, ...]:
-    keys = ["task_id", "type"]
-    if scope in ("tenant", "group"):
-        keys.append(scope)
-    return tuple(keys)
-
-
-def _alternatives(values: Iterable[str]) -> str:
-    return ", ".join(repr(v) for v in values) or "(none)"
-
-
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-# --- loading -----------------------------------------------------------------------------
-
-
-def load_task_types(
-    path: Path | str | None, builtins: Iterable[TaskTypeSpec] = ()
-) -> dict[str, TaskTypeSpec]:
-    """Built-in types plus those declared in the TOML file at ``path`` (None: built-ins only)."""
-    types: dict[str, TaskTypeSpec] = {}
-    for spec in builtins:
-        if not isinstance(spec, TaskTypeSpec):
-            raise TypeError(f"built-in task types must be TaskTypeSpec, got {spec!r}")
-        if spec.name in types:
-            raise TaskTypeError("built-in task type declared twice", type_name=spec.name)
-        types[spec.name] = spec
-    builtin_names = set(types)
-    if path is None:
-        return types
-
-    try:
-        with open(path, "rb") as fh:
-            document = tomllib.load(fh)
-    except OSError as exc:
-        raise TaskTypeError(f"cannot read: {exc.strerror or exc}", path=path) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise TaskTypeError(f"not valid TOML: {exc}", path=path) from None
-
-    for key in document:
-        if key != "types":
-            raise TaskTypeError(
-                "unknown top-level key; declare each type as a [types.NAME] table",
-                path=path,
-                field=key,
-            )
-    declared = document.get("types", {})
-    if not isinstance(declared, dict):
-        raise TaskTypeError("must be tables [types.NAME]", path=path, field="types")
-
-    loaded: dict[str, TaskTypeSpec] = {}
-    for name, table in declared.items():
-        if name in builtin_names:
-            raise TaskTypeError(
-                "redefines a built-in task type; choose another name", path=path, type_name=name
-            )
-        if not isinstance(table, dict):
-            raise TaskTypeError(
-                f"must be a table [types.{name}], got {table!r}", path=path, type_name=name
-            )
-        try:
-            loaded[name] = _spec_from_table(name, table)
-        except TaskTypeError as exc:
-            raise TaskTypeError(
-                exc.problem, path=path, type_name=exc.type_name or name, field=exc.field
-            ) from None
-
-    known = builtin_names | set(loaded)
-    for spec in loaded.values():
-        for other in spec.excludes:
-            if other not in known:
-                raise TaskTypeError(
-                    f"names unknown task type {other!r}{_did_you_mean(other, known)}",
-                    path=path,
-                    type_name=spec.name,
-                    field="excludes",
-                )
-    types.update(loaded)
-    return types
-
-
-def _spec_from_table(name: str, table: dict[str, Any]) -> TaskTypeSpec:
-    for key in table:
-        if key not in _KNOWN_KEYS:
-            raise TaskTypeError(
-                f"unknown key{_did_you_mean(key, _KNOWN_KEYS)}; known keys: "
-                + ", ".join(_KNOWN_KEYS),
-                type_name=name,
-                field=key,
-            )
-    has_callable, has_command = "callable" in table, "command" in table
-    if has_callable == has_command:
-        problem = "both are set" if has_callable else "missing handler"
-        raise TaskTypeError(
-            f'{problem}: set exactly one of callable = "package.module:function" '
-            'or command = "program --option {param}"',
-            type_name=name,
-            field="callable / command",
-        )
-    kind = "callable" if has_callable else "command"
-    if "scope" not in table:
-        raise TaskTypeError(
-            f"missing; set one of {_alternatives(SCOPES)}", type_name=name, field="scope"
-        )
-    return TaskTypeSpec(
-        name=name,
-        scope=table["scope"],
-        handler=table[kind],
-        kind=kind,
-        time_limit=table.get("time_limit", DEFAULT_TIME_LIMIT),
-        concurrency=table.get("concurrency"),
-        per_tenant=table.get("per_tenant", False),
-        excludes=table.get("excludes", ()),
-        retry_safe=table.get("retry_safe", False),
-        params=table.get("params", {}),
-        defaults=table.get("defaults", {}),
-        ranges=table.get("ranges", {}),
-        description=table.get("description", ""),
-    )
-
-
-# --- parameters --------------------------------------------------------------------------
-
-
-def validate_params(spec: TaskTypeSpec, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Submitted values converted to their declared types, defaults filled in.
-
-    Raises ``ValueError`` listing every problem (unknown, missing or bad parameters), each
-    naming its parameter.
-    """
-    problems: list[str] = []
-    for pname in params:
-        if pname not in spec.params:
-            declared = _alternatives(spec.params) if spec.params else "none"
-            problems.append(
-                f"unknown parameter {pname!r}{_did_you_mean(str(pname), spec.params)} "
-                f"(declared: {declared})"
-            )
-    result: dict[str, Any] = {}
-    for pname, ptype in spec.params.items():
-        if pname in params:
-            try:
-                result[pname] = _convert(ptype, params[pname], spec.ranges.get(pname))
-            except ValueError as exc:
-                problems.append(f"parameter {pname!r}: {exc}")
-        elif pname in spec.defaults:
-            result[pname] = spec.defaults[pname]
-        else:
-            problems.append(f"missing parameter {pname!r} ({ptype})")
-    if problems:
-        raise ValueError(f"task type {spec.name!r}: " + "; ".join(problems))
-    return result
-
-
-def _convert(ptype: str, value: Any, bounds: tuple[float, float] | None = None) -> Any:
-    out = _convert_type(ptype, value)
-    if bounds is not None and not bounds[0] <= out <= bounds[1]:
-        raise ValueError(f"must be between {bounds[0]} and {bounds[1]}, got {value!r}")
-    return out
-
-
-def _convert_type(ptype: str, value: Any) -> Any:
-    if value is None:
-        raise ValueError(f"needs a {ptype} value, got null")
-    if ptype == "str":
-        if not isinstance(value, str):
-            raise ValueError(f"must be a string, got {type(value).__name__} {value!r}")
-        if "\0" in value:
-            raise ValueError("must not contain NUL characters")
-        return value
-    if ptype == "int":
-        number_: int | None = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            number_ = value
-        elif isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
-            with contextlib.suppress(ValueError):  # beyond Python's digit limit
-                number_ = int(value.strip())
-        if number_ is None:
-            raise ValueError(f"must be an integer, got {value!r}")
-        if not INT64_MIN <= number_ <= INT64_MAX:
-            raise ValueError(f"must fit in 64 bits, got {str(number_)[:40]}")
-        return number_
-    if ptype == "float":
-        number: float | None = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            number = float(value.strip())
-        if number is None or not math.isfinite(number):
-            raise ValueError(f"must be a finite number, got {value!r}")
-        return number
-    if ptype == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            word = value.strip().lower()
-            if word in _TRUE:
-                return True
-            if word in _FALSE:
-                return False
-        raise ValueError(f"must be true or false (yes/no, on/off, 1/0), got {value!r}")
-    raise ValueError(f"unsupported parameter type {ptype!r}")
-
-
-# --- command templates -------------------------------------------------------------------
-
-
-def _split_template(template: str) -> list[str]:
-    try:
-        words = shlex.split(template)
-    except ValueError as exc:  # e.g. "No closing quotation"
-        raise ValueError(f"cannot split command template {template!r}: {exc}") from None
-    if not words:
-        raise ValueError("command template is empty")
-    return words
-
-
-def _parse_word(word: str) -> list[tuple[str, bool]]:
-    """``word`` as (text, is_placeholder) pieces; literal braces already unescaped."""
-    pieces: list[tuple[str, bool]] = []
-    pos = 0
-    for match in _TEMPLATE_TOKEN.finditer(word):
-        if match.start() > pos:
-            pieces.append((word[pos : match.start()], False))
-        token = match.group(0)
-        if token in ("{{", "}}"):
-            pieces.append((token[0], False))
-        elif match.group(1) is not None:
-            name = match.group(1)
-            if not _PARAM_NAME.fullmatch(name):
-                raise ValueError(
-                    f"invalid placeholder {token!r} in {word!r}: a placeholder is {{name}} "
-                    "with a-z 0-9 _ only"
-                )
-            pieces.append((name, True))
-        else:
-            raise ValueError(f"single {token!r} in {word!r}: write {token * 2!r} for a literal")
-        pos = match.end()
-    if pos < len(word):
-        pieces.append((word[pos:], False))
-    return pieces
-
-
-def render_command(
-    template: str, params: Mapping[str, Any], context: Mapping[str, Any]
-) -> list[str]:
-    """The argv for ``template``: split by shlex first, then ``{name}`` filled per word.
-
-    A value never adds or splits arguments. Booleans render as ``true``/``false``, other
-    values with ``str``. Raises ``ValueError`` for an unknown placeholder, a placeholder
-    naming both a parameter and a context key, or a missing (None) value.
-    """
-    argv: list[str] = []
-    for word in _split_template(template):
-        out: list[str] = []
-        for text, is_placeholder in _parse_word(word):
-            if not is_placeholder:
-                out.append(text)
-                continue
-            in_params, in_context = text in params, text in context
-            if in_params and in_context:
-                raise ValueError(f"placeholder {{{text}}} names both a parameter and context")
-            if not in_params and not in_context:
-                known = _alternatives(sorted({*params, *context}))
-                raise ValueError(f"unknown placeholder {{{text}}}; known: {known}")
-            out.append(_format_value(text, params[text] if in_params else context[text]))
-        argv.append("".join(out))
-    return argv
-
-
-def _format_value(name: str, value: Any) -> str:
-    if value is None:
-        raise ValueError(f"placeholder {{{name}}} has no value")
-    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-    if "\0" in text:
-        raise ValueError(f"value of {{{name}}} contains a NUL character")
-    return text
-
 
 # --- callables ---------------------------------------------------------------------------
 
 
 def resolve_callable(handler: str) -> Callable[..., Any]:
     """Import ``"package.module:attr.attr"``; ``ValueError`` says what is missing."""
-    if not isinstance(handler, str) or not _CALLABLE_REF.fullmatch(handler):
+    if not isinstance(handler, str) or not CALLABLE_REF.fullmatch(handler):
         raise ValueError(f"handler {handler!r} is not of the form 'package.module:function'")
     module_name, _, attr_path = handler.partition(":")
     try:
@@ -670,7 +156,7 @@ async def run_handler(
     context: Mapping[str, Any],
     *,
     output_cap: int = OUTPUT_CAP,
-    kill_grace: float = 2.0,
+    kill_grace: float = KILL_GRACE,
     stop: StopRequest | None = None,
 ) -> HandlerResult:
     """Run ``spec``'s handler with validated ``params``; never raises for handler failures.
@@ -873,7 +359,7 @@ async def _run_callable(
         return HandlerResult(
             ok=ok,
             return_code=return_code,
-            output=_cap_text(output, output_cap),
+            output=cap_text(output, output_cap),
             error=error,
             timed_out=timed_out,
             argv=None,
@@ -1002,11 +488,3 @@ def _interpret(value: Any) -> tuple[int, str]:
             raise ValueError(f"a non-string output of type {type(output).__name__}")
         return code, output
     raise ValueError(f"an unsupported {type(value).__name__}; return None, an int, a str or a dict")
-
-
-def _cap_text(text: str, cap: int) -> str:
-    data = text.encode("utf-8", errors="replace")
-    if len(data) <= cap:
-        return text
-    kept = data[:cap].decode("utf-8", errors="ignore")  # never split a character
-    return kept + TRUNCATION_MARKER.format(dropped=len(data) - len(kept.encode("utf-8")))

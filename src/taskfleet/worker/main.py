@@ -10,8 +10,8 @@ from typing import Any
 
 from taskfleet.dispatch import open_queue
 from taskfleet.store import db
+from taskfleet.task_type_file import load_task_types
 from taskfleet.worker.builtin import BUILTINS
-from taskfleet.worker.handlers import load_task_types
 from taskfleet.worker.runner import Worker
 
 

@@ -37,15 +37,20 @@ from typing import Any, NamedTuple
 
 from taskfleet.dispatch import Delivery, DispatchQueue
 from taskfleet.domain.results import result_line
-from taskfleet.settings import EARLY_CANCEL_MEMORY
+from taskfleet.domain.task_types import TaskTypeSpec, render_command
+from taskfleet.settings import (
+    CLAIM_RETRY_DELAY,
+    EARLY_CANCEL_MEMORY,
+    RESULT_RETRY_MAX,
+    RESULT_RETRY_MIN,
+    WORKER_HEARTBEAT_INTERVAL,
+)
 from taskfleet.store import tasks as store
-from taskfleet.worker.handlers import StopRequest, TaskTypeSpec, render_command, run_handler
+from taskfleet.worker.handlers import StopRequest, run_handler
 
 log = logging.getLogger("taskfleet.worker")
 
 RunTx = Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]]
-HEARTBEAT_INTERVAL = 10.0  # seconds; the reaper's timeout is far longer (default 5 h)
-CLAIM_RETRY_DELAY = 1.0  # seconds before a delivery whose claim failed goes back to the queue
 
 
 class _Batcher:
@@ -151,7 +156,7 @@ class Worker:
         run_tx: RunTx,
         pg: bool,
         concurrency: int = 4,
-        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        heartbeat_interval: float = WORKER_HEARTBEAT_INTERVAL,
         on_finished: Callable[[int], None] | None = None,
         context: dict[str, Any] | None = None,
         name: str | None = None,
@@ -454,7 +459,7 @@ class Worker:
         cmd: str | None,
         stopped: bool = False,
     ) -> None:
-        delay = 0.5
+        delay = RESULT_RETRY_MIN
         while True:
             try:
                 stored = await self._db.call(
@@ -465,7 +470,7 @@ class Worker:
                 # Never ack before the result is stored: retry until the database is back.
                 log.warning("%s result not stored yet (%s); retrying in %.1fs", name, exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, RESULT_RETRY_MAX)
         log.info(
             "%s status update sent: %s%s",
             name,

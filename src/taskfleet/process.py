@@ -1,4 +1,7 @@
-"""Run one "execute-script" operation on the agent's machine.
+"""Run one child process under a time limit: the agent's scripts and the worker's commands.
+
+Neither the agent nor the worker owns this module; both import it (the agent for
+"execute-script" operations, the worker for command handlers of server task types).
 
 Contract:
 - The child gets its own session and process group, stdin from /dev/null, a minimal base
@@ -13,7 +16,7 @@ Contract:
 - When the main process exits on its own, processes it left in the background are not killed;
   output is collected for at most ``EXIT_DRAIN`` more seconds, then reading stops.
 
-Stdlib only: the agent must stay lean.
+Stdlib only (and the constants in ``taskfleet.settings``): the agent must stay lean.
 """
 
 from __future__ import annotations
@@ -31,21 +34,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from taskfleet.settings import EXIT_DRAIN, KILL_GRACE, OUTPUT_CAP, SCRIPT_TIMEOUT
+
 __all__ = [
-    "DEFAULT_OUTPUT_CAP",
-    "EXIT_DRAIN",
-    "KILL_GRACE",
     "TRUNCATION_MARKER",
     "RunningScript",
     "ScriptResult",
     "ScriptSpec",
+    "cap_text",
     "start_script",
 ]
 
-DEFAULT_OUTPUT_CAP = 64 * 1024  # bytes per stream
 TRUNCATION_MARKER = "\n[taskfleet: output truncated, {dropped} bytes dropped]\n"
-KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL to the process group
-EXIT_DRAIN = 2.0  # seconds to keep reading pipes after the main process is gone
 
 _BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "USER")
 _GROUP_POLL = 0.02  # seconds between checks whether the process group is gone
@@ -58,8 +58,8 @@ class ScriptSpec:
     interpreter: str = "/bin/sh"
     env: dict[str, str] | None = None
     cwd: str | None = None
-    timeout: float = 300.0
-    output_cap: int = DEFAULT_OUTPUT_CAP
+    timeout: float = SCRIPT_TIMEOUT
+    output_cap: int = OUTPUT_CAP
     user: str | None = None
     tmp_dir: str | None = None
 
@@ -155,6 +155,15 @@ class _CappedBuffer:
         if self.dropped:
             text += TRUNCATION_MARKER.format(dropped=self.dropped)
         return text
+
+
+def cap_text(text: str, cap: int) -> str:
+    """``text`` cut to ``cap`` UTF-8 bytes, marked with ``TRUNCATION_MARKER`` like a stream."""
+    data = text.encode("utf-8", errors="replace")
+    if len(data) <= cap:
+        return text
+    kept = data[:cap].decode("utf-8", errors="ignore")  # never split a character
+    return kept + TRUNCATION_MARKER.format(dropped=len(data) - len(kept.encode("utf-8")))
 
 
 class _Protocol(asyncio.SubprocessProtocol):
