@@ -26,7 +26,7 @@ def _activity(server, activity_id):
 def _working(agent, op):
     return wait_until(
         lambda: (r := _record(agent, op)) is not None and r["status"] == 1 and r,
-        20,
+        60,  # generous: under load each status call is a new process
         f"operation {op} to be Working",
     )
 
