@@ -233,7 +233,7 @@ def server_mint_admin_token(database: str | None, data_dir: Path, tenant: str) -
     import socket
 
     from taskfleet.server.app import mint_admin_token
-    from taskfleet.server.service import ApiError
+    from taskfleet.server.kernel import ApiError
     from taskfleet.store import db
 
     try:

@@ -49,10 +49,10 @@ from taskfleet.protocol.exchange import (
 from taskfleet.protocol.signing import Signer
 from taskfleet.protocol.tickle import derive_tickle_key
 from taskfleet.server import lifecycle as lc
-from taskfleet.server import metrics, service
+from taskfleet.server import metrics, schedules, service
 from taskfleet.server.fleet import ComputerState, Fleet
+from taskfleet.server.kernel import ApiError, Principal, token_hash
 from taskfleet.server.lifecycle import Lifecycle
-from taskfleet.server.service import ApiError, Principal
 from taskfleet.server.tasks import TaskManager
 from taskfleet.server.tickler import Tickler
 from taskfleet.server.writer import ExchangeJob, Writer, reap_expired, reap_lost
@@ -846,22 +846,24 @@ def create_app(config: ServerConfig) -> FastAPI:
         )
         lc.parse_options(_now(), approval=template["approval"], rollout=template["rollout"])
         out = await runtime().writer.run(
-            lambda c: lc.create_schedule(c, p, _now(), body.cron, template)
+            lambda c: schedules.create_schedule(c, p, _now(), body.cron, template)
         )
         _lifecycle(runtime()).add_schedule(out["id"], out["next_at"])
         return out
 
     @app.get("/api/v1/schedules", tags=["schedules"])
     async def list_schedules(p: Viewer) -> list[dict[str, Any]]:
-        return await read(lambda c: lc.list_schedules(c, p))
+        return await read(lambda c: schedules.list_schedules(c, p))
 
     @app.get("/api/v1/schedules/{schedule_id}", tags=["schedules"])
     async def get_schedule(schedule_id: Id, p: Viewer) -> dict[str, Any]:
-        return await read(lambda c: lc.get_schedule(c, p, schedule_id))
+        return await read(lambda c: schedules.get_schedule(c, p, schedule_id))
 
     @app.post("/api/v1/schedules/{schedule_id}/cancel", tags=["schedules"])
     async def cancel_schedule(schedule_id: Id, p: Operator) -> dict[str, Any]:
-        return await runtime().writer.run(lambda c: lc.cancel_schedule(c, p, _now(), schedule_id))
+        return await runtime().writer.run(
+            lambda c: schedules.cancel_schedule(c, p, _now(), schedule_id)
+        )
 
     @app.post("/api/v1/activities/cancel", tags=["activities"])
     async def cancel_bulk(body: BulkCancelIn, p: Operator) -> dict[str, Any]:
@@ -1315,7 +1317,7 @@ async def mint_admin_token(
             if unseen is not None:  # nobody will ever see this one: the minted token replaces it
                 await conn.execute(
                     api_tokens.update()
-                    .where(api_tokens.c.token_hash == service.token_hash(unseen))
+                    .where(api_tokens.c.token_hash == token_hash(unseen))
                     .values(revoked=True)
                 )
             token_id, token = await service.mint_admin_token(conn, now, tenant=tenant, actor=actor)
@@ -1384,7 +1386,7 @@ async def _fire_schedule(rt: Runtime, sid: int) -> float | None:
     """A cron schedule is due: create its run (a request of its own); the next time or None."""
 
     async def fn(conn: Any) -> tuple[service.Created | None, float | None]:
-        return await lc.fire_schedule(conn, _now(), sid)
+        return await schedules.fire_schedule(conn, _now(), sid)
 
     def after(res: tuple[service.Created | None, float | None]) -> None:
         if res[0] is not None:

@@ -8,16 +8,16 @@ and a message that says what is wrong, before anything is written.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from taskfleet.domain.lifecycle import RuleError, initial_state, plan_waves
 from taskfleet.domain.policy import validate_agent_policy, validate_policy
 from taskfleet.domain.progress import progress
 from taskfleet.domain.scripts import (
@@ -34,9 +34,28 @@ from taskfleet.domain.states import (
     creation,
     transition,
 )
-from taskfleet.domain.targets import Target, TargetError, TargetKind, parse_target, valid_name
+from taskfleet.domain.targets import (
+    Target,
+    TargetError,
+    TargetKind,
+    parse_target,
+    tag_value_problem,
+    valid_name,
+    valid_tag_key,
+)
 from taskfleet.protocol.exchange import MAX_VERSION_CHARS, clean_json, clean_text
+from taskfleet.protocol.signing import new_signing_seed
 from taskfleet.server.fleet import ComputerState, hash_secret
+from taskfleet.server.kernel import (
+    DEFAULT_TENANT,
+    ROLES,
+    ApiError,
+    Principal,
+    audit,
+    state_counts,
+    token_hash,
+)
+from taskfleet.server.lifecycle import Options, check_options, iso
 from taskfleet.settings import OUTPUT_CAP, OUTPUT_CAP_MAX
 from taskfleet.store.activities import Change, apply_changes, insert_activities, insert_events
 from taskfleet.store.schema import (
@@ -53,48 +72,6 @@ from taskfleet.store.schema import (
     server_secrets,
     tenants,
 )
-
-if TYPE_CHECKING:
-    from taskfleet.server.lifecycle import Options
-
-ROLES = ("viewer", "operator", "admin")
-DEFAULT_TENANT = "default"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass(frozen=True)
-class Principal:
-    token_id: int
-    tenant_id: int
-    role: str
-    name: str
-    via: str | None = None  # acting for the token, e.g. "schedule:4" (a cron run)
-
-    @property
-    def actor(self) -> str:
-        return self.via or f"token:{self.token_id}"
-
-    def allows(self, role: str) -> bool:
-        return ROLES.index(self.role) >= ROLES.index(role)
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-async def audit(conn: AsyncConnection, p: Principal, action: str, at: float, **detail: Any) -> None:
-    await conn.execute(
-        audit_log.insert().values(
-            tenant_id=p.tenant_id, at=at, actor=p.actor, action=action, detail=detail
-        )
-    )
-
 
 # -- bootstrap -----------------------------------------------------------------
 
@@ -113,8 +90,6 @@ async def bootstrap(conn: AsyncConnection, now: float) -> tuple[dict[str, bytes]
     keys = {r.name: r.value for r in await conn.execute(sa.select(server_secrets))}
     for name in ("signing_seed", "tickle_master"):
         if name not in keys:
-            from taskfleet.protocol.signing import new_signing_seed
-
             keys[name] = new_signing_seed() if name == "signing_seed" else secrets.token_bytes(32)
             await conn.execute(server_secrets.insert().values(name=name, value=keys[name]))
     has_admin = (
@@ -644,8 +619,6 @@ async def list_groups(conn: AsyncConnection, p: Principal) -> list[dict[str, Any
 async def set_tag(
     conn: AsyncConnection, p: Principal, computer_id: int, key: str, value: str | None, now: float
 ) -> None:
-    from taskfleet.domain.targets import tag_value_problem, valid_tag_key
-
     if not valid_tag_key(key):
         raise ApiError(400, f"invalid tag key {key!r}")
     problem = None if value is None else tag_value_problem(value)
@@ -818,10 +791,6 @@ async def _create(
     options: Options | None = None,
     schedule_id: int | None = None,
 ) -> Created:
-    # The lifecycle module builds on this one; imported here, not at the top.
-    from taskfleet.domain.lifecycle import RuleError, initial_state, plan_waves
-    from taskfleet.server.lifecycle import Options, check_options
-
     opts = options or Options()
     met = await check_options(conn, p, opts)
     if opts.rollout is not None:
@@ -964,8 +933,6 @@ def _why(state: State, opts: Options, request_id: int, wave: int | None) -> str:
             else head
         )
     if state is State.SCHEDULED and opts.not_before is not None:
-        from taskfleet.server.lifecycle import iso
-
         return f"{head}; not earlier than {iso(opts.not_before)}"
     return head
 
@@ -1113,18 +1080,6 @@ async def cancel(
 
 
 # -- reads ---------------------------------------------------------------------
-
-
-async def state_counts(conn: AsyncConnection, *where: Any) -> dict[State, int]:
-    """How many activities matching ``where`` are in each state."""
-    return {
-        State(r.state): r.n
-        for r in await conn.execute(
-            sa.select(activities.c.state, sa.func.count().label("n"))
-            .where(*where)
-            .group_by(activities.c.state)
-        )
-    }
 
 
 async def get_request(conn: AsyncConnection, p: Principal, request_id: int) -> dict[str, Any]:

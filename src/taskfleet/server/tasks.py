@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from taskfleet.dispatch import DispatchQueue
 from taskfleet.domain.scheduling import Pending, Scheduler, Scope, TaskType, validate_types
 from taskfleet.domain.states import State
-from taskfleet.server.service import ApiError, Principal
+from taskfleet.server.kernel import ApiError, Principal
 from taskfleet.server.task_holds import TaskHolds, parse_hold
 from taskfleet.server.writer import Writer
 from taskfleet.store import tasks as store

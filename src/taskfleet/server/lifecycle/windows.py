@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.lifecycle import RuleError, validate_window, window_allows
 from taskfleet.domain.policy import RunWindow
-from taskfleet.server.service import ApiError, Principal, audit
+from taskfleet.server.kernel import ApiError, Principal, audit
 from taskfleet.store.schema import group_members, groups
 
 
