@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from taskfleet.protocol import exchange
 from taskfleet.protocol.exchange import EXCHANGE_PATH
 from taskfleet.server import app as appmod
-from taskfleet.server import service
+from taskfleet.server import requests as service
 from taskfleet.store.schema import activities
 
 PATCHES = set(

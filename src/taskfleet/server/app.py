@@ -48,8 +48,17 @@ from taskfleet.protocol.exchange import (
 )
 from taskfleet.protocol.signing import Signer
 from taskfleet.protocol.tickle import derive_tickle_key
+from taskfleet.server import (
+    activities,
+    enrollment,
+    inventory,
+    kernel,
+    metrics,
+    requests,
+    schedules,
+    tokens,
+)
 from taskfleet.server import lifecycle as lc
-from taskfleet.server import metrics, schedules, service
 from taskfleet.server.fleet import ComputerState, Fleet
 from taskfleet.server.kernel import ApiError, Principal, token_hash
 from taskfleet.server.lifecycle import Lifecycle
@@ -280,7 +289,7 @@ def _role(needed: str) -> Callable[..., Awaitable[Principal]]:
             raise ApiError(401, "missing bearer token (Authorization: Bearer TOKEN)")
         rt: Runtime = request.app.state.rt
         async with rt.read.connect() as conn:
-            p = await service.resolve_token(conn, token.strip(), _now())
+            p = await tokens.resolve_token(conn, token.strip(), _now())
         if p is None:
             raise ApiError(401, "invalid, expired or revoked token")
         if not p.allows(needed):
@@ -624,7 +633,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/api/v1/tokens", status_code=201, tags=["auth"])
     async def create_token(body: TokenIn, p: Admin) -> dict[str, Any]:
         return await runtime().writer.run(
-            lambda c: service.create_token(
+            lambda c: tokens.create_token(
                 c,
                 p,
                 _now(),
@@ -639,21 +648,21 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/api/v1/tokens", tags=["auth"])
     async def list_tokens(p: Admin) -> list[dict[str, Any]]:
-        return await read(lambda c: service.list_tokens(c, p))
+        return await read(lambda c: tokens.list_tokens(c, p))
 
     @app.delete("/api/v1/tokens/{token_id}", status_code=204, tags=["auth"])
     async def revoke_token(token_id: Id, p: Admin) -> Response:
-        await runtime().writer.run(lambda c: service.revoke_token(c, p, token_id, _now()))
+        await runtime().writer.run(lambda c: tokens.revoke_token(c, p, token_id, _now()))
         return Response(status_code=204)
 
     @app.get("/api/v1/computers", tags=["computers"])
     async def list_computers(p: Viewer) -> list[dict[str, Any]]:
-        out = await read(lambda c: service.list_computers(c, p))
+        out = await read(lambda c: inventory.list_computers(c, p))
         return [_live(runtime(), c) for c in out]
 
     @app.get("/api/v1/computers/{computer_id}", tags=["computers"])
     async def get_computer(computer_id: Id, p: Viewer) -> dict[str, Any]:
-        return _live(runtime(), await read(lambda c: service.get_computer(c, p, computer_id)))
+        return _live(runtime(), await read(lambda c: inventory.get_computer(c, p, computer_id)))
 
     @app.delete("/api/v1/computers/{computer_id}", tags=["computers"])
     async def remove_computer(computer_id: Id, p: Admin) -> dict[str, Any]:
@@ -661,12 +670,12 @@ def create_app(config: ServerConfig) -> FastAPI:
         # terminate); removing a computer revokes its credentials, like a token.
         r = runtime()
 
-        def after(res: service.Removed) -> None:
+        def after(res: inventory.Removed) -> None:
             r.fleet.remove(res.computer_id)
             metrics.COMPUTERS.set(len(r.fleet.computers))
 
         res = await r.writer.run(
-            lambda c: service.remove_computer(c, p, computer_id, _now()), after=after
+            lambda c: inventory.remove_computer(c, p, computer_id, _now()), after=after
         )
         await _lifecycle(r).reload_windows()  # it left its groups
         log.info(
@@ -685,33 +694,35 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.put("/api/v1/computers/{computer_id}/tags", tags=["computers"])
     async def set_tag(computer_id: Id, body: TagIn, p: Operator) -> dict[str, Any]:
         await runtime().writer.run(
-            lambda c: service.set_tag(c, p, computer_id, body.key, body.value, _now())
+            lambda c: inventory.set_tag(c, p, computer_id, body.key, body.value, _now())
         )
         return {"computer_id": computer_id, "key": body.key, "value": body.value}
 
     @app.delete("/api/v1/computers/{computer_id}/tags/{key}", status_code=204, tags=["computers"])
     async def remove_tag(computer_id: Id, key: str, p: Operator) -> Response:
-        await runtime().writer.run(lambda c: service.set_tag(c, p, computer_id, key, None, _now()))
+        await runtime().writer.run(
+            lambda c: inventory.set_tag(c, p, computer_id, key, None, _now())
+        )
         return Response(status_code=204)
 
     @app.get("/api/v1/groups", tags=["groups"])
     async def list_groups(p: Viewer) -> list[dict[str, Any]]:
-        return await read(lambda c: service.list_groups(c, p))
+        return await read(lambda c: inventory.list_groups(c, p))
 
     @app.post("/api/v1/groups", status_code=201, tags=["groups"])
     async def create_group(body: GroupIn, p: Operator) -> dict[str, Any]:
-        return await runtime().writer.run(lambda c: service.create_group(c, p, body.name, _now()))
+        return await runtime().writer.run(lambda c: inventory.create_group(c, p, body.name, _now()))
 
     @app.delete("/api/v1/groups/{name}", status_code=204, tags=["groups"])
     async def delete_group(name: str, p: Operator) -> Response:
-        await runtime().writer.run(lambda c: service.delete_group(c, p, name, _now()))
+        await runtime().writer.run(lambda c: inventory.delete_group(c, p, name, _now()))
         await _lifecycle(runtime()).reload_windows()
         return Response(status_code=204)
 
     @app.post("/api/v1/groups/{name}/members", tags=["groups"])
     async def add_members(name: str, body: MembersIn, p: Operator) -> dict[str, Any]:
         await runtime().writer.run(
-            lambda c: service.set_members(c, p, name, body.computer_ids, True, _now())
+            lambda c: inventory.set_members(c, p, name, body.computer_ids, True, _now())
         )
         await _lifecycle(runtime()).reload_windows()
         return {"group": name, "added": body.computer_ids}
@@ -719,7 +730,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/api/v1/groups/{name}/members/remove", tags=["groups"])
     async def remove_members(name: str, body: MembersIn, p: Operator) -> dict[str, Any]:
         await runtime().writer.run(
-            lambda c: service.set_members(c, p, name, body.computer_ids, False, _now())
+            lambda c: inventory.set_members(c, p, name, body.computer_ids, False, _now())
         )
         await _lifecycle(runtime()).reload_windows()
         return {"group": name, "removed": body.computer_ids}
@@ -731,7 +742,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             _now(), at=body.at, after=body.after, approval=body.approval, rollout=body.rollout
         )
         created = await r.writer.run(
-            lambda c: service.create_request(
+            lambda c: requests.create_request(
                 c,
                 p,
                 _now(),
@@ -757,11 +768,11 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/api/v1/requests", tags=["requests"])
     async def list_requests(p: Viewer, limit: int = 50) -> list[dict[str, Any]]:
-        return await read(lambda c: service.list_requests(c, p, min(max(limit, 1), 1000)))
+        return await read(lambda c: requests.list_requests(c, p, min(max(limit, 1), 1000)))
 
     @app.get("/api/v1/requests/{request_id}", tags=["requests"])
     async def get_request(request_id: Id, p: Viewer) -> dict[str, Any]:
-        return await read(lambda c: service.get_request(c, p, request_id))
+        return await read(lambda c: requests.get_request(c, p, request_id))
 
     @app.post("/api/v1/requests/{request_id}/cancel", tags=["requests"])
     async def cancel_request(
@@ -774,7 +785,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def rerun_failed(request_id: Id, p: Operator) -> dict[str, Any]:
         r = runtime()
         created = await r.writer.run(
-            lambda c: service.rerun_failed(c, p, _now(), request_id),
+            lambda c: requests.rerun_failed(c, p, _now(), request_id),
             after=lambda res: _wake_targets(r, res),
         )
         log.info(
@@ -792,13 +803,13 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/api/v1/requests/{request_id}/approve", tags=["approvals"])
     async def approve(request_id: Id, p: Admin) -> dict[str, Any]:
         await _lifecycle_write(lambda c: lc.approve(c, p, _now(), request_id))
-        return await read(lambda c: service.get_request(c, p, request_id))
+        return await read(lambda c: requests.get_request(c, p, request_id))
 
     @app.post("/api/v1/requests/{request_id}/reject", tags=["approvals"])
     async def reject(request_id: Id, p: Admin, body: CancelIn | None = None) -> dict[str, Any]:
         reason = body.reason if body else ""
         await _lifecycle_write(lambda c: lc.reject(c, p, _now(), request_id, reason))
-        return await read(lambda c: service.get_request(c, p, request_id))
+        return await read(lambda c: requests.get_request(c, p, request_id))
 
     @app.get("/api/v1/approvals", tags=["approvals"])
     async def approvals(p: Viewer) -> list[dict[str, Any]]:
@@ -807,7 +818,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/api/v1/requests/{request_id}/resume", tags=["requests"])
     async def resume(request_id: Id, p: Admin) -> dict[str, Any]:
         await _lifecycle_write(lambda c: lc.resume(c, p, _now(), request_id))
-        return await read(lambda c: service.get_request(c, p, request_id))
+        return await read(lambda c: requests.get_request(c, p, request_id))
 
     @app.put("/api/v1/requests/{request_id}/after", tags=["requests"])
     async def set_after(request_id: Id, body: AfterIn, p: Operator) -> dict[str, Any]:
@@ -815,7 +826,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         assert opts.after is not None
         after = opts.after
         await _lifecycle_write(lambda c: lc.set_after(c, p, _now(), request_id, after))
-        return await read(lambda c: service.get_request(c, p, request_id))
+        return await read(lambda c: requests.get_request(c, p, request_id))
 
     @app.put("/api/v1/groups/{name}/window", tags=["groups"])
     async def set_window(name: str, body: WindowIn, p: Admin) -> dict[str, Any]:
@@ -836,7 +847,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         template = body.request.model_dump()
         # Checked now, so a schedule never fires something that cannot be created
         # (only what can change by then, like an emptied group, fails at a run).
-        service.check_template(
+        requests.check_template(
             type=body.request.type,
             target=body.request.target,
             params=body.request.params,
@@ -867,11 +878,11 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.post("/api/v1/activities/cancel", tags=["activities"])
     async def cancel_bulk(body: BulkCancelIn, p: Operator) -> dict[str, Any]:
-        f = service.BulkFilter(body.state, body.type, body.group, body.older_than, body.request_id)
+        f = requests.BulkFilter(body.state, body.type, body.group, body.older_than, body.request_id)
         async with runtime().read.connect() as conn:
-            await service.check_bulk(conn, p, f)
+            await requests.check_bulk(conn, p, f)
             if body.dry_run:
-                ids = [r.id for r in await conn.execute(service.bulk_query(p, f, _now()))]
+                ids = [r.id for r in await conn.execute(requests.bulk_query(p, f, _now()))]
                 return {"count": len(ids), "dry_run": True, "ids": ids[:1000]}
         ids = await _cancel(runtime(), p, bulk=f, reason=body.reason or "bulk cancel")
         return {"count": len(ids), "dry_run": False, "ids": ids[:1000]}
@@ -886,7 +897,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         output: bool = False,
     ) -> list[dict[str, Any]]:
         return await read(
-            lambda c: service.list_activities(
+            lambda c: activities.list_activities(
                 c,
                 p,
                 request_id=request_id,
@@ -899,7 +910,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/api/v1/activities/{activity_id}", tags=["activities"])
     async def get_activity(activity_id: Id, p: Viewer) -> dict[str, Any]:
-        out = await read(lambda c: service.get_activity(c, p, activity_id))
+        out = await read(lambda c: activities.get_activity(c, p, activity_id))
         if out["state"] in ("queued", "scheduled") and out["computer_id"] is not None:
             out["held"] = _lifecycle(runtime()).why_held(out["computer_id"], _now())
         return out
@@ -909,11 +920,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         activity_id: Id, p: Operator, body: CancelIn | None = None
     ) -> dict[str, Any]:
         await _cancel(runtime(), p, activity_id=activity_id, reason=body.reason if body else "")
-        return await read(lambda c: service.get_activity(c, p, activity_id))
+        return await read(lambda c: activities.get_activity(c, p, activity_id))
 
     @app.get("/api/v1/audit", tags=["audit"])
     async def list_audit(p: Admin, limit: int = 100) -> list[dict[str, Any]]:
-        return await read(lambda c: service.list_audit(c, p, min(max(limit, 1), 10_000)))
+        return await read(lambda c: kernel.list_audit(c, p, min(max(limit, 1), 10_000)))
 
     @app.post(
         "/api/v1/tasks",
@@ -997,14 +1008,14 @@ def create_app(config: ServerConfig) -> FastAPI:
         r = runtime()
         address = request.client.host if request.client else None
 
-        def after(res: service.Enrolled) -> None:
+        def after(res: enrollment.Enrolled) -> None:
             r.fleet.put(res.state)
             metrics.COMPUTERS.set(len(r.fleet.computers))
             if _lifecycle(r).has_windows:  # it may have joined a windowed group
                 asyncio.get_running_loop().create_task(_lifecycle(r).reload_windows())
 
         res = await r.writer.run(
-            lambda c: service.enroll(
+            lambda c: enrollment.enroll(
                 c,
                 _now(),
                 token=body.token,
@@ -1058,7 +1069,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     return app
 
 
-def _wake_targets(rt: Runtime, created: service.Created) -> None:
+def _wake_targets(rt: Runtime, created: requests.Created) -> None:
     """After a request commits: its computers have work; tickle them."""
     rt.tickler.wake(rt.fleet.mark_work(created.computer_ids))
     _lifecycle(rt).watch(created.request)
@@ -1087,22 +1098,22 @@ async def _cancel(
     *,
     activity_id: int | None = None,
     request_id: int | None = None,
-    bulk: service.BulkFilter | None = None,
+    bulk: requests.BulkFilter | None = None,
     reason: str = "",
 ) -> list[int]:
-    def after(res: service.Canceled) -> None:
+    def after(res: requests.Canceled) -> None:
         for cid, n in res.notify.items():
             cs = rt.fleet.get(cid)
             if cs is not None:
                 cs.out_seq += n
         rt.tickler.wake(rt.fleet.mark_work(res.notify))
 
-    async def fn(conn: Any) -> service.Canceled:
+    async def fn(conn: Any) -> requests.Canceled:
         def seq_of(cid: int) -> int:
             cs = rt.fleet.get(cid)
             return cs.out_seq if cs is not None else 0
 
-        return await service.cancel(
+        return await requests.cancel(
             conn,
             p,
             _now(),
@@ -1222,7 +1233,7 @@ async def _start(config: ServerConfig) -> Runtime:
         else db.create_engine(config.database_url)
     )
     async with write_engine.begin() as conn:
-        keys, token = await service.bootstrap(conn, _now())
+        keys, token = await tokens.bootstrap(conn, _now())
     if token is not None:
         path = write_token_file(config.data_dir, token)
         log.warning("bootstrap admin token written to %s (readable by this user only)", path)
@@ -1313,14 +1324,14 @@ async def mint_admin_token(
     try:
         async with engine.begin() as conn:
             now = time.time()
-            _, unseen = await service.bootstrap(conn, now)  # a fresh database: tenant, keys
+            _, unseen = await tokens.bootstrap(conn, now)  # a fresh database: tenant, keys
             if unseen is not None:  # nobody will ever see this one: the minted token replaces it
                 await conn.execute(
                     api_tokens.update()
                     .where(api_tokens.c.token_hash == token_hash(unseen))
                     .values(revoked=True)
                 )
-            token_id, token = await service.mint_admin_token(conn, now, tenant=tenant, actor=actor)
+            token_id, token = await tokens.mint_admin_token(conn, now, tenant=tenant, actor=actor)
     finally:
         await engine.dispose()
     return token_id, write_token_file(data_dir, token)
@@ -1385,10 +1396,10 @@ async def _stop(rt: Runtime) -> None:
 async def _fire_schedule(rt: Runtime, sid: int) -> float | None:
     """A cron schedule is due: create its run (a request of its own); the next time or None."""
 
-    async def fn(conn: Any) -> tuple[service.Created | None, float | None]:
+    async def fn(conn: Any) -> tuple[requests.Created | None, float | None]:
         return await schedules.fire_schedule(conn, _now(), sid)
 
-    def after(res: tuple[service.Created | None, float | None]) -> None:
+    def after(res: tuple[requests.Created | None, float | None]) -> None:
         if res[0] is not None:
             _wake_targets(rt, res[0])
 

@@ -69,3 +69,19 @@ async def state_counts(conn: AsyncConnection, *where: Any) -> dict[State, int]:
             .group_by(activities.c.state)
         )
     }
+
+
+async def list_audit(conn: AsyncConnection, p: Principal, limit: int) -> list[dict[str, Any]]:
+    rows = await conn.execute(
+        sa.select(
+            audit_log.c.id,
+            audit_log.c.at,
+            audit_log.c.actor,
+            audit_log.c.action,
+            audit_log.c.detail,
+        )
+        .where(audit_log.c.tenant_id == p.tenant_id)
+        .order_by(audit_log.c.id.desc())
+        .limit(limit)
+    )
+    return [dict(r._mapping) for r in rows]

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.lifecycle import RuleError, next_cron, validate_cron
-from taskfleet.server import service
+from taskfleet.server import requests
 from taskfleet.server.kernel import ApiError, Principal, audit
 from taskfleet.server.lifecycle import parse_options
 from taskfleet.store.schema import schedules
@@ -89,7 +89,7 @@ async def cancel_schedule(
 
 async def fire_schedule(
     conn: AsyncConnection, now: float, sid: int
-) -> tuple[service.Created | None, float | None]:
+) -> tuple[requests.Created | None, float | None]:
     """Create one run of schedule ``sid``; return (Created or None, the next firing or None).
 
     A run that cannot be created (its group emptied, say) is recorded on the
@@ -110,7 +110,7 @@ async def fire_schedule(
     savepoint = await conn.begin_nested()
     try:
         opts = parse_options(now, approval=t.get("approval"), rollout=t.get("rollout"))
-        created = await service.create_request(
+        created = await requests.create_request(
             conn,
             p,
             now,
