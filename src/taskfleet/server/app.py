@@ -59,12 +59,14 @@ from taskfleet.server import (
     tokens,
 )
 from taskfleet.server import lifecycle as lc
+from taskfleet.server.exchange import Exchange, ExchangeJob
 from taskfleet.server.fleet import ComputerState, Fleet
 from taskfleet.server.kernel import ApiError, Principal, token_hash
 from taskfleet.server.lifecycle import Lifecycle
 from taskfleet.server.tasks import TaskManager
 from taskfleet.server.tickler import Tickler
-from taskfleet.server.writer import ExchangeJob, Writer, reap_expired, reap_lost
+from taskfleet.server.timeouts import reap_expired, reap_lost
+from taskfleet.server.writer import Writer
 from taskfleet.settings import (
     API_BODY_MAX,
     DURATION_MAX,
@@ -118,6 +120,7 @@ class Runtime:
     config: ServerConfig
     read: Any
     writer: Writer
+    exchange: Exchange
     fleet: Fleet
     tickler: Tickler
     signer: Signer
@@ -1156,7 +1159,7 @@ async def _exchange(rt: Runtime, request: Request) -> Response:
         kind = "malformed" if isinstance(exc, orjson.JSONDecodeError) else "invalid"
         return _refuse(kind, 400, f"bad exchange: {exc}")
     address = request.client.host if request.client else None
-    now = time.time()
+    now = rt.config.clock()
     cs.last_seen = now
     cs.dirty = True
     if req.agent is None:
@@ -1184,12 +1187,12 @@ async def _exchange(rt: Runtime, request: Request) -> Response:
         metrics.FAST_EXCHANGES.inc()
         return Response(
             b'{"ack":%d,"messages":[],"server_time":%.3f,"settings":%s}'
-            % (cs.in_acked, time.time(), rt.settings_json),
+            % (cs.in_acked, rt.config.clock(), rt.settings_json),
             media_type="application/json",
         )
     metrics.SLOW_EXCHANGES.inc()
     try:
-        out = await rt.writer.exchange(ExchangeJob(cs, req, address))
+        out = await rt.exchange.exchange(ExchangeJob(cs, req, address))
     except ProtocolError as exc:
         return _refuse("invalid", 400, f"bad exchange: {exc}")
     except Exception:
@@ -1256,7 +1259,8 @@ async def _start(config: ServerConfig) -> Runtime:
             )
     metrics.COMPUTERS.set(len(fleet.computers))
     signer = Signer(keys["signing_seed"])
-    writer = Writer(write_engine, fleet, signer, lost_grace=config.lost_grace, clock=config.clock)
+    writer = Writer(write_engine)
+    exchange = Exchange(writer, fleet, signer, lost_grace=config.lost_grace, clock=config.clock)
     writer.start()
     tickler = Tickler(
         keys["tickle_master"],
@@ -1269,6 +1273,7 @@ async def _start(config: ServerConfig) -> Runtime:
         config=config,
         read=read_engine,
         writer=writer,
+        exchange=exchange,
         fleet=fleet,
         tickler=tickler,
         signer=signer,
@@ -1284,7 +1289,7 @@ async def _start(config: ServerConfig) -> Runtime:
         fire=lambda sid: _fire_schedule(rt, sid),
     )
     writer.on_finished = rt.lifecycle.on_finished
-    writer.window_closed = rt.lifecycle.window_closed
+    exchange.window_closed = rt.lifecycle.window_closed
     await rt.lifecycle.load()
     rt.lifecycle.start()
     rt.tasks.append(asyncio.create_task(_reaper(rt), name="reaper"))

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -39,6 +38,8 @@ from taskfleet.domain.targets import (
     TargetError,
     parse_target,
 )
+from taskfleet.protocol.exchange import cancel_message
+from taskfleet.server.exchange import Outbox
 from taskfleet.server.inventory import group_id, resolve_target
 from taskfleet.server.kernel import (
     ApiError,
@@ -54,7 +55,6 @@ from taskfleet.store.schema import (
     computers,
     group_members,
     groups,
-    outbox,
     requests,
 )
 
@@ -411,8 +411,7 @@ async def cancel(
         ]
     why = reason or "canceled by administrator"
     changes: list[Change] = []
-    notify: dict[int, int] = {}
-    out_rows: list[dict[str, Any]] = []
+    box = Outbox(seq_of)
     for r in rows:
         try:
             t = transition(
@@ -429,25 +428,10 @@ async def cancel(
         changes.append(Change(r.id, p.tenant_id, t, {"finished_at": now}))
         if State(r.state) is State.IN_PROGRESS:
             # SPEC 2.1: stays Canceled; the agent is told to stop and its report recorded.
-            seq = seq_of(r.computer_id) + notify.get(r.computer_id, 0) + 1
-            notify[r.computer_id] = notify.get(r.computer_id, 0) + 1
-            out_rows.append(
-                {
-                    "computer_id": r.computer_id,
-                    "seq": seq,
-                    "tenant_id": p.tenant_id,
-                    "message": orjson.dumps({"seq": seq, "type": "cancel", "op": r.id}).decode(),
-                }
-            )
+            op = r.id
+            box.append(r.computer_id, p.tenant_id, lambda seq: cancel_message(seq, op))  # noqa: B023
     await apply_changes(conn, changes)
-    if out_rows:
-        await conn.execute(outbox.insert(), out_rows)
-        await conn.execute(
-            computers.update()
-            .where(computers.c.id == sa.bindparam("b_id"))
-            .values(out_seq=sa.bindparam("seq")),
-            [{"b_id": cid, "seq": seq_of(cid) + n} for cid, n in notify.items()],
-        )
+    await box.write(conn, counters=True)
     await audit(
         conn,
         p,
@@ -456,7 +440,7 @@ async def cancel(
         id=activity_id or request_id,
         canceled=len(changes),
     )
-    return Canceled([r.id for r in rows], notify)
+    return Canceled([r.id for r in rows], box.appended())
 
 
 # -- reads ---------------------------------------------------------------------
