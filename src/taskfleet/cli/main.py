@@ -155,7 +155,8 @@ def server(
     import uvicorn
 
     from taskfleet import logs
-    from taskfleet.server.app import ServerConfig, create_app
+    from taskfleet.server.app import create_app
+    from taskfleet.server.runtime import ServerConfig
     from taskfleet.store import db
 
     host, port = _listen(listen)
@@ -232,8 +233,8 @@ def server_mint_admin_token(database: str | None, data_dir: Path, tenant: str) -
     import getpass
     import socket
 
-    from taskfleet.server.app import mint_admin_token
     from taskfleet.server.kernel import ApiError
+    from taskfleet.server.runtime import mint_admin_token
     from taskfleet.store import db
 
     try:

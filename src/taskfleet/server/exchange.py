@@ -17,6 +17,10 @@ Contract:
   cancel (``server/requests.py``) both go through it. The messages themselves
   are built by ``protocol.exchange``.
 * In-memory fleet counters change only after the commit that persisted them.
+
+Longer than ~600 lines on purpose: applying results, acks, resends and the
+hand-out are one set-wise transaction over one ``Pending`` per computer;
+split, each part would need the others' private state.
 """
 
 from __future__ import annotations
