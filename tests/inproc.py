@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 
-from taskfleet.server.app import Runtime, ServerConfig, create_app, reap_once
+from taskfleet.server.app import create_app
+from taskfleet.server.runtime import Runtime, ServerConfig, reap_once
 
 START = 1_790_000_000.0  # 2026-09-21T... UTC: a fixed, known "now"
 

@@ -25,7 +25,8 @@ from typing import Any
 import httpx
 
 from taskfleet.server import writer as writer_mod
-from taskfleet.server.app import ServerConfig, create_app
+from taskfleet.server.app import create_app
+from taskfleet.server.runtime import ServerConfig
 from taskfleet.worker import runner as runner_mod
 
 STATS: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)

@@ -8,7 +8,7 @@ normal ``taskfleet`` CLI, so the same benchmark can compare before and after:
 
 ``TF_PATCH`` (comma-separated, default: all) picks the patches:
 
-* ``fastpath``    - dispatch POST /agent/v1/exchange straight to ``_exchange`` in a
+* ``fastpath``    - dispatch POST /agent/v1/exchange straight to ``api.agent.exchange`` in a
                     thin ASGI wrapper, before FastAPI's middleware stack and router
                     (server/app.py ``create_app`` / cli ``server``).
 * ``notelemetry`` - ``FastAPI(telemetry={"tracing": False, "metrics": False,
@@ -35,7 +35,8 @@ import sqlalchemy as sa
 from taskfleet.protocol import exchange
 from taskfleet.protocol.exchange import EXCHANGE_PATH
 from taskfleet.server import app as appmod
-from taskfleet.server import service
+from taskfleet.server import requests as service
+from taskfleet.server.api import agent as agent_api
 from taskfleet.store.schema import activities
 
 PATCHES = set(
@@ -105,7 +106,7 @@ def _create_app(config: Any) -> Any:
 
     async def asgi(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == EXCHANGE_PATH and scope["method"] == "POST":
-            response = await appmod._exchange(app.state.rt, Request(scope, receive))
+            response = await agent_api.exchange(app.state.rt, Request(scope, receive))
             await response(scope, receive, send)
             return
         await app(scope, receive, send)

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from taskfleet.server import writer
+from taskfleet.server import exchange as writer  # REPLY_MAX_BYTES moved with the exchange
 from tests.conftest import (
     BACKEND,
     Server,

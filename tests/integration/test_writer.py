@@ -7,8 +7,6 @@ import asyncio
 import pytest
 import sqlalchemy as sa
 
-from taskfleet.protocol.signing import Signer, new_signing_seed
-from taskfleet.server.fleet import Fleet
 from taskfleet.server.writer import Writer
 from taskfleet.store import db
 from taskfleet.store.schema import tenants
@@ -17,7 +15,7 @@ from taskfleet.store.schema import tenants
 async def test_a_failing_job_in_a_batch_rolls_back_only_its_own_writes(database_url):
     await db.upgrade(database_url)
     engine = db.create_engine(database_url, writer=True)
-    writer = Writer(engine, Fleet(), Signer(new_signing_seed()), lost_grace=1)
+    writer = Writer(engine)
     writer.start()
     after_calls: list[str] = []
 

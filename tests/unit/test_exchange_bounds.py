@@ -23,8 +23,8 @@ from taskfleet.protocol.exchange import (
     loads_body,
     parse_agent_request,
 )
-from taskfleet.server import writer
-from taskfleet.server.writer import _Pending
+from taskfleet.server import exchange as writer  # REPLY_MAX_BYTES moved with the exchange
+from taskfleet.server.exchange import Pending as _Pending
 from taskfleet.settings import INT32_MAX, INT64_MAX
 
 

@@ -58,7 +58,13 @@ from taskfleet.domain.results import REFUSED_PREFIX, describe_script_outcome, re
 from taskfleet.domain.scripts import EXECUTE_SCRIPT, policy_refusal, validate_script_params
 from taskfleet.domain.scrubber import Action, after_failure
 from taskfleet.process import RunningScript, ScriptSpec, start_script
-from taskfleet.protocol.exchange import ENROLL_PATH, EXCHANGE_PATH, MAX_MESSAGES
+from taskfleet.protocol.exchange import (
+    ENROLL_PATH,
+    EXCHANGE_PATH,
+    MAX_MESSAGES,
+    operation_result,
+    operation_status,
+)
 from taskfleet.protocol.signing import SignatureError, Verifier
 from taskfleet.protocol.tickle import TickleVerifier
 from taskfleet.settings import (
@@ -375,7 +381,9 @@ class Agent:
         for o in waiting:
             reason = "its retry waits for the scrubber's next run (a task is running)"
             self.state.set_status(
-                o.op, st.FAILED, message=_status(o.op, "deferred", o.attempts, until, reason)
+                o.op,
+                st.FAILED,
+                message=operation_status(o.op, "deferred", o.attempts, until, reason),
             )
         if waiting:
             self.trigger.set()
@@ -530,14 +538,14 @@ class Agent:
             # Waiting for its window or its next recurring run: it ends here.
             timer.cancel()
             line = result_line("Waiting", "Canceled", "Canceled before its next run", None)
-            self.state.finish(op_id, st.CANCELED, _result(op_id, "canceled", line))
+            self.state.finish(op_id, st.CANCELED, operation_result(op_id, "canceled", line))
             self.trigger.set()
         elif op is not None and not op.finished and op.status == st.FAILED:
             # A failed attempt waiting for the scrubber to continue it: not retried.
             line = result_line(
                 "Waiting", "Canceled", f"Canceled before attempt {op.attempts + 1}", None
             )
-            self.state.finish(op_id, st.CANCELED, _result(op_id, "canceled", line))
+            self.state.finish(op_id, st.CANCELED, operation_result(op_id, "canceled", line))
             self.trigger.set()
 
     # -- running ---------------------------------------------------------------
@@ -573,7 +581,7 @@ class Agent:
             self.state.finish(
                 op.op,
                 st.CANCELED if op.cancel_requested else st.FAILED,
-                _result(op.op, status, line),
+                operation_result(op.op, status, line),
             )
             log.warning("operation %d refused: %s", op.op, refusal)
             self.trigger.set()
@@ -588,7 +596,7 @@ class Agent:
                     op.op,
                     st.DEFERRED,
                     next_run_at=until,
-                    message=_status(op.op, "deferred", op.attempts, until, reason),
+                    message=operation_status(op.op, "deferred", op.attempts, until, reason),
                 )
                 log.info("operation %d deferred %.0fs: %s", op.op, wait, reason)
                 self._spawn(op, wait)
@@ -597,7 +605,9 @@ class Agent:
         # Tell the server about runs it cannot know of (a continued attempt, a
         # deferred or recurring run), so its lost-deadline follows this run.
         tell = op.attempts > 0 or op.status == st.DEFERRED or op.interval == "recurring"
-        attempt = self.state.start(op.op, _status(op.op, "working", 0, None, "") if tell else None)
+        attempt = self.state.start(
+            op.op, operation_status(op.op, "working", 0, None, "") if tell else None
+        )
         if tell:
             self.trigger.set()
         checkpoint = op.checkpoint_path(self.config.state_dir)
@@ -631,8 +641,10 @@ class Agent:
             timeout=timeout,
         )
         status = "succeeded" if outcome.succeeded else "canceled" if res.canceled else "failed"
-        message = _result(op.op, status, outcome.line)
-        message.update(
+        message = operation_result(
+            op.op,
+            status,
+            outcome.line,
             exit_code=res.exit_code,
             stdout=res.stdout,
             stderr=res.stderr,
@@ -667,7 +679,7 @@ class Agent:
             self.state.set_status(
                 op.op,
                 st.FAILED,
-                message=_status(op.op, "failed", attempt, self.next_scrub_at, reason),
+                message=operation_status(op.op, "failed", attempt, self.next_scrub_at, reason),
             )
             log.warning(
                 "operation %d %s; the scrubber continues it in %.0fs",
@@ -734,29 +746,6 @@ def _policy_of(message: dict[str, Any]) -> dict[str, Any]:
         return validate_policy(json.loads(message["body"]).get("policy"))
     except (ValueError, KeyError, TypeError, AttributeError):
         return validate_policy(None)  # _check refuses a body it cannot read
-
-
-def _status(op: int, status: str, attempt: int, until: float | None, reason: str) -> dict[str, Any]:
-    return {
-        "type": "operation-status",
-        "op": op,
-        "status": status,
-        "attempt": attempt,
-        "until": until,
-        "reason": reason,
-    }
-
-
-def _result(op: int, status: str, line: str) -> dict[str, Any]:
-    return {
-        "type": "operation-result",
-        "op": op,
-        "status": status,
-        "result_line": line,
-        "exit_code": None,
-        "stdout": "",
-        "stderr": "",
-    }
 
 
 def _own_user() -> str:

@@ -23,6 +23,7 @@ from taskfleet.agent import state as st
 from taskfleet.domain.policy import Interval, Mode
 from taskfleet.domain.results import result_line
 from taskfleet.domain.scrubber import Decision, LocalStatus, Plan, Record, plan_scrub
+from taskfleet.protocol.exchange import operation_result
 
 log = logging.getLogger("taskfleet.agent.scrub")
 DEFAULT_MAX_ATTEMPTS = 3
@@ -163,14 +164,6 @@ def scrub(
     state.finish(
         op.op,
         st.FAILED,
-        {
-            "type": "operation-result",
-            "op": op.op,
-            "status": "failed",
-            "result_line": line,
-            "exit_code": None,
-            "stdout": "",
-            "stderr": "",
-        },
+        operation_result(op.op, "failed", line),
     )
     log.warning("operation %d scrubbed: old status %s (%d)", op.op, old.name.title(), int(old))

@@ -1,7 +1,7 @@
 """``taskfleet server``: run the server, and mint an admin token from its data folder.
 
 Contract: the only CLI module that imports server internals (``server.app``,
-``server.service``), inside the commands, so a restructured server is followed
+``server.runtime``, ``server.kernel``), inside the commands, so a restructured server is followed
 here alone and no other command pays for loading it.
 """
 
@@ -145,7 +145,8 @@ def server(
     import uvicorn
 
     from taskfleet import logs
-    from taskfleet.server.app import ServerConfig, create_app
+    from taskfleet.server.app import create_app
+    from taskfleet.server.runtime import ServerConfig
     from taskfleet.store import db
 
     host, port = _listen(listen)
@@ -222,8 +223,8 @@ def server_mint_admin_token(database: str | None, data_dir: Path, tenant: str) -
     import getpass
     import socket
 
-    from taskfleet.server.app import mint_admin_token
-    from taskfleet.server.service import ApiError
+    from taskfleet.server.kernel import ApiError
+    from taskfleet.server.runtime import mint_admin_token
     from taskfleet.store import db
 
     try:

@@ -19,6 +19,9 @@ same scheme, borrowed from landscape-client:
   ``deferred`` ``until`` a time, with a reason; it changes no state but moves
   the server's lost-deadline). A result for an operation that is already final
   is recorded but changes no state.
+* Every message is built by a builder below (``operation_message``,
+  ``cancel_message``, ``operation_status``, ``operation_result``) and parsed
+  here too (``parse_agent_request``; the agent reads the server's).
 * Server -> agent messages: ``operation`` (``op`` is the operation id; the
   payload is a canonical JSON text in ``body`` signed with the server's Ed25519
   key in ``sig``, and names the computer it is meant for, so a relay cannot
@@ -303,6 +306,96 @@ def parse_agent_request(obj: Any) -> AgentRequest:
     if not 0.0 <= wait <= MAX_LONG_POLL:
         raise ProtocolError(f"'wait' must be 0..{MAX_LONG_POLL:g} seconds")
     return AgentRequest(ack=ack, messages=messages, agent=agent, wait=wait)
+
+
+# -- builders: every message of the exchange is made here, both ways --------------
+# Each returns the message as a JSON-ready dict; the sender encodes it (the
+# agent with the stdlib, the server with orjson) and, where the message is
+# numbered by its sender's store, adds ``seq`` there.
+
+
+def operation_body(
+    *,
+    computer: int,
+    generation: int,
+    op: int,
+    type: str,
+    params: Any,
+    policy: dict[str, Any],
+    timeout: float,
+    issued_at: float,
+) -> str:
+    """An operation's payload as the exact text the server signs."""
+    return canonical(
+        {
+            "computer": computer,
+            "generation": generation,
+            "op": op,
+            "type": type,
+            "params": params,
+            "policy": policy,
+            "timeout": timeout,
+            "issued_at": issued_at,
+        }
+    )
+
+
+def operation_message(seq: int, op: int, body: str, sig: str) -> dict[str, Any]:
+    """Server -> agent: run operation ``op`` (``body`` from :func:`operation_body`)."""
+    return {"seq": seq, "type": "operation", "op": op, "body": body, "sig": sig}
+
+
+def cancel_message(seq: int, op: int) -> dict[str, Any]:
+    """Server -> agent: stop operation ``op``."""
+    return {"seq": seq, "type": "cancel", "op": op}
+
+
+def operation_status(
+    op: int, status: str, attempt: int, until: float | None, reason: str
+) -> dict[str, Any]:
+    """Agent -> server: ``op`` is working, deferred or failed an attempt (no ``seq``:
+    the agent's state numbers it when it is queued to send)."""
+    return {
+        "type": "operation-status",
+        "op": op,
+        "status": status,
+        "attempt": attempt,
+        "until": until,
+        "reason": reason,
+    }
+
+
+def operation_result(
+    op: int,
+    status: str,
+    result_line: str,
+    *,
+    exit_code: int | None = None,
+    stdout: str = "",
+    stderr: str = "",
+    **run: Any,
+) -> dict[str, Any]:
+    """Agent -> server: what happened to ``op`` (no ``seq``, as above). ``run`` adds
+    what a run measured: ``stdout_dropped``, ``stderr_dropped``, ``started_at``,
+    ``ended_at``, and ``recurring`` for one run of a recurring operation."""
+    unknown = set(run) - _RESULT_RUN_FIELDS
+    if unknown:
+        raise TypeError(f"operation_result: unknown fields {sorted(unknown)}")
+    return {
+        "type": "operation-result",
+        "op": op,
+        "status": status,
+        "result_line": result_line,
+        "exit_code": exit_code,
+        "stdout": stdout,
+        "stderr": stderr,
+        **run,
+    }
+
+
+_RESULT_RUN_FIELDS = frozenset(
+    {"stdout_dropped", "stderr_dropped", "started_at", "ended_at", "recurring"}
+)
 
 
 def canonical(obj: Any) -> str:

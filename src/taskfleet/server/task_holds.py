@@ -21,7 +21,7 @@ from typing import Any
 from taskfleet.domain.lifecycle import MAX_AHEAD, Approval, approval_refusal
 from taskfleet.domain.scheduling import Pending
 from taskfleet.domain.states import FINAL_STATES, Cause, State
-from taskfleet.server.service import ApiError, Principal
+from taskfleet.server.kernel import ApiError, Principal, audit
 from taskfleet.settings import MAX_ID
 from taskfleet.store import tasks as store
 
@@ -217,8 +217,6 @@ class TaskHolds:
                 reason=f"approved by {p.actor}"
                 + (f"; waits for {_describe(after)}" if pending_dep and after else ""),
             )
-            from taskfleet.server.service import audit
-
             await audit(conn, p, "task.approve", now, id=task_id)
             pend = (
                 None
@@ -255,8 +253,6 @@ class TaskHolds:
                 hold=hold,
                 reason=f"rejected by {p.actor}" + (f": {reason}" if reason else ""),
             )
-            from taskfleet.server.service import audit
-
             await audit(conn, p, "task.reject", now, id=task_id, reason=reason)
 
         await self.writer.run(fn, after=lambda _r: self.dependency_finished([task_id]))

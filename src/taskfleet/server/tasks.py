@@ -34,7 +34,7 @@ from taskfleet.dispatch import DispatchQueue
 from taskfleet.domain.scheduling import Pending, Scheduler, TaskType, from_specs
 from taskfleet.domain.states import State
 from taskfleet.domain.task_types import TaskTypeSpec, validate_params
-from taskfleet.server.service import ApiError, Principal
+from taskfleet.server.kernel import ApiError, Principal
 from taskfleet.server.task_holds import TaskHolds, parse_hold
 from taskfleet.server.writer import Writer
 from taskfleet.store import tasks as store

@@ -3,18 +3,16 @@
 Contract:
 * ``run(fn)`` runs ``fn(conn)`` in its own write transaction and returns its
   result after the commit; ``after`` callbacks run only once it committed.
-* ``exchange(job)`` applies an agent exchange (results, acks, hand-out of
-  queued work) and returns the response body. Exchanges waiting at the same
-  moment are applied together in ONE transaction with set-wise statements, so
-  10,000 agents reporting at once cost a few hundred statements and a few
-  fsyncs, not 10,000 of each. A job that turns out to be bad input fails alone:
-  the batch is retried without it; a batch that fails for any other reason is
-  split in halves, each retried on its own, so one failing exchange fails
-  alone and the others of its batch are applied.
-* A reply carries at most ``REPLY_MAX_BYTES`` of messages (or one larger
-  message); work that does not fit stays Queued and ``more`` tells the agent
-  to exchange again at once.
-* In-memory fleet counters change only after the commit that persisted them.
+  Function jobs queued at the same moment share one transaction (one commit);
+  a failing one is rolled back alone (a savepoint each on the retry).
+* ``batch(job)`` queues a job of a kind registered with ``register``: jobs
+  of one kind queued at the same moment go to its handler together, which
+  applies them (``begin``, ``committed``) and settles each ``job.fut``. The
+  exchange (``server/exchange.py``) is such a kind: 10,000 agents reporting at
+  once cost a few transactions, not 10,000.
+* Jobs run in the order queued (consecutive jobs of one kind go together).
+* ``on_finished`` is called after each commit with the activities that
+  transaction moved to a final state (``store.activities`` records them).
 A single writer per process also means SQLite never returns "database is
 locked" to a request.
 """
@@ -24,55 +22,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
-import orjson
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from taskfleet.domain.policy import DEFAULT_POLICY
-from taskfleet.domain.results import LOST_LINE, result_line
-from taskfleet.domain.states import (
-    FINAL_STATES,
-    ActivityKind,
-    Cause,
-    State,
-    Transition,
-    transition,
-)
-from taskfleet.protocol.exchange import (
-    AgentMessage,
-    AgentRequest,
-    OperationResult,
-    OperationStatus,
-    ProtocolError,
-    canonical,
-)
-from taskfleet.protocol.signing import Signer
-from taskfleet.server import metrics
-from taskfleet.server.fleet import ComputerState, Fleet
-from taskfleet.settings import INT32_MAX, REPLY_MAX_BYTES, WRITE_BATCH_MAX
-from taskfleet.store.activities import FINISHED, Change, apply_changes, insert_events
-from taskfleet.store.schema import activities, computers, outbox, requests
+from taskfleet.settings import WRITE_BATCH_MAX
+from taskfleet.store.activities import FINISHED
 
 log = logging.getLogger("taskfleet.writer")
 _STOP = object()  # put by stop(): the loop ends after the jobs queued before it
 T = TypeVar("T")
 
-_CLIENT = ActivityKind.CLIENT
 
+class BatchJob(Protocol):
+    """A job for ``Writer.batch``: its handler settles ``fut``."""
 
-@dataclass
-class ExchangeJob:
-    cs: ComputerState
-    req: AgentRequest
-    address: str | None
-    fut: asyncio.Future[dict[str, Any]] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    fut: asyncio.Future[Any]
 
 
 @dataclass
@@ -82,50 +49,22 @@ class _FnJob:
     after: Callable[[Any], None] | None = None
 
 
-@dataclass
-class _Pending:
-    """What a batch will change in memory once it commits."""
-
-    in_acked: int
-    out_seq: int
-    out_acked: int
-    messages: list[str] = field(default_factory=list)
-    size: int = 0  # bytes of ``messages`` (ASCII JSON texts)
-    more: bool = False  # messages left for the next exchange
-
-    def fits(self, message: str) -> bool:
-        """Whether the reply can take ``message``; a reply takes at least one."""
-        return not self.messages or self.size + len(message) <= REPLY_MAX_BYTES
-
-    def add(self, message: str) -> None:
-        self.messages.append(message)
-        self.size += len(message)
-
-
 class Writer:
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        fleet: Fleet,
-        signer: Signer,
-        *,
-        lost_grace: float,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         # Called after each commit with the activities it moved to a final
         # state (the lifecycle engine releases what waited on them).
         self.on_finished: Callable[[set[int]], None] | None = None
         self._done_ids: set[int] = set()
-        # computer id, now -> True while its maintenance window is closed
-        self.window_closed: Callable[[int, float], bool] = lambda _cid, _now: False
-        self.fleet = fleet
-        self.signer = signer
-        self.lost_grace = lost_grace
-        self.clock = clock
         self._queue: asyncio.Queue[Any] = asyncio.Queue()  # jobs, or _STOP
         self._task: asyncio.Task[None] | None = None
         self.pg = engine.dialect.name == "postgresql"
+        # job type -> what applies a list of them
+        self._handlers: dict[type, Callable[[list[Any]], Awaitable[None]]] = {_FnJob: self._fns}
+
+    def register(self, kind: type, handler: Callable[[list[Any]], Awaitable[None]]) -> None:
+        """Jobs of type ``kind`` (see ``batch``) are applied by ``handler``, in batches."""
+        self._handlers[kind] = handler
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="writer")
@@ -158,14 +97,19 @@ class Writer:
         self._queue.put_nowait(_FnJob(fn, fut, after))
         return await fut
 
-    async def exchange(self, job: ExchangeJob) -> dict[str, Any]:
-        self._queue.put_nowait(job)
+    async def batch(self, job: BatchJob) -> Any:
+        """Queue ``job`` for the handler of its type; its result once applied."""
+        self.defer(job)
         return await job.fut
+
+    def defer(self, job: BatchJob) -> None:
+        """Queue ``job`` (again): a handler puts back what this batch cannot take."""
+        self._queue.put_nowait(job)
 
     async def _loop(self) -> None:
         while True:
             first = await self._queue.get()
-            batch: list[ExchangeJob | _FnJob] = []
+            batch: list[Any] = []
             stopping = first is _STOP
             if not stopping:
                 batch.append(first)
@@ -176,23 +120,14 @@ class Writer:
                 else:
                     batch.append(job)
             # Keep FIFO order: consecutive jobs of one kind go together.
-            run: list[ExchangeJob] = []
-            fns: list[_FnJob] = []
+            run: list[Any] = []
             for job in batch:
-                if isinstance(job, ExchangeJob):
-                    if fns:
-                        await self._fns(fns)
-                        fns = []
-                    run.append(job)
-                else:
-                    if run:
-                        await self._exchanges(run)
-                        run = []
-                    fns.append(job)
+                if run and type(job) is not type(run[0]):
+                    await self._handlers[type(run[0])](run)
+                    run = []
+                run.append(job)
             if run:
-                await self._exchanges(run)
-            if fns:
-                await self._fns(fns)
+                await self._handlers[type(run[0])](run)
             if stopping:
                 return
 
@@ -207,17 +142,17 @@ class Writer:
             await self._one_fn(jobs[0])
             return
         try:
-            async with self._begin() as conn:
+            async with self.begin() as conn:
                 results = [await job.fn(conn) for job in jobs]
         except Exception:
             pass  # someone's bad input: find out whose, below
         else:
-            self._finished(conn)
+            self.committed()
             self._settle(jobs, [(True, r) for r in results])
             return
         outcomes: list[tuple[bool, Any]] = []
         try:
-            async with self._begin() as conn:
+            async with self.begin() as conn:
                 for job in jobs:
                     savepoint = await conn.begin_nested()
                     try:
@@ -234,13 +169,13 @@ class Writer:
                 if not job.fut.done():
                     job.fut.set_exception(exc)
             return
-        self._finished(conn)
+        self.committed()
         self._settle(jobs, outcomes)
 
     async def _one_fn(self, job: _FnJob) -> None:
         ran = False
         try:
-            async with self._begin() as conn:
+            async with self.begin() as conn:
                 result = await job.fn(conn)
                 ran = True
         except Exception as exc:
@@ -249,11 +184,12 @@ class Writer:
             if not job.fut.done():
                 job.fut.set_exception(exc)
             return
-        self._finished(conn)
+        self.committed()
         self._settle([job], [(True, result)])
 
     @contextlib.asynccontextmanager
-    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction that records what it finishes (for ``committed``)."""
         self._done_ids = set()
         async with self.engine.begin() as conn:
             # Per transaction: the pooled connection's info outlives it.
@@ -263,7 +199,7 @@ class Writer:
             finally:
                 conn.info.pop(FINISHED, None)
 
-    def _finished(self, _conn: AsyncConnection) -> None:
+    def committed(self) -> None:
         """After a commit: tell the lifecycle engine what that transaction finished."""
         ids, self._done_ids = self._done_ids, set()
         if ids and self.on_finished is not None:
@@ -285,559 +221,3 @@ class Writer:
                 job.fut.set_result(value)
             else:
                 job.fut.set_exception(value)
-
-    async def _exchanges(self, jobs: list[ExchangeJob]) -> None:
-        # One computer may appear once per batch: its counters are per batch.
-        seen: set[int] = set()
-        now_jobs: list[ExchangeJob] = []
-        for job in jobs:
-            if job.cs.id in seen:
-                self._queue.put_nowait(job)
-            else:
-                seen.add(job.cs.id)
-                now_jobs.append(job)
-        metrics.BATCH_SIZE.observe(len(now_jobs))
-        await self._exchange_batch(now_jobs)
-
-    async def _exchange_batch(self, jobs: list[ExchangeJob]) -> None:
-        """Apply ``jobs`` in one transaction, isolating a job that fails.
-
-        A job found to be bad input (``_BadJob``) fails and the rest are retried.
-        Any other failure (a value the database refuses, a trigger, a constraint)
-        cannot be pinned on a job by its exception, so the batch is split in
-        halves and each half retried on its own, down to the one job that fails
-        alone: about 2*log2(n) extra transactions, paid only when one failed.
-        A failure before the transaction began (the database is unreachable)
-        fails every job at once: retrying them one by one could not help."""
-        while jobs:
-            had_work = [j.cs.has_work for j in jobs]
-            began = False
-            try:
-                async with self._begin() as conn:
-                    began = True
-                    pending = await self._apply(conn, jobs)
-            except _BadJob as bad:
-                _restore_has_work(jobs, had_work)
-                jobs = [j for j in jobs if j is not bad.job]
-                _fail(bad.job, bad.error)
-                continue
-            except Exception as exc:
-                _restore_has_work(jobs, had_work)
-                if len(jobs) > 1 and began:
-                    log.warning("exchange batch of %d failed (%r); splitting it", len(jobs), exc)
-                    half = len(jobs) // 2
-                    await self._exchange_batch(jobs[:half])
-                    await self._exchange_batch(jobs[half:])
-                    return
-                log.exception("exchange batch of %d failed", len(jobs))
-                for job in jobs:
-                    _fail(job, exc)
-                return
-            self._finished(conn)
-            now = self.clock()
-            for job in jobs:
-                p = pending[job.cs.id]
-                cs = job.cs
-                cs.in_acked, cs.out_seq, cs.out_acked = p.in_acked, p.out_seq, p.out_acked
-                if job.req.agent is not None:
-                    cs.tickle_port = job.req.agent.tickle_port
-                    cs.address = job.address
-                if not job.fut.done():
-                    job.fut.set_result(
-                        {
-                            "ack": p.in_acked,
-                            "messages": p.messages,
-                            "server_time": now,
-                            "more": p.more,
-                        }
-                    )
-            return
-
-    async def _apply(self, conn: AsyncConnection, jobs: list[ExchangeJob]) -> dict[int, _Pending]:
-        now = self.clock()
-        pending = {j.cs.id: _Pending(j.cs.in_acked, j.cs.out_seq, j.cs.out_acked) for j in jobs}
-        await self._apply_results(conn, jobs, pending, now)
-
-        # Acknowledgements of server messages: forget what the agent stored.
-        acked = [
-            {"c": j.cs.id, "s": j.req.ack} for j in jobs if j.req.ack > pending[j.cs.id].out_acked
-        ]
-        if acked:
-            await conn.execute(
-                outbox.delete()
-                .where(outbox.c.computer_id == sa.bindparam("c"))
-                .where(outbox.c.seq <= sa.bindparam("s")),
-                acked,
-            )
-            for a in acked:
-                pending[a["c"]].out_acked = a["s"]
-
-        # Resend everything above the agent's ack, verbatim and in order, as far
-        # as the reply's byte budget goes; the agent acks it and gets the rest next.
-        resend = [j for j in jobs if pending[j.cs.id].out_seq > j.req.ack]
-        if resend:
-            rows = await conn.execute(
-                sa.select(outbox.c.computer_id, outbox.c.seq, outbox.c.message)
-                .where(outbox.c.computer_id.in_([j.cs.id for j in resend]))
-                .order_by(outbox.c.computer_id, outbox.c.seq)
-            )
-            acks = {j.cs.id: j.req.ack for j in resend}
-            for cid, seq, message in rows:
-                p = pending[cid]
-                if seq <= acks[cid] or p.more:
-                    continue
-                if p.fits(message):
-                    p.add(message)
-                else:
-                    p.more = True
-
-        # New work goes after the resends, in what is left of the budget.
-        await self._hand_out(conn, [j for j in jobs if j.cs.has_work], pending, now)
-
-        await conn.execute(
-            computers.update()
-            .where(computers.c.id == sa.bindparam("b_id"))
-            .values(
-                in_acked=sa.bindparam("in_acked"),
-                out_seq=sa.bindparam("out_seq"),
-                out_acked=sa.bindparam("out_acked"),
-                last_seen_at=sa.bindparam("seen"),
-            ),
-            [
-                {
-                    "b_id": j.cs.id,
-                    "in_acked": pending[j.cs.id].in_acked,
-                    "out_seq": pending[j.cs.id].out_seq,
-                    "out_acked": pending[j.cs.id].out_acked,
-                    "seen": now,
-                }
-                for j in jobs
-            ],
-        )
-        agent_info = [j for j in jobs if j.req.agent is not None]
-        if agent_info:
-            await conn.execute(
-                computers.update()
-                .where(computers.c.id == sa.bindparam("b_id"))
-                .values(
-                    tickle_port=sa.bindparam("port"),
-                    agent_version=sa.bindparam("version"),
-                    policy=sa.bindparam("policy"),
-                    address=sa.bindparam("address"),
-                ),
-                [
-                    {
-                        "b_id": j.cs.id,
-                        "port": j.req.agent.tickle_port,
-                        "version": j.req.agent.version,
-                        "policy": j.req.agent.policy,
-                        "address": j.address,
-                    }
-                    for j in agent_info
-                    if j.req.agent is not None
-                ],
-            )
-        return pending
-
-    async def _apply_results(
-        self,
-        conn: AsyncConnection,
-        jobs: list[ExchangeJob],
-        pending: dict[int, _Pending],
-        now: float,
-    ) -> None:
-        fresh: list[tuple[ExchangeJob, AgentMessage]] = []
-        for job in jobs:
-            new = [m for m in job.req.messages if m.seq > job.cs.in_acked]
-            if new:
-                pending[job.cs.id].in_acked = new[-1].seq
-                fresh.extend((job, m) for m in new)
-        if not fresh:
-            return
-        ids = list({m.op for _, m in fresh})
-        query = (
-            sa.select(
-                activities.c.id,
-                activities.c.computer_id,
-                activities.c.state,
-                activities.c.kind,
-                activities.c.runs,
-                requests.c.timeout,
-            )
-            .join(requests, requests.c.id == activities.c.request_id)
-            .where(activities.c.id.in_(ids))
-        )
-        if self.pg:
-            query = query.with_for_update(of=activities)
-        current: dict[int, Any] = {row.id: row for row in await conn.execute(query)}
-        changes: list[Change] = []
-        reports: list[dict[str, Any]] = []
-        statuses: list[dict[str, Any]] = []
-        events: list[tuple[int, int, Transition]] = []
-        for job, m in fresh:
-            row = current.get(m.op)
-            if row is None or row.computer_id != job.cs.id or row.kind != _CLIENT.value:
-                raise _BadJob(
-                    job,
-                    ProtocolError(f"operation {m.op} does not belong to this computer"),
-                )
-            state = State(row.state)
-            if state not in (State.IN_PROGRESS, *FINAL_STATES):
-                raise _BadJob(
-                    job,
-                    ProtocolError(f"operation {m.op} was never delivered (state {state.label})"),
-                )
-            if isinstance(m, OperationStatus):
-                if state is State.IN_PROGRESS:
-                    statuses.append(self._status_values(m, row.timeout, now))
-                    if m.status == "failed":
-                        # A failed attempt that will be retried (SPEC 5): recorded in
-                        # the history, the activity stays In Progress.
-                        events.append((m.op, job.cs.tenant_id, _retry_event(job.cs.id, m, now)))
-                continue
-            values = _result_values(m)
-            if state is State.IN_PROGRESS and m.recurring:
-                # One run of a recurring operation: recorded, the activity goes on.
-                runs = (row.runs or 0) + 1
-                current[m.op] = _Row(
-                    row.id, row.computer_id, row.state, row.kind, runs, row.timeout
-                )
-                reports.append(
-                    {
-                        "b_id": m.op,
-                        "report": {**values, "status": m.status, "received_at": now, "run": runs},
-                        "runs": runs,
-                        "deadline_at": None,
-                        "agent_status": "waiting",
-                    }
-                )
-            elif state is State.IN_PROGRESS:
-                target = {
-                    "succeeded": State.SUCCEEDED,
-                    "failed": State.FAILED,
-                    "canceled": State.CANCELED,
-                }[m.status]
-                t = transition(
-                    _CLIENT,
-                    state,
-                    target,
-                    cause=Cause.AGENT_REPORT,
-                    actor=f"computer:{job.cs.id}",
-                    at=now,
-                    reason=m.result_line,
-                )
-                changes.append(Change(m.op, job.cs.tenant_id, t, {**values, "finished_at": now}))
-                current[m.op] = _Row(
-                    row.id, row.computer_id, target.value, row.kind, row.runs, row.timeout
-                )
-            else:
-                # A late report (after a cancel, or after the server declared it
-                # lost): the state stays, what really happened is recorded.
-                reports.append(
-                    {
-                        "b_id": m.op,
-                        "report": {**values, "status": m.status, "received_at": now},
-                        "runs": row.runs,
-                        "deadline_at": None,
-                        "agent_status": None,
-                    }
-                )
-        await apply_changes(conn, changes)
-        await insert_events(conn, events)
-        if reports:
-            await conn.execute(
-                activities.update()
-                .where(activities.c.id == sa.bindparam("b_id"))
-                .values(
-                    agent_report=sa.bindparam("report"),
-                    runs=sa.bindparam("runs"),
-                    deadline_at=sa.bindparam("deadline_at"),
-                    agent_status=sa.bindparam("agent_status"),
-                ),
-                reports,
-            )
-        if statuses:
-            await conn.execute(
-                activities.update()
-                .where(activities.c.id == sa.bindparam("b_id"))
-                .values(
-                    agent_status=sa.bindparam("agent_status"),
-                    agent_attempt=sa.bindparam("agent_attempt"),
-                    deadline_at=sa.bindparam("deadline_at"),
-                    reason=sa.bindparam("reason"),
-                ),
-                statuses,
-            )
-        metrics.RESULTS.inc(len(changes))
-
-    def _first_deadline(self, row: Any, now: float) -> float | None:
-        # A recurring operation has no end; each run's "working" status sets one.
-        return None if _recurring(row.policy) else now + row.timeout + self.lost_grace
-
-    def _status_values(self, m: OperationStatus, timeout: float, now: float) -> dict[str, Any]:
-        # SPEC 9's two timeouts stay in step with what the agent says: a run
-        # (or a new attempt) restarts the clock; deferred work is not lost
-        # while it waits for its window.
-        if m.status == "working":
-            deadline: float | None = now + timeout + self.lost_grace
-            reason = f"running on the computer (attempt {m.attempt})"
-        elif m.status == "failed":
-            # The retry starts at the agent's next scrubber run (``until``); it is
-            # lost only if no run starts by then plus the time limit and grace.
-            start = now if m.until is None else max(now, m.until)
-            deadline = start + timeout + self.lost_grace
-            reason = m.reason or f"failed, will retry (attempt {m.attempt})"
-        else:
-            deadline = None if m.until is None else m.until + timeout + self.lost_grace
-            reason = f"deferred by the computer: {m.reason}"
-        return {
-            "b_id": m.op,
-            "agent_status": m.status,
-            "agent_attempt": m.attempt,
-            "deadline_at": deadline,
-            "reason": reason[:2000],
-        }
-
-    async def _hand_out(
-        self,
-        conn: AsyncConnection,
-        jobs: list[ExchangeJob],
-        pending: dict[int, _Pending],
-        now: float,
-    ) -> None:
-        if not jobs:
-            return
-        by_id = {j.cs.id: j.cs for j in jobs}
-        for cs in by_id.values():
-            # Cleared before the read: work committed after it sets it again.
-            # Held work (a closed window, a later time) is woken by the
-            # lifecycle engine when it becomes due.
-            cs.has_work = False
-        by_id = {cid: cs for cid, cs in by_id.items() if not self.window_closed(cid, now)}
-        if not by_id:
-            return
-        query = (
-            sa.select(
-                activities.c.id,
-                activities.c.computer_id,
-                activities.c.tenant_id,
-                activities.c.type,
-                activities.c.state,
-                requests.c.params,
-                requests.c.timeout,
-                requests.c.policy,
-            )
-            .join(requests, requests.c.id == activities.c.request_id)
-            .where(activities.c.computer_id.in_(list(by_id)))
-            .where(activities.c.state.in_([State.QUEUED.value, State.SCHEDULED.value]))
-            .where(activities.c.kind == _CLIENT.value)
-            # Expired work is never handed out, even before the reaper gets to it.
-            .where(sa.or_(activities.c.expires_at.is_(None), activities.c.expires_at > now))
-            # "Not earlier than" (SPEC 2.1): Scheduled, or Queued after an approval.
-            .where(sa.or_(activities.c.not_before.is_(None), activities.c.not_before <= now))
-            .order_by(activities.c.id)
-        )
-        if self.pg:
-            query = query.with_for_update(of=activities)
-        rows = (await conn.execute(query)).all()
-        if not rows:
-            return
-        changes: list[Change] = []
-        out_rows: list[dict[str, Any]] = []
-        for row in rows:
-            cs = by_id[row.computer_id]
-            p = pending[cs.id]
-            if p.more:
-                # The reply is full: the rest stays Queued (truthfully not
-                # delivered, no lost-deadline running) for the next exchange.
-                cs.has_work = True
-                continue
-            body = canonical(
-                {
-                    "computer": cs.id,
-                    "generation": cs.generation,
-                    "op": row.id,
-                    "type": row.type,
-                    "params": row.params,
-                    "policy": row.policy or DEFAULT_POLICY,
-                    "timeout": row.timeout,
-                    "issued_at": now,
-                }
-            )
-            message = orjson.dumps(
-                {
-                    "seq": p.out_seq + 1,
-                    "type": "operation",
-                    "op": row.id,
-                    "body": body,
-                    "sig": self.signer.sign(body),
-                }
-            ).decode()
-            if not p.fits(message):
-                p.more = cs.has_work = True
-                continue
-            p.out_seq += 1
-            p.add(message)  # the very text stored in the outbox: resends are identical
-            out_rows.append(
-                {
-                    "computer_id": cs.id,
-                    "seq": p.out_seq,
-                    "tenant_id": row.tenant_id,
-                    "message": message,
-                }
-            )
-            t = transition(
-                _CLIENT,
-                State(row.state),  # Queued, or Scheduled whose time came
-                State.IN_PROGRESS,
-                cause=Cause.DELIVERED,
-                actor="server",
-                at=now,
-                reason=f"sent to computer {cs.id} as message {p.out_seq}",
-            )
-            changes.append(
-                Change(
-                    row.id,
-                    row.tenant_id,
-                    t,
-                    {"delivered_at": now, "deadline_at": self._first_deadline(row, now)},
-                )
-            )
-        if out_rows:
-            await conn.execute(outbox.insert(), out_rows)
-        await apply_changes(conn, changes)
-        metrics.DELIVERED.inc(len(changes))
-
-
-def _recurring(policy: dict[str, Any] | None) -> bool:
-    return policy is not None and policy.get("interval") == "recurring"
-
-
-@dataclass
-class _Row:
-    id: int
-    computer_id: int
-    state: str
-    kind: str
-    runs: int | None
-    timeout: float
-
-
-def _fail(job: ExchangeJob, error: BaseException) -> None:
-    if not job.fut.done():
-        job.fut.set_exception(error)
-
-
-def _restore_has_work(jobs: list[ExchangeJob], had_work: list[bool]) -> None:
-    # A rolled-back hand-out handed nothing out: what was waiting still is.
-    # Only ever set (work queued meanwhile may have set it already).
-    for job, had in zip(jobs, had_work, strict=True):
-        if had:
-            job.cs.has_work = True
-
-
-class _BadJob(Exception):
-    def __init__(self, job: ExchangeJob, error: Exception) -> None:
-        super().__init__(str(error))
-        self.job = job
-        self.error = error
-
-
-def _retry_event(computer_id: int, m: OperationStatus, now: float) -> Transition:
-    # Not a transition (the state stays In Progress), so not checked against
-    # the table; recorded in the same history so `activity show` tells it.
-    return Transition(
-        State.IN_PROGRESS,
-        State.IN_PROGRESS,
-        Cause.AGENT_STATUS,
-        f"computer:{computer_id}",
-        now,
-        (m.reason or f"failed, will retry (attempt {m.attempt})")[:2000],
-    )
-
-
-def _result_values(r: OperationResult) -> dict[str, Any]:
-    return {
-        "exit_code": r.exit_code,
-        "result_line": r.result_line,
-        "stdout": r.stdout,
-        "stderr": r.stderr,
-        # INTEGER columns; a script can drop more than 2 GiB. The exact count
-        # is in the output's truncation marker, written by the agent.
-        "stdout_dropped": min(r.stdout_dropped, INT32_MAX),
-        "stderr_dropped": min(r.stderr_dropped, INT32_MAX),
-        "agent_started_at": r.started_at,
-        "agent_ended_at": r.ended_at,
-    }
-
-
-async def _time_out(
-    conn: AsyncConnection,
-    now: float,
-    *,
-    state: State,
-    target: State,
-    column: sa.Column[Any],
-    reason: str,
-    line: str,
-    limit: int,
-) -> list[int]:
-    """Move client activities in ``state`` whose time ``column`` passed to ``target``."""
-    rows = (
-        await conn.execute(
-            sa.select(activities.c.id, activities.c.tenant_id)
-            .where(activities.c.state == state.value)
-            .where(activities.c.kind == _CLIENT.value)
-            .where(column <= now)
-            .order_by(column)
-            .limit(limit)
-        )
-    ).all()
-    changes = [
-        Change(
-            row.id,
-            row.tenant_id,
-            transition(
-                _CLIENT, state, target, cause=Cause.TIMEOUT, actor="server", at=now, reason=reason
-            ),
-            {"result_line": line, "finished_at": now},
-        )
-        for row in rows
-    ]
-    await apply_changes(conn, changes)
-    return [row.id for row in rows]
-
-
-async def reap_lost(conn: AsyncConnection, now: float, limit: int = 5000) -> list[int]:
-    """SPEC 9: fail client activities whose time limit plus grace passed with no result."""
-    return await _time_out(
-        conn,
-        now,
-        state=State.IN_PROGRESS,
-        target=State.FAILED,
-        column=activities.c.deadline_at,
-        reason="lost: no result within the time limit plus grace",
-        line=LOST_LINE,
-        limit=limit,
-    )
-
-
-EXPIRED_LINE = result_line("Pending", "Canceled", "Expired before the computer picked it up", None)
-
-
-async def reap_expired(conn: AsyncConnection, now: float, limit: int = 5000) -> list[int]:
-    """SPEC 9: work not handed out by its expiry is Canceled, "expired" (Queued, and
-    also Scheduled, Waiting or Blocked: it would reach the computer too late)."""
-    out: list[int] = []
-    for state in (State.QUEUED, State.SCHEDULED, State.WAITING, State.BLOCKED):
-        out += await _time_out(
-            conn,
-            now,
-            state=state,
-            target=State.CANCELED,
-            column=activities.c.expires_at,
-            reason="expired",
-            line=EXPIRED_LINE,
-            limit=limit,
-        )
-    return out

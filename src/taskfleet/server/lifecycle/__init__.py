@@ -9,11 +9,12 @@ Contract:
   through ``domain.states.transition`` and ``store.activities.apply_changes``.
 * :class:`Lifecycle` keeps small in-memory indexes so that a pass costs what
   changed; it never sleeps past a timer and reads the time from an injectable clock.
-* Approvals, rejections, resumes, windows and cron schedules are functions
-  run by the single writer, each audited.
+* Approvals, rejections, resumes and windows are functions run by the single
+  writer, each audited. (Cron schedules, which create requests, live in
+  ``server/schedules.py``: the lifecycle never imports the request module.)
 
-Modules: ``options``, ``moves`` (state changes), ``approvals``, ``windows``,
-``schedules`` and ``engine``, which imports the others (never the reverse).
+Modules: ``options``, ``moves`` (state changes), ``approvals``, ``windows``
+and ``engine``, which imports the others (never the reverse).
 """
 
 from taskfleet.server.lifecycle.approvals import (
@@ -39,13 +40,6 @@ from taskfleet.server.lifecycle.options import (
     iso,
     parse_options,
 )
-from taskfleet.server.lifecycle.schedules import (
-    cancel_schedule,
-    create_schedule,
-    fire_schedule,
-    get_schedule,
-    list_schedules,
-)
 from taskfleet.server.lifecycle.windows import (
     closed_windows,
     load_windows,
@@ -60,19 +54,14 @@ __all__ = [
     "Options",
     "Wake",
     "approve",
-    "cancel_schedule",
     "check_options",
     "closed_windows",
-    "create_schedule",
     "dependency_progress",
     "evaluate_rollout",
     "evaluate_waiter",
     "expire_approval",
-    "fire_schedule",
-    "get_schedule",
     "iso",
     "list_approvals",
-    "list_schedules",
     "load_windows",
     "parse_offset",
     "parse_options",

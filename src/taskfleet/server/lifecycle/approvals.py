@@ -12,18 +12,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.lifecycle import Approval, approval_refusal
 from taskfleet.domain.states import Cause, State
+from taskfleet.server.kernel import ApiError, Principal, audit
 from taskfleet.server.lifecycle.moves import (
     Moved,
-    _move,
-    _move_state,
-    _open_rows,
-    _request_row,
-    _summary,
-    _wave_counts,
     evaluate_rollout,
+    move,
+    move_state,
+    open_rows,
+    request_row,
+    summary,
+    wave_counts,
 )
 from taskfleet.server.lifecycle.options import After, Options, check_options, iso
-from taskfleet.server.service import ApiError, Principal, audit
+from taskfleet.store import tasks as task_store
 from taskfleet.store.schema import requests
 
 
@@ -50,13 +51,13 @@ def _approval(row: Any) -> Approval:
 
 async def approve(conn: AsyncConnection, p: Principal, now: float, request_id: int) -> Moved:
     """Blocked -> Queued (or Waiting while its dependency or an earlier wave is pending)."""
-    row = await _request_row(conn, p.tenant_id, request_id)
+    row = await request_row(conn, p.tenant_id, request_id)
     if row.approval is None:
         raise ApiError(409, f"request {request_id} does not need approval")
     decision = row.approval.get("decision")
     if decision is not None:
         raise ApiError(409, f"request {request_id} is not awaiting approval (already {decision})")
-    rows = await _open_rows(conn, request_id, [State.BLOCKED])
+    rows = await open_rows(conn, request_id, [State.BLOCKED])
     if not rows:
         raise ApiError(409, f"request {request_id} has nothing Blocked to approve")
     why = approval_refusal(_approval(row), p.actor, now)
@@ -69,7 +70,7 @@ async def approve(conn: AsyncConnection, p: Principal, now: float, request_id: i
     queued = [r for r in rows if met and not r.wave]
     waiting = [r for r in rows if r not in queued]
     moved.count += len(
-        await _move(
+        await move(
             conn,
             queued,
             State.QUEUED,
@@ -80,7 +81,7 @@ async def approve(conn: AsyncConnection, p: Principal, now: float, request_id: i
         )
     )
     moved.count += len(
-        await _move(
+        await move(
             conn,
             waiting,
             State.WAITING,
@@ -94,18 +95,18 @@ async def approve(conn: AsyncConnection, p: Principal, now: float, request_id: i
     moved.queued_computers = [r.computer_id for r in queued]
     await _decide(conn, request_id, row.approval, "approved", p.actor, now)
     await audit(conn, p, "request.approve", now, id=request_id, activities=moved.count)
-    moved.watch.append(await _summary(conn, request_id))
+    moved.watch.append(await summary(conn, request_id))
     return moved
 
 
 async def reject(
     conn: AsyncConnection, p: Principal, now: float, request_id: int, reason: str
 ) -> Moved:
-    row = await _request_row(conn, p.tenant_id, request_id)
+    row = await request_row(conn, p.tenant_id, request_id)
     if row.approval is None or row.approval.get("decision") is not None:
         raise ApiError(409, f"request {request_id} is not awaiting approval")
     why = f"rejected by {p.actor}" + (f": {reason}" if reason else "")
-    rows = await _move_state(
+    rows = await move_state(
         conn,
         request_id,
         State.BLOCKED,
@@ -121,13 +122,13 @@ async def reject(
 
 
 async def expire_approval(conn: AsyncConnection, now: float, request_id: int) -> Moved:
-    row = await _request_row(conn, None, request_id)
+    row = await request_row(conn, None, request_id)
     a = row.approval
     if a is None or a.get("decision") is not None or a.get("expires_at") is None:
         return Moved()
     if now < a["expires_at"]:
         return Moved()
-    rows = await _move_state(
+    rows = await move_state(
         conn,
         request_id,
         State.BLOCKED,
@@ -167,8 +168,6 @@ async def list_approvals(conn: AsyncConnection, p: Principal) -> list[dict[str, 
                 "kind": "request",
             }
         )
-    from taskfleet.store import tasks as task_store
-
     for row in await task_store.held(conn):
         a = (row.hold or {}).get("approval")
         if row.tenant_id != p.tenant_id or row.state != State.BLOCKED.value or not a:
@@ -193,13 +192,13 @@ async def list_approvals(conn: AsyncConnection, p: Principal) -> list[dict[str, 
 
 async def resume(conn: AsyncConnection, p: Principal, now: float, request_id: int) -> Moved:
     """A person resumes a paused rollout: held work is Queued again, the failure count restarts."""
-    row = await _request_row(conn, p.tenant_id, request_id)
+    row = await request_row(conn, p.tenant_id, request_id)
     state = dict(row.rollout or {})
     if not state:
         raise ApiError(409, f"request {request_id} is not a rollout")
     if not state.get("paused"):
         raise ApiError(409, f"the rollout of request {request_id} is not paused")
-    rows = await _move_state(
+    rows = await move_state(
         conn,
         request_id,
         State.BLOCKED,
@@ -209,7 +208,7 @@ async def resume(conn: AsyncConnection, p: Principal, now: float, request_id: in
         now=now,
         reason=f"rollout resumed by {p.actor}",
     )
-    waves, _ = await _wave_counts(conn, request_id)
+    waves, _ = await wave_counts(conn, request_id)
     state.update(
         paused=False,
         base_finished=sum(w.finished for w in waves),
@@ -222,5 +221,5 @@ async def resume(conn: AsyncConnection, p: Principal, now: float, request_id: in
     moved = await evaluate_rollout(conn, now, request_id, override=True)
     moved.queued_computers += [r.computer_id for r in rows]
     moved.count += len(rows)
-    moved.watch.append(await _summary(conn, request_id))
+    moved.watch.append(await summary(conn, request_id))
     return moved

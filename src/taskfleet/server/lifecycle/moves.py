@@ -23,8 +23,8 @@ from taskfleet.domain.lifecycle import (
 )
 from taskfleet.domain.progress import Progress, progress
 from taskfleet.domain.states import FINAL_STATES, ActivityKind, Cause, State, transition
+from taskfleet.server.kernel import ApiError, Principal, audit, state_counts
 from taskfleet.server.lifecycle.options import After, Options, check_options, dependency_progress
-from taskfleet.server.service import ApiError, Principal, audit, state_counts
 from taskfleet.store.activities import Change, apply_changes
 from taskfleet.store.schema import activities, requests
 
@@ -34,7 +34,7 @@ _CLIENT = ActivityKind.CLIENT
 _FINAL = [s.value for s in FINAL_STATES]
 
 
-async def _move(
+async def move(
     conn: AsyncConnection,
     rows: Iterable[Any],
     target: State,
@@ -62,7 +62,7 @@ async def _move(
     return [c.activity_id for c in changes]
 
 
-async def _open_rows(
+async def open_rows(
     conn: AsyncConnection, request_id: int, states: Iterable[State], wave: int | None = None
 ) -> list[Any]:
     q = sa.select(
@@ -80,7 +80,7 @@ async def _open_rows(
     return list(await conn.execute(q.order_by(activities.c.id)))
 
 
-async def _move_state(
+async def move_state(
     conn: AsyncConnection,
     request_id: int,
     state: State,
@@ -93,8 +93,8 @@ async def _move_state(
     wave: int | None = None,
 ) -> list[Any]:
     """Move every activity of a request (or of one wave) in ``state`` to ``target``."""
-    rows = await _open_rows(conn, request_id, [state], wave)
-    await _move(conn, rows, target, cause=cause, actor=actor, now=now, reason=reason)
+    rows = await open_rows(conn, request_id, [state], wave)
+    await move(conn, rows, target, cause=cause, actor=actor, now=now, reason=reason)
     return rows
 
 
@@ -109,7 +109,7 @@ class Moved:
     count: int = 0
 
 
-async def _request_row(conn: AsyncConnection, tenant_id: int | None, request_id: int) -> Any:
+async def request_row(conn: AsyncConnection, tenant_id: int | None, request_id: int) -> Any:
     q = sa.select(requests).where(requests.c.id == request_id)
     if tenant_id is not None:
         q = q.where(requests.c.tenant_id == tenant_id)
@@ -123,7 +123,7 @@ async def release_waiting(
     conn: AsyncConnection, now: float, request_id: int, *, reason: str, actor: str = "server"
 ) -> Moved:
     """Waiting -> Queued for a request whose dependency is met (rollouts: per wave)."""
-    rows = await _move_state(
+    rows = await move_state(
         conn,
         request_id,
         State.WAITING,
@@ -138,7 +138,7 @@ async def release_waiting(
 
 async def evaluate_waiter(conn: AsyncConnection, now: float, request_id: int) -> Moved:
     """Release or cancel a request Waiting on its dependency, if the rule says so now."""
-    row = await _request_row(conn, None, request_id)
+    row = await request_row(conn, None, request_id)
     if row.depends_on is None:
         return Moved(done=[request_id])
     after = After.from_json(row.depends_on)
@@ -149,7 +149,7 @@ async def evaluate_waiter(conn: AsyncConnection, now: float, request_id: int) ->
     rule = after.rule()
     if dependency_met(rule, prog):
         if row.rollout:  # the first wave starts; the rollout's rules take the rest
-            rows = await _move_state(
+            rows = await move_state(
                 conn,
                 request_id,
                 State.WAITING,
@@ -165,7 +165,7 @@ async def evaluate_waiter(conn: AsyncConnection, now: float, request_id: int) ->
             conn, now, request_id, reason=f"dependency met: {after.describe()}"
         )
     if dependency_doomed(rule, prog):
-        rows = await _move_state(
+        rows = await move_state(
             conn,
             request_id,
             State.WAITING,
@@ -179,7 +179,7 @@ async def evaluate_waiter(conn: AsyncConnection, now: float, request_id: int) ->
     return Moved()
 
 
-async def _wave_counts(conn: AsyncConnection, request_id: int) -> tuple[list[Progress], list[int]]:
+async def wave_counts(conn: AsyncConnection, request_id: int) -> tuple[list[Progress], list[int]]:
     per: dict[int, dict[State, int]] = {}
     for r in await conn.execute(
         sa.select(activities.c.wave, activities.c.state, sa.func.count().label("n"))
@@ -197,7 +197,7 @@ async def evaluate_rollout(
     conn: AsyncConnection, now: float, request_id: int, *, override: bool = False
 ) -> Moved:
     """Apply the rollout rules once: pause on failures, or release the next wave."""
-    row = await _request_row(conn, None, request_id)
+    row = await request_row(conn, None, request_id)
     state = dict(row.rollout or {})
     if not state or state.get("paused"):
         return Moved()
@@ -212,14 +212,14 @@ async def evaluate_rollout(
     )
     moved = Moved()
     for _ in range(int(state.get("waves", 1)) + 1):
-        waves, waiting = await _wave_counts(conn, request_id)
+        waves, waiting = await wave_counts(conn, request_id)
         if waiting and waiting[0]:
             break  # the first wave starts on approval or its dependency, not here
         base = (int(state.get("base_finished", 0)), int(state.get("base_succeeded", 0)))
         step = rollout_step(policy, waves, waiting, baseline=base, override=override)
         override = False  # one release at most on a resume's say-so
         if step.pause:
-            rows = await _move_state(
+            rows = await move_state(
                 conn,
                 request_id,
                 State.QUEUED,
@@ -238,7 +238,7 @@ async def evaluate_rollout(
             return moved
         if step.release is None:
             break
-        rows = await _move_state(
+        rows = await move_state(
             conn,
             request_id,
             State.WAITING,
@@ -252,7 +252,7 @@ async def evaluate_rollout(
         log.info("request %d: wave %d released (%s)", request_id, step.release, step.reason)
         moved.queued_computers += [r.computer_id for r in rows]
         moved.count += len(rows)
-    waves, waiting = await _wave_counts(conn, request_id)
+    waves, waiting = await wave_counts(conn, request_id)
     if all(w == 0 for w in waiting) and all(p.done for p in waves):
         moved.over.append(request_id)
     return moved
@@ -266,7 +266,7 @@ async def set_after(
     Refused: a request already Queued, Scheduled or running (the state table
     has no way back to Waiting), and any dependency that would close a cycle.
     """
-    row = await _request_row(conn, p.tenant_id, request_id)
+    row = await request_row(conn, p.tenant_id, request_id)
     counts = await state_counts(conn, activities.c.request_id == request_id)
     open_states = {s for s, n in counts.items() if n and s not in FINAL_STATES}
     if not open_states:
@@ -313,7 +313,7 @@ async def set_after(
             conn, now, request_id, reason=f"dependency met: {after.describe()}", actor=p.actor
         )
     else:
-        moved.watch.append(await _summary(conn, request_id))
+        moved.watch.append(await summary(conn, request_id))
     return moved
 
 
@@ -335,8 +335,8 @@ async def _dependency_request(
     return None if rid is None else int(rid)
 
 
-async def _summary(conn: AsyncConnection, request_id: int) -> dict[str, Any]:
-    row = await _request_row(conn, None, request_id)
+async def summary(conn: AsyncConnection, request_id: int) -> dict[str, Any]:
+    row = await request_row(conn, None, request_id)
     return {
         "id": row.id,
         "not_before": row.not_before,

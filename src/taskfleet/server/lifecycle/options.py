@@ -22,7 +22,7 @@ from taskfleet.domain.lifecycle import (
     dependency_met,
 )
 from taskfleet.domain.progress import Progress, progress
-from taskfleet.server.service import ApiError, Principal, state_counts
+from taskfleet.server.kernel import ApiError, Principal, state_counts
 from taskfleet.settings import MAX_ID, TIME_MAX, TIME_MIN
 from taskfleet.store.schema import activities, requests
 

@@ -11,7 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.lifecycle import RuleError, validate_window, window_allows
 from taskfleet.domain.policy import RunWindow
-from taskfleet.server.service import ApiError, Principal, audit
+from taskfleet.server.inventory import group_id
+from taskfleet.server.kernel import ApiError, Principal, audit
 from taskfleet.store.schema import group_members, groups
 
 
@@ -41,13 +42,7 @@ async def set_window(
     utc_offset: Any = 0,
 ) -> dict[str, Any]:
     """Set (or clear, with None) a group's maintenance window."""
-    gid = (
-        await conn.execute(
-            sa.select(groups.c.id).where(groups.c.tenant_id == p.tenant_id, groups.c.name == group)
-        )
-    ).scalar()
-    if gid is None:
-        raise ApiError(404, f"unknown group {group!r}")
+    gid = await group_id(conn, p.tenant_id, group)
     text = offset = None
     if window is not None:
         try:

@@ -12,11 +12,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.lifecycle import RuleError, next_cron, validate_cron
-from taskfleet.server.lifecycle.options import parse_options
-from taskfleet.server.service import ApiError, Principal, audit
+from taskfleet.server import requests
+from taskfleet.server.kernel import ApiError, Principal, audit
+from taskfleet.server.lifecycle import parse_options
 from taskfleet.store.schema import schedules
 
-log = logging.getLogger("taskfleet.lifecycle")
+log = logging.getLogger("taskfleet.lifecycle")  # its messages kept their logger
 
 
 async def create_schedule(
@@ -88,15 +89,13 @@ async def cancel_schedule(
 
 async def fire_schedule(
     conn: AsyncConnection, now: float, sid: int
-) -> tuple[Any | None, float | None]:
+) -> tuple[requests.Created | None, float | None]:
     """Create one run of schedule ``sid``; return (Created or None, the next firing or None).
 
     A run that cannot be created (its group emptied, say) is recorded on the
     schedule as ``last_error`` and audited; the schedule goes on. After
     downtime a schedule fires once, not once per missed time.
     """
-    from taskfleet.server import service
-
     row = (await conn.execute(sa.select(schedules).where(schedules.c.id == sid))).first()
     if row is None or row.canceled_at is not None or row.next_at is None:
         return None, None
@@ -111,7 +110,7 @@ async def fire_schedule(
     savepoint = await conn.begin_nested()
     try:
         opts = parse_options(now, approval=t.get("approval"), rollout=t.get("rollout"))
-        created = await service.create_request(
+        created = await requests.create_request(
             conn,
             p,
             now,

@@ -1,0 +1,97 @@
+"""Activity reads: list (with filters) and one activity with its history.
+
+Contract: read-only, scoped to the caller's tenant. Its own module because
+both requests and computers show activities (the computer page lists its
+latest), and neither should import the other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from taskfleet.domain.states import State
+from taskfleet.server.kernel import ApiError, Principal
+from taskfleet.store.schema import activities, activity_events, computers
+
+_LIST_COLUMNS = (
+    activities.c.id,
+    activities.c.request_id,
+    activities.c.computer_id,
+    activities.c.type,
+    activities.c.state,
+    activities.c.created_at,
+    activities.c.updated_at,
+    activities.c.delivered_at,
+    activities.c.finished_at,
+    activities.c.exit_code,
+    activities.c.result_line,
+    activities.c.agent_started_at,
+    activities.c.agent_ended_at,
+    activities.c.reason,
+)
+
+
+async def list_activities(
+    conn: AsyncConnection,
+    p: Principal,
+    *,
+    request_id: int | None,
+    computer_id: int | None,
+    state: str | None,
+    limit: int,
+    with_output: bool = False,
+) -> list[dict[str, Any]]:
+    cols = [*list(_LIST_COLUMNS), computers.c.hostname]
+    if with_output:
+        cols += [activities.c.stdout, activities.c.stderr]
+    q = (
+        sa.select(*cols)
+        .select_from(activities.outerjoin(computers, computers.c.id == activities.c.computer_id))
+        .where(activities.c.tenant_id == p.tenant_id)
+    )
+    if request_id is not None:
+        q = q.where(activities.c.request_id == request_id)
+    if computer_id is not None:
+        q = q.where(activities.c.computer_id == computer_id)
+    if state is not None:
+        try:
+            q = q.where(activities.c.state == State(state).value)
+        except ValueError:
+            raise ApiError(400, f"unknown state {state!r}") from None
+    rows = await conn.execute(q.order_by(activities.c.id.desc()).limit(limit))
+    return [dict(r._mapping) for r in rows]
+
+
+async def get_activity(conn: AsyncConnection, p: Principal, activity_id: int) -> dict[str, Any]:
+    row = (
+        await conn.execute(
+            sa.select(activities, computers.c.hostname)
+            .select_from(
+                activities.outerjoin(computers, computers.c.id == activities.c.computer_id)
+            )
+            .where(activities.c.id == activity_id, activities.c.tenant_id == p.tenant_id)
+        )
+    ).first()
+    if row is None:
+        raise ApiError(404, f"no activity {activity_id}")
+    out = dict(row._mapping)
+    out.pop("tenant_id")
+    out["history"] = [
+        dict(e._mapping)
+        for e in await conn.execute(
+            sa.select(
+                activity_events.c.from_state,
+                activity_events.c.to_state,
+                activity_events.c.cause,
+                activity_events.c.actor,
+                activity_events.c.at,
+                activity_events.c.reason,
+            )
+            .where(activity_events.c.activity_id == activity_id)
+            .order_by(activity_events.c.id)
+        )
+    ]
+    return out

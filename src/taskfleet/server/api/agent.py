@@ -1,0 +1,182 @@
+"""Agent endpoints: enrollment and the exchange (the hot path; ``server/app.py``
+answers it before FastAPI's stack, ``exchange`` here is what answers it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from fastapi import Request, Response
+from pydantic import BaseModel
+
+from taskfleet.protocol.exchange import (
+    ENROLL_PATH,
+    EXCHANGE_PATH,
+    MAX_BODY_BYTES,
+    ProtocolError,
+    loads_body,
+    parse_agent_request,
+)
+from taskfleet.protocol.tickle import derive_tickle_key
+from taskfleet.server import enrollment, metrics
+from taskfleet.server.api.deps import (
+    Rt,
+    router_for,
+)
+from taskfleet.server.exchange import ExchangeJob
+from taskfleet.server.runtime import Runtime
+
+log = logging.getLogger("taskfleet.server")
+router = router_for()
+
+
+class EnrollIn(BaseModel):
+    token: str
+    hostname: str
+    machine_id: str
+    tickle_port: int | None = None
+    version: str = ""
+    policy: dict[str, Any] = {}
+
+
+@router.post(ENROLL_PATH, tags=["agent"], status_code=201)
+async def enroll(rt: Rt, body: EnrollIn, request: Request) -> dict[str, Any]:
+    address = request.client.host if request.client else None
+
+    def after(res: enrollment.Enrolled) -> None:
+        rt.fleet.put(res.state)
+        metrics.COMPUTERS.set(len(rt.fleet.computers))
+        if rt.lifecycle_engine.has_windows:  # it may have joined a windowed group
+            asyncio.get_running_loop().create_task(rt.lifecycle_engine.reload_windows())
+
+    res = await rt.writer.run(
+        lambda c: enrollment.enroll(
+            c,
+            rt.now(),
+            token=body.token,
+            hostname=body.hostname,
+            machine_id=body.machine_id,
+            tickle_port=body.tickle_port,
+            version=body.version,
+            policy=body.policy,
+            address=address,
+        ),
+        after=after,
+    )
+    log.info(
+        "computer %d %s (%s)%s",
+        res.state.id,
+        "re-enrolled" if res.reenrolled else "enrolled",
+        body.hostname,
+        f", {res.canceled} open activities canceled" if res.canceled else "",
+    )
+    return {
+        "computer_id": res.state.id,
+        "secret": res.secret,
+        "generation": res.state.generation,
+        "tickle_key": derive_tickle_key(rt.tickle_master, res.state.id, res.state.generation).hex(),
+        "server_public_key": rt.signer.public_key_hex,
+        "settings": orjson.loads(rt.settings_json),
+        "reenrolled": res.reenrolled,
+    }
+
+
+async def _exchange_route(request: Request) -> Response:
+    return await exchange(request.app.state.rt, request)
+
+
+# Also routed normally (for tools that walk the router); the app answers it first.
+router.add_route(EXCHANGE_PATH, _exchange_route, methods=["POST"], include_in_schema=False)
+
+
+# -- the exchange hot path ------------------------------------------------------
+
+
+async def exchange(rt: Runtime, request: Request) -> Response:
+    """The exchange hot path: answered from memory when there is nothing to do."""
+    try:
+        computer_id = int(request.headers.get("x-taskfleet-computer", ""))
+    except ValueError:
+        return _refuse("auth", 401, "missing or malformed X-Taskfleet-Computer header")
+    auth = request.headers.get("authorization", "")
+    cs = rt.fleet.get(computer_id)
+    if cs is None or not auth.startswith("Bearer ") or not cs.check_secret(auth[7:]):
+        return _refuse("auth", 401, "unknown computer or wrong secret")
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        return _refuse("too-large", 413, f"exchange body over {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            return _refuse("too-large", 413, f"exchange body over {MAX_BODY_BYTES} bytes")
+    try:
+        req = parse_agent_request(loads_body(bytes(body)))
+        if req.ack > cs.out_seq:
+            raise ProtocolError(f"ack {req.ack} is beyond the last message sent ({cs.out_seq})")
+    except (orjson.JSONDecodeError, ProtocolError) as exc:
+        kind = "malformed" if isinstance(exc, orjson.JSONDecodeError) else "invalid"
+        return _refuse(kind, 400, f"bad exchange: {exc}")
+    address = request.client.host if request.client else None
+    now = rt.config.clock()
+    cs.last_seen = now
+    cs.dirty = True
+    if req.agent is None:
+        cs.address = address  # the agent's info exchange updates it in the database
+
+    def quiet() -> bool:
+        return (
+            not cs.has_work
+            and req.ack >= cs.out_seq
+            and req.agent is None
+            and req.max_seq <= cs.in_acked
+        )
+
+    if quiet() and req.wait > 0:
+        cs.waiter = asyncio.Event()
+        try:
+            await asyncio.wait_for(cs.waiter.wait(), req.wait)
+        except TimeoutError:
+            pass
+        finally:
+            cs.waiter = None
+        if rt.fleet.get(computer_id) is not cs:  # removed (or re-enrolled) while it waited
+            return _refuse("auth", 401, "unknown computer or wrong secret")
+    if quiet():
+        metrics.FAST_EXCHANGES.inc()
+        return Response(
+            b'{"ack":%d,"messages":[],"server_time":%.3f,"settings":%s}'
+            % (cs.in_acked, rt.config.clock(), rt.settings_json),
+            media_type="application/json",
+        )
+    metrics.SLOW_EXCHANGES.inc()
+    try:
+        out = await rt.exchange.exchange(ExchangeJob(cs, req, address))
+    except ProtocolError as exc:
+        return _refuse("invalid", 400, f"bad exchange: {exc}")
+    except Exception:
+        # The writer already failed this exchange alone (the others of its batch
+        # went on); nothing of it was applied, the agent retries it.
+        log.exception("exchange of computer %d failed", cs.id)
+        return _refuse("server", 500, "the server could not apply this exchange; retry later")
+    return Response(
+        b'{"ack":%d,"messages":[%s],"server_time":%.3f,"settings":%s%s}'
+        % (
+            out["ack"],
+            ",".join(out["messages"]).encode(),
+            out["server_time"],
+            rt.settings_json,
+            b',"more":true' if out.get("more") else b"",
+        ),
+        media_type="application/json",
+    )
+
+
+def _refuse(reason: str, status: int, message: str) -> Response:
+    metrics.EXCHANGE_ERRORS.labels(reason).inc()
+    return Response(
+        orjson.dumps({"error": message}), status_code=status, media_type="application/json"
+    )

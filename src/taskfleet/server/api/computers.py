@@ -1,0 +1,81 @@
+"""Computers: list, show, remove, tag (``server/inventory.py``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import Response
+from pydantic import BaseModel
+
+from taskfleet.server import inventory, metrics
+from taskfleet.server.api.deps import (
+    Admin,
+    Id,
+    Operator,
+    Rt,
+    Viewer,
+    live,
+    read,
+    router_for,
+)
+
+log = logging.getLogger("taskfleet.server")
+router = router_for()
+
+
+class TagIn(BaseModel):
+    key: str
+    value: str
+
+
+@router.get("/api/v1/computers", tags=["computers"])
+async def list_computers(rt: Rt, p: Viewer) -> list[dict[str, Any]]:
+    out = await read(rt, lambda c: inventory.list_computers(c, p))
+    return [live(rt, c) for c in out]
+
+
+@router.get("/api/v1/computers/{computer_id}", tags=["computers"])
+async def get_computer(rt: Rt, computer_id: Id, p: Viewer) -> dict[str, Any]:
+    return live(rt, await read(rt, lambda c: inventory.get_computer(c, p, computer_id)))
+
+
+@router.delete("/api/v1/computers/{computer_id}", tags=["computers"])
+async def remove_computer(rt: Rt, computer_id: Id, p: Admin) -> dict[str, Any]:
+    # Admin, not operator: SPEC 7 gives operators the work (create, cancel,
+    # terminate); removing a computer revokes its credentials, like a token.
+
+    def after(res: inventory.Removed) -> None:
+        rt.fleet.remove(res.computer_id)
+        metrics.COMPUTERS.set(len(rt.fleet.computers))
+
+    res = await rt.writer.run(
+        lambda c: inventory.remove_computer(c, p, computer_id, rt.now()), after=after
+    )
+    await rt.lifecycle_engine.reload_windows()  # it left its groups
+    log.info(
+        "computer %d (%s) removed, %d open activities canceled",
+        res.computer_id,
+        res.hostname,
+        len(res.canceled),
+    )
+    return {
+        "id": res.computer_id,
+        "hostname": res.hostname,
+        "removed_at": res.removed_at,
+        "canceled": res.canceled,
+    }
+
+
+@router.put("/api/v1/computers/{computer_id}/tags", tags=["computers"])
+async def set_tag(rt: Rt, computer_id: Id, body: TagIn, p: Operator) -> dict[str, Any]:
+    await rt.writer.run(
+        lambda c: inventory.set_tag(c, p, computer_id, body.key, body.value, rt.now())
+    )
+    return {"computer_id": computer_id, "key": body.key, "value": body.value}
+
+
+@router.delete("/api/v1/computers/{computer_id}/tags/{key}", status_code=204, tags=["computers"])
+async def remove_tag(rt: Rt, computer_id: Id, key: str, p: Operator) -> Response:
+    await rt.writer.run(lambda c: inventory.set_tag(c, p, computer_id, key, None, rt.now()))
+    return Response(status_code=204)

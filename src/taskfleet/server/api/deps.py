@@ -1,0 +1,131 @@
+"""What every router of the admin API shares: the types of ids, times and durations it
+accepts, authentication and roles, the runtime, the strict JSON body parser.
+
+Contract: a route gets the caller as ``Viewer``, ``Operator`` or ``Admin`` (a
+bearer token with at least that role; every refusal is a 401 or 403 of its
+own) and the server as ``Rt``; routers made by ``router_for`` parse JSON bodies
+like an exchange (``loads_body``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, Request, Security
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+from taskfleet.protocol.exchange import loads_body
+from taskfleet.server import lifecycle as lc
+from taskfleet.server import tokens
+from taskfleet.server.kernel import ApiError, Principal
+from taskfleet.server.runtime import Runtime
+from taskfleet.settings import DURATION_MAX, MAX_ID, TIME_MAX, TIME_MIN
+
+T = TypeVar("T")
+
+# -- the types of every id, time and duration the API accepts -------------------
+# One place for each: a route or model field that takes one uses these, so nothing
+# out of range (an id beyond the 64-bit columns, NaN, 1e20 as a time) reaches the
+# service or the database. Path ids out of range answer 404, everything else 400.
+
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+# Any finite number (its range is checked where its meaning is, with its own message).
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+EpochTime = Annotated[
+    float,
+    Field(ge=TIME_MIN, le=TIME_MAX, allow_inf_nan=False, description="epoch seconds (UTC)"),
+]
+Duration = Annotated[float, Field(gt=0, le=DURATION_MAX, allow_inf_nan=False)]
+Age = Annotated[float, Field(ge=0, le=DURATION_MAX, allow_inf_nan=False)]
+
+
+class CancelIn(BaseModel):
+    reason: str = ""
+
+
+# Declared for the OpenAPI document (securitySchemes); _role reads the header itself so
+# that every refusal is one of its own 401s.
+_bearer = HTTPBearer(auto_error=False, description="an API token (tfa_...), see docs/guide.md")
+
+
+def role(needed: str) -> Callable[..., Awaitable[Principal]]:
+    async def dep(
+        request: Request,
+        _declared: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    ) -> Principal:
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "missing bearer token (Authorization: Bearer TOKEN)")
+        rt: Runtime = request.app.state.rt
+        async with rt.read.connect() as conn:
+            p = await tokens.resolve_token(conn, token.strip(), rt.now())
+        if p is None:
+            raise ApiError(401, "invalid, expired or revoked token")
+        if not p.allows(needed):
+            raise ApiError(403, f"this needs the {needed} role; the token has {p.role}")
+        return p
+
+    return dep
+
+
+Viewer = Annotated[Principal, Depends(role("viewer"))]
+Operator = Annotated[Principal, Depends(role("operator"))]
+Admin = Annotated[Principal, Depends(role("admin"))]
+
+
+def _runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.rt
+    return rt
+
+
+Rt = Annotated[Runtime, Depends(_runtime)]
+
+
+async def read(rt: Runtime, fn: Callable[[Any], Awaitable[T]]) -> T:
+    """``fn(conn)`` on a read connection."""
+    async with rt.read.connect() as conn:
+        return await fn(conn)
+
+
+async def lifecycle_write(rt: Runtime, fn: Callable[[Any], Awaitable[lc.Moved]]) -> lc.Moved:
+    """A lifecycle move through the writer; the engine applies it after the commit."""
+    return await rt.writer.run(fn, after=rt.lifecycle_engine.apply)
+
+
+def live(rt: Runtime, c: dict[str, Any]) -> dict[str, Any]:
+    cs = rt.fleet.get(c["id"])
+    if cs is not None and cs.last_seen and (c["last_seen_at"] or 0) < cs.last_seen:
+        c["last_seen_at"] = cs.last_seen
+    return c
+
+
+class JsonRequest(Request):
+    """A request whose JSON body is parsed like an exchange's (``loads_body``): standard
+    JSON only, so NaN, Infinity and numbers beyond a double are refused (400), as are
+    bodies that are not UTF-8; a lone surrogate escape (an agent's stdlib encoder can
+    write one in a hostname) is taken, and cleaned where the text is stored."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = loads_body(await self.body())
+        return self._json
+
+
+class JsonRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(JsonRequest(request.scope, request.receive))
+
+        return strict
+
+
+def router_for() -> APIRouter:
+    """A router whose routes parse JSON bodies with ``loads_body``."""
+    return APIRouter(route_class=JsonRoute)

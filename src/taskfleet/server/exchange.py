@@ -1,0 +1,655 @@
+"""The exchange: applying agent messages and handing out work (SPEC 3.1, docs/protocol.md).
+
+Contract:
+* ``Exchange.exchange(job)`` applies an agent exchange (results, acks, hand-out
+  of queued work) through the single writer and returns the response body.
+  Exchanges waiting at the same moment are applied together in ONE
+  transaction with set-wise statements, so 10,000 agents reporting at once
+  cost a few hundred statements and a few fsyncs, not 10,000 of each. A job
+  that turns out to be bad input fails alone: the batch is retried without it;
+  a batch that fails for any other reason is split in halves, each retried on
+  its own, so one failing exchange fails alone and the others are applied.
+* A reply carries at most ``REPLY_MAX_BYTES`` of messages (or one larger
+  message); work that does not fit stays Queued and ``more`` tells the agent
+  to exchange again at once.
+* :class:`Outbox` is the one place that numbers server -> agent messages
+  (``seq``) and appends them to a computer's outbox: the hand-out here and a
+  cancel (``server/requests.py``) both go through it. The messages themselves
+  are built by ``protocol.exchange``.
+* In-memory fleet counters change only after the commit that persisted them.
+
+Longer than ~600 lines on purpose: applying results, acks, resends and the
+hand-out are one set-wise transaction over one ``Pending`` per computer;
+split, each part would need the others' private state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from taskfleet.domain.policy import DEFAULT_POLICY
+from taskfleet.domain.states import (
+    FINAL_STATES,
+    ActivityKind,
+    Cause,
+    State,
+    Transition,
+    transition,
+)
+from taskfleet.protocol.exchange import (
+    AgentMessage,
+    AgentRequest,
+    OperationResult,
+    OperationStatus,
+    ProtocolError,
+    operation_body,
+    operation_message,
+)
+from taskfleet.protocol.signing import Signer
+from taskfleet.server import metrics
+from taskfleet.server.fleet import ComputerState, Fleet
+from taskfleet.server.writer import Writer
+from taskfleet.settings import INT32_MAX, REPLY_MAX_BYTES
+from taskfleet.store.activities import Change, apply_changes, insert_events
+from taskfleet.store.schema import activities, computers, outbox, requests
+
+log = logging.getLogger("taskfleet.writer")  # its messages kept their logger
+
+_CLIENT = ActivityKind.CLIENT
+
+
+@dataclass
+class ExchangeJob:
+    cs: ComputerState
+    req: AgentRequest
+    address: str | None
+    fut: asyncio.Future[dict[str, Any]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+@dataclass
+class Pending:
+    """What a batch will change in memory once it commits."""
+
+    in_acked: int
+    out_seq: int
+    out_acked: int
+    messages: list[str] = field(default_factory=list)
+    size: int = 0  # bytes of ``messages`` (ASCII JSON texts)
+    more: bool = False  # messages left for the next exchange
+
+    def fits(self, message: str) -> bool:
+        """Whether the reply can take ``message``; a reply takes at least one."""
+        return not self.messages or self.size + len(message) <= REPLY_MAX_BYTES
+
+    def add(self, message: str) -> None:
+        self.messages.append(message)
+        self.size += len(message)
+
+
+class Outbox:
+    """Server -> agent messages appended in one transaction, numbered here and only here.
+
+    ``last_seq(computer_id)`` is the last sequence number used for a computer
+    before this transaction (the in-memory fleet's, or an exchange's pending
+    counter); each ``append`` takes the next one.
+    """
+
+    def __init__(self, last_seq: Callable[[int], int]) -> None:
+        self._before = last_seq
+        self._last: dict[int, int] = {}
+        self._rows: list[dict[str, Any]] = []
+
+    def last_seq(self, computer_id: int) -> int:
+        last = self._last.get(computer_id)
+        return self._before(computer_id) if last is None else last
+
+    def append(
+        self,
+        computer_id: int,
+        tenant_id: int,
+        build: Callable[[int], dict[str, Any]],
+        *,
+        fits: Callable[[str], bool] | None = None,
+    ) -> str | None:
+        """Number ``build(seq)`` and queue it for the computer; its text, or None (and
+        nothing used) when ``fits`` refuses it. The text is stored verbatim: a
+        resend is byte for byte what was sent first."""
+        seq = self.last_seq(computer_id) + 1
+        message = orjson.dumps(build(seq)).decode()
+        if fits is not None and not fits(message):
+            return None
+        self._last[computer_id] = seq
+        self._rows.append(
+            {"computer_id": computer_id, "seq": seq, "tenant_id": tenant_id, "message": message}
+        )
+        return message
+
+    def appended(self) -> dict[int, int]:
+        """computer id -> how many messages this outbox appended for it."""
+        out: dict[int, int] = {}
+        for row in self._rows:
+            out[row["computer_id"]] = out.get(row["computer_id"], 0) + 1
+        return out
+
+    async def write(self, conn: AsyncConnection, *, counters: bool) -> None:
+        """Insert the messages; ``counters``: also store each computer's new last seq
+        (an exchange stores it with its other counters instead)."""
+        if not self._rows:
+            return
+        await conn.execute(outbox.insert(), self._rows)
+        if counters:
+            await conn.execute(
+                computers.update()
+                .where(computers.c.id == sa.bindparam("b_id"))
+                .values(out_seq=sa.bindparam("seq")),
+                [{"b_id": cid, "seq": seq} for cid, seq in self._last.items()],
+            )
+
+
+class Exchange:
+    def __init__(
+        self,
+        writer: Writer,
+        fleet: Fleet,
+        signer: Signer,
+        *,
+        lost_grace: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.writer = writer
+        self.fleet = fleet
+        self.signer = signer
+        self.lost_grace = lost_grace
+        self.clock = clock
+        # computer id, now -> True while its maintenance window is closed
+        self.window_closed: Callable[[int, float], bool] = lambda _cid, _now: False
+        writer.register(ExchangeJob, self.apply)
+
+    async def exchange(self, job: ExchangeJob) -> dict[str, Any]:
+        result: dict[str, Any] = await self.writer.batch(job)
+        return result
+
+    async def apply(self, jobs: list[ExchangeJob]) -> None:
+        """The writer's handler for exchange jobs (``Writer.register``)."""
+        # One computer may appear once per batch: its counters are per batch.
+        seen: set[int] = set()
+        now_jobs: list[ExchangeJob] = []
+        for job in jobs:
+            if job.cs.id in seen:
+                self.writer.defer(job)
+            else:
+                seen.add(job.cs.id)
+                now_jobs.append(job)
+        metrics.BATCH_SIZE.observe(len(now_jobs))
+        await self._exchange_batch(now_jobs)
+
+    async def _exchange_batch(self, jobs: list[ExchangeJob]) -> None:
+        """Apply ``jobs`` in one transaction, isolating a job that fails.
+
+        A job found to be bad input (``_BadJob``) fails and the rest are retried.
+        Any other failure (a value the database refuses, a trigger, a constraint)
+        cannot be pinned on a job by its exception, so the batch is split in
+        halves and each half retried on its own, down to the one job that fails
+        alone: about 2*log2(n) extra transactions, paid only when one failed.
+        A failure before the transaction began (the database is unreachable)
+        fails every job at once: retrying them one by one could not help."""
+        while jobs:
+            had_work = [j.cs.has_work for j in jobs]
+            began = False
+            try:
+                async with self.writer.begin() as conn:
+                    began = True
+                    pending = await self._apply(conn, jobs)
+            except _BadJob as bad:
+                _restore_has_work(jobs, had_work)
+                jobs = [j for j in jobs if j is not bad.job]
+                _fail(bad.job, bad.error)
+                continue
+            except Exception as exc:
+                _restore_has_work(jobs, had_work)
+                if len(jobs) > 1 and began:
+                    log.warning("exchange batch of %d failed (%r); splitting it", len(jobs), exc)
+                    half = len(jobs) // 2
+                    await self._exchange_batch(jobs[:half])
+                    await self._exchange_batch(jobs[half:])
+                    return
+                log.exception("exchange batch of %d failed", len(jobs))
+                for job in jobs:
+                    _fail(job, exc)
+                return
+            self.writer.committed()
+            now = self.clock()
+            for job in jobs:
+                p = pending[job.cs.id]
+                cs = job.cs
+                cs.in_acked, cs.out_seq, cs.out_acked = p.in_acked, p.out_seq, p.out_acked
+                if job.req.agent is not None:
+                    cs.tickle_port = job.req.agent.tickle_port
+                    cs.address = job.address
+                if not job.fut.done():
+                    job.fut.set_result(
+                        {
+                            "ack": p.in_acked,
+                            "messages": p.messages,
+                            "server_time": now,
+                            "more": p.more,
+                        }
+                    )
+            return
+
+    async def _apply(self, conn: AsyncConnection, jobs: list[ExchangeJob]) -> dict[int, Pending]:
+        now = self.clock()
+        pending = {j.cs.id: Pending(j.cs.in_acked, j.cs.out_seq, j.cs.out_acked) for j in jobs}
+        await self._apply_results(conn, jobs, pending, now)
+
+        # Acknowledgements of server messages: forget what the agent stored.
+        acked = [
+            {"c": j.cs.id, "s": j.req.ack} for j in jobs if j.req.ack > pending[j.cs.id].out_acked
+        ]
+        if acked:
+            await conn.execute(
+                outbox.delete()
+                .where(outbox.c.computer_id == sa.bindparam("c"))
+                .where(outbox.c.seq <= sa.bindparam("s")),
+                acked,
+            )
+            for a in acked:
+                pending[a["c"]].out_acked = a["s"]
+
+        # Resend everything above the agent's ack, verbatim and in order, as far
+        # as the reply's byte budget goes; the agent acks it and gets the rest next.
+        resend = [j for j in jobs if pending[j.cs.id].out_seq > j.req.ack]
+        if resend:
+            rows = await conn.execute(
+                sa.select(outbox.c.computer_id, outbox.c.seq, outbox.c.message)
+                .where(outbox.c.computer_id.in_([j.cs.id for j in resend]))
+                .order_by(outbox.c.computer_id, outbox.c.seq)
+            )
+            acks = {j.cs.id: j.req.ack for j in resend}
+            for cid, seq, message in rows:
+                p = pending[cid]
+                if seq <= acks[cid] or p.more:
+                    continue
+                if p.fits(message):
+                    p.add(message)
+                else:
+                    p.more = True
+
+        # New work goes after the resends, in what is left of the budget.
+        await self._hand_out(conn, [j for j in jobs if j.cs.has_work], pending, now)
+
+        await conn.execute(
+            computers.update()
+            .where(computers.c.id == sa.bindparam("b_id"))
+            .values(
+                in_acked=sa.bindparam("in_acked"),
+                out_seq=sa.bindparam("out_seq"),
+                out_acked=sa.bindparam("out_acked"),
+                last_seen_at=sa.bindparam("seen"),
+            ),
+            [
+                {
+                    "b_id": j.cs.id,
+                    "in_acked": pending[j.cs.id].in_acked,
+                    "out_seq": pending[j.cs.id].out_seq,
+                    "out_acked": pending[j.cs.id].out_acked,
+                    "seen": now,
+                }
+                for j in jobs
+            ],
+        )
+        agent_info = [j for j in jobs if j.req.agent is not None]
+        if agent_info:
+            await conn.execute(
+                computers.update()
+                .where(computers.c.id == sa.bindparam("b_id"))
+                .values(
+                    tickle_port=sa.bindparam("port"),
+                    agent_version=sa.bindparam("version"),
+                    policy=sa.bindparam("policy"),
+                    address=sa.bindparam("address"),
+                ),
+                [
+                    {
+                        "b_id": j.cs.id,
+                        "port": j.req.agent.tickle_port,
+                        "version": j.req.agent.version,
+                        "policy": j.req.agent.policy,
+                        "address": j.address,
+                    }
+                    for j in agent_info
+                    if j.req.agent is not None
+                ],
+            )
+        return pending
+
+    async def _apply_results(
+        self,
+        conn: AsyncConnection,
+        jobs: list[ExchangeJob],
+        pending: dict[int, Pending],
+        now: float,
+    ) -> None:
+        fresh: list[tuple[ExchangeJob, AgentMessage]] = []
+        for job in jobs:
+            new = [m for m in job.req.messages if m.seq > job.cs.in_acked]
+            if new:
+                pending[job.cs.id].in_acked = new[-1].seq
+                fresh.extend((job, m) for m in new)
+        if not fresh:
+            return
+        ids = list({m.op for _, m in fresh})
+        query = (
+            sa.select(
+                activities.c.id,
+                activities.c.computer_id,
+                activities.c.state,
+                activities.c.kind,
+                activities.c.runs,
+                requests.c.timeout,
+            )
+            .join(requests, requests.c.id == activities.c.request_id)
+            .where(activities.c.id.in_(ids))
+        )
+        if self.writer.pg:
+            query = query.with_for_update(of=activities)
+        current: dict[int, Any] = {row.id: row for row in await conn.execute(query)}
+        changes: list[Change] = []
+        reports: list[dict[str, Any]] = []
+        statuses: list[dict[str, Any]] = []
+        events: list[tuple[int, int, Transition]] = []
+        for job, m in fresh:
+            row = current.get(m.op)
+            if row is None or row.computer_id != job.cs.id or row.kind != _CLIENT.value:
+                raise _BadJob(
+                    job,
+                    ProtocolError(f"operation {m.op} does not belong to this computer"),
+                )
+            state = State(row.state)
+            if state not in (State.IN_PROGRESS, *FINAL_STATES):
+                raise _BadJob(
+                    job,
+                    ProtocolError(f"operation {m.op} was never delivered (state {state.label})"),
+                )
+            if isinstance(m, OperationStatus):
+                if state is State.IN_PROGRESS:
+                    statuses.append(self._status_values(m, row.timeout, now))
+                    if m.status == "failed":
+                        # A failed attempt that will be retried (SPEC 5): recorded in
+                        # the history, the activity stays In Progress.
+                        events.append((m.op, job.cs.tenant_id, _retry_event(job.cs.id, m, now)))
+                continue
+            values = _result_values(m)
+            if state is State.IN_PROGRESS and m.recurring:
+                # One run of a recurring operation: recorded, the activity goes on.
+                runs = (row.runs or 0) + 1
+                current[m.op] = _Row(
+                    row.id, row.computer_id, row.state, row.kind, runs, row.timeout
+                )
+                reports.append(
+                    {
+                        "b_id": m.op,
+                        "report": {**values, "status": m.status, "received_at": now, "run": runs},
+                        "runs": runs,
+                        "deadline_at": None,
+                        "agent_status": "waiting",
+                    }
+                )
+            elif state is State.IN_PROGRESS:
+                target = {
+                    "succeeded": State.SUCCEEDED,
+                    "failed": State.FAILED,
+                    "canceled": State.CANCELED,
+                }[m.status]
+                t = transition(
+                    _CLIENT,
+                    state,
+                    target,
+                    cause=Cause.AGENT_REPORT,
+                    actor=f"computer:{job.cs.id}",
+                    at=now,
+                    reason=m.result_line,
+                )
+                changes.append(Change(m.op, job.cs.tenant_id, t, {**values, "finished_at": now}))
+                current[m.op] = _Row(
+                    row.id, row.computer_id, target.value, row.kind, row.runs, row.timeout
+                )
+            else:
+                # A late report (after a cancel, or after the server declared it
+                # lost): the state stays, what really happened is recorded.
+                reports.append(
+                    {
+                        "b_id": m.op,
+                        "report": {**values, "status": m.status, "received_at": now},
+                        "runs": row.runs,
+                        "deadline_at": None,
+                        "agent_status": None,
+                    }
+                )
+        await apply_changes(conn, changes)
+        await insert_events(conn, events)
+        if reports:
+            await conn.execute(
+                activities.update()
+                .where(activities.c.id == sa.bindparam("b_id"))
+                .values(
+                    agent_report=sa.bindparam("report"),
+                    runs=sa.bindparam("runs"),
+                    deadline_at=sa.bindparam("deadline_at"),
+                    agent_status=sa.bindparam("agent_status"),
+                ),
+                reports,
+            )
+        if statuses:
+            await conn.execute(
+                activities.update()
+                .where(activities.c.id == sa.bindparam("b_id"))
+                .values(
+                    agent_status=sa.bindparam("agent_status"),
+                    agent_attempt=sa.bindparam("agent_attempt"),
+                    deadline_at=sa.bindparam("deadline_at"),
+                    reason=sa.bindparam("reason"),
+                ),
+                statuses,
+            )
+        metrics.RESULTS.inc(len(changes))
+
+    def _first_deadline(self, row: Any, now: float) -> float | None:
+        # A recurring operation has no end; each run's "working" status sets one.
+        return None if _recurring(row.policy) else now + row.timeout + self.lost_grace
+
+    def _status_values(self, m: OperationStatus, timeout: float, now: float) -> dict[str, Any]:
+        # SPEC 9's two timeouts stay in step with what the agent says: a run
+        # (or a new attempt) restarts the clock; deferred work is not lost
+        # while it waits for its window.
+        if m.status == "working":
+            deadline: float | None = now + timeout + self.lost_grace
+            reason = f"running on the computer (attempt {m.attempt})"
+        elif m.status == "failed":
+            # The retry starts at the agent's next scrubber run (``until``); it is
+            # lost only if no run starts by then plus the time limit and grace.
+            start = now if m.until is None else max(now, m.until)
+            deadline = start + timeout + self.lost_grace
+            reason = m.reason or f"failed, will retry (attempt {m.attempt})"
+        else:
+            deadline = None if m.until is None else m.until + timeout + self.lost_grace
+            reason = f"deferred by the computer: {m.reason}"
+        return {
+            "b_id": m.op,
+            "agent_status": m.status,
+            "agent_attempt": m.attempt,
+            "deadline_at": deadline,
+            "reason": reason[:2000],
+        }
+
+    async def _hand_out(
+        self,
+        conn: AsyncConnection,
+        jobs: list[ExchangeJob],
+        pending: dict[int, Pending],
+        now: float,
+    ) -> None:
+        if not jobs:
+            return
+        by_id = {j.cs.id: j.cs for j in jobs}
+        for cs in by_id.values():
+            # Cleared before the read: work committed after it sets it again.
+            # Held work (a closed window, a later time) is woken by the
+            # lifecycle engine when it becomes due.
+            cs.has_work = False
+        by_id = {cid: cs for cid, cs in by_id.items() if not self.window_closed(cid, now)}
+        if not by_id:
+            return
+        query = (
+            sa.select(
+                activities.c.id,
+                activities.c.computer_id,
+                activities.c.tenant_id,
+                activities.c.type,
+                activities.c.state,
+                requests.c.params,
+                requests.c.timeout,
+                requests.c.policy,
+            )
+            .join(requests, requests.c.id == activities.c.request_id)
+            .where(activities.c.computer_id.in_(list(by_id)))
+            .where(activities.c.state.in_([State.QUEUED.value, State.SCHEDULED.value]))
+            .where(activities.c.kind == _CLIENT.value)
+            # Expired work is never handed out, even before the reaper gets to it.
+            .where(sa.or_(activities.c.expires_at.is_(None), activities.c.expires_at > now))
+            # "Not earlier than" (SPEC 2.1): Scheduled, or Queued after an approval.
+            .where(sa.or_(activities.c.not_before.is_(None), activities.c.not_before <= now))
+            .order_by(activities.c.id)
+        )
+        if self.writer.pg:
+            query = query.with_for_update(of=activities)
+        rows = (await conn.execute(query)).all()
+        if not rows:
+            return
+        changes: list[Change] = []
+        box = Outbox(lambda cid: pending[cid].out_seq)
+        for row in rows:
+            cs = by_id[row.computer_id]
+            p = pending[cs.id]
+            if p.more:
+                # The reply is full: the rest stays Queued (truthfully not
+                # delivered, no lost-deadline running) for the next exchange.
+                cs.has_work = True
+                continue
+            body = operation_body(
+                computer=cs.id,
+                generation=cs.generation,
+                op=row.id,
+                type=row.type,
+                params=row.params,
+                policy=row.policy or DEFAULT_POLICY,
+                timeout=row.timeout,
+                issued_at=now,
+            )
+            sig = self.signer.sign(body)
+            op = row.id
+            message = box.append(
+                cs.id,
+                row.tenant_id,
+                lambda seq: operation_message(seq, op, body, sig),  # noqa: B023 (called at once)
+                fits=p.fits,
+            )
+            if message is None:
+                p.more = cs.has_work = True
+                continue
+            p.out_seq = box.last_seq(cs.id)
+            p.add(message)  # the very text stored in the outbox: resends are identical
+            t = transition(
+                _CLIENT,
+                State(row.state),  # Queued, or Scheduled whose time came
+                State.IN_PROGRESS,
+                cause=Cause.DELIVERED,
+                actor="server",
+                at=now,
+                reason=f"sent to computer {cs.id} as message {p.out_seq}",
+            )
+            changes.append(
+                Change(
+                    row.id,
+                    row.tenant_id,
+                    t,
+                    {"delivered_at": now, "deadline_at": self._first_deadline(row, now)},
+                )
+            )
+        # The computers' out_seq is stored with the exchange's other counters.
+        await box.write(conn, counters=False)
+        await apply_changes(conn, changes)
+        metrics.DELIVERED.inc(len(changes))
+
+
+def _recurring(policy: dict[str, Any] | None) -> bool:
+    return policy is not None and policy.get("interval") == "recurring"
+
+
+@dataclass
+class _Row:
+    id: int
+    computer_id: int
+    state: str
+    kind: str
+    runs: int | None
+    timeout: float
+
+
+def _fail(job: ExchangeJob, error: BaseException) -> None:
+    if not job.fut.done():
+        job.fut.set_exception(error)
+
+
+def _restore_has_work(jobs: list[ExchangeJob], had_work: list[bool]) -> None:
+    # A rolled-back hand-out handed nothing out: what was waiting still is.
+    # Only ever set (work queued meanwhile may have set it already).
+    for job, had in zip(jobs, had_work, strict=True):
+        if had:
+            job.cs.has_work = True
+
+
+class _BadJob(Exception):
+    def __init__(self, job: ExchangeJob, error: Exception) -> None:
+        super().__init__(str(error))
+        self.job = job
+        self.error = error
+
+
+def _retry_event(computer_id: int, m: OperationStatus, now: float) -> Transition:
+    # Not a transition (the state stays In Progress), so not checked against
+    # the table; recorded in the same history so `activity show` tells it.
+    return Transition(
+        State.IN_PROGRESS,
+        State.IN_PROGRESS,
+        Cause.AGENT_STATUS,
+        f"computer:{computer_id}",
+        now,
+        (m.reason or f"failed, will retry (attempt {m.attempt})")[:2000],
+    )
+
+
+def _result_values(r: OperationResult) -> dict[str, Any]:
+    return {
+        "exit_code": r.exit_code,
+        "result_line": r.result_line,
+        "stdout": r.stdout,
+        "stderr": r.stderr,
+        # INTEGER columns; a script can drop more than 2 GiB. The exact count
+        # is in the output's truncation marker, written by the agent.
+        "stdout_dropped": min(r.stdout_dropped, INT32_MAX),
+        "stderr_dropped": min(r.stderr_dropped, INT32_MAX),
+        "agent_started_at": r.started_at,
+        "agent_ended_at": r.ended_at,
+    }

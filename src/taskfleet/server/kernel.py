@@ -1,0 +1,87 @@
+"""The server's kernel: what every server module shares, importing no other server module.
+
+Contract: the error every server function raises for bad input
+(:class:`ApiError`, an HTTP status and a message saying what is wrong), the
+authenticated caller (:class:`Principal`) and its roles, how API tokens are
+hashed for storage, the audit log's writer and reader, and the per-state count
+of activities. Nothing here imports from ``taskfleet.server``; every other
+server module may import from here, so the server's imports form no cycle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from taskfleet.domain.states import State
+from taskfleet.store.schema import activities, audit_log
+
+ROLES = ("viewer", "operator", "admin")
+DEFAULT_TENANT = "default"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Principal:
+    token_id: int
+    tenant_id: int
+    role: str
+    name: str
+    via: str | None = None  # acting for the token, e.g. "schedule:4" (a cron run)
+
+    @property
+    def actor(self) -> str:
+        return self.via or f"token:{self.token_id}"
+
+    def allows(self, role: str) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def audit(conn: AsyncConnection, p: Principal, action: str, at: float, **detail: Any) -> None:
+    await conn.execute(
+        audit_log.insert().values(
+            tenant_id=p.tenant_id, at=at, actor=p.actor, action=action, detail=detail
+        )
+    )
+
+
+async def state_counts(conn: AsyncConnection, *where: Any) -> dict[State, int]:
+    """How many activities matching ``where`` are in each state."""
+    return {
+        State(r.state): r.n
+        for r in await conn.execute(
+            sa.select(activities.c.state, sa.func.count().label("n"))
+            .where(*where)
+            .group_by(activities.c.state)
+        )
+    }
+
+
+async def list_audit(conn: AsyncConnection, p: Principal, limit: int) -> list[dict[str, Any]]:
+    rows = await conn.execute(
+        sa.select(
+            audit_log.c.id,
+            audit_log.c.at,
+            audit_log.c.actor,
+            audit_log.c.action,
+            audit_log.c.detail,
+        )
+        .where(audit_log.c.tenant_id == p.tenant_id)
+        .order_by(audit_log.c.id.desc())
+        .limit(limit)
+    )
+    return [dict(r._mapping) for r in rows]

@@ -1,0 +1,494 @@
+"""Requests: create (from a target or a schedule), re-run the failed, cancel, read.
+
+Contract: every function takes an open connection and the caller's tenant and
+touches only that tenant's rows; functions that write are run by the single
+writer (``Writer.run``). Bad input raises :class:`ApiError` with an HTTP status
+and a message that says what is wrong, before anything is written. Cancel
+moves activities through ``transition`` + ``apply_changes`` and tells agents
+running them to stop (an outbox message each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from taskfleet.domain.lifecycle import RuleError, initial_state, plan_waves
+from taskfleet.domain.policy import validate_policy
+from taskfleet.domain.progress import progress
+from taskfleet.domain.scripts import (
+    EXECUTE_SCRIPT,
+    policy_refusal,
+    validate_script_params,
+    validate_timeout,
+)
+from taskfleet.domain.states import (
+    ActivityKind,
+    Cause,
+    IllegalTransition,
+    State,
+    creation,
+    transition,
+)
+from taskfleet.domain.targets import (
+    TargetError,
+    parse_target,
+)
+from taskfleet.protocol.exchange import cancel_message
+from taskfleet.server.exchange import Outbox
+from taskfleet.server.inventory import group_id, resolve_target
+from taskfleet.server.kernel import (
+    ApiError,
+    Principal,
+    audit,
+    state_counts,
+)
+from taskfleet.server.lifecycle import Options, check_options, iso
+from taskfleet.settings import OUTPUT_CAP, OUTPUT_CAP_MAX
+from taskfleet.store.activities import Change, apply_changes, insert_activities, insert_events
+from taskfleet.store.schema import (
+    activities,
+    computers,
+    group_members,
+    groups,
+    requests,
+)
+
+
+@dataclass
+class Created:
+    request: dict[str, Any]
+    computer_ids: list[int]
+
+
+async def create_request(
+    conn: AsyncConnection,
+    p: Principal,
+    now: float,
+    *,
+    type: str,
+    target: str,
+    params: Any,
+    timeout: Any,
+    policy: Any = None,
+    expires_in: float | None = None,
+    options: Options | None = None,
+    schedule_id: int | None = None,
+) -> Created:
+    if type != EXECUTE_SCRIPT:
+        raise ApiError(400, f"unknown activity type {type!r} (known: {EXECUTE_SCRIPT})")
+    try:
+        parsed = parse_target(target)
+        clean = validate_script_params(params, default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX)
+        limit = validate_timeout(timeout)
+        run_policy = validate_policy(policy)
+        if expires_in is not None and not 0 < expires_in <= 366 * 86400:
+            raise ValueError("expires_in must be a number of seconds in (0, 366 days]")
+    except (TargetError, ValueError) as exc:
+        raise ApiError(400, str(exc)) from None
+    ids = await resolve_target(conn, p.tenant_id, parsed)
+    expires_at = None if expires_in is None else now + expires_in
+    return await _create(
+        conn,
+        p,
+        now,
+        type,
+        str(parsed),
+        clean,
+        limit,
+        run_policy,
+        ids,
+        expires_at,
+        options,
+        schedule_id,
+    )
+
+
+def check_template(
+    *, type: str, target: str, params: Any, timeout: Any, policy: Any, expires_in: Any
+) -> None:
+    """What create_request checks before touching the store, for a schedule's template."""
+    if type != EXECUTE_SCRIPT:
+        raise ApiError(400, f"unknown activity type {type!r} (known: {EXECUTE_SCRIPT})")
+    try:
+        parse_target(target)
+        validate_script_params(params, default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX)
+        validate_timeout(timeout)
+        validate_policy(policy)
+        if expires_in is not None and not 0 < expires_in <= 366 * 86400:
+            raise ValueError("expires_in must be a number of seconds in (0, 366 days]")
+    except (TargetError, ValueError) as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+async def rerun_failed(conn: AsyncConnection, p: Principal, now: float, request_id: int) -> Created:
+    """SPEC 9: a new request, same work, aimed only at the computers that failed."""
+    old = await get_request(conn, p, request_id)
+    ids = sorted(
+        int(i)
+        for i in (
+            await conn.execute(
+                sa.select(activities.c.computer_id)
+                .join(computers, computers.c.id == activities.c.computer_id)
+                .where(
+                    activities.c.request_id == request_id,
+                    activities.c.state == State.FAILED.value,
+                    computers.c.removed_at.is_(None),  # a removed computer gets no new work
+                )
+            )
+        ).scalars()
+    )
+    if not ids:
+        raise ApiError(409, f"no computer failed in request {request_id}: nothing to re-run")
+    return await _create(
+        conn,
+        p,
+        now,
+        old["type"],
+        f"failed of request {request_id}",
+        old["params"],
+        old["timeout"],
+        old["policy"] or validate_policy(None),
+        ids,
+    )
+
+
+async def _create(
+    conn: AsyncConnection,
+    p: Principal,
+    now: float,
+    type: str,
+    target: str,
+    clean: dict[str, Any],
+    limit: float,
+    run_policy: dict[str, Any],
+    ids: list[int],
+    expires_at: float | None = None,
+    options: Options | None = None,
+    schedule_id: int | None = None,
+) -> Created:
+    opts = options or Options()
+    met = await check_options(conn, p, opts)
+    if opts.rollout is not None:
+        r = opts.rollout
+        try:
+            waves = plan_waves(ids, canary=r.canary, size=r.size, share=r.share)
+        except RuleError as exc:
+            raise ApiError(400, f"rollout: {exc}") from None
+    else:
+        waves = [ids]
+    wave_of = {cid: k for k, wave in enumerate(waves) for cid in wave}
+    refusals = []
+    for row in await conn.execute(
+        sa.select(computers.c.id, computers.c.hostname, computers.c.policy).where(
+            computers.c.id.in_(ids)
+        )
+    ):
+        why = policy_refusal(row.policy, clean)
+        if why:
+            refusals.append(f"{row.id} ({row.hostname}): {why}")
+    if refusals:
+        shown = "; ".join(refusals[:10]) + (" ..." if len(refusals) > 10 else "")
+        raise ApiError(
+            409,
+            f"{len(refusals)} of {len(ids)} target computers would refuse this script: {shown}",
+        )
+    request_id = (
+        await conn.execute(
+            requests.insert()
+            .values(
+                tenant_id=p.tenant_id,
+                type=type,
+                params=clean,
+                target=target,
+                created_by=p.actor,
+                created_at=now,
+                timeout=limit,
+                total=len(ids),
+                policy=run_policy,
+                not_before=opts.not_before,
+                depends_on=opts.after.as_json() if opts.after else None,
+                approval=opts.approval,
+                rollout=_rollout_json(opts, len(waves)),
+                schedule_id=schedule_id,
+            )
+            .returning(requests.c.id)
+        )
+    ).scalar_one()
+    states: dict[int, tuple[State, str]] = {}
+    for cid in ids:
+        wave = wave_of[cid] if opts.rollout is not None else None
+        state = initial_state(
+            approval=opts.approval is not None,
+            waits=met is False or bool(wave),
+            not_before=opts.not_before,
+            now=now,
+        )
+        states[cid] = (state, _why(state, opts, request_id, wave))
+    rows = await insert_activities(
+        conn,
+        [
+            {
+                "tenant_id": p.tenant_id,
+                "request_id": request_id,
+                "computer_id": cid,
+                "kind": ActivityKind.CLIENT.value,
+                "type": type,
+                "state": states[cid][0].value,
+                "created_at": now,
+                "updated_at": now,
+                "reason": states[cid][1],
+                "expires_at": expires_at,
+                "not_before": opts.not_before,
+                "wave": wave_of[cid] if opts.rollout is not None else None,
+            }
+            for cid in ids
+        ],
+    )
+    await insert_events(
+        conn,
+        [
+            (
+                aid,
+                p.tenant_id,
+                creation(states[cid][0], actor=p.actor, at=now, reason=states[cid][1]),
+            )
+            for aid, cid in zip(rows, ids, strict=True)
+        ],
+    )
+    await audit(
+        conn,
+        p,
+        "request.create",
+        now,
+        id=request_id,
+        type=type,
+        target=target,
+        computers=len(ids),
+        **({} if opts.empty else {"options": _options_json(opts)}),
+    )
+    ready = [cid for cid in ids if states[cid][0] in (State.QUEUED, State.SCHEDULED)]
+    return Created(await get_request(conn, p, request_id), ready)
+
+
+def _rollout_json(opts: Options, waves: int) -> dict[str, Any] | None:
+    r = opts.rollout
+    if r is None:
+        return None
+    return {
+        "canary": r.canary,
+        "size": r.size,
+        "share": r.share,
+        "success": r.success,
+        "max_failures": r.max_failures,
+        "waves": waves,
+        "paused": False,
+    }
+
+
+def _options_json(opts: Options) -> dict[str, Any]:
+    return {
+        "not_before": opts.not_before,
+        "after": opts.after.as_json() if opts.after else None,
+        "approval": opts.approval,
+        "rollout": _rollout_json(opts, 0),
+    }
+
+
+def _why(state: State, opts: Options, request_id: int, wave: int | None) -> str:
+    """The creation event's reason: why the activity starts in ``state``."""
+    head = f"request {request_id}" + ("" if wave is None else f", rollout wave {wave}")
+    if state is State.BLOCKED:
+        return f"{head}; needs approval"
+    if state is State.WAITING:
+        if opts.after is not None and not wave:
+            return f"{head}; waits for {opts.after.describe()}"
+        return (
+            f"{head}; waits for wave {(wave or 1) - 1} to reach {opts.rollout.success:g}% succeeded"
+            if opts.rollout
+            else head
+        )
+    if state is State.SCHEDULED and opts.not_before is not None:
+        return f"{head}; not earlier than {iso(opts.not_before)}"
+    return head
+
+
+@dataclass(frozen=True)
+class BulkFilter:
+    """Which unfinished client activities a bulk cancel takes (all given filters apply)."""
+
+    state: str | None = None
+    type: str | None = None
+    group: str | None = None
+    older_than: float | None = None  # seconds since creation
+    request_id: int | None = None
+
+
+async def check_bulk(conn: AsyncConnection, p: Principal, f: BulkFilter) -> None:
+    final = {s.value for s in (State.FAILED, State.SUCCEEDED, State.CANCELED)}
+    if f.state is not None:
+        if f.state not in {s.value for s in State}:
+            raise ApiError(400, f"unknown state {f.state!r}")
+        if f.state in final:
+            raise ApiError(
+                400, f"{State(f.state).label} activities are finished: nothing to cancel"
+            )
+    if f.older_than is not None and f.older_than < 0:
+        raise ApiError(400, "older_than must be a number of seconds >= 0")
+    if f.group is not None:
+        await group_id(conn, p.tenant_id, f.group)
+    if f.request_id is not None:
+        await get_request(conn, p, f.request_id)
+
+
+def bulk_query(p: Principal, f: BulkFilter, now: float) -> sa.Select[Any]:
+    final = [s.value for s in (State.FAILED, State.SUCCEEDED, State.CANCELED)]
+    q = sa.select(activities.c.id, activities.c.state, activities.c.computer_id).where(
+        activities.c.tenant_id == p.tenant_id,
+        activities.c.kind == ActivityKind.CLIENT.value,
+        activities.c.state.notin_(final),
+    )
+    if f.state is not None:
+        q = q.where(activities.c.state == f.state)
+    if f.type is not None:
+        q = q.where(activities.c.type == f.type)
+    if f.older_than is not None:
+        q = q.where(activities.c.created_at < now - f.older_than)
+    if f.request_id is not None:
+        q = q.where(activities.c.request_id == f.request_id)
+    if f.group is not None:
+        q = q.join(group_members, group_members.c.computer_id == activities.c.computer_id).join(
+            groups,
+            (groups.c.id == group_members.c.group_id)
+            & (groups.c.name == f.group)
+            & (groups.c.tenant_id == p.tenant_id),
+        )
+    return q.order_by(activities.c.id)
+
+
+@dataclass
+class Canceled:
+    ids: list[int]
+    # computer id -> cancel messages to send; appended to the outbox already
+    notify: dict[int, int]
+
+
+async def cancel(
+    conn: AsyncConnection,
+    p: Principal,
+    now: float,
+    seq_of: Callable[[int], int],
+    *,
+    activity_id: int | None = None,
+    request_id: int | None = None,
+    bulk: BulkFilter | None = None,
+    reason: str = "",
+) -> Canceled:
+    """Cancel one activity (illegal from a final state) or every open child of a request.
+
+    ``seq_of(computer_id)`` gives the last server seq used; the caller applies
+    the returned counts to the in-memory fleet after the commit.
+    """
+    q = sa.select(activities.c.id, activities.c.state, activities.c.computer_id).where(
+        activities.c.tenant_id == p.tenant_id
+    )
+    if activity_id is not None:
+        rows = (await conn.execute(q.where(activities.c.id == activity_id))).all()
+        if not rows:
+            raise ApiError(404, f"no activity {activity_id}")
+    elif bulk is not None:
+        rows = list(await conn.execute(bulk_query(p, bulk, now)))
+    else:
+        await get_request(conn, p, request_id or 0)  # 404 if not ours
+        rows = [
+            r
+            for r in (await conn.execute(q.where(activities.c.request_id == request_id))).all()
+            if State(r.state) not in (State.FAILED, State.SUCCEEDED, State.CANCELED)
+        ]
+    why = reason or "canceled by administrator"
+    changes: list[Change] = []
+    box = Outbox(seq_of)
+    for r in rows:
+        try:
+            t = transition(
+                ActivityKind.CLIENT,
+                State(r.state),
+                State.CANCELED,
+                cause=Cause.ADMIN,
+                actor=p.actor,
+                at=now,
+                reason=why,
+            )
+        except IllegalTransition as exc:
+            raise ApiError(409, str(exc)) from None
+        changes.append(Change(r.id, p.tenant_id, t, {"finished_at": now}))
+        if State(r.state) is State.IN_PROGRESS:
+            # SPEC 2.1: stays Canceled; the agent is told to stop and its report recorded.
+            op = r.id
+            box.append(r.computer_id, p.tenant_id, lambda seq: cancel_message(seq, op))  # noqa: B023
+    await apply_changes(conn, changes)
+    await box.write(conn, counters=True)
+    await audit(
+        conn,
+        p,
+        "activity.cancel" if activity_id else "bulk.cancel" if bulk else "request.cancel",
+        now,
+        id=activity_id or request_id,
+        canceled=len(changes),
+    )
+    return Canceled([r.id for r in rows], box.appended())
+
+
+# -- reads ---------------------------------------------------------------------
+
+
+async def get_request(conn: AsyncConnection, p: Principal, request_id: int) -> dict[str, Any]:
+    row = (
+        await conn.execute(
+            sa.select(requests).where(
+                requests.c.id == request_id, requests.c.tenant_id == p.tenant_id
+            )
+        )
+    ).first()
+    if row is None:
+        raise ApiError(404, f"no request {request_id}")
+    return _request_json(row, await state_counts(conn, activities.c.request_id == request_id))
+
+
+async def list_requests(conn: AsyncConnection, p: Principal, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` requests: one query for the page, one for all their counts."""
+    rows = (
+        await conn.execute(
+            sa.select(requests)
+            .where(requests.c.tenant_id == p.tenant_id)
+            .order_by(requests.c.id.desc())
+            .limit(limit)
+        )
+    ).all()
+    counts: dict[int, dict[State, int]] = {r.id: {} for r in rows}
+    if rows:
+        for c in await conn.execute(
+            sa.select(activities.c.request_id, activities.c.state, sa.func.count().label("n"))
+            .where(activities.c.request_id.in_(list(counts)))
+            .group_by(activities.c.request_id, activities.c.state)
+        ):
+            counts[c.request_id][State(c.state)] = c.n
+    return [_request_json(r, counts[r.id]) for r in rows]
+
+
+def _request_json(row: Any, counts: dict[State, int]) -> dict[str, Any]:
+    prog = progress(counts)
+    out = dict(row._mapping)
+    out.pop("tenant_id")
+    out["progress"] = {
+        "counts": {k: v for k, v in prog.counts.items() if v},
+        "total": prog.total,
+        "finished": prog.finished,
+        "succeeded": prog.succeeded,
+        "done": prog.done,
+    }
+    return out

@@ -1,0 +1,352 @@
+"""The server process at run time: its configuration, start and stop, background loops.
+
+Contract: ``start(config)`` migrates the database, bootstraps the default
+tenant, keys and first admin token, loads the fleet into memory and starts the
+single writer, the tickler, the lifecycle engine, the server-task manager (and
+the embedded worker), the lost-activity reaper and the last-seen flusher;
+``stop(rt)`` stops each on its own, the writer last. Every time the server
+reads comes from ``ServerConfig.clock`` (``Runtime.now``): tests inject a
+fake clock and move it instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from taskfleet.dispatch import open_queue
+from taskfleet.protocol.signing import Signer
+from taskfleet.server import metrics, requests, schedules, tokens
+from taskfleet.server.exchange import Exchange
+from taskfleet.server.fleet import ComputerState, Fleet
+from taskfleet.server.kernel import token_hash
+from taskfleet.server.lifecycle import Lifecycle
+from taskfleet.server.tasks import TaskManager
+from taskfleet.server.tickler import Tickler
+from taskfleet.server.timeouts import reap_expired, reap_lost
+from taskfleet.server.writer import Writer
+from taskfleet.settings import (
+    LAST_SEEN_FLUSH,
+    LOST_GRACE,
+    POLL_INTERVAL,
+    REAPER_INTERVAL,
+    TICKLE_MIN_INTERVAL,
+    TICKLE_RATE,
+)
+from taskfleet.store import db
+from taskfleet.store.schema import api_tokens, computers
+from taskfleet.task_type_file import load_task_types
+from taskfleet.worker.builtin import BUILTINS
+from taskfleet.worker.runner import Worker
+
+log = logging.getLogger("taskfleet.server")
+
+
+@dataclass
+class ServerConfig:
+    database_url: str
+    data_dir: Path
+    tickle_rate: float = TICKLE_RATE
+    tickle_min_interval: float = TICKLE_MIN_INTERVAL
+    lost_grace: float = LOST_GRACE
+    poll_interval: float = POLL_INTERVAL
+    reaper_interval: float = REAPER_INTERVAL
+    public_url: str = ""  # shown to humans; set by the CLI
+    tickles: bool = True  # off: agents rely on their polls (benchmarks compare both)
+    task_types: Path | None = None  # TOML declarations of server task types (SPEC 4)
+    queue: str = "embedded"  # or amqp://... (workers then run as `taskfleet worker`)
+    workers: int = 4  # embedded: tasks run at once by the in-process worker
+    heartbeat_timeout: float = 5 * 3600.0  # SPEC 4.6: a silent worker's tasks fail after this
+    worker_heartbeat: float = 10.0
+    # Every time-driven rule (schedules, expiry, approvals, windows) reads this;
+    # tests inject a fake clock and move it instead of sleeping.
+    clock: Callable[[], float] = time.time
+    lifecycle_interval: float = 1.0  # seconds between lifecycle passes at most
+
+
+@dataclass
+class Runtime:
+    config: ServerConfig
+    read: Any
+    writer: Writer
+    exchange: Exchange
+    fleet: Fleet
+    tickler: Tickler
+    signer: Signer
+    tickle_master: bytes
+    settings_json: bytes
+    manager: TaskManager | None = None
+    lifecycle: Lifecycle | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def now(self) -> float:
+        """The server's clock (``ServerConfig.clock``): every route and loop reads it."""
+        return self.config.clock()
+
+    @property
+    def lifecycle_engine(self) -> Lifecycle:
+        assert self.lifecycle is not None
+        return self.lifecycle
+
+    @property
+    def task_manager(self) -> TaskManager:
+        assert self.manager is not None
+        return self.manager
+
+
+def wake_targets(rt: Runtime, created: requests.Created) -> None:
+    """After a request commits: its computers have work; tickle them."""
+    rt.tickler.wake(rt.fleet.mark_work(created.computer_ids))
+    rt.lifecycle_engine.watch(created.request)
+
+
+async def start(config: ServerConfig) -> Runtime:
+    """Migrate, bootstrap, load the fleet into memory, start the writer and every loop."""
+    db.secure_data_dir(config.data_dir)
+    db.prepare_sqlite(config.database_url)  # raises InsecureFileError: refuse to start
+    await db.upgrade(config.database_url)
+    write_engine = db.create_engine(config.database_url, writer=True)
+    read_engine = (
+        write_engine
+        if not db.is_sqlite(config.database_url)
+        else db.create_engine(config.database_url)
+    )
+    async with write_engine.begin() as conn:
+        keys, token = await tokens.bootstrap(conn, config.clock())
+    if token is not None:
+        path = write_token_file(config.data_dir, token)
+        log.warning("bootstrap admin token written to %s (readable by this user only)", path)
+    fleet = Fleet()
+    async with read_engine.connect() as conn:
+        for row in await conn.execute(sa.select(computers).where(computers.c.removed_at.is_(None))):
+            fleet.put(
+                ComputerState(
+                    row.id,
+                    row.tenant_id,
+                    row.secret_hash,
+                    row.generation,
+                    row.in_acked,
+                    row.out_seq,
+                    row.out_acked,
+                    row.address,
+                    row.tickle_port,
+                    row.last_seen_at,
+                )
+            )
+    metrics.COMPUTERS.set(len(fleet.computers))
+    signer = Signer(keys["signing_seed"])
+    writer = Writer(write_engine)
+    exchange = Exchange(writer, fleet, signer, lost_grace=config.lost_grace, clock=config.clock)
+    writer.start()
+    tickler = Tickler(
+        keys["tickle_master"],
+        rate=config.tickle_rate,
+        min_interval=config.tickle_min_interval,
+        enabled=config.tickles,
+    )
+    tickler.start()
+    rt = Runtime(
+        config=config,
+        read=read_engine,
+        writer=writer,
+        exchange=exchange,
+        fleet=fleet,
+        tickler=tickler,
+        signer=signer,
+        tickle_master=keys["tickle_master"],
+        settings_json=orjson.dumps({"poll_interval": config.poll_interval}),
+    )
+    rt.lifecycle = Lifecycle(
+        writer.run,
+        read_engine,
+        lambda cids: tickler.wake(fleet.mark_work(cids)),
+        clock=config.clock,
+        interval=config.lifecycle_interval,
+        fire=lambda sid: fire_schedule(rt, sid),
+    )
+    writer.on_finished = rt.lifecycle.on_finished
+    exchange.window_closed = rt.lifecycle.window_closed
+    await rt.lifecycle.load()
+    rt.lifecycle.start()
+    rt.tasks.append(asyncio.create_task(_reaper(rt), name="reaper"))
+    rt.tasks.append(asyncio.create_task(_flush_seen(rt), name="last-seen"))
+    await _start_tasks(rt, config)
+    log.info(
+        "server ready: %d computers, database %s",
+        len(fleet.computers),
+        db.database_url(config.database_url).split("@")[-1],
+    )
+    return rt
+
+
+def write_token_file(data_dir: Path, token: str) -> Path:
+    """Write ``DATA_DIR/admin-token`` readable by this user only (even if it existed wider)."""
+    path = data_dir / "admin-token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return path
+
+
+async def mint_admin_token(
+    data_dir: Path, database_url: str, *, tenant: str, actor: str
+) -> tuple[int, Path]:
+    """Mint a new admin token straight in the database and write it to the data folder.
+
+    The way back in when every admin token is lost or revoked: it needs the
+    server's data folder and database, not the API, and works whether or not the
+    server runs (a running server reads tokens from the database on each call).
+    """
+    db.secure_data_dir(data_dir)
+    db.prepare_sqlite(database_url)
+    await db.upgrade(database_url)
+    engine = db.create_engine(database_url, writer=True)
+    try:
+        async with engine.begin() as conn:
+            now = time.time()
+            _, unseen = await tokens.bootstrap(conn, now)  # a fresh database: tenant, keys
+            if unseen is not None:  # nobody will ever see this one: the minted token replaces it
+                await conn.execute(
+                    api_tokens.update()
+                    .where(api_tokens.c.token_hash == token_hash(unseen))
+                    .values(revoked=True)
+                )
+            token_id, token = await tokens.mint_admin_token(conn, now, tenant=tenant, actor=actor)
+    finally:
+        await engine.dispose()
+    return token_id, write_token_file(data_dir, token)
+
+
+async def _start_tasks(rt: Runtime, config: ServerConfig) -> None:
+    specs = load_task_types(config.task_types, builtins=BUILTINS)
+    queue = open_queue(config.queue)
+    pg = not db.is_sqlite(config.database_url)
+    rt.manager = TaskManager(
+        rt.writer,
+        rt.read,
+        specs,
+        queue,
+        config.heartbeat_timeout,
+        reap_interval=min(5.0, max(0.2, config.heartbeat_timeout / 4)),
+        # In-process workers report through on_finished; only remote ones need watching.
+        watch_remote=config.queue != "embedded",
+        clock=config.clock,
+    )
+    await rt.manager.start()
+    if config.queue == "embedded" and config.workers > 0:
+        worker = Worker(
+            queue=queue,
+            types=specs,
+            run_tx=rt.writer.run,
+            pg=pg,
+            concurrency=config.workers,
+            heartbeat_interval=config.worker_heartbeat,
+            on_finished=rt.manager.finished,
+            context={"run_tx": rt.writer.run},
+            name="embedded",
+        )
+        rt.tasks.append(asyncio.create_task(worker.run(), name="embedded-worker"))
+
+
+async def stop(rt: Runtime) -> None:
+    for task in rt.tasks:
+        task.cancel()
+    for task in rt.tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    # Each part stops on its own: one failing to stop must not leave the writer running.
+    parts = [rt.tickler.stop]
+    if rt.lifecycle is not None:
+        parts.append(rt.lifecycle.stop)
+    if rt.manager is not None:
+        parts.append(rt.manager.stop)
+    for stop in parts:
+        try:
+            await stop()
+        except Exception:
+            log.exception("stopping %s failed", getattr(stop, "__qualname__", stop))
+    await rt.writer.stop()
+    with contextlib.suppress(Exception):
+        await _flush_once(rt)
+    await rt.writer.engine.dispose()
+    if rt.read is not rt.writer.engine:
+        await rt.read.dispose()
+
+
+async def fire_schedule(rt: Runtime, sid: int) -> float | None:
+    """A cron schedule is due: create its run (a request of its own); the next time or None."""
+
+    async def fn(conn: Any) -> tuple[requests.Created | None, float | None]:
+        return await schedules.fire_schedule(conn, rt.now(), sid)
+
+    def after(res: tuple[requests.Created | None, float | None]) -> None:
+        if res[0] is not None:
+            wake_targets(rt, res[0])
+
+    created, next_at = await rt.writer.run(fn, after=after)
+    if created is not None:
+        metrics.REQUESTS.inc()
+        log.info("schedule %d fired: request %d", sid, created.request["id"])
+    return next_at
+
+
+async def reap_once(rt: Runtime) -> None:
+    """One pass of the timeout reaper: lost activities fail, expired work is canceled."""
+    lost = await rt.writer.run(lambda c: reap_lost(c, rt.now()))
+    expired = await rt.writer.run(lambda c: reap_expired(c, rt.now()))
+    if lost:
+        metrics.LOST.inc(len(lost))
+        log.warning("%d activities failed as lost: %s", len(lost), lost[:20])
+    if expired:
+        log.info("%d queued activities expired: %s", len(expired), expired[:20])
+
+
+async def _reaper(rt: Runtime) -> None:
+    while True:
+        await asyncio.sleep(rt.config.reaper_interval)
+        try:
+            await reap_once(rt)
+        except Exception:
+            log.exception("lost-activity reaper failed; retrying next interval")
+
+
+async def _flush_once(rt: Runtime) -> None:
+    dirty = rt.fleet.take_dirty()
+    if not dirty:
+        return
+
+    async def fn(conn: Any) -> None:
+        await conn.execute(
+            computers.update()
+            .where(computers.c.id == sa.bindparam("b_id"))
+            .values(last_seen_at=sa.bindparam("seen"), address=sa.bindparam("addr")),
+            [{"b_id": cs.id, "seen": cs.last_seen, "addr": cs.address} for cs in dirty],
+        )
+
+    if rt.writer.running:
+        await rt.writer.run(fn)
+    else:
+        async with rt.writer.engine.begin() as conn:
+            await fn(conn)
+
+
+async def _flush_seen(rt: Runtime) -> None:
+    # Last-seen times live in memory and reach the database in one batch per
+    # interval, so idle exchanges stay off the database.
+    while True:
+        await asyncio.sleep(LAST_SEEN_FLUSH)
+        try:
+            await _flush_once(rt)
+        except Exception:
+            log.exception("last-seen flush failed")
