@@ -26,13 +26,20 @@ AGENT_RETRY_MIN = 1.0  # agent backoff when the server is down...
 AGENT_RETRY_MAX = 60.0  # ...doubling up to this
 EXCHANGE_HTTP_TIMEOUT = 30.0  # seconds an agent waits for an ordinary exchange
 # Bytes of messages in one exchange reply (one larger message still goes alone).
-# A quarter of the agent's 64 MiB response cap (agent/http.py MAX_RESPONSE), so
+# A quarter of the agent's 64 MiB response cap (AGENT_MAX_RESPONSE), so
 # the largest single operation the script limits allow still fits beside it;
 # the rest is handed out at the next exchange, which "more" asks for at once.
 REPLY_MAX_BYTES = 16 * 1024 * 1024
 
 WRITE_BATCH_MAX = 2000  # exchanges applied in one database transaction
 LAST_SEEN_FLUSH = 30.0  # seconds between writes of computers' last-seen times
+
+# A time, schedule, approval expiry, queued-work expiry or recurring interval further
+# out than this is a typo, refused (a year and a day covers any yearly maintenance).
+MAX_AHEAD = 366 * 86400.0
+MAX_SCRIPT_TIMEOUT = 7 * 86400.0  # a script's time limit: longer than a week is a mistake
+RECURRING_EVERY = 3600.0  # a recurring operation that names no interval runs hourly
+AGENT_MAX_RESPONSE = 64 * 1024 * 1024  # the agent refuses a larger exchange reply (memory)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what both databases' BIGINT columns hold
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # ... and their INTEGER columns (PostgreSQL)

@@ -15,6 +15,8 @@ import contextlib
 import ssl
 import urllib.parse
 
+from taskfleet.settings import AGENT_MAX_RESPONSE
+
 
 class HttpError(Exception):
     def __init__(self, status: int, body: bytes) -> None:
@@ -23,7 +25,7 @@ class HttpError(Exception):
         self.body = body
 
 
-MAX_RESPONSE = 64 * 1024 * 1024
+MAX_RESPONSE = AGENT_MAX_RESPONSE
 
 
 class Connection:

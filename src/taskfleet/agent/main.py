@@ -45,7 +45,6 @@ from taskfleet import __version__
 from taskfleet.agent import state as st
 from taskfleet.agent.http import Connection, HttpError
 from taskfleet.agent.scrub import (
-    DEFAULT_MAX_ATTEMPTS,
     agent_lock,
     executor_lock,
     kill_leftover,
@@ -70,11 +69,16 @@ from taskfleet.protocol.tickle import TickleVerifier
 from taskfleet.settings import (
     AGENT_RETRY_MAX,
     AGENT_RETRY_MIN,
+    AGENT_TICKLE_BIND,
     AGENT_TICKLE_PORT,
     EXCHANGE_HTTP_TIMEOUT,
     LONG_POLL_WAIT,
+    OUTPUT_CAP,
     OUTPUT_CAP_MAX,
     POLL_INTERVAL,
+    RECURRING_EVERY,
+    SCRUB_INTERVAL,
+    SCRUB_MAX_ATTEMPTS,
     TICKLE_MAX_SKEW,
     TICKLE_MIN_INTERVAL,
 )
@@ -91,14 +95,14 @@ class AgentConfig:
     hostname: str = field(default_factory=socket.gethostname)
     machine_id: str | None = None
     tickle_port: int = AGENT_TICKLE_PORT  # 0: no UDP, hold a long poll instead
-    tickle_bind: str = "0.0.0.0"
+    tickle_bind: str = AGENT_TICKLE_BIND
     poll_interval: float | None = None  # None: what the server says (default 30 min)
     allow_scripts: bool = False
     script_users: tuple[str, ...] = ()
     reenroll: bool = False
     run_window: str | None = None  # HH:MM-HH:MM local: when optional work may run
-    scrub_interval: float = 3600.0  # SPEC 5: the scrubber runs at start, then this often
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # continuing stops after this many attempts
+    scrub_interval: float = SCRUB_INTERVAL  # SPEC 5: the scrubber runs at start, then this often
+    max_attempts: int = SCRUB_MAX_ATTEMPTS  # continuing stops after this many attempts
 
 
 def default_machine_id(state_dir: Path) -> str:
@@ -664,7 +668,7 @@ class Agent:
             max_attempts=self.config.max_attempts,
         )
         if op.interval == "recurring" and status != "canceled" and not cancel_asked:
-            every = op.every or 3600.0
+            every = op.every or RECURRING_EVERY
             self.state.set_status(
                 op.op,
                 code,
@@ -711,7 +715,7 @@ class Agent:
             )
         try:
             params = validate_script_params(
-                payload.get("params"), default_cap=65536, max_cap=OUTPUT_CAP_MAX
+                payload.get("params"), default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX
             )
             timeout = float(payload["timeout"])
         except (ValueError, KeyError, TypeError) as exc:

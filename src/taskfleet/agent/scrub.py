@@ -26,7 +26,6 @@ from taskfleet.domain.scrubber import Decision, LocalStatus, Plan, Record, plan_
 from taskfleet.protocol.exchange import operation_result
 
 log = logging.getLogger("taskfleet.agent.scrub")
-DEFAULT_MAX_ATTEMPTS = 3
 
 
 class FileLock:

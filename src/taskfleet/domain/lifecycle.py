@@ -36,8 +36,6 @@ class RuleError(ValueError):
 # --------------------------------------------------------------------------- thresholds
 
 METRICS = frozenset({"finished", "succeeded"})
-# A time, schedule or approval expiry further out than this is a typo, refused.
-MAX_AHEAD = 366 * 86400.0
 
 
 def _number(value: object, what: str) -> float:

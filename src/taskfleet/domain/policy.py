@@ -18,8 +18,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from taskfleet.settings import MAX_AHEAD
+
 MIN_EVERY = 1.0  # seconds; a recurring operation may not run more often
-MAX_EVERY = 366 * 24 * 3600.0
+MAX_EVERY = MAX_AHEAD
 
 
 class Mode(enum.StrEnum):

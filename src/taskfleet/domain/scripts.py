@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from taskfleet.settings import MAX_SCRIPT_TIMEOUT
+
 EXECUTE_SCRIPT = "execute-script"
 MAX_SCRIPT_CHARS = 1024 * 1024
 # argv as a whole (a command instead of a script): the same bound as a script.
@@ -19,7 +21,7 @@ MAX_ARGV_CHARS = MAX_SCRIPT_CHARS
 # reply (settings.REPLY_MAX_BYTES) even when each character is escaped.
 MAX_ENV_CHARS = 256 * 1024
 MAX_NAME_CHARS = 4096  # interpreter, cwd, user: a path or a name (PATH_MAX)
-MAX_TIMEOUT = 7 * 24 * 3600.0
+MAX_TIMEOUT = MAX_SCRIPT_TIMEOUT
 
 
 def validate_timeout(timeout: Any) -> float:

@@ -32,7 +32,6 @@ from typing import Final, Literal, get_args
 
 TICKLE_MAGIC: Final = b"TF"
 TICKLE_VERSION: Final = 1
-DEFAULT_TICKLE_PORT: Final = 50124
 
 NONCE_SIZE: Final = 12
 MAC_SIZE: Final = 16

@@ -48,7 +48,7 @@ from taskfleet.server.kernel import (
     state_counts,
 )
 from taskfleet.server.lifecycle import Options, check_options, iso
-from taskfleet.settings import OUTPUT_CAP, OUTPUT_CAP_MAX
+from taskfleet.settings import MAX_AHEAD, OUTPUT_CAP, OUTPUT_CAP_MAX
 from taskfleet.store.activities import Change, apply_changes, insert_activities, insert_events
 from taskfleet.store.schema import (
     activities,
@@ -86,7 +86,7 @@ async def create_request(
         clean = validate_script_params(params, default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX)
         limit = validate_timeout(timeout)
         run_policy = validate_policy(policy)
-        if expires_in is not None and not 0 < expires_in <= 366 * 86400:
+        if expires_in is not None and not 0 < expires_in <= MAX_AHEAD:
             raise ValueError("expires_in must be a number of seconds in (0, 366 days]")
     except (TargetError, ValueError) as exc:
         raise ApiError(400, str(exc)) from None
@@ -119,7 +119,7 @@ def check_template(
         validate_script_params(params, default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX)
         validate_timeout(timeout)
         validate_policy(policy)
-        if expires_in is not None and not 0 < expires_in <= 366 * 86400:
+        if expires_in is not None and not 0 < expires_in <= MAX_AHEAD:
             raise ValueError("expires_in must be a number of seconds in (0, 366 days]")
     except (TargetError, ValueError) as exc:
         raise ApiError(400, str(exc)) from None

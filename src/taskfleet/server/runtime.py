@@ -42,6 +42,9 @@ from taskfleet.settings import (
     REAPER_INTERVAL,
     TICKLE_MIN_INTERVAL,
     TICKLE_RATE,
+    WORKER_CONCURRENCY,
+    WORKER_HEARTBEAT_INTERVAL,
+    WORKER_HEARTBEAT_TIMEOUT,
 )
 from taskfleet.store import db
 from taskfleet.store.schema import api_tokens, computers
@@ -65,9 +68,11 @@ class ServerConfig:
     tickles: bool = True  # off: agents rely on their polls (benchmarks compare both)
     task_types: Path | None = None  # TOML declarations of server task types (SPEC 4)
     queue: str = "embedded"  # or amqp://... (workers then run as `taskfleet worker`)
-    workers: int = 4  # embedded: tasks run at once by the in-process worker
-    heartbeat_timeout: float = 5 * 3600.0  # SPEC 4.6: a silent worker's tasks fail after this
-    worker_heartbeat: float = 10.0
+    workers: int = WORKER_CONCURRENCY  # embedded: tasks run at once by the in-process worker
+    heartbeat_timeout: float = (
+        WORKER_HEARTBEAT_TIMEOUT  # SPEC 4.6: then a silent worker's tasks fail
+    )
+    worker_heartbeat: float = WORKER_HEARTBEAT_INTERVAL
     # Every time-driven rule (schedules, expiry, approvals, windows) reads this;
     # tests inject a fake clock and move it instead of sleeping.
     clock: Callable[[], float] = time.time

@@ -18,11 +18,11 @@ import asyncio
 import logging
 from typing import Any
 
-from taskfleet.domain.lifecycle import MAX_AHEAD, Approval, approval_refusal
+from taskfleet.domain.lifecycle import Approval, approval_refusal
 from taskfleet.domain.scheduling import Pending
 from taskfleet.domain.states import FINAL_STATES, Cause, State
 from taskfleet.server.kernel import ApiError, Principal, audit
-from taskfleet.settings import MAX_ID
+from taskfleet.settings import MAX_AHEAD, MAX_ID
 from taskfleet.store import tasks as store
 
 log = logging.getLogger("taskfleet.scheduler")

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from taskfleet.domain.states import FINAL_STATES
 from taskfleet.domain.task_types import TaskTypeSpec
+from taskfleet.settings import TASK_TIME_LIMIT
 from taskfleet.store.schema import activities, activity_events, requests, server_tasks
 
 BUILTINS = (
@@ -26,7 +27,7 @@ BUILTINS = (
         scope="none",
         handler="taskfleet.worker.builtin:purge_history",
         kind="callable",
-        time_limit=3600.0,
+        time_limit=TASK_TIME_LIMIT,
         concurrency=1,
         retry_safe=True,
         params={"older_than_days": "int"},

@@ -14,7 +14,6 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.lifecycle import (
-    MAX_AHEAD,
     Dependency,
     RolloutPolicy,
     RuleError,
@@ -23,7 +22,7 @@ from taskfleet.domain.lifecycle import (
 )
 from taskfleet.domain.progress import Progress, progress
 from taskfleet.server.kernel import ApiError, Principal, state_counts
-from taskfleet.settings import MAX_ID, TIME_MAX, TIME_MIN
+from taskfleet.settings import MAX_AHEAD, MAX_ID, TIME_MAX, TIME_MIN
 from taskfleet.store.schema import activities, requests
 
 
