@@ -122,6 +122,10 @@ class Agent:
         self.conn = Connection(config.server, timeout=EXCHANGE_HTTP_TIMEOUT)
         self.trigger = asyncio.Event()
         self.running: dict[int, RunningScript] = {}
+        # Operations with a run task, from spawn to its end: a run is "executing"
+        # for the scrubber (SPEC 5 rule 1) before its process exists, and is never
+        # spawned twice.
+        self.owned: set[int] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.verifier: TickleVerifier | None = None
         self.poll_interval = config.poll_interval or POLL_INTERVAL
@@ -350,7 +354,7 @@ class Agent:
             max_attempts=self.config.max_attempts,
         )
         if plan.skipped:
-            log.info("scrubber skipped this run: %d task executor(s) running", len(self.running))
+            log.info("scrubber skipped this run: %d task executor(s) running", len(self.owned))
             self._retries_wait(time.time() + self.config.scrub_interval)
             return
         continued = 0
@@ -380,7 +384,7 @@ class Agent:
         # Failed attempts waiting to be continued miss this run: tell the server
         # when they can start now, so it does not declare them lost meanwhile.
         waiting = [
-            o for o in self.state.unfinished() if o.status == st.FAILED and o.op not in self.running
+            o for o in self.state.unfinished() if o.status == st.FAILED and o.op not in self.owned
         ]
         for o in waiting:
             reason = "its retry waits for the scrubber's next run (a task is running)"
@@ -396,11 +400,15 @@ class Agent:
         while True:
             self.next_scrub_at = time.time() + self.config.scrub_interval
             await asyncio.sleep(self.config.scrub_interval)
-            running = bool(self.running) or self.exec_lock.held_elsewhere()
-            self._scrub(executor_running=running)
-            for op in self.state.unfinished():
-                if op.status == st.UNKNOWN and op.op not in self.running:
-                    self._spawn(op)
+            self.scrub_pass()
+
+    def scrub_pass(self) -> None:
+        """One periodic scrubber run, then start what it continued."""
+        running = bool(self.owned) or self.exec_lock.held_elsewhere()
+        self._scrub(executor_running=running)
+        for op in self.state.unfinished():
+            if op.status == st.UNKNOWN and op.op not in self.owned:
+                self._spawn(op)
 
     # -- exchanging ------------------------------------------------------------
 
@@ -565,11 +573,17 @@ class Agent:
     def _spawn_now(self, op_id: int) -> None:
         self.timers.pop(op_id, None)
         op = self.state.operation(op_id)
-        if op is None or op_id in self.running:
+        if op is None or op_id in self.owned:
             return
+        self.owned.add(op_id)
         task = asyncio.create_task(self._run(op))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.tasks.discard(t)
+            self.owned.discard(op_id)
+
+        task.add_done_callback(done)
 
     def _minute_of_day(self) -> float:
         t = time.localtime()
@@ -628,6 +642,9 @@ class Agent:
             self.exec_lock.acquire()
         running = await start_script(spec)
         self.running[op.op] = running
+        latest = self.state.operation(op.op)
+        if latest is not None and latest.cancel_requested:
+            running.cancel()  # the cancel arrived while the process was starting
         if running.pid:
             self.state.running(op.op, running.pid, process_start(running.pid))
         try:
