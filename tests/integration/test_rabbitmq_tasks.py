@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from tests.conftest import REQUIRE, spawn, wait_until
-from tests.integration.test_server_tasks import TYPES, finished, submit, task
+from tests.server_tasks import TYPES, finished, submit, task
 
 AMQP = os.environ.get("TASKFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -346,7 +346,7 @@ def test_cancel_reaches_a_remote_worker_which_kills_the_process_group_before_the
     """Issue 9 on RabbitMQ: the cancel travels over the control exchange (the worker's
     heartbeat, its other way to learn of it, is 60 s apart), the worker kills the
     process group, and the next task of the concurrency-1 type starts only after that."""
-    from tests.integration.test_task_cancel import (
+    from tests.server_tasks import (
         STUBBORN,
         confirmed,
         group_alive,
@@ -401,7 +401,7 @@ def test_a_held_canceled_task_of_a_worker_killed_9_is_freed_by_the_reaper(
     """A threaded handler cannot be stopped, so its canceled task holds its slot; when
     its worker dies (kill -9) the heartbeat is lost and the reaper frees the slot: the
     next task of the concurrency-1 type then runs, on another worker."""
-    from tests.integration.test_task_cancel import CALLABLES, confirmed
+    from tests.server_tasks import CALLABLES, confirmed
 
     types = tmp_path / "types.toml"
     types.write_text(CALLABLES)
@@ -463,7 +463,7 @@ def test_a_held_canceled_task_still_holds_its_slot_after_a_server_restart(
 ):
     """The hold is in the database: a restarted server counts the canceled task (its
     remote worker's thread still runs) as running until the worker reports it ended."""
-    from tests.integration.test_task_cancel import CALLABLES, confirmed
+    from tests.server_tasks import CALLABLES, confirmed
 
     types = tmp_path / "types.toml"
     types.write_text(CALLABLES)

@@ -7,51 +7,7 @@ import time
 import pytest
 
 from tests.conftest import wait_until
-
-TYPES = """
-[types.echo]
-scope = "none"
-command = "echo {msg}"
-time_limit = 10
-[types.echo.params]
-msg = "str"
-
-[types.gate]
-scope = "none"
-command = "sh -c 'while [ ! -e {path} ]; do sleep 0.02; done; echo passed'"
-concurrency = 1
-time_limit = 60
-[types.gate.params]
-path = "str"
-
-[types.report]
-scope = "tenant"
-command = "sh -c 'while [ ! -e {path} ]; do sleep 0.02; done'"
-per_tenant = true
-concurrency = 1
-excludes = ["import"]
-[types.report.params]
-path = "str"
-
-[types.import]
-scope = "none"
-command = "sh -c 'while [ ! -e {path} ]; do sleep 0.02; done'"
-[types.import.params]
-path = "str"
-
-[types.slow]
-scope = "none"
-command = "sleep 100"
-time_limit = 0.5
-
-[types.broken-callable]
-scope = "none"
-callable = "taskfleet.no_such_module:fn"
-
-[types.broken-command]
-scope = "none"
-command = "/nonexistent/program --flag"
-"""
+from tests.server_tasks import TYPES, finished, submit, task
 
 
 @pytest.fixture
@@ -59,26 +15,6 @@ def tasks_server(start_server, tmp_path):
     path = tmp_path / "types.toml"
     path.write_text(TYPES)
     return start_server("--task-types", str(path))
-
-
-def submit(server, type_, expect=201, **body):
-    with server.api() as api:
-        r = api.post("/tasks", json={"type": type_, **body})
-    assert r.status_code == expect, r.text
-    return r.json()
-
-
-def task(server, tid):
-    with server.api() as api:
-        return api.get(f"/tasks/{tid}").json()
-
-
-def finished(server, tid, timeout=30):
-    return wait_until(
-        lambda: (t := task(server, tid))["state"] in ("succeeded", "failed", "canceled") and t,
-        timeout,
-        f"task {tid} to finish",
-    )
 
 
 def test_a_task_runs_and_its_steps_are_logged_by_name(tasks_server):

@@ -26,13 +26,13 @@ from taskfleet.worker.handlers import (
     validate_params,
 )
 
-ME = "tests.unit.test_handlers"
+ME = __name__  # callables below are referenced as "MODULE:NAME"
 PY = shlex.quote(sys.executable).replace("{", "{{").replace("}", "}}")
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "task-types.example.toml"
 GRACE = 0.2
 
 
-# --- callables referenced as "tests.unit.test_handlers:NAME" -----------------------------
+# --- callables referenced as f"{ME}:NAME" -----------------------------
 
 
 def sync_echo(params, context):
