@@ -4,49 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import socket
 import sys
-import uuid
 
 import pytest
 
-from tests.conftest import REQUIRE, spawn, wait_until
+from tests.conftest import spawn, wait_until
 from tests.server_tasks import TYPES, finished, submit, task
-
-AMQP = os.environ.get("TASKFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-
-
-def _reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def amqp_url():
-    if not _reachable():
-        if REQUIRE:
-            pytest.fail("RabbitMQ unavailable at 127.0.0.1:5672 (TASKFLEET_REQUIRE_SERVICES=1)")
-        pytest.skip("RabbitMQ unavailable at 127.0.0.1:5672")
-    name = "tf_test_" + uuid.uuid4().hex[:12]
-    yield f"{AMQP}?queue={name}"
-
-    async def drop() -> None:
-        import aio_pika
-
-        conn = await aio_pika.connect(AMQP)
-        async with conn:
-            channel = await conn.channel()
-            await channel.queue_delete(name)
-            await channel.exchange_delete(f"{name}.control")  # the cancel fanout
-
-    with contextlib.suppress(Exception):
-        asyncio.run(drop())
-
 
 MARK = """
 [types.mark]
