@@ -386,3 +386,49 @@ def activities_of(server: Server, request_id: int) -> list[dict]:
             "/activities", params={"request_id": request_id, "output": True, "limit": 10000}
         ).json()
     return sorted(rows, key=lambda a: a["computer_id"])
+
+
+@pytest.fixture
+def rabbit_fleet(
+    start_server: Callable[..., Server], amqp_url: str, tmp_path: Path, database_url: str
+) -> Iterator[Callable[..., Any]]:
+    """``start(*server_args)`` starts a server on this test's RabbitMQ queue and returns
+    ``(server, worker, marks)``: ``worker(*args)`` starts a ``taskfleet worker`` process,
+    ``marks`` is the file the ``mark`` type appends to."""
+    from tests.server_tasks import MARK, TYPES  # imported here: it imports this module
+
+    types = tmp_path / "types.toml"
+    marks = tmp_path / "marks"
+    types.write_text(TYPES + MARK.format(marks=marks))
+    workers = []
+
+    def start(*server_args: str):
+        srv = start_server("--task-types", str(types), "--queue", amqp_url, *server_args)
+
+        def worker(*args: str):
+            proc = spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "taskfleet",
+                    "worker",
+                    "--queue",
+                    amqp_url,
+                    "--database",
+                    database_url,
+                    "--task-types",
+                    str(types),
+                    *args,
+                ],
+                tmp_path / f"worker-{len(workers)}.log",
+            )
+            workers.append(proc)
+            wait_until(lambda: "consuming" in proc.text() or not proc.alive(), 30, "worker")
+            assert proc.alive(), proc.text()
+            return proc
+
+        return srv, worker, marks
+
+    yield start
+    for w in workers:
+        w.stop()

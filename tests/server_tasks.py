@@ -60,6 +60,16 @@ scope = "none"
 command = "/nonexistent/program --flag"
 """
 
+# Appends its number to {marks}; not retry-safe, so a lost one is never run twice.
+MARK = """
+[types.mark]
+scope = "none"
+command = "sh -c 'echo {{n}} >> {marks}'"
+retry_safe = false
+[types.mark.params]
+n = "int"
+"""
+
 
 def submit(server, type_, expect=201, **body):
     with server.api() as api:
