@@ -3,11 +3,18 @@
 ``TASKFLEET_TEST_DB`` selects the store: ``sqlite`` (default) or ``postgresql``
 (``TASKFLEET_PG_URL``, default postgresql://postgres@127.0.0.1:5432/test). Each
 test gets its own database. A missing service skips its tests with a reason,
-unless ``TASKFLEET_REQUIRE_SERVICES=1`` (CI), where it fails.
+unless ``TASKFLEET_REQUIRE_SERVICES=1`` (CI), where it fails. RabbitMQ is
+``TASKFLEET_AMQP_URL`` (default amqp://guest:guest@127.0.0.1:5672/); each test
+gets a queue of its own (``amqp_url``).
+
+Tests that need a service carry the ``services`` marker, set here from the
+fixtures they use (``amqp_url``; ``database_url`` when the backend is
+PostgreSQL), so ``-m "not services"`` runs what needs no service at all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -25,6 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
+AMQP = os.environ.get("TASKFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PG_URL = os.environ.get("TASKFLEET_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE = os.environ.get("TASKFLEET_REQUIRE_SERVICES") == "1"
 BACKEND = os.environ.get("TASKFLEET_TEST_DB", "sqlite")
@@ -52,6 +60,44 @@ def _service_missing(message: str) -> None:
     if REQUIRE:
         pytest.fail(f"{message} (TASKFLEET_REQUIRE_SERVICES=1)")
     pytest.skip(message)
+
+
+def _reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def amqp_url() -> Iterator[str]:
+    """A queue of this test's own on the local RabbitMQ (``?queue=``), dropped afterwards
+    with its cancel fanout; skips without RabbitMQ, fails under TASKFLEET_REQUIRE_SERVICES."""
+    if not _reachable():
+        _service_missing("RabbitMQ unavailable at 127.0.0.1:5672")
+    name = "tf_test_" + uuid.uuid4().hex[:12]
+    yield f"{AMQP}?queue={name}"
+
+    async def drop() -> None:
+        import aio_pika
+
+        conn = await aio_pika.connect(AMQP)
+        async with conn:
+            channel = await conn.channel()
+            await channel.queue_delete(name)
+            await channel.exchange_delete(f"{name}.control")  # the cancel fanout
+
+    with contextlib.suppress(Exception):
+        asyncio.run(drop())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs PostgreSQL or RabbitMQ with ``services``."""
+    needs = {"amqp_url"} | ({"database_url"} if BACKEND == "postgresql" else set())
+    for item in items:
+        if needs & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
 
 
 def _pg_admin(sql: str) -> None:
@@ -340,3 +386,49 @@ def activities_of(server: Server, request_id: int) -> list[dict]:
             "/activities", params={"request_id": request_id, "output": True, "limit": 10000}
         ).json()
     return sorted(rows, key=lambda a: a["computer_id"])
+
+
+@pytest.fixture
+def rabbit_fleet(
+    start_server: Callable[..., Server], amqp_url: str, tmp_path: Path, database_url: str
+) -> Iterator[Callable[..., Any]]:
+    """``start(*server_args)`` starts a server on this test's RabbitMQ queue and returns
+    ``(server, worker, marks)``: ``worker(*args)`` starts a ``taskfleet worker`` process,
+    ``marks`` is the file the ``mark`` type appends to."""
+    from tests.server_tasks import MARK, TYPES  # imported here: it imports this module
+
+    types = tmp_path / "types.toml"
+    marks = tmp_path / "marks"
+    types.write_text(TYPES + MARK.format(marks=marks))
+    workers = []
+
+    def start(*server_args: str):
+        srv = start_server("--task-types", str(types), "--queue", amqp_url, *server_args)
+
+        def worker(*args: str):
+            proc = spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "taskfleet",
+                    "worker",
+                    "--queue",
+                    amqp_url,
+                    "--database",
+                    database_url,
+                    "--task-types",
+                    str(types),
+                    *args,
+                ],
+                tmp_path / f"worker-{len(workers)}.log",
+            )
+            workers.append(proc)
+            wait_until(lambda: "consuming" in proc.text() or not proc.alive(), 30, "worker")
+            assert proc.alive(), proc.text()
+            return proc
+
+        return srv, worker, marks
+
+    yield start
+    for w in workers:
+        w.stop()

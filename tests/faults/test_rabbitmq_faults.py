@@ -1,128 +1,20 @@
-"""Server tasks on the real RabbitMQ with separate `taskfleet worker` processes (SPEC 4)."""
+"""Server tasks on the real RabbitMQ when things break: a worker killed (-9) mid-task or
+holding a canceled one, a broker link cut between publish and confirm, a multi-id
+message redelivered after a kill, a server restarted while a canceled task holds its
+slot. Separate ``taskfleet worker`` processes; the broker reached through a proxy
+that can cut links."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import socket
 import sys
-import uuid
 
 import pytest
 
-from tests.conftest import REQUIRE, spawn, wait_until
-from tests.integration.test_server_tasks import TYPES, finished, submit, task
-
-AMQP = os.environ.get("TASKFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-
-
-def _reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def amqp_url():
-    if not _reachable():
-        if REQUIRE:
-            pytest.fail("RabbitMQ unavailable at 127.0.0.1:5672 (TASKFLEET_REQUIRE_SERVICES=1)")
-        pytest.skip("RabbitMQ unavailable at 127.0.0.1:5672")
-    name = "tf_test_" + uuid.uuid4().hex[:12]
-    yield f"{AMQP}?queue={name}"
-
-    async def drop() -> None:
-        import aio_pika
-
-        conn = await aio_pika.connect(AMQP)
-        async with conn:
-            channel = await conn.channel()
-            await channel.queue_delete(name)
-            await channel.exchange_delete(f"{name}.control")  # the cancel fanout
-
-    with contextlib.suppress(Exception):
-        asyncio.run(drop())
-
-
-MARK = """
-[types.mark]
-scope = "none"
-command = "sh -c 'echo {{n}} >> {marks}'"
-retry_safe = false
-[types.mark.params]
-n = "int"
-"""
-
-
-@pytest.fixture
-def rabbit_fleet(start_server, amqp_url, tmp_path, database_url):
-    types = tmp_path / "types.toml"
-    marks = tmp_path / "marks"
-    types.write_text(TYPES + MARK.format(marks=marks))
-    workers = []
-
-    def start(*server_args: str):
-        srv = start_server("--task-types", str(types), "--queue", amqp_url, *server_args)
-
-        def worker(*args: str):
-            proc = spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "taskfleet",
-                    "worker",
-                    "--queue",
-                    amqp_url,
-                    "--database",
-                    database_url,
-                    "--task-types",
-                    str(types),
-                    *args,
-                ],
-                tmp_path / f"worker-{len(workers)}.log",
-            )
-            workers.append(proc)
-            wait_until(lambda: "consuming" in proc.text() or not proc.alive(), 30, "worker")
-            assert proc.alive(), proc.text()
-            return proc
-
-        return srv, worker, marks
-
-    yield start
-    for w in workers:
-        w.stop()
-
-
-def test_workers_on_rabbitmq_run_tasks_and_report(rabbit_fleet):
-    srv, worker, marks = rabbit_fleet()
-    w = worker("--name", "w1")
-    ids = [submit(srv, "mark", params={"n": i})["task"]["id"] for i in range(10)]
-    for i in ids:
-        t = finished(srv, i)
-        assert t["state"] == "succeeded" and t["claimed_by"]
-    assert sorted(int(x) for x in marks.read_text().split()) == list(range(10))
-    assert f"mark[{ids[0]}] running: sh -c" in w.text()
-    with srv.api() as api:
-        (row,) = api.get("/workers").json()
-    assert row["name"] == "w1" and "guest" not in row["queue"]
-
-
-def test_two_workers_racing_claim_each_task_once(rabbit_fleet):
-    srv, worker, marks = rabbit_fleet()
-    worker("--concurrency", "8")
-    worker("--concurrency", "8")
-    ids = [submit(srv, "mark", params={"n": i})["task"]["id"] for i in range(60)]
-    for i in ids:
-        assert finished(srv, i)["state"] == "succeeded"
-    assert sorted(int(x) for x in marks.read_text().split()) == list(range(60))
-    with srv.api() as api:
-        for i in ids[:10]:
-            history = api.get(f"/activities/{i}").json()["history"]
-            assert [h["to_state"] for h in history] == ["queued", "in_progress", "succeeded"]
+from tests.conftest import spawn, wait_until
+from tests.server_tasks import MARK, TYPES, finished, submit, task
 
 
 def test_a_killed_worker_s_task_fails_with_heartbeat_lost_and_nothing_else(rabbit_fleet, tmp_path):
@@ -340,68 +232,13 @@ def test_dispatch_packs_ids_and_a_multi_id_message_redelivered_after_a_kill_runs
             survivor.stop()
 
 
-def test_cancel_reaches_a_remote_worker_which_kills_the_process_group_before_the_next_starts(
-    start_server, amqp_url, tmp_path, database_url
-):
-    """Issue 9 on RabbitMQ: the cancel travels over the control exchange (the worker's
-    heartbeat, its other way to learn of it, is 60 s apart), the worker kills the
-    process group, and the next task of the concurrency-1 type starts only after that."""
-    from tests.integration.test_task_cancel import (
-        STUBBORN,
-        confirmed,
-        group_alive,
-        held_while_alive,
-        kill_group,
-        read_pid,
-    )
-
-    types = tmp_path / "types.toml"
-    types.write_text(STUBBORN)
-    srv = start_server("--task-types", str(types), "--queue", amqp_url)
-    w = spawn(
-        [
-            sys.executable, "-m", "taskfleet", "worker", "--queue", amqp_url,
-            "--database", database_url, "--task-types", str(types),
-            "--heartbeat-interval", "60",
-        ],
-        tmp_path / "worker.log",
-    )  # fmt: skip
-    p1, p2 = tmp_path / "first.pid", tmp_path / "second.pid"
-    pg1 = pg2 = None
-    try:
-        wait_until(lambda: "consuming" in w.text() or not w.alive(), 30, "worker")
-        first = submit(srv, "stubborn", params={"pidfile": str(p1)})["task"]["id"]
-        pg1 = wait_until(lambda: read_pid(p1), 20, "the first task's process")
-        second = submit(srv, "stubborn", params={"pidfile": str(p2)})["task"]["id"]
-        with srv.api() as api:
-            r = api.post(f"/tasks/{first}/cancel", json={})
-        assert r.status_code == 200 and r.json()["state"] == "canceled", r.text
-        assert r.json()["stopping"] is True
-        assert held_while_alive(srv, pg1, second)  # the ~2 s of kill grace was observed
-        t1 = confirmed(srv, first)
-        assert t1["stopped_at"] - t1["stop_requested_at"] < 30  # not the 60 s heartbeat
-        assert f"task[{first}] cancel received: stopping its handler" in w.text()
-        assert t1["state"] == "canceled" and "stopped before completion" in t1["reason"]
-        assert "process group killed" in t1["result_line"]
-        pg2 = wait_until(lambda: read_pid(p2), 30, "the second task to start")
-        assert task(srv, second)["delivered_at"] >= t1["stopped_at"]
-        with srv.api() as api:
-            api.post(f"/tasks/{second}/cancel", json={})
-        confirmed(srv, second)
-        assert not group_alive(pg2)
-    finally:
-        w.stop()
-        kill_group(pg1 or read_pid(p1))
-        kill_group(pg2 or read_pid(p2))
-
-
 def test_a_held_canceled_task_of_a_worker_killed_9_is_freed_by_the_reaper(
     start_server, amqp_url, tmp_path, database_url
 ):
     """A threaded handler cannot be stopped, so its canceled task holds its slot; when
     its worker dies (kill -9) the heartbeat is lost and the reaper frees the slot: the
     next task of the concurrency-1 type then runs, on another worker."""
-    from tests.integration.test_task_cancel import CALLABLES, confirmed
+    from tests.server_tasks import CALLABLES, confirmed
 
     types = tmp_path / "types.toml"
     types.write_text(CALLABLES)
@@ -463,7 +300,7 @@ def test_a_held_canceled_task_still_holds_its_slot_after_a_server_restart(
 ):
     """The hold is in the database: a restarted server counts the canceled task (its
     remote worker's thread still runs) as running until the worker reports it ended."""
-    from tests.integration.test_task_cancel import CALLABLES, confirmed
+    from tests.server_tasks import CALLABLES, confirmed
 
     types = tmp_path / "types.toml"
     types.write_text(CALLABLES)

@@ -3,79 +3,28 @@
 Embedded queue, real server process: a ``concurrency = 1`` command type whose
 shell ignores SIGTERM (so the stop takes the kill grace, about 2 s), an async
 callable and a plain (threaded) callable. The RabbitMQ cases, with separate
-``taskfleet worker`` processes, are in test_rabbitmq_tasks.py.
+``taskfleet worker`` processes, are in test_rabbitmq_workers.py and
+faults/test_rabbitmq_faults.py; a lost cancel message in faults/test_lost_cancel_message.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 from tests.conftest import wait_until
-
-# The shell ignores TERM (and so do its children): stopping it takes SIGKILL after the
-# grace, which leaves a window where the canceled task's process group is still alive.
-STUBBORN = """
-[types.stubborn]
-scope = "none"
-concurrency = 1
-time_limit = 600
-command = '''sh -c 'trap "" TERM; echo $$ > "$1"; while :; do sleep 0.05; done' sh {pidfile}'''
-[types.stubborn.params]
-pidfile = "str"
-"""
-
-CALLABLES = """
-[types.async-wait]
-scope = "none"
-concurrency = 1
-time_limit = 600
-callable = "tests.integration.cancel_handlers:wait_async"
-[types.async-wait.params]
-dir = "str"
-
-[types.sync-wait]
-scope = "none"
-concurrency = 1
-time_limit = 600
-callable = "tests.integration.cancel_handlers:wait_sync"
-[types.sync-wait.params]
-dir = "str"
-"""
-
-
-def group_alive(pgid: int) -> bool:
-    """True while any process of group ``pgid`` runs (zombies do not count: an init
-    that does not reap would keep them forever)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
-
-
-def kill_group(pgid: int | None) -> None:
-    if pgid is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-
-
-def read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
+from tests.server_tasks import (
+    CALLABLES,
+    STUBBORN,
+    confirmed,
+    group_alive,
+    held_while_alive,
+    kill_group,
+    read_pid,
+    task,
+)
 
 
 def submit(server, type_, **params):
@@ -83,11 +32,6 @@ def submit(server, type_, **params):
         r = api.post("/tasks", json={"type": type_, "params": params})
     assert r.status_code == 201, r.text
     return r.json()["task"]["id"]
-
-
-def task(server, tid):
-    with server.api() as api:
-        return api.get(f"/tasks/{tid}").json()
 
 
 def history(server, tid):
@@ -100,29 +44,6 @@ def cancel(server, tid):
         r = api.post(f"/tasks/{tid}/cancel", json={})
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def confirmed(server, tid, timeout=30):
-    return wait_until(
-        lambda: (t := task(server, tid))["stopped_at"] is not None and t,
-        timeout,
-        f"task {tid}'s stop to be confirmed",
-    )
-
-
-def held_while_alive(server, pgid, waiting, timeout=30.0):
-    """Poll until process group ``pgid`` is gone, checking that task ``waiting`` never
-    went In Progress meanwhile; True if the group was seen alive at least once."""
-    deadline = time.monotonic() + timeout
-    seen = False
-    while True:
-        state = task(server, waiting)["state"]  # read before looking at the group
-        if not group_alive(pgid):
-            return seen
-        assert state == "queued", "the next task started while the canceled one still ran"
-        seen = True
-        assert time.monotonic() < deadline, f"process group {pgid} outlived the cancel"
-        time.sleep(0.05)
 
 
 def cli(server, *args):
@@ -254,41 +175,3 @@ def test_a_threaded_callable_cannot_be_stopped_and_keeps_its_slot_until_it_retur
     finally:
         (a / "gate").touch()
         (b / "gate").touch()
-
-
-async def test_a_lost_cancel_message_still_reaches_the_worker_at_its_heartbeat(
-    database_url, tmp_path, monkeypatch
-):
-    """The dispatch port's message is a prompt; the database is the record: with the
-    message lost, the worker learns of the cancel when it next heartbeats."""
-    from taskfleet.dispatch.embedded import EmbeddedQueue
-    from tests.inproc import eventually, inproc_server
-
-    async def lost(self, task_ids):
-        return None
-
-    monkeypatch.setattr(EmbeddedQueue, "cancel", lost)
-    types = tmp_path / "types.toml"
-    types.write_text(CALLABLES)
-    a = tmp_path / "a"
-    a.mkdir()
-    async with inproc_server(
-        database_url, tmp_path / "server", workers=1, worker_heartbeat=0.2, task_types=types
-    ) as h:
-        tid = (await h.ok("POST", "/tasks", {"type": "async-wait", "params": {"dir": str(a)}}))[
-            "task"
-        ]["id"]
-        await eventually(lambda: _exists(a / "started"), what="the coroutine to start")
-        assert (await h.ok("POST", f"/tasks/{tid}/cancel", {}))["stopping"] is True
-
-        async def stopped():
-            t = await h.ok("GET", f"/tasks/{tid}")
-            return t["stopped_at"] is not None and t
-
-        t = await eventually(stopped, what="the stop, learnt at a heartbeat")
-        assert (a / "ended").read_text() == "cancelled"
-        assert t["state"] == "canceled" and "stopped before completion" in t["reason"]
-
-
-async def _exists(path: Path) -> bool:
-    return path.exists()

@@ -7,51 +7,7 @@ import time
 import pytest
 
 from tests.conftest import wait_until
-
-TYPES = """
-[types.echo]
-scope = "none"
-command = "echo {msg}"
-time_limit = 10
-[types.echo.params]
-msg = "str"
-
-[types.gate]
-scope = "none"
-command = "sh -c 'while [ ! -e {path} ]; do sleep 0.02; done; echo passed'"
-concurrency = 1
-time_limit = 60
-[types.gate.params]
-path = "str"
-
-[types.report]
-scope = "tenant"
-command = "sh -c 'while [ ! -e {path} ]; do sleep 0.02; done'"
-per_tenant = true
-concurrency = 1
-excludes = ["import"]
-[types.report.params]
-path = "str"
-
-[types.import]
-scope = "none"
-command = "sh -c 'while [ ! -e {path} ]; do sleep 0.02; done'"
-[types.import.params]
-path = "str"
-
-[types.slow]
-scope = "none"
-command = "sleep 100"
-time_limit = 0.5
-
-[types.broken-callable]
-scope = "none"
-callable = "taskfleet.no_such_module:fn"
-
-[types.broken-command]
-scope = "none"
-command = "/nonexistent/program --flag"
-"""
+from tests.server_tasks import TYPES, finished, submit, task
 
 
 @pytest.fixture
@@ -59,26 +15,6 @@ def tasks_server(start_server, tmp_path):
     path = tmp_path / "types.toml"
     path.write_text(TYPES)
     return start_server("--task-types", str(path))
-
-
-def submit(server, type_, expect=201, **body):
-    with server.api() as api:
-        r = api.post("/tasks", json={"type": type_, **body})
-    assert r.status_code == expect, r.text
-    return r.json()
-
-
-def task(server, tid):
-    with server.api() as api:
-        return api.get(f"/tasks/{tid}").json()
-
-
-def finished(server, tid, timeout=30):
-    return wait_until(
-        lambda: (t := task(server, tid))["state"] in ("succeeded", "failed", "canceled") and t,
-        timeout,
-        f"task {tid} to finish",
-    )
 
 
 def test_a_task_runs_and_its_steps_are_logged_by_name(tasks_server):
@@ -192,59 +128,6 @@ def test_cancel_a_waiting_task_and_refuse_an_illegal_cancel(tasks_server):
         assert api.post(f"/tasks/{tid}/cancel", json={}).json()["state"] == "canceled"
         r = api.post(f"/tasks/{tid}/cancel", json={})
         assert r.status_code == 409 and "Canceled -> Canceled" in r.json()["error"]
-
-
-def test_acknowledged_tasks_survive_a_kill9_of_the_server_and_run_exactly_once(
-    start_server, tmp_path
-):
-    types = tmp_path / "types.toml"
-    types.write_text(TYPES)
-    marks = tmp_path / "marks"
-    types.write_text(
-        TYPES
-        + f"""
-[types.mark]
-scope = "none"
-command = "sh -c 'echo {{n}} >> {marks}'"
-[types.mark.params]
-n = "int"
-"""
-    )
-    # No workers: tasks are persisted and dispatched, but nothing takes them.
-    srv = start_server("--task-types", str(types), "--workers", "0")
-    ids = [submit(srv, "mark", params={"n": i})["task"]["id"] for i in range(20)]
-    wait_until(lambda: all(task(srv, i)["dispatched_at"] for i in ids), 20, "dispatch")
-    srv.proc.kill9()
-    srv.args = ["--task-types", str(types)]
-    srv.restart()
-    for i in ids:
-        assert finished(srv, i)["state"] == "succeeded"
-    assert sorted(int(x) for x in marks.read_text().split()) == list(range(20))
-
-
-def test_a_killed_servers_embedded_worker_is_lost_not_idle_and_its_task_fails(
-    start_server, tmp_path
-):
-    types = tmp_path / "types.toml"
-    types.write_text(TYPES)
-    srv = start_server("--task-types", str(types))
-    gate = tmp_path / "gate"
-    try:
-        tid = submit(srv, "gate", params={"path": str(gate)})["task"]["id"]
-        wait_until(lambda: task(srv, tid)["state"] == "in_progress", 20, "the task to run")
-        with srv.api() as api:
-            (before,) = api.get("/workers").json()
-        assert before["status"] in ("idle", "busy")
-        srv.proc.kill9()
-        srv.restart()  # the default 5 h heartbeat timeout: only the restart can tell
-        t = task(srv, tid)
-        assert t["state"] == "failed" and t["reason"] == "worker heartbeat lost", t
-        with srv.api() as api:
-            listed = {w["id"]: w for w in api.get("/workers").json()}
-        assert listed[before["id"]]["status"] == "lost"
-        assert [w["status"] for i, w in listed.items() if i != before["id"]] in (["idle"], [])
-    finally:
-        gate.touch()  # the killed server's command ends by itself
 
 
 def test_a_batch_is_checked_whole_then_persisted_together(tasks_server):

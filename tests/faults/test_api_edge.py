@@ -23,7 +23,7 @@ from taskfleet.server.app import create_app
 from taskfleet.server.runtime import ServerConfig
 from taskfleet.settings import API_BODY_MAX, DURATION_MAX, ENROLL_BODY_MAX, MAX_ID, TIME_MAX
 from tests.conftest import enroll_token
-from tests.integration.test_bad_input import (
+from tests.raw_agent import (
     ENROLL,
     EXCHANGE,
     SCRIPTS_OK,
