@@ -640,6 +640,57 @@ def fmt_table(results: list[Phase]) -> str:
     return "\n".join(out)
 
 
+def phase_verdicts(results: list[Phase]) -> dict[str, Any]:
+    """Per phase: the targets met or missed and the ratios between setups (printed too)."""
+
+    def best(prefix: str, phase: str) -> Phase | None:
+        # only complete phases count: a stalled or timed-out one would give a false ratio
+        r = next((r for r in results if r.setup.startswith(prefix) and r.phase == phase), None)
+        if r is not None and r.done < r.n:
+            print(f"[{phase}] {r.setup}: only {r.done}/{r.n} done: left out of the verdicts")
+            return None
+        return r
+
+    verdicts: dict[str, Any] = {}
+    print()
+    for phase in ("burn-down", "continuous"):
+        emb = best("taskfleet embedded", phase)
+        rab = best("taskfleet RabbitMQ", phase)
+        safe = best("Celery safe", phase)
+        fast = best("Celery fast", phase)
+        v: dict[str, Any] = {}
+        if emb:
+            ok = emb.tasks_per_s >= TARGET_EMBEDDED_TPS
+            v["embedded_tps"] = emb.tasks_per_s
+            v["embedded_target"] = "PASS" if ok else "MISS"
+            print(
+                f"[{phase}] embedded {emb.tasks_per_s:.0f} tasks/s vs target "
+                f">= {TARGET_EMBEDDED_TPS:.0f}: {v['embedded_target']}"
+            )
+        if rab and safe and safe.tasks_per_s:
+            ratio = rab.tasks_per_s / safe.tasks_per_s
+            v["rabbitmq_over_celery_safe"] = round(ratio, 2)
+            v["rabbitmq_target"] = "PASS" if ratio >= TARGET_RABBIT_VS_CELERY_SAFE else "MISS"
+            print(
+                f"[{phase}] taskfleet RabbitMQ / Celery safe = {ratio:.2f}x "
+                f"(target >= {TARGET_RABBIT_VS_CELERY_SAFE:.0f}x): {v['rabbitmq_target']}"
+            )
+        if rab and fast and fast.tasks_per_s:
+            v["rabbitmq_over_celery_fast"] = round(rab.tasks_per_s / fast.tasks_per_s, 2)
+            print(f"[{phase}] taskfleet RabbitMQ / Celery fast = {v['rabbitmq_over_celery_fast']}x")
+        if emb and safe and safe.tasks_per_s:
+            v["embedded_over_celery_safe"] = round(emb.tasks_per_s / safe.tasks_per_s, 2)
+        if emb and fast and fast.tasks_per_s:
+            v["embedded_over_celery_fast"] = round(emb.tasks_per_s / fast.tasks_per_s, 2)
+        if "embedded_over_celery_safe" in v or "embedded_over_celery_fast" in v:
+            print(
+                f"[{phase}] embedded / Celery safe = {v.get('embedded_over_celery_safe')}x, "
+                f"embedded / Celery fast = {v.get('embedded_over_celery_fast')}x"
+            )
+        verdicts[phase] = v
+    return verdicts
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="N=2000 (a few minutes)")
@@ -693,51 +744,7 @@ def main() -> int:
     duration = time.time() - started
     print("\n" + fmt_table(results))
 
-    def best(prefix: str, phase: str) -> Phase | None:
-        # only complete phases count: a stalled or timed-out one would give a false ratio
-        r = next((r for r in results if r.setup.startswith(prefix) and r.phase == phase), None)
-        if r is not None and r.done < r.n:
-            print(f"[{phase}] {r.setup}: only {r.done}/{r.n} done: left out of the verdicts")
-            return None
-        return r
-
-    verdicts: dict[str, Any] = {}
-    print()
-    for phase in ("burn-down", "continuous"):
-        emb = best("taskfleet embedded", phase)
-        rab = best("taskfleet RabbitMQ", phase)
-        safe = best("Celery safe", phase)
-        fast = best("Celery fast", phase)
-        v: dict[str, Any] = {}
-        if emb:
-            ok = emb.tasks_per_s >= TARGET_EMBEDDED_TPS
-            v["embedded_tps"] = emb.tasks_per_s
-            v["embedded_target"] = "PASS" if ok else "MISS"
-            print(
-                f"[{phase}] embedded {emb.tasks_per_s:.0f} tasks/s vs target "
-                f">= {TARGET_EMBEDDED_TPS:.0f}: {v['embedded_target']}"
-            )
-        if rab and safe and safe.tasks_per_s:
-            ratio = rab.tasks_per_s / safe.tasks_per_s
-            v["rabbitmq_over_celery_safe"] = round(ratio, 2)
-            v["rabbitmq_target"] = "PASS" if ratio >= TARGET_RABBIT_VS_CELERY_SAFE else "MISS"
-            print(
-                f"[{phase}] taskfleet RabbitMQ / Celery safe = {ratio:.2f}x "
-                f"(target >= {TARGET_RABBIT_VS_CELERY_SAFE:.0f}x): {v['rabbitmq_target']}"
-            )
-        if rab and fast and fast.tasks_per_s:
-            v["rabbitmq_over_celery_fast"] = round(rab.tasks_per_s / fast.tasks_per_s, 2)
-            print(f"[{phase}] taskfleet RabbitMQ / Celery fast = {v['rabbitmq_over_celery_fast']}x")
-        if emb and safe and safe.tasks_per_s:
-            v["embedded_over_celery_safe"] = round(emb.tasks_per_s / safe.tasks_per_s, 2)
-        if emb and fast and fast.tasks_per_s:
-            v["embedded_over_celery_fast"] = round(emb.tasks_per_s / fast.tasks_per_s, 2)
-        if "embedded_over_celery_safe" in v or "embedded_over_celery_fast" in v:
-            print(
-                f"[{phase}] embedded / Celery safe = {v.get('embedded_over_celery_safe')}x, "
-                f"embedded / Celery fast = {v.get('embedded_over_celery_fast')}x"
-            )
-        verdicts[phase] = v
+    verdicts = phase_verdicts(results)
     if sched is not None:
         print("\nbench_scheduler.py (pass over 100k pending):")
         for ln in sched.get("lines", [sched.get("error", "")]):

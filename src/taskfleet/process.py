@@ -66,6 +66,17 @@ class ScriptSpec:
     def __post_init__(self) -> None:
         if (self.argv is None) == (self.script is None):
             raise ValueError("ScriptSpec needs exactly one of argv or script")
+        self._check_command()
+        self._check_env()
+        for name in ("cwd", "user", "tmp_dir"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_str(name, value)
+                if not value:
+                    raise ValueError(f"ScriptSpec.{name} must not be empty")
+        self._check_limits()
+
+    def _check_command(self) -> None:
         if self.argv is not None:
             if not isinstance(self.argv, list) or not self.argv:
                 raise ValueError("ScriptSpec.argv must be a non-empty list of str")
@@ -78,6 +89,8 @@ class ScriptSpec:
             _check_str("interpreter", self.interpreter)
             if not self.interpreter:
                 raise ValueError("ScriptSpec.interpreter must not be empty")
+
+    def _check_env(self) -> None:
         if self.env is not None:
             if not isinstance(self.env, dict):
                 raise ValueError("ScriptSpec.env must be a dict of str to str")
@@ -86,12 +99,8 @@ class ScriptSpec:
                 _check_str("env value", value)
                 if not key or "=" in key:
                     raise ValueError(f"ScriptSpec.env name {key!r} is empty or contains '='")
-        for name in ("cwd", "user", "tmp_dir"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_str(name, value)
-                if not value:
-                    raise ValueError(f"ScriptSpec.{name} must not be empty")
+
+    def _check_limits(self) -> None:
         if (
             isinstance(self.timeout, bool)
             or not isinstance(self.timeout, int | float)

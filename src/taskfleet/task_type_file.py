@@ -46,6 +46,18 @@ def load_task_types(
     path: Path | str | None, builtins: Iterable[TaskTypeSpec] = ()
 ) -> dict[str, TaskTypeSpec]:
     """Built-in types plus those declared in the TOML file at ``path`` (None: built-ins only)."""
+    types = _builtin_types(builtins)
+    builtin_names = set(types)
+    if path is None:
+        return types
+    declared = _read_declared(path)
+    loaded = _load_declared(path, declared, builtin_names)
+    _check_excludes_known(path, loaded, builtin_names | set(loaded))
+    types.update(loaded)
+    return types
+
+
+def _builtin_types(builtins: Iterable[TaskTypeSpec]) -> dict[str, TaskTypeSpec]:
     types: dict[str, TaskTypeSpec] = {}
     for spec in builtins:
         if not isinstance(spec, TaskTypeSpec):
@@ -53,10 +65,11 @@ def load_task_types(
         if spec.name in types:
             raise TaskTypeError("built-in task type declared twice", type_name=spec.name)
         types[spec.name] = spec
-    builtin_names = set(types)
-    if path is None:
-        return types
+    return types
 
+
+def _read_declared(path: Path | str) -> dict[str, Any]:
+    """The file's ``types`` table (empty if it has none)."""
     try:
         with open(path, "rb") as fh:
             document = tomllib.load(fh)
@@ -75,7 +88,12 @@ def load_task_types(
     declared = document.get("types", {})
     if not isinstance(declared, dict):
         raise TaskTypeError("must be tables [types.NAME]", path=path, field="types")
+    return declared
 
+
+def _load_declared(
+    path: Path | str, declared: dict[str, Any], builtin_names: set[str]
+) -> dict[str, TaskTypeSpec]:
     loaded: dict[str, TaskTypeSpec] = {}
     for name, table in declared.items():
         if name in builtin_names:
@@ -92,8 +110,12 @@ def load_task_types(
             raise TaskTypeError(
                 exc.problem, path=path, type_name=exc.type_name or name, field=exc.field
             ) from None
+    return loaded
 
-    known = builtin_names | set(loaded)
+
+def _check_excludes_known(
+    path: Path | str, loaded: dict[str, TaskTypeSpec], known: set[str]
+) -> None:
     for spec in loaded.values():
         for other in spec.excludes:
             if other not in known:
@@ -103,8 +125,6 @@ def load_task_types(
                     type_name=spec.name,
                     field="excludes",
                 )
-    types.update(loaded)
-    return types
 
 
 def _spec_from_table(name: str, table: dict[str, Any]) -> TaskTypeSpec:

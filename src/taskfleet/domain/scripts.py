@@ -39,6 +39,32 @@ def validate_script_params(params: Any, *, default_cap: int, max_cap: int) -> di
     argv, script = params.get("argv"), params.get("script")
     if (argv is None) == (script is None):
         raise ValueError("give exactly one of argv (a command) or script (a script text)")
+    out = _command_params(params, argv, script)
+    env = params.get("env") or {}
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()
+    ):
+        raise ValueError("env must map variable names to strings")
+    size = sum(len(k) + len(v) for k, v in env.items())
+    if size > MAX_ENV_CHARS:
+        raise ValueError(f"env is {size} characters, the limit is {MAX_ENV_CHARS}")
+    out["env"] = env
+    for key in ("cwd", "user"):
+        value = params.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"{key} must be a non-empty string")
+        if value is not None:
+            _check_name(key, value)
+        out[key] = value
+    cap = params.get("output_cap", default_cap)
+    if type(cap) is not int or not 0 <= cap <= max_cap:
+        raise ValueError(f"output_cap must be 0..{max_cap} bytes")
+    out["output_cap"] = cap
+    return out
+
+
+def _command_params(params: dict[str, Any], argv: Any, script: Any) -> dict[str, Any]:
+    """The command part: argv, or script text with its interpreter."""
     out: dict[str, Any] = {}
     if argv is not None:
         if (
@@ -63,26 +89,6 @@ def validate_script_params(params: Any, *, default_cap: int, max_cap: int) -> di
             raise ValueError("interpreter must be a non-empty string")
         _check_name("interpreter", interpreter)
         out["interpreter"] = interpreter
-    env = params.get("env") or {}
-    if not isinstance(env, dict) or not all(
-        isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()
-    ):
-        raise ValueError("env must map variable names to strings")
-    size = sum(len(k) + len(v) for k, v in env.items())
-    if size > MAX_ENV_CHARS:
-        raise ValueError(f"env is {size} characters, the limit is {MAX_ENV_CHARS}")
-    out["env"] = env
-    for key in ("cwd", "user"):
-        value = params.get(key)
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ValueError(f"{key} must be a non-empty string")
-        if value is not None:
-            _check_name(key, value)
-        out[key] = value
-    cap = params.get("output_cap", default_cap)
-    if type(cap) is not int or not 0 <= cap <= max_cap:
-        raise ValueError(f"output_cap must be 0..{max_cap} bytes")
-    out["output_cap"] = cap
     return out
 
 

@@ -122,6 +122,17 @@ class TaskTypeSpec:
         def bad(key: str, problem: str) -> TaskTypeError:
             return TaskTypeError(problem, type_name=self.name, field=key)
 
+        # Checked in this order so the first problem reported is the same as ever.
+        self._check_handler(bad)
+        self._check_limits(bad)
+        self._check_excludes(bad)
+        self._check_params(bad)
+        self._check_ranges(bad)
+        self._check_defaults(bad)
+        if self.kind == "command":
+            self._check_template()
+
+    def _check_handler(self, bad: Callable[[str, str], TaskTypeError]) -> None:
         if not isinstance(self.name, str) or not _TYPE_NAME.fullmatch(self.name):
             raise TaskTypeError(
                 f"invalid task type name {self.name!r}: use 1-64 characters a-z 0-9 _ . -, "
@@ -137,6 +148,7 @@ class TaskTypeSpec:
         if self.kind == "callable" and not CALLABLE_REF.fullmatch(self.handler):
             raise bad("callable", f"must look like 'package.module:function', got {self.handler!r}")
 
+    def _check_limits(self, bad: Callable[[str, str], TaskTypeError]) -> None:
         limit = self.time_limit
         if not is_time_limit(limit):
             raise bad("time_limit", f"must be a number of seconds > 0, got {limit!r}")
@@ -156,6 +168,7 @@ class TaskTypeSpec:
         if not isinstance(self.description, str):
             raise bad("description", "must be a string")
 
+    def _check_excludes(self, bad: Callable[[str, str], TaskTypeError]) -> None:
         if not isinstance(self.excludes, list | tuple):
             raise bad("excludes", f"must be a list of task type names, got {self.excludes!r}")
         for other in self.excludes:
@@ -167,6 +180,7 @@ class TaskTypeSpec:
             raise bad("excludes", "names a type more than once")
         object.__setattr__(self, "excludes", tuple(self.excludes))
 
+    def _check_params(self, bad: Callable[[str, str], TaskTypeError]) -> None:
         if not isinstance(self.params, Mapping):
             raise bad("params", "must be a table of name = type")
         for pname, ptype in self.params.items():
@@ -179,7 +193,7 @@ class TaskTypeSpec:
                 raise bad(where, f"type must be one of {alternatives(PARAM_TYPES)}, got {ptype!r}")
         object.__setattr__(self, "params", dict(self.params))
 
-        self._check_ranges(bad)
+    def _check_defaults(self, bad: Callable[[str, str], TaskTypeError]) -> None:
         if not isinstance(self.defaults, Mapping):
             raise bad("defaults", "must be a table of name = value")
         converted: dict[str, Any] = {}
@@ -191,9 +205,6 @@ class TaskTypeSpec:
             except ValueError as exc:
                 raise bad(f"defaults.{pname}", str(exc)) from None
         object.__setattr__(self, "defaults", converted)
-
-        if self.kind == "command":
-            self._check_template()
 
     def _check_ranges(self, bad: Callable[[str, str], TaskTypeError]) -> None:
         if not isinstance(self.ranges, Mapping):
@@ -325,44 +336,64 @@ def _convert(ptype: str, value: Any, bounds: tuple[float, float] | None = None) 
 def _convert_type(ptype: str, value: Any) -> Any:
     if value is None:
         raise ValueError(f"needs a {ptype} value, got null")
-    if ptype == "str":
-        if not isinstance(value, str):
-            raise ValueError(f"must be a string, got {type(value).__name__} {value!r}")
-        if "\0" in value:
-            raise ValueError("must not contain NUL characters")
+    convert = _CONVERTERS.get(ptype)
+    if convert is None:
+        raise ValueError(f"unsupported parameter type {ptype!r}")
+    return convert(value)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {type(value).__name__} {value!r}")
+    if "\0" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _to_int(value: Any) -> int:
+    number_: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number_ = value
+    elif isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        with contextlib.suppress(ValueError):  # beyond Python's digit limit
+            number_ = int(value.strip())
+    if number_ is None:
+        raise ValueError(f"must be an integer, got {value!r}")
+    if not INT64_MIN <= number_ <= INT64_MAX:
+        raise ValueError(f"must fit in 64 bits, got {str(number_)[:40]}")
+    return number_
+
+
+def _to_float(value: Any) -> float:
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        number = float(value.strip())
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"must be a finite number, got {value!r}")
+    return number
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
         return value
-    if ptype == "int":
-        number_: int | None = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            number_ = value
-        elif isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
-            with contextlib.suppress(ValueError):  # beyond Python's digit limit
-                number_ = int(value.strip())
-        if number_ is None:
-            raise ValueError(f"must be an integer, got {value!r}")
-        if not INT64_MIN <= number_ <= INT64_MAX:
-            raise ValueError(f"must fit in 64 bits, got {str(number_)[:40]}")
-        return number_
-    if ptype == "float":
-        number: float | None = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            number = float(value.strip())
-        if number is None or not math.isfinite(number):
-            raise ValueError(f"must be a finite number, got {value!r}")
-        return number
-    if ptype == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            word = value.strip().lower()
-            if word in _TRUE:
-                return True
-            if word in _FALSE:
-                return False
-        raise ValueError(f"must be true or false (yes/no, on/off, 1/0), got {value!r}")
-    raise ValueError(f"unsupported parameter type {ptype!r}")
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    raise ValueError(f"must be true or false (yes/no, on/off, 1/0), got {value!r}")
+
+
+# One converter per entry of PARAM_TYPES.
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "str": _to_str,
+    "int": _to_int,
+    "float": _to_float,
+    "bool": _to_bool,
+}
 
 
 # --- command templates -------------------------------------------------------------------

@@ -24,6 +24,7 @@ from taskfleet.domain.states import FINAL_STATES, Cause, State
 from taskfleet.server.kernel import ApiError, Principal, audit
 from taskfleet.settings import MAX_AHEAD, MAX_ID
 from taskfleet.store import tasks as store
+from taskfleet.store.tasks import holds, reads
 
 log = logging.getLogger("taskfleet.scheduler")
 
@@ -93,7 +94,7 @@ class TaskHolds:
             return None
         after = hold.get("after")
         if after is not None:
-            dep = await store.get_task(conn, p.tenant_id, after["task"])
+            dep = await reads.get_task(conn, p.tenant_id, after["task"])
             if dep is None:
                 raise ApiError(404, f"dependency: no task {after['task']} in this tenant")
             outcome = _dep_outcome(after, State(dep["state"]))
@@ -133,12 +134,12 @@ class TaskHolds:
                 log.exception("task[%d]: releasing it after its dependency failed", tid)
 
     async def _settle(self, conn: Any, tid: int) -> Pending | None:
-        rows = await store.held(conn, tid)
+        rows = await holds.held(conn, tid)
         if not rows or State(rows[0].state) is not State.WAITING:
             return None
         row = rows[0]
         after = row.hold["after"]
-        dep = await store.get_task(conn, row.tenant_id, after["task"])
+        dep = await reads.get_task(conn, row.tenant_id, after["task"])
         outcome = None if dep is None else _dep_outcome(after, State(dep["state"]))
         if dep is None:
             outcome = False
@@ -147,7 +148,7 @@ class TaskHolds:
             return None
         now = self.clock()
         if outcome:
-            await store.move_held(
+            await holds.move_held(
                 conn,
                 row,
                 State.QUEUED,
@@ -157,7 +158,7 @@ class TaskHolds:
                 reason=f"dependency met: {_describe(after)}",
             )
             return Pending(row.id, row.type, row.scope_tenant, row.group_name, row.not_before)
-        await store.move_held(
+        await holds.move_held(
             conn,
             row,
             State.CANCELED,
@@ -178,7 +179,7 @@ class TaskHolds:
         now = self.clock()
 
         async def fn(conn: Any) -> tuple[Pending | None, int | None, dict[str, Any]]:
-            rows = await store.held(conn, task_id)
+            rows = await holds.held(conn, task_id)
             row = rows[0] if rows and rows[0].tenant_id == p.tenant_id else None
             if (
                 row is None
@@ -186,7 +187,7 @@ class TaskHolds:
                 or not row.hold
                 or (row.hold.get("approval") is None)
             ):
-                if await store.get_task(conn, p.tenant_id, task_id) is None:
+                if await reads.get_task(conn, p.tenant_id, task_id) is None:
                     raise ApiError(404, f"no task {task_id}")
                 raise ApiError(409, f"task {task_id} is not Blocked awaiting approval")
             a = row.hold["approval"]
@@ -201,13 +202,13 @@ class TaskHolds:
             after = row.hold.get("after")
             pending_dep = False
             if after is not None:
-                dep = await store.get_task(conn, p.tenant_id, after["task"])
+                dep = await reads.get_task(conn, p.tenant_id, after["task"])
                 outcome = None if dep is None else _dep_outcome(after, State(dep["state"]))
                 if outcome is False or dep is None:
                     raise ApiError(409, f"dependency can never be met: {_describe(after)}")
                 pending_dep = outcome is None
             target = State.WAITING if pending_dep else State.QUEUED
-            await store.move_held(
+            await holds.move_held(
                 conn,
                 row,
                 target,
@@ -237,14 +238,14 @@ class TaskHolds:
         now = self.clock()
 
         async def fn(conn: Any) -> None:
-            rows = await store.held(conn, task_id)
+            rows = await holds.held(conn, task_id)
             row = rows[0] if rows and rows[0].tenant_id == p.tenant_id else None
             if row is None or State(row.state) is not State.BLOCKED:
-                if await store.get_task(conn, p.tenant_id, task_id) is None:
+                if await reads.get_task(conn, p.tenant_id, task_id) is None:
                     raise ApiError(404, f"no task {task_id}")
                 raise ApiError(409, f"task {task_id} is not Blocked awaiting approval")
             hold = {**row.hold, "approval": {**row.hold["approval"], "decision": "rejected"}}
-            await store.move_held(
+            await holds.move_held(
                 conn,
                 row,
                 State.CANCELED,
@@ -261,7 +262,7 @@ class TaskHolds:
         """Cancel Blocked tasks whose approval expired (run by the reaper)."""
         now = self.clock()
         out = []
-        for row in await store.held(conn):
+        for row in await holds.held(conn):
             a = (row.hold or {}).get("approval")
             if (
                 State(row.state) is State.BLOCKED
@@ -270,7 +271,7 @@ class TaskHolds:
                 and a.get("expires_at") is not None
                 and now >= a["expires_at"]
             ):
-                await store.move_held(
+                await holds.move_held(
                     conn,
                     row,
                     State.CANCELED,

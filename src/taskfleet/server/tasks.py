@@ -39,6 +39,7 @@ from taskfleet.server.task_holds import TaskHolds, parse_hold
 from taskfleet.server.writer import Writer
 from taskfleet.store import tasks as store
 from taskfleet.store.schema import groups, tenants
+from taskfleet.store.tasks import dispatching, heartbeats, holds, reads, stops, submission
 
 log = logging.getLogger("taskfleet.scheduler")
 
@@ -70,7 +71,7 @@ class TaskManager(TaskHolds):
     async def start(self) -> None:
         await self.queue.connect()
         async with self.read.connect() as conn:
-            open_tasks = await store.load_open(conn)
+            open_tasks = await dispatching.load_open(conn)
         republish = []
         for t in open_tasks:
             if t.type not in self._types:
@@ -89,14 +90,16 @@ class TaskManager(TaskHolds):
             else:
                 self.scheduler.add(p)
         async with self.read.connect() as conn:
-            for row in await store.held(conn):
+            for row in await holds.held(conn):
                 self.track(row.id, State(row.state), row.hold)
         # A dependency may have ended while the server was down.
         self.dependency_finished(list(self._task_waiters))
         if not self.watch_remote:  # embedded: this process's worker is not started yet
             now = self.clock()
             gone = await self.writer.run(
-                lambda c: store.reap_workers(c, self.heartbeat_timeout, now, embedded_gone=True)
+                lambda c: heartbeats.reap_workers(
+                    c, self.heartbeat_timeout, now, embedded_gone=True
+                )
             )
             await self._reaped(gone, "its server process ended")
         if republish:
@@ -172,10 +175,10 @@ class TaskManager(TaskHolds):
         clean: dict[str, Any],
         not_before: float | None,
         hold: dict[str, Any] | None = None,
-    ) -> tuple[store.Submitted, Pending]:
+    ) -> tuple[submission.Submitted, Pending]:
         scope_tenant, group = await self._scope(conn, p, type_, tenant, group)
         held = await self.hold_for(conn, p, hold)
-        sub = await store.submit(
+        sub = await submission.submit(
             conn,
             owner_tenant=p.tenant_id,
             actor=p.actor,
@@ -214,7 +217,7 @@ class TaskManager(TaskHolds):
                 raise ApiError(404, f"unknown group {group!r}")
         return scope_tenant, group
 
-    def _accepted(self, results: list[tuple[store.Submitted, Pending]]) -> None:
+    def _accepted(self, results: list[tuple[submission.Submitted, Pending]]) -> None:
         for sub, pending in results:
             hold = self._new_holds.pop(sub.id, None)
             if sub.duplicate_of is not None:
@@ -225,7 +228,7 @@ class TaskManager(TaskHolds):
                 self.scheduler.add(pending)
         self._wake.set()
 
-    def _log_submitted(self, p: Principal, type_: str, sub: store.Submitted) -> None:
+    def _log_submitted(self, p: Principal, type_: str, sub: submission.Submitted) -> None:
         name = store.label(type_, sub.id)
         if sub.duplicate_of is not None:
             log.info("%s submission is a duplicate of a task not yet dispatched: not queued", name)
@@ -248,7 +251,7 @@ class TaskManager(TaskHolds):
         now = self.clock()
         hold = parse_hold(now, p.actor, approval, after)
 
-        async def fn(conn: Any) -> list[tuple[store.Submitted, Pending]]:
+        async def fn(conn: Any) -> list[tuple[submission.Submitted, Pending]]:
             return [await self._insert(conn, p, now, type_, tenant, group, clean, not_before, hold)]
 
         try:
@@ -258,7 +261,7 @@ class TaskManager(TaskHolds):
             raise
         self._log_submitted(p, type_, sub)
         async with self.read.connect() as conn:
-            task = await store.get_task(conn, p.tenant_id, sub.id)
+            task = await reads.get_task(conn, p.tenant_id, sub.id)
         assert task is not None
         return {"task": self._describe(task), "duplicate_of": sub.duplicate_of}
 
@@ -288,7 +291,7 @@ class TaskManager(TaskHolds):
                 raise ApiError(exc.status, f"task {i}: {exc.message}") from None
         now = self.clock()
 
-        async def fn(conn: Any) -> list[tuple[store.Submitted, Pending]]:
+        async def fn(conn: Any) -> list[tuple[submission.Submitted, Pending]]:
             news = []
             for i, (item, clean) in enumerate(checked):
                 try:
@@ -298,9 +301,11 @@ class TaskManager(TaskHolds):
                 except ApiError as exc:
                     raise ApiError(exc.status, f"task {i}: {exc.message}") from None
                 news.append(
-                    store.NewTask(item["type"], scope_tenant, group, clean, item.get("not_before"))
+                    submission.NewTask(
+                        item["type"], scope_tenant, group, clean, item.get("not_before")
+                    )
                 )
-            subs = await store.submit_many(
+            subs = await submission.submit_many(
                 conn, owner_tenant=p.tenant_id, actor=p.actor, items=news, now=now
             )
             return [
@@ -324,15 +329,15 @@ class TaskManager(TaskHolds):
     async def cancel(self, p: Principal, task_id: int, reason: str) -> dict[str, Any]:
         now = self.clock()
 
-        async def fn(conn: Any) -> store.Canceled:
+        async def fn(conn: Any) -> stops.Canceled:
             try:
-                return await store.cancel(conn, p.tenant_id, task_id, p.actor, now, reason)
+                return await stops.cancel(conn, p.tenant_id, task_id, p.actor, now, reason)
             except LookupError as exc:
                 raise ApiError(404, str(exc)) from None
             except ValueError as exc:  # IllegalTransition
                 raise ApiError(409, str(exc)) from None
 
-        def after(res: store.Canceled) -> None:
+        def after(res: stops.Canceled) -> None:
             # A running task keeps its slot: the worker's confirmation (or the reaper)
             # frees it. One dispatched but not claimed never starts: free at once.
             if res.worker is None and not self.scheduler.cancel(task_id):
@@ -368,7 +373,7 @@ class TaskManager(TaskHolds):
 
     async def get(self, p: Principal, task_id: int) -> dict[str, Any]:
         async with self.read.connect() as conn:
-            task = await store.get_task(conn, p.tenant_id, task_id)
+            task = await reads.get_task(conn, p.tenant_id, task_id)
         if task is None:
             raise ApiError(404, f"no task {task_id}")
         return self._describe(task)
@@ -379,7 +384,7 @@ class TaskManager(TaskHolds):
         if state is not None and state not in {s.value for s in State}:
             raise ApiError(400, f"unknown state {state!r}")
         async with self.read.connect() as conn:
-            rows = await store.list_tasks(conn, p.tenant_id, state=state, type_=type_, limit=limit)
+            rows = await reads.list_tasks(conn, p.tenant_id, state=state, type_=type_, limit=limit)
         return [self._describe(r) for r in rows]
 
     def _describe(self, task: dict[str, Any]) -> dict[str, Any]:
@@ -419,12 +424,12 @@ class TaskManager(TaskHolds):
         if not batch:
             return
         ids = [t.id for t in batch]
-        await self.writer.run(lambda c: store.mark_dispatched(c, ids, self.clock()))
+        await self.writer.run(lambda c: dispatching.mark_dispatched(c, ids, self.clock()))
         try:
             await self.queue.publish(ids)
         except Exception as exc:
             log.warning("publishing %d tasks failed (%r); they stay pending", len(ids), exc)
-            again = set(await self.writer.run(lambda c: store.undispatch(c, ids)))
+            again = set(await self.writer.run(lambda c: dispatching.undispatch(c, ids)))
             for t in batch:
                 if t.id in again:
                     self.scheduler.finished(t.id)
@@ -447,7 +452,7 @@ class TaskManager(TaskHolds):
                 continue
             try:
                 async with self.read.connect() as conn:
-                    done = await store.over(conn, running)
+                    done = await stops.over(conn, running)
             except Exception as exc:
                 log.warning("could not read task states: %s", exc)
                 continue
@@ -480,13 +485,13 @@ class TaskManager(TaskHolds):
             self.dependency_finished(expired)
             await self._reaped(reaped, "silent")
 
-    async def _reaped(self, reaped: list[store.Reaped], why: str) -> None:
+    async def _reaped(self, reaped: list[heartbeats.Reaped], why: str) -> None:
         """After a reap: the scheduler frees the slots, retry-safe tasks run again."""
         self.dependency_finished([r.task_id for r in reaped])
         for r in reaped:
             name = store.label(r.type, r.task_id)
             log.warning(
-                "%s failed: %s (worker %s %s)", name, store.HEARTBEAT_LOST, r.worker_id, why
+                "%s failed: %s (worker %s %s)", name, heartbeats.HEARTBEAT_LOST, r.worker_id, why
             )
             self.scheduler.finished(r.task_id)
             spec = self.specs.get(r.type)
@@ -495,16 +500,16 @@ class TaskManager(TaskHolds):
         if reaped:
             self._wake.set()
 
-    async def _reap_once(self, conn: Any) -> tuple[list[store.Reaped], list[store.Released]]:
+    async def _reap_once(self, conn: Any) -> tuple[list[heartbeats.Reaped], list[stops.Released]]:
         now = self.clock()
-        reaped = await store.reap_workers(conn, self.heartbeat_timeout, now)
-        return reaped, await store.release_lost_stops(conn, now)
+        reaped = await heartbeats.reap_workers(conn, self.heartbeat_timeout, now)
+        return reaped, await stops.release_lost_stops(conn, now)
 
-    async def _retry(self, r: store.Reaped) -> None:
+    async def _retry(self, r: heartbeats.Reaped) -> None:
         now = self.clock()
 
-        async def fn(conn: Any) -> store.Submitted:
-            return await store.submit(
+        async def fn(conn: Any) -> submission.Submitted:
+            return await submission.submit(
                 conn,
                 owner_tenant=r.tenant_id,
                 actor="reaper",

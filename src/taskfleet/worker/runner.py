@@ -46,6 +46,7 @@ from taskfleet.settings import (
     WORKER_HEARTBEAT_INTERVAL,
 )
 from taskfleet.store import tasks as store
+from taskfleet.store.tasks import heartbeats, running, stops
 from taskfleet.worker.handlers import StopRequest, run_handler
 
 log = logging.getLogger("taskfleet.worker")
@@ -194,13 +195,13 @@ class Worker:
     async def _claim_and_complete(self, conn: Any, items: list[Any]) -> dict[Hashable, Any]:
         now = time.time()
         out: dict[Hashable, Any] = {}
-        outcomes = [i for i in items if isinstance(i, store.Outcome)]
+        outcomes = [i for i in items if isinstance(i, running.Outcome)]
         if outcomes:
-            done = await store.complete_many(conn, self.id, now, outcomes)
+            done = await running.complete_many(conn, self.id, now, outcomes)
             out.update((("Outcome", tid), v) for tid, v in done.items())
         claims = [i.task_id for i in items if isinstance(i, _Claim)]
         if claims:
-            got = await store.claim_many(conn, claims, self.id, now, pg=self.pg)
+            got = await running.claim_many(conn, claims, self.id, now, pg=self.pg)
             out.update((("_Claim", tid), v) for tid, v in got.items())
         return out
 
@@ -229,7 +230,7 @@ class Worker:
         async def write() -> None:
             with contextlib.suppress(Exception):  # the final report records it anyway
                 await self.run_tx(
-                    lambda c: store.note_stop(
+                    lambda c: stops.note_stop(
                         c, tid, self.id, time.time(), f"cancel requested; {why}"
                     )
                 )
@@ -268,7 +269,7 @@ class Worker:
             self._db.close()
             with contextlib.suppress(Exception):
                 await self.run_tx(
-                    lambda c: store.heartbeat(
+                    lambda c: heartbeats.heartbeat(
                         c,
                         worker_id=self.id,
                         name=self.name,
@@ -297,7 +298,7 @@ class Worker:
         running = sorted(self.running)
 
         async def beat(c: Any) -> list[int]:
-            await store.heartbeat(
+            await heartbeats.heartbeat(
                 c,
                 worker_id=self.id,
                 name=self.name,
@@ -308,7 +309,7 @@ class Worker:
                 now=time.time(),
             )
             # The record of cancels: a cancel message lost on the way costs a heartbeat.
-            return await store.stops_for(c, self.id, running)
+            return await stops.stops_for(c, self.id, running)
 
         to_stop = await self.run_tx(beat)
         self.cancel_requested([t for t in to_stop if t in self._stops])
@@ -352,7 +353,7 @@ class Worker:
         # the broker forget the delivery.
         await delivery.ack()
 
-    async def _run(self, claimed: store.Claimed) -> None:
+    async def _run(self, claimed: running.Claimed) -> None:
         tid = claimed.id
         name = store.label(claimed.type, tid)
         stop = self._stops.get(tid) or self._stop_request(tid)
@@ -409,7 +410,7 @@ class Worker:
         return False
 
     async def _execute(
-        self, claimed: store.Claimed, name: str, stop: StopRequest
+        self, claimed: running.Claimed, name: str, stop: StopRequest
     ) -> tuple[bool, int | None, str, str, str | None, bool]:
         spec = self.types.get(claimed.type)
         context = {
@@ -463,7 +464,7 @@ class Worker:
         while True:
             try:
                 stored = await self._db.call(
-                    store.Outcome(tid, ok, rc, output, line, cmd, stopped=stopped)
+                    running.Outcome(tid, ok, rc, output, line, cmd, stopped=stopped)
                 )
                 break
             except Exception as exc:

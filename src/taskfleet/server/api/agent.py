@@ -16,6 +16,7 @@ from taskfleet.protocol.exchange import (
     ENROLL_PATH,
     EXCHANGE_PATH,
     MAX_BODY_BYTES,
+    AgentRequest,
     ProtocolError,
     loads_body,
     parse_agent_request,
@@ -113,13 +114,9 @@ async def exchange(rt: Runtime, request: Request) -> Response:
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             return _refuse("too-large", 413, f"exchange body over {MAX_BODY_BYTES} bytes")
-    try:
-        req = parse_agent_request(loads_body(bytes(body)))
-        if req.ack > cs.out_seq:
-            raise ProtocolError(f"ack {req.ack} is beyond the last message sent ({cs.out_seq})")
-    except (orjson.JSONDecodeError, ProtocolError) as exc:
-        kind = "malformed" if isinstance(exc, orjson.JSONDecodeError) else "invalid"
-        return _refuse(kind, 400, f"bad exchange: {exc}")
+    req = _parse_request(body, cs.out_seq)
+    if isinstance(req, Response):
+        return req
     address = request.client.host if request.client else None
     now = rt.config.clock()
     cs.last_seen = now
@@ -173,6 +170,18 @@ async def exchange(rt: Runtime, request: Request) -> Response:
         ),
         media_type="application/json",
     )
+
+
+def _parse_request(body: bytearray, out_seq: int) -> AgentRequest | Response:
+    """The agent's request, or the 400 refusal that answers it."""
+    try:
+        req = parse_agent_request(loads_body(bytes(body)))
+        if req.ack > out_seq:
+            raise ProtocolError(f"ack {req.ack} is beyond the last message sent ({out_seq})")
+    except (orjson.JSONDecodeError, ProtocolError) as exc:
+        kind = "malformed" if isinstance(exc, orjson.JSONDecodeError) else "invalid"
+        return _refuse(kind, 400, f"bad exchange: {exc}")
+    return req
 
 
 def _refuse(reason: str, status: int, message: str) -> Response:

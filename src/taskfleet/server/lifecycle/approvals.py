@@ -24,8 +24,8 @@ from taskfleet.server.lifecycle.moves import (
     wave_counts,
 )
 from taskfleet.server.lifecycle.options import After, Options, check_options, iso
-from taskfleet.store import tasks as task_store
 from taskfleet.store.schema import requests
+from taskfleet.store.tasks import holds
 
 
 async def _decide(
@@ -168,7 +168,7 @@ async def list_approvals(conn: AsyncConnection, p: Principal) -> list[dict[str, 
                 "kind": "request",
             }
         )
-    for row in await task_store.held(conn):
+    for row in await holds.held(conn):
         a = (row.hold or {}).get("approval")
         if row.tenant_id != p.tenant_id or row.state != State.BLOCKED.value or not a:
             continue

@@ -87,62 +87,73 @@ def parse_options(
 ) -> Options:
     """Validate the lifecycle part of a request; ApiError(400) names what is wrong."""
     try:
-        not_before = None
-        if at is not None:
-            not_before = _time(at, "at")
-            if not TIME_MIN <= not_before <= TIME_MAX:  # and iso() below can show it
-                raise ApiError(400, f"at must be epoch seconds in [{TIME_MIN:g}, {TIME_MAX:g}]")
-            if not_before > now + MAX_AHEAD:
-                raise ApiError(400, f"at {iso(not_before)} is more than a year ahead")
-        dep = None
-        if after is not None:
-            if not isinstance(after, dict):
-                raise ApiError(400, "after must be an object: {request|activity: ID, ...}")
-            kinds = [k for k in ("request", "activity") if after.get(k) is not None]
-            unknown = set(after) - {"request", "activity", "metric", "percent"}
-            if unknown:
-                raise ApiError(400, f"after: unknown field(s) {', '.join(sorted(unknown))}")
-            if len(kinds) != 1:
-                raise ApiError(400, "after needs exactly one of request or activity")
-            on = after[kinds[0]]
-            if isinstance(on, bool) or not isinstance(on, int) or not 1 <= on <= MAX_ID:
-                raise ApiError(400, f"after.{kinds[0]} must be an id, got {on!r}")
-            dep = After(kinds[0], on, after.get("metric", "finished"), after.get("percent", 100.0))
-            dep.rule()  # validates metric and threshold
-        appr = None
-        if approval is not None:
-            if not isinstance(approval, dict):
-                raise ApiError(400, "approval must be an object: {separation, expires_in}")
-            unknown = set(approval) - {"separation", "expires_in"}
-            if unknown:
-                raise ApiError(400, f"approval: unknown field(s) {', '.join(sorted(unknown))}")
-            expires_in = approval.get("expires_in")
-            expires_at = None
-            if expires_in is not None:
-                seconds = _time(expires_in, "approval.expires_in")
-                if not 0 < seconds <= MAX_AHEAD:
-                    raise ApiError(400, "approval.expires_in must be in (0, 366 days] seconds")
-                expires_at = now + seconds
-            appr = {"separation": bool(approval.get("separation", False)), "expires_at": expires_at}
-        plan = None
-        if rollout is not None:
-            if not isinstance(rollout, dict):
-                raise ApiError(400, "rollout must be an object: {canary, size|share, ...}")
-            unknown = set(rollout) - {"canary", "size", "share", "success", "max_failures"}
-            if unknown:
-                raise ApiError(400, f"rollout: unknown field(s) {', '.join(sorted(unknown))}")
-            plan = RolloutPolicy(
-                canary=rollout.get("canary", 0),
-                size=rollout.get("size"),
-                share=rollout.get("share"),
-                success=rollout.get("success", 100.0),
-                max_failures=rollout.get("max_failures", 100.0),
-            )
-            if (plan.size is None) == (plan.share is None):
-                raise ApiError(400, "rollout needs exactly one of size or share")
+        not_before = None if at is None else _parse_at(now, at)
+        dep = None if after is None else _parse_after(after)
+        appr = None if approval is None else _parse_approval(now, approval)
+        plan = None if rollout is None else _parse_rollout(rollout)
     except RuleError as exc:
         raise ApiError(400, str(exc)) from None
     return Options(not_before, dep, appr, plan)
+
+
+def _parse_at(now: float, at: Any) -> float:
+    not_before = _time(at, "at")
+    if not TIME_MIN <= not_before <= TIME_MAX:  # and iso() below can show it
+        raise ApiError(400, f"at must be epoch seconds in [{TIME_MIN:g}, {TIME_MAX:g}]")
+    if not_before > now + MAX_AHEAD:
+        raise ApiError(400, f"at {iso(not_before)} is more than a year ahead")
+    return not_before
+
+
+def _parse_after(after: Any) -> After:
+    if not isinstance(after, dict):
+        raise ApiError(400, "after must be an object: {request|activity: ID, ...}")
+    kinds = [k for k in ("request", "activity") if after.get(k) is not None]
+    unknown = set(after) - {"request", "activity", "metric", "percent"}
+    if unknown:
+        raise ApiError(400, f"after: unknown field(s) {', '.join(sorted(unknown))}")
+    if len(kinds) != 1:
+        raise ApiError(400, "after needs exactly one of request or activity")
+    on = after[kinds[0]]
+    if isinstance(on, bool) or not isinstance(on, int) or not 1 <= on <= MAX_ID:
+        raise ApiError(400, f"after.{kinds[0]} must be an id, got {on!r}")
+    dep = After(kinds[0], on, after.get("metric", "finished"), after.get("percent", 100.0))
+    dep.rule()  # validates metric and threshold
+    return dep
+
+
+def _parse_approval(now: float, approval: Any) -> dict[str, Any]:
+    if not isinstance(approval, dict):
+        raise ApiError(400, "approval must be an object: {separation, expires_in}")
+    unknown = set(approval) - {"separation", "expires_in"}
+    if unknown:
+        raise ApiError(400, f"approval: unknown field(s) {', '.join(sorted(unknown))}")
+    expires_in = approval.get("expires_in")
+    expires_at = None
+    if expires_in is not None:
+        seconds = _time(expires_in, "approval.expires_in")
+        if not 0 < seconds <= MAX_AHEAD:
+            raise ApiError(400, "approval.expires_in must be in (0, 366 days] seconds")
+        expires_at = now + seconds
+    return {"separation": bool(approval.get("separation", False)), "expires_at": expires_at}
+
+
+def _parse_rollout(rollout: Any) -> RolloutPolicy:
+    if not isinstance(rollout, dict):
+        raise ApiError(400, "rollout must be an object: {canary, size|share, ...}")
+    unknown = set(rollout) - {"canary", "size", "share", "success", "max_failures"}
+    if unknown:
+        raise ApiError(400, f"rollout: unknown field(s) {', '.join(sorted(unknown))}")
+    plan = RolloutPolicy(
+        canary=rollout.get("canary", 0),
+        size=rollout.get("size"),
+        share=rollout.get("share"),
+        success=rollout.get("success", 100.0),
+        max_failures=rollout.get("max_failures", 100.0),
+    )
+    if (plan.size is None) == (plan.share is None):
+        raise ApiError(400, "rollout needs exactly one of size or share")
+    return plan
 
 
 async def dependency_progress(conn: AsyncConnection, tenant_id: int, after: After) -> Progress:
