@@ -21,6 +21,12 @@ Contract (see ``protocol/exchange.py`` for the wire protocol):
   final (SPEC 5): it is Failed locally, the server is told "failed, will retry
   (attempt k of N)" and the scrubber's next run continues it. Only the last
   attempt's failure is reported as the final Failed.
+
+Longer than ~600 lines for now: one ``Agent`` object owns the event loop's
+state that enrollment, tickles, the exchange loop, the scrubber and operation
+runs share (which runs exist, what is owned, the trigger). Its operation runs
+(receive, cancel, spawn, run, check) are the next piece to leave for a module
+of their own.
 """
 
 from __future__ import annotations
