@@ -184,6 +184,23 @@ def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> Proc
     return Proc(popen, log)
 
 
+def spawn_worker(
+    queue: str, database: str, types: Path, log: Path, *args: str, wait: bool = True
+) -> Proc:
+    """A ``taskfleet worker`` process on ``queue``; with ``wait``, once it consumes."""
+    proc = spawn(
+        [
+            *_cli("worker", "--queue", queue, "--database", database),
+            *("--task-types", str(types), *args),
+        ],
+        log,
+    )
+    if wait:
+        wait_until(lambda: "consuming" in proc.text() or not proc.alive(), 30, "worker")
+        assert proc.alive(), proc.text()
+    return proc
+
+
 @dataclass
 class Server:
     url: str
@@ -406,25 +423,10 @@ def rabbit_fleet(
         srv = start_server("--task-types", str(types), "--queue", amqp_url, *server_args)
 
         def worker(*args: str):
-            proc = spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "taskfleet",
-                    "worker",
-                    "--queue",
-                    amqp_url,
-                    "--database",
-                    database_url,
-                    "--task-types",
-                    str(types),
-                    *args,
-                ],
-                tmp_path / f"worker-{len(workers)}.log",
+            proc = spawn_worker(
+                amqp_url, database_url, types, tmp_path / f"worker-{len(workers)}.log", *args
             )
             workers.append(proc)
-            wait_until(lambda: "consuming" in proc.text() or not proc.alive(), 30, "worker")
-            assert proc.alive(), proc.text()
             return proc
 
         return srv, worker, marks

@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import sys
 
 import pytest
 
-from tests.conftest import spawn, wait_until
+from tests.conftest import spawn_worker, wait_until
 from tests.server_tasks import MARK, TYPES, finished, submit, task
 
 
@@ -109,21 +108,7 @@ def test_a_link_dropped_between_publish_and_confirm_loses_nothing(
     types.write_text(TYPES + MARK.format(marks=marks))
     queue = amqp_url.replace("127.0.0.1:5672", f"127.0.0.1:{proxy.port}")
     srv = start_server("--task-types", str(types), "--queue", queue)
-    w = spawn(
-        [
-            sys.executable,
-            "-m",
-            "taskfleet",
-            "worker",
-            "--queue",
-            amqp_url,
-            "--database",
-            database_url,
-            "--task-types",
-            str(types),
-        ],
-        tmp_path / "worker.log",
-    )
+    w = spawn_worker(amqp_url, database_url, types, tmp_path / "worker.log", wait=False)
     try:
         wait_until(lambda: "consuming" in w.text(), 30, "worker")
         proxy.swallow = swallow
@@ -171,17 +156,9 @@ def test_dispatch_packs_ids_and_a_multi_id_message_redelivered_after_a_kill_runs
     srv = start_server("--task-types", str(types), "--queue", amqp_url, "--heartbeat-timeout", "3")
 
     def worker(log: str, *args: str):
-        proc = spawn(
-            [
-                sys.executable, "-m", "taskfleet", "worker",
-                "--queue", amqp_url, "--database", database_url,
-                "--task-types", str(types), "--heartbeat-interval", "0.5", *args,
-            ],
-            tmp_path / log,
-        )  # fmt: skip
-        wait_until(lambda: "consuming" in proc.text() or not proc.alive(), 30, "worker")
-        assert proc.alive(), proc.text()
-        return proc
+        return spawn_worker(
+            amqp_url, database_url, types, tmp_path / log, "--heartbeat-interval", "0.5", *args
+        )
 
     victim = worker("victim.log", "--concurrency", "2")
     survivor = None
@@ -245,17 +222,9 @@ def test_a_held_canceled_task_of_a_worker_killed_9_is_freed_by_the_reaper(
     srv = start_server("--task-types", str(types), "--queue", amqp_url, "--heartbeat-timeout", "3")
 
     def worker(log: str):
-        proc = spawn(
-            [
-                sys.executable, "-m", "taskfleet", "worker", "--queue", amqp_url,
-                "--database", database_url, "--task-types", str(types),
-                "--heartbeat-interval", "0.5",
-            ],
-            tmp_path / log,
-        )  # fmt: skip
-        wait_until(lambda: "consuming" in proc.text() or not proc.alive(), 30, "worker")
-        assert proc.alive(), proc.text()
-        return proc
+        return spawn_worker(
+            amqp_url, database_url, types, tmp_path / log, "--heartbeat-interval", "0.5"
+        )
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -305,13 +274,7 @@ def test_a_held_canceled_task_still_holds_its_slot_after_a_server_restart(
     types = tmp_path / "types.toml"
     types.write_text(CALLABLES)
     srv = start_server("--task-types", str(types), "--queue", amqp_url)
-    w = spawn(
-        [
-            sys.executable, "-m", "taskfleet", "worker", "--queue", amqp_url,
-            "--database", database_url, "--task-types", str(types),
-        ],
-        tmp_path / "worker.log",
-    )  # fmt: skip
+    w = spawn_worker(amqp_url, database_url, types, tmp_path / "worker.log", wait=False)
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
