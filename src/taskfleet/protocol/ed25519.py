@@ -166,6 +166,7 @@ def _naf(scalar: int, window: int) -> list[int]:
 
 
 def _is_small_order(point: Point) -> bool:
+    """[8]point is the identity (x = 0, y = 1): its order divides the cofactor."""
     x, y, z, _ = _double(_double(_double(point)))
     return x % P == 0 and (y - z) % P == 0
 
@@ -177,14 +178,20 @@ def _base_point() -> Point:
 
 
 B = _base_point()
+# Built by the first verify, so that the server, which only signs, never pays for it.
 _base_table: dict[int, Cached] = {}
 
 
 def _double_scalar_mult(
-    s: int, s_table: dict[int, Cached], k: int, k_table: dict[int, Cached], k_window: int
+    s: int,
+    s_table: dict[int, Cached],
+    s_window: int,
+    k: int,
+    k_table: dict[int, Cached],
+    k_window: int,
 ) -> Point:
-    """[s]X + [k]Y for the points whose odd multiples are in s_table, k_table."""
-    s_digits = _naf(s, BASE_WINDOW)
+    """[s]X + [k]Y, X's and Y's odd multiples in the tables: one shared run of doublings."""
+    s_digits = _naf(s, s_window)
     k_digits = _naf(k, k_window)
     n = max(len(s_digits), len(k_digits))
     s_digits += [0] * (n - len(s_digits))
@@ -225,6 +232,6 @@ class PublicKey:
         k = int.from_bytes(digest, "little") % L
         if not _base_table:
             _base_table.update(_odd_multiples(B, BASE_WINDOW))
-        check = _double_scalar_mult(s, _base_table, k, self._minus_table, KEY_WINDOW)
+        check = _double_scalar_mult(s, _base_table, BASE_WINDOW, k, self._minus_table, KEY_WINDOW)
         if encode_point(check) != r_bytes:
             raise SignatureError("the signature does not verify")
