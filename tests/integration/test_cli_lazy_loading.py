@@ -1,8 +1,9 @@
 """`taskfleet COMMAND` imports only COMMAND's module; `taskfleet agent` stays lean.
 
 The agent runs on production machines (README, architecture: idle RSS), so it
-must not pay for the admin commands, httpx or rich. Run in a fresh interpreter:
-the test process has imported everything already.
+must not pay for the admin commands, httpx or rich, nor for a compiled library
+(issue 11: it verifies signatures in pure Python, without PyNaCl and cffi). Run
+in a fresh interpreter: the test process has imported everything already.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ except SystemExit:
     pass
 print(json.dumps(sorted(sys.modules)), file=sys.stderr)
 """
+IMPORT_AGENT = """\
+import json, sys
+import taskfleet.agent.main
+print(json.dumps(sorted(sys.modules)))
+"""
+COMPILED = {"nacl", "cffi", "_cffi_backend"}
 HELPERS = {"taskfleet.cli.client", "taskfleet.cli.options", "taskfleet.cli.output"}
 
 
@@ -48,3 +55,11 @@ def test_the_agent_loads_no_admin_module_nor_httpx_nor_rich() -> None:
         "taskfleet.cli.output",
     }
     assert not {"httpx", "rich", "taskfleet.server"} & loaded
+
+
+def test_the_agent_loads_no_compiled_crypto() -> None:
+    agent = subprocess.run(
+        [sys.executable, "-c", IMPORT_AGENT], capture_output=True, text=True, timeout=60
+    )
+    for loaded in (set(json.loads(agent.stdout)), _loaded("agent", "--help")):
+        assert not {m.split(".")[0] for m in loaded} & COMPILED
