@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from taskfleet.protocol.tickle import TickleVerifier, derive_relay_tickle_key, derive_tickle_key
 from taskfleet.server import metrics
 from taskfleet.store.schema import activity_events, api_tokens, computers, tenants
-from tests.inproc import Harness, SimAgent, inproc_server
+from tests.inproc import Harness, SimAgent, eventually, inproc_server
 from tests.raw_relay import (
     RawRelay,
     computer_reply,
@@ -405,3 +405,44 @@ async def test_the_relay_is_tickled_not_the_computer_behind_it(
     finally:
         relay_sock.close()
         agent_sock.close()
+
+
+async def test_after_a_server_restart_the_relay_keeps_its_roster_and_gets_resends(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with inproc_server(database_url, tmp_path) as h:
+        relay, [cid] = await _relay_with(h, 1)
+        await relay.exchange()
+        op = await _op_for(h, cid)
+        assert ops_of(await relay.exchange(), cid) == [(1, op)]
+        held = (relay.relay_id, relay.secret, relay.tickle_key, relay.roster)
+    async with inproc_server(database_url, tmp_path) as h:
+        relay = RawRelay(h.client, held[0], held[1], held[2], 1, roster=held[3])
+        reply = await relay.exchange()
+        # The same roster (its version is a digest, not a counter), and the server
+        # forgot what the relay holds: everything above the agent's ack again.
+        assert reply["roster"] is None
+        assert ops_of(reply, cid) == [(1, op)]
+        assert await _history(h, op) == ["queued", "in_progress"]
+        assert computer_reply(await relay.exchange(), cid) is None
+
+
+async def test_a_long_poll_is_answered_when_work_comes(database_url: str, tmp_path: Path) -> None:
+    async with inproc_server(database_url, tmp_path) as h:
+        relay, [cid] = await _relay_with(h, 1)
+        await relay.exchange()
+        before = metrics.FAST_RELAY_EXCHANGES._value.get()
+        quiet = await relay.exchange(wait=0.05)  # nothing comes: answered at the timeout
+        assert quiet["computers"] == [] and quiet["roster"] is None
+        assert metrics.FAST_RELAY_EXCHANGES._value.get() == before + 1
+        held = asyncio.create_task(relay.exchange(wait=30))
+        rs = h.rt.fleet.relays[relay.relay_id]
+
+        async def waiting() -> bool:
+            return rs.waiter is not None
+
+        await eventually(waiting, what="the long poll to be held")
+        assert not held.done()
+        op = await _op_for(h, cid)
+        reply = await asyncio.wait_for(held, 10)
+        assert ops_of(reply, cid) == [(1, op)]
