@@ -29,7 +29,10 @@ Contract:
   forwards agent messages with the agent's sequence numbers, so a replay from the
   relay records nothing twice); ``have`` is the highest server message the relay
   holds for the computer (the server does not send those again); ``address`` and
-  ``seen`` are where and when the relay last heard the agent.
+  ``seen`` are where and when the relay last heard the agent. ``stats`` are
+  numbers the server shows as they are; ``relay list`` shows ``spool`` (agent
+  messages not yet acked by the server), ``cached`` (server messages held for
+  agents) and ``lag`` (seconds the oldest spooled message has waited).
 * Reply body (:func:`parse_relay_reply`)::
 
       {"computers": [{"id": 12, "ack": 8, "messages": [...], "more": false}],
