@@ -446,3 +446,19 @@ async def test_a_long_poll_is_answered_when_work_comes(database_url: str, tmp_pa
         op = await _op_for(h, cid)
         reply = await asyncio.wait_for(held, 10)
         assert ops_of(reply, cid) == [(1, op)]
+
+
+async def test_a_cancel_reaches_the_relay_without_an_entry(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with inproc_server(database_url, tmp_path) as h:
+        relay, [cid] = await _relay_with(h, 1)
+        await relay.exchange()
+        op = await _op_for(h, cid)
+        assert ops_of(await relay.exchange(), cid) == [(1, op)]
+        await h.ok("POST", f"/activities/{op}/cancel", {"reason": "changed my mind"})
+        # The relay says nothing about the computer; the server adds the cancel.
+        reply = await relay.exchange()
+        [message] = computer_reply(reply, cid)["messages"]  # type: ignore[index]
+        assert message["type"] == "cancel" and message["seq"] == 2 and message["op"] == op
+        assert computer_reply(await relay.exchange(), cid) is None  # not sent twice

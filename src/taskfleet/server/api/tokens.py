@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import Response
 from pydantic import BaseModel, Field
 
-from taskfleet.server import tokens
+from taskfleet.server import metrics, tokens
 from taskfleet.server.api.deps import (
     Admin,
     Duration,
@@ -69,5 +69,6 @@ async def revoke_token(rt: Rt, token_id: Id, p: Admin) -> Response:
         lambda c: tokens.revoke_token(c, p, token_id, rt.now()), after=rt.fleet.revoke_relays
     )
     if revoked:
+        metrics.RELAYS.set(sum(1 for rs in rt.fleet.relays.values() if not rs.revoked))
         log.info("token %d revoked with its relays %s", token_id, revoked)
     return Response(status_code=204)
