@@ -462,3 +462,26 @@ async def test_a_cancel_reaches_the_relay_without_an_entry(
         [message] = computer_reply(reply, cid)["messages"]  # type: ignore[index]
         assert message["type"] == "cancel" and message["seq"] == 2 and message["op"] == op
         assert computer_reply(await relay.exchange(), cid) is None  # not sent twice
+
+
+async def test_a_full_reply_says_more_and_the_rest_comes_next(
+    database_url: str, tmp_path: Path, monkeypatch: Any
+) -> None:
+    from taskfleet.server import relays
+
+    # A reply budget of one byte: each relay reply takes exactly one message.
+    monkeypatch.setattr(relays, "RELAY_REPLY_MAX_BYTES", 1)
+    async with inproc_server(database_url, tmp_path) as h:
+        relay, cids = await _relay_with(h, 3)
+        await relay.exchange()
+        req = await h.run("all")
+        got: list[int] = []
+        mores = []
+        for _ in range(3):
+            reply = await relay.exchange()
+            got += [op for cid in cids for _, op in ops_of(reply, cid)]
+            mores.append(reply["more"])
+            assert len(got) == len(set(got))
+        assert mores == [True, True, False] and len(got) == 3
+        assert set((await h.states(req["id"])).values()) == {"in_progress"}
+        assert (await relay.exchange())["computers"] == []
