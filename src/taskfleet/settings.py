@@ -31,6 +31,15 @@ EXCHANGE_HTTP_TIMEOUT = 30.0  # seconds an agent waits for an ordinary exchange
 # the rest is handed out at the next exchange, which "more" asks for at once.
 REPLY_MAX_BYTES = 16 * 1024 * 1024
 
+# Relays (issue 11, docs/relays.md).
+RELAY_POLL_INTERVAL = 60.0  # a relay exchanges at least this often: a lost tickle costs a minute
+# Bytes of messages in one relay exchange reply, all its computers together: four agent
+# replies' worth, so a relay holds a bounded reply in memory however many computers have
+# work; the rest comes at once on the next exchange ("more").
+RELAY_REPLY_MAX_BYTES = 4 * REPLY_MAX_BYTES
+RELAY_NAME_MAX = 128  # characters of a relay's name (unique per tenant)
+RELAY_URL_MAX = 512  # characters of the URL a relay advertises to its agents
+
 WRITE_BATCH_MAX = 2000  # exchanges applied in one database transaction
 LAST_SEEN_FLUSH = 30.0  # seconds between writes of computers' last-seen times
 

@@ -130,7 +130,10 @@ def test_operator_cannot_create_a_token_but_can_create_a_request(server):
 def test_invalid_token_creation_is_refused_400_and_creates_no_token(server):
     before = snapshot(server)
     cases = [
-        ({"kind": "root", "name": "x"}, 400, "kind must be admin or enroll"),
+        ({"kind": "root", "name": "x"}, 400, "kind must be admin, enroll or relay"),
+        ({"kind": "relay", "name": "x", "role": "admin"}, 400, "enrollment tokens have no role"),
+        ({"kind": "relay", "name": "x", "max_uses": 3}, 400, "max_uses"),
+        ({"kind": "relay", "name": "x", "group": "web"}, 400, "group is for agent"),
         ({"kind": "admin", "name": "x", "role": "god"}, 400, "role must be one of"),
         ({"kind": "admin", "name": "x"}, 400, "role must be one of"),
         ({"kind": "enroll", "name": "x", "role": "admin"}, 400, "enrollment tokens have no role"),

@@ -128,15 +128,28 @@ def test_the_reply_budget_takes_messages_until_full_and_always_one() -> None:
     p = _Pending(0, 0, 0)
     big = "x" * (writer.REPLY_MAX_BYTES + 1)
     assert p.fits(big)  # an empty reply takes one message, however large
-    p.add(big)
+    p.add(big, 1)
     assert not p.fits("y")
     q = _Pending(0, 0, 0)
     half = "h" * (writer.REPLY_MAX_BYTES // 2)
-    q.add(half)
+    q.add(half, 1)
     assert q.fits(half)
-    q.add(half)
+    q.add(half, 2)
     assert q.size == 2 * len(half) <= writer.REPLY_MAX_BYTES
     assert not q.fits("z" * (writer.REPLY_MAX_BYTES - q.size + 1))
+    assert q.sent == 2
+
+
+def test_a_relay_reply_budget_is_shared_by_its_computers_and_takes_at_least_one() -> None:
+    budget = writer.ReplyBudget(100)
+    a, b = _Pending(0, 0, 0, budget), _Pending(0, 0, 0, budget)
+    assert a.fits("x" * 150)  # the whole reply is empty: one message goes, however large
+    a.add("x" * 60, 4)
+    assert not b.fits("y" * 41)  # b's own reply is empty, but the relay's is not
+    assert b.fits("y" * 40)
+    b.add("y" * 40, 9)
+    assert budget.used == 100 and not a.fits("z") and not b.fits("z")
+    assert (a.sent, b.sent) == (4, 9)
 
 
 def test_argv_env_and_names_are_bounded_like_scripts() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,10 +10,14 @@ import pytest
 from taskfleet.protocol.exchange import ProtocolError, operation_result
 from taskfleet.protocol.relay import (
     MAX_RELAY_COMPUTERS,
+    ComputerOut,
+    EntryError,
     parse_relay_reply,
     parse_relay_request,
     relay_entry,
+    relay_reply_body,
     relay_request,
+    roster_body,
     roster_entry,
 )
 from taskfleet.settings import INT64_MAX
@@ -114,3 +119,38 @@ def test_a_reply_parses() -> None:
 def test_a_bad_reply_is_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ProtocolError):
         parse_relay_reply(bad)
+
+
+def test_the_servers_reply_body_parses_back_with_its_messages_verbatim() -> None:
+    stored = '{"seq":1,"type":"cancel","op":5,"note":"caf\u00e9 \u2603"}'
+    body = relay_reply_body(
+        [ComputerOut(3, 4, [stored], more=True), ComputerOut(4, 0, [])],
+        [EntryError(9, 403, "computer 9 is not behind this relay")],
+        roster_body("v2", [roster_entry(3, 1, "a" * 64, "b" * 64, None)]),
+        server_time=12.5,
+        settings_json=b'{"poll_interval":1800}',
+        relay_settings_json=b'{"poll_interval":60}',
+        more=True,
+    )
+    reply = parse_relay_reply(json.loads(body))
+    assert [(c.id, c.ack, c.more) for c in reply.computers] == [(3, 4, True), (4, 0, False)]
+    assert reply.computers[0].messages == [json.loads(stored)]
+    assert stored.encode() in body  # spliced, not re-encoded
+    assert reply.errors == [EntryError(9, 403, "computer 9 is not behind this relay")]
+    assert reply.roster is not None and reply.roster.version == "v2"
+    assert reply.server_time == 12.5 and reply.settings == {"poll_interval": 1800}
+    assert reply.relay_settings == {"poll_interval": 60} and reply.more
+    empty = parse_relay_reply(
+        json.loads(
+            relay_reply_body(
+                [],
+                [],
+                None,
+                server_time=1.0,
+                settings_json=b"{}",
+                relay_settings_json=b"{}",
+                more=False,
+            )
+        )
+    )
+    assert empty.computers == [] and empty.roster is None and not empty.more

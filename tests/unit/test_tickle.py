@@ -16,6 +16,7 @@ from taskfleet.protocol.tickle import (
     TickleError,
     TicklePacer,
     TickleVerifier,
+    derive_relay_tickle_key,
     derive_tickle_key,
     encode_tickle,
 )
@@ -60,6 +61,19 @@ def test_derived_key_is_hmac_sha256_of_labelled_id_and_generation() -> None:
 def test_derived_keys_differ_per_computer_and_generation() -> None:
     keys = {derive_tickle_key(MASTER, c, g) for c in (1, 2) for g in (1, 2)}
     assert len(keys) == 4
+
+
+def test_a_relay_key_has_its_own_label_and_is_never_a_computers() -> None:
+    expected = hmac.new(MASTER, b"taskfleet-relay-tickle|42|1", hashlib.sha256).digest()
+    assert derive_relay_tickle_key(MASTER, 42, 1) == expected
+    computers = {derive_tickle_key(MASTER, c, g) for c in range(1, 20) for g in range(1, 4)}
+    relays = {derive_relay_tickle_key(MASTER, r, g) for r in range(1, 20) for g in range(1, 4)}
+    assert len(relays) == 57 and not computers & relays
+    # A tickle made with a relay's key is refused by the computer of the same number.
+    dg = encode_tickle(derive_relay_tickle_key(MASTER, CID, 1), CID, T0, nonce(1))
+    with pytest.raises(TickleError) as err:
+        TickleVerifier(KEY, CID).verify(dg, T0)
+    assert err.value.reason == "bad-mac"
 
 
 def test_encoded_datagram_has_documented_layout() -> None:

@@ -1,4 +1,4 @@
-"""``taskfleet token``: API tokens (with a role) and enrollment tokens.
+"""``taskfleet token``: API tokens (with a role), enrollment tokens for agents and relays.
 
 Contract: talks to the admin API only (``/tokens``); a secret is printed once,
 at creation, and never listed.
@@ -22,6 +22,7 @@ def token() -> None:
 @click.option("--name", required=True)
 @click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), default=None)
 @click.option("--enroll", is_flag=True, help="An enrollment token for agents.")
+@click.option("--relay", is_flag=True, help="An enrollment token for relays (tfr_...).")
 @click.option("--expires-in", type=FINITE_FLOAT, default=None, help="Seconds until it expires.")
 @click.option("--max-uses", type=int, default=None, help="Enrollments allowed.")
 @click.option("--group", default=None, help="Group that computers enrolled with it join.")
@@ -30,6 +31,7 @@ def token_create(
     name: str,
     role: str | None,
     enroll: bool,
+    relay: bool,
     expires_in: float | None,
     max_uses: int | None,
     group: str | None,
@@ -38,10 +40,13 @@ def token_create(
     as_json: bool,
 ) -> None:
     """Create a token; its secret is shown once."""
-    if enroll == bool(role):
-        fail("give either --role ROLE (an API token) or --enroll (an enrollment token)")
+    if [enroll, relay, bool(role)].count(True) != 1:
+        fail(
+            "give one of --role ROLE (an API token), --enroll (an enrollment token for "
+            "agents) or --relay (an enrollment token for relays)"
+        )
     body = {
-        "kind": "enroll" if enroll else "admin",
+        "kind": "enroll" if enroll else "relay" if relay else "admin",
         "name": name,
         "role": role,
         "expires_in": expires_in,

@@ -29,7 +29,10 @@ Contract:
   forwards agent messages with the agent's sequence numbers, so a replay from the
   relay records nothing twice); ``have`` is the highest server message the relay
   holds for the computer (the server does not send those again); ``address`` and
-  ``seen`` are where and when the relay last heard the agent.
+  ``seen`` are where and when the relay last heard the agent. ``stats`` are
+  numbers the server shows as they are; ``relay list`` shows ``spool`` (agent
+  messages not yet acked by the server), ``cached`` (server messages held for
+  agents) and ``lag`` (seconds the oldest spooled message has waited).
 * Reply body (:func:`parse_relay_reply`)::
 
       {"computers": [{"id": 12, "ack": 8, "messages": [...], "more": false}],
@@ -384,3 +387,47 @@ def roster_entry(
         "tickle_key": tickle_key,
         "tickle_port": tickle_port,
     }
+
+
+def roster_body(version: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """A relay's roster (the server's side): ``entries`` from :func:`roster_entry`."""
+    return {"version": version, "computers": entries}
+
+
+@dataclass(frozen=True)
+class ComputerOut:
+    """One computer's part of a relay reply, as the server builds it: ``messages`` are
+    the stored JSON texts of its outbox, spliced in verbatim (never parsed again)."""
+
+    id: int
+    ack: int
+    messages: list[str]
+    more: bool = False
+
+
+def relay_reply_body(
+    computers: list[ComputerOut],
+    errors: list[EntryError],
+    roster: dict[str, Any] | None,
+    *,
+    server_time: float,
+    settings_json: bytes,
+    relay_settings_json: bytes,
+    more: bool,
+) -> bytes:
+    """The server's reply to a relay exchange, as bytes (what :func:`parse_relay_reply`
+    reads). Built by hand around the verbatim messages, like the agent exchange's."""
+    import orjson  # the server's; agents and relays import this module without it
+
+    parts = [
+        b'{"id":%d,"ack":%d,"messages":[%s]%s}'
+        % (c.id, c.ack, ",".join(c.messages).encode(), b',"more":true' if c.more else b"")
+        for c in computers
+    ]
+    return b'{"computers":[%s],"errors":%s,"roster":%s,"server_time":%.3f,"settings":%s,' % (
+        b",".join(parts),
+        orjson.dumps([{"id": e.id, "status": e.status, "error": e.error} for e in errors]),
+        orjson.dumps(roster),
+        server_time,
+        settings_json,
+    ) + b'"relay_settings":%s,"more":%s}' % (relay_settings_json, b"true" if more else b"false")

@@ -6,8 +6,9 @@ correctness, so every doubtful case drops it. Datagram (47 bytes, big-endian):
     MAGIC b"TF"(2) | version 1 (1) | computer_id u64 (8) | timestamp ms u64 (8)
     | nonce (12) | MAC (16) = first 16 bytes of HMAC-SHA256(key, all preceding bytes)
 
-The key is per computer: derive_tickle_key(master, computer_id, generation). The agent checks, in
-order: length/magic/version ("malformed"), MAC in constant time ("bad-mac"), computer id
+The key is per computer: derive_tickle_key(master, computer_id, generation); a relay is tickled the
+same way with its own id and derive_relay_tickle_key(master, relay_id, generation). The agent
+checks, in order: length/magic/version ("malformed"), MAC in constant time ("bad-mac"), computer id
 ("wrong-computer"), |server-adjusted now - timestamp| <= max_skew ("stale"), nonce not seen and
 timestamp above the replay floor ("replayed"). Of the tickles that pass, the agent acts on at
 most one per min_interval ("rate-limited"). The nonce cache lives in memory, so an agent keeps
@@ -63,6 +64,14 @@ def derive_tickle_key(master_key: bytes, computer_id: int, generation: int) -> b
     # The generation lets the server revoke a leaked agent key by bumping it, without
     # storing any per-computer secret.
     label = b"taskfleet-tickle|%d|%d" % (computer_id, generation)
+    return hmac.new(master_key, label, hashlib.sha256).digest()
+
+
+def derive_relay_tickle_key(master_key: bytes, relay_id: int, generation: int) -> bytes:
+    # Relays are tickled in the same datagram format, with the relay's id in the id
+    # field. Their own label keeps a relay's key from ever being a computer's of the
+    # same number (or the reverse): a relay cannot wake a computer with it.
+    label = b"taskfleet-relay-tickle|%d|%d" % (relay_id, generation)
     return hmac.new(master_key, label, hashlib.sha256).digest()
 
 

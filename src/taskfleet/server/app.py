@@ -26,6 +26,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskfleet import __version__
 from taskfleet.protocol.exchange import ENROLL_PATH, EXCHANGE_PATH, MAX_BODY_BYTES
+from taskfleet.protocol.relay import (
+    MAX_RELAY_BODY_BYTES,
+    RELAY_ENROLL_COMPUTER_PATH,
+    RELAY_ENROLL_PATH,
+    RELAY_EXCHANGE_PATH,
+)
 from taskfleet.server.api import (
     activities,
     agent,
@@ -34,6 +40,8 @@ from taskfleet.server.api import (
     computers,
     groups,
     health,
+    relay_exchange,
+    relays,
     requests,
     schedules,
     tasks,
@@ -57,7 +65,9 @@ ROUTERS = (
     audit,
     tasks,
     workers,
+    relays,
     agent,
+    relay_exchange,
     health,
 )
 
@@ -80,11 +90,11 @@ class _App(FastAPI):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if (
             scope["type"] == "http"
-            and scope["path"] == EXCHANGE_PATH
             and scope["method"] == "POST"
+            and scope["path"] in _HOT
             and getattr(self.state, "rt", None) is not None
         ):
-            response = await agent.exchange(self.state.rt, Request(scope, receive))
+            response = await _HOT[scope["path"]](self.state.rt, Request(scope, receive))
             await response(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
@@ -95,9 +105,15 @@ class _App(FastAPI):
         return self.openapi_schema
 
 
+# The hot paths: the agent exchange and the relay exchange, answered before the stack.
+_HOT = {EXCHANGE_PATH: agent.exchange, RELAY_EXCHANGE_PATH: relay_exchange.exchange}
+# Routes that answer callers without an API token get only what an enrollment needs.
+_ENROLL_PATHS = frozenset({ENROLL_PATH, RELAY_ENROLL_PATH, RELAY_ENROLL_COMPUTER_PATH})
+
+
 def body_limit(path: str) -> int:
     """The most bytes a request body to ``path`` may have (settings.py says why)."""
-    return ENROLL_BODY_MAX if path == ENROLL_PATH else API_BODY_MAX
+    return ENROLL_BODY_MAX if path in _ENROLL_PATHS else API_BODY_MAX
 
 
 class _BodyLimit:
@@ -295,6 +311,64 @@ def _exchange_doc() -> dict[str, Any]:
     }
 
 
+def _relay_exchange_doc() -> dict[str, Any]:
+    """The relay exchange, as documentation only: _App answers it before the router."""
+    obj = {"type": "object", "additionalProperties": True}
+    return {
+        "post": {
+            "tags": ["relay"],
+            "summary": "Relay exchange",
+            "operationId": "relay_exchange",
+            "description": "One relay exchange (protocol/relay.py, docs/relays.md): the "
+            "agent exchanges of the relay's computers in, the server's messages for them, "
+            "per-entry refusals and the roster (when stale) out. Authenticated by the relay "
+            f"id and its secret. Body at most {MAX_RELAY_BODY_BYTES} bytes.",
+            "security": [{"RelaySecret": []}],
+            "parameters": [
+                {
+                    "name": "X-Taskfleet-Relay",
+                    "in": "header",
+                    "required": True,
+                    "description": "the relay id from relay enrollment",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "roster": {"type": "string"},
+                                "resync": {"type": "boolean"},
+                                "wait": {"type": "number", "minimum": 0},
+                                "stats": obj,
+                                "computers": {"type": "array", "items": obj},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "per computer: the server's ack and messages; refusals",
+                    "content": {"application/json": {"schema": obj}},
+                },
+                "400": {
+                    "description": "malformed or invalid as a whole: nothing applied",
+                    "content": _ERR_JSON,
+                },
+                "401": {
+                    "description": "unknown relay, wrong secret or revoked",
+                    "content": _ERR_JSON,
+                },
+                "413": {"description": "body too large", "content": _ERR_JSON},
+            },
+        }
+    }
+
+
 def _integral_bounds(node: Any) -> None:
     """FastAPI writes every bound as a float: give integer schemas their exact bounds
     back (2^63 - 1 printed as 9.223372036854776e18 would allow 2^63)."""
@@ -332,7 +406,13 @@ def finish_openapi(schema: dict[str, Any]) -> dict[str, Any]:
         "scheme": "bearer",
         "description": "a computer's secret (tfc_...) from enrollment",
     }
+    comps["securitySchemes"]["RelaySecret"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "a relay's secret (tfrs_...) from relay enrollment",
+    }
     schema["paths"][EXCHANGE_PATH] = _exchange_doc()
+    schema["paths"][RELAY_EXCHANGE_PATH] = _relay_exchange_doc()
     _integral_bounds(schema)
     return schema
 

@@ -4,7 +4,9 @@ Contract: the token's limits (expiry, uses, revocation) and the agent's
 identity and policy are checked before anything is written; a machine that
 enrolls again gets a new generation and its open work is Canceled (a rebuilt
 machine never runs stale work); the caller puts the returned state into the
-in-memory fleet after the commit.
+in-memory fleet after the commit. Enrolled through a relay (``relay``), the
+computer is put behind it, and the token must be of the relay's tenant (403,
+nothing written); enrolled directly again, a computer stays behind its relay.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ class Enrolled:
     secret: str
     reenrolled: bool
     canceled: int
+    relay_id: int | None = None  # the relay it is behind
+
+
+@dataclass(frozen=True)
+class Via:
+    """The relay an enrollment came through."""
+
+    relay_id: int
+    tenant_id: int
 
 
 async def enroll(
@@ -43,6 +54,7 @@ async def enroll(
     version: str,
     policy: dict[str, Any],
     address: str | None,
+    relay: Via | None = None,
 ) -> Enrolled:
     row = (
         await conn.execute(
@@ -57,6 +69,8 @@ async def enroll(
         raise ApiError(401, "enrollment token expired")
     if row.uses_left is not None and row.uses_left <= 0:
         raise ApiError(401, "enrollment token used up")
+    if relay is not None and row.tenant_id != relay.tenant_id:
+        raise ApiError(403, "the enrollment token is of another tenant than this relay")
     if not hostname or len(hostname) > 255 or not machine_id or len(machine_id) > 128:
         raise ApiError(400, "hostname (1..255) and machine_id (1..128) are required")
     # Remote text as every database can store it (protocol/exchange.py). The
@@ -84,7 +98,7 @@ async def enroll(
     secret = "tfc_" + secrets.token_urlsafe(32)
     existing = (
         await conn.execute(
-            sa.select(computers.c.id, computers.c.generation).where(
+            sa.select(computers.c.id, computers.c.generation, computers.c.relay_id).where(
                 computers.c.tenant_id == tenant_id, computers.c.machine_id == machine_id
             )
         )
@@ -103,6 +117,9 @@ async def enroll(
         "out_acked": 0,
         "removed_at": None,  # enrolling a removed machine again brings it back
     }
+    relay_id = existing.relay_id if existing is not None else None
+    if relay is not None:
+        values["relay_id"] = relay_id = relay.relay_id
     canceled = 0
     if existing is not None:
         # SPEC 9: a rebuilt machine must never run stale work.
@@ -148,7 +165,12 @@ async def enroll(
             at=now,
             actor=f"enroll-token:{row.id}",
             action="computer.reenroll" if existing is not None else "computer.enroll",
-            detail={"computer_id": computer_id, "hostname": hostname, "canceled": canceled},
+            detail={
+                "computer_id": computer_id,
+                "hostname": hostname,
+                "canceled": canceled,
+                **({"relay_id": relay.relay_id} if relay is not None else {}),
+            },
         )
     )
     state = ComputerState(
@@ -161,4 +183,4 @@ async def enroll(
         last_seen=now,
     )
     state.has_work = False
-    return Enrolled(state, secret, existing is not None, canceled)
+    return Enrolled(state, secret, existing is not None, canceled, relay_id)

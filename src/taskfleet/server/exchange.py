@@ -11,7 +11,9 @@ Contract:
   its own, so one failing exchange fails alone and the others are applied.
 * A reply carries at most ``REPLY_MAX_BYTES`` of messages (or one larger
   message); work that does not fit stays Queued and ``more`` tells the agent
-  to exchange again at once.
+  to exchange again at once. Jobs of one relay exchange (``exchange_all``)
+  are applied in one batch, share a ``ReplyBudget`` for the whole reply and
+  skip what the relay already holds (``have``).
 * :class:`Outbox` is the one place that numbers server -> agent messages
   (``seq``) and appends them to a computer's outbox: the hand-out here and a
   cancel (``server/requests.py``) both go through it. The messages themselves
@@ -67,12 +69,41 @@ log = logging.getLogger("taskfleet.writer")  # its messages kept their logger
 _CLIENT = ActivityKind.CLIENT
 
 
+class ReplyBudget:
+    """Bytes of messages the replies of several jobs share (a relay exchange's reply);
+    the whole reply takes at least one message."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def fits(self, size: int) -> bool:
+        return self.used == 0 or self.used + size <= self.limit
+
+
 @dataclass
 class ExchangeJob:
     cs: ComputerState
     req: AgentRequest
     address: str | None
+    # Through a relay (server/relays.py): the relay already holds the server's
+    # messages up to ``have`` (they are not sent again); ``seen`` is when the agent
+    # was last heard (None: now, it is speaking).
+    have: int = 0
+    seen: float | None = None
+    budget: ReplyBudget | None = None  # shared with the other jobs of one reply
     fut: asyncio.Future[dict[str, Any]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+@dataclass
+class ExchangeGroup:
+    """Exchange jobs that reach the writer as one job, so they are applied together
+    (a relay exchange's entries). Each job settles its own ``fut``."""
+
+    jobs: list[ExchangeJob]
+    fut: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -84,17 +115,24 @@ class Pending:
     in_acked: int
     out_seq: int
     out_acked: int
+    budget: ReplyBudget | None = None
     messages: list[str] = field(default_factory=list)
     size: int = 0  # bytes of ``messages`` (ASCII JSON texts)
     more: bool = False  # messages left for the next exchange
+    sent: int = 0  # seq of the last message in ``messages``
 
     def fits(self, message: str) -> bool:
         """Whether the reply can take ``message``; a reply takes at least one."""
+        if self.budget is not None and not self.budget.fits(len(message)):
+            return False
         return not self.messages or self.size + len(message) <= REPLY_MAX_BYTES
 
-    def add(self, message: str) -> None:
+    def add(self, message: str, seq: int) -> None:
         self.messages.append(message)
         self.size += len(message)
+        self.sent = seq
+        if self.budget is not None:
+            self.budget.used += len(message)
 
 
 class Outbox:
@@ -175,10 +213,25 @@ class Exchange:
         # computer id, now -> True while its maintenance window is closed
         self.window_closed: Callable[[int, float], bool] = lambda _cid, _now: False
         writer.register(ExchangeJob, self.apply)
+        writer.register(ExchangeGroup, self.apply_groups)
 
     async def exchange(self, job: ExchangeJob) -> dict[str, Any]:
         result: dict[str, Any] = await self.writer.batch(job)
         return result
+
+    async def exchange_all(self, jobs: list[ExchangeJob]) -> list[dict[str, Any] | BaseException]:
+        """Apply ``jobs`` in one writer batch; each one's reply, or what failed it alone."""
+        if not jobs:
+            return []
+        self.writer.defer(ExchangeGroup(jobs))
+        return await asyncio.gather(*(j.fut for j in jobs), return_exceptions=True)
+
+    async def apply_groups(self, groups: list[ExchangeGroup]) -> None:
+        """The writer's handler for groups of exchange jobs: one batch for them all."""
+        await self.apply([job for group in groups for job in group.jobs])
+        for group in groups:
+            if not group.fut.done():
+                group.fut.set_result(None)
 
     async def apply(self, jobs: list[ExchangeJob]) -> None:
         """The writer's handler for exchange jobs (``Writer.register``)."""
@@ -244,13 +297,16 @@ class Exchange:
                             "messages": p.messages,
                             "server_time": now,
                             "more": p.more,
+                            "sent": p.sent,
                         }
                     )
             return
 
     async def _apply(self, conn: AsyncConnection, jobs: list[ExchangeJob]) -> dict[int, Pending]:
         now = self.clock()
-        pending = {j.cs.id: Pending(j.cs.in_acked, j.cs.out_seq, j.cs.out_acked) for j in jobs}
+        pending = {
+            j.cs.id: Pending(j.cs.in_acked, j.cs.out_seq, j.cs.out_acked, j.budget) for j in jobs
+        }
         await self._apply_results(conn, jobs, pending, now)
 
         # Acknowledgements of server messages: forget what the agent stored.
@@ -267,22 +323,23 @@ class Exchange:
             for a in acked:
                 pending[a["c"]].out_acked = a["s"]
 
-        # Resend everything above the agent's ack, verbatim and in order, as far
-        # as the reply's byte budget goes; the agent acks it and gets the rest next.
-        resend = [j for j in jobs if pending[j.cs.id].out_seq > j.req.ack]
+        # Resend everything above the agent's ack (and above what its relay holds),
+        # verbatim and in order, as far as the reply's byte budget goes; the agent
+        # acks it and gets the rest next.
+        floors = {j.cs.id: max(j.req.ack, j.have) for j in jobs}
+        resend = [j for j in jobs if pending[j.cs.id].out_seq > floors[j.cs.id]]
         if resend:
             rows = await conn.execute(
                 sa.select(outbox.c.computer_id, outbox.c.seq, outbox.c.message)
                 .where(outbox.c.computer_id.in_([j.cs.id for j in resend]))
                 .order_by(outbox.c.computer_id, outbox.c.seq)
             )
-            acks = {j.cs.id: j.req.ack for j in resend}
             for cid, seq, message in rows:
                 p = pending[cid]
-                if seq <= acks[cid] or p.more:
+                if seq <= floors[cid] or p.more:
                     continue
                 if p.fits(message):
-                    p.add(message)
+                    p.add(message, seq)
                 else:
                     p.more = True
 
@@ -304,7 +361,7 @@ class Exchange:
                     "in_acked": pending[j.cs.id].in_acked,
                     "out_seq": pending[j.cs.id].out_seq,
                     "out_acked": pending[j.cs.id].out_acked,
-                    "seen": now,
+                    "seen": now if j.seen is None else j.seen,
                 }
                 for j in jobs
             ],
@@ -569,7 +626,7 @@ class Exchange:
                 p.more = cs.has_work = True
                 continue
             p.out_seq = box.last_seq(cs.id)
-            p.add(message)  # the very text stored in the outbox: resends are identical
+            p.add(message, p.out_seq)  # the very text stored in the outbox: resends are identical
             t = transition(
                 _CLIENT,
                 State(row.state),  # Queued, or Scheduled whose time came

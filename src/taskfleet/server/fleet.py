@@ -1,11 +1,15 @@
-"""The server's in-memory view of enrolled computers: the "has work" index.
+"""The server's in-memory view of enrolled computers and relays: the "has work" index.
 
-Contract: one :class:`ComputerState` per enrolled computer, loaded at start and
-kept in step by the single writer (``writer.py``). It answers, without touching
-the database, whether an exchange has anything to do: a computer with no new
-work, nothing unacknowledged and no new results costs a dict lookup and a hash.
-Sequence counters here are only updated after the transaction that persisted
-them commits. Memory per idle computer is a few hundred bytes (see benchmarks).
+Contract: one :class:`ComputerState` per enrolled computer and one
+:class:`RelayState` per enrolled relay, loaded at start and kept in step by the
+single writer (``writer.py``). It answers, without touching the database,
+whether an exchange has anything to do: a computer with no new work, nothing
+unacknowledged and no new results costs a dict lookup and a hash; so does a
+quiet relay. Sequence counters here are only updated after the transaction that
+persisted them commits. Memory per idle computer is a few hundred bytes (see
+benchmarks). A computer behind a relay is linked to its relay here (``relay``),
+and remembers whether its last exchange came through it (``via_relay``): that
+decides where its wake-ups go (``server/tickler.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import hashlib
 import hmac
 from collections.abc import Iterable
+from typing import Any
 
 
 def hash_secret(secret: str) -> str:
@@ -33,9 +38,11 @@ class ComputerState:
         "last_seen",
         "out_acked",
         "out_seq",
+        "relay",
         "secret_hash",
         "tenant_id",
         "tickle_port",
+        "via_relay",
         "waiter",
     )
 
@@ -65,6 +72,57 @@ class ComputerState:
         self.has_work = True  # unknown at load: the first exchange looks once
         self.dirty = False  # last_seen/address changed since the last flush
         self.waiter: asyncio.Event | None = None  # set while a long poll is held
+        self.relay: RelayState | None = None  # the relay it is behind (computers.relay_id)
+        self.via_relay = False  # its last exchange came through ``relay`` (memory only)
+
+    def check_secret(self, secret: str) -> bool:
+        digest = hashlib.sha256(secret.encode()).digest()
+        return hmac.compare_digest(digest, self.secret_hash)
+
+    def wake(self) -> None:
+        self.has_work = True
+        if self.waiter is not None:
+            self.waiter.set()
+        if self.relay is not None:
+            self.relay.wake()
+
+
+class RelayState:
+    """One relay in memory: what its exchange needs without the database."""
+
+    def __init__(
+        self,
+        id: int,
+        tenant_id: int,
+        name: str,
+        secret_hash: str,
+        generation: int,
+        *,
+        address: str | None = None,
+        tickle_port: int | None = None,
+        last_seen: float | None = None,
+        revoked: bool = False,
+    ) -> None:
+        self.id = id
+        self.tenant_id = tenant_id
+        self.name = name
+        self.secret_hash = bytes.fromhex(secret_hash)
+        self.generation = generation
+        self.address = address
+        self.tickle_port = tickle_port
+        self.last_seen = last_seen
+        self.revoked = revoked
+        self.computers: dict[int, ComputerState] = {}  # those behind it
+        # Computers may have messages for it (work, a cancel, a reply cut short):
+        # its next exchange looks at each of its computers. Unknown at load.
+        self.has_work = True
+        self.waiter: asyncio.Event | None = None  # set while a long poll is held
+        # computer id -> the highest server message the relay was sent or said it
+        # holds (a hint: forgotten on resync and at restart, then all is resent).
+        self.have: dict[int, int] = {}
+        self.stats: dict[str, Any] = {}  # what the relay last reported (relay show)
+        self.dirty = False  # last_seen/address changed since the last flush
+        self._version: str | None = None
 
     def check_secret(self, secret: str) -> bool:
         digest = hashlib.sha256(secret.encode()).digest()
@@ -75,22 +133,92 @@ class ComputerState:
         if self.waiter is not None:
             self.waiter.set()
 
+    @property
+    def roster_version(self) -> str:
+        """A digest of the roster (ids, generations, secret hashes): equal rosters have
+        equal versions, across restarts too, so a relay never keeps a stale one."""
+        if self._version is None:
+            digest = hashlib.sha256(b"%d|%d" % (self.id, self.generation))
+            for cid in sorted(self.computers):
+                cs = self.computers[cid]
+                digest.update(b"|%d:%d:" % (cid, cs.generation) + cs.secret_hash)
+            self._version = digest.hexdigest()[:32]
+        return self._version
+
+    def roster_changed(self) -> None:
+        self._version = None
+        self.wake()  # its next exchange (a tickle, a long poll) brings the new roster
+
 
 class Fleet:
     def __init__(self) -> None:
         self.computers: dict[int, ComputerState] = {}
+        self.relays: dict[int, RelayState] = {}
 
     def get(self, computer_id: int) -> ComputerState | None:
         return self.computers.get(computer_id)
 
-    def put(self, state: ComputerState) -> None:
+    def put(self, state: ComputerState, relay_id: int | None = None) -> None:
+        """A computer enrolled (again): behind relay ``relay_id`` if one is given."""
+        old = self.computers.get(state.id)
+        if old is not None and old.relay is not None:
+            old.relay.computers.pop(old.id, None)
+            old.relay.have.pop(old.id, None)
+            old.relay.roster_changed()
         self.computers[state.id] = state
+        if old is not None and old.waiter is not None:
+            old.waiter.set()
+        self.link(state, relay_id)
+
+    def link(self, cs: ComputerState, relay_id: int | None) -> None:
+        """Put ``cs`` behind relay ``relay_id`` (None: behind none)."""
+        rs = None if relay_id is None else self.relays.get(relay_id)
+        if cs.relay is rs:
+            return
+        if cs.relay is not None:
+            cs.relay.computers.pop(cs.id, None)
+            cs.relay.have.pop(cs.id, None)
+            cs.relay.roster_changed()
+        cs.relay = rs
+        # Its agent talks to its relay, as far as the server knows, until it
+        # exchanges directly (then its wake-ups go to it directly).
+        cs.via_relay = rs is not None
+        if rs is not None:
+            rs.computers[cs.id] = cs
+            rs.roster_changed()
 
     def remove(self, computer_id: int) -> None:
         """A removed computer: its exchanges get 401 from now on; a held long poll ends."""
         cs = self.computers.pop(computer_id, None)
         if cs is not None and cs.waiter is not None:
             cs.waiter.set()
+        if cs is not None:
+            self.link(cs, None)
+
+    def put_relay(self, rs: RelayState) -> None:
+        """A relay enrolled (again): its computers stay behind it."""
+        old = self.relays.get(rs.id)
+        self.relays[rs.id] = rs
+        if old is not None:
+            rs.stats = old.stats
+            for cs in list(old.computers.values()):
+                cs.relay = None
+                self.link(cs, rs.id)
+            if old.waiter is not None:
+                old.waiter.set()
+        rs.roster_changed()
+
+    def revoke_relays(self, relay_ids: Iterable[int]) -> None:
+        """Revoked relays: refused from now on (401); their computers are woken directly."""
+        for rid in relay_ids:
+            rs = self.relays.get(rid)
+            if rs is None:
+                continue
+            rs.revoked = True
+            for cs in rs.computers.values():
+                cs.via_relay = False
+            if rs.waiter is not None:
+                rs.waiter.set()
 
     def mark_work(self, computer_ids: Iterable[int]) -> list[ComputerState]:
         woken = []
@@ -105,4 +233,10 @@ class Fleet:
         out = [cs for cs in self.computers.values() if cs.dirty]
         for cs in out:
             cs.dirty = False
+        return out
+
+    def take_dirty_relays(self) -> list[RelayState]:
+        out = [rs for rs in self.relays.values() if rs.dirty]
+        for rs in out:
+            rs.dirty = False
         return out

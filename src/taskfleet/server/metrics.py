@@ -49,3 +49,36 @@ COMPUTERS = Gauge("taskfleet_computers", "Enrolled computers", registry=REGISTRY
 REQUESTS = Counter(
     "taskfleet_requests_created_total", "Requests created (parents)", registry=REGISTRY
 )
+RELAY_TICKLES = Counter(
+    "taskfleet_relay_tickles_sent_total",
+    "UDP wake-ups sent to relays (one wakes all the relay's computers that have work)",
+    registry=REGISTRY,
+)
+RELAY_EXCHANGES = Counter(
+    "taskfleet_relay_exchanges_total",
+    "Relay exchanges by path (fast: answered from memory; slow: touched the database)",
+    ["path"],
+    registry=REGISTRY,
+)
+FAST_RELAY_EXCHANGES = RELAY_EXCHANGES.labels("fast")
+SLOW_RELAY_EXCHANGES = RELAY_EXCHANGES.labels("slow")
+RELAY_ENTRIES = Histogram(
+    "taskfleet_relay_exchange_entries",
+    "Computers in one relay exchange (the relay's entries and those the server adds)",
+    buckets=(0, 1, 2, 5, 10, 50, 100, 500, 1000, 5000, 20000),
+    registry=REGISTRY,
+)
+RELAY_REFUSED_ENTRIES = Counter(
+    "taskfleet_relay_refused_entries_total",
+    "Entries of relay exchanges refused alone, by status (400 bad, 403 not this relay's "
+    "computer, 500 failed)",
+    ["status"],
+    registry=REGISTRY,
+)
+RELAY_EXCHANGE_ERRORS = Counter(
+    "taskfleet_relay_exchange_errors_total",
+    "Relay exchanges refused whole, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+RELAYS = Gauge("taskfleet_relays", "Enrolled relays (not revoked)", registry=REGISTRY)

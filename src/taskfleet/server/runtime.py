@@ -1,8 +1,8 @@
 """The server process at run time: its configuration, start and stop, background loops.
 
 Contract: ``start(config)`` migrates the database, bootstraps the default
-tenant, keys and first admin token, loads the fleet into memory and starts the
-single writer, the tickler, the lifecycle engine, the server-task manager (and
+tenant, keys and first admin token, loads the fleet (computers and relays) into
+memory and starts the single writer, the tickler, the lifecycle engine, the server-task manager (and
 the embedded worker), the lost-activity reaper and the last-seen flusher;
 ``stop(rt)`` stops each on its own, the writer last. Every time the server
 reads comes from ``ServerConfig.clock`` (``Runtime.now``): tests inject a
@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 from taskfleet.dispatch import open_queue
 from taskfleet.protocol.signing import Signer
-from taskfleet.server import metrics, requests, schedules, tokens
+from taskfleet.server import metrics, relays, requests, schedules, tokens
 from taskfleet.server.exchange import Exchange
 from taskfleet.server.fleet import ComputerState, Fleet
 from taskfleet.server.kernel import token_hash
@@ -40,6 +40,7 @@ from taskfleet.settings import (
     LOST_GRACE,
     POLL_INTERVAL,
     REAPER_INTERVAL,
+    RELAY_POLL_INTERVAL,
     TICKLE_MIN_INTERVAL,
     TICKLE_RATE,
     WORKER_CONCURRENCY,
@@ -77,6 +78,7 @@ class ServerConfig:
     # tests inject a fake clock and move it instead of sleeping.
     clock: Callable[[], float] = time.time
     lifecycle_interval: float = 1.0  # seconds between lifecycle passes at most
+    relay_poll_interval: float = RELAY_POLL_INTERVAL  # relays exchange at least this often
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Runtime:
     signer: Signer
     tickle_master: bytes
     settings_json: bytes
+    relay_settings_json: bytes = b"{}"  # relay_settings of relay exchanges (docs/relays.md)
     manager: TaskManager | None = None
     lifecycle: Lifecycle | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -133,6 +136,7 @@ async def start(config: ServerConfig) -> Runtime:
         log.warning("bootstrap admin token written to %s (readable by this user only)", path)
     fleet = Fleet()
     async with read_engine.connect() as conn:
+        await relays.load(conn, fleet)
         for row in await conn.execute(sa.select(computers).where(computers.c.removed_at.is_(None))):
             fleet.put(
                 ComputerState(
@@ -146,9 +150,11 @@ async def start(config: ServerConfig) -> Runtime:
                     row.address,
                     row.tickle_port,
                     row.last_seen_at,
-                )
+                ),
+                row.relay_id,
             )
     metrics.COMPUTERS.set(len(fleet.computers))
+    metrics.RELAYS.set(sum(1 for rs in fleet.relays.values() if not rs.revoked))
     signer = Signer(keys["signing_seed"])
     writer = Writer(write_engine)
     exchange = Exchange(writer, fleet, signer, lost_grace=config.lost_grace, clock=config.clock)
@@ -170,6 +176,14 @@ async def start(config: ServerConfig) -> Runtime:
         signer=signer,
         tickle_master=keys["tickle_master"],
         settings_json=orjson.dumps({"poll_interval": config.poll_interval}),
+        relay_settings_json=orjson.dumps(
+            {
+                "poll_interval": config.relay_poll_interval,
+                # How the relay paces the tickles it sends its agents: as the server does.
+                "tickle_rate": config.tickle_rate,
+                "tickle_min_interval": config.tickle_min_interval,
+            }
+        ),
     )
     rt.lifecycle = Lifecycle(
         writer.run,
@@ -328,16 +342,20 @@ async def _reaper(rt: Runtime) -> None:
 
 async def _flush_once(rt: Runtime) -> None:
     dirty = rt.fleet.take_dirty()
-    if not dirty:
+    dirty_relays = rt.fleet.take_dirty_relays()
+    if not dirty and not dirty_relays:
         return
 
     async def fn(conn: Any) -> None:
-        await conn.execute(
-            computers.update()
-            .where(computers.c.id == sa.bindparam("b_id"))
-            .values(last_seen_at=sa.bindparam("seen"), address=sa.bindparam("addr")),
-            [{"b_id": cs.id, "seen": cs.last_seen, "addr": cs.address} for cs in dirty],
-        )
+        if dirty:
+            await conn.execute(
+                computers.update()
+                .where(computers.c.id == sa.bindparam("b_id"))
+                .values(last_seen_at=sa.bindparam("seen"), address=sa.bindparam("addr")),
+                [{"b_id": cs.id, "seen": cs.last_seen, "addr": cs.address} for cs in dirty],
+            )
+        if dirty_relays:
+            await relays.flush_seen(conn, dirty_relays)
 
     if rt.writer.running:
         await rt.writer.run(fn)

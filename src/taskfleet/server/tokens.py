@@ -3,6 +3,9 @@ revoke, and mint one from the server's data folder.
 
 Contract: a token is stored only as its hash (``kernel.token_hash``); the
 tenant's last valid admin token cannot be revoked; every change is audited.
+Kinds: ``admin`` (API access, with a role), ``enroll`` (agents enroll with it),
+``relay`` (relays enroll with it, ``tfr_``; revoking it revokes the relays
+enrolled with it, whose exchanges are refused from then on).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from taskfleet.protocol.signing import new_signing_seed
 from taskfleet.server.inventory import group_id
 from taskfleet.server.kernel import DEFAULT_TENANT, ROLES, ApiError, Principal, audit, token_hash
-from taskfleet.store.schema import api_tokens, audit_log, server_secrets, tenants
+from taskfleet.store.schema import api_tokens, audit_log, relays, server_secrets, tenants
+
+TOKEN_PREFIX = {"admin": "tfa_", "enroll": "tfe_", "relay": "tfr_"}
 
 
 async def bootstrap(conn: AsyncConnection, now: float) -> tuple[dict[str, bytes], str | None]:
@@ -84,23 +89,23 @@ async def create_token(
     max_uses: int | None,
     group: str | None,
 ) -> dict[str, Any]:
-    if kind not in ("admin", "enroll"):
-        raise ApiError(400, "kind must be admin or enroll")
+    if kind not in TOKEN_PREFIX:
+        raise ApiError(400, "kind must be admin, enroll or relay")
     if kind == "admin" and role not in ROLES:
         raise ApiError(400, f"role must be one of {', '.join(ROLES)}")
-    if kind == "enroll" and role is not None:
-        raise ApiError(400, "enrollment tokens have no role")
+    if kind != "admin" and role is not None:
+        raise ApiError(400, "enrollment tokens have no role (agent or relay enrollment)")
     if not name or len(name) > 128:
         raise ApiError(400, "name must be 1..128 characters")
     if expires_in is not None and expires_in <= 0:
         raise ApiError(400, "expires_in must be a positive number of seconds")
     if max_uses is not None and (kind != "enroll" or max_uses <= 0):
-        raise ApiError(400, "max_uses is a positive number, for enrollment tokens only")
+        raise ApiError(400, "max_uses is a positive number, for agent enrollment tokens only")
     if group is not None:
         if kind != "enroll":
-            raise ApiError(400, "group is for enrollment tokens only")
+            raise ApiError(400, "group is for agent enrollment tokens only")
         await group_id(conn, p.tenant_id, group)
-    token = ("tfa_" if kind == "admin" else "tfe_") + secrets.token_urlsafe(32)
+    token = TOKEN_PREFIX[kind] + secrets.token_urlsafe(32)
     token_id = (
         await conn.execute(
             api_tokens.insert()
@@ -153,10 +158,11 @@ def _valid_admin(tenant_id: int, now: float) -> Any:
     )
 
 
-async def revoke_token(conn: AsyncConnection, p: Principal, token_id: int, now: float) -> None:
+async def revoke_token(conn: AsyncConnection, p: Principal, token_id: int, now: float) -> list[int]:
+    """Revoke a token; the ids of the relays revoked with it (a relay token's)."""
     row = (
         await conn.execute(
-            sa.select(api_tokens.c.id).where(
+            sa.select(api_tokens.c.id, api_tokens.c.kind).where(
                 api_tokens.c.id == token_id, api_tokens.c.tenant_id == p.tenant_id
             )
         )
@@ -177,7 +183,27 @@ async def revoke_token(conn: AsyncConnection, p: Principal, token_id: int, now: 
             "admin token first (or mint one on the server: taskfleet server mint-admin-token)",
         )
     await conn.execute(api_tokens.update().where(api_tokens.c.id == token_id).values(revoked=True))
-    await audit(conn, p, "token.revoke", now, id=token_id)
+    revoked: list[int] = []
+    if row.kind == "relay":
+        revoked = sorted(
+            (
+                await conn.execute(
+                    sa.select(relays.c.id).where(
+                        relays.c.token_id == token_id, relays.c.revoked_at.is_(None)
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+        if revoked:
+            await conn.execute(
+                relays.update().where(relays.c.id.in_(revoked)).values(revoked_at=now)
+            )
+    await audit(
+        conn, p, "token.revoke", now, id=token_id, **({"relays": revoked} if revoked else {})
+    )
+    return revoked
 
 
 async def mint_admin_token(

@@ -44,7 +44,7 @@ api_tokens = sa.Table(
     sa.Column("id", BigId, primary_key=True),
     sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
     sa.Column("name", sa.String(128), nullable=False),
-    sa.Column("kind", sa.String(16), nullable=False),  # admin | enroll
+    sa.Column("kind", sa.String(16), nullable=False),  # admin | enroll | relay
     sa.Column("role", sa.String(16), nullable=True),  # viewer | operator | admin (admin kind)
     sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("created_at", sa.Float, nullable=False),
@@ -75,7 +75,33 @@ computers = sa.Table(
     # Set when an administrator removed it: the row stays so that its history
     # (activities, events) still reads; enrolling the machine again clears it.
     sa.Column("removed_at", sa.Float, nullable=True),
+    # The relay this computer is behind (issue 11): the relay's roster holds it and
+    # the relay's entries for it are accepted; None: it talks to the server only.
+    sa.Column("relay_id", sa.BigInteger, sa.ForeignKey("relays.id"), nullable=True),
     sa.UniqueConstraint("tenant_id", "machine_id"),
+    sa.Index(None, "relay_id"),
+)
+
+# Relays (issue 11, docs/relays.md): a process near its computers that speaks the
+# agent exchange to them and one multiplexed relay exchange to the server.
+relays = sa.Table(
+    "relays",
+    metadata,
+    sa.Column("id", BigId, primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("secret_hash", sa.String(64), nullable=False),  # SHA-256 of the relay's secret
+    sa.Column("url", sa.String(512), nullable=True),  # advertised to agents
+    sa.Column("tickle_port", sa.Integer, nullable=True),  # UDP: server -> relay wake-ups
+    sa.Column("address", sa.String(64), nullable=True),  # where the server last heard it
+    sa.Column("generation", sa.Integer, nullable=False, default=1),  # +1 per re-enrollment
+    # The relay enrollment token it enrolled with: revoking it revokes the relay.
+    sa.Column("token_id", sa.BigInteger, sa.ForeignKey("api_tokens.id"), nullable=False),
+    sa.Column("enrolled_at", sa.Float, nullable=False),
+    sa.Column("last_seen_at", sa.Float, nullable=True),
+    sa.Column("revoked_at", sa.Float, nullable=True),
+    sa.Column("version", sa.String(64), nullable=True),  # the relay's software version
+    sa.UniqueConstraint("tenant_id", "name"),
 )
 
 groups = sa.Table(

@@ -48,10 +48,7 @@ async def enroll(rt: Rt, body: EnrollIn, request: Request) -> dict[str, Any]:
     address = request.client.host if request.client else None
 
     def after(res: enrollment.Enrolled) -> None:
-        rt.fleet.put(res.state)
-        metrics.COMPUTERS.set(len(rt.fleet.computers))
-        if rt.lifecycle_engine.has_windows:  # it may have joined a windowed group
-            asyncio.get_running_loop().create_task(rt.lifecycle_engine.reload_windows())
+        enrolled(rt, res, via_relay=False)
 
     res = await rt.writer.run(
         lambda c: enrollment.enroll(
@@ -67,11 +64,26 @@ async def enroll(rt: Rt, body: EnrollIn, request: Request) -> dict[str, Any]:
         ),
         after=after,
     )
+    return enrollment_reply(rt, res, body.hostname)
+
+
+def enrolled(rt: Runtime, res: enrollment.Enrolled, *, via_relay: bool) -> None:
+    """After an enrollment commits (directly or through a relay): into the fleet."""
+    rt.fleet.put(res.state, res.relay_id)
+    res.state.via_relay = via_relay and res.state.relay is not None
+    metrics.COMPUTERS.set(len(rt.fleet.computers))
+    if rt.lifecycle_engine.has_windows:  # it may have joined a windowed group
+        asyncio.get_running_loop().create_task(rt.lifecycle_engine.reload_windows())
+
+
+def enrollment_reply(rt: Runtime, res: enrollment.Enrolled, hostname: str) -> dict[str, Any]:
+    """What an enrolled agent is told (directly, or through its relay)."""
     log.info(
-        "computer %d %s (%s)%s",
+        "computer %d %s (%s)%s%s",
         res.state.id,
         "re-enrolled" if res.reenrolled else "enrolled",
-        body.hostname,
+        hostname,
+        f" behind relay {res.relay_id}" if res.relay_id is not None else "",
         f", {res.canceled} open activities canceled" if res.canceled else "",
     )
     return {
@@ -106,6 +118,7 @@ async def exchange(rt: Runtime, request: Request) -> Response:
     cs = rt.fleet.get(computer_id)
     if cs is None or not auth.startswith("Bearer ") or not cs.check_secret(auth[7:]):
         return _refuse("auth", 401, "unknown computer or wrong secret")
+    cs.via_relay = False  # it speaks to the server directly: wake it directly
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
         return _refuse("too-large", 413, f"exchange body over {MAX_BODY_BYTES} bytes")

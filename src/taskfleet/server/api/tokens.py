@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import Response
 from pydantic import BaseModel, Field
 
-from taskfleet.server import tokens
+from taskfleet.server import metrics, tokens
 from taskfleet.server.api.deps import (
     Admin,
     Duration,
@@ -24,7 +24,10 @@ router = router_for()
 
 
 class TokenIn(BaseModel):
-    kind: str = Field("admin", description="admin (API access) or enroll (agent enrollment)")
+    kind: str = Field(
+        "admin",
+        description="admin (API access), enroll (agent enrollment) or relay (relay enrollment)",
+    )
     name: str
     role: str | None = Field(None, description="viewer, operator or admin (admin tokens)")
     expires_in: Duration | None = Field(None, description="seconds until the token expires")
@@ -61,5 +64,11 @@ async def list_tokens(rt: Rt, p: Admin) -> list[dict[str, Any]]:
 
 @router.delete("/api/v1/tokens/{token_id}", status_code=204, tags=["auth"])
 async def revoke_token(rt: Rt, token_id: Id, p: Admin) -> Response:
-    await rt.writer.run(lambda c: tokens.revoke_token(c, p, token_id, rt.now()))
+    # A relay token's relays are refused from the commit on (their agents fail over).
+    revoked = await rt.writer.run(
+        lambda c: tokens.revoke_token(c, p, token_id, rt.now()), after=rt.fleet.revoke_relays
+    )
+    if revoked:
+        metrics.RELAYS.set(sum(1 for rs in rt.fleet.relays.values() if not rs.revoked))
+        log.info("token %d revoked with its relays %s", token_id, revoked)
     return Response(status_code=204)

@@ -1,0 +1,204 @@
+"""Relay endpoints (``/relay/v1/*``): a relay enrolls, enrolls its agents, and makes
+relay exchanges (``server/relays.py``; the wire contract is ``protocol/relay.py``).
+
+Contract: a relay authenticates with ``X-Taskfleet-Relay: ID`` and
+``Authorization: Bearer SECRET`` (401 when unknown, wrong or revoked). The
+exchange is a hot path like the agent's: ``server/app.py`` answers it before
+FastAPI's stack, a body over ``MAX_RELAY_BODY_BYTES`` is refused (413) before
+it is parsed, a malformed one is refused whole (400) with nothing applied, and
+a quiet exchange (nothing to say, nothing to get, roster current) is answered
+from memory, or held as a long poll (``wait``) until there is work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from fastapi import Request, Response
+from pydantic import BaseModel
+
+from taskfleet.protocol.exchange import ProtocolError, loads_body
+from taskfleet.protocol.relay import (
+    MAX_RELAY_BODY_BYTES,
+    RELAY_ENROLL_COMPUTER_PATH,
+    RELAY_ENROLL_PATH,
+    RELAY_EXCHANGE_PATH,
+    RelayRequest,
+    parse_relay_request,
+    relay_reply_body,
+)
+from taskfleet.protocol.tickle import derive_relay_tickle_key
+from taskfleet.server import enrollment, metrics, relays
+from taskfleet.server.api.agent import EnrollIn, enrolled, enrollment_reply
+from taskfleet.server.api.deps import Rt, router_for
+from taskfleet.server.fleet import RelayState
+from taskfleet.server.kernel import ApiError
+from taskfleet.server.runtime import Runtime
+
+log = logging.getLogger("taskfleet.server")
+router = router_for()
+
+
+class RelayEnrollIn(BaseModel):
+    token: str
+    name: str
+    url: str = ""  # what its agents are told to use (advertised)
+    tickle_port: int | None = None
+    version: str = ""
+
+
+def authenticate(rt: Runtime, request: Request) -> RelayState | None:
+    """The relay a request comes from, or None (unknown, wrong secret, revoked)."""
+    try:
+        relay_id = int(request.headers.get("x-taskfleet-relay", ""))
+    except ValueError:
+        return None
+    auth = request.headers.get("authorization", "")
+    rs = rt.fleet.relays.get(relay_id)
+    if rs is None or rs.revoked or not auth.startswith("Bearer "):
+        return None
+    return rs if rs.check_secret(auth[7:]) else None
+
+
+@router.post(RELAY_ENROLL_PATH, tags=["relay"], status_code=201)
+async def enroll(rt: Rt, body: RelayEnrollIn, request: Request) -> dict[str, Any]:
+    """Enroll a relay with a relay enrollment token; its secret is shown once."""
+    address = request.client.host if request.client else None
+
+    def after(res: relays.RelayEnrolled) -> None:
+        rt.fleet.put_relay(res.state)
+        metrics.RELAYS.set(sum(1 for r in rt.fleet.relays.values() if not r.revoked))
+
+    res = await rt.writer.run(
+        lambda c: relays.enroll_relay(
+            c,
+            rt.now(),
+            token=body.token,
+            name=body.name,
+            url=body.url,
+            tickle_port=body.tickle_port,
+            version=body.version,
+            address=address,
+        ),
+        after=after,
+    )
+    rs = res.state
+    log.info("relay %d %s (%s)", rs.id, "re-enrolled" if res.reenrolled else "enrolled", rs.name)
+    return {
+        "relay_id": rs.id,
+        "secret": res.secret,
+        "generation": rs.generation,
+        "tickle_key": derive_relay_tickle_key(rt.tickle_master, rs.id, rs.generation).hex(),
+        "server_public_key": rt.signer.public_key_hex,
+        "relay_settings": orjson.loads(rt.relay_settings_json),
+        "settings": orjson.loads(rt.settings_json),
+        "reenrolled": res.reenrolled,
+    }
+
+
+@router.post(RELAY_ENROLL_COMPUTER_PATH, tags=["relay"], status_code=201)
+async def enroll_computer(rt: Rt, body: EnrollIn, request: Request) -> dict[str, Any]:
+    """Enroll a computer through its relay: the agent's enrollment body, forwarded."""
+    rs = authenticate(rt, request)
+    if rs is None:
+        raise ApiError(401, "unknown relay, wrong secret or revoked")
+
+    def after(res: enrollment.Enrolled) -> None:
+        enrolled(rt, res, via_relay=True)
+
+    res = await rt.writer.run(
+        lambda c: relays.enroll_computer(
+            c,
+            rt.now(),
+            rs,
+            token=body.token,
+            hostname=body.hostname,
+            machine_id=body.machine_id,
+            tickle_port=body.tickle_port,
+            version=body.version,
+            policy=body.policy,
+        ),
+        after=after,
+    )
+    return enrollment_reply(rt, res, body.hostname)
+
+
+async def _exchange_route(request: Request) -> Response:
+    return await exchange(request.app.state.rt, request)
+
+
+# Also routed normally (for tools that walk the router); the app answers it first.
+router.add_route(RELAY_EXCHANGE_PATH, _exchange_route, methods=["POST"], include_in_schema=False)
+
+
+# -- the relay exchange hot path ---------------------------------------------------
+
+
+async def exchange(rt: Runtime, request: Request) -> Response:
+    """One relay exchange: from memory when quiet, else through ``relays.exchange``."""
+    rs = authenticate(rt, request)
+    if rs is None:
+        return _refuse("auth", 401, "unknown relay, wrong secret or revoked")
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_RELAY_BODY_BYTES):
+        return _refuse("too-large", 413, f"relay exchange body over {MAX_RELAY_BODY_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_RELAY_BODY_BYTES:
+            return _refuse(
+                "too-large", 413, f"relay exchange body over {MAX_RELAY_BODY_BYTES} bytes"
+            )
+    try:
+        req = parse_relay_request(loads_body(bytes(body)))
+    except (orjson.JSONDecodeError, ProtocolError) as exc:
+        kind = "malformed" if isinstance(exc, orjson.JSONDecodeError) else "invalid"
+        return _refuse(kind, 400, f"bad relay exchange: {exc}")
+    now = rt.config.clock()
+    rs.last_seen = now
+    rs.address = request.client.host if request.client else rs.address
+    rs.dirty = True
+    if req.stats:
+        rs.stats = {**req.stats, "reported_at": now}
+    if relays.quiet(rs, req) and req.wait > 0:
+        rs.waiter = asyncio.Event()
+        try:
+            await asyncio.wait_for(rs.waiter.wait(), req.wait)
+        except TimeoutError:
+            pass
+        finally:
+            rs.waiter = None
+        if rt.fleet.relays.get(rs.id) is not rs or rs.revoked:  # revoked or re-enrolled
+            return _refuse("auth", 401, "unknown relay, wrong secret or revoked")
+    if relays.quiet(rs, req):
+        metrics.FAST_RELAY_EXCHANGES.inc()
+        return _reply(rt, rs, req, relays.Outcome([], [], False))
+    metrics.SLOW_RELAY_EXCHANGES.inc()
+    out = await relays.exchange(rt.exchange, rt.fleet, rs, req)
+    return _reply(rt, rs, req, out)
+
+
+def _reply(rt: Runtime, rs: RelayState, req: RelayRequest, out: relays.Outcome) -> Response:
+    stale = req.roster != rs.roster_version
+    return Response(
+        relay_reply_body(
+            out.computers,
+            out.errors,
+            relays.roster(rs, rt.tickle_master) if stale else None,
+            server_time=rt.config.clock(),
+            settings_json=rt.settings_json,
+            relay_settings_json=rt.relay_settings_json,
+            more=out.more,
+        ),
+        media_type="application/json",
+    )
+
+
+def _refuse(reason: str, status: int, message: str) -> Response:
+    metrics.RELAY_EXCHANGE_ERRORS.labels(reason).inc()
+    return Response(
+        orjson.dumps({"error": message}), status_code=status, media_type="application/json"
+    )
