@@ -360,7 +360,7 @@ def test_openapi_documents_auth_the_exchange_metrics_and_only_answered_statuses(
             for status, resp in responses.items():
                 if status.startswith("4"):
                     schema = resp["content"]["application/json"]["schema"]
-                    assert schema == {"$ref": "#/components/schemas/_Err"}, (method, path)
+                    assert schema == {"$ref": "#/components/schemas/ApiErrorBody"}, (method, path)
     get_activity = doc["paths"]["/api/v1/activities/{activity_id}"]["get"]
     assert get_activity["parameters"][0]["schema"]["maximum"] == MAX_ID  # exact, an int
     # ... and the live exchange is what the document says: 401 without a secret.

@@ -18,7 +18,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
@@ -48,7 +47,7 @@ from taskfleet.server.api import (
     tokens,
     workers,
 )
-from taskfleet.server.api.deps import JsonRoute
+from taskfleet.server.api.deps import ERROR_RESPONSES, JsonRoute
 from taskfleet.server.kernel import ApiError
 from taskfleet.server.runtime import ServerConfig, start, stop
 from taskfleet.settings import API_BODY_MAX, ENROLL_BODY_MAX, MAX_ID
@@ -70,10 +69,6 @@ ROUTERS = (
     relay_exchange,
     health,
 )
-
-
-class _Err(BaseModel):
-    error: str
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -240,7 +235,7 @@ def _routes(routes: list[BaseRoute]) -> Iterator[BaseRoute]:
             yield route
 
 
-_ERR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/_Err"}}}
+_ERR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/ApiErrorBody"}}}
 
 
 def _exchange_doc() -> dict[str, Any]:
@@ -432,13 +427,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         version=__version__,
         description="Run work on a fleet of managed computers; see docs/guide.md.",
         lifespan=lifespan,
-        responses={
-            400: {"model": _Err},
-            401: {"model": _Err},
-            403: {"model": _Err},
-            404: {"model": _Err},
-            409: {"model": _Err},
-        },
+        responses=ERROR_RESPONSES,
     )
     # Before any route is added: every route parses its JSON with orjson.
     app.router.route_class = JsonRoute

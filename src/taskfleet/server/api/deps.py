@@ -128,6 +128,18 @@ class JsonRoute(APIRoute):
         return strict
 
 
+class ApiErrorBody(BaseModel):
+    error: str
+
+
+# Every route may answer these (documented on each route, so the OpenAPI document
+# lists them: the app adds the routes themselves, not included routers).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ApiErrorBody} for status in (400, 401, 403, 404, 409)
+}
+
+
 def router_for() -> APIRouter:
-    """A router whose routes parse JSON bodies with ``loads_body``."""
-    return APIRouter(route_class=JsonRoute)
+    """A router whose routes parse JSON bodies with ``loads_body`` and document the
+    error answers every route may give."""
+    return APIRouter(route_class=JsonRoute, responses=ERROR_RESPONSES)
