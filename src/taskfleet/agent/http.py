@@ -29,7 +29,9 @@ MAX_RESPONSE = AGENT_MAX_RESPONSE
 
 
 class Connection:
-    def __init__(self, base_url: str, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, *, timeout: float = 30.0, max_response: int = MAX_RESPONSE
+    ) -> None:
         u = urllib.parse.urlsplit(base_url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"invalid server URL {base_url!r}: expected http(s)://HOST[:PORT]")
@@ -38,6 +40,7 @@ class Connection:
         self.tls = u.scheme == "https"
         self.prefix = u.path.rstrip("/")
         self.timeout = timeout
+        self.max_response = max_response  # the relay takes larger replies than an agent
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -116,15 +119,15 @@ class Connection:
                     break
                 data += await self._reader.readexactly(size)
                 await self._reader.readexactly(2)
-                if len(data) > MAX_RESPONSE:
+                if len(data) > self.max_response:
                     raise ConnectionError("response too large")
             body = bytes(data)
         elif length is not None:
-            if length > MAX_RESPONSE:
+            if length > self.max_response:
                 raise ConnectionError("response too large")
             body = await self._reader.readexactly(length)
         else:
-            body = await self._reader.read(MAX_RESPONSE)
+            body = await self._reader.read(self.max_response)
             close = True
         if close:
             await self.close()

@@ -24,6 +24,7 @@ COMMANDS = {
     "computer": "computers",
     "demo": "demo",
     "group": "groups",
+    "relay": "relays",
     "request": "requests",
     "run": "requests",
     "schedule": "schedules",
