@@ -20,6 +20,7 @@ agents run them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -85,7 +86,9 @@ class FakeRelayServer:
         self.replies: list[dict[str, Any]] = []
         self.entry_status: dict[int, int] = {}  # computer -> a per-entry error to answer
         self.next_op = 1000
+        self.lose_replies = 0  # apply this many relay exchanges, then hang up unanswered
         self._httpd: ThreadingHTTPServer | None = None
+        self._open: set[socket.socket] = set()
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -101,6 +104,14 @@ class FakeRelayServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                fake._open.add(self.connection)
+
+            def finish(self) -> None:
+                fake._open.discard(self.connection)
+                super().finish()
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 if length > MAX_RELAY_BODY_BYTES:
@@ -108,6 +119,14 @@ class FakeRelayServer:
                     return
                 body = self.rfile.read(length)
                 status, out = fake.handle(self.path, dict(self.headers.items()), body)
+                with fake.lock:
+                    lose = self.path == RELAY_EXCHANGE_PATH and status == 200 and fake.lose_replies
+                    if lose:
+                        fake.lose_replies -= 1
+                if lose:  # applied, but the answer never arrives
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 self._send(status, out)
 
             def _send(self, status: int, out: dict[str, Any]) -> None:
@@ -128,6 +147,9 @@ class FakeRelayServer:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+        for conn in list(self._open):  # kept-alive connections go too
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     # -- what tests steer and read ---------------------------------------------------
 

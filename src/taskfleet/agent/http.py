@@ -51,18 +51,35 @@ class Connection:
                 await self._writer.wait_closed()
         self._reader = self._writer = None
 
+    @property
+    def connected(self) -> bool:
+        """Whether a kept-alive connection is open (the next post reuses it)."""
+        return self._writer is not None
+
     async def post(
-        self, path: str, body: bytes, headers: dict[str, str], timeout: float | None = None
+        self,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        timeout: float | None = None,
+        *,
+        retry_stale: bool = True,
     ) -> bytes:
-        """POST and return the body of a 2xx answer; raise HttpError for others."""
+        """POST and return the body of a 2xx answer; raise HttpError for others.
+        ``retry_stale``: when a kept-alive connection turns out closed, send again on a
+        new one (the request may have been applied: only for requests that may repeat)."""
         try:
-            return await asyncio.wait_for(self._post(path, body, headers), timeout or self.timeout)
+            return await asyncio.wait_for(
+                self._post(path, body, headers, retry_stale), timeout or self.timeout
+            )
         except BaseException:
             # Any failure or cancel leaves the stream in an unknown place.
             await self.close()
             raise
 
-    async def _post(self, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    async def _post(
+        self, path: str, body: bytes, headers: dict[str, str], retry_stale: bool
+    ) -> bytes:
         for attempt in (1, 2):
             fresh = self._writer is None
             if fresh:
@@ -85,7 +102,7 @@ class Connection:
                     raise ConnectionResetError("server closed the connection")
             except (ConnectionError, OSError):
                 await self.close()
-                if fresh or attempt == 2:
+                if fresh or attempt == 2 or not retry_stale:
                     raise
                 continue  # a kept-alive connection the server had closed: retry once
             return await self._read_response(status_line)

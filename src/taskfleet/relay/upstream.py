@@ -72,6 +72,10 @@ from taskfleet.settings import (
 log = logging.getLogger("taskfleet.relay")
 
 
+class _Stale(Exception):
+    """A kept-alive connection to the server was found closed mid-request."""
+
+
 class EnrollRefused(SystemExit):
     """The server refused the relay's enrollment: the process ends with the reason."""
 
@@ -268,6 +272,12 @@ class Upstream:
                 await self.exchange_once()
                 delay = RELAY_RETRY_MIN
                 continue
+            except _Stale:
+                metrics.UPSTREAM_FAILURES.labels("connection-closed").inc()
+                log.info("the server closed the connection mid-exchange; asking again (resync)")
+                self.resync = True
+                self.trigger.set()
+                continue
             except HttpError as exc:
                 self.resync = True
                 if exc.status == 401:
@@ -316,9 +326,14 @@ class Upstream:
         wait = LONG_POLL_WAIT if long_poll else 0.0
         if wait:
             body = body[:-1] + b',"wait":%d}' % wait
+        reused = self.conn.connected
         post = asyncio.ensure_future(
             self.conn.post(
-                RELAY_EXCHANGE_PATH, body, self._headers(), timeout=RELAY_HTTP_TIMEOUT + wait
+                RELAY_EXCHANGE_PATH,
+                body,
+                self._headers(),
+                timeout=RELAY_HTTP_TIMEOUT + wait,
+                retry_stale=False,
             )
         )
         if wait:
@@ -330,14 +345,20 @@ class Upstream:
                 post.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await post
+                self.resync = True  # its answer, if the server sent one, is lost
                 if roster_refresh:
                     self.roster_wanted = True
                 return
         try:
             raw = await post
-        except BaseException:
+        except BaseException as exc:
             if roster_refresh:
                 self.roster_wanted = True
+            if reused and isinstance(exc, ConnectionError):
+                # The kept-alive connection was closed: by the server going idle, or
+                # after it applied the request (its answer lost). Ask again at once,
+                # with resync, rather than resend blindly.
+                raise _Stale from exc
             raise
         reply = parse_relay_reply(orjson.loads(raw))
         self.offset = reply.server_time - time.time() if reply.server_time else self.offset
