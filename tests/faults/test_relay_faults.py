@@ -7,6 +7,7 @@ until the server side of relays is merged.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from taskfleet.protocol.exchange import MAX_BODY_BYTES, operation_result
-from tests.conftest import Agent, wait_until
+from tests.conftest import Agent, _cli, free_port, wait_until
 from tests.fake_relay_server import ENROLL_TOKEN, FakeComputer, FakeRelayServer
 from tests.relay_proc import Relay, raw_exchange, start_relay
 
@@ -229,3 +230,29 @@ def test_an_entry_the_server_cannot_apply_now_is_kept_and_sent_again(
     assert relay.metric("taskfleet_relay_spool_messages") == 1
     del fake.entry_status[c.id]
     wait_until(lambda: fake.seqs(c.id) == [1], 20, "the message at the server")
+
+
+def test_a_relay_whose_enrollment_is_refused_stops_with_the_servers_reason(
+    fake: FakeRelayServer, tmp_path: Path
+) -> None:
+    out = subprocess.run(
+        _cli(
+            "relay",
+            "--server",
+            fake.url,
+            "--enroll-token",
+            "tfr_wrong",
+            "--state-dir",
+            str(tmp_path / "relay"),
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--tickle-port",
+            "0",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "relay enrollment refused: invalid relay enrollment token" in out.stderr
+    assert "Traceback" not in out.stderr and "tfr_wrong" not in out.stderr

@@ -111,6 +111,7 @@ def relay(
     from taskfleet import logs
     from taskfleet.relay.main import RelayConfig, run_relay
     from taskfleet.relay.spool import SpoolError
+    from taskfleet.relay.upstream import EnrollRefused
 
     logs.setup(log_format)
     config = RelayConfig(
@@ -127,7 +128,7 @@ def relay(
     )
     try:
         run_relay(config)
-    except SpoolError as exc:
+    except (SpoolError, EnrollRefused) as exc:
         fail(str(exc))
     except ValueError as exc:  # a malformed --server URL
         fail(str(exc))

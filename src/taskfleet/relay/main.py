@@ -104,16 +104,14 @@ class Relay:
             ),
         )
         self.app = AgentApp(self.spool, self.upstream)
-        rate = self.spool.relay_settings.get("tickle_rate")
-        self.tickler = AgentTickler(
-            self.spool,
-            self.upstream.server_now,
-            rate=float(rate) if isinstance(rate, int | float) and rate > 0 else TICKLE_RATE,
-        )
+        self.tickler = AgentTickler(self.spool, self.upstream.server_now, rate=TICKLE_RATE)
         self.stopping = asyncio.Event()
 
     def _news(self, ids: set[int]) -> None:
         self.app.wake(ids)
+        rate = self.spool.relay_settings.get("tickle_rate")
+        if isinstance(rate, int | float) and 0 < rate < float("inf"):
+            self.tickler.set_rate(float(rate))
         self.tickler.wake(ids)
 
     async def run(self) -> None:
@@ -156,6 +154,7 @@ class Relay:
         stop = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait({http, upstream, stop}, return_when=asyncio.FIRST_COMPLETED)
         failed = next((t for t in done if t is not stop and t.exception() is not None), None)
+        stop.cancel()
         upstream.cancel()
         with contextlib.suppress(asyncio.CancelledError, BaseException):
             await upstream
@@ -174,6 +173,8 @@ class Relay:
     async def _upstream(self, udp: socket.socket | None) -> None:
         cfg = self.config
         ident = self.upstream.ident or await self.upstream.enroll(self.stopping)
+        if ident is None:
+            return  # stopped before it could enroll
         transport = None
         if udp is not None:
             listener = ServerTickles(

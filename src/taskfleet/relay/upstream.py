@@ -76,8 +76,9 @@ class _Stale(Exception):
     """A kept-alive connection to the server was found closed mid-request."""
 
 
-class EnrollRefused(SystemExit):
-    """The server refused the relay's enrollment: the process ends with the reason."""
+class EnrollRefused(Exception):
+    """The relay cannot enroll (refused, no token, a malformed answer): the process ends
+    with the reason."""
 
 
 @dataclass
@@ -175,7 +176,8 @@ class Upstream:
 
     # -- enrollment ----------------------------------------------------------------
 
-    async def enroll(self, stopping: asyncio.Event) -> RelayIdentity:
+    async def enroll(self, stopping: asyncio.Event) -> RelayIdentity | None:
+        """Enroll (retrying while the server is unreachable); None if stopped meanwhile."""
         cfg = self.config
         if not cfg.enroll_token:
             raise EnrollRefused(
@@ -210,7 +212,7 @@ class Upstream:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), delay)
             if stopping.is_set():
-                raise SystemExit(0)
+                return None
             delay = min(delay * 2, RELAY_RETRY_MAX)
         try:
             d = json.loads(raw)
@@ -253,8 +255,8 @@ class Upstream:
     # -- the loop ------------------------------------------------------------------
 
     async def run(self, stopping: asyncio.Event) -> None:
-        if self.ident is None:
-            await self.enroll(stopping)
+        if self.ident is None and await self.enroll(stopping) is None:
+            return
         delay = RELAY_RETRY_MIN
         self.trigger.set()
         while True:
