@@ -133,12 +133,16 @@ def test_an_agent_the_relay_does_not_know_is_served_after_the_roster_refresh(
     folder = agent_state(tmp_path / "late", relay, c, fake.signer.public_key_hex, c.secret)
     agent = start_agent(relay.url, state_dir=folder)
     wait_until(lambda: "does not know this computer yet" in agent.proc.text(), 20, "a 503")
+    # Nothing else makes this relay exchange (no tickle, an hour's poll): the 503 did.
+    wait_until(
+        lambda: relay.metric("taskfleet_relay_agent_exchanges_total"), 20, "the agent served"
+    )
+    assert any(r.get("roster") == "" for r in fake.requests[1:])  # asked for the whole roster
     op = fake.queue_script(c.id, ["echo", "known now"])
     fake.tickle_relay()
     result = wait_until(lambda: _result_of(fake, c.id, op), 30, "the result")
     assert result["stdout"] == "known now\n"
     assert relay.metric("taskfleet_relay_refused_total", 'reason="unknown"') >= 1
-    assert any(r.get("roster") == "" for r in fake.requests[1:])  # asked for the whole roster
 
 
 def test_a_wrong_agent_secret_is_refused_with_401(

@@ -64,6 +64,16 @@ def _spool_results_while_the_server_is_down(
     wait_until(lambda: relay.metric("taskfleet_relay_spool_messages") == n, 30, "a full spool")
     wait_until(lambda: agent.status()["unsent_results"] == 0, 10, "the agent to hand them over")
     assert _results(fake, cid) == []
+    agent.proc.stop()  # from now on only the relay can bring them to the server
+    failures = relay.metric("taskfleet_relay_upstream_failures_total", 'reason="unreachable"')
+    wait_until(  # it keeps trying on its own (backoff), not only when agents speak
+        lambda: (
+            relay.metric("taskfleet_relay_upstream_failures_total", 'reason="unreachable"')
+            > failures
+        ),
+        30,
+        "the relay to try again",
+    )
     return cid, ops
 
 
