@@ -107,6 +107,7 @@ RESULT_RETRY_MAX = 30.0
 RELAY_PORT = 8471  # a relay's HTTP port for agents: beside the server's, so both fit one host
 RELAY_LISTEN = f"0.0.0.0:{RELAY_PORT}"  # every interface: agents reach it from their network
 RELAY_STATE_DIR = "/var/lib/taskfleet-relay"  # the relay's spool and identity (FHS: state)
+RELAY_TICKLE_BIND = "0.0.0.0"  # every interface: tickles come from wherever the server is
 RELAY_POLL_INTERVAL = 60.0  # RELAY.md: a relay polls once a minute when tickles are lost;
 # one exchange covers all its computers, so this costs the server one request per relay
 RELAY_RETRY_MIN = 1.0  # relay backoff while the server is unreachable...

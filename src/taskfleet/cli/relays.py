@@ -15,7 +15,7 @@ import click
 
 from taskfleet.cli.options import FINITE_FLOAT
 from taskfleet.cli.output import fail
-from taskfleet.settings import RELAY_LISTEN, RELAY_STATE_DIR, RELAY_TICKLE_PORT
+from taskfleet.settings import RELAY_LISTEN, RELAY_STATE_DIR, RELAY_TICKLE_BIND, RELAY_TICKLE_PORT
 
 # -- the relay process ------------------------------------------------------------------
 
@@ -61,7 +61,9 @@ from taskfleet.settings import RELAY_LISTEN, RELAY_STATE_DIR, RELAY_TICKLE_PORT
     show_default=True,
     help="UDP port for the server's wake-ups; 0 = none, long-poll the server instead.",
 )
-@click.option("--tickle-bind", default="0.0.0.0", show_default=True)
+@click.option(
+    "--tickle-bind", default=RELAY_TICKLE_BIND, show_default=True, help="Address for --tickle-port."
+)
 @click.option(
     "--poll-interval",
     type=FINITE_FLOAT,
@@ -95,7 +97,10 @@ def relay(
     if enroll_token_file is not None:
         if enroll_token:
             fail("give the enrollment token once: --enroll-token or --enroll-token-file")
-        lines = enroll_token_file.read_text().splitlines()
+        try:
+            lines = enroll_token_file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"cannot read --enroll-token-file {enroll_token_file}: {exc}")
         enroll_token = lines[0].strip() if lines else ""
         if not enroll_token:
             fail(f"--enroll-token-file {enroll_token_file} is empty")
@@ -117,7 +122,7 @@ def relay(
     config = RelayConfig(
         server=server_url,
         state_dir=state_dir,
-        host=host.strip("[]") or "0.0.0.0",
+        host=host.strip("[]") or RELAY_LISTEN.rpartition(":")[0],
         port=int(port),
         enroll_token=enroll_token,
         name=name or socket.gethostname(),

@@ -32,6 +32,7 @@ from taskfleet.relay.tickles import AgentTickler, ServerTickles
 from taskfleet.relay.upstream import Upstream, UpstreamConfig
 from taskfleet.settings import (
     RELAY_SHUTDOWN_GRACE,
+    RELAY_TICKLE_BIND,
     SERVER_BACKLOG,
     SERVER_KEEP_ALIVE,
     TICKLE_RATE,
@@ -50,7 +51,7 @@ class RelayConfig:
     name: str = field(default_factory=socket.gethostname)
     advertise: str | None = None
     tickle_port: int = 0  # 0: no UDP from the server, long-poll instead
-    tickle_bind: str = "0.0.0.0"
+    tickle_bind: str = RELAY_TICKLE_BIND
     poll_interval: float | None = None
 
 
