@@ -364,9 +364,11 @@ class Spool:
             c.agent_info = agent_info
         return len(new)
 
-    def up_messages(self, cid: int, limit: int, budget: int) -> list[str]:
+    def up_messages(
+        self, cid: int, limit: int, budget: int, *, at_least_one: bool = True
+    ) -> list[str]:
         """Spooled messages of ``cid`` to forward, oldest first: at most ``limit`` and
-        about ``budget`` bytes (one, however large)."""
+        ``budget`` bytes (with ``at_least_one``, one however large)."""
         c = self.computers[cid]
         out: list[str] = []
         size = 0
@@ -374,7 +376,7 @@ class Spool:
             "SELECT message FROM up WHERE computer=? AND seq>? ORDER BY seq LIMIT ?",
             (cid, c.server_ack, limit),
         ):
-            if out and size + len(text) > budget:
+            if (out or not at_least_one) and size + len(text) > budget:
                 break
             out.append(text)
             size += len(text)

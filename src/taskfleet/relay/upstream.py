@@ -411,9 +411,13 @@ class Upstream:
             if len(entries) >= MAX_RELAY_COMPUTERS or size >= RELAY_SEND_BUDGET:
                 complete = False
                 break
-            texts = self.spool.up_messages(c.id, MAX_MESSAGES, RELAY_SEND_BUDGET - size)
+            texts = self.spool.up_messages(
+                c.id, MAX_MESSAGES, RELAY_SEND_BUDGET - size, at_least_one=not entries
+            )
             if len(texts) < c.spooled:
                 complete = False
+                if not texts:
+                    break  # the next request carries it
             entry = relay_entry(
                 c.id,
                 ack=c.agent_ack,
