@@ -69,6 +69,7 @@ class FakeComputer:
 class FakeRelayServer:
     def __init__(self, relay_poll_interval: float = 60.0) -> None:
         self.lock = threading.RLock()
+        self.news = threading.Condition(self.lock)  # wakes held long polls
         self.signer = Signer(new_signing_seed())
         self.master = os.urandom(32)
         self.relay_secret: str | None = None
@@ -86,6 +87,7 @@ class FakeRelayServer:
         self.replies: list[dict[str, Any]] = []
         self.entry_status: dict[int, int] = {}  # computer -> a per-entry error to answer
         self.next_op = 1000
+        self.long_polls = 0  # relay exchanges held as long polls
         self.lose_replies = 0  # apply this many relay exchanges, then hang up unanswered
         self._httpd: ThreadingHTTPServer | None = None
         self._open: set[socket.socket] = set()
@@ -168,6 +170,7 @@ class FakeRelayServer:
             )
             self.computers[cid] = c
             self.roster_version += 1
+            self.news.notify_all()
             return c
 
     def queue_script(self, cid: int, argv: list[str], timeout: float = 30.0) -> int:
@@ -188,6 +191,7 @@ class FakeRelayServer:
             )
             c.out_seq += 1
             c.outbox[c.out_seq] = operation_message(c.out_seq, op, body, self.signer.sign(body))
+            self.news.notify_all()
             return op
 
     def tickle_relay(self) -> None:
@@ -284,6 +288,23 @@ class FakeRelayServer:
         if req.resync:
             for c in mine.values():
                 c.have = 0
+
+        def quiet() -> bool:
+            return (
+                not req.entries
+                and req.roster == str(self.roster_version)
+                and not any(
+                    s > max(c.agent_ack, c.have)
+                    for c in self.computers.values()
+                    if c.relay_id == self.relay_id
+                    for s in c.outbox
+                )
+            )
+
+        if req.wait and quiet():  # a long poll: held until there is work, or the wait ends
+            self.long_polls += 1
+            self.news.wait_for(lambda: not quiet(), timeout=req.wait)
+            mine = {c.id: c for c in self.computers.values() if c.relay_id == self.relay_id}
         out: list[dict[str, Any]] = []
         errors = [{"id": e.id, "status": e.status, "error": e.error} for e in req.errors]
         answered = set()

@@ -190,3 +190,19 @@ def test_the_state_folder_is_private(
     for f in relay.state_dir.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     assert fake.relay_secret is not None and fake.relay_secret not in relay.proc.text()
+
+
+def test_a_relay_without_udp_long_polls_the_server_and_still_gets_work_at_once(
+    fake: FakeRelayServer,
+    start_relay: Callable[..., Relay],
+    start_agent: Callable[..., Agent],
+) -> None:
+    relay = start_relay(fake.url, *QUIET, "--tickle-port", "0")
+    agent = start_agent(relay.url, ENROLL_TOKEN)
+    cid = agent.computer_id
+    wait_until(lambda: fake.long_polls, 20, "a long poll held at the server")
+    op = fake.queue_script(cid, ["echo", "pushed"])  # no tickle: the held poll answers
+    result = wait_until(lambda: _result_of(fake, cid, op), 30, "the result")
+    assert result["stdout"] == "pushed\n"
+    assert relay.metric("taskfleet_relay_tickles_received_total", 'outcome="accepted"') == 0
+    assert len(fake.requests) < 50  # held polls, not a busy loop

@@ -122,6 +122,7 @@ class Upstream:
         self.on_news: Callable[[set[int]], None] = lambda cids: None
         self.on_offset: Callable[[float], None] = lambda offset: None
         self.exchanges = 0
+        self.idle_answer = False  # the last long poll came back at once with nothing
 
     # -- what agents see ---------------------------------------------------------
 
@@ -263,7 +264,9 @@ class Upstream:
             if self.spool.revoked:
                 timeout = RELAY_REVOKED_RETRY
             elif not self.config.tickle_port:
-                timeout = 0.0  # the long poll itself waits
+                # The long poll itself waits; a server that answers one at once with
+                # nothing must not turn it into a busy loop.
+                timeout = RELAY_RETRY_MIN if self.idle_answer else 0.0
             else:
                 timeout = self.poll_interval
             if timeout:
@@ -366,6 +369,11 @@ class Upstream:
         self.offset = reply.server_time - time.time() if reply.server_time else self.offset
         self.on_offset(self.offset)
         applied = self.spool.apply(reply, request.sent)
+        self.idle_answer = bool(
+            wait
+            and time.monotonic() - started < RELAY_RETRY_MIN
+            and not (reply.computers or reply.errors or reply.roster or reply.more)
+        )
         self.exchanges += 1
         metrics.UPSTREAM.inc()
         metrics.FORWARDED.inc(applied.forwarded)
