@@ -111,3 +111,29 @@ CLAIM_RETRY_DELAY = 1.0  # seconds before a delivery whose claim failed goes bac
 # from this many seconds, doubling up to the next, so an outage is not a busy loop.
 RESULT_RETRY_MIN = 0.5
 RESULT_RETRY_MAX = 30.0
+
+# -- relays (issue 11; docs/relays.md) ------------------------------------------------------
+RELAY_PORT = 8471  # a relay's HTTP port for agents: beside the server's, so both fit one host
+RELAY_LISTEN = f"0.0.0.0:{RELAY_PORT}"  # every interface: agents reach it from their network
+RELAY_STATE_DIR = "/var/lib/taskfleet-relay"  # the relay's spool and identity (FHS: state)
+RELAY_TICKLE_BIND = "0.0.0.0"  # every interface: tickles come from wherever the server is
+RELAY_POLL_INTERVAL = 60.0  # RELAY.md: a relay polls once a minute when tickles are lost;
+# one exchange covers all its computers, so this costs the server one request per relay
+RELAY_RETRY_MIN = 1.0  # relay backoff while the server is unreachable...
+RELAY_RETRY_MAX = 60.0  # ...doubling up to this (a returning server sees the spool within a minute)
+# A revoked relay (401) asks again this rarely: it serves nobody meanwhile (its agents fail
+# over to the server), and an administrator who un-revokes it waits at most this long.
+RELAY_REVOKED_RETRY = 300.0
+RELAY_HTTP_TIMEOUT = 60.0  # one relay exchange applies all its entries in one batch: more
+# work than an agent's, so more time than EXCHANGE_HTTP_TIMEOUT
+# Bytes of agent messages in one relay request: a quarter of the server's limit
+# (protocol/relay.py MAX_RELAY_BODY_BYTES), so entries, agent info and JSON overhead fit
+# beside them; the rest goes in the next request, sent at once.
+RELAY_SEND_BUDGET = 16 * 1024 * 1024
+# The relay refuses a larger reply (memory): several computers' full replies
+# (REPLY_MAX_BYTES each) fit; the server keeps its whole-reply cap below this.
+RELAY_MAX_RESPONSE = 256 * 1024 * 1024
+# An agent the relay does not know makes it ask the server for its whole roster, at most
+# this often: a flood of made-up computer ids must not become a flood of roster reads.
+RELAY_ROSTER_REFRESH_MIN = 1.0
+RELAY_SHUTDOWN_GRACE = 3.0  # seconds open agent requests get to finish when the relay stops

@@ -9,8 +9,10 @@ in a fresh interpreter: the test process has imported everything already.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +65,32 @@ def test_the_agent_loads_no_compiled_crypto() -> None:
     )
     for loaded in (set(json.loads(agent.stdout)), _loaded("agent", "--help")):
         assert not {m.split(".")[0] for m in loaded} & COMPILED
+
+
+def test_the_relay_process_loads_no_admin_module_nor_httpx_nor_the_server(
+    tmp_path: Path,
+) -> None:
+    # The relay runs (imports everything it needs) and stops at once: its port is taken.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        loaded = _loaded(
+            "relay",
+            "--server",
+            "http://127.0.0.1:9",
+            "--state-dir",
+            str(tmp_path / "relay"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--tickle-port",
+            "0",
+        )
+    assert "taskfleet.relay.main" in loaded and "uvicorn" in loaded
+    assert {m for m in loaded if m.startswith("taskfleet.cli.")} == {
+        "taskfleet.cli.relays",
+        "taskfleet.cli.client",  # for the admin subcommands' options; httpx stays out
+        "taskfleet.cli.options",
+        "taskfleet.cli.output",
+    }
+    assert not {"httpx", "rich", "taskfleet.server", "fastapi"} & loaded

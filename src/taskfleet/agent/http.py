@@ -29,7 +29,9 @@ MAX_RESPONSE = AGENT_MAX_RESPONSE
 
 
 class Connection:
-    def __init__(self, base_url: str, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, *, timeout: float = 30.0, max_response: int = MAX_RESPONSE
+    ) -> None:
         u = urllib.parse.urlsplit(base_url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"invalid server URL {base_url!r}: expected http(s)://HOST[:PORT]")
@@ -38,6 +40,7 @@ class Connection:
         self.tls = u.scheme == "https"
         self.prefix = u.path.rstrip("/")
         self.timeout = timeout
+        self.max_response = max_response  # the relay takes larger replies than an agent
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -48,18 +51,35 @@ class Connection:
                 await self._writer.wait_closed()
         self._reader = self._writer = None
 
+    @property
+    def connected(self) -> bool:
+        """Whether a kept-alive connection is open (the next post reuses it)."""
+        return self._writer is not None
+
     async def post(
-        self, path: str, body: bytes, headers: dict[str, str], timeout: float | None = None
+        self,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        timeout: float | None = None,
+        *,
+        retry_stale: bool = True,
     ) -> bytes:
-        """POST and return the body of a 2xx answer; raise HttpError for others."""
+        """POST and return the body of a 2xx answer; raise HttpError for others.
+        ``retry_stale``: when a kept-alive connection turns out closed, send again on a
+        new one (the request may have been applied: only for requests that may repeat)."""
         try:
-            return await asyncio.wait_for(self._post(path, body, headers), timeout or self.timeout)
+            return await asyncio.wait_for(
+                self._post(path, body, headers, retry_stale), timeout or self.timeout
+            )
         except BaseException:
             # Any failure or cancel leaves the stream in an unknown place.
             await self.close()
             raise
 
-    async def _post(self, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    async def _post(
+        self, path: str, body: bytes, headers: dict[str, str], retry_stale: bool
+    ) -> bytes:
         for attempt in (1, 2):
             fresh = self._writer is None
             if fresh:
@@ -82,7 +102,7 @@ class Connection:
                     raise ConnectionResetError("server closed the connection")
             except (ConnectionError, OSError):
                 await self.close()
-                if fresh or attempt == 2:
+                if fresh or attempt == 2 or not retry_stale:
                     raise
                 continue  # a kept-alive connection the server had closed: retry once
             return await self._read_response(status_line)
@@ -116,15 +136,15 @@ class Connection:
                     break
                 data += await self._reader.readexactly(size)
                 await self._reader.readexactly(2)
-                if len(data) > MAX_RESPONSE:
+                if len(data) > self.max_response:
                     raise ConnectionError("response too large")
             body = bytes(data)
         elif length is not None:
-            if length > MAX_RESPONSE:
+            if length > self.max_response:
                 raise ConnectionError("response too large")
             body = await self._reader.readexactly(length)
         else:
-            body = await self._reader.read(MAX_RESPONSE)
+            body = await self._reader.read(self.max_response)
             close = True
         if close:
             await self.close()

@@ -1,37 +1,144 @@
-"""``taskfleet relay``: run a relay (no subcommand), or list, show and assign relays.
+"""``taskfleet relay``: run a relay (no subcommand), and the relay admin commands.
 
-Contract: with no subcommand the group runs the relay process
-(``taskfleet.relay.main``, imported only then, so the admin subcommands never load
-it and the process never loads the admin API's helpers beyond this module). The
-subcommands talk to the admin API only (``/relays``).
+Two parts, one group. With no subcommand the group's callback runs the relay process
+(``relay/main.py``); it imports only this module, the lean shared helpers, click and
+the relay (no admin client, httpx or server: a relay runs near its agents and stays
+lean). The admin subcommands (``list``, ``show``, ``assign``) talk to the admin API
+(``/relays``) through ``cli/client.py``, whose httpx loads only when a client is made.
 """
 
 from __future__ import annotations
 
-import importlib
+from pathlib import Path
 from typing import Any
 
 import click
 
-from taskfleet.cli.client import Api, client_options
+from taskfleet.cli.client import Api, client_options  # light: httpx loads with an Api
+from taskfleet.cli.options import FINITE_FLOAT
 from taskfleet.cli.output import echo, emit, fail, print_fields, print_table, when
+from taskfleet.settings import RELAY_LISTEN, RELAY_STATE_DIR, RELAY_TICKLE_BIND, RELAY_TICKLE_PORT
 
-# -- the relay process (the group; its options come with the relay process) ----------
+# -- the relay process ------------------------------------------------------------------
 
 
 @click.group(invoke_without_command=True)
+@click.option(
+    "--server", "server_url", envvar="TASKFLEET_SERVER", help="Server URL [env: TASKFLEET_SERVER]."
+)
+@click.option(
+    "--enroll-token",
+    envvar="TASKFLEET_RELAY_TOKEN",
+    help="Relay enrollment token (first start) [env: TASKFLEET_RELAY_TOKEN]; on the command "
+    "line it is visible in `ps`: prefer the variable or --enroll-token-file.",
+)
+@click.option(
+    "--enroll-token-file",
+    type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path),
+    default=None,
+    help="Read the relay enrollment token from this file (first line).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=Path(RELAY_STATE_DIR),
+    show_default=True,
+    help="The relay's identity, spool and cache (kept 0600).",
+)
+@click.option(
+    "--listen",
+    default=RELAY_LISTEN,
+    show_default=True,
+    help="HOST:PORT where agents reach this relay.",
+)
+@click.option(
+    "--advertise",
+    default=None,
+    help="The URL agents use for this relay, as the server shows it [default: none].",
+)
+@click.option(
+    "--tickle-port",
+    type=int,
+    default=RELAY_TICKLE_PORT,
+    show_default=True,
+    help="UDP port for the server's wake-ups; 0 = none, long-poll the server instead.",
+)
+@click.option(
+    "--tickle-bind", default=RELAY_TICKLE_BIND, show_default=True, help="Address for --tickle-port."
+)
+@click.option(
+    "--poll-interval",
+    type=FINITE_FLOAT,
+    default=None,
+    help="Seconds between exchanges when nothing happens [default: what the server says, 60].",
+)
+@click.option("--name", default=None, help="This relay's name at the server [default: hostname].")
+@click.option(
+    "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
+)
 @click.pass_context
-def relay(ctx: click.Context) -> None:
-    """Run a relay (with no subcommand), or list, show and assign relays (admin)."""
+def relay(
+    ctx: click.Context,
+    server_url: str | None,
+    enroll_token: str | None,
+    enroll_token_file: Path | None,
+    state_dir: Path,
+    listen: str,
+    advertise: str | None,
+    tickle_port: int,
+    tickle_bind: str,
+    poll_interval: float | None,
+    name: str | None,
+    log_format: str,
+) -> None:
+    """Run a relay near a group of agents (enrolls on first start), or manage relays."""
     if ctx.invoked_subcommand is not None:
         return
+    if not server_url:
+        fail("no server given: use --server URL or set TASKFLEET_SERVER")
+    if enroll_token_file is not None:
+        if enroll_token:
+            fail("give the enrollment token once: --enroll-token or --enroll-token-file")
+        try:
+            lines = enroll_token_file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"cannot read --enroll-token-file {enroll_token_file}: {exc}")
+        enroll_token = lines[0].strip() if lines else ""
+        if not enroll_token:
+            fail(f"--enroll-token-file {enroll_token_file} is empty")
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        fail(f"--listen {listen!r}: expected HOST:PORT")
+    if not 0 <= tickle_port < 65536:
+        fail("--tickle-port must be 0..65535")
+    if poll_interval is not None and poll_interval <= 0:
+        fail("--poll-interval must be positive")
+    import socket
+
+    from taskfleet import logs
+    from taskfleet.relay.main import RelayConfig, run_relay
+    from taskfleet.relay.spool import SpoolError
+    from taskfleet.relay.upstream import EnrollRefused
+
+    logs.setup(log_format)
+    config = RelayConfig(
+        server=server_url,
+        state_dir=state_dir,
+        host=host.strip("[]") or RELAY_LISTEN.rpartition(":")[0],
+        port=int(port),
+        enroll_token=enroll_token,
+        name=name or socket.gethostname(),
+        advertise=advertise,
+        tickle_port=tickle_port,
+        tickle_bind=tickle_bind,
+        poll_interval=poll_interval,
+    )
     try:
-        process = importlib.import_module("taskfleet.relay.main")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("taskfleet.relay", "taskfleet.relay.main"):
-            raise
-        fail("this taskfleet has no relay process; see taskfleet relay --help")
-    process.main(**ctx.params)
+        run_relay(config)
+    except (SpoolError, EnrollRefused) as exc:
+        fail(str(exc))
+    except ValueError as exc:  # a malformed --server URL
+        fail(str(exc))
 
 
 # -- administration: relay list | show | assign ----------------------------------------

@@ -341,12 +341,14 @@ def relay_entry(
     *,
     ack: int,
     have: int,
-    messages: list[dict[str, Any]],
-    agent: dict[str, Any] | None = None,
+    messages: list[Any],
+    agent: Any = None,
     address: str | None = None,
     seen: float | None = None,
 ) -> dict[str, Any]:
-    """One computer's part of a relay request (the relay's side)."""
+    """One computer's part of a relay request (the relay's side). ``messages`` and
+    ``agent`` are the agent's own: decoded objects, or their spooled JSON texts as
+    ``orjson.Fragment`` (forwarded byte for byte)."""
     entry: dict[str, Any] = {"id": computer_id, "ack": ack, "have": have, "messages": messages}
     if agent is not None:
         entry["agent"] = agent

@@ -1,0 +1,280 @@
+"""What agents talk to at a relay: the agent exchange and enrollment, health and metrics.
+
+Contract: a raw ASGI app (served by uvicorn, like the server's exchange fast path in
+``server/app.py``: no framework layers on the hot path).
+
+* ``POST /agent/v1/exchange`` speaks ``protocol/exchange.py`` unchanged. The agent is
+  authenticated against the roster: the SHA-256 of its secret compared in constant
+  time with the roster's hash. A computer the roster does not know is answered 503
+  ("retry") and the relay asks the server for its roster; a secret the roster refuses
+  is answered 503 the same way until a roster fetched after that refusal confirms it,
+  then 401 (a roster that is merely stale never locks an agent out). The body is
+  bounded (413) and validated with ``parse_agent_request`` (400; nothing spooled).
+  New messages are spooled durably BEFORE the reply; the reply carries ``ack`` (the
+  highest agent message the relay holds, or the server's ack if higher),
+  ``server_ack`` (what the server acknowledged), cached server messages above the
+  agent's ack (at most ``REPLY_MAX_BYTES``, ``more`` beyond), ``server_time`` (the
+  server's clock as the relay reckons it) and the agent ``settings`` the server sent.
+  A quiet request with ``wait`` is held until server messages for it arrive or the
+  wait ends. A relay not enrolled yet, or refused by its server (revoked), answers
+  503 so agents fail over to the server.
+* ``POST /agent/v1/enroll`` is forwarded to the server's ``/relay/v1/enroll-computer``;
+  the server's answer (or refusal) is passed through; 503 if it cannot be reached.
+* ``GET /healthz``: 200 while the relay serves agents, 503 (with the reason) otherwise.
+  ``GET /metrics``: Prometheus text (``relay/metrics.py``).
+* Every error is ``{"error": "..."}``; secrets never reach the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from taskfleet.agent.http import HttpError
+from taskfleet.protocol.exchange import (
+    ENROLL_PATH,
+    EXCHANGE_PATH,
+    MAX_BODY_BYTES,
+    ProtocolError,
+    loads_body,
+    parse_agent_request,
+)
+from taskfleet.relay import metrics
+from taskfleet.relay.spool import Spool, encode
+from taskfleet.relay.upstream import Upstream
+from taskfleet.settings import ENROLL_BODY_MAX, INT64_MAX, REPLY_MAX_BYTES
+
+log = logging.getLogger("taskfleet.relay")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+JSON = b"application/json"
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Gone(Exception):
+    """The client went away before its body arrived."""
+
+
+class AgentApp:
+    def __init__(self, spool: Spool, upstream: Upstream) -> None:
+        self.spool = spool
+        self.upstream = upstream
+        self.waiters: dict[int, asyncio.Event] = {}
+        self.refused_at: dict[int, float] = {}  # computer -> when its secret was first refused
+        self.on_agent_port: Callable[[int, int | None], None] = lambda cid, port: None
+
+    def wake(self, ids: set[int]) -> None:
+        """Server messages arrived for these computers: answer their long polls now."""
+        for cid in ids:
+            waiter = self.waiters.get(cid)
+            if waiter is not None:
+                waiter.set()
+
+    def wake_all(self) -> None:
+        for waiter in self.waiters.values():
+            waiter.set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        content_type = JSON
+        try:
+            if path == EXCHANGE_PATH:
+                status, body = (
+                    await self.exchange(scope, receive) if method == "POST" else _no_method()
+                )
+            elif path == ENROLL_PATH:
+                status, body = await self.enroll(receive) if method == "POST" else _no_method()
+            elif path == "/healthz" and method in ("GET", "HEAD"):
+                why = self.upstream.unavailable()
+                status, body = (200, b'{"status":"ok"}') if why is None else _error(503, why)
+            elif path == "/metrics" and method in ("GET", "HEAD"):
+                status, body, content_type = 200, self.metrics(), CONTENT_TYPE_LATEST.encode()
+            else:
+                status, body = _error(404, f"no such route: {path}")
+        except _Gone:
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", content_type),
+                    (b"content-length", b"%d" % len(body)),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def metrics(self) -> bytes:
+        stats = self.spool.stats()
+        metrics.SPOOLED.set(stats.spooled)
+        metrics.CACHED.set(stats.cached)
+        metrics.LAG.set(max(0.0, time.time() - stats.oldest) if stats.oldest else 0.0)
+        metrics.COMPUTERS.set(sum(1 for c in self.spool.computers.values() if c.in_roster))
+        return generate_latest(metrics.REGISTRY)
+
+    # -- the exchange --------------------------------------------------------------
+
+    async def exchange(self, scope: Scope, receive: Receive) -> tuple[int, bytes]:
+        why = self.upstream.unavailable()
+        if why is not None:
+            return _refuse("unavailable", 503, why)
+        headers = dict(scope["headers"])
+        raw_id = headers.get(b"x-taskfleet-computer", b"").decode("latin-1")
+        cid = int(raw_id) if raw_id.isdigit() and len(raw_id) <= 19 else 0
+        if not 0 < cid <= INT64_MAX:
+            return _refuse("auth", 401, "missing or malformed X-Taskfleet-Computer header")
+        c = self.spool.computers.get(cid)
+        if c is None or not c.in_roster:
+            self.upstream.want_roster()
+            return _refuse("unknown", 503, "relay does not know this computer yet, retry")
+        auth = headers.get(b"authorization", b"")
+        digest = hashlib.sha256(auth[7:]).hexdigest() if auth.startswith(b"Bearer ") else ""
+        if not hmac.compare_digest(digest, c.secret_hash):
+            first = self.refused_at.setdefault(cid, time.monotonic())
+            if not self.upstream.roster_confirmed_since(first):
+                self.upstream.want_roster()
+                return _refuse(
+                    "unknown", 503, "relay is checking this computer's credentials, retry"
+                )
+            return _refuse("auth", 401, "unknown computer or wrong secret")
+        self.refused_at.pop(cid, None)
+        try:
+            raw = await _body(receive, headers, MAX_BODY_BYTES)
+            obj = loads_body(raw)
+            req = parse_agent_request(obj)
+        except _TooLarge:
+            return _refuse("too-large", 413, f"exchange body over {MAX_BODY_BYTES} bytes")
+        except (orjson.JSONDecodeError, ProtocolError) as exc:
+            return _refuse("invalid", 400, f"bad exchange: {exc}")
+        messages = [(m["seq"], encode(m)) for m in obj.get("messages", [])]
+        info = None if req.agent is None else encode(obj["agent"])
+        if req.agent is not None:
+            self.on_agent_port(cid, req.agent.tickle_port)
+        client = scope.get("client")
+        before = (c.agent_ack, c.agent_info)
+        new = self.spool.receive(
+            cid,
+            ack=req.ack,
+            messages=messages,
+            agent_info=info,
+            address=client[0] if client else None,
+            now=time.time(),
+        )
+        metrics.AGENT_EXCHANGES.inc()
+        if new:
+            metrics.RECEIVED.inc(new)
+        if new or before != (c.agent_ack, c.agent_info):
+            self.upstream.forward()
+        out, more = self.spool.down_messages(cid, req.ack, REPLY_MAX_BYTES)
+        if not out and req.wait > 0 and not new and req.agent is None:
+            out, more = await self._long_poll(cid, req.ack, req.wait)
+        c = self.spool.computers.get(cid) or c
+        return 200, _reply(
+            c.ack_for_agent,
+            c.server_ack,
+            out,
+            self.upstream.server_now(),
+            self.spool.settings_json,
+            more,
+        )
+
+    async def _long_poll(self, cid: int, above: int, wait: float) -> tuple[list[str], bool]:
+        waiter = self.waiters.get(cid)
+        if waiter is None:
+            waiter = self.waiters[cid] = asyncio.Event()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), wait)
+        finally:
+            if self.waiters.get(cid) is waiter:
+                del self.waiters[cid]
+        if cid not in self.spool.computers:
+            return [], False
+        return self.spool.down_messages(cid, above, REPLY_MAX_BYTES)
+
+    # -- enrollment ----------------------------------------------------------------
+
+    async def enroll(self, receive: Receive) -> tuple[int, bytes]:
+        why = self.upstream.unavailable()
+        if why is not None:
+            return _refuse("unavailable", 503, why)
+        try:
+            body = await _body(receive, {}, ENROLL_BODY_MAX)
+        except _TooLarge:
+            return _refuse("too-large", 413, f"request body over {ENROLL_BODY_MAX} bytes")
+        try:
+            return 201, await self.upstream.enroll_computer(body)
+        except HttpError as exc:
+            log.warning("the server refused an agent's enrollment (HTTP %d)", exc.status)
+            return exc.status, exc.body
+        except (TimeoutError, OSError) as exc:
+            metrics.REFUSED.labels("server-unreachable").inc()
+            log.warning("cannot forward an enrollment: server unreachable (%s)", exc)
+            return _error(503, "the relay cannot reach its server; retry")
+
+
+async def _body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
+    length = headers.get(b"content-length", b"")
+    if length.isdigit() and int(length) > limit:
+        raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _Gone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _reply(
+    ack: int,
+    server_ack: int,
+    messages: list[str],
+    server_time: float,
+    settings: str,
+    more: bool,
+) -> bytes:
+    return b'{"ack":%d,"server_ack":%d,"messages":[%s],"server_time":%.3f,"settings":%s%s}' % (
+        ack,
+        server_ack,
+        ",".join(messages).encode(),
+        server_time,
+        settings.encode(),
+        b',"more":true' if more else b"",
+    )
+
+
+def _error(status: int, message: str) -> tuple[int, bytes]:
+    return status, orjson.dumps({"error": message})
+
+
+def _refuse(reason: str, status: int, message: str) -> tuple[int, bytes]:
+    metrics.REFUSED.labels(reason).inc()
+    return _error(status, message)
+
+
+def _no_method() -> tuple[int, bytes]:
+    return _error(405, "method not allowed")

@@ -1,0 +1,185 @@
+"""The relay's durable state (relay/spool.py): spool, cache, roster, acks, reopen."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+from taskfleet.protocol.exchange import operation_result
+from taskfleet.protocol.relay import (
+    ComputerReply,
+    EntryError,
+    RelayReply,
+    Roster,
+    RosterEntry,
+)
+from taskfleet.relay.spool import RelayIdentity, Sent, Spool
+
+KEY = "ab" * 32
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _result(seq: int, op: int = 5) -> tuple[int, str]:
+    msg = {**operation_result(op, "succeeded", f"run {seq}", exit_code=0), "seq": seq}
+    return seq, json.dumps(msg)
+
+
+def _op(seq: int) -> dict[str, Any]:
+    return {"seq": seq, "type": "cancel", "op": 100 + seq}
+
+
+def _reply(
+    computers: list[ComputerReply] | None = None,
+    errors: list[EntryError] | None = None,
+    roster: Roster | None = None,
+    settings: dict[str, Any] | None = None,
+) -> RelayReply:
+    return RelayReply(computers or [], errors or [], roster, 1.0, settings or {}, {})
+
+
+def _spool(tmp_path: Path, *ids: int) -> Spool:
+    spool = Spool(tmp_path / "relay")
+    spool.save_identity(
+        RelayIdentity("http://server", 1, "tfr_secret", 1, bytes(32), "00" * 32), {}
+    )
+    for cid in ids:
+        spool.enrolled(cid, 1, _hash(f"secret-{cid}"), bytes.fromhex(KEY), 50124)
+    return spool
+
+
+def _receive(spool: Spool, cid: int, ack: int, *seqs: int) -> int:
+    return spool.receive(
+        cid,
+        ack=ack,
+        messages=[_result(s) for s in seqs],
+        agent_info=None,
+        address="10.0.0.5",
+        now=1000.0,
+    )
+
+
+def _sent(spool: Spool, cid: int) -> dict[int, Sent]:
+    c = spool.computers[cid]
+    return {cid: Sent(c.generation, c.agent_ack, c.address, c.agent_info, c.spooled)}
+
+
+def test_new_agent_messages_are_spooled_once_and_survive_a_reopen(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, 7)
+    assert _receive(spool, 7, 0, 1, 2) == 2
+    assert _receive(spool, 7, 0, 1, 2, 3) == 1  # 1 and 2 are resends
+    assert spool.computers[7].ack_for_agent == 3
+    spool.close()
+    again = Spool(tmp_path / "relay")
+    c = again.computers[7]
+    assert (c.spooled, c.up_top, c.address) == (3, 3, "10.0.0.5")
+    texts = again.up_messages(7, 500, 1 << 20)
+    assert [json.loads(t)["seq"] for t in texts] == [1, 2, 3]
+    assert again.stats().spooled == 3 and again.stats().oldest == 1000.0
+
+
+def test_the_state_file_is_private(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, 7)
+    _receive(spool, 7, 0, 1)
+    for f in (tmp_path / "relay").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+
+def test_the_server_ack_drops_spooled_messages_and_its_messages_are_cached(
+    tmp_path: Path,
+) -> None:
+    spool = _spool(tmp_path, 7)
+    _receive(spool, 7, 0, 1, 2, 3)
+    applied = spool.apply(_reply([ComputerReply(7, 2, [_op(1), _op(2)])]), _sent(spool, 7))
+    c = spool.computers[7]
+    assert applied.forwarded == 2 and applied.new_down == {7}
+    assert (c.server_ack, c.spooled, c.down_top, c.have) == (2, 1, 2, 2)
+    assert [json.loads(t)["seq"] for t in spool.up_messages(7, 500, 1 << 20)] == [3]
+    out, more = spool.down_messages(7, 0, 1 << 20)
+    assert [json.loads(t)["seq"] for t in out] == [1, 2] and not more
+    # A resend of what is cached adds nothing; the agent's ack drops the cache below it.
+    again = spool.apply(_reply([ComputerReply(7, 2, [_op(1), _op(2)])]), {})
+    assert again.new_down == set() and c.cached == 2
+    _receive(spool, 7, 1)
+    assert c.cached == 1 and c.agent_ack == 1 and c.has_news  # the new ack is news
+    assert [json.loads(t)["seq"] for t in spool.down_messages(7, 1, 1 << 20)[0]] == [2]
+
+
+def test_a_reply_marks_what_was_reported_and_nothing_more(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, 7)
+    _receive(spool, 7, 0, 1)
+    sent = _sent(spool, 7)
+    spool.apply(_reply([ComputerReply(7, 1, [])]), sent)
+    assert not spool.computers[7].has_news
+    _receive(spool, 7, 0, 2)
+    assert spool.computers[7].has_news
+
+
+def test_server_messages_the_agent_already_has_are_not_cached(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, 7)
+    _receive(spool, 7, 3)  # the agent got 1..3 directly from the server (failover)
+    applied = spool.apply(_reply([ComputerReply(7, 0, [_op(2), _op(3), _op(4)])]), {})
+    assert applied.new_down == {7}
+    out, _ = spool.down_messages(7, 3, 1 << 20)
+    assert [json.loads(t)["seq"] for t in out] == [4] and spool.computers[7].cached == 1
+
+
+def test_a_refused_entry_drops_its_spool_and_a_failed_one_keeps_it(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, 7, 8)
+    _receive(spool, 7, 0, 1, 2)
+    _receive(spool, 8, 0, 1)
+    sent = {**_sent(spool, 7), **_sent(spool, 8)}
+    applied = spool.apply(
+        _reply(errors=[EntryError(7, 403, "not yours"), EntryError(8, 500, "later")]), sent
+    )
+    assert applied.dropped == {7: 2} and applied.retry == {8}
+    assert spool.computers[7].spooled == 0 and not spool.computers[7].has_news
+    assert spool.computers[8].spooled == 1 and spool.computers[8].has_news
+
+
+def test_a_new_generation_in_the_roster_starts_the_computer_over(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, 7, 8)
+    _receive(spool, 7, 0, 1, 2)
+    spool.apply(_reply([ComputerReply(7, 0, [_op(1)])]), {})
+    roster = Roster(
+        "v2",
+        [RosterEntry(7, 2, _hash("new"), KEY, None), RosterEntry(9, 1, _hash("nine"), KEY, 1)],
+    )
+    applied = spool.apply(
+        _reply([ComputerReply(7, 0, [_op(1)])], roster=roster, settings={"poll_interval": 5}),
+        {},
+    )
+    c = spool.computers[7]
+    assert applied.roster_changed and spool.roster_version == "v2"
+    assert (c.generation, c.spooled, c.up_top, c.secret_hash) == (2, 0, 0, _hash("new"))
+    assert c.cached == 1 and c.down_top == 1  # the new generation's first message
+    assert not spool.computers[8].in_roster and spool.computers[9].in_roster
+    assert json.loads(spool.settings_json) == {"poll_interval": 5}
+    spool.close()
+    again = Spool(tmp_path / "relay")
+    assert again.roster_version == "v2" and not again.computers[8].in_roster
+    assert again.settings == {"poll_interval": 5}
+
+
+def test_limits_on_what_one_request_or_reply_carries(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, 7)
+    _receive(spool, 7, 0, *range(1, 11))
+    assert len(spool.up_messages(7, 4, 1 << 20)) == 4
+    one = len(spool.up_messages(7, 1, 1 << 20)[0])
+    assert len(spool.up_messages(7, 500, one * 3)) == 3
+    assert len(spool.up_messages(7, 500, 1)) == 1  # one, however large
+    spool.apply(_reply([ComputerReply(7, 0, [_op(s) for s in range(1, 6)])]), {})
+    out, more = spool.down_messages(7, 0, 1)
+    assert len(out) == 1 and more
+
+
+def test_revoked_is_remembered(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    spool.set_revoked(True)
+    spool.close()
+    assert Spool(tmp_path / "relay").revoked
