@@ -55,7 +55,12 @@ from taskfleet.protocol.exchange import (
     ENROLL_PATH,
     EXCHANGE_PATH,
     MAX_MESSAGES,
+    ProtocolError,
+    ServerSettings,
+    loads_reply,
     operation_status,
+    parse_server_reply,
+    parse_settings,
 )
 from taskfleet.protocol.signing import Verifier
 from taskfleet.protocol.tickle import TickleVerifier
@@ -234,7 +239,7 @@ class Agent:
         )
         self.state.save_identity(ident)
         self.info_sent = True  # enrollment carried our info
-        self._apply_settings(d.get("settings", {}))
+        self._apply_settings(parse_settings(d.get("settings", {})))
         log.info(
             "enrolled as computer %d%s",
             ident.computer_id,
@@ -425,6 +430,18 @@ class Agent:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, AGENT_RETRY_MAX)
                 self.trigger.set()
+            except ProtocolError as exc:
+                # parse_server_reply says why a reply is refused whole.
+                log.warning(
+                    "server %s sent a reply this agent cannot read (%s); nothing of it "
+                    "was applied, retrying in %.0fs",
+                    self.config.server,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, AGENT_RETRY_MAX)
+                self.trigger.set()
             except (TimeoutError, OSError, ValueError) as exc:
                 log.warning(
                     "server %s unreachable (%s); retrying in %.0fs",
@@ -474,23 +491,26 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await post
                 return
-        reply = json.loads(await post)
+        reply = parse_server_reply(loads_reply(await post))
+        if reply.ack > self.state.last_seq:
+            # It would drop results that were never sent.
+            raise ProtocolError(f"ack {reply.ack} is beyond the last message sent")
         self.exchanges += 1
         if "agent" in body:
             self.info_sent = True
-        self.state.acked(int(reply.get("ack", 0)))
-        self._apply_settings(reply.get("settings", {}))
-        if self.verifier is not None and "server_time" in reply:
-            self.verifier.set_clock_offset(float(reply["server_time"]) - time.time())
-        self.ops.receive(reply.get("messages", []), pushed=bool(wait) or self.woken)
-        if self.state.outbox_size() > len(messages) or (messages and reply.get("messages")):
+        self.state.acked(reply.ack)
+        self._apply_settings(reply.settings)
+        if self.verifier is not None and reply.server_time is not None:
+            self.verifier.set_clock_offset(reply.server_time - time.time())
+        self.ops.receive(reply.messages, pushed=bool(wait) or self.woken)
+        if self.state.outbox_size() > len(messages) or (messages and reply.messages):
             self.trigger.set()
-        if reply.get("more"):  # the reply was full: the server holds more for us
+        if reply.more:  # the reply was full: the server holds more for us
             self.trigger.set()
 
-    def _apply_settings(self, settings: dict[str, Any]) -> None:
-        if self.config.poll_interval is None and "poll_interval" in settings:
-            self.poll_interval = float(settings["poll_interval"])
+    def _apply_settings(self, settings: ServerSettings) -> None:
+        if self.config.poll_interval is None and settings.poll_interval is not None:
+            self.poll_interval = settings.poll_interval
 
 
 def _own_user() -> str:

@@ -1,10 +1,12 @@
 """The agent's operation runs: receive, cancel, spawn, run, check.
 
 Contract:
-* ``receive`` stores the new operations and cancel orders of a reply with the
-  new server ack in one transaction (``LocalState.receive``), before anything
-  runs; then it stops what was canceled and starts what is new. A message whose
-  ``seq`` is not above the stored ack is a resend and is dropped.
+* ``receive`` stores the new operations and cancel orders of a parsed reply
+  (``protocol.exchange.parse_server_reply``) with the new server ack in one
+  transaction (``LocalState.receive``), before anything runs; then it stops
+  what was canceled and starts what is new. A message whose ``seq`` is not
+  above the stored ack is a resend and is dropped; one that cannot be read is
+  acknowledged and logged, never acted on.
 * An operation runs at most once per attempt: ``owned`` holds every operation
   with a run task, from spawn to its end, so a run is "executing" for the
   scrubber (SPEC 5 rule 1) before its process exists and is never spawned twice.
@@ -41,7 +43,14 @@ from taskfleet.domain.results import REFUSED_PREFIX, describe_script_outcome, re
 from taskfleet.domain.scripts import EXECUTE_SCRIPT, policy_refusal, validate_script_params
 from taskfleet.domain.scrubber import after_failure
 from taskfleet.process import RunningScript, ScriptSpec, start_script
-from taskfleet.protocol.exchange import operation_result, operation_status
+from taskfleet.protocol.exchange import (
+    CancelMessage,
+    OperationMessage,
+    ServerMessage,
+    operation_message,
+    operation_result,
+    operation_status,
+)
 from taskfleet.protocol.signing import SignatureError, Verifier
 from taskfleet.settings import OUTPUT_CAP, OUTPUT_CAP_MAX, RECURRING_EVERY
 
@@ -92,33 +101,34 @@ class Operations:
 
     # -- receiving -------------------------------------------------------------
 
-    def receive(self, messages: list[dict[str, Any]], pushed: bool) -> None:
+    def receive(self, messages: list[ServerMessage], pushed: bool) -> None:
         """Store what a reply brought, then act on it (module docstring)."""
         last = self.state.server_seq
         ops: list[st.NewOperation] = []
         cancels: list[int] = []
         top = last
         for m in messages:
-            seq = int(m.get("seq", 0))
-            if seq <= last:
+            if m.seq <= last:
                 continue  # already stored: a resend
-            top = max(top, seq)
-            if m.get("type") == "operation":
-                policy = _policy_of(m)
+            top = max(top, m.seq)
+            if isinstance(m, OperationMessage):
+                policy = _policy_of(m.body)
                 ops.append(
                     st.NewOperation(
-                        int(m["op"]),
-                        seq,
+                        m.op,
+                        m.seq,
                         EXECUTE_SCRIPT,
-                        json.dumps(m),
+                        json.dumps(operation_message(m.seq, m.op, m.body, m.sig)),
                         pushed,
                         policy["mode"],
                         policy["interval"],
                         policy["every"],
                     )
                 )
-            elif m.get("type") == "cancel":
-                cancels.append(int(m["op"]))
+            elif isinstance(m, CancelMessage):
+                cancels.append(m.op)
+            else:
+                log.warning("server message %d ignored, it cannot be read: %s", m.seq, m.error)
         if top == last:
             return
         new = self.state.receive(ops, cancels, top)
@@ -354,8 +364,8 @@ class Operations:
         return None, spec, timeout
 
 
-def _policy_of(message: dict[str, Any]) -> dict[str, Any]:
+def _policy_of(body: str) -> dict[str, Any]:
     try:
-        return validate_policy(json.loads(message["body"]).get("policy"))
+        return validate_policy(json.loads(body).get("policy"))
     except (ValueError, KeyError, TypeError, AttributeError):
         return validate_policy(None)  # _check refuses a body it cannot read

@@ -219,6 +219,11 @@ class LocalState:
         self._set("tickle_high_water_ms", str(ms))
 
     @property
+    def last_seq(self) -> int:
+        """The last sequence number given to a message of this agent (0: none yet)."""
+        return int(self.get("next_seq", "1") or 1) - 1
+
+    @property
     def server_seq(self) -> int:
         return int(self.get("server_seq", "0") or 0)
 

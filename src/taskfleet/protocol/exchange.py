@@ -21,7 +21,8 @@ same scheme, borrowed from landscape-client:
   is recorded but changes no state.
 * Every message is built by a builder below (``operation_message``,
   ``cancel_message``, ``operation_status``, ``operation_result``) and parsed
-  here too (``parse_agent_request``; the agent reads the server's).
+  here too: ``parse_agent_request`` on the server, ``parse_server_reply`` on
+  the agent (which says what the agent does with a reply it cannot read).
 * Server -> agent messages: ``operation`` (``op`` is the operation id; the
   payload is a canonical JSON text in ``body`` signed with the server's Ed25519
   key in ``sig``, and names the computer it is meant for, so a relay cannot
@@ -33,7 +34,7 @@ same scheme, borrowed from landscape-client:
   asks for a long poll: the server holds the exchange up to ``wait`` seconds
   until there is work (agents that cannot receive UDP tickles).
 * Response body: ``{"ack": int, "messages": [...], "server_time": float,
-  "settings": {...}}``.
+  "settings": {...}, "more": true?}``.
 
 Limits (``MAX_*`` below) are checked before anything is applied; a body that
 breaks one is refused whole with a clear error and nothing changes. Every
@@ -64,7 +65,7 @@ from taskfleet.domain.policy import validate_agent_policy
 
 # BIGINT columns (sequence numbers, operation ids) and INTEGER columns (exit
 # code, attempt; dropped counts are capped at INT32_MAX).
-from taskfleet.settings import INT32_MAX, INT32_MIN, INT64_MAX
+from taskfleet.settings import AGENT_MAX_RESPONSE, INT32_MAX, INT32_MIN, INT64_MAX
 
 EXCHANGE_PATH = "/agent/v1/exchange"
 ENROLL_PATH = "/agent/v1/enroll"
@@ -76,6 +77,8 @@ MAX_OUTPUT_CHARS = 1024 * 1024  # stdout or stderr in one result
 MAX_TEXT_CHARS = 2000  # result line, reasons
 MAX_LONG_POLL = 300.0  # seconds a long poll may be held
 MAX_VERSION_CHARS = 64  # agent version (computers.agent_version)
+MAX_REPLY_BYTES = AGENT_MAX_RESPONSE  # a reply, so any text in it (the agent refuses more)
+MAX_SIG_CHARS = 256  # a signature in hex (Ed25519: 128)
 
 NUL_SYMBOL = "\u2400"  # what a NUL in remote text is stored as (visible, one character)
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -136,6 +139,50 @@ class AgentRequest:
     def max_seq(self) -> int:
         # parse_agent_request guarantees increasing sequence numbers.
         return self.messages[-1].seq if self.messages else 0
+
+
+@dataclass(frozen=True)
+class OperationMessage:
+    """Server -> agent: run operation ``op``; ``body`` is the signed canonical text."""
+
+    seq: int
+    op: int
+    body: str  # "" when the message carries none (unsigned: refused by the agent)
+    sig: str
+
+
+@dataclass(frozen=True)
+class CancelMessage:
+    """Server -> agent: stop operation ``op``."""
+
+    seq: int
+    op: int
+
+
+@dataclass(frozen=True)
+class MalformedMessage:
+    """A numbered server message the agent cannot read; it is acknowledged, never acted on."""
+
+    seq: int
+    op: int | None  # the operation it names, when that much is readable
+    error: str
+
+
+ServerMessage = OperationMessage | CancelMessage | MalformedMessage
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    poll_interval: float | None = None  # seconds between fallback exchanges, if set
+
+
+@dataclass(frozen=True)
+class ServerReply:
+    ack: int
+    messages: list[ServerMessage] = field(default_factory=list)
+    server_time: float | None = None
+    settings: ServerSettings = ServerSettings()
+    more: bool = False
 
 
 def clean_text(value: str) -> str:
@@ -213,13 +260,14 @@ def _num(obj: dict[str, Any], key: str) -> float | None:
     return number
 
 
-def _str(obj: dict[str, Any], key: str, limit: int) -> str:
+def _str(obj: dict[str, Any], key: str, limit: int, *, clean: bool = True) -> str:
     value = obj.get(key, "")
     if not isinstance(value, str):
         raise ProtocolError(f"{key!r} must be a string")
     if len(value) > limit:
         raise ProtocolError(f"{key!r} is {len(value)} characters, the limit is {limit}")
-    return clean_text(value)
+    # Signed text is taken exactly as sent: changed, it would not verify.
+    return clean_text(value) if clean else value
 
 
 def _parse_result(msg: dict[str, Any]) -> OperationResult:
@@ -306,6 +354,92 @@ def parse_agent_request(obj: Any) -> AgentRequest:
     if not 0.0 <= wait <= MAX_LONG_POLL:
         raise ProtocolError(f"'wait' must be 0..{MAX_LONG_POLL:g} seconds")
     return AgentRequest(ack=ack, messages=messages, agent=agent, wait=wait)
+
+
+def loads_reply(raw: bytes) -> Any:
+    """Decode a reply body on the agent (stdlib only: the agent stays lean);
+    malformed JSON and non-finite constants raise ProtocolError."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, _no_constant
+        raise ProtocolError(f"malformed JSON: {exc}") from None
+
+
+def parse_server_reply(obj: Any) -> ServerReply:
+    """Validate a decoded exchange reply on the agent.
+
+    What cannot be trusted as a whole raises ProtocolError naming the first
+    problem, and the agent applies nothing of that reply (not even its ``ack``:
+    its results stay queued), logs it and retries the exchange with backoff:
+    a body that is not an object, an ``ack``, ``server_time``, ``settings`` or
+    ``more`` of the wrong type or range, ``messages`` that is not a list, or a
+    message that is not an object or whose ``seq`` is missing, out of range or
+    not increasing. Without a trustworthy ``seq`` a message cannot be
+    acknowledged or skipped, so retrying (a truncated or garbled reply, a broken
+    relay) is all that is left.
+
+    A message with a good ``seq`` that is otherwise unreadable (an unknown
+    ``type``, a bad ``op``, ``body`` or ``sig``) becomes a
+    :class:`MalformedMessage`: the agent acknowledges it without acting on it,
+    so one bad message can never stall the conversation (the server would
+    resend it forever). A message missing ``body`` and ``sig`` parses with
+    empty ones: it is unsigned, which the agent refuses like any signature
+    that does not verify. Unknown fields, in messages or ``settings``, are
+    ignored (a newer server may send more).
+    """
+    if not isinstance(obj, dict):
+        raise ProtocolError("the exchange reply must be a JSON object")
+    ack = _int(obj, "ack") or 0
+    raw_messages = obj.get("messages", [])
+    if not isinstance(raw_messages, list):
+        raise ProtocolError("'messages' must be a list")
+    messages: list[ServerMessage] = []
+    last_seq = 0
+    for i, msg in enumerate(raw_messages):
+        if not isinstance(msg, dict):
+            raise ProtocolError(f"message {i} must be an object")
+        try:
+            seq = _int(msg, "seq", minimum=1) or 0
+        except ProtocolError as exc:
+            raise ProtocolError(f"message {i}: {exc}") from None
+        if seq <= last_seq:
+            raise ProtocolError(f"message {i}: sequence numbers must increase")
+        last_seq = seq
+        messages.append(_parse_server_message(seq, msg))
+    more = obj.get("more", False)
+    if not isinstance(more, bool):
+        raise ProtocolError("'more' must be true or false")
+    settings = parse_settings(obj.get("settings", {}))
+    return ServerReply(ack, messages, _num(obj, "server_time"), settings, more)
+
+
+def parse_settings(obj: Any) -> ServerSettings:
+    """The ``settings`` of a reply (or of an enrollment's answer)."""
+    if not isinstance(obj, dict):
+        raise ProtocolError("'settings' must be an object")
+    poll = _num(obj, "poll_interval")
+    if poll is not None and poll <= 0:
+        raise ProtocolError("'poll_interval' must be a positive number of seconds")
+    return ServerSettings(poll)
+
+
+def _parse_server_message(seq: int, msg: dict[str, Any]) -> ServerMessage:
+    op = msg.get("op")
+    readable_op = op if type(op) is int and 1 <= op <= INT64_MAX else None
+    kind = msg.get("type")
+    try:
+        if kind == "operation":
+            return OperationMessage(
+                seq,
+                _int(msg, "op", minimum=1) or 0,
+                _str(msg, "body", MAX_REPLY_BYTES, clean=False),
+                _str(msg, "sig", MAX_SIG_CHARS, clean=False),
+            )
+        if kind == "cancel":
+            return CancelMessage(seq, _int(msg, "op", minimum=1) or 0)
+        raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
+    except ProtocolError as exc:
+        return MalformedMessage(seq, readable_op, str(exc))
 
 
 # -- builders: every message of the exchange is made here, both ways --------------
