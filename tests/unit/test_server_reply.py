@@ -14,16 +14,20 @@ from taskfleet.protocol.exchange import (
     OperationMessage,
     ProtocolError,
     ServerSettings,
-    cancel_message,
     loads_reply,
     operation_message,
     parse_server_reply,
 )
+from taskfleet.protocol.exchange import cancel_message as signed_cancel
 from taskfleet.settings import INT64_MAX
 
 
 def _op(seq: int = 1, **kw: Any) -> dict[str, Any]:
     return {**operation_message(seq, 7, '{"op":7}', "ab" * 64), **kw}
+
+
+def cancel_message(seq: int, op: int) -> dict[str, Any]:
+    return signed_cancel(seq, op, f'{{"op":{op}}}', "cd" * 64)
 
 
 def _reply(*messages: dict[str, Any], **kw: Any) -> dict[str, Any]:
@@ -43,7 +47,7 @@ def test_a_valid_reply_parses_into_typed_messages() -> None:
     assert reply.settings == ServerSettings(poll_interval=1800.0)
     assert reply.messages == [
         OperationMessage(5, 7, '{"op":7}', "ab" * 64),
-        CancelMessage(6, 118),
+        CancelMessage(6, 118, '{"op":118}', "cd" * 64),
     ]
 
 
@@ -116,6 +120,7 @@ def test_a_reply_that_cannot_be_trusted_as_a_whole_is_refused(reply: Any, messag
         ({"seq": 4, "type": "cancel", "op": "9"}, None, "'op'"),
         ({"seq": 4, "type": "cancel", "op": True}, None, "'op'"),
         ({"seq": 4, "type": "cancel", "op": INT64_MAX + 1}, None, "limit"),
+        ({**cancel_message(4, 9), "sig": ["x"]}, 9, "'sig' must be a string"),
         (_op(4, op=-7), None, "'op'"),
         (_op(4, body=["not", "text"]), 7, "'body' must be a string"),
         (_op(4, body=None), 7, "'body' must be a string"),
@@ -133,9 +138,10 @@ def test_one_unreadable_message_is_kept_apart_with_its_seq(
     assert isinstance(reply.messages[2], CancelMessage)
 
 
-def test_an_operation_without_body_or_signature_parses_as_unsigned() -> None:
-    (m,) = parse_server_reply(_reply({"seq": 1, "type": "operation", "op": 7})).messages
-    assert m == OperationMessage(1, 7, "", "")
+def test_an_order_without_body_or_signature_parses_as_unsigned() -> None:
+    unsigned = [{"seq": 1, "type": "operation", "op": 7}, {"seq": 2, "type": "cancel", "op": 7}]
+    reply = parse_server_reply(_reply(*unsigned))
+    assert reply.messages == [OperationMessage(1, 7, "", ""), CancelMessage(2, 7, "", "")]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ Contract:
   transaction (``LocalState.receive``), before anything runs; then it stops
   what was canceled and starts what is new. A message whose ``seq`` is not
   above the stored ack is a resend and is dropped; one that cannot be read is
-  acknowledged and logged, never acted on.
+  acknowledged and logged, never acted on. A cancel is acted on only if it is
+  a signed order for this computer and generation (``protocol/orders.py``).
 * An operation runs at most once per attempt: ``owned`` holds every operation
   with a run task, from spawn to its end, so a run is "executing" for the
   scrubber (SPEC 5 rule 1) before its process exists and is never spawned twice.
@@ -51,6 +52,7 @@ from taskfleet.protocol.exchange import (
     operation_result,
     operation_status,
 )
+from taskfleet.protocol.orders import CANCEL, Refusal, open_order
 from taskfleet.protocol.signing import SignatureError, Verifier
 from taskfleet.settings import OUTPUT_CAP, OUTPUT_CAP_MAX, RECURRING_EVERY
 
@@ -126,6 +128,16 @@ class Operations:
                     )
                 )
             elif isinstance(m, CancelMessage):
+                try:
+                    self._open(m, CANCEL)
+                except Refusal as refusal:
+                    log.warning(
+                        "server message %d (cancel of operation %d) refused, %s",
+                        m.seq,
+                        m.op,
+                        refusal,
+                    )
+                    continue
                 cancels.append(m.op)
             else:
                 log.warning("server message %d ignored, it cannot be read: %s", m.seq, m.error)
@@ -138,6 +150,19 @@ class Operations:
             op = self.state.operation(op_id)
             if op is not None:
                 self.spawn(op)
+
+    def _open(self, m: OperationMessage | CancelMessage, kind: str) -> dict[str, Any]:
+        """The signed payload of ``m``, if it is genuinely for this computer (``open_order``)."""
+        assert self.identity is not None and self.verifier is not None
+        return open_order(
+            self.verifier,
+            m.body,
+            m.sig,
+            kind=kind,
+            op=m.op,
+            computer=self.identity.computer_id,
+            generation=self.identity.generation,
+        )
 
     def _cancel(self, op_id: int) -> None:
         running = self.running.get(op_id)

@@ -23,10 +23,12 @@ same scheme, borrowed from landscape-client:
   ``cancel_message``, ``operation_status``, ``operation_result``) and parsed
   here too: ``parse_agent_request`` on the server, ``parse_server_reply`` on
   the agent (which says what the agent does with a reply it cannot read).
-* Server -> agent messages: ``operation`` (``op`` is the operation id; the
-  payload is a canonical JSON text in ``body`` signed with the server's Ed25519
-  key in ``sig``, and names the computer it is meant for, so a relay cannot
-  invent, alter or redirect work) and ``cancel`` (stop operation ``op``).
+* Server -> agent messages: ``operation`` (run operation ``op``) and
+  ``cancel`` (stop operation ``op``). Both are signed orders
+  (``protocol/orders.py``): a canonical JSON text in ``body``, signed with the
+  server's Ed25519 key in ``sig``, naming the computer, its generation and the
+  operation, so a relay cannot invent, alter, redirect or replay one; the agent
+  checks it before it stores or acts on it.
 * The agent writes an operation to its local state before it acks it, and a
   result before it sends it. The server writes results before it acks them.
 * Request body: ``{"ack": int, "messages": [...], "agent": {...}?, "wait": s?}``;
@@ -84,6 +86,10 @@ NUL_SYMBOL = "\u2400"  # what a NUL in remote text is stored as (visible, one ch
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 RESULT_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+# Why an agent refused a server message that is not genuinely for it (protocol/orders.py).
+REFUSAL_REASONS = frozenset(
+    {"bad-signature", "wrong-computer", "wrong-generation", "replayed", "malformed"}
+)
 # "failed" here is a failed attempt that will be retried (SPEC 5): not final.
 PROGRESS_STATUSES = frozenset({"working", "deferred", "failed"})
 
@@ -153,10 +159,12 @@ class OperationMessage:
 
 @dataclass(frozen=True)
 class CancelMessage:
-    """Server -> agent: stop operation ``op``."""
+    """Server -> agent: stop operation ``op``; ``body`` is the signed canonical text."""
 
     seq: int
     op: int
+    body: str  # "" when the message carries none (unsigned: refused by the agent)
+    sig: str
 
 
 @dataclass(frozen=True)
@@ -428,16 +436,15 @@ def _parse_server_message(seq: int, msg: dict[str, Any]) -> ServerMessage:
     readable_op = op if type(op) is int and 1 <= op <= INT64_MAX else None
     kind = msg.get("type")
     try:
-        if kind == "operation":
-            return OperationMessage(
-                seq,
-                _int(msg, "op", minimum=1) or 0,
-                _str(msg, "body", MAX_REPLY_BYTES, clean=False),
-                _str(msg, "sig", MAX_SIG_CHARS, clean=False),
-            )
-        if kind == "cancel":
-            return CancelMessage(seq, _int(msg, "op", minimum=1) or 0)
-        raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
+        if kind not in ("operation", "cancel"):
+            raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
+        cls = OperationMessage if kind == "operation" else CancelMessage
+        return cls(
+            seq,
+            _int(msg, "op", minimum=1) or 0,
+            _str(msg, "body", MAX_REPLY_BYTES, clean=False),
+            _str(msg, "sig", MAX_SIG_CHARS, clean=False),
+        )
     except ProtocolError as exc:
         return MalformedMessage(seq, readable_op, str(exc))
 
@@ -448,40 +455,14 @@ def _parse_server_message(seq: int, msg: dict[str, Any]) -> ServerMessage:
 # numbered by its sender's store, adds ``seq`` there.
 
 
-def operation_body(
-    *,
-    computer: int,
-    generation: int,
-    op: int,
-    type: str,
-    params: Any,
-    policy: dict[str, Any],
-    timeout: float,
-    issued_at: float,
-) -> str:
-    """An operation's payload as the exact text the server signs."""
-    return canonical(
-        {
-            "computer": computer,
-            "generation": generation,
-            "op": op,
-            "type": type,
-            "params": params,
-            "policy": policy,
-            "timeout": timeout,
-            "issued_at": issued_at,
-        }
-    )
-
-
 def operation_message(seq: int, op: int, body: str, sig: str) -> dict[str, Any]:
-    """Server -> agent: run operation ``op`` (``body`` from :func:`operation_body`)."""
+    """Server -> agent: run operation ``op`` (``body`` from ``orders.operation_body``)."""
     return {"seq": seq, "type": "operation", "op": op, "body": body, "sig": sig}
 
 
-def cancel_message(seq: int, op: int) -> dict[str, Any]:
-    """Server -> agent: stop operation ``op``."""
-    return {"seq": seq, "type": "cancel", "op": op}
+def cancel_message(seq: int, op: int, body: str, sig: str) -> dict[str, Any]:
+    """Server -> agent: stop operation ``op`` (``body`` from ``orders.cancel_body``)."""
+    return {"seq": seq, "type": "cancel", "op": op, "body": body, "sig": sig}
 
 
 def operation_status(

@@ -51,9 +51,9 @@ from taskfleet.protocol.exchange import (
     OperationResult,
     OperationStatus,
     ProtocolError,
-    operation_body,
     operation_message,
 )
+from taskfleet.protocol.orders import operation_body
 from taskfleet.protocol.signing import Signer
 from taskfleet.server import metrics
 from taskfleet.server.fleet import ComputerState, Fleet
