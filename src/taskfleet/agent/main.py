@@ -9,11 +9,13 @@ Contract (see ``protocol/exchange.py`` for the wire protocol):
 * Every operation is written to local state before it is acknowledged, and its
   result before it is sent; results stay queued until the server acks them,
   across restarts and server outages.
-* The agent verifies each operation's Ed25519 signature and that it names this
-  computer, and refuses (reporting Failed with the reason) what its own policy
-  does not allow: scripts must be enabled (``--allow-scripts``) and may run
-  only as the listed users (default: the agent's own user). Operation runs
-  (receive, cancel, spawn, run, check) live in ``agent/operations.py``.
+* The agent acts only on orders (operations, cancels) signed by the server for
+  this computer and generation, and reports to the server, in a ``refused``
+  message, every server message it refuses for that reason; it refuses
+  (reporting Failed with the reason) the operations its own policy does not
+  allow: scripts must be enabled (``--allow-scripts``) and may run only as the
+  listed users (default: the agent's own user). Operation runs (receive,
+  cancel, spawn, run, check) live in ``agent/operations.py``.
 * A server that is down is retried with exponential backoff, and the agent
   says so in its log.
 * An operation found unfinished at start (the agent died while it ran) is

@@ -5,15 +5,21 @@ Contract:
   (``protocol.exchange.parse_server_reply``) with the new server ack in one
   transaction (``LocalState.receive``), before anything runs; then it stops
   what was canceled and starts what is new. A message whose ``seq`` is not
-  above the stored ack is a resend and is dropped; one that cannot be read is
-  acknowledged and logged, never acted on. A cancel is acted on only if it is
-  a signed order for this computer and generation (``protocol/orders.py``).
+  above the stored ack is a resend and is dropped.
+* A new message is acted on only if it is genuinely for this computer: a
+  signed order (``protocol/orders.open_order``: signature, kind, op, this
+  computer, this generation) and, for an operation, one this computer does not
+  have yet (the server hands an operation out in one message only). Anything
+  else, and a message that cannot be read, is refused: acknowledged, never
+  acted on, logged, and reported to the server in a ``refused`` message queued
+  in the same transaction. It is not reported as a result for its operation:
+  that operation may be another computer's, whose result the server refuses.
 * An operation runs at most once per attempt: ``owned`` holds every operation
   with a run task, from spawn to its end, so a run is "executing" for the
   scrubber (SPEC 5 rule 1) before its process exists and is never spawned twice.
-* Before it runs, an operation's Ed25519 signature is verified and it must name
-  this computer; then this computer's own policy decides (scripts enabled, the
-  listed users only). What is refused is reported Failed with the reason.
+* Before it runs, an operation is checked again (signature, this computer),
+  then this computer's own policy decides (scripts enabled, the listed users
+  only). What the policy refuses is reported Failed with the reason.
 * Optional work outside the local run window is Deferred (SPEC 5) and started
   when the window opens; a recurring operation is run again every ``every``
   seconds until it is canceled; a failed run of a pulled, Required, Once
@@ -46,13 +52,15 @@ from taskfleet.domain.scrubber import after_failure
 from taskfleet.process import RunningScript, ScriptSpec, start_script
 from taskfleet.protocol.exchange import (
     CancelMessage,
+    MalformedMessage,
     OperationMessage,
     ServerMessage,
     operation_message,
     operation_result,
     operation_status,
+    refused_message,
 )
-from taskfleet.protocol.orders import CANCEL, Refusal, open_order
+from taskfleet.protocol.orders import CANCEL, OPERATION, Refusal, open_order
 from taskfleet.protocol.signing import SignatureError, Verifier
 from taskfleet.settings import OUTPUT_CAP, OUTPUT_CAP_MAX, RECURRING_EVERY
 
@@ -107,49 +115,76 @@ class Operations:
         """Store what a reply brought, then act on it (module docstring)."""
         last = self.state.server_seq
         ops: list[st.NewOperation] = []
+        taken: set[int] = set()
         cancels: list[int] = []
+        refusals: list[dict[str, Any]] = []
         top = last
         for m in messages:
             if m.seq <= last:
                 continue  # already stored: a resend
             top = max(top, m.seq)
-            if isinstance(m, OperationMessage):
-                policy = _policy_of(m.body)
-                ops.append(
-                    st.NewOperation(
-                        m.op,
-                        m.seq,
-                        EXECUTE_SCRIPT,
-                        json.dumps(operation_message(m.seq, m.op, m.body, m.sig)),
-                        pushed,
-                        policy["mode"],
-                        policy["interval"],
-                        policy["every"],
-                    )
-                )
-            elif isinstance(m, CancelMessage):
-                try:
+            try:
+                if isinstance(m, MalformedMessage):
+                    raise Refusal("malformed", m.error)
+                if isinstance(m, CancelMessage):
                     self._open(m, CANCEL)
-                except Refusal as refusal:
-                    log.warning(
-                        "server message %d (cancel of operation %d) refused, %s",
-                        m.seq,
-                        m.op,
-                        refusal,
-                    )
-                    continue
-                cancels.append(m.op)
-            else:
-                log.warning("server message %d ignored, it cannot be read: %s", m.seq, m.error)
+                    cancels.append(m.op)
+                else:
+                    ops.append(self._operation(m, self._open(m, OPERATION), taken, pushed))
+                    taken.add(m.op)
+            except Refusal as refusal:
+                log.warning(
+                    "server message %d%s refused, %s",
+                    m.seq,
+                    f" (operation {m.op})" if m.op is not None else "",
+                    refusal,
+                )
+                refusals.append(refused_message(m.seq, m.op, refusal.reason, refusal.text))
         if top == last:
             return
-        new = self.state.receive(ops, cancels, top)
+        new = self.state.receive(ops, cancels, top, refusals)
+        if refusals:
+            self.trigger.set()
         for op_id in cancels:
             self._cancel(op_id)
         for op_id in new:
             op = self.state.operation(op_id)
             if op is not None:
                 self.spawn(op)
+
+    def _operation(
+        self,
+        m: OperationMessage,
+        payload: dict[str, Any],
+        taken: set[int],
+        pushed: bool,
+    ) -> st.NewOperation:
+        """A genuine operation to store, unless this computer has it already.
+
+        The server hands an operation out once, in one message, and resends that
+        message under its own ``seq``, which is dropped above: the same operation
+        in a newer message is a replay (by a relay), whatever its text."""
+        before = self.state.operation(m.op)
+        if before is not None:
+            same = json.loads(before.body).get("body") == m.body
+            raise Refusal(
+                "replayed",
+                f"operation {m.op} was received before, in server message {before.seq}"
+                + ("" if same else ", with another signed text"),
+            )
+        if m.op in taken:
+            raise Refusal("replayed", f"operation {m.op} came twice in one reply")
+        policy = _policy_of(payload)
+        return st.NewOperation(
+            m.op,
+            m.seq,
+            EXECUTE_SCRIPT,
+            json.dumps(operation_message(m.seq, m.op, m.body, m.sig)),
+            pushed,
+            policy["mode"],
+            policy["interval"],
+            policy["every"],
+        )
 
     def _open(self, m: OperationMessage | CancelMessage, kind: str) -> dict[str, Any]:
         """The signed payload of ``m``, if it is genuinely for this computer (``open_order``)."""
@@ -389,8 +424,8 @@ class Operations:
         return None, spec, timeout
 
 
-def _policy_of(body: str) -> dict[str, Any]:
+def _policy_of(payload: dict[str, Any]) -> dict[str, Any]:
     try:
-        return validate_policy(json.loads(body).get("policy"))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return validate_policy(None)  # _check refuses a body it cannot read
+        return validate_policy(payload.get("policy"))
+    except (ValueError, TypeError, AttributeError):
+        return validate_policy(None)  # _check refuses what it cannot run

@@ -17,10 +17,15 @@ same scheme, borrowed from landscape-client:
   run of a recurring operation, which changes no state) and
   ``operation-status`` (``op`` is ``working`` on its ``attempt``, or
   ``deferred`` ``until`` a time, with a reason; it changes no state but moves
-  the server's lost-deadline). A result for an operation that is already final
-  is recorded but changes no state.
+  the server's lost-deadline), and ``refused`` (the server message
+  ``server_seq``, naming operation ``op`` if it could be read, was not
+  genuinely for this computer: a ``reason`` from ``REFUSAL_REASONS`` and a
+  ``text``; the server records it in its log, metrics and audit log and
+  changes no state). A result for an operation that is already final is
+  recorded but changes no state.
 * Every message is built by a builder below (``operation_message``,
-  ``cancel_message``, ``operation_status``, ``operation_result``) and parsed
+  ``cancel_message``, ``operation_status``, ``operation_result``,
+  ``refused_message``) and parsed
   here too: ``parse_agent_request`` on the server, ``parse_server_reply`` on
   the agent (which says what the agent does with a reply it cannot read).
 * Server -> agent messages: ``operation`` (run operation ``op``) and
@@ -60,6 +65,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,7 +130,16 @@ class OperationStatus:
     reason: str
 
 
-AgentMessage = OperationResult | OperationStatus
+@dataclass(frozen=True)
+class RefusedMessage:
+    seq: int
+    server_seq: int  # the server message refused
+    op: int | None  # the operation it named, when that much could be read
+    reason: str  # one of REFUSAL_REASONS
+    text: str
+
+
+AgentMessage = OperationResult | OperationStatus | RefusedMessage
 
 
 @dataclass(frozen=True)
@@ -317,6 +332,26 @@ def _parse_status(msg: dict[str, Any]) -> OperationStatus:
     )
 
 
+def _parse_refused(msg: dict[str, Any]) -> RefusedMessage:
+    reason = msg.get("reason")
+    if reason not in REFUSAL_REASONS:
+        raise ProtocolError(f"'reason' must be one of {sorted(REFUSAL_REASONS)}")
+    return RefusedMessage(
+        seq=_int(msg, "seq", minimum=1) or 0,
+        server_seq=_int(msg, "server_seq", minimum=1) or 0,
+        op=_int(msg, "op", minimum=1, optional=True),
+        reason=reason,
+        text=_str(msg, "text", MAX_TEXT_CHARS),
+    )
+
+
+_AGENT_PARSERS: dict[str, Callable[[dict[str, Any]], AgentMessage]] = {
+    "operation-result": _parse_result,
+    "operation-status": _parse_status,
+    "refused": _parse_refused,
+}
+
+
 def parse_agent_request(obj: Any) -> AgentRequest:
     """Validate a decoded exchange body; raise ProtocolError naming the first problem."""
     if not isinstance(obj, dict):
@@ -332,13 +367,11 @@ def parse_agent_request(obj: Any) -> AgentRequest:
     for i, msg in enumerate(raw_messages):
         if not isinstance(msg, dict):
             raise ProtocolError(f"message {i} must be an object")
-        kind = msg.get("type")
-        if kind not in ("operation-result", "operation-status"):
-            raise ProtocolError(f"message {i}: unknown type {kind!r}")
+        parse = _AGENT_PARSERS.get(str(msg.get("type")))
+        if parse is None:
+            raise ProtocolError(f"message {i}: unknown type {msg.get('type')!r}")
         try:
-            message: AgentMessage = (
-                _parse_result(msg) if kind == "operation-result" else _parse_status(msg)
-            )
+            message: AgentMessage = parse(msg)
         except ProtocolError as exc:
             raise ProtocolError(f"message {i}: {exc}") from None
         if message.seq <= last_seq:
@@ -511,6 +544,20 @@ def operation_result(
 _RESULT_RUN_FIELDS = frozenset(
     {"stdout_dropped", "stderr_dropped", "started_at", "ended_at", "recurring"}
 )
+
+
+def refused_message(server_seq: int, op: int | None, reason: str, text: str) -> dict[str, Any]:
+    """Agent -> server: server message ``server_seq`` (naming ``op``, if readable) was
+    not acted on, for ``reason`` (``REFUSAL_REASONS``); no ``seq``, as above."""
+    if reason not in REFUSAL_REASONS:
+        raise ValueError(f"refused_message: unknown reason {reason!r}")
+    return {
+        "type": "refused",
+        "server_seq": server_seq,
+        "op": op,
+        "reason": reason,
+        "text": text[:MAX_TEXT_CHARS],
+    }
 
 
 def canonical(obj: Any) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from taskfleet.protocol.exchange import REFUSAL_REASONS
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 EXCHANGES = Counter(
@@ -49,3 +51,11 @@ COMPUTERS = Gauge("taskfleet_computers", "Enrolled computers", registry=REGISTRY
 REQUESTS = Counter(
     "taskfleet_requests_created_total", "Requests created (parents)", registry=REGISTRY
 )
+AGENT_REFUSALS = Counter(
+    "taskfleet_agent_refusals_total",
+    "Server messages agents refused as not genuinely theirs (server/refusals.py), by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+for _reason in sorted(REFUSAL_REASONS):
+    AGENT_REFUSALS.labels(_reason)  # every series exists from the start, at 0
