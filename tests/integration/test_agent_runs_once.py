@@ -22,7 +22,7 @@ def _agent(tmp_path: Path) -> Agent:
     agent = Agent(AgentConfig(server="http://127.0.0.1:9", state_dir=tmp_path / "agent"))
     key = Signer(new_signing_seed()).public_key_hex
     agent.ident = st.Identity("http://127.0.0.1:9", 1, "secret", 1, b"k" * 32, key)
-    agent.verifier_obj = Verifier(key)  # the unsigned test payload is refused: no process
+    agent.ops.bind(agent.ident, Verifier(key))  # the unsigned test payload is refused: no process
     return agent
 
 
@@ -38,11 +38,11 @@ async def test_an_operation_is_never_spawned_twice(tmp_path: Path) -> None:
     agent = _agent(tmp_path)
     try:
         op = _receive(agent, 1)
-        agent._spawn_now(op.op)
-        agent._spawn_now(op.op)  # a second trigger (scrub loop, tickle) before it runs
-        assert len(agent.tasks) == 1 and agent.owned == {1}
-        await asyncio.gather(*agent.tasks)
-        assert agent.owned == set()
+        agent.ops.spawn_now(op.op)
+        agent.ops.spawn_now(op.op)  # a second trigger (scrub loop, tickle) before it runs
+        assert len(agent.ops.tasks) == 1 and agent.ops.owned == {1}
+        await asyncio.gather(*agent.ops.tasks)
+        assert agent.ops.owned == set()
     finally:
         agent.state.close()
 
@@ -53,12 +53,12 @@ async def test_a_scrubber_run_while_a_run_starts_skips_instead_of_continuing_it(
     agent = _agent(tmp_path)
     try:
         op = _receive(agent, 1)
-        agent._spawn_now(op.op)  # its task has not run yet: no process exists
+        agent.ops.spawn_now(op.op)  # its task has not run yet: no process exists
         agent.state.start(op.op)  # the record says Working, as it does while a process starts
         agent.scrub_pass()
         record = agent.state.operation(op.op)
         assert record is not None and record.status == st.WORKING and record.attempts == 1
-        assert len(agent.tasks) == 1  # not continued: no second run spawned
-        await asyncio.gather(*agent.tasks)
+        assert len(agent.ops.tasks) == 1  # not continued: no second run spawned
+        await asyncio.gather(*agent.ops.tasks)
     finally:
         agent.state.close()

@@ -9,10 +9,13 @@ Contract (see ``protocol/exchange.py`` for the wire protocol):
 * Every operation is written to local state before it is acknowledged, and its
   result before it is sent; results stay queued until the server acks them,
   across restarts and server outages.
-* The agent verifies each operation's Ed25519 signature and that it names this
-  computer, and refuses (reporting Failed with the reason) what its own policy
-  does not allow: scripts must be enabled (``--allow-scripts``) and may run
-  only as the listed users (default: the agent's own user).
+* The agent acts only on orders (operations, cancels) signed by the server for
+  this computer and generation, and reports to the server, in a ``refused``
+  message, every server message it refuses for that reason; it refuses
+  (reporting Failed with the reason) the operations its own policy does not
+  allow: scripts must be enabled (``--allow-scripts``) and may run only as the
+  listed users (default: the agent's own user). Operation runs (receive,
+  cancel, spawn, run, check) live in ``agent/operations.py``.
 * A server that is down is retried with exponential backoff, and the agent
   says so in its log.
 * An operation found unfinished at start (the agent died while it ran) is
@@ -21,19 +24,12 @@ Contract (see ``protocol/exchange.py`` for the wire protocol):
   final (SPEC 5): it is Failed locally, the server is told "failed, will retry
   (attempt k of N)" and the scrubber's next run continues it. Only the last
   attempt's failure is reported as the final Failed.
-
-Longer than ~600 lines for now: one ``Agent`` object owns the event loop's
-state that enrollment, tickles, the exchange loop, the scrubber and operation
-runs share (which runs exist, what is owned, the trigger). Its operation runs
-(receive, cancel, spawn, run, check) are the next piece to leave for a module
-of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -50,27 +46,25 @@ from typing import Any
 from taskfleet import __version__
 from taskfleet.agent import state as st
 from taskfleet.agent.http import Connection, HttpError
-from taskfleet.agent.scrub import (
-    agent_lock,
-    executor_lock,
-    kill_leftover,
-    process_start,
-)
+from taskfleet.agent.operations import Operations
+from taskfleet.agent.scrub import agent_lock, kill_leftover
 from taskfleet.agent.scrub import plan as scrub_plan
 from taskfleet.agent.scrub import scrub as scrub_record
-from taskfleet.domain.policy import Interval, Mode, RunWindow, validate_policy
-from taskfleet.domain.results import REFUSED_PREFIX, describe_script_outcome, result_line
-from taskfleet.domain.scripts import EXECUTE_SCRIPT, policy_refusal, validate_script_params
-from taskfleet.domain.scrubber import Action, after_failure
-from taskfleet.process import RunningScript, ScriptSpec, start_script
+from taskfleet.domain.policy import RunWindow
+from taskfleet.domain.scripts import EXECUTE_SCRIPT
+from taskfleet.domain.scrubber import Action
 from taskfleet.protocol.exchange import (
     ENROLL_PATH,
     EXCHANGE_PATH,
     MAX_MESSAGES,
-    operation_result,
+    ProtocolError,
+    ServerSettings,
+    loads_reply,
     operation_status,
+    parse_server_reply,
+    parse_settings,
 )
-from taskfleet.protocol.signing import SignatureError, Verifier
+from taskfleet.protocol.signing import Verifier
 from taskfleet.protocol.tickle import TickleVerifier
 from taskfleet.settings import (
     AGENT_RETRY_MAX,
@@ -79,10 +73,7 @@ from taskfleet.settings import (
     AGENT_TICKLE_PORT,
     EXCHANGE_HTTP_TIMEOUT,
     LONG_POLL_WAIT,
-    OUTPUT_CAP,
-    OUTPUT_CAP_MAX,
     POLL_INTERVAL,
-    RECURRING_EVERY,
     SCRUB_INTERVAL,
     SCRUB_MAX_ATTEMPTS,
     TICKLE_MAX_SKEW,
@@ -127,12 +118,6 @@ class Agent:
         self.ident: st.Identity | None = None
         self.conn = Connection(config.server, timeout=EXCHANGE_HTTP_TIMEOUT)
         self.trigger = asyncio.Event()
-        self.running: dict[int, RunningScript] = {}
-        # Operations with a run task, from spawn to its end: a run is "executing"
-        # for the scrubber (SPEC 5 rule 1) before its process exists, and is never
-        # spawned twice.
-        self.owned: set[int] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
         self.verifier: TickleVerifier | None = None
         self.poll_interval = config.poll_interval or POLL_INTERVAL
         self.info_sent = False
@@ -147,9 +132,6 @@ class Agent:
         self.retickle: asyncio.TimerHandle | None = None
         self.tickled = False
         self.woken = False
-        self.timers: dict[int, asyncio.TimerHandle] = {}
-        self.window = RunWindow.parse(config.run_window) if config.run_window else None
-        self.exec_lock = executor_lock(config.state_dir)
         self.agent_lock = agent_lock(config.state_dir)
         if not self.agent_lock.acquire():
             raise st.StateError(
@@ -158,6 +140,16 @@ class Agent:
         self.exchanges = 0
         # When the scrubber runs next: a failed attempt's retry starts then.
         self.next_scrub_at = time.time() + config.scrub_interval
+        self.ops = Operations(
+            self.state,
+            self.trigger,
+            state_dir=config.state_dir,
+            policy=self.policy,
+            own_user=self.own_user,
+            window=RunWindow.parse(config.run_window) if config.run_window else None,
+            max_attempts=config.max_attempts,
+            next_scrub_at=lambda: self.next_scrub_at,
+        )
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -184,7 +176,7 @@ class Agent:
                 self.config.server,
             )
             self.conn = Connection(self.ident.server, timeout=EXCHANGE_HTTP_TIMEOUT)
-        self.verifier_obj = Verifier(self.ident.server_public_key)
+        self.ops.bind(self.ident, Verifier(self.ident.server_public_key))
         transport = await self._listen_tickles(sock)
         self._startup()
         scrubber = asyncio.create_task(self._scrub_loop())
@@ -199,10 +191,7 @@ class Agent:
         await self.stopping.wait()
         main.cancel()
         scrubber.cancel()
-        for timer in self.timers.values():
-            timer.cancel()
-        for running in self.running.values():
-            running.cancel()
+        self.ops.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await main
         if transport:
@@ -252,7 +241,7 @@ class Agent:
         )
         self.state.save_identity(ident)
         self.info_sent = True  # enrollment carried our info
-        self._apply_settings(d.get("settings", {}))
+        self._apply_settings(parse_settings(d.get("settings", {})))
         log.info(
             "enrolled as computer %d%s",
             ident.computer_id,
@@ -348,9 +337,9 @@ class Agent:
         self._scrub(executor_running=False)
         for op in self.state.unfinished():
             if op.cancel_requested or op.status == st.UNKNOWN:
-                self._spawn(op)  # received and never started (or continued): run it now
+                self.ops.spawn(op)  # received and never started (or continued): run it now
             elif op.next_run_at is not None:
-                self._spawn(op, max(0.0, op.next_run_at - time.time()))
+                self.ops.spawn(op, max(0.0, op.next_run_at - time.time()))
 
     def _scrub(self, *, executor_running: bool) -> None:
         plan, ops = scrub_plan(
@@ -360,7 +349,7 @@ class Agent:
             max_attempts=self.config.max_attempts,
         )
         if plan.skipped:
-            log.info("scrubber skipped this run: %d task executor(s) running", len(self.owned))
+            log.info("scrubber skipped this run: %d task executor(s) running", len(self.ops.owned))
             self._retries_wait(time.time() + self.config.scrub_interval)
             return
         continued = 0
@@ -390,7 +379,9 @@ class Agent:
         # Failed attempts waiting to be continued miss this run: tell the server
         # when they can start now, so it does not declare them lost meanwhile.
         waiting = [
-            o for o in self.state.unfinished() if o.status == st.FAILED and o.op not in self.owned
+            o
+            for o in self.state.unfinished()
+            if o.status == st.FAILED and o.op not in self.ops.owned
         ]
         for o in waiting:
             reason = "its retry waits for the scrubber's next run (a task is running)"
@@ -410,11 +401,11 @@ class Agent:
 
     def scrub_pass(self) -> None:
         """One periodic scrubber run, then start what it continued."""
-        running = bool(self.owned) or self.exec_lock.held_elsewhere()
+        running = bool(self.ops.owned) or self.ops.exec_lock.held_elsewhere()
         self._scrub(executor_running=running)
         for op in self.state.unfinished():
-            if op.status == st.UNKNOWN and op.op not in self.owned:
-                self._spawn(op)
+            if op.status == st.UNKNOWN and op.op not in self.ops.owned:
+                self.ops.spawn(op)
 
     # -- exchanging ------------------------------------------------------------
 
@@ -439,6 +430,18 @@ class Agent:
                 else:
                     log.warning("exchange refused: %s", _error_text(exc))
                 await asyncio.sleep(delay)
+                delay = min(delay * 2, AGENT_RETRY_MAX)
+                self.trigger.set()
+            except ProtocolError as exc:
+                # parse_server_reply says why a reply is refused whole.
+                log.warning(
+                    "server %s sent a reply this agent cannot read (%s); nothing of it "
+                    "was applied, retrying in %.0fs",
+                    self.config.server,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, AGENT_RETRY_MAX)
                 self.trigger.set()
             except (TimeoutError, OSError, ValueError) as exc:
@@ -490,289 +493,26 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await post
                 return
-        reply = json.loads(await post)
+        reply = parse_server_reply(loads_reply(await post))
+        if reply.ack > self.state.last_seq:
+            # It would drop results that were never sent.
+            raise ProtocolError(f"ack {reply.ack} is beyond the last message sent")
         self.exchanges += 1
         if "agent" in body:
             self.info_sent = True
-        self.state.acked(int(reply.get("ack", 0)))
-        self._apply_settings(reply.get("settings", {}))
-        if self.verifier is not None and "server_time" in reply:
-            self.verifier.set_clock_offset(float(reply["server_time"]) - time.time())
-        self._receive(reply.get("messages", []), pushed=bool(wait) or self.woken)
-        if self.state.outbox_size() > len(messages) or (messages and reply.get("messages")):
+        self.state.acked(reply.ack)
+        self._apply_settings(reply.settings)
+        if self.verifier is not None and reply.server_time is not None:
+            self.verifier.set_clock_offset(reply.server_time - time.time())
+        self.ops.receive(reply.messages, pushed=bool(wait) or self.woken)
+        if self.state.outbox_size() > len(messages) or (messages and reply.messages):
             self.trigger.set()
-        if reply.get("more"):  # the reply was full: the server holds more for us
-            self.trigger.set()
-
-    def _apply_settings(self, settings: dict[str, Any]) -> None:
-        if self.config.poll_interval is None and "poll_interval" in settings:
-            self.poll_interval = float(settings["poll_interval"])
-
-    def _receive(self, messages: list[dict[str, Any]], pushed: bool) -> None:
-        last = self.state.server_seq
-        ops: list[st.NewOperation] = []
-        cancels: list[int] = []
-        top = last
-        for m in messages:
-            seq = int(m.get("seq", 0))
-            if seq <= last:
-                continue  # already stored: a resend
-            top = max(top, seq)
-            if m.get("type") == "operation":
-                policy = _policy_of(m)
-                ops.append(
-                    st.NewOperation(
-                        int(m["op"]),
-                        seq,
-                        EXECUTE_SCRIPT,
-                        json.dumps(m),
-                        pushed,
-                        policy["mode"],
-                        policy["interval"],
-                        policy["every"],
-                    )
-                )
-            elif m.get("type") == "cancel":
-                cancels.append(int(m["op"]))
-        if top == last:
-            return
-        new = self.state.receive(ops, cancels, top)
-        for op_id in cancels:
-            self._cancel(op_id)
-        for op_id in new:
-            op = self.state.operation(op_id)
-            if op is not None:
-                self._spawn(op)
-
-    def _cancel(self, op_id: int) -> None:
-        running = self.running.get(op_id)
-        if running is not None:
-            log.info("operation %d: cancel received, stopping its process group", op_id)
-            running.cancel()
-            return
-        timer = self.timers.pop(op_id, None)
-        op = self.state.operation(op_id)
-        if op is not None and timer is not None:
-            # Waiting for its window or its next recurring run: it ends here.
-            timer.cancel()
-            line = result_line("Waiting", "Canceled", "Canceled before its next run", None)
-            self.state.finish(op_id, st.CANCELED, operation_result(op_id, "canceled", line))
-            self.trigger.set()
-        elif op is not None and not op.finished and op.status == st.FAILED:
-            # A failed attempt waiting for the scrubber to continue it: not retried.
-            line = result_line(
-                "Waiting", "Canceled", f"Canceled before attempt {op.attempts + 1}", None
-            )
-            self.state.finish(op_id, st.CANCELED, operation_result(op_id, "canceled", line))
+        if reply.more:  # the reply was full: the server holds more for us
             self.trigger.set()
 
-    # -- running ---------------------------------------------------------------
-
-    def _spawn(self, op: st.Operation, delay: float = 0.0) -> None:
-        if delay > 0:
-            self.timers[op.op] = asyncio.get_running_loop().call_later(
-                delay, self._spawn_now, op.op
-            )
-            return
-        self._spawn_now(op.op)
-
-    def _spawn_now(self, op_id: int) -> None:
-        self.timers.pop(op_id, None)
-        op = self.state.operation(op_id)
-        if op is None or op_id in self.owned:
-            return
-        self.owned.add(op_id)
-        task = asyncio.create_task(self._run(op))
-        self.tasks.add(task)
-
-        def done(t: asyncio.Task[None]) -> None:
-            self.tasks.discard(t)
-            self.owned.discard(op_id)
-
-        task.add_done_callback(done)
-
-    def _minute_of_day(self) -> float:
-        t = time.localtime()
-        return t.tm_hour * 60 + t.tm_min + t.tm_sec / 60
-
-    async def _run(self, op: st.Operation) -> None:
-        refusal, spec, timeout = self._check(op)
-        if op.cancel_requested:
-            refusal = "Canceled before it started"
-        if refusal is not None or spec is None:
-            status = "canceled" if op.cancel_requested else "failed"
-            line = result_line("Starting", status.title(), refusal or "invalid", None)
-            self.state.finish(
-                op.op,
-                st.CANCELED if op.cancel_requested else st.FAILED,
-                operation_result(op.op, status, line),
-            )
-            log.warning("operation %d refused: %s", op.op, refusal)
-            self.trigger.set()
-            return
-        if op.mode == "optional" and self.window is not None:
-            wait = self.window.seconds_until_open(self._minute_of_day())
-            if wait > 0:
-                # SPEC 5 Deferred: this computer's policy says not now.
-                until = time.time() + wait
-                reason = f"optional work waits for the local run window {self.window}"
-                self.state.set_status(
-                    op.op,
-                    st.DEFERRED,
-                    next_run_at=until,
-                    message=operation_status(op.op, "deferred", op.attempts, until, reason),
-                )
-                log.info("operation %d deferred %.0fs: %s", op.op, wait, reason)
-                self._spawn(op, wait)
-                self.trigger.set()
-                return
-        # Tell the server about runs it cannot know of (a continued attempt, a
-        # deferred or recurring run), so its lost-deadline follows this run.
-        tell = op.attempts > 0 or op.status == st.DEFERRED or op.interval == "recurring"
-        attempt = self.state.start(
-            op.op, operation_status(op.op, "working", 0, None, "") if tell else None
-        )
-        if tell:
-            self.trigger.set()
-        checkpoint = op.checkpoint_path(self.config.state_dir)
-        checkpoint.parent.mkdir(mode=0o700, exist_ok=True)
-        spec = dataclasses.replace(
-            spec,
-            env={
-                **(spec.env or {}),
-                "TASKFLEET_CHECKPOINT": str(checkpoint),
-                "TASKFLEET_ATTEMPT": str(attempt),
-            },
-        )
-        if not self.running and self.exec_lock.fd is None:
-            self.exec_lock.acquire()
-        running = await start_script(spec)
-        self.running[op.op] = running
-        latest = self.state.operation(op.op)
-        if latest is not None and latest.cancel_requested:
-            running.cancel()  # the cancel arrived while the process was starting
-        if running.pid:
-            self.state.running(op.op, running.pid, process_start(running.pid))
-        try:
-            res = await running.wait()
-        finally:
-            self.running.pop(op.op, None)
-            if not self.running:
-                self.exec_lock.release()
-        outcome = describe_script_outcome(
-            exit_code=res.exit_code,
-            signal=res.signal,
-            timed_out=res.timed_out,
-            canceled=res.canceled,
-            error=res.error,
-            timeout=timeout,
-        )
-        status = "succeeded" if outcome.succeeded else "canceled" if res.canceled else "failed"
-        message = operation_result(
-            op.op,
-            status,
-            outcome.line,
-            exit_code=res.exit_code,
-            stdout=res.stdout,
-            stderr=res.stderr,
-            stdout_dropped=res.stdout_dropped,
-            stderr_dropped=res.stderr_dropped,
-            started_at=res.started_at,
-            ended_at=res.ended_at,
-        )
-        code = {"succeeded": st.SUCCESS, "canceled": st.CANCELED}.get(status, st.FAILED)
-        latest = self.state.operation(op.op)
-        cancel_asked = bool(latest and latest.cancel_requested)
-        after = after_failure(
-            pushed=op.pushed,
-            mode=Mode(op.mode),
-            interval=Interval(op.interval),
-            attempt=attempt,
-            max_attempts=self.config.max_attempts,
-        )
-        if op.interval == "recurring" and status != "canceled" and not cancel_asked:
-            every = op.every or RECURRING_EVERY
-            self.state.set_status(
-                op.op,
-                code,
-                next_run_at=time.time() + every,
-                message={**message, "recurring": True},
-            )
-            log.info("operation %d run %d %s; next run in %gs", op.op, attempt, status, every)
-            self._spawn(op, every)
-        elif status == "failed" and not cancel_asked and not after.final:
-            # SPEC 5: not final while attempts remain; the scrubber continues it.
-            reason = f"{after.reason}; {outcome.line}"
-            self.state.set_status(
-                op.op,
-                st.FAILED,
-                message=operation_status(op.op, "failed", attempt, self.next_scrub_at, reason),
-            )
-            log.warning(
-                "operation %d %s; the scrubber continues it in %.0fs",
-                op.op,
-                reason,
-                max(0.0, self.next_scrub_at - time.time()),
-            )
-        else:
-            checkpoint.unlink(missing_ok=True)
-            self.state.finish(op.op, code, message)
-            log.info("operation %d %s: %s", op.op, status, outcome.line)
-        self.trigger.set()
-
-    def _check(self, op: st.Operation) -> tuple[str | None, ScriptSpec | None, float]:
-        assert self.ident is not None
-        try:
-            m = json.loads(op.body)
-            self.verifier_obj.verify(m["body"], m["sig"])
-            payload = json.loads(m["body"])
-        except (SignatureError, KeyError, ValueError, TypeError):
-            return f"{REFUSED_PREFIX}: the payload signature does not verify", None, 0
-        if payload.get("computer") != self.ident.computer_id or payload.get("op") != op.op:
-            return f"{REFUSED_PREFIX}: the payload is meant for another computer", None, 0
-        if payload.get("type") != EXECUTE_SCRIPT:
-            return (
-                f"{REFUSED_PREFIX}: activity type {payload.get('type')!r} is not enabled",
-                None,
-                0,
-            )
-        try:
-            params = validate_script_params(
-                payload.get("params"), default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX
-            )
-            timeout = float(payload["timeout"])
-        except (ValueError, KeyError, TypeError) as exc:
-            return f"{REFUSED_PREFIX}: invalid parameters ({exc})", None, 0
-        why = policy_refusal(self.policy, params)
-        if why:
-            return f"{REFUSED_PREFIX}: {why}", None, timeout
-        user = params.get("user")
-        try:
-            spec = ScriptSpec(
-                argv=params.get("argv"),
-                script=params.get("script"),
-                interpreter=params.get("interpreter") or "/bin/sh",
-                env={
-                    **params.get("env", {}),
-                    "TASKFLEET_COMPUTER_ID": str(self.ident.computer_id),
-                    "TASKFLEET_OPERATION_ID": str(op.op),
-                },
-                cwd=params.get("cwd"),
-                timeout=timeout,
-                output_cap=params["output_cap"],
-                user=None if user in (None, self.own_user) else user,
-                tmp_dir=str(self.config.state_dir),
-            )
-        except ValueError as exc:
-            return f"{REFUSED_PREFIX}: invalid parameters ({exc})", None, timeout
-        return None, spec, timeout
-
-
-def _policy_of(message: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return validate_policy(json.loads(message["body"]).get("policy"))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return validate_policy(None)  # _check refuses a body it cannot read
+    def _apply_settings(self, settings: ServerSettings) -> None:
+        if self.config.poll_interval is None and settings.poll_interval is not None:
+            self.poll_interval = settings.poll_interval
 
 
 def _own_user() -> str:

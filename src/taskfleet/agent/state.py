@@ -4,7 +4,9 @@ Contract: one SQLite file (``state.db``) in the agent's state folder, written
 with ``synchronous=FULL`` so that every committed step survives a crash or a
 power cut. An operation is recorded (with its server sequence number) before
 the agent acknowledges it, and its result is appended to the outbox in the
-same transaction that marks it finished, before it is sent. Outbox messages
+same transaction that marks it finished, before it is sent; a server message
+the agent refuses is acknowledged in the same transaction that queues its
+``refused`` message. Outbox messages
 stay until the server acknowledges their sequence number. A folder that is
 missing-and-uncreatable, unwritable or corrupt raises :class:`StateError` with
 a clear message; the agent then refuses to start rather than pretend to work.
@@ -219,6 +221,11 @@ class LocalState:
         self._set("tickle_high_water_ms", str(ms))
 
     @property
+    def last_seq(self) -> int:
+        """The last sequence number given to a message of this agent (0: none yet)."""
+        return int(self.get("next_seq", "1") or 1) - 1
+
+    @property
     def server_seq(self) -> int:
         return int(self.get("server_seq", "0") or 0)
 
@@ -273,8 +280,10 @@ class LocalState:
         ops: list[NewOperation],
         cancels: list[int],
         last_seq: int,
+        refusals: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """Record new operations and cancel orders, then the new server ack, atomically.
+        """Record new operations and cancel orders, queue the ``refused`` messages for
+        the server messages that were not acted on, then the new server ack, atomically.
 
         Returns the ops that are new here (an op seen before is dropped:
         exactly-once per computer).
@@ -303,6 +312,8 @@ class LocalState:
                     new.append(o.op)
             for op in cancels:
                 db.execute("UPDATE operations SET cancel_requested=1 WHERE op=?", (op,))
+            for message in refusals or ():
+                self._queue(db, message)
             if last_seq > self.server_seq:
                 self._set("server_seq", str(last_seq))
         return new

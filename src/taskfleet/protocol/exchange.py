@@ -17,15 +17,23 @@ same scheme, borrowed from landscape-client:
   run of a recurring operation, which changes no state) and
   ``operation-status`` (``op`` is ``working`` on its ``attempt``, or
   ``deferred`` ``until`` a time, with a reason; it changes no state but moves
-  the server's lost-deadline). A result for an operation that is already final
-  is recorded but changes no state.
+  the server's lost-deadline), and ``refused`` (the server message
+  ``server_seq``, naming operation ``op`` if it could be read, was not
+  genuinely for this computer: a ``reason`` from ``REFUSAL_REASONS`` and a
+  ``text``; the server records it in its log, metrics and audit log and
+  changes no state). A result for an operation that is already final is
+  recorded but changes no state.
 * Every message is built by a builder below (``operation_message``,
-  ``cancel_message``, ``operation_status``, ``operation_result``) and parsed
-  here too (``parse_agent_request``; the agent reads the server's).
-* Server -> agent messages: ``operation`` (``op`` is the operation id; the
-  payload is a canonical JSON text in ``body`` signed with the server's Ed25519
-  key in ``sig``, and names the computer it is meant for, so a relay cannot
-  invent, alter or redirect work) and ``cancel`` (stop operation ``op``).
+  ``cancel_message``, ``operation_status``, ``operation_result``,
+  ``refused_message``) and parsed
+  here too: ``parse_agent_request`` on the server, ``parse_server_reply`` on
+  the agent (which says what the agent does with a reply it cannot read).
+* Server -> agent messages: ``operation`` (run operation ``op``) and
+  ``cancel`` (stop operation ``op``). Both are signed orders
+  (``protocol/orders.py``): a canonical JSON text in ``body``, signed with the
+  server's Ed25519 key in ``sig``, naming the computer, its generation and the
+  operation, so a relay cannot invent, alter, redirect or replay one; the agent
+  checks it before it stores or acts on it.
 * The agent writes an operation to its local state before it acks it, and a
   result before it sends it. The server writes results before it acks them.
 * Request body: ``{"ack": int, "messages": [...], "agent": {...}?, "wait": s?}``;
@@ -33,7 +41,7 @@ same scheme, borrowed from landscape-client:
   asks for a long poll: the server holds the exchange up to ``wait`` seconds
   until there is work (agents that cannot receive UDP tickles).
 * Response body: ``{"ack": int, "messages": [...], "server_time": float,
-  "settings": {...}}``.
+  "settings": {...}, "more": true?}``.
 
 Limits (``MAX_*`` below) are checked before anything is applied; a body that
 breaks one is refused whole with a clear error and nothing changes. Every
@@ -57,6 +65,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +73,7 @@ from taskfleet.domain.policy import validate_agent_policy
 
 # BIGINT columns (sequence numbers, operation ids) and INTEGER columns (exit
 # code, attempt; dropped counts are capped at INT32_MAX).
-from taskfleet.settings import INT32_MAX, INT32_MIN, INT64_MAX
+from taskfleet.settings import AGENT_MAX_RESPONSE, INT32_MAX, INT32_MIN, INT64_MAX
 
 EXCHANGE_PATH = "/agent/v1/exchange"
 ENROLL_PATH = "/agent/v1/enroll"
@@ -76,11 +85,17 @@ MAX_OUTPUT_CHARS = 1024 * 1024  # stdout or stderr in one result
 MAX_TEXT_CHARS = 2000  # result line, reasons
 MAX_LONG_POLL = 300.0  # seconds a long poll may be held
 MAX_VERSION_CHARS = 64  # agent version (computers.agent_version)
+MAX_REPLY_BYTES = AGENT_MAX_RESPONSE  # a reply, so any text in it (the agent refuses more)
+MAX_SIG_CHARS = 256  # a signature in hex (Ed25519: 128)
 
 NUL_SYMBOL = "\u2400"  # what a NUL in remote text is stored as (visible, one character)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 RESULT_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+# Why an agent refused a server message that is not genuinely for it (protocol/orders.py).
+REFUSAL_REASONS = frozenset(
+    {"bad-signature", "wrong-computer", "wrong-generation", "replayed", "malformed"}
+)
 # "failed" here is a failed attempt that will be retried (SPEC 5): not final.
 PROGRESS_STATUSES = frozenset({"working", "deferred", "failed"})
 
@@ -115,7 +130,16 @@ class OperationStatus:
     reason: str
 
 
-AgentMessage = OperationResult | OperationStatus
+@dataclass(frozen=True)
+class RefusedMessage:
+    seq: int
+    server_seq: int  # the server message refused
+    op: int | None  # the operation it named, when that much could be read
+    reason: str  # one of REFUSAL_REASONS
+    text: str
+
+
+AgentMessage = OperationResult | OperationStatus | RefusedMessage
 
 
 @dataclass(frozen=True)
@@ -136,6 +160,52 @@ class AgentRequest:
     def max_seq(self) -> int:
         # parse_agent_request guarantees increasing sequence numbers.
         return self.messages[-1].seq if self.messages else 0
+
+
+@dataclass(frozen=True)
+class OperationMessage:
+    """Server -> agent: run operation ``op``; ``body`` is the signed canonical text."""
+
+    seq: int
+    op: int
+    body: str  # "" when the message carries none (unsigned: refused by the agent)
+    sig: str
+
+
+@dataclass(frozen=True)
+class CancelMessage:
+    """Server -> agent: stop operation ``op``; ``body`` is the signed canonical text."""
+
+    seq: int
+    op: int
+    body: str  # "" when the message carries none (unsigned: refused by the agent)
+    sig: str
+
+
+@dataclass(frozen=True)
+class MalformedMessage:
+    """A numbered server message the agent cannot read; it is acknowledged, never acted on."""
+
+    seq: int
+    op: int | None  # the operation it names, when that much is readable
+    error: str
+
+
+ServerMessage = OperationMessage | CancelMessage | MalformedMessage
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    poll_interval: float | None = None  # seconds between fallback exchanges, if set
+
+
+@dataclass(frozen=True)
+class ServerReply:
+    ack: int
+    messages: list[ServerMessage] = field(default_factory=list)
+    server_time: float | None = None
+    settings: ServerSettings = ServerSettings()
+    more: bool = False
 
 
 def clean_text(value: str) -> str:
@@ -213,13 +283,14 @@ def _num(obj: dict[str, Any], key: str) -> float | None:
     return number
 
 
-def _str(obj: dict[str, Any], key: str, limit: int) -> str:
+def _str(obj: dict[str, Any], key: str, limit: int, *, clean: bool = True) -> str:
     value = obj.get(key, "")
     if not isinstance(value, str):
         raise ProtocolError(f"{key!r} must be a string")
     if len(value) > limit:
         raise ProtocolError(f"{key!r} is {len(value)} characters, the limit is {limit}")
-    return clean_text(value)
+    # Signed text is taken exactly as sent: changed, it would not verify.
+    return clean_text(value) if clean else value
 
 
 def _parse_result(msg: dict[str, Any]) -> OperationResult:
@@ -261,6 +332,26 @@ def _parse_status(msg: dict[str, Any]) -> OperationStatus:
     )
 
 
+def _parse_refused(msg: dict[str, Any]) -> RefusedMessage:
+    reason = msg.get("reason")
+    if reason not in REFUSAL_REASONS:
+        raise ProtocolError(f"'reason' must be one of {sorted(REFUSAL_REASONS)}")
+    return RefusedMessage(
+        seq=_int(msg, "seq", minimum=1) or 0,
+        server_seq=_int(msg, "server_seq", minimum=1) or 0,
+        op=_int(msg, "op", minimum=1, optional=True),
+        reason=reason,
+        text=_str(msg, "text", MAX_TEXT_CHARS),
+    )
+
+
+_AGENT_PARSERS: dict[str, Callable[[dict[str, Any]], AgentMessage]] = {
+    "operation-result": _parse_result,
+    "operation-status": _parse_status,
+    "refused": _parse_refused,
+}
+
+
 def parse_agent_request(obj: Any) -> AgentRequest:
     """Validate a decoded exchange body; raise ProtocolError naming the first problem."""
     if not isinstance(obj, dict):
@@ -276,13 +367,11 @@ def parse_agent_request(obj: Any) -> AgentRequest:
     for i, msg in enumerate(raw_messages):
         if not isinstance(msg, dict):
             raise ProtocolError(f"message {i} must be an object")
-        kind = msg.get("type")
-        if kind not in ("operation-result", "operation-status"):
-            raise ProtocolError(f"message {i}: unknown type {kind!r}")
+        parse = _AGENT_PARSERS.get(str(msg.get("type")))
+        if parse is None:
+            raise ProtocolError(f"message {i}: unknown type {msg.get('type')!r}")
         try:
-            message: AgentMessage = (
-                _parse_result(msg) if kind == "operation-result" else _parse_status(msg)
-            )
+            message: AgentMessage = parse(msg)
         except ProtocolError as exc:
             raise ProtocolError(f"message {i}: {exc}") from None
         if message.seq <= last_seq:
@@ -308,46 +397,105 @@ def parse_agent_request(obj: Any) -> AgentRequest:
     return AgentRequest(ack=ack, messages=messages, agent=agent, wait=wait)
 
 
+def loads_reply(raw: bytes) -> Any:
+    """Decode a reply body on the agent (stdlib only: the agent stays lean);
+    malformed JSON and non-finite constants raise ProtocolError."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, _no_constant
+        raise ProtocolError(f"malformed JSON: {exc}") from None
+
+
+def parse_server_reply(obj: Any) -> ServerReply:
+    """Validate a decoded exchange reply on the agent.
+
+    What cannot be trusted as a whole raises ProtocolError naming the first
+    problem, and the agent applies nothing of that reply (not even its ``ack``:
+    its results stay queued), logs it and retries the exchange with backoff:
+    a body that is not an object, an ``ack``, ``server_time``, ``settings`` or
+    ``more`` of the wrong type or range, ``messages`` that is not a list, or a
+    message that is not an object or whose ``seq`` is missing, out of range or
+    not increasing. Without a trustworthy ``seq`` a message cannot be
+    acknowledged or skipped, so retrying (a truncated or garbled reply, a broken
+    relay) is all that is left.
+
+    A message with a good ``seq`` that is otherwise unreadable (an unknown
+    ``type``, a bad ``op``, ``body`` or ``sig``) becomes a
+    :class:`MalformedMessage`: the agent acknowledges it without acting on it,
+    so one bad message can never stall the conversation (the server would
+    resend it forever). A message missing ``body`` and ``sig`` parses with
+    empty ones: it is unsigned, which the agent refuses like any signature
+    that does not verify. Unknown fields, in messages or ``settings``, are
+    ignored (a newer server may send more).
+    """
+    if not isinstance(obj, dict):
+        raise ProtocolError("the exchange reply must be a JSON object")
+    ack = _int(obj, "ack") or 0
+    raw_messages = obj.get("messages", [])
+    if not isinstance(raw_messages, list):
+        raise ProtocolError("'messages' must be a list")
+    messages: list[ServerMessage] = []
+    last_seq = 0
+    for i, msg in enumerate(raw_messages):
+        if not isinstance(msg, dict):
+            raise ProtocolError(f"message {i} must be an object")
+        try:
+            seq = _int(msg, "seq", minimum=1) or 0
+        except ProtocolError as exc:
+            raise ProtocolError(f"message {i}: {exc}") from None
+        if seq <= last_seq:
+            raise ProtocolError(f"message {i}: sequence numbers must increase")
+        last_seq = seq
+        messages.append(_parse_server_message(seq, msg))
+    more = obj.get("more", False)
+    if not isinstance(more, bool):
+        raise ProtocolError("'more' must be true or false")
+    settings = parse_settings(obj.get("settings", {}))
+    return ServerReply(ack, messages, _num(obj, "server_time"), settings, more)
+
+
+def parse_settings(obj: Any) -> ServerSettings:
+    """The ``settings`` of a reply (or of an enrollment's answer)."""
+    if not isinstance(obj, dict):
+        raise ProtocolError("'settings' must be an object")
+    poll = _num(obj, "poll_interval")
+    if poll is not None and poll <= 0:
+        raise ProtocolError("'poll_interval' must be a positive number of seconds")
+    return ServerSettings(poll)
+
+
+def _parse_server_message(seq: int, msg: dict[str, Any]) -> ServerMessage:
+    op = msg.get("op")
+    readable_op = op if type(op) is int and 1 <= op <= INT64_MAX else None
+    kind = msg.get("type")
+    try:
+        if kind not in ("operation", "cancel"):
+            raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
+        cls = OperationMessage if kind == "operation" else CancelMessage
+        return cls(
+            seq,
+            _int(msg, "op", minimum=1) or 0,
+            _str(msg, "body", MAX_REPLY_BYTES, clean=False),
+            _str(msg, "sig", MAX_SIG_CHARS, clean=False),
+        )
+    except ProtocolError as exc:
+        return MalformedMessage(seq, readable_op, str(exc))
+
+
 # -- builders: every message of the exchange is made here, both ways --------------
 # Each returns the message as a JSON-ready dict; the sender encodes it (the
 # agent with the stdlib, the server with orjson) and, where the message is
 # numbered by its sender's store, adds ``seq`` there.
 
 
-def operation_body(
-    *,
-    computer: int,
-    generation: int,
-    op: int,
-    type: str,
-    params: Any,
-    policy: dict[str, Any],
-    timeout: float,
-    issued_at: float,
-) -> str:
-    """An operation's payload as the exact text the server signs."""
-    return canonical(
-        {
-            "computer": computer,
-            "generation": generation,
-            "op": op,
-            "type": type,
-            "params": params,
-            "policy": policy,
-            "timeout": timeout,
-            "issued_at": issued_at,
-        }
-    )
-
-
 def operation_message(seq: int, op: int, body: str, sig: str) -> dict[str, Any]:
-    """Server -> agent: run operation ``op`` (``body`` from :func:`operation_body`)."""
+    """Server -> agent: run operation ``op`` (``body`` from ``orders.operation_body``)."""
     return {"seq": seq, "type": "operation", "op": op, "body": body, "sig": sig}
 
 
-def cancel_message(seq: int, op: int) -> dict[str, Any]:
-    """Server -> agent: stop operation ``op``."""
-    return {"seq": seq, "type": "cancel", "op": op}
+def cancel_message(seq: int, op: int, body: str, sig: str) -> dict[str, Any]:
+    """Server -> agent: stop operation ``op`` (``body`` from ``orders.cancel_body``)."""
+    return {"seq": seq, "type": "cancel", "op": op, "body": body, "sig": sig}
 
 
 def operation_status(
@@ -396,6 +544,20 @@ def operation_result(
 _RESULT_RUN_FIELDS = frozenset(
     {"stdout_dropped", "stderr_dropped", "started_at", "ended_at", "recurring"}
 )
+
+
+def refused_message(server_seq: int, op: int | None, reason: str, text: str) -> dict[str, Any]:
+    """Agent -> server: server message ``server_seq`` (naming ``op``, if readable) was
+    not acted on, for ``reason`` (``REFUSAL_REASONS``); no ``seq``, as above."""
+    if reason not in REFUSAL_REASONS:
+        raise ValueError(f"refused_message: unknown reason {reason!r}")
+    return {
+        "type": "refused",
+        "server_seq": server_seq,
+        "op": op,
+        "reason": reason,
+        "text": text[:MAX_TEXT_CHARS],
+    }
 
 
 def canonical(obj: Any) -> str:

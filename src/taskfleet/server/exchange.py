@@ -18,6 +18,10 @@ Contract:
   (``seq``) and appends them to a computer's outbox: the hand-out here and a
   cancel (``server/requests.py``) both go through it. The messages themselves
   are built by ``protocol.exchange``.
+* ``refused`` messages (an agent did not act on a server message that was not
+  genuinely for it) are recorded by ``server/refusals.py``: an audit entry in
+  the same transaction, the metric and log line after it commits; they change
+  no activity state.
 * In-memory fleet counters change only after the commit that persisted them.
 
 Longer than ~600 lines on purpose: applying results, acks, resends and the
@@ -48,16 +52,16 @@ from taskfleet.domain.states import (
     transition,
 )
 from taskfleet.protocol.exchange import (
-    AgentMessage,
     AgentRequest,
     OperationResult,
     OperationStatus,
     ProtocolError,
-    operation_body,
+    RefusedMessage,
     operation_message,
 )
+from taskfleet.protocol.orders import operation_body
 from taskfleet.protocol.signing import Signer
-from taskfleet.server import metrics
+from taskfleet.server import metrics, refusals
 from taskfleet.server.fleet import ComputerState, Fleet
 from taskfleet.server.writer import Writer
 from taskfleet.settings import INT32_MAX, REPLY_MAX_BYTES
@@ -120,6 +124,7 @@ class Pending:
     size: int = 0  # bytes of ``messages`` (ASCII JSON texts)
     more: bool = False  # messages left for the next exchange
     sent: int = 0  # seq of the last message in ``messages``
+    refused: list[RefusedMessage] = field(default_factory=list)  # reported after the commit
 
     def fits(self, message: str) -> bool:
         """Whether the reply can take ``message``; a reply takes at least one."""
@@ -286,6 +291,7 @@ class Exchange:
             for job in jobs:
                 p = pending[job.cs.id]
                 cs = job.cs
+                refusals.report(cs.id, p.refused)
                 cs.in_acked, cs.out_seq, cs.out_acked = p.in_acked, p.out_seq, p.out_acked
                 if job.req.agent is not None:
                     cs.tickle_port = job.req.agent.tickle_port
@@ -398,12 +404,12 @@ class Exchange:
         pending: dict[int, Pending],
         now: float,
     ) -> None:
-        fresh: list[tuple[ExchangeJob, AgentMessage]] = []
-        for job in jobs:
-            new = [m for m in job.req.messages if m.seq > job.cs.in_acked]
-            if new:
-                pending[job.cs.id].in_acked = new[-1].seq
-                fresh.extend((job, m) for m in new)
+        fresh = _fresh_messages(jobs, pending)
+        await refusals.record(
+            conn,
+            [(j.cs.id, j.cs.tenant_id, m) for j in jobs for m in pending[j.cs.id].refused],
+            now,
+        )
         if not fresh:
             return
         ids = list({m.op for _, m in fresh})
@@ -648,6 +654,26 @@ class Exchange:
         await box.write(conn, counters=False)
         await apply_changes(conn, changes)
         metrics.DELIVERED.inc(len(changes))
+
+
+def _fresh_messages(
+    jobs: list[ExchangeJob], pending: dict[int, Pending]
+) -> list[tuple[ExchangeJob, OperationResult | OperationStatus]]:
+    """The messages not applied before, each job's ack moved past them; refusals go
+    to ``Pending.refused``: they are about a server message, not an operation of
+    this computer's (the op they name may be another computer's: that is the point)."""
+    fresh: list[tuple[ExchangeJob, OperationResult | OperationStatus]] = []
+    for job in jobs:
+        p = pending[job.cs.id]
+        for m in job.req.messages:
+            if m.seq <= job.cs.in_acked:
+                continue
+            p.in_acked = m.seq
+            if isinstance(m, RefusedMessage):
+                p.refused.append(m)
+            else:
+                fresh.append((job, m))
+    return fresh
 
 
 def _recurring(policy: dict[str, Any] | None) -> bool:

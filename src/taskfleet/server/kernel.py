@@ -52,11 +52,36 @@ def token_hash(token: str) -> str:
 
 
 async def audit(conn: AsyncConnection, p: Principal, action: str, at: float, **detail: Any) -> None:
-    await conn.execute(
-        audit_log.insert().values(
-            tenant_id=p.tenant_id, at=at, actor=p.actor, action=action, detail=detail
+    await write_audit(conn, [AuditEntry(p.tenant_id, p.actor, action, at, detail)])
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One audit log row, for actors that are not an API caller (``computer:ID``)."""
+
+    tenant_id: int
+    actor: str
+    action: str
+    at: float
+    detail: dict[str, Any]
+
+
+async def write_audit(conn: AsyncConnection, entries: list[AuditEntry]) -> None:
+    """Append audit rows in one statement."""
+    if entries:
+        await conn.execute(
+            audit_log.insert(),
+            [
+                {
+                    "tenant_id": e.tenant_id,
+                    "at": e.at,
+                    "actor": e.actor,
+                    "action": e.action,
+                    "detail": e.detail,
+                }
+                for e in entries
+            ],
         )
-    )
 
 
 async def state_counts(conn: AsyncConnection, *where: Any) -> dict[State, int]:

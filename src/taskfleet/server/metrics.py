@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from taskfleet.protocol.exchange import REFUSAL_REASONS
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 EXCHANGES = Counter(
@@ -82,3 +84,11 @@ RELAY_EXCHANGE_ERRORS = Counter(
     registry=REGISTRY,
 )
 RELAYS = Gauge("taskfleet_relays", "Enrolled relays (not revoked)", registry=REGISTRY)
+AGENT_REFUSALS = Counter(
+    "taskfleet_agent_refusals_total",
+    "Server messages agents refused as not genuinely theirs (server/refusals.py), by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+for _reason in sorted(REFUSAL_REASONS):
+    AGENT_REFUSALS.labels(_reason)  # every series exists from the start, at 0

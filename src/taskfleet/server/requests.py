@@ -39,6 +39,8 @@ from taskfleet.domain.targets import (
     parse_target,
 )
 from taskfleet.protocol.exchange import cancel_message
+from taskfleet.protocol.orders import cancel_body
+from taskfleet.protocol.signing import Signer
 from taskfleet.server.exchange import Outbox
 from taskfleet.server.inventory import group_id, resolve_target
 from taskfleet.server.kernel import (
@@ -382,6 +384,7 @@ async def cancel(
     p: Principal,
     now: float,
     seq_of: Callable[[int], int],
+    signer: Signer,
     *,
     activity_id: int | None = None,
     request_id: int | None = None,
@@ -391,17 +394,21 @@ async def cancel(
     """Cancel one activity (illegal from a final state) or every open child of a request.
 
     ``seq_of(computer_id)`` gives the last server seq used; the caller applies
-    the returned counts to the in-memory fleet after the commit.
+    the returned counts to the in-memory fleet after the commit. A cancel order
+    to an agent is signed with ``signer`` for the computer's current generation
+    (its open work belongs to it: enrolling again cancels the old one's).
     """
-    q = sa.select(activities.c.id, activities.c.state, activities.c.computer_id).where(
-        activities.c.tenant_id == p.tenant_id
+    q = _with_generation(
+        sa.select(activities.c.id, activities.c.state, activities.c.computer_id).where(
+            activities.c.tenant_id == p.tenant_id
+        )
     )
     if activity_id is not None:
         rows = (await conn.execute(q.where(activities.c.id == activity_id))).all()
         if not rows:
             raise ApiError(404, f"no activity {activity_id}")
     elif bulk is not None:
-        rows = list(await conn.execute(bulk_query(p, bulk, now)))
+        rows = list(await conn.execute(_with_generation(bulk_query(p, bulk, now))))
     else:
         await get_request(conn, p, request_id or 0)  # 404 if not ours
         rows = [
@@ -428,8 +435,10 @@ async def cancel(
         changes.append(Change(r.id, p.tenant_id, t, {"finished_at": now}))
         if State(r.state) is State.IN_PROGRESS:
             # SPEC 2.1: stays Canceled; the agent is told to stop and its report recorded.
-            op = r.id
-            box.append(r.computer_id, p.tenant_id, lambda seq: cancel_message(seq, op))  # noqa: B023
+            op, cid = r.id, r.computer_id
+            body = cancel_body(computer=cid, generation=r.generation, op=op)
+            sig = signer.sign(body)
+            box.append(cid, p.tenant_id, lambda seq: cancel_message(seq, op, body, sig))  # noqa: B023
     await apply_changes(conn, changes)
     await box.write(conn, counters=True)
     await audit(
@@ -441,6 +450,14 @@ async def cancel(
         canceled=len(changes),
     )
     return Canceled([r.id for r in rows], box.appended())
+
+
+def _with_generation(q: sa.Select[Any]) -> sa.Select[Any]:
+    """``q`` over activities, with the generation of each one's computer (a signed
+    cancel names it)."""
+    return q.add_columns(computers.c.generation).join_from(
+        activities, computers, computers.c.id == activities.c.computer_id, isouter=True
+    )
 
 
 # -- reads ---------------------------------------------------------------------

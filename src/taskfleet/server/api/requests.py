@@ -175,6 +175,7 @@ async def cancel(
             p,
             rt.now(),
             seq_of,
+            rt.signer,
             activity_id=activity_id,
             request_id=request_id,
             bulk=bulk,

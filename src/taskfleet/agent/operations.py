@@ -1,0 +1,431 @@
+"""The agent's operation runs: receive, cancel, spawn, run, check.
+
+Contract:
+* ``receive`` stores the new operations and cancel orders of a parsed reply
+  (``protocol.exchange.parse_server_reply``) with the new server ack in one
+  transaction (``LocalState.receive``), before anything runs; then it stops
+  what was canceled and starts what is new. A message whose ``seq`` is not
+  above the stored ack is a resend and is dropped.
+* A new message is acted on only if it is genuinely for this computer: a
+  signed order (``protocol/orders.open_order``: signature, kind, op, this
+  computer, this generation) and, for an operation, one this computer does not
+  have yet (the server hands an operation out in one message only). Anything
+  else, and a message that cannot be read, is refused: acknowledged, never
+  acted on, logged, and reported to the server in a ``refused`` message queued
+  in the same transaction. It is not reported as a result for its operation:
+  that operation may be another computer's, whose result the server refuses.
+* An operation runs at most once per attempt: ``owned`` holds every operation
+  with a run task, from spawn to its end, so a run is "executing" for the
+  scrubber (SPEC 5 rule 1) before its process exists and is never spawned twice.
+* Before it runs, an operation is checked again (signature, this computer),
+  then this computer's own policy decides (scripts enabled, the listed users
+  only). What the policy refuses is reported Failed with the reason.
+* Optional work outside the local run window is Deferred (SPEC 5) and started
+  when the window opens; a recurring operation is run again every ``every``
+  seconds until it is canceled; a failed run of a pulled, Required, Once
+  operation with attempts left is Failed locally and left for the scrubber.
+* Every result is written to local state (and its outbox) before the agent's
+  exchange loop, woken through ``trigger``, sends it.
+
+The agent (``agent/main.py``) owns the event loop, the exchange and the
+scrubber; it hands this class its local state, the trigger, its policy, and,
+once enrolled, its identity and the server's signature verifier (``bind``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from taskfleet.agent import state as st
+from taskfleet.agent.scrub import executor_lock, process_start
+from taskfleet.domain.policy import Interval, Mode, RunWindow, validate_policy
+from taskfleet.domain.results import REFUSED_PREFIX, describe_script_outcome, result_line
+from taskfleet.domain.scripts import EXECUTE_SCRIPT, policy_refusal, validate_script_params
+from taskfleet.domain.scrubber import after_failure
+from taskfleet.process import RunningScript, ScriptSpec, start_script
+from taskfleet.protocol.exchange import (
+    CancelMessage,
+    MalformedMessage,
+    OperationMessage,
+    ServerMessage,
+    operation_message,
+    operation_result,
+    operation_status,
+    refused_message,
+)
+from taskfleet.protocol.orders import CANCEL, OPERATION, Refusal, open_order
+from taskfleet.protocol.signing import SignatureError, Verifier
+from taskfleet.settings import OUTPUT_CAP, OUTPUT_CAP_MAX, RECURRING_EVERY
+
+log = logging.getLogger("taskfleet.agent")
+
+
+class Operations:
+    def __init__(
+        self,
+        state: st.LocalState,
+        trigger: asyncio.Event,
+        *,
+        state_dir: Path,
+        policy: dict[str, Any],
+        own_user: str,
+        window: RunWindow | None,
+        max_attempts: int,
+        next_scrub_at: Callable[[], float],
+    ) -> None:
+        self.state = state
+        self.trigger = trigger  # set: the exchange loop has something to send
+        self.state_dir = state_dir
+        self.policy = policy
+        self.own_user = own_user
+        self.window = window
+        self.max_attempts = max_attempts
+        self.next_scrub_at = next_scrub_at  # when the scrubber runs next (a retry starts then)
+        self.identity: st.Identity | None = None
+        self.verifier: Verifier | None = None
+        self.running: dict[int, RunningScript] = {}
+        # Operations with a run task, from spawn to its end (module docstring).
+        self.owned: set[int] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.timers: dict[int, asyncio.TimerHandle] = {}
+        self.exec_lock = executor_lock(state_dir)
+
+    def bind(self, identity: st.Identity, verifier: Verifier) -> None:
+        """Who this computer is, and the key its operations must be signed with."""
+        self.identity = identity
+        self.verifier = verifier
+
+    def stop(self) -> None:
+        """At shutdown: no timer fires and every running process group is stopped."""
+        for timer in self.timers.values():
+            timer.cancel()
+        for running in self.running.values():
+            running.cancel()
+
+    # -- receiving -------------------------------------------------------------
+
+    def receive(self, messages: list[ServerMessage], pushed: bool) -> None:
+        """Store what a reply brought, then act on it (module docstring)."""
+        last = self.state.server_seq
+        ops: list[st.NewOperation] = []
+        taken: set[int] = set()
+        cancels: list[int] = []
+        refusals: list[dict[str, Any]] = []
+        top = last
+        for m in messages:
+            if m.seq <= last:
+                continue  # already stored: a resend
+            top = max(top, m.seq)
+            try:
+                if isinstance(m, MalformedMessage):
+                    raise Refusal("malformed", m.error)
+                if isinstance(m, CancelMessage):
+                    self._open(m, CANCEL)
+                    cancels.append(m.op)
+                else:
+                    ops.append(self._operation(m, self._open(m, OPERATION), taken, pushed))
+                    taken.add(m.op)
+            except Refusal as refusal:
+                log.warning(
+                    "server message %d%s refused, %s",
+                    m.seq,
+                    f" (operation {m.op})" if m.op is not None else "",
+                    refusal,
+                )
+                refusals.append(refused_message(m.seq, m.op, refusal.reason, refusal.text))
+        if top == last:
+            return
+        new = self.state.receive(ops, cancels, top, refusals)
+        if refusals:
+            self.trigger.set()
+        for op_id in cancels:
+            self._cancel(op_id)
+        for op_id in new:
+            op = self.state.operation(op_id)
+            if op is not None:
+                self.spawn(op)
+
+    def _operation(
+        self,
+        m: OperationMessage,
+        payload: dict[str, Any],
+        taken: set[int],
+        pushed: bool,
+    ) -> st.NewOperation:
+        """A genuine operation to store, unless this computer has it already.
+
+        The server hands an operation out once, in one message, and resends that
+        message under its own ``seq``, which is dropped above: the same operation
+        in a newer message is a replay (by a relay), whatever its text."""
+        before = self.state.operation(m.op)
+        if before is not None:
+            same = json.loads(before.body).get("body") == m.body
+            raise Refusal(
+                "replayed",
+                f"operation {m.op} was received before, in server message {before.seq}"
+                + ("" if same else ", with another signed text"),
+            )
+        if m.op in taken:
+            raise Refusal("replayed", f"operation {m.op} came twice in one reply")
+        policy = _policy_of(payload)
+        return st.NewOperation(
+            m.op,
+            m.seq,
+            EXECUTE_SCRIPT,
+            json.dumps(operation_message(m.seq, m.op, m.body, m.sig)),
+            pushed,
+            policy["mode"],
+            policy["interval"],
+            policy["every"],
+        )
+
+    def _open(self, m: OperationMessage | CancelMessage, kind: str) -> dict[str, Any]:
+        """The signed payload of ``m``, if it is genuinely for this computer (``open_order``)."""
+        assert self.identity is not None and self.verifier is not None
+        return open_order(
+            self.verifier,
+            m.body,
+            m.sig,
+            kind=kind,
+            op=m.op,
+            computer=self.identity.computer_id,
+            generation=self.identity.generation,
+        )
+
+    def _cancel(self, op_id: int) -> None:
+        running = self.running.get(op_id)
+        if running is not None:
+            log.info("operation %d: cancel received, stopping its process group", op_id)
+            running.cancel()
+            return
+        timer = self.timers.pop(op_id, None)
+        op = self.state.operation(op_id)
+        if op is not None and timer is not None:
+            # Waiting for its window or its next recurring run: it ends here.
+            timer.cancel()
+            line = result_line("Waiting", "Canceled", "Canceled before its next run", None)
+            self.state.finish(op_id, st.CANCELED, operation_result(op_id, "canceled", line))
+            self.trigger.set()
+        elif op is not None and not op.finished and op.status == st.FAILED:
+            # A failed attempt waiting for the scrubber to continue it: not retried.
+            line = result_line(
+                "Waiting", "Canceled", f"Canceled before attempt {op.attempts + 1}", None
+            )
+            self.state.finish(op_id, st.CANCELED, operation_result(op_id, "canceled", line))
+            self.trigger.set()
+
+    # -- running ---------------------------------------------------------------
+
+    def spawn(self, op: st.Operation, delay: float = 0.0) -> None:
+        """Run ``op`` now, or after ``delay`` seconds (its window, its next run)."""
+        if delay > 0:
+            self.timers[op.op] = asyncio.get_running_loop().call_later(delay, self.spawn_now, op.op)
+            return
+        self.spawn_now(op.op)
+
+    def spawn_now(self, op_id: int) -> None:
+        """Start a run task for ``op_id`` unless one exists (``owned``)."""
+        self.timers.pop(op_id, None)
+        op = self.state.operation(op_id)
+        if op is None or op_id in self.owned:
+            return
+        self.owned.add(op_id)
+        task = asyncio.create_task(self._run(op))
+        self.tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.tasks.discard(t)
+            self.owned.discard(op_id)
+
+        task.add_done_callback(done)
+
+    def _minute_of_day(self) -> float:
+        t = time.localtime()
+        return t.tm_hour * 60 + t.tm_min + t.tm_sec / 60
+
+    async def _run(self, op: st.Operation) -> None:
+        refusal, spec, timeout = self._check(op)
+        if op.cancel_requested:
+            refusal = "Canceled before it started"
+        if refusal is not None or spec is None:
+            status = "canceled" if op.cancel_requested else "failed"
+            line = result_line("Starting", status.title(), refusal or "invalid", None)
+            self.state.finish(
+                op.op,
+                st.CANCELED if op.cancel_requested else st.FAILED,
+                operation_result(op.op, status, line),
+            )
+            log.warning("operation %d refused: %s", op.op, refusal)
+            self.trigger.set()
+            return
+        if op.mode == "optional" and self.window is not None:
+            wait = self.window.seconds_until_open(self._minute_of_day())
+            if wait > 0:
+                # SPEC 5 Deferred: this computer's policy says not now.
+                until = time.time() + wait
+                reason = f"optional work waits for the local run window {self.window}"
+                self.state.set_status(
+                    op.op,
+                    st.DEFERRED,
+                    next_run_at=until,
+                    message=operation_status(op.op, "deferred", op.attempts, until, reason),
+                )
+                log.info("operation %d deferred %.0fs: %s", op.op, wait, reason)
+                self.spawn(op, wait)
+                self.trigger.set()
+                return
+        # Tell the server about runs it cannot know of (a continued attempt, a
+        # deferred or recurring run), so its lost-deadline follows this run.
+        tell = op.attempts > 0 or op.status == st.DEFERRED or op.interval == "recurring"
+        attempt = self.state.start(
+            op.op, operation_status(op.op, "working", 0, None, "") if tell else None
+        )
+        if tell:
+            self.trigger.set()
+        checkpoint = op.checkpoint_path(self.state_dir)
+        checkpoint.parent.mkdir(mode=0o700, exist_ok=True)
+        spec = dataclasses.replace(
+            spec,
+            env={
+                **(spec.env or {}),
+                "TASKFLEET_CHECKPOINT": str(checkpoint),
+                "TASKFLEET_ATTEMPT": str(attempt),
+            },
+        )
+        if not self.running and self.exec_lock.fd is None:
+            self.exec_lock.acquire()
+        running = await start_script(spec)
+        self.running[op.op] = running
+        latest = self.state.operation(op.op)
+        if latest is not None and latest.cancel_requested:
+            running.cancel()  # the cancel arrived while the process was starting
+        if running.pid:
+            self.state.running(op.op, running.pid, process_start(running.pid))
+        try:
+            res = await running.wait()
+        finally:
+            self.running.pop(op.op, None)
+            if not self.running:
+                self.exec_lock.release()
+        outcome = describe_script_outcome(
+            exit_code=res.exit_code,
+            signal=res.signal,
+            timed_out=res.timed_out,
+            canceled=res.canceled,
+            error=res.error,
+            timeout=timeout,
+        )
+        status = "succeeded" if outcome.succeeded else "canceled" if res.canceled else "failed"
+        message = operation_result(
+            op.op,
+            status,
+            outcome.line,
+            exit_code=res.exit_code,
+            stdout=res.stdout,
+            stderr=res.stderr,
+            stdout_dropped=res.stdout_dropped,
+            stderr_dropped=res.stderr_dropped,
+            started_at=res.started_at,
+            ended_at=res.ended_at,
+        )
+        code = {"succeeded": st.SUCCESS, "canceled": st.CANCELED}.get(status, st.FAILED)
+        latest = self.state.operation(op.op)
+        cancel_asked = bool(latest and latest.cancel_requested)
+        after = after_failure(
+            pushed=op.pushed,
+            mode=Mode(op.mode),
+            interval=Interval(op.interval),
+            attempt=attempt,
+            max_attempts=self.max_attempts,
+        )
+        if op.interval == "recurring" and status != "canceled" and not cancel_asked:
+            every = op.every or RECURRING_EVERY
+            self.state.set_status(
+                op.op,
+                code,
+                next_run_at=time.time() + every,
+                message={**message, "recurring": True},
+            )
+            log.info("operation %d run %d %s; next run in %gs", op.op, attempt, status, every)
+            self.spawn(op, every)
+        elif status == "failed" and not cancel_asked and not after.final:
+            # SPEC 5: not final while attempts remain; the scrubber continues it.
+            retry_at = self.next_scrub_at()
+            reason = f"{after.reason}; {outcome.line}"
+            self.state.set_status(
+                op.op,
+                st.FAILED,
+                message=operation_status(op.op, "failed", attempt, retry_at, reason),
+            )
+            log.warning(
+                "operation %d %s; the scrubber continues it in %.0fs",
+                op.op,
+                reason,
+                max(0.0, retry_at - time.time()),
+            )
+        else:
+            checkpoint.unlink(missing_ok=True)
+            self.state.finish(op.op, code, message)
+            log.info("operation %d %s: %s", op.op, status, outcome.line)
+        self.trigger.set()
+
+    def _check(self, op: st.Operation) -> tuple[str | None, ScriptSpec | None, float]:
+        assert self.identity is not None and self.verifier is not None
+        try:
+            m = json.loads(op.body)
+            self.verifier.verify(m["body"], m["sig"])
+            payload = json.loads(m["body"])
+        except (SignatureError, KeyError, ValueError, TypeError):
+            return f"{REFUSED_PREFIX}: the payload signature does not verify", None, 0
+        if payload.get("computer") != self.identity.computer_id or payload.get("op") != op.op:
+            return f"{REFUSED_PREFIX}: the payload is meant for another computer", None, 0
+        if payload.get("type") != EXECUTE_SCRIPT:
+            return (
+                f"{REFUSED_PREFIX}: activity type {payload.get('type')!r} is not enabled",
+                None,
+                0,
+            )
+        try:
+            params = validate_script_params(
+                payload.get("params"), default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX
+            )
+            timeout = float(payload["timeout"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return f"{REFUSED_PREFIX}: invalid parameters ({exc})", None, 0
+        why = policy_refusal(self.policy, params)
+        if why:
+            return f"{REFUSED_PREFIX}: {why}", None, timeout
+        user = params.get("user")
+        try:
+            spec = ScriptSpec(
+                argv=params.get("argv"),
+                script=params.get("script"),
+                interpreter=params.get("interpreter") or "/bin/sh",
+                env={
+                    **params.get("env", {}),
+                    "TASKFLEET_COMPUTER_ID": str(self.identity.computer_id),
+                    "TASKFLEET_OPERATION_ID": str(op.op),
+                },
+                cwd=params.get("cwd"),
+                timeout=timeout,
+                output_cap=params["output_cap"],
+                user=None if user in (None, self.own_user) else user,
+                tmp_dir=str(self.state_dir),
+            )
+        except ValueError as exc:
+            return f"{REFUSED_PREFIX}: invalid parameters ({exc})", None, timeout
+        return None, spec, timeout
+
+
+def _policy_of(payload: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return validate_policy(payload.get("policy"))
+    except (ValueError, TypeError, AttributeError):
+        return validate_policy(None)  # _check refuses what it cannot run
