@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from taskfleet.protocol.exchange import operation_body, operation_message
+from taskfleet.protocol.exchange import operation_message
+from taskfleet.protocol.orders import operation_body
 from taskfleet.protocol.relay import (
     MAX_RELAY_BODY_BYTES,
     RELAY_ENROLL_COMPUTER_PATH,
