@@ -47,3 +47,60 @@ def test_a_script_runs_once_on_each_computer_behind_a_relay(
     assert relay.metric("taskfleet_relay_received_total") >= 2
     for a in agents:
         assert "exchanging with the server" not in a.proc.text()
+
+
+def test_a_pinned_server_key_refuses_an_enrollment_answer_carrying_another(
+    server: Server,
+    start_real_relay: Callable[..., RealRelay],
+    start_agent: Callable[..., Agent],
+    tmp_path: Path,
+) -> None:
+    relay = start_real_relay(server)
+    token = enroll_token(server)
+    # The key as an administrator finds it: from an agent enrolled directly.
+    key = start_agent(server, token).status()["server_key"]
+    assert len(key) == 64
+    pinned = relay_agent(start_agent, server, relay, token, "--server-key", key.upper())
+    assert pinned.status()["server_key"] == key
+    assert "matches --server-key" in pinned.proc.text()
+
+    wrong = "ab" * 32
+    refused = relay_agent(
+        start_agent, server, relay, token, "--server-key", wrong, wait_enrolled=False
+    )
+    assert refused.proc.popen.wait(30) != 0
+    text = refused.proc.text()
+    assert f"carries server key {key}, not the pinned --server-key {wrong}" in text
+    assert "nothing was saved" in text
+    assert refused.status()["computer_id"] is None  # no identity kept
+
+    # An enrolled agent started with another pinned key refuses to start, changes nothing.
+    pinned.proc.stop()
+    again = relay_agent(
+        start_agent,
+        server,
+        relay,
+        token,
+        "--server-key",
+        wrong,
+        state_dir=pinned.state_dir,
+        wait_enrolled=False,
+    )
+    assert again.proc.popen.wait(30) != 0
+    assert f"not the server key this agent pinned at enrollment ({key})" in again.proc.text()
+    assert again.status()["server_key"] == key
+
+
+def test_relay_options_are_checked_before_anything_starts(
+    server: Server, start_agent: Callable[..., Agent]
+) -> None:
+    for extra, why in [
+        (("--relay", "relay.example:8471"), "is not an http(s)://HOST[:PORT] URL"),
+        (("--relay", "http://r:1", "--server-key", "xyz"), "64 hex digits"),
+        (("--relay", "http://r:1", "--relay-probe-interval", "0"), "must be positive"),
+        (("--relay", "http://r:1", "--relay-failover-after", "-1"), "0 or more seconds"),
+        (("--relay", "http://r:1", "--relay-failover-after", "nan"), "finite"),
+    ]:
+        agent = start_agent(server, "tok", *extra, wait_enrolled=False)
+        assert agent.proc.popen.wait(30) == 2, extra
+        assert why in agent.proc.text(), (extra, agent.proc.text())

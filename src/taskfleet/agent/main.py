@@ -550,7 +550,10 @@ class Agent:
         body: dict[str, Any] = {"ack": self.state.server_seq}
         if messages:
             body["messages"] = "@@"
-        if not self.info_sent:
+        # A probe says who it is: the relay forwards that at once, so the server knows
+        # this computer is behind its relay again (and wakes it through the relay).
+        probe = peer is Peer.RELAY and self.failover is not None and self.failover.direct
+        if not self.info_sent or probe:
             body["agent"] = {
                 "tickle_port": self.config.tickle_port or None,
                 "version": __version__,
