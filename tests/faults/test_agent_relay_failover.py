@@ -141,3 +141,23 @@ def test_a_result_held_by_a_dead_relay_and_sent_directly_is_recorded_once(
     assert relay.metric("taskfleet_relay_spool_messages") == 0
     _recorded_once(server, req["id"], "one\n")
     assert _marks(marks, "one") == "start\ndone\n"
+
+
+def test_an_idle_agent_back_behind_its_relay_gets_new_work_through_it_at_once(
+    server: Server,
+    start_real_relay: Callable[..., RealRelay],
+    start_agent: Callable[..., Agent],
+) -> None:
+    """Nothing happened while it was direct, so only its probe tells the relay (and so the
+    server) that it is back; else the server would wake it directly, the agent would ask
+    its relay, and the relay would learn of the work only at its next poll (60 s)."""
+    relay = start_real_relay(server)
+    agent = relay_agent(start_agent, server, relay, enroll_token(server), "--poll-interval", "1")
+    relay.kill9()
+    wait_until(lambda: FAILED_OVER in agent.proc.text(), 30, "the agent to fail over")
+    relay.start()
+    wait_until(lambda: RETURNED in agent.proc.text(), 30, "the agent to return to its relay")
+    req = run_request(server, f"computer:{agent.computer_id}", {"script": "echo back"})
+    done = request_done(server, req["id"], timeout=15)  # far below the relay's poll
+    assert done["progress"]["succeeded"] == 1
+    assert relay.metric("taskfleet_relay_received_total") >= 1
