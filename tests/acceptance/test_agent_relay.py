@@ -28,7 +28,8 @@ def test_a_script_runs_once_on_each_computer_behind_a_relay(
 ) -> None:
     relay = start_real_relay(server)
     token = enroll_token(server)
-    agents = [relay_agent(start_agent, server, relay, token) for _ in range(2)]
+    # One woken by UDP (from the relay), one holding a long poll at the relay.
+    agents = [relay_agent(start_agent, server, relay, token, tickle_port=p) for p in (None, 0)]
     ids = sorted(a.computer_id for a in agents)
     [row] = json.loads(tf(server, "relay", "list", "--json").stdout)
     assert row["computers"] == 2  # enrolled through the relay: behind it
