@@ -97,6 +97,21 @@ SCRIPT_INTERPRETER = "/bin/sh"  # runs a --script file: the one shell every Unix
 AGENT_STATE_DIR = "/var/lib/taskfleet"  # the agent's durable local state (FHS: service state)
 AGENT_TICKLE_BIND = "0.0.0.0"  # every interface: tickles come from wherever the server is
 SCRUB_INTERVAL = 3600.0  # SPEC 5: the agent's scrubber runs at start, then this often
+# An agent behind a relay (--relay; docs/relays.md "Agents behind a relay"):
+# Seconds of relay failures (refused, timeout, 5xx) before the agent exchanges with the
+# server directly: two minutes ride out a relay restart or upgrade without moving the
+# agents' load onto the server, and results wait at most that long.
+AGENT_RELAY_FAILOVER_AFTER = 120.0
+# While direct, the agent tries its relay again this often (one ordinary exchange): a
+# returned relay takes its agents back within a minute, at one refused connection a
+# minute per agent while it is down.
+AGENT_RELAY_PROBE_INTERVAL = 60.0
+# While its relay holds messages the server has not acknowledged, the agent asks the
+# relay again at least this often (or at its poll interval if shorter): its outbox is
+# pruned soon after the server has them, and a relay that dies holding them is noticed
+# (then failed over from) within this plus the failover time, not at the next poll
+# (30 min). An exchange with a relay nearby is cheap and never reaches the server.
+AGENT_RELAY_CHECK_INTERVAL = 30.0
 SCRUB_MAX_ATTEMPTS = 3  # SPEC 5: attempts after which the scrubber stops continuing an operation
 CLI_HTTP_TIMEOUT = 60.0  # seconds one admin API call may take (a bulk cancel of many rows)
 CLI_POLL_INTERVAL = 0.2  # seconds between two polls of `run --wait`: a live bar, a light load

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 import urllib.parse
 
@@ -26,6 +27,15 @@ class HttpError(Exception):
 
 
 MAX_RESPONSE = AGENT_MAX_RESPONSE
+
+
+def error_text(exc: HttpError) -> str:
+    """The reason an HTTP error answer gives (``error`` or ``detail``), else the error."""
+    try:
+        body = json.loads(exc.body)
+        return str(body.get("error") or body.get("detail"))
+    except (ValueError, AttributeError):
+        return str(exc)
 
 
 class Connection:

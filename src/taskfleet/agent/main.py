@@ -18,6 +18,15 @@ Contract (see ``protocol/exchange.py`` for the wire protocol):
   cancel, spawn, run, check) live in ``agent/operations.py``.
 * A server that is down is retried with exponential backoff, and the agent
   says so in its log.
+* With ``--relay``, the agent enrolls through the relay and exchanges with it
+  (the same protocol); it keeps its messages until the SERVER acknowledged
+  them (``server_ack`` in a relay's reply) and sends each peer only what is
+  above what that peer holds. A relay that fails for ``relay_failover_after``
+  seconds is left for the server (``--server``, the fallback), logged once;
+  while direct, the relay is tried again every ``relay_probe_interval`` and
+  the agent goes back to it when it answers (``domain/peers.py``). A pinned
+  ``--server-key`` refuses an enrollment answer carrying another key (a relay
+  could swap it); without one the first key is trusted, and logged as such.
 * An operation found unfinished at start (the agent died while it ran) is
   reported Failed with a result line saying so.
 * A failed run of a pulled, Required, Once operation with attempts left is not
@@ -45,16 +54,17 @@ from typing import Any
 
 from taskfleet import __version__
 from taskfleet.agent import state as st
-from taskfleet.agent.http import Connection, HttpError
+from taskfleet.agent.enroll import enroll
+from taskfleet.agent.http import Connection, HttpError, error_text
 from taskfleet.agent.operations import Operations
 from taskfleet.agent.scrub import agent_lock, kill_leftover
 from taskfleet.agent.scrub import plan as scrub_plan
 from taskfleet.agent.scrub import scrub as scrub_record
+from taskfleet.domain.peers import Failover, Peer, PeerAcks, Switch
 from taskfleet.domain.policy import RunWindow
 from taskfleet.domain.scripts import EXECUTE_SCRIPT
 from taskfleet.domain.scrubber import Action
 from taskfleet.protocol.exchange import (
-    ENROLL_PATH,
     EXCHANGE_PATH,
     MAX_MESSAGES,
     ProtocolError,
@@ -62,11 +72,13 @@ from taskfleet.protocol.exchange import (
     loads_reply,
     operation_status,
     parse_server_reply,
-    parse_settings,
 )
 from taskfleet.protocol.signing import Verifier
 from taskfleet.protocol.tickle import TickleVerifier
 from taskfleet.settings import (
+    AGENT_RELAY_CHECK_INTERVAL,
+    AGENT_RELAY_FAILOVER_AFTER,
+    AGENT_RELAY_PROBE_INTERVAL,
     AGENT_RETRY_MAX,
     AGENT_RETRY_MIN,
     AGENT_TICKLE_BIND,
@@ -100,6 +112,10 @@ class AgentConfig:
     run_window: str | None = None  # HH:MM-HH:MM local: when optional work may run
     scrub_interval: float = SCRUB_INTERVAL  # SPEC 5: the scrubber runs at start, then this often
     max_attempts: int = SCRUB_MAX_ATTEMPTS  # continuing stops after this many attempts
+    relay: str | None = None  # exchange through this relay; ``server`` is the fallback
+    relay_failover_after: float = AGENT_RELAY_FAILOVER_AFTER
+    relay_probe_interval: float = AGENT_RELAY_PROBE_INTERVAL
+    server_key: str | None = None  # pinned server public key (hex): refuse any other
 
 
 def default_machine_id(state_dir: Path) -> str:
@@ -117,6 +133,16 @@ class Agent:
         self.state = st.LocalState(config.state_dir)  # raises StateError: refuse to start
         self.ident: st.Identity | None = None
         self.conn = Connection(config.server, timeout=EXCHANGE_HTTP_TIMEOUT)
+        self.relay_conn = (
+            Connection(config.relay, timeout=EXCHANGE_HTTP_TIMEOUT) if config.relay else None
+        )
+        self.failover = (
+            Failover(config.relay_failover_after, config.relay_probe_interval)
+            if config.relay
+            else None
+        )
+        self.acks = PeerAcks()
+        self.relay_error = ""  # why the relay failed last (said when failing over)
         self.trigger = asyncio.Event()
         self.verifier: TickleVerifier | None = None
         self.poll_interval = config.poll_interval or POLL_INTERVAL
@@ -176,15 +202,22 @@ class Agent:
                 self.config.server,
             )
             self.conn = Connection(self.ident.server, timeout=EXCHANGE_HTTP_TIMEOUT)
+        key = self.config.server_key
+        if key is not None and key.lower() != self.ident.server_public_key.lower():
+            raise SystemExit(
+                f"--server-key {key} is not the server key this agent pinned at enrollment "
+                f"({self.ident.server_public_key}); nothing was changed"
+            )
         self.ops.bind(self.ident, Verifier(self.ident.server_public_key))
         transport = await self._listen_tickles(sock)
         self._startup()
         scrubber = asyncio.create_task(self._scrub_loop())
         log.info(
-            "agent ready: computer %d, %s, poll every %gs",
+            "agent ready: computer %d, %s, poll every %gs%s",
             self.ident.computer_id,
             f"tickles on UDP {self.config.tickle_port}" if transport else "long poll",
             self.poll_interval,
+            f", through relay {self.config.relay}" if self.config.relay else "",
         )
         self.trigger.set()
         main = asyncio.create_task(self._loop())
@@ -197,6 +230,8 @@ class Agent:
         if transport:
             transport.close()
         await self.conn.close()
+        if self.relay_conn is not None:
+            await self.relay_conn.close()
         self.state.close()
         log.info("agent stopped")
 
@@ -212,40 +247,24 @@ class Agent:
                 "policy": self.policy,
             }
         ).encode()
-        delay = AGENT_RETRY_MIN
-        while True:
-            try:
-                raw = await self.conn.post(ENROLL_PATH, body, {})
-                break
-            except HttpError as exc:
-                if exc.status in (400, 401, 403, 422):
-                    raise SystemExit(f"enrollment refused: {_error_text(exc)}") from None
-                log.warning("enrollment failed (%s); retrying in %.0fs", exc, delay)
-            except (TimeoutError, OSError) as exc:
-                log.warning(
-                    "server %s unreachable (%s); retrying enrollment in %.0fs",
-                    cfg.server,
-                    exc or type(exc).__name__,
-                    delay,
-                )
-            await self._sleep(delay)
-            delay = min(delay * 2, AGENT_RETRY_MAX)
-        d = json.loads(raw)
-        ident = st.Identity(
-            cfg.server,
-            d["computer_id"],
-            d["secret"],
-            d["generation"],
-            bytes.fromhex(d["tickle_key"]),
-            d["server_public_key"],
+        # Through the relay when there is one: it enrolls this computer behind itself.
+        done = await enroll(
+            self.relay_conn or self.conn,
+            body,
+            server=cfg.server,
+            peer="relay" if cfg.relay else "server",
+            url=cfg.relay or cfg.server,
+            pinned_key=cfg.server_key,
+            sleep=self._sleep,
         )
+        ident = done.identity
         self.state.save_identity(ident)
         self.info_sent = True  # enrollment carried our info
-        self._apply_settings(parse_settings(d.get("settings", {})))
+        self._apply_settings(done.settings)
         log.info(
             "enrolled as computer %d%s",
             ident.computer_id,
-            " (re-enrolled: its queued work was canceled)" if d.get("reenrolled") else "",
+            " (re-enrolled: its queued work was canceled)" if done.reenrolled else "",
         )
         return ident
 
@@ -415,57 +434,126 @@ class Agent:
             long_poll = not self.config.tickle_port
             if not long_poll:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.trigger.wait(), self.poll_interval)
+                    await asyncio.wait_for(self.trigger.wait(), self._idle_wait())
             self.trigger.clear()
+            peer = self._choose_peer()
             try:
-                await self._exchange_once(long_poll)
-                delay = AGENT_RETRY_MIN
-            except HttpError as exc:
-                if exc.status == 401:
-                    log.error(
-                        "server refused this computer's credentials (%s); re-enroll "
-                        "with --enroll-token TOKEN --reenroll",
-                        _error_text(exc),
-                    )
-                else:
-                    log.warning("exchange refused: %s", _error_text(exc))
-                await asyncio.sleep(delay)
+                await self._exchange_once(peer, long_poll)
+            except (HttpError, TimeoutError, OSError, ValueError) as exc:
+                if self._relay_failed(peer, exc):
+                    self.trigger.set()  # a failover is due, or a probe failed: go on at once
+                    continue
+                pause = self._failed(peer, exc, delay) * random.uniform(0.8, 1.2)
+                due = self._relay_due()
+                await asyncio.sleep(pause if due is None else min(pause, due))
                 delay = min(delay * 2, AGENT_RETRY_MAX)
                 self.trigger.set()
-            except ProtocolError as exc:
-                # parse_server_reply says why a reply is refused whole.
+                continue
+            delay = AGENT_RETRY_MIN
+            if self.failover is not None and self.failover.answered(peer) is Switch.RETURNED:
                 log.warning(
-                    "server %s sent a reply this agent cannot read (%s); nothing of it "
-                    "was applied, retrying in %.0fs",
-                    self.config.server,
-                    exc,
-                    delay,
+                    "relay %s answers again: exchanging through it, no longer with the "
+                    "server directly",
+                    self.config.relay,
                 )
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, AGENT_RETRY_MAX)
-                self.trigger.set()
-            except (TimeoutError, OSError, ValueError) as exc:
-                log.warning(
-                    "server %s unreachable (%s); retrying in %.0fs",
-                    self.config.server,
-                    exc or type(exc).__name__,
-                    delay,
-                )
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, AGENT_RETRY_MAX)
-                self.trigger.set()
 
-    async def _exchange_once(self, long_poll: bool) -> None:
+    def _choose_peer(self) -> Peer:
+        if self.failover is None:
+            return Peer.SERVER
+        peer, switch = self.failover.choose(time.monotonic())
+        if switch is Switch.FAILED_OVER:
+            log.warning(
+                "relay %s has failed for %gs (%s): exchanging with the server %s directly, "
+                "trying the relay again every %gs",
+                self.config.relay,
+                self.failover.failover_after,
+                self.relay_error,
+                self.config.server,
+                self.failover.probe_every,
+            )
+        return peer
+
+    def _relay_due(self) -> float | None:
+        """Seconds until the relay needs an exchange (a check of what it holds unacked,
+        a failover, a probe); None without a relay or with nothing due."""
+        if self.failover is None:
+            return None
+        due = self.failover.wait_limit(time.monotonic())
+        if not self.failover.direct and self.state.outbox_size():
+            due = (
+                AGENT_RELAY_CHECK_INTERVAL if due is None else min(due, AGENT_RELAY_CHECK_INTERVAL)
+            )
+        return due
+
+    def _idle_wait(self) -> float:
+        due = self._relay_due()
+        return self.poll_interval if due is None else min(self.poll_interval, due)
+
+    def _relay_failed(self, peer: Peer, exc: Exception) -> bool:
+        """Count a failure of the relay (anything but a refusal of this computer's
+        credentials, which the server would refuse too); True: exchange again at once."""
+        if self.failover is None or peer is not Peer.RELAY:
+            return False
+        if isinstance(exc, HttpError) and exc.status in (401, 403):
+            return False
+        self.relay_error = error_text(exc) if isinstance(exc, HttpError) else str(exc)
+        self.relay_error = self.relay_error or type(exc).__name__
+        if self.failover.direct:
+            log.info("relay %s still fails (%s)", self.config.relay, self.relay_error)
+        return self.failover.failed(peer, time.monotonic())
+
+    def _failed(self, peer: Peer, exc: Exception, delay: float) -> float:
+        """Say why an exchange failed; returns the backoff before the next one."""
+        url = self.config.relay if peer is Peer.RELAY else self.config.server
+        if isinstance(exc, HttpError):
+            if exc.status == 401:
+                log.error(
+                    "%s refused this computer's credentials (%s); re-enroll "
+                    "with --enroll-token TOKEN --reenroll",
+                    peer,
+                    error_text(exc),
+                )
+            else:
+                log.warning("exchange refused by %s %s: %s", peer, url, error_text(exc))
+        elif isinstance(exc, ProtocolError):
+            # parse_server_reply says why a reply is refused whole.
+            log.warning(
+                "%s %s sent a reply this agent cannot read (%s); nothing of it "
+                "was applied, retrying in %.0fs",
+                peer,
+                url,
+                exc,
+                delay,
+            )
+        else:
+            log.warning(
+                "%s %s unreachable (%s); retrying in %.0fs",
+                peer,
+                url,
+                exc or type(exc).__name__,
+                delay,
+            )
+        return delay
+
+    async def _exchange_once(self, peer: Peer, long_poll: bool) -> None:
         assert self.ident is not None
         # Work that arrives in an exchange a wake-up caused was pushed by the
         # server; work found at the agent's own poll was pulled (SPEC 5).
         self.woken, self.tickled = self.tickled, False
-        messages = self.state.pending(MAX_MESSAGES, SEND_BUDGET)
+        above = self.acks.send_above(peer)
+        pending = self.state.pending_seqs(MAX_MESSAGES, SEND_BUDGET, above)
+        messages = [text for _, text in pending]
         wait = LONG_POLL_WAIT if long_poll and not messages else 0.0
+        due = self._relay_due()
+        if wait and due is not None:
+            wait = min(wait, max(1.0, due))  # back in time for a check, failover or probe
         body: dict[str, Any] = {"ack": self.state.server_seq}
         if messages:
             body["messages"] = "@@"
-        if not self.info_sent:
+        # A probe says who it is: the relay forwards that at once, so the server knows
+        # this computer is behind its relay again (and wakes it through the relay).
+        probe = peer is Peer.RELAY and self.failover is not None and self.failover.direct
+        if not self.info_sent or probe:
             body["agent"] = {
                 "tickle_port": self.config.tickle_port or None,
                 "version": __version__,
@@ -480,8 +568,9 @@ class Agent:
             "X-Taskfleet-Computer": str(self.ident.computer_id),
             "Authorization": f"Bearer {self.ident.secret}",
         }
+        conn = self.relay_conn if peer is Peer.RELAY and self.relay_conn else self.conn
         post = asyncio.ensure_future(
-            self.conn.post(EXCHANGE_PATH, raw, headers, timeout=EXCHANGE_HTTP_TIMEOUT + wait)
+            conn.post(EXCHANGE_PATH, raw, headers, timeout=EXCHANGE_HTTP_TIMEOUT + wait)
         )
         if wait:
             # Abandon the long poll as soon as we have something to say.
@@ -494,18 +583,24 @@ class Agent:
                     await post
                 return
         reply = parse_server_reply(loads_reply(await post))
-        if reply.ack > self.state.last_seq:
+        top = self.state.last_seq
+        server_ack = reply.server_ack if peer is Peer.RELAY else None
+        if reply.ack > top or (server_ack or 0) > top:
             # It would drop results that were never sent.
             raise ProtocolError(f"ack {reply.ack} is beyond the last message sent")
         self.exchanges += 1
         if "agent" in body:
             self.info_sent = True
-        self.state.acked(reply.ack)
+        # Kept until the SERVER has them: a relay's ack only says what it holds.
+        self.state.acked(self.acks.replied(peer, reply.ack, server_ack))
         self._apply_settings(reply.settings)
         if self.verifier is not None and reply.server_time is not None:
             self.verifier.set_clock_offset(reply.server_time - time.time())
         self.ops.receive(reply.messages, pushed=bool(wait) or self.woken)
-        if self.state.outbox_size() > len(messages) or (messages and reply.messages):
+        sent_top = pending[-1][0] if pending else above
+        if self.state.queued_above(max(sent_top, self.acks.send_above(peer))):
+            self.trigger.set()  # more than one exchange holds, or queued meanwhile
+        if messages and reply.messages:
             self.trigger.set()
         if reply.more:  # the reply was full: the server holds more for us
             self.trigger.set()
@@ -522,13 +617,6 @@ def _own_user() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         return str(os.getuid())
-
-
-def _error_text(exc: HttpError) -> str:
-    try:
-        return str(json.loads(exc.body).get("error") or json.loads(exc.body).get("detail"))
-    except (ValueError, AttributeError):
-        return str(exc)
 
 
 def run_agent(config: AgentConfig) -> None:

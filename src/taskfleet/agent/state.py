@@ -387,15 +387,32 @@ class LocalState:
 
     # -- outbox ----------------------------------------------------------------
 
-    def pending(self, max_messages: int, max_bytes: int) -> list[str]:
-        out: list[str] = []
+    def pending(self, max_messages: int, max_bytes: int, above: int = 0) -> list[str]:
+        """Queued messages above sequence number ``above``, oldest first, within the limits
+        (one at least)."""
+        return [text for _, text in self.pending_seqs(max_messages, max_bytes, above)]
+
+    def pending_seqs(
+        self, max_messages: int, max_bytes: int, above: int = 0
+    ) -> list[tuple[int, str]]:
+        """``pending`` with each message's sequence number."""
+        out: list[tuple[int, str]] = []
         size = 0
-        for (text,) in self.db.execute("SELECT message FROM outbox ORDER BY seq"):
+        for seq, text in self.db.execute(
+            "SELECT seq, message FROM outbox WHERE seq > ? ORDER BY seq", (above,)
+        ):
             if out and (len(out) >= max_messages or size + len(text) > max_bytes):
                 break
-            out.append(text)
+            out.append((seq, text))
             size += len(text)
         return out
+
+    def queued_above(self, seq: int) -> bool:
+        """Whether a message above ``seq`` is queued (not yet sent to the current peer)."""
+        return (
+            self.db.execute("SELECT 1 FROM outbox WHERE seq > ? LIMIT 1", (seq,)).fetchone()
+            is not None
+        )
 
     def outbox_size(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM outbox").fetchone()[0])

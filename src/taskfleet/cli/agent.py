@@ -17,6 +17,8 @@ import click
 from taskfleet.cli.options import FINITE_FLOAT
 from taskfleet.cli.output import emit, fail, print_fields, print_table, when
 from taskfleet.settings import (
+    AGENT_RELAY_FAILOVER_AFTER,
+    AGENT_RELAY_PROBE_INTERVAL,
     AGENT_STATE_DIR,
     AGENT_TICKLE_BIND,
     AGENT_TICKLE_PORT,
@@ -28,6 +30,34 @@ from taskfleet.settings import (
 @click.group(invoke_without_command=True)
 @click.option(
     "--server", "server_url", envvar="TASKFLEET_SERVER", help="Server URL [env: TASKFLEET_SERVER]."
+)
+@click.option(
+    "--relay",
+    "relay_url",
+    envvar="TASKFLEET_RELAY",
+    default=None,
+    help="Enroll and exchange through this relay (http://HOST:PORT); --server stays the "
+    "fallback when the relay fails [env: TASKFLEET_RELAY].",
+)
+@click.option(
+    "--relay-failover-after",
+    type=FINITE_FLOAT,
+    default=AGENT_RELAY_FAILOVER_AFTER,
+    show_default=True,
+    help="Seconds of relay failures before exchanging with the server directly.",
+)
+@click.option(
+    "--relay-probe-interval",
+    type=FINITE_FLOAT,
+    default=AGENT_RELAY_PROBE_INTERVAL,
+    show_default=True,
+    help="While direct, seconds between two tries of the relay (back to it when it answers).",
+)
+@click.option(
+    "--server-key",
+    default=None,
+    help="The server's public key (64 hex digits): refuse an enrollment answer carrying "
+    "another (a relay could swap it) [default: trust the first key].",
 )
 @click.option(
     "--enroll-token",
@@ -106,6 +136,10 @@ from taskfleet.settings import (
 def agent(
     ctx: click.Context,
     server_url: str | None,
+    relay_url: str | None,
+    relay_failover_after: float,
+    relay_probe_interval: float,
+    server_key: str | None,
     enroll_token: str | None,
     enroll_token_file: Path | None,
     state_dir: Path,
@@ -135,6 +169,7 @@ def agent(
             fail(str(exc))
     if scrub_interval <= 0:
         fail("--scrub-interval must be positive")
+    server_key = _relay_options(relay_url, relay_failover_after, relay_probe_interval, server_key)
     if enroll_token_file is not None:
         if enroll_token:
             fail(
@@ -147,7 +182,10 @@ def agent(
     from taskfleet.agent.state import StateError
 
     if not server_url:
-        fail("no server given: use --server URL or set TASKFLEET_SERVER")
+        fail(
+            "no server given: use --server URL or set TASKFLEET_SERVER"
+            + (" (with --relay, the server is the fallback)" if relay_url else "")
+        )
     if not 0 <= tickle_port < 65536:
         fail("--tickle-port must be 0..65535")
     logs.setup(log_format)
@@ -165,6 +203,10 @@ def agent(
         run_window=run_window,
         scrub_interval=scrub_interval,
         max_attempts=max_attempts,
+        relay=relay_url,
+        relay_failover_after=relay_failover_after,
+        relay_probe_interval=relay_probe_interval,
+        server_key=server_key,
     )
     if hostname:
         config.hostname = hostname
@@ -174,6 +216,24 @@ def agent(
         fail(str(exc))
     except OSError as exc:
         fail(f"agent cannot start: {exc}")
+
+
+def _relay_options(
+    relay_url: str | None, failover_after: float, probe_interval: float, server_key: str | None
+) -> str | None:
+    """Check the relay options; returns the pinned server key, normalised."""
+    if relay_url is not None and not relay_url.startswith(("http://", "https://")):
+        fail(f"--relay {relay_url!r} is not an http(s)://HOST[:PORT] URL")
+    if failover_after < 0:
+        fail("--relay-failover-after must be 0 or more seconds")
+    if probe_interval <= 0:
+        fail("--relay-probe-interval must be positive")
+    if server_key is None:
+        return None
+    key = server_key.strip().lower()
+    if len(key) != 64 or any(ch not in "0123456789abcdef" for ch in key):
+        fail("--server-key must be the server's Ed25519 public key: 64 hex digits")
+    return key
 
 
 def _read_token_file(path: Path) -> str:
@@ -202,6 +262,7 @@ def agent_status(ctx: click.Context, as_json: bool) -> None:
     data = {
         "computer_id": ident.computer_id if ident else None,
         "server": ident.server if ident else None,
+        "server_key": ident.server_public_key if ident else None,
         "server_seq": state.server_seq,
         "unsent_results": state.outbox_size(),
         "records": state.records(),
@@ -223,6 +284,7 @@ def agent_status(ctx: click.Context, as_json: bool) -> None:
             [
                 ("computer", d["computer_id"]),
                 ("server", d["server"]),
+                ("server key", d["server_key"]),
                 ("unsent results", d["unsent_results"]),
             ],
         )

@@ -41,7 +41,9 @@ same scheme, borrowed from landscape-client:
   asks for a long poll: the server holds the exchange up to ``wait`` seconds
   until there is work (agents that cannot receive UDP tickles).
 * Response body: ``{"ack": int, "messages": [...], "server_time": float,
-  "settings": {...}, "more": true?}``.
+  "settings": {...}, "more": true?}``; a relay's reply adds ``"server_ack": int``
+  (``ack`` is then what the relay holds, ``server_ack`` what the server
+  acknowledged: the agent keeps its messages until the server has them).
 
 Limits (``MAX_*`` below) are checked before anything is applied; a body that
 breaks one is refused whole with a clear error and nothing changes. Every
@@ -206,6 +208,7 @@ class ServerReply:
     server_time: float | None = None
     settings: ServerSettings = ServerSettings()
     more: bool = False
+    server_ack: int | None = None  # a relay's reply: what the server acknowledged
 
 
 def clean_text(value: str) -> str:
@@ -412,8 +415,9 @@ def parse_server_reply(obj: Any) -> ServerReply:
     What cannot be trusted as a whole raises ProtocolError naming the first
     problem, and the agent applies nothing of that reply (not even its ``ack``:
     its results stay queued), logs it and retries the exchange with backoff:
-    a body that is not an object, an ``ack``, ``server_time``, ``settings`` or
-    ``more`` of the wrong type or range, ``messages`` that is not a list, or a
+    a body that is not an object, an ``ack``, ``server_ack``, ``server_time``,
+    ``settings`` or ``more`` of the wrong type or range, a ``server_ack`` above
+    ``ack`` (a relay holds what the server acknowledged), ``messages`` that is not a list, or a
     message that is not an object or whose ``seq`` is missing, out of range or
     not increasing. Without a trustworthy ``seq`` a message cannot be
     acknowledged or skipped, so retrying (a truncated or garbled reply, a broken
@@ -451,7 +455,10 @@ def parse_server_reply(obj: Any) -> ServerReply:
     if not isinstance(more, bool):
         raise ProtocolError("'more' must be true or false")
     settings = parse_settings(obj.get("settings", {}))
-    return ServerReply(ack, messages, _num(obj, "server_time"), settings, more)
+    server_ack = _int(obj, "server_ack", optional=True)
+    if server_ack is not None and server_ack > ack:
+        raise ProtocolError(f"'server_ack' {server_ack} is above 'ack' {ack}")
+    return ServerReply(ack, messages, _num(obj, "server_time"), settings, more, server_ack)
 
 
 def parse_settings(obj: Any) -> ServerSettings:
