@@ -336,6 +336,20 @@ def parse_relay_reply(obj: Any) -> RelayReply:
 # -- builders -----------------------------------------------------------------------
 
 
+def relay_enroll_body(
+    token: str, name: str, *, url: str | None, tickle_port: int | None, version: str
+) -> dict[str, Any]:
+    """A relay's enrollment request (``RELAY_ENROLL_PATH``, the relay's side). ``url``
+    (what its agents use, as the server shows it) and ``tickle_port`` (UDP for the
+    server's wake-ups) are left out when the relay has none."""
+    body: dict[str, Any] = {"token": token, "name": name, "version": version}
+    if url:
+        body["url"] = url
+    if tickle_port:
+        body["tickle_port"] = tickle_port
+    return body
+
+
 def relay_entry(
     computer_id: int,
     *,

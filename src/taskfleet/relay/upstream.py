@@ -52,6 +52,7 @@ from taskfleet.protocol.relay import (
     RELAY_ENROLL_PATH,
     RELAY_EXCHANGE_PATH,
     parse_relay_reply,
+    relay_enroll_body,
     relay_entry,
     relay_request,
 )
@@ -186,13 +187,13 @@ class Upstream:
                 "--enroll-token"
             )
         body = orjson.dumps(
-            {
-                "token": cfg.enroll_token,
-                "name": cfg.name,
-                "url": cfg.advertise,
-                "tickle_port": cfg.tickle_port or None,
-                "version": __version__,
-            }
+            relay_enroll_body(
+                cfg.enroll_token,
+                cfg.name,
+                url=cfg.advertise,
+                tickle_port=cfg.tickle_port or None,
+                version=__version__,
+            )
         )
         delay = RELAY_RETRY_MIN
         while True:
