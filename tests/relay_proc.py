@@ -43,6 +43,7 @@ from tests.conftest import (
     spawn,
     wait_until,
 )
+from tests.raw_agent import SCRIPTS_OK
 
 READY = "ready: agents on"
 
@@ -212,7 +213,12 @@ def behind(server: Server, relay: Relay) -> list[int]:
 
 def enroll_through(relay: Relay, enroll_token: str, name: str) -> dict[str, Any]:
     """Enroll a computer through the real relay as an agent would (raw HTTP)."""
-    body = {"token": enroll_token, "hostname": name, "machine_id": f"machine-{name}"}
+    body = {
+        "token": enroll_token,
+        "hostname": name,
+        "machine_id": f"machine-{name}",
+        "policy": SCRIPTS_OK,
+    }
     r = httpx.post(relay.url + "/agent/v1/enroll", json=body, timeout=30)
     assert r.status_code == 201, r.text
     return dict(r.json())
@@ -259,7 +265,8 @@ class HttpForwarder:
     own; a test can ``pause`` it (connections refused, as if the server were down) and
     ``amend`` the next answers to a path: the function gets the server's answer body
     and returns what the relay gets instead (``None``: the connection is cut, the
-    answer lost; the server applied the request all the same)."""
+    answer lost; the server applied the request all the same), or the very same
+    bytes object to let this answer pass and amend a later one."""
 
     def __init__(self, target: str) -> None:
         self.target = target
@@ -307,10 +314,10 @@ class HttpForwarder:
                 out: bytes | None = r.content
                 with fwd.lock:
                     change = next((c for p, c in fwd.amends if p == self.path), None)
-                    if change is not None:
-                        fwd.amends.remove((self.path, change))
-                if change is not None and r.status_code == 200:
-                    out = change(r.content)
+                    if change is not None and r.status_code == 200:
+                        out = change(r.content)
+                        if out is not r.content:  # returned as it was: not this one
+                            fwd.amends.remove((self.path, change))
                 if out is None:
                     self._cut()
                     return
