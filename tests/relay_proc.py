@@ -195,6 +195,26 @@ def history(server: Server, activity_id: int) -> list[tuple[str | None, str, str
     return [(h["from_state"], h["to_state"], h["cause"]) for h in rows]
 
 
+def ended_once(server: Server, request_id: int) -> dict[str, Any] | None:
+    """The request's activity once ended, checked to have ended exactly once (one
+    end in its history: a result recorded twice would show twice)."""
+    a = done_activity(server, request_id)
+    if a is None:
+        return None
+    ends = [h for h in history(server, a["id"]) if h[1] in ("succeeded", "failed")]
+    assert len(ends) == 1, history(server, a["id"])
+    return a
+
+
+def gated(gate: Path) -> list[str]:
+    """A script that ends once the test creates ``gate``, printing its operation id."""
+    return [
+        "sh",
+        "-c",
+        f'while [ ! -e "{gate}" ]; do sleep 0.05; done; echo "$TASKFLEET_OPERATION_ID"',
+    ]
+
+
 def stop_server(server: Server) -> None:
     server.proc.stop()
 

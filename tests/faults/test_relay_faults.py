@@ -22,10 +22,10 @@ from tests.conftest import Agent, Server, _cli, enroll_token, free_port, wait_un
 from tests.relay_proc import (
     HttpForwarder,
     Relay,
-    done_activity,
+    ended_once,
     enroll_through,
     forwarder,
-    history,
+    gated,
     queue_script,
     raw_exchange,
     start_relay,
@@ -38,31 +38,12 @@ __all__ = ["forwarder", "start_relay"]  # the fixtures, used by name
 QUIET = ("--poll-interval", "3600")
 
 
-def _gated(gate: Path) -> list[str]:
-    """A script that ends once the test creates ``gate``."""
-    return [
-        "sh",
-        "-c",
-        f'while [ ! -e "{gate}" ]; do sleep 0.05; done; echo "$TASKFLEET_OPERATION_ID"',
-    ]
-
-
-def _ended_once(server: Server, request_id: int) -> dict[str, Any] | None:
-    """The request's activity once ended, checked to have ended exactly once."""
-    a = done_activity(server, request_id)
-    if a is None:
-        return None
-    ends = [h for h in history(server, a["id"]) if h[1] in ("succeeded", "failed")]
-    assert len(ends) == 1, history(server, a["id"])
-    return a
-
-
 def _spool_results_while_the_server_is_down(
     server: Server, relay: Relay, agent: Agent, tmp_path: Path, n: int = 3
 ) -> list[int]:
     cid = agent.computer_id
     gate = tmp_path / "gate"
-    reqs = [queue_script(server, cid, _gated(gate)) for _ in range(n)]
+    reqs = [queue_script(server, cid, gated(gate)) for _ in range(n)]
     wait_until(lambda: len(agent.status()["records"]) == n, 30, "the agent to have the work")
     stop_server(server)
     gate.touch()
@@ -92,7 +73,7 @@ def test_results_spooled_during_an_outage_are_forwarded_once_when_the_server_ret
     reqs = _spool_results_while_the_server_is_down(server, relay, agent, tmp_path)
     start_server_again(server)
     for req in reqs:
-        a = wait_until(lambda req=req: _ended_once(server, req), 60, "the results at the server")
+        a = wait_until(lambda req=req: ended_once(server, req), 60, "the results at the server")
         assert a["state"] == "succeeded" and a["stdout"] == f"{a['id']}\n"
     wait_until(lambda: relay.metric("taskfleet_relay_spool_messages") == 0, 10, "empty spool")
     assert relay.metric("taskfleet_relay_forwarded_total") == 3
@@ -111,7 +92,7 @@ def test_kill_9_of_the_relay_with_a_full_spool_loses_nothing(
     start_server_again(server)
     relay.restart()  # same state folder: no new enrollment
     for req in reqs:
-        a = wait_until(lambda req=req: _ended_once(server, req), 60, "the results at the server")
+        a = wait_until(lambda req=req: ended_once(server, req), 60, "the results at the server")
         assert a["state"] == "succeeded"
     assert relay.shown()["generation"] == 1  # enrolled once
 
@@ -144,7 +125,7 @@ def test_a_lost_reply_is_followed_by_a_resync_and_the_work_still_arrives_once(
     fwd.amend(RELAY_EXCHANGE_PATH, lambda body: None if b'"operation"' in body else body)
     before = len(fwd.requests)
     req = queue_script(server, cid, ["echo", "once"])  # the server tickles the relay
-    a = wait_until(lambda: _ended_once(server, req), 30, "the result")
+    a = wait_until(lambda: ended_once(server, req), 30, "the result")
     assert a["stdout"] == "once\n"
     assert [r["op"] for r in agent.status()["records"]] == [a["id"]]
     assert not fwd.amends  # the answer was lost
@@ -200,7 +181,7 @@ def test_bad_agent_bodies_are_refused_with_400_and_nothing_is_spooled(
     # Nothing of them was kept: the first good message is seq 1, and the server takes it.
     r = raw_exchange(relay, cid, secret, {"ack": seq, "messages": [_result(1, op)]})
     assert r.status_code == 200 and r.json()["ack"] == 1
-    a = wait_until(lambda: _ended_once(server, req), 20, "the good message at the server")
+    a = wait_until(lambda: ended_once(server, req), 20, "the good message at the server")
     assert a["state"] == "succeeded" and a["result_line"] == "ok"
     assert relay.metric("taskfleet_relay_received_total") == 1
 
@@ -290,7 +271,7 @@ def test_an_entry_the_server_cannot_apply_now_is_kept_and_sent_again(
     raw_exchange(relay, cid, secret, {"ack": seq, "messages": [_result(1, op)]})
     wait_until(lambda: f"could not apply computer {cid}" in relay.proc.text(), 20, "a 500")
     assert relay.metric("taskfleet_relay_spool_messages") == 1  # kept
-    a = wait_until(lambda: _ended_once(server, req), 30, "the result at the server")
+    a = wait_until(lambda: ended_once(server, req), 30, "the result at the server")
     assert a["state"] == "succeeded"
     wait_until(lambda: relay.metric("taskfleet_relay_spool_messages") == 0, 20, "acked at last")
     assert relay.metric("taskfleet_relay_dropped_total") == 0

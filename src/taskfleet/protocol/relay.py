@@ -32,7 +32,8 @@ Contract:
   ``seen`` are where and when the relay last heard the agent. ``stats`` are
   numbers the server shows as they are; ``relay list`` shows ``spool`` (agent
   messages not yet acked by the server), ``cached`` (server messages held for
-  agents) and ``lag`` (seconds the oldest spooled message has waited).
+  agents) and ``lag`` (seconds the oldest spooled message has waited), built by
+  :func:`relay_stats` (which adds ``computers``, the relay's roster size).
 * Reply body (:func:`parse_relay_reply`)::
 
       {"computers": [{"id": 12, "ack": 8, "messages": [...], "more": false}],
@@ -371,6 +372,19 @@ def relay_entry(
     if seen is not None:
         entry["seen"] = seen
     return entry
+
+
+# The numbers a relay reports in ``stats``, as the server shows them (``relay list``
+# reads the first three by these names).
+STAT_SPOOL = "spool"  # agent messages the server has not acknowledged yet
+STAT_CACHED = "cached"  # server messages held for agents
+STAT_LAG = "lag"  # seconds the oldest spooled message has waited
+STAT_COMPUTERS = "computers"  # computers in the relay's roster
+
+
+def relay_stats(*, spool: int, cached: int, lag: float, computers: int) -> dict[str, float]:
+    """A relay's ``stats`` (the relay's side)."""
+    return {STAT_SPOOL: spool, STAT_CACHED: cached, STAT_LAG: lag, STAT_COMPUTERS: computers}
 
 
 def relay_request(

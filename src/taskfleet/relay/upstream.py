@@ -55,6 +55,7 @@ from taskfleet.protocol.relay import (
     relay_enroll_body,
     relay_entry,
     relay_request,
+    relay_stats,
 )
 from taskfleet.relay import metrics
 from taskfleet.relay.spool import RelayIdentity, Sent, Spool
@@ -446,12 +447,12 @@ class Upstream:
                 [],
                 roster="" if roster_refresh else self.spool.roster_version,
                 resync=self.resync,
-                stats={
-                    "spooled": stats.spooled,
-                    "cached": stats.cached,
-                    "lag": round(time.time() - stats.oldest, 3) if stats.oldest else 0.0,
-                    "computers": sum(1 for c in self.spool.computers.values() if c.in_roster),
-                },
+                stats=relay_stats(
+                    spool=stats.spooled,
+                    cached=stats.cached,
+                    lag=round(time.time() - stats.oldest, 3) if stats.oldest else 0.0,
+                    computers=sum(1 for c in self.spool.computers.values() if c.in_roster),
+                ),
             )
         )
         # relay_request puts "computers" right after "roster": splice the entries in.
