@@ -32,7 +32,9 @@ EXCHANGE_HTTP_TIMEOUT = 30.0  # seconds an agent waits for an ordinary exchange
 REPLY_MAX_BYTES = 16 * 1024 * 1024
 
 # Relays (issue 11, docs/relays.md).
-RELAY_POLL_INTERVAL = 60.0  # a relay exchanges at least this often: a lost tickle costs a minute
+# A relay exchanges at least this often: a lost tickle costs a minute; one exchange covers
+# all its computers, so this costs the server one request per relay per minute.
+RELAY_POLL_INTERVAL = 60.0
 # Bytes of messages in one relay exchange reply, all its computers together: four agent
 # replies' worth, so a relay holds a bounded reply in memory however many computers have
 # work; the rest comes at once on the next exchange ("more").
@@ -132,8 +134,6 @@ RELAY_PORT = 8471  # a relay's HTTP port for agents: beside the server's, so bot
 RELAY_LISTEN = f"0.0.0.0:{RELAY_PORT}"  # every interface: agents reach it from their network
 RELAY_STATE_DIR = "/var/lib/taskfleet-relay"  # the relay's spool and identity (FHS: state)
 RELAY_TICKLE_BIND = "0.0.0.0"  # every interface: tickles come from wherever the server is
-RELAY_POLL_INTERVAL = 60.0  # RELAY.md: a relay polls once a minute when tickles are lost;
-# one exchange covers all its computers, so this costs the server one request per relay
 RELAY_RETRY_MIN = 1.0  # relay backoff while the server is unreachable...
 RELAY_RETRY_MAX = 60.0  # ...doubling up to this (a returning server sees the spool within a minute)
 # A revoked relay (401) asks again this rarely: it serves nobody meanwhile (its agents fail

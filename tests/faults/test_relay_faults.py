@@ -1,69 +1,54 @@
-"""The relay process when things go wrong: server outages, kill -9, lost replies, bad input.
+"""The relay process when things go wrong, against the real server: server outages,
+kill -9, lost replies, refused entries, bad input.
 
-The server is the TEMPORARY double of its relay endpoints (tests/fake_relay_server.py)
-until the server side of relays is merged.
+Outages are the real server stopped and started again; a lost reply or a refused
+entry is the server's real answer dropped or amended on its way back by a test
+forwarder (``HttpForwarder`` in tests/relay_proc.py).
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from taskfleet.protocol.exchange import MAX_BODY_BYTES, operation_result
-from tests.conftest import Agent, _cli, free_port, wait_until
-from tests.fake_relay_server import ENROLL_TOKEN, FakeComputer, FakeRelayServer
-from tests.relay_proc import Relay, raw_exchange, start_relay
+from taskfleet.protocol.relay import RELAY_ENROLL_PATH, RELAY_EXCHANGE_PATH
+from tests.conftest import Agent, Server, _cli, enroll_token, free_port, wait_until
+from tests.relay_proc import (
+    HttpForwarder,
+    Relay,
+    ended_once,
+    enroll_through,
+    forwarder,
+    gated,
+    queue_script,
+    raw_exchange,
+    start_relay,
+    start_server_again,
+    stop_server,
+)
 
-__all__ = ["start_relay"]  # the fixture, used by name
+__all__ = ["forwarder", "start_relay"]  # the fixtures, used by name
 
 QUIET = ("--poll-interval", "3600")
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeRelayServer]:
-    server = FakeRelayServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-def _gated(gate: Path) -> list[str]:
-    """A script that ends once the test creates ``gate``."""
-    return [
-        "sh",
-        "-c",
-        f'while [ ! -e "{gate}" ]; do sleep 0.05; done; echo "$TASKFLEET_OPERATION_ID"',
-    ]
-
-
-def _results(fake: FakeRelayServer, cid: int) -> list[dict[str, Any]]:
-    return [m for m in fake.results(cid) if m["type"] == "operation-result"]
-
-
-def _offered_once(fake: FakeRelayServer, cid: int) -> bool:
-    seqs = [s for c, s in fake.offered if c == cid]
-    return sorted(seqs) == sorted(set(seqs))
-
-
 def _spool_results_while_the_server_is_down(
-    fake: FakeRelayServer, relay: Relay, agent: Agent, tmp_path: Path, n: int = 3
-) -> tuple[int, list[int]]:
+    server: Server, relay: Relay, agent: Agent, tmp_path: Path, n: int = 3
+) -> list[int]:
     cid = agent.computer_id
     gate = tmp_path / "gate"
-    ops = [fake.queue_script(cid, _gated(gate)) for _ in range(n)]
-    fake.tickle_relay()
+    reqs = [queue_script(server, cid, gated(gate)) for _ in range(n)]
     wait_until(lambda: len(agent.status()["records"]) == n, 30, "the agent to have the work")
-    fake.stop()
+    stop_server(server)
     gate.touch()
     wait_until(lambda: relay.metric("taskfleet_relay_spool_messages") == n, 30, "a full spool")
     wait_until(lambda: agent.status()["unsent_results"] == 0, 10, "the agent to hand them over")
-    assert _results(fake, cid) == []
     agent.proc.stop()  # from now on only the relay can bring them to the server
     failures = relay.metric("taskfleet_relay_upstream_failures_total", 'reason="unreachable"')
     wait_until(  # it keeps trying on its own (backoff), not only when agents speak
@@ -74,72 +59,82 @@ def _spool_results_while_the_server_is_down(
         30,
         "the relay to try again",
     )
-    return cid, ops
+    return reqs
 
 
 def test_results_spooled_during_an_outage_are_forwarded_once_when_the_server_returns(
-    fake: FakeRelayServer,
+    server: Server,
     start_relay: Callable[..., Relay],
     start_agent: Callable[..., Agent],
     tmp_path: Path,
 ) -> None:
-    relay = start_relay(fake.url, *QUIET)
-    agent = start_agent(relay.url, ENROLL_TOKEN)
-    cid, ops = _spool_results_while_the_server_is_down(fake, relay, agent, tmp_path)
-    assert relay.metric("taskfleet_relay_upstream_failures_total", 'reason="unreachable"') >= 1
-    fake.start()
-    wait_until(lambda: len(_results(fake, cid)) == 3, 60, "the results at the server")
-    assert sorted(m["op"] for m in _results(fake, cid)) == ops
-    assert _offered_once(fake, cid), fake.offered
+    relay = start_relay(server, *QUIET)
+    agent = start_agent(relay.url, enroll_token(server))
+    reqs = _spool_results_while_the_server_is_down(server, relay, agent, tmp_path)
+    start_server_again(server)
+    for req in reqs:
+        a = wait_until(lambda req=req: ended_once(server, req), 60, "the results at the server")
+        assert a["state"] == "succeeded" and a["stdout"] == f"{a['id']}\n"
     wait_until(lambda: relay.metric("taskfleet_relay_spool_messages") == 0, 10, "empty spool")
     assert relay.metric("taskfleet_relay_forwarded_total") == 3
 
 
 def test_kill_9_of_the_relay_with_a_full_spool_loses_nothing(
-    fake: FakeRelayServer,
+    server: Server,
     start_relay: Callable[..., Relay],
     start_agent: Callable[..., Agent],
     tmp_path: Path,
 ) -> None:
-    relay = start_relay(fake.url, *QUIET)
-    agent = start_agent(relay.url, ENROLL_TOKEN)
-    cid, ops = _spool_results_while_the_server_is_down(fake, relay, agent, tmp_path)
+    relay = start_relay(server, *QUIET)
+    agent = start_agent(relay.url, enroll_token(server))
+    reqs = _spool_results_while_the_server_is_down(server, relay, agent, tmp_path)
     relay.proc.kill9()
-    fake.start()
+    start_server_again(server)
     relay.restart()  # same state folder: no new enrollment
-    wait_until(lambda: len(_results(fake, cid)) == 3, 60, "the results at the server")
-    assert sorted(m["op"] for m in _results(fake, cid)) == ops
-    assert _offered_once(fake, cid), fake.offered
-    assert fake.relay_enrollments == 1
-    assert fake.requests[-1].get("resync")  # the first exchange after the restart
+    for req in reqs:
+        a = wait_until(lambda req=req: ended_once(server, req), 60, "the results at the server")
+        assert a["state"] == "succeeded"
+    assert relay.shown()["generation"] == 1  # enrolled once
+
+
+def _op_at(relay: Relay, cid: int, secret: str) -> tuple[int, int]:
+    """The operation the server sent ``cid`` through the relay: (seq, op)."""
+
+    def arrived() -> tuple[int, int] | None:
+        r = raw_exchange(relay, cid, secret)
+        assert r.status_code == 200, r.text
+        ops = [(m["seq"], m["op"]) for m in r.json()["messages"] if m["type"] == "operation"]
+        return ops[0] if ops else None
+
+    found: tuple[int, int] = wait_until(arrived, 30, "the operation at the relay")
+    return found
 
 
 def test_a_lost_reply_is_followed_by_a_resync_and_the_work_still_arrives_once(
-    fake: FakeRelayServer,
+    server: Server,
     start_relay: Callable[..., Relay],
     start_agent: Callable[..., Agent],
+    forwarder: Callable[[Server], HttpForwarder],
 ) -> None:
-    relay = start_relay(fake.url, *QUIET)
-    agent = start_agent(relay.url, ENROLL_TOKEN)
+    fwd = forwarder(server)
+    relay = start_relay(server, *QUIET, via=fwd.url)
+    agent = start_agent(relay.url, enroll_token(server))
     cid = agent.computer_id
-    fake.tickle_relay()
-    wait_until(lambda: fake.requests and not fake.requests[-1].get("resync"), 10, "settled")
-    op = fake.queue_script(cid, ["echo", "once"])
-    fake.lose_replies = 1  # the server hands the operation out; the answer is lost
-    fake.tickle_relay()
-    wait_until(lambda: _results(fake, cid), 30, "the result")
-    assert [m["op"] for m in _results(fake, cid)] == [op]
-    assert [r["op"] for r in agent.status()["records"]] == [op]
-    resyncs = [r for r in fake.requests if r.get("resync")]
-    assert len(resyncs) >= 2  # the start, and after the lost reply
-    assert relay.metric("taskfleet_relay_upstream_failures_total", 'reason="connection-closed"')
-
-
-def _known(relay: Relay, c: FakeComputer) -> None:
-    def served() -> bool:
-        return raw_exchange(relay, c.id, c.secret).status_code == 200
-
-    wait_until(served, 20, "the relay to know the computer")
+    wait_until(lambda: relay.metric("taskfleet_relay_agent_exchanges_total"), 10, "settled")
+    # The answer that carries the operation is lost (the server applied it all the same).
+    fwd.amend(RELAY_EXCHANGE_PATH, lambda body: None if b'"operation"' in body else body)
+    before = len(fwd.requests)
+    req = queue_script(server, cid, ["echo", "once"])  # the server tickles the relay
+    a = wait_until(lambda: ended_once(server, req), 30, "the result")
+    assert a["stdout"] == "once\n"
+    assert [r["op"] for r in agent.status()["records"]] == [a["id"]]
+    assert not fwd.amends  # the answer was lost
+    after = [json.loads(b) for p, b in fwd.requests[before + 1 :] if p == RELAY_EXCHANGE_PATH]
+    assert after and after[0].get("resync") is True  # asked again, with resync
+    failures = relay.metric(
+        "taskfleet_relay_upstream_failures_total", 'reason="connection-closed"'
+    ) + relay.metric("taskfleet_relay_upstream_failures_total", 'reason="unreachable"')
+    assert failures >= 1
 
 
 def _result(seq: int, op: int = 7) -> dict[str, Any]:
@@ -168,30 +163,33 @@ BAD_BODIES: list[tuple[str, Any]] = [
 
 
 def test_bad_agent_bodies_are_refused_with_400_and_nothing_is_spooled(
-    fake: FakeRelayServer, start_relay: Callable[..., Relay]
+    server: Server, start_relay: Callable[..., Relay]
 ) -> None:
-    relay = start_relay(fake.url, *QUIET)
-    c = fake.add_computer()
-    _known(relay, c)
+    relay = start_relay(server, *QUIET)
+    c = enroll_through(relay, enroll_token(server), "raw")
+    cid, secret = int(c["computer_id"]), str(c["secret"])
+    req = queue_script(server, cid, ["true"])
+    seq, op = _op_at(relay, cid, secret)
     for what, body in BAD_BODIES:
-        r = raw_exchange(relay, c.id, c.secret, content=body)
+        r = raw_exchange(relay, cid, secret, content=body)
         assert r.status_code == 400, (what, r.text)
         assert "bad exchange" in r.json()["error"], what
     big = b'{"ack":0,"x":"' + b"a" * MAX_BODY_BYTES + b'"}'
-    assert raw_exchange(relay, c.id, c.secret, content=big).status_code == 413
+    assert raw_exchange(relay, cid, secret, content=big).status_code == 413
     assert relay.metric("taskfleet_relay_received_total") == 0
     assert relay.metric("taskfleet_relay_spool_messages") == 0
-    # Nothing of them was kept: the first good message is seq 1, and the server gets it once.
-    r = raw_exchange(relay, c.id, c.secret, {"ack": 0, "messages": [_result(1)]})
+    # Nothing of them was kept: the first good message is seq 1, and the server takes it.
+    r = raw_exchange(relay, cid, secret, {"ack": seq, "messages": [_result(1, op)]})
     assert r.status_code == 200 and r.json()["ack"] == 1
-    wait_until(lambda: fake.seqs(c.id) == [1], 20, "the good message at the server")
+    a = wait_until(lambda: ended_once(server, req), 20, "the good message at the server")
+    assert a["state"] == "succeeded" and a["result_line"] == "ok"
     assert relay.metric("taskfleet_relay_received_total") == 1
 
 
 def test_agent_requests_without_credentials_are_refused(
-    fake: FakeRelayServer, start_relay: Callable[..., Relay]
+    server: Server, start_relay: Callable[..., Relay]
 ) -> None:
-    relay = start_relay(fake.url, *QUIET)
+    relay = start_relay(server, *QUIET)
     url = relay.url + "/agent/v1/exchange"
     assert httpx.post(url, json={"ack": 0}).status_code == 401
     headers = {"X-Taskfleet-Computer": "99999999999999999999", "Authorization": "Bearer x"}
@@ -201,55 +199,92 @@ def test_agent_requests_without_credentials_are_refused(
 
 
 def test_enrollment_through_the_relay_passes_the_servers_answer_on(
-    fake: FakeRelayServer, start_relay: Callable[..., Relay]
+    server: Server, start_relay: Callable[..., Relay]
 ) -> None:
-    relay = start_relay(fake.url, *QUIET)
+    relay = start_relay(server, *QUIET)
     body = {"token": "tfe_wrong", "hostname": "h", "machine_id": "m", "policy": {}}
     r = httpx.post(relay.url + "/agent/v1/enroll", json=body)
     assert r.status_code == 401 and "enrollment token" in r.json()["error"]
-    fake.stop()
-    r = httpx.post(relay.url + "/agent/v1/enroll", json={**body, "token": ENROLL_TOKEN})
+    token = enroll_token(server)
+    stop_server(server)
+    r = httpx.post(relay.url + "/agent/v1/enroll", json={**body, "token": token})
     assert r.status_code == 503 and "cannot reach its server" in r.json()["error"]
-    assert fake.computers == {}
+    start_server_again(server)
+    with server.api() as api:
+        assert api.get("/computers").json() == []
 
 
-def test_an_entry_the_server_refuses_is_dropped_from_the_spool_and_logged(
-    fake: FakeRelayServer, start_relay: Callable[..., Relay]
+def _refuse_entry(cid: int, status: int) -> Callable[[bytes], bytes | None]:
+    """The server's answer, with ``cid``'s part replaced by a refusal."""
+
+    def change(raw: bytes) -> bytes:
+        reply = json.loads(raw)
+        reply["computers"] = [c for c in reply["computers"] if c["id"] != cid]
+        reply["errors"].append({"id": cid, "status": status, "error": "refused by the test"})
+        return json.dumps(reply).encode()
+
+    return change
+
+
+def test_an_entry_for_a_computer_moved_to_another_relay_is_refused_and_dropped(
+    server: Server,
+    start_relay: Callable[..., Relay],
+    forwarder: Callable[[Server], HttpForwarder],
 ) -> None:
-    relay = start_relay(fake.url, *QUIET)
-    c = fake.add_computer()
-    _known(relay, c)
-    fake.entry_status[c.id] = 403
-    r = raw_exchange(relay, c.id, c.secret, {"ack": 0, "messages": [_result(1), _result(2)]})
+    fwd = forwarder(server)
+    relay = start_relay(server, *QUIET, via=fwd.url)
+    c = enroll_through(relay, enroll_token(server), "moved")
+    cid, secret = int(c["computer_id"]), str(c["secret"])
+    assert raw_exchange(relay, cid, secret).status_code == 200
+    fwd.pause()  # the relay cannot reach the server: what agents bring stays spooled
+    r = raw_exchange(relay, cid, secret, {"ack": 0, "messages": [_result(1), _result(2)]})
     assert r.status_code == 200
-    wait_until(lambda: relay.metric("taskfleet_relay_dropped_total") == 2, 20, "the drop")
+    wait_until(lambda: relay.metric("taskfleet_relay_spool_messages") == 2, 10, "spooled")
+    # Meanwhile the computer is put behind another relay.
+    with server.api() as api:
+        other = api.post("/tokens", json={"kind": "relay", "name": "other"}).json()["token"]
+        assert api.post("/groups", json={"name": "moved"}).status_code == 201
+        api.post("/groups/moved/members", json={"computer_ids": [cid]}).raise_for_status()
+        enrolled = httpx.post(server.url + RELAY_ENROLL_PATH, json={"token": other, "name": "o"})
+        r = api.post(f"/relays/{enrolled.json()['relay_id']}/assign", json={"group": "moved"})
+        assert r.status_code == 200, r.text
+    fwd.start()
+    wait_until(lambda: relay.metric("taskfleet_relay_dropped_total") == 2, 30, "the drop")
     assert relay.metric("taskfleet_relay_spool_messages") == 0
-    assert f"server refused computer {c.id}'s entry (403" in relay.proc.text()
-    assert fake.seqs(c.id) == []
+    assert f"server refused computer {cid}'s entry (403" in relay.proc.text()
+    assert f"relay {relay.relay_id} sent an entry for computer {cid}" in server.proc.text()
 
 
 def test_an_entry_the_server_cannot_apply_now_is_kept_and_sent_again(
-    fake: FakeRelayServer, start_relay: Callable[..., Relay]
+    server: Server,
+    start_relay: Callable[..., Relay],
+    forwarder: Callable[[Server], HttpForwarder],
 ) -> None:
-    relay = start_relay(fake.url, *QUIET)
-    c = fake.add_computer()
-    _known(relay, c)
-    fake.entry_status[c.id] = 500
-    raw_exchange(relay, c.id, c.secret, {"ack": 0, "messages": [_result(1)]})
-    wait_until(lambda: f"could not apply computer {c.id}" in relay.proc.text(), 20, "a 500")
-    assert relay.metric("taskfleet_relay_spool_messages") == 1
-    del fake.entry_status[c.id]
-    wait_until(lambda: fake.seqs(c.id) == [1], 20, "the message at the server")
+    fwd = forwarder(server)
+    relay = start_relay(server, *QUIET, via=fwd.url)
+    c = enroll_through(relay, enroll_token(server), "retry")
+    cid, secret = int(c["computer_id"]), str(c["secret"])
+    req = queue_script(server, cid, ["true"])
+    seq, op = _op_at(relay, cid, secret)
+    for _ in range(3):  # the server's part for it says 500 ("retry later"), three times
+        fwd.amend(RELAY_EXCHANGE_PATH, _refuse_entry(cid, 500))
+    raw_exchange(relay, cid, secret, {"ack": seq, "messages": [_result(1, op)]})
+    wait_until(lambda: f"could not apply computer {cid}" in relay.proc.text(), 20, "a 500")
+    assert relay.metric("taskfleet_relay_spool_messages") == 1  # kept
+    a = wait_until(lambda: ended_once(server, req), 30, "the result at the server")
+    assert a["state"] == "succeeded"
+    wait_until(lambda: relay.metric("taskfleet_relay_spool_messages") == 0, 20, "acked at last")
+    assert relay.metric("taskfleet_relay_dropped_total") == 0
 
 
 def test_a_relay_whose_enrollment_is_refused_stops_with_the_servers_reason(
-    fake: FakeRelayServer, tmp_path: Path
+    server: Server, tmp_path: Path
 ) -> None:
     out = subprocess.run(
         _cli(
             "relay",
             "--server",
-            fake.url,
+            server.url,
             "--enroll-token",
             "tfr_wrong",
             "--state-dir",

@@ -17,6 +17,7 @@ import click
 from taskfleet.cli.client import Api, client_options  # light: httpx loads with an Api
 from taskfleet.cli.options import FINITE_FLOAT
 from taskfleet.cli.output import echo, emit, fail, print_fields, print_table, when
+from taskfleet.protocol.relay import STAT_CACHED, STAT_LAG, STAT_SPOOL
 from taskfleet.settings import RELAY_LISTEN, RELAY_STATE_DIR, RELAY_TICKLE_BIND, RELAY_TICKLE_PORT
 
 # -- the relay process ------------------------------------------------------------------
@@ -178,9 +179,9 @@ def relay_list(server: str | None, token: str | None, as_json: bool) -> None:
                     r["computers"],
                     r["computers_via_relay"],
                     when(r["last_seen_at"]),
-                    _stat(r, "spool"),
-                    _stat(r, "cached"),
-                    _stat(r, "lag"),
+                    _stat(r, STAT_SPOOL),
+                    _stat(r, STAT_CACHED),
+                    _stat(r, STAT_LAG),
                     r["version"],
                     when(r["revoked_at"]) if r["revoked_at"] else "no",
                 ]

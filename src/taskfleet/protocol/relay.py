@@ -32,7 +32,8 @@ Contract:
   ``seen`` are where and when the relay last heard the agent. ``stats`` are
   numbers the server shows as they are; ``relay list`` shows ``spool`` (agent
   messages not yet acked by the server), ``cached`` (server messages held for
-  agents) and ``lag`` (seconds the oldest spooled message has waited).
+  agents) and ``lag`` (seconds the oldest spooled message has waited), built by
+  :func:`relay_stats` (which adds ``computers``, the relay's roster size).
 * Reply body (:func:`parse_relay_reply`)::
 
       {"computers": [{"id": 12, "ack": 8, "messages": [...], "more": false}],
@@ -336,6 +337,20 @@ def parse_relay_reply(obj: Any) -> RelayReply:
 # -- builders -----------------------------------------------------------------------
 
 
+def relay_enroll_body(
+    token: str, name: str, *, url: str | None, tickle_port: int | None, version: str
+) -> dict[str, Any]:
+    """A relay's enrollment request (``RELAY_ENROLL_PATH``, the relay's side). ``url``
+    (what its agents use, as the server shows it) and ``tickle_port`` (UDP for the
+    server's wake-ups) are left out when the relay has none."""
+    body: dict[str, Any] = {"token": token, "name": name, "version": version}
+    if url:
+        body["url"] = url
+    if tickle_port:
+        body["tickle_port"] = tickle_port
+    return body
+
+
 def relay_entry(
     computer_id: int,
     *,
@@ -357,6 +372,19 @@ def relay_entry(
     if seen is not None:
         entry["seen"] = seen
     return entry
+
+
+# The numbers a relay reports in ``stats``, as the server shows them (``relay list``
+# reads the first three by these names).
+STAT_SPOOL = "spool"  # agent messages the server has not acknowledged yet
+STAT_CACHED = "cached"  # server messages held for agents
+STAT_LAG = "lag"  # seconds the oldest spooled message has waited
+STAT_COMPUTERS = "computers"  # computers in the relay's roster
+
+
+def relay_stats(*, spool: int, cached: int, lag: float, computers: int) -> dict[str, float]:
+    """A relay's ``stats`` (the relay's side)."""
+    return {STAT_SPOOL: spool, STAT_CACHED: cached, STAT_LAG: lag, STAT_COMPUTERS: computers}
 
 
 def relay_request(

@@ -168,7 +168,7 @@ class AgentApp:
         if req.agent is not None:
             self.on_agent_port(cid, req.agent.tickle_port)
         client = scope.get("client")
-        before = (c.agent_ack, c.agent_info)
+        before = (c.agent_ack, c.agent_info, c.address)
         new = self.spool.receive(
             cid,
             ack=req.ack,
@@ -180,7 +180,9 @@ class AgentApp:
         metrics.AGENT_EXCHANGES.inc()
         if new:
             metrics.RECEIVED.inc(new)
-        if new or before != (c.agent_ack, c.agent_info):
+        # A new address too: the server tickles the agent there directly once it
+        # fails over, or its relay is revoked.
+        if new or before != (c.agent_ack, c.agent_info, c.address):
             self.upstream.forward()
         out, more = self.spool.down_messages(cid, req.ack, REPLY_MAX_BYTES)
         if not out and req.wait > 0 and not new and req.agent is None:

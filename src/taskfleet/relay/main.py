@@ -113,6 +113,9 @@ class Relay:
         rate = self.spool.relay_settings.get("tickle_rate")
         if isinstance(rate, int | float) and 0 < rate < float("inf"):
             self.tickler.set_rate(float(rate))
+        interval = self.spool.relay_settings.get("tickle_min_interval")
+        if isinstance(interval, int | float) and 0 <= interval < float("inf"):
+            self.tickler.set_min_interval(float(interval))
         self.tickler.wake(ids)
 
     async def run(self) -> None:

@@ -124,6 +124,12 @@ class AgentTickler:
         if rate != self.pacer.rate:
             self.pacer = TicklePacer(rate)
 
+    def set_min_interval(self, seconds: float) -> None:
+        """The server's ``tickle_min_interval`` (``relay_settings``): per computer."""
+        if seconds != self.min_interval:
+            self.min_interval = seconds
+            self.limiter = PerComputerLimiter(seconds)
+
     def wake(self, ids: set[int]) -> None:
         for cid in ids:
             if cid not in self._queued:

@@ -52,8 +52,10 @@ from taskfleet.protocol.relay import (
     RELAY_ENROLL_PATH,
     RELAY_EXCHANGE_PATH,
     parse_relay_reply,
+    relay_enroll_body,
     relay_entry,
     relay_request,
+    relay_stats,
 )
 from taskfleet.relay import metrics
 from taskfleet.relay.spool import RelayIdentity, Sent, Spool
@@ -186,13 +188,13 @@ class Upstream:
                 "--enroll-token"
             )
         body = orjson.dumps(
-            {
-                "token": cfg.enroll_token,
-                "name": cfg.name,
-                "url": cfg.advertise,
-                "tickle_port": cfg.tickle_port or None,
-                "version": __version__,
-            }
+            relay_enroll_body(
+                cfg.enroll_token,
+                cfg.name,
+                url=cfg.advertise,
+                tickle_port=cfg.tickle_port or None,
+                version=__version__,
+            )
         )
         delay = RELAY_RETRY_MIN
         while True:
@@ -445,12 +447,12 @@ class Upstream:
                 [],
                 roster="" if roster_refresh else self.spool.roster_version,
                 resync=self.resync,
-                stats={
-                    "spooled": stats.spooled,
-                    "cached": stats.cached,
-                    "lag": round(time.time() - stats.oldest, 3) if stats.oldest else 0.0,
-                    "computers": sum(1 for c in self.spool.computers.values() if c.in_roster),
-                },
+                stats=relay_stats(
+                    spool=stats.spooled,
+                    cached=stats.cached,
+                    lag=round(time.time() - stats.oldest, 3) if stats.oldest else 0.0,
+                    computers=sum(1 for c in self.spool.computers.values() if c.in_roster),
+                ),
             )
         )
         # relay_request puts "computers" right after "roster": splice the entries in.

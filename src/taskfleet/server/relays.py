@@ -15,7 +15,9 @@ Contract:
   one per other computer of the relay for which the server holds messages the
   relay does not (new work, resends), all in ONE writer batch sharing one reply
   budget. An entry for a computer not behind this relay is refused alone (403),
-  a malformed one 400, one that failed 500; the others are applied.
+  a malformed one 400, one that failed 500; the others are applied. An entry whose
+  agent ``ack`` is beyond the last message sent has the ack ignored, not the entry
+  refused (a refusal would cost the agent's results: see ``_entry_jobs``).
 * The server remembers per computer which server messages the relay holds
   (``RelayState.have``, a hint; ``resync`` forgets it) and sends only above it.
 * A relay's roster (its computers' ids, generations, secret hashes, tickle keys
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -354,16 +356,23 @@ def _entry_jobs(
                 EntryError(entry.id, 403, f"computer {entry.id} is not behind this relay")
             )
             continue
-        if entry.request.ack > cs.out_seq:
-            errors.append(
-                EntryError(
-                    entry.id,
-                    400,
-                    f"bad exchange: ack {entry.request.ack} is beyond the last message sent "
-                    f"({cs.out_seq})",
-                )
+        request = entry.request
+        if request.ack > cs.out_seq:
+            # Stale state at the relay or its agent (an older generation, a restored
+            # database): the ack is ignored, the entry's messages are applied. Refusing
+            # the entry (400) would make the relay drop the agent's spooled results
+            # for good; acking up to out_seq instead could forget server messages the
+            # agent never got. The relay forwards the agent's ack verbatim, so a
+            # direct agent with the same ack is still told 400 (server/api/agent.py).
+            log.warning(
+                "relay %d forwarded ack %d for computer %d, beyond the last message sent "
+                "(%d): ack ignored, its messages applied",
+                rs.id,
+                request.ack,
+                entry.id,
+                cs.out_seq,
             )
-            continue
+            request = replace(request, ack=cs.out_acked)
         # A ``have`` beyond what was ever sent is from an older generation: no hint.
         have = 0 if req.resync or entry.have > cs.out_seq else entry.have
         seen = now if entry.seen is None else min(entry.seen, now)
@@ -375,7 +384,7 @@ def _entry_jobs(
             cs.dirty = True
         cs.via_relay = True  # its agent speaks through the relay: tickle the relay
         jobs.append(
-            ExchangeJob(cs, entry.request, entry.address or cs.address, have, cs.last_seen, budget)
+            ExchangeJob(cs, request, entry.address or cs.address, have, cs.last_seen, budget)
         )
     return jobs, errors
 

@@ -7,7 +7,8 @@ traffic. A computer whose last exchange came through its relay is not tickled:
 its relay is (once per relay per ``min_interval``, however many of its
 computers got work; the relay then exchanges once for all of them and tickles
 its agents itself). A tickle only says "exchange now"; losing one costs
-latency, never work (agents and relays also poll).
+latency, never work (agents and relays also poll). ``wake_relays`` tickles
+relays themselves (a revoked relay, so it learns it is refused at once).
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ class Tickler:
             if relay is not None and cs.via_relay and not relay.revoked:
                 target = relay
             self._queue(target)
+        if self._pending:
+            self._event.set()
+
+    def wake_relays(self, relays: Iterable[RelayState]) -> None:
+        """Tickle these relays themselves (revoked ones too): a relay whose token was
+        revoked exchanges at once, is refused, and stops serving its agents (503) now
+        rather than at its next poll."""
+        if not self.enabled:
+            return
+        for rs in relays:
+            self._queue(rs)
         if self._pending:
             self._event.set()
 

@@ -45,7 +45,7 @@ router = router_for()
 class RelayEnrollIn(BaseModel):
     token: str
     name: str
-    url: str = ""  # what its agents are told to use (advertised)
+    url: str | None = None  # what its agents are told to use (advertised); none: unknown
     tickle_port: int | None = None
     version: str = ""
 
@@ -78,7 +78,7 @@ async def enroll(rt: Rt, body: RelayEnrollIn, request: Request) -> dict[str, Any
             rt.now(),
             token=body.token,
             name=body.name,
-            url=body.url,
+            url=body.url or "",
             tickle_port=body.tickle_port,
             version=body.version,
             address=address,

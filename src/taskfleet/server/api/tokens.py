@@ -71,4 +71,6 @@ async def revoke_token(rt: Rt, token_id: Id, p: Admin) -> Response:
     if revoked:
         metrics.RELAYS.set(sum(1 for rs in rt.fleet.relays.values() if not rs.revoked))
         log.info("token %d revoked with its relays %s", token_id, revoked)
+        # Woken one last time: each exchanges, is refused, and answers its agents 503.
+        rt.tickler.wake_relays(rt.fleet.relays[r] for r in revoked if r in rt.fleet.relays)
     return Response(status_code=204)
