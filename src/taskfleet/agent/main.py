@@ -60,6 +60,7 @@ from taskfleet.agent.operations import Operations
 from taskfleet.agent.scrub import agent_lock, kill_leftover
 from taskfleet.agent.scrub import plan as scrub_plan
 from taskfleet.agent.scrub import scrub as scrub_record
+from taskfleet.agent.wakeups import bind_tickle_port, listen
 from taskfleet.domain.peers import Failover, Peer, PeerAcks, Switch
 from taskfleet.domain.policy import RunWindow
 from taskfleet.domain.scripts import EXECUTE_SCRIPT
@@ -154,8 +155,6 @@ class Agent:
             "types": [EXECUTE_SCRIPT] if config.allow_scripts else [],
         }
         self.stopping = asyncio.Event()
-        self.last_drop_log = -1e9
-        self.retickle: asyncio.TimerHandle | None = None
         self.tickled = False
         self.woken = False
         self.agent_lock = agent_lock(config.state_dir)
@@ -186,7 +185,7 @@ class Agent:
                 loop.add_signal_handler(sig, self.stopping.set)
         # Claim the UDP port before enrolling: an agent that cannot listen must
         # not leave a stray computer behind or use up an enrollment token.
-        sock = self._bind_tickle_port()
+        sock = bind_tickle_port(self.config.tickle_bind, self.config.tickle_port)
         self.ident = self.state.identity()
         if self.ident is None or self.config.reenroll:
             if not self.config.enroll_token:
@@ -274,30 +273,6 @@ class Agent:
         if self.stopping.is_set():
             raise SystemExit(0)
 
-    def _bind_tickle_port(self) -> socket.socket | None:
-        cfg = self.config
-        if not cfg.tickle_port:
-            return None
-        try:
-            family, kind, proto, _, addr = socket.getaddrinfo(
-                cfg.tickle_bind, cfg.tickle_port, type=socket.SOCK_DGRAM
-            )[0]
-            sock = socket.socket(family, kind, proto)
-        except OSError as exc:
-            raise SystemExit(f"cannot listen on --tickle-bind {cfg.tickle_bind!r}: {exc}") from None
-        try:
-            sock.bind(addr)
-        except OSError as exc:
-            sock.close()
-            raise SystemExit(
-                f"cannot listen for wake-ups on UDP {cfg.tickle_bind}:{cfg.tickle_port} "
-                f"({exc.strerror or exc}): is another agent using it? Choose another "
-                "--tickle-port, or --tickle-port 0 to hold a long poll instead. "
-                "Nothing was enrolled or changed."
-            ) from None
-        sock.setblocking(False)
-        return sock
-
     async def _listen_tickles(self, sock: socket.socket | None) -> asyncio.DatagramTransport | None:
         if sock is None:
             return None
@@ -309,47 +284,11 @@ class Agent:
             min_interval=TICKLE_MIN_INTERVAL,
             replay_floor_ms=self.state.tickle_high_water_ms,
         )
-        agent = self
+        return await listen(sock, self.verifier, self.state, self._woken)
 
-        class _Udp(asyncio.DatagramProtocol):
-            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-                assert agent.verifier is not None
-                before = dict(agent.verifier.drops)
-                high = agent.verifier.high_water_ms
-                accepted = agent.verifier.accept(data, time.time())
-                if agent.verifier.high_water_ms > high:
-                    agent.state.save_tickle_high_water(agent.verifier.high_water_ms)
-                if accepted:
-                    agent.tickled = True
-                    agent.trigger.set()
-                    return
-                reason = next(
-                    (k for k, v in agent.verifier.drops.items() if v != before.get(k)), "?"
-                )
-                now = time.monotonic()
-                # Say why, but never let a flood of bad datagrams flood the log too.
-                if reason == "rate-limited" and agent.retickle is None:
-                    # A valid wake-up inside the interval: exchange once it is over.
-                    def again() -> None:
-                        agent.retickle = None
-                        agent.tickled = True
-                        agent.trigger.set()
-
-                    agent.retickle = asyncio.get_running_loop().call_later(
-                        TICKLE_MIN_INTERVAL, again
-                    )
-                if reason != "rate-limited" and now - agent.last_drop_log >= 1.0:
-                    agent.last_drop_log = now
-                    log.warning(
-                        "tickle dropped (%s) from %s; totals %s",
-                        reason,
-                        addr[0],
-                        agent.verifier.drops,
-                    )
-
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(_Udp, sock=sock)
-        return transport
+    def _woken(self) -> None:
+        self.tickled = True
+        self.trigger.set()
 
     def _startup(self) -> None:
         # SPEC 5: scrub at start, before anything runs; then resume pending work.
