@@ -9,7 +9,10 @@ quiet relay. Sequence counters here are only updated after the transaction that
 persisted them commits. Memory per idle computer is a few hundred bytes (see
 benchmarks). A computer behind a relay is linked to its relay here (``relay``),
 and remembers whether its last exchange came through it (``via_relay``): that
-decides where its wake-ups go (``server/tickler.py``).
+decides where its wake-ups go (``server/tickler.py``). A relay holds the
+``"relay": URL`` bytes the direct agent exchange adds to every reply for its
+computers (``reply_field``: its advertised URL, nothing once revoked), built once
+when the relay is enrolled or loaded: assigning a computer only relinks it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 from typing import Any
+
+from taskfleet.protocol.exchange import relay_field
 
 
 def hash_secret(secret: str) -> str:
@@ -102,10 +107,13 @@ class RelayState:
         tickle_port: int | None = None,
         last_seen: float | None = None,
         revoked: bool = False,
+        url: str | None = None,
     ) -> None:
         self.id = id
         self.tenant_id = tenant_id
         self.name = name
+        self.url = url  # what it advertises to its agents (None: nothing)
+        self._reply_field = relay_field(url)
         self.secret_hash = bytes.fromhex(secret_hash)
         self.generation = generation
         self.address = address
@@ -132,6 +140,12 @@ class RelayState:
         self.has_work = True
         if self.waiter is not None:
             self.waiter.set()
+
+    @property
+    def reply_field(self) -> bytes:
+        """What a direct reply to one of its computers adds: ``,"relay":URL`` (the
+        agent moves behind it), or nothing (no URL; revoked: it would be refused)."""
+        return b"" if self.revoked else self._reply_field
 
     @property
     def roster_version(self) -> str:
