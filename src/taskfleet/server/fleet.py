@@ -13,6 +13,8 @@ decides where its wake-ups go (``server/tickler.py``). A relay holds the
 ``"relay": URL`` bytes the direct agent exchange adds to every reply for its
 computers (``reply_field``: its advertised URL, nothing once revoked), built once
 when the relay is enrolled or loaded: assigning a computer only relinks it.
+``assign`` says whom to wake so the agents learn of it soon (docs/relays.md
+"Moving computers to another relay").
 """
 
 from __future__ import annotations
@@ -129,6 +131,9 @@ class RelayState:
         # holds (a hint: forgotten on resync and at restart, then all is resent).
         self.have: dict[int, int] = {}
         self.stats: dict[str, Any] = {}  # what the relay last reported (relay show)
+        # Computers assigned away from it whose agents still talk to it: woken directly
+        # once it has its new roster (then it answers them 503 and they fail over).
+        self.moved_out: set[int] = set()
         self.dirty = False  # last_seen/address changed since the last flush
         self._version: str | None = None
 
@@ -200,6 +205,40 @@ class Fleet:
         if rs is not None:
             rs.computers[cs.id] = cs
             rs.roster_changed()
+
+    def assign(
+        self, computer_ids: Iterable[int], relay_id: int
+    ) -> tuple[list[ComputerState], list[RelayState]]:
+        """Computers put behind relay ``relay_id`` (``relay assign``). Until its agent
+        exchanges through the new relay, a moved computer is woken directly. Returns
+        the computers to wake now (direct ones: their next exchange's reply names the
+        relay) and the relays whose rosters changed (to wake: they fetch them now); the
+        agents behind an old relay go in its ``moved_out``."""
+        direct: list[ComputerState] = []
+        changed: dict[int, RelayState] = {}
+        for cid in computer_ids:
+            cs = self.computers.get(cid)
+            if cs is None or (cs.relay is not None and cs.relay.id == relay_id):
+                continue
+            old = cs.relay
+            self.link(cs, relay_id)
+            if cs.relay is None:
+                continue
+            changed[relay_id] = cs.relay
+            cs.via_relay = False
+            cs.relay.moved_out.discard(cid)  # moved back before it heard
+            if old is None:
+                direct.append(cs)
+            else:
+                changed[old.id] = old
+                old.moved_out.add(cid)
+        return direct, list(changed.values())
+
+    def take_moved_out(self, rs: RelayState) -> list[ComputerState]:
+        """The computers moved away from ``rs`` (its new roster is on its way to it)."""
+        out = [self.computers[c] for c in rs.moved_out if c in self.computers]
+        rs.moved_out.clear()
+        return out
 
     def remove(self, computer_id: int) -> None:
         """A removed computer: its exchanges get 401 from now on; a held long poll ends."""
