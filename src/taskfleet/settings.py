@@ -41,6 +41,11 @@ RELAY_POLL_INTERVAL = 60.0
 RELAY_REPLY_MAX_BYTES = 4 * REPLY_MAX_BYTES
 RELAY_NAME_MAX = 128  # characters of a relay's name (unique per tenant)
 RELAY_URL_MAX = 512  # characters of the URL a relay advertises to its agents
+# Seconds between sending a relay its new roster and waking the agents assigned away
+# from it: time for it to apply the roster, so it refuses them (503) and they fail over
+# to the server, which names their new relay. Too early, it still serves them and they
+# learn at their next poll instead.
+RELAY_MOVED_WAKE_DELAY = 1.0
 
 WRITE_BATCH_MAX = 2000  # exchanges applied in one database transaction
 LAST_SEEN_FLUSH = 30.0  # seconds between writes of computers' last-seen times

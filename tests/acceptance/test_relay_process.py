@@ -112,11 +112,14 @@ def test_an_agent_long_polls_the_relay_without_udp(
 
 
 def test_an_agent_the_relay_does_not_know_is_served_after_the_roster_refresh(
-    server: Server,
+    start_server: Callable[..., Server],
     start_relay: Callable[..., Relay],
     start_agent: Callable[..., Agent],
     tmp_path: Path,
 ) -> None:
+    # A server whose tickles are lost (none sent): ``relay assign`` tickles the relay so
+    # it fetches its roster at once; lost, the relay's roster is stale, as here.
+    server = start_server("--no-tickles", "--lost-grace", "2", "--reaper-interval", "0.2")
     relay = start_relay(server, *QUIET)
     wait_until(lambda: _upstream(relay), 10, "the relay's first exchange")
     # Enrolled behind the relay through a second relay... no: directly, then assigned
@@ -144,6 +147,7 @@ def test_an_agent_the_relay_does_not_know_is_served_after_the_roster_refresh(
     )
     assert _upstream(relay) > exchanges
     req = queue_script(server, cid, ["echo", "known now"])
+    relay.tickle()  # as the server would
     a = wait_until(lambda: done_activity(server, req), 30, "the result")
     assert a["stdout"] == "known now\n"
     assert relay.metric("taskfleet_relay_refused_total", 'reason="unknown"') >= 1

@@ -1,14 +1,17 @@
 """An agent behind a relay (domain/peers.py): what it sends each peer, what it prunes,
-when it fails over to the server and when it returns; and the relay's reply as the
-agent parses it (``server_ack``)."""
+when it fails over to the server and when it returns, when it moves behind the relay
+the server assigned it to; and the replies as the agent parses them (``server_ack``,
+``relay``)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from taskfleet.domain.peers import Failover, Peer, PeerAcks, Switch
-from taskfleet.protocol.exchange import ProtocolError, parse_server_reply
-from taskfleet.settings import INT64_MAX
+from taskfleet.domain.peers import Failover, Peer, PeerAcks, Switch, reassigned
+from taskfleet.protocol.exchange import ProtocolError, parse_server_reply, relay_field
+from taskfleet.settings import INT64_MAX, RELAY_URL_MAX
 
 # -- acks across two peers ------------------------------------------------------------
 
@@ -123,3 +126,67 @@ def test_a_relay_reply_carries_the_server_ack() -> None:
 def test_a_bad_server_ack_refuses_the_whole_reply(server_ack: object, why: str) -> None:
     with pytest.raises(ProtocolError, match=why):
         parse_server_reply({"ack": 5, "server_ack": server_ack})
+
+
+# -- the relay the server assigned ---------------------------------------------------
+
+A = "http://relay-a.example:8471"
+B = "https://relay-b.example:8471"
+
+
+def test_a_server_reply_naming_another_relay_moves_the_agent_behind_it() -> None:
+    assert reassigned(Peer.SERVER, A, B) == B
+    assert reassigned(Peer.SERVER, None, B) == B  # no --relay: an admin assigned it
+
+
+@pytest.mark.parametrize(
+    ("peer", "current", "told"),
+    [
+        (Peer.SERVER, A, None),  # no assignment (or a relay without a URL): stay
+        (Peer.SERVER, None, None),
+        (Peer.SERVER, A, A),  # already behind it (failed over from it): stay, probe it
+        (Peer.SERVER, A, "HTTP://Relay-A.example:8471/"),  # the same relay, spelled otherwise
+        (Peer.RELAY, A, B),  # a relay never names another relay
+    ],
+)
+def test_the_agent_stays_unless_the_server_names_another_relay(
+    peer: Peer, current: str | None, told: str | None
+) -> None:
+    assert reassigned(peer, current, told) is None
+
+
+def test_the_new_relay_gets_everything_the_server_has_not_acknowledged() -> None:
+    acks = PeerAcks()
+    acks.replied(Peer.RELAY, 7, 3)  # the old relay held up to 7
+    acks.moved()
+    assert acks.send_above(Peer.RELAY) == 3
+
+
+def test_a_server_reply_names_the_assigned_relay() -> None:
+    for url in (A, B, "http://[::1]:8471", "http://10.0.0.7", "http://r:1/prefix"):
+        raw = b'{"ack":0,"messages":[],"settings":{}%s}' % relay_field(url)
+        assert parse_server_reply(json.loads(raw)).relay == url
+    assert relay_field(None) == relay_field("") == b""
+    assert parse_server_reply({"ack": 0}).relay is None
+    assert parse_server_reply({"ack": 0, "relay": None}).relay is None
+
+
+@pytest.mark.parametrize(
+    ("relay", "why"),
+    [
+        (7, "'relay' must be a string"),
+        (["http://r"], "'relay' must be a string"),
+        ("http://r/" + "x" * RELAY_URL_MAX, f"at most {RELAY_URL_MAX} characters"),
+        ("", "is not an http"),
+        ("relay-b:8471", "is not an http"),
+        ("ftp://relay-b", "is not an http"),
+        ("http://", "is not an http"),
+        ("http://relay-b:99999", "is not an http"),
+        ("http://relay-b:0", "is not an http"),
+        ("http://relay-b:port", "is not an http"),
+        ("http://[::1", "is not an http"),
+    ],
+)
+def test_a_bad_relay_refuses_the_whole_reply(relay: object, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        parse_server_reply({"ack": 5, "relay": relay})

@@ -24,7 +24,10 @@ Contract (see ``protocol/exchange.py`` for the wire protocol):
   above what that peer holds. A relay that fails for ``relay_failover_after``
   seconds is left for the server (``--server``, the fallback), logged once;
   while direct, the relay is tried again every ``relay_probe_interval`` and
-  the agent goes back to it when it answers (``domain/peers.py``). A pinned
+  the agent goes back to it when it answers (``domain/peers.py``). A server
+  reply naming another relay (``relay assign``) moves the agent behind that
+  one, with or without ``--relay``: logged once, kept in the local state (it
+  wins over ``--relay`` at the next start, logged). A pinned
   ``--server-key`` refuses an enrollment answer carrying another key (a relay
   could swap it); without one the first key is trusted, and logged as such.
 * An operation found unfinished at start (the agent died while it ran) is
@@ -61,7 +64,7 @@ from taskfleet.agent.scrub import agent_lock, kill_leftover
 from taskfleet.agent.scrub import plan as scrub_plan
 from taskfleet.agent.scrub import scrub as scrub_record
 from taskfleet.agent.wakeups import bind_tickle_port, listen
-from taskfleet.domain.peers import Failover, Peer, PeerAcks, Switch
+from taskfleet.domain.peers import Failover, Peer, PeerAcks, Switch, reassigned
 from taskfleet.domain.policy import RunWindow
 from taskfleet.domain.scripts import EXECUTE_SCRIPT
 from taskfleet.domain.scrubber import Action
@@ -134,15 +137,13 @@ class Agent:
         self.state = st.LocalState(config.state_dir)  # raises StateError: refuse to start
         self.ident: st.Identity | None = None
         self.conn = Connection(config.server, timeout=EXCHANGE_HTTP_TIMEOUT)
-        self.relay_conn = (
-            Connection(config.relay, timeout=EXCHANGE_HTTP_TIMEOUT) if config.relay else None
-        )
-        self.failover = (
-            Failover(config.relay_failover_after, config.relay_probe_interval)
-            if config.relay
-            else None
-        )
         self.acks = PeerAcks()
+        # The relay the server assigned this computer to wins over --relay.
+        self.relay_url = self.state.relay_assignment or config.relay
+        self.relay_conn: Connection | None = None
+        self.failover: Failover | None = None
+        if self.relay_url:
+            self._use_relay(self.relay_url)
         self.relay_error = ""  # why the relay failed last (said when failing over)
         self.trigger = asyncio.Event()
         self.verifier: TickleVerifier | None = None
@@ -208,6 +209,12 @@ class Agent:
                 f"({self.ident.server_public_key}); nothing was changed"
             )
         self.ops.bind(self.ident, Verifier(self.ident.server_public_key))
+        if self.relay_url != self.config.relay:
+            log.warning(
+                "the server assigned this computer to relay %s: exchanging through it%s",
+                self.relay_url,
+                f", not --relay {self.config.relay}" if self.config.relay else "",
+            )
         transport = await self._listen_tickles(sock)
         self._startup()
         scrubber = asyncio.create_task(self._scrub_loop())
@@ -216,7 +223,7 @@ class Agent:
             self.ident.computer_id,
             f"tickles on UDP {self.config.tickle_port}" if transport else "long poll",
             self.poll_interval,
-            f", through relay {self.config.relay}" if self.config.relay else "",
+            f", through relay {self.relay_url}" if self.relay_url else "",
         )
         self.trigger.set()
         main = asyncio.create_task(self._loop())
@@ -251,8 +258,8 @@ class Agent:
             self.relay_conn or self.conn,
             body,
             server=cfg.server,
-            peer="relay" if cfg.relay else "server",
-            url=cfg.relay or cfg.server,
+            peer="relay" if self.relay_url else "server",
+            url=self.relay_url or cfg.server,
             pinned_key=cfg.server_key,
             sleep=self._sleep,
         )
@@ -393,7 +400,7 @@ class Agent:
                 log.warning(
                     "relay %s answers again: exchanging through it, no longer with the "
                     "server directly",
-                    self.config.relay,
+                    self.relay_url,
                 )
 
     def _choose_peer(self) -> Peer:
@@ -404,7 +411,7 @@ class Agent:
             log.warning(
                 "relay %s has failed for %gs (%s): exchanging with the server %s directly, "
                 "trying the relay again every %gs",
-                self.config.relay,
+                self.relay_url,
                 self.failover.failover_after,
                 self.relay_error,
                 self.config.server,
@@ -438,12 +445,12 @@ class Agent:
         self.relay_error = error_text(exc) if isinstance(exc, HttpError) else str(exc)
         self.relay_error = self.relay_error or type(exc).__name__
         if self.failover.direct:
-            log.info("relay %s still fails (%s)", self.config.relay, self.relay_error)
+            log.info("relay %s still fails (%s)", self.relay_url, self.relay_error)
         return self.failover.failed(peer, time.monotonic())
 
     def _failed(self, peer: Peer, exc: Exception, delay: float) -> float:
         """Say why an exchange failed; returns the backoff before the next one."""
-        url = self.config.relay if peer is Peer.RELAY else self.config.server
+        url = self.relay_url if peer is Peer.RELAY else self.config.server
         if isinstance(exc, HttpError):
             if exc.status == 401:
                 log.error(
@@ -543,6 +550,32 @@ class Agent:
             self.trigger.set()
         if reply.more:  # the reply was full: the server holds more for us
             self.trigger.set()
+        moved = reassigned(peer, self.relay_url, reply.relay)
+        if moved is not None:
+            await self._move_to_relay(moved)
+
+    def _use_relay(self, url: str) -> None:
+        """Exchange through the relay at ``url`` from now on (behind it, not failed over)."""
+        self.relay_url = url
+        self.relay_conn = Connection(url, timeout=EXCHANGE_HTTP_TIMEOUT)
+        self.failover = Failover(self.config.relay_failover_after, self.config.relay_probe_interval)
+        self.acks.moved()
+
+    async def _move_to_relay(self, url: str) -> None:
+        """The server assigned this computer to the relay at ``url``: kept (so a restart
+        stays with it) before the agent goes behind it, at once."""
+        log.warning(
+            "the server assigned this computer to relay %s: exchanging through it%s",
+            url,
+            f", no longer {self.relay_url}" if self.relay_url else "",
+        )
+        self.state.save_relay_assignment(url)
+        old = self.relay_conn
+        self._use_relay(url)
+        self.info_sent = False  # like a probe: the relay tells the server at once
+        if old is not None:
+            await old.close()
+        self.trigger.set()
 
     def _apply_settings(self, settings: ServerSettings) -> None:
         if self.config.poll_interval is None and settings.poll_interval is not None:

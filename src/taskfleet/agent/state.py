@@ -1,4 +1,5 @@
-"""The agent's durable local state: identity, operations, unacknowledged results.
+"""The agent's durable local state: identity, operations, unacknowledged results,
+and the relay the server assigned the computer to.
 
 Contract: one SQLite file (``state.db``) in the agent's state folder, written
 with ``synchronous=FULL`` so that every committed step survives a crash or a
@@ -209,6 +210,15 @@ class LocalState:
                 "DELETE FROM operations WHERE status NOT IN (?, ?, ?)", (SUCCESS, FAILED, CANCELED)
             )
         os.chmod(self.folder / "state.db", 0o600)
+
+    @property
+    def relay_assignment(self) -> str | None:
+        """The relay URL the server last assigned this computer to (None: none told);
+        it outlives re-enrollment, as the server keeps the computer behind its relay."""
+        return self.get("relay")
+
+    def save_relay_assignment(self, url: str) -> None:
+        self._set("relay", url)
 
     @property
     def tickle_high_water_ms(self) -> int:

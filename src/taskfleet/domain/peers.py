@@ -19,10 +19,18 @@ doubled.
   ``probe_every`` seconds one exchange goes to the relay (a probe: an ordinary
   exchange); when it answers, the agent is back behind its relay. A failed probe
   changes nothing but the time of the next one.
+* ``reassigned``: the server's own replies name the relay the computer is assigned
+  to (``relay assign``). An agent that talks to the server directly (failed over, or
+  without a relay) and is told of another relay than the one it uses moves behind
+  it: a new ``Failover`` (behind the relay) and ``PeerAcks.moved`` (the new relay
+  holds nothing: it gets everything the server has not acknowledged). A relay's
+  reply never moves an agent (a relay is not trusted to name its successor), nor
+  does a server reply naming no relay (no assignment, or one without a URL).
 """
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -61,6 +69,26 @@ class PeerAcks:
             if server_ack is not None:
                 self.server = max(self.server, server_ack)
         return self.server
+
+    def moved(self) -> None:
+        """Behind another relay now: it holds none of this agent's messages yet."""
+        self.relay = 0
+
+
+def _url_key(url: str) -> tuple[str, str, str]:
+    u = urllib.parse.urlsplit(url)
+    return u.scheme.lower(), u.netloc.lower(), u.path.rstrip("/")
+
+
+def reassigned(peer: Peer, current: str | None, assigned: str | None) -> str | None:
+    """The relay to move behind after a reply from ``peer`` naming ``assigned``, while
+    the agent uses relay ``current`` (None: none); None: stay. The same URL spelled
+    with another case of scheme or host, or a trailing slash, is the same relay."""
+    if peer is not Peer.SERVER or assigned is None:
+        return None
+    if current is not None and _url_key(current) == _url_key(assigned):
+        return None
+    return assigned
 
 
 @dataclass

@@ -41,9 +41,13 @@ same scheme, borrowed from landscape-client:
   asks for a long poll: the server holds the exchange up to ``wait`` seconds
   until there is work (agents that cannot receive UDP tickles).
 * Response body: ``{"ack": int, "messages": [...], "server_time": float,
-  "settings": {...}, "more": true?}``; a relay's reply adds ``"server_ack": int``
-  (``ack`` is then what the relay holds, ``server_ack`` what the server
-  acknowledged: the agent keeps its messages until the server has them).
+  "settings": {...}, "more": true?, "relay": URL?}``; a relay's reply adds
+  ``"server_ack": int`` (``ack`` is then what the relay holds, ``server_ack`` what
+  the server acknowledged: the agent keeps its messages until the server has
+  them). The server's own reply names in ``relay`` the URL of the relay the
+  computer is assigned to (``relay assign``), when that relay advertised one:
+  an agent talking to the server directly moves behind it (``relay_field``
+  builds it, ``parse_server_reply`` checks it).
 
 Limits (``MAX_*`` below) are checked before anything is applied; a body that
 breaks one is refused whole with a clear error and nothing changes. Every
@@ -67,6 +71,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,7 +80,7 @@ from taskfleet.domain.policy import validate_agent_policy
 
 # BIGINT columns (sequence numbers, operation ids) and INTEGER columns (exit
 # code, attempt; dropped counts are capped at INT32_MAX).
-from taskfleet.settings import AGENT_MAX_RESPONSE, INT32_MAX, INT32_MIN, INT64_MAX
+from taskfleet.settings import AGENT_MAX_RESPONSE, INT32_MAX, INT32_MIN, INT64_MAX, RELAY_URL_MAX
 
 EXCHANGE_PATH = "/agent/v1/exchange"
 ENROLL_PATH = "/agent/v1/enroll"
@@ -209,6 +214,7 @@ class ServerReply:
     settings: ServerSettings = ServerSettings()
     more: bool = False
     server_ack: int | None = None  # a relay's reply: what the server acknowledged
+    relay: str | None = None  # the server's reply: the relay this computer is assigned to
 
 
 def clean_text(value: str) -> str:
@@ -417,7 +423,9 @@ def parse_server_reply(obj: Any) -> ServerReply:
     its results stay queued), logs it and retries the exchange with backoff:
     a body that is not an object, an ``ack``, ``server_ack``, ``server_time``,
     ``settings`` or ``more`` of the wrong type or range, a ``server_ack`` above
-    ``ack`` (a relay holds what the server acknowledged), ``messages`` that is not a list, or a
+    ``ack`` (a relay holds what the server acknowledged), a ``relay`` that is not
+    an http(s) URL with a host of at most ``RELAY_URL_MAX`` characters,
+    ``messages`` that is not a list, or a
     message that is not an object or whose ``seq`` is missing, out of range or
     not increasing. Without a trustworthy ``seq`` a message cannot be
     acknowledged or skipped, so retrying (a truncated or garbled reply, a broken
@@ -458,7 +466,21 @@ def parse_server_reply(obj: Any) -> ServerReply:
     server_ack = _int(obj, "server_ack", optional=True)
     if server_ack is not None and server_ack > ack:
         raise ProtocolError(f"'server_ack' {server_ack} is above 'ack' {ack}")
-    return ServerReply(ack, messages, _num(obj, "server_time"), settings, more, server_ack)
+    relay = None if obj.get("relay") is None else _relay_url(obj["relay"])
+    return ServerReply(ack, messages, _num(obj, "server_time"), settings, more, server_ack, relay)
+
+
+def _relay_url(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > RELAY_URL_MAX:
+        raise ProtocolError(f"'relay' must be a string of at most {RELAY_URL_MAX} characters")
+    try:
+        u = urllib.parse.urlsplit(value)
+        ok = u.scheme in ("http", "https") and bool(u.hostname) and u.port != 0
+    except ValueError:  # a port that is not a number or beyond 65535, a bad IPv6 host
+        ok = False
+    if not ok:
+        raise ProtocolError(f"'relay' {value[:80]!r} is not an http(s)://HOST[:PORT] URL")
+    return value
 
 
 def parse_settings(obj: Any) -> ServerSettings:
@@ -498,6 +520,11 @@ def _parse_server_message(seq: int, msg: dict[str, Any]) -> ServerMessage:
 def operation_message(seq: int, op: int, body: str, sig: str) -> dict[str, Any]:
     """Server -> agent: run operation ``op`` (``body`` from ``orders.operation_body``)."""
     return {"seq": seq, "type": "operation", "op": op, "body": body, "sig": sig}
+
+
+def relay_field(url: str | None) -> bytes:
+    """Server -> agent: ``,"relay":URL`` to splice into a reply (``b""``: no URL, none)."""
+    return b',"relay":' + json.dumps(url).encode() if url else b""
 
 
 def cancel_message(seq: int, op: int, body: str, sig: str) -> dict[str, Any]:

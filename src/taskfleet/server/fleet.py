@@ -9,7 +9,12 @@ quiet relay. Sequence counters here are only updated after the transaction that
 persisted them commits. Memory per idle computer is a few hundred bytes (see
 benchmarks). A computer behind a relay is linked to its relay here (``relay``),
 and remembers whether its last exchange came through it (``via_relay``): that
-decides where its wake-ups go (``server/tickler.py``).
+decides where its wake-ups go (``server/tickler.py``). A relay holds the
+``"relay": URL`` bytes the direct agent exchange adds to every reply for its
+computers (``reply_field``: its advertised URL, nothing once revoked), built once
+when the relay is enrolled or loaded: assigning a computer only relinks it.
+``assign`` says whom to wake so the agents learn of it soon (docs/relays.md
+"Moving computers to another relay").
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 from typing import Any
+
+from taskfleet.protocol.exchange import relay_field
 
 
 def hash_secret(secret: str) -> str:
@@ -102,10 +109,13 @@ class RelayState:
         tickle_port: int | None = None,
         last_seen: float | None = None,
         revoked: bool = False,
+        url: str | None = None,
     ) -> None:
         self.id = id
         self.tenant_id = tenant_id
         self.name = name
+        self.url = url  # what it advertises to its agents (None: nothing)
+        self._reply_field = relay_field(url)
         self.secret_hash = bytes.fromhex(secret_hash)
         self.generation = generation
         self.address = address
@@ -121,6 +131,9 @@ class RelayState:
         # holds (a hint: forgotten on resync and at restart, then all is resent).
         self.have: dict[int, int] = {}
         self.stats: dict[str, Any] = {}  # what the relay last reported (relay show)
+        # Computers assigned away from it whose agents still talk to it: woken directly
+        # once it has its new roster (then it answers them 503 and they fail over).
+        self.moved_out: set[int] = set()
         self.dirty = False  # last_seen/address changed since the last flush
         self._version: str | None = None
 
@@ -132,6 +145,12 @@ class RelayState:
         self.has_work = True
         if self.waiter is not None:
             self.waiter.set()
+
+    @property
+    def reply_field(self) -> bytes:
+        """What a direct reply to one of its computers adds: ``,"relay":URL`` (the
+        agent moves behind it), or nothing (no URL; revoked: it would be refused)."""
+        return b"" if self.revoked else self._reply_field
 
     @property
     def roster_version(self) -> str:
@@ -186,6 +205,40 @@ class Fleet:
         if rs is not None:
             rs.computers[cs.id] = cs
             rs.roster_changed()
+
+    def assign(
+        self, computer_ids: Iterable[int], relay_id: int
+    ) -> tuple[list[ComputerState], list[RelayState]]:
+        """Computers put behind relay ``relay_id`` (``relay assign``). Until its agent
+        exchanges through the new relay, a moved computer is woken directly. Returns
+        the computers to wake now (direct ones: their next exchange's reply names the
+        relay) and the relays whose rosters changed (to wake: they fetch them now); the
+        agents behind an old relay go in its ``moved_out``."""
+        direct: list[ComputerState] = []
+        changed: dict[int, RelayState] = {}
+        for cid in computer_ids:
+            cs = self.computers.get(cid)
+            if cs is None or (cs.relay is not None and cs.relay.id == relay_id):
+                continue
+            old = cs.relay
+            self.link(cs, relay_id)
+            if cs.relay is None:
+                continue
+            changed[relay_id] = cs.relay
+            cs.via_relay = False
+            cs.relay.moved_out.discard(cid)  # moved back before it heard
+            if old is None:
+                direct.append(cs)
+            else:
+                changed[old.id] = old
+                old.moved_out.add(cid)
+        return direct, list(changed.values())
+
+    def take_moved_out(self, rs: RelayState) -> list[ComputerState]:
+        """The computers moved away from ``rs`` (its new roster is on its way to it)."""
+        out = [self.computers[c] for c in rs.moved_out if c in self.computers]
+        rs.moved_out.clear()
+        return out
 
     def remove(self, computer_id: int) -> None:
         """A removed computer: its exchanges get 401 from now on; a held long poll ends."""

@@ -156,6 +156,7 @@ async def enroll_relay(
         address=address,
         tickle_port=tickle_port,
         last_seen=now,
+        url=url or None,
     )
     return RelayEnrolled(state, secret, existing is not None)
 
@@ -291,6 +292,7 @@ async def load(conn: AsyncConnection, fleet: Fleet) -> None:
                 tickle_port=row.tickle_port,
                 last_seen=row.last_seen_at,
                 revoked=row.revoked_at is not None,
+                url=row.url,
             )
         )
 

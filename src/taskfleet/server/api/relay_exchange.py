@@ -37,6 +37,7 @@ from taskfleet.server.api.deps import Rt, router_for
 from taskfleet.server.fleet import RelayState
 from taskfleet.server.kernel import ApiError
 from taskfleet.server.runtime import Runtime
+from taskfleet.settings import RELAY_MOVED_WAKE_DELAY
 
 log = logging.getLogger("taskfleet.server")
 router = router_for()
@@ -183,6 +184,12 @@ async def exchange(rt: Runtime, request: Request) -> Response:
 
 def _reply(rt: Runtime, rs: RelayState, req: RelayRequest, out: relays.Outcome) -> Response:
     stale = req.roster != rs.roster_version
+    if stale and rs.moved_out:
+        # Computers assigned to another relay: woken directly once this relay has its
+        # new roster (it applies it as it reads this reply), so their agents ask it,
+        # are answered 503, fail over to the server and are told their new relay.
+        moved = rt.fleet.take_moved_out(rs)
+        asyncio.get_running_loop().call_later(RELAY_MOVED_WAKE_DELAY, rt.tickler.wake, moved)
     return Response(
         relay_reply_body(
             out.computers,

@@ -34,10 +34,12 @@ async def assign(rt: Rt, relay_id: Id, body: AssignIn, p: Admin) -> dict[str, An
     # Admin, not operator: the relay gets these computers' secret hashes and tickle keys.
 
     def after(ids: list[int]) -> None:
-        for cid in ids:
-            cs = rt.fleet.get(cid)
-            if cs is not None:
-                rt.fleet.link(cs, relay_id)
+        # The relays fetch their new rosters now, not at their next poll; agents talking
+        # to the server directly are woken so their next reply names their relay; those
+        # behind another relay are woken once it has its new roster (relay_exchange.py).
+        direct, changed = rt.fleet.assign(ids, relay_id)
+        rt.tickler.wake_relays(changed)
+        rt.tickler.wake(direct)
 
     ids = await rt.writer.run(
         lambda c: relays.assign(c, p, relay_id, body.group, rt.now()), after=after
