@@ -161,3 +161,31 @@ def test_an_idle_agent_back_behind_its_relay_gets_new_work_through_it_at_once(
     done = request_done(server, req["id"], timeout=15)  # far below the relay's poll
     assert done["progress"]["succeeded"] == 1
     assert relay.metric("taskfleet_relay_received_total") >= 1
+
+
+def test_a_revoked_relay_s_agents_fail_over_and_their_work_goes_on_directly(
+    server: Server,
+    start_real_relay: Callable[..., RealRelay],
+    start_agent: Callable[..., Agent],
+) -> None:
+    """Issue 11: "a relay token revoked while the relay runs (it stops being served, its
+    computers fail over)". The relay is refused by the server, answers its agents 503,
+    and they take their work from the server directly, each result recorded once."""
+    relay = start_real_relay(server)
+    agent = relay_agent(start_agent, server, relay, enroll_token(server), "--poll-interval", "1")
+    target = f"computer:{agent.computer_id}"
+    before = run_request(server, target, {"script": "echo before"})
+    _recorded_once(server, before["id"], "before\n")
+    assert FAILED_OVER not in agent.proc.text()
+
+    with server.api() as api:
+        (token,) = [t for t in api.get("/tokens").json() if t["kind"] == "relay"]
+        assert api.delete(f"/tokens/{token['id']}").status_code == 204
+    wait_until(lambda: "refused this relay" in relay.proc.text(), 20, "the relay refused")
+
+    after = run_request(server, target, {"script": "echo after"})
+    _recorded_once(server, after["id"], "after\n")
+    assert agent.proc.text().count(FAILED_OVER) == 1  # it left the relay, once
+    assert relay.metric("taskfleet_relay_refused_total", 'reason="unavailable"') >= 1
+    # Still refused: the agent stays with the server (no return to a revoked relay).
+    assert RETURNED not in agent.proc.text()
