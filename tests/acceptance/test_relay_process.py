@@ -217,3 +217,19 @@ def test_a_relay_without_udp_long_polls_the_server_and_still_gets_work_at_once(
     assert a["stdout"] == "pushed\n"
     assert relay.metric("taskfleet_relay_tickles_received_total", 'outcome="accepted"') == 0
     assert _upstream(relay) < 50  # held polls, not a busy loop
+
+
+def test_agents_enrolling_through_a_relay_at_the_same_time_all_enroll(
+    server: Server, start_relay: Callable[..., Relay]
+) -> None:
+    """The relay forwards enrollments over one connection to the server; agents that
+    enroll at the same moment (a fleet installed at once) must not trip over each
+    other (it answered 500 and 503 to all but one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    relay = start_relay(server, *QUIET)
+    token = enroll_token(server)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: enroll_through(relay, token, f"c{i}"), range(8)))
+    assert len({a["computer_id"] for a in answers}) == 8
+    wait_until(lambda: len(behind(server, relay)) == 8, 20, "all eight behind the relay")

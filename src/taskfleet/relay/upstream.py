@@ -114,6 +114,8 @@ class Upstream:
             )
         self.conn = Connection(server, timeout=RELAY_HTTP_TIMEOUT, max_response=RELAY_MAX_RESPONSE)
         self.enroll_conn = Connection(server, timeout=RELAY_HTTP_TIMEOUT)
+        # One request at a time on that connection: agents enrolling together queue here.
+        self.enroll_lock = asyncio.Lock()
         self.trigger = asyncio.Event()
         self.resync = True  # a (re)start: the server's idea of what the relay holds may be off
         self.offset = 0.0  # server clock - local clock, from the last reply
@@ -239,7 +241,8 @@ class Upstream:
         """Forward an agent's enrollment; the roster learns the computer at once (its
         secret's hash, from the answer), so the agent is served before the next roster.
         Raises HttpError (the server's answer) or OSError/TimeoutError (unreachable)."""
-        raw = await self.enroll_conn.post(RELAY_ENROLL_COMPUTER_PATH, body, self._headers())
+        async with self.enroll_lock:
+            raw = await self.enroll_conn.post(RELAY_ENROLL_COMPUTER_PATH, body, self._headers())
         try:
             d = json.loads(raw)
             port = json.loads(body).get("tickle_port")
