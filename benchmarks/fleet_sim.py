@@ -314,14 +314,16 @@ class Sim:
         self.record_latency = False
 
     # UDP: one socket for every simulated agent.
-    async def open_udp(self) -> None:
+    async def open_udp(self, rcvbuf: int = 32 * 1024 * 1024) -> None:
+        """``rcvbuf``: the socket's receive buffer (every agent's tickles queue in it
+        while the simulator is busy; the kernel drops what does not fit)."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
             if opt is None:
                 continue
             try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, 32 * 1024 * 1024)
+                sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
                 break
             except OSError:
                 continue
@@ -634,10 +636,12 @@ async def run_request(
     poll_every: float = 0.2,
     target: str = "all",
     extra_pids: dict[str, int] | None = None,
+    stall_after: float | None = None,
 ) -> dict[str, Any]:
     """POST a request to ``target``, poll it until progress.done; sim-side timings beside
     it. ``extra_pids``: more processes under test (relays): their CPU is reported
-    (``extra_cpu_seconds``) and counted as ours, not as other processes' load."""
+    (``extra_cpu_seconds``) and counted as ours, not as other processes' load.
+    ``stall_after``: give up when no activity finished for that many seconds."""
     extra = extra_pids or {}
     sim.ops_at.clear()
     sim.results_at.clear()
@@ -662,9 +666,14 @@ async def run_request(
     polls = 0
     last: dict[str, Any] = {}
     done_at = None
+    moved_at, finished = time.monotonic(), -1
     while time.monotonic() < deadline:
         last = await admin.call("GET", f"/api/v1/requests/{rid}")
         polls += 1
+        if last["progress"]["finished"] != finished:
+            moved_at, finished = time.monotonic(), last["progress"]["finished"]
+        elif stall_after is not None and time.monotonic() - moved_at > stall_after:
+            break
         if last["progress"]["done"]:
             done_at = time.monotonic()
             break

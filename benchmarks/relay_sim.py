@@ -60,6 +60,11 @@ from fleet_sim import Admin, Pool, Sim
 
 RELAYED, DIRECT = "relayed", "direct"
 TARGET_100K_S = 60.0  # the issue: 100,000 results recorded within 60 s behind 10 relays
+# Every relay paces its tickles on its own (TICKLE_RATE each): 10 relays send up to
+# 50,000/s into the simulator's one UDP socket, faster than one process verifies them;
+# they wait in this buffer (~1 KB of kernel memory each) instead of being dropped.
+UDP_BUFFER = 256 * 1024 * 1024
+STALL_AFTER = 60.0  # a request with no activity finishing for this long has lost its way
 DIRECT_ENROLL_CONCURRENCY = 64  # as fleet_sim.py (setup only: enrollment is not compared)
 
 
@@ -85,9 +90,15 @@ class RelayProc:
 
 
 def start_relays(
-    workdir: Path, server: common.ServerProc, token: str, count: int
+    workdir: Path,
+    server: common.ServerProc,
+    token: str,
+    count: int,
+    launcher: str | None = None,
 ) -> list[RelayProc]:
-    """``count`` real relays, enrolled with ``token``, serving agents once /healthz is 200."""
+    """``count`` real relays, enrolled with ``token``, serving agents once /healthz is 200.
+    ``launcher``: a script run instead of ``-m taskfleet`` (same CLI), e.g.
+    benchmarks/experiments/patched_relay.py."""
     relays = []
     for i in range(count):
         port = common.free_port()
@@ -96,8 +107,7 @@ def start_relays(
         log = workdir / f"relay{i}.log"
         args = [
             sys.executable,
-            "-m",
-            "taskfleet",
+            *([launcher] if launcher else ["-m", "taskfleet"]),
             "relay",
             "--server",
             server.url,
@@ -174,9 +184,10 @@ class Bench:
         self.sim: Sim | None = None
         self.admin: Admin | None = None
         self.samplers: list[common.RssSampler] = []
-        self.log = lambda msg: print(
-            f"[relay n={opts.n} r={opts.relays}] {msg}", file=sys.stderr, flush=True
-        )
+        self.runs: list[dict[str, Any]] = []
+
+    def log(self, msg: str) -> None:
+        print(f"[relay n={self.opts.n} r={self.opts.relays}] {msg}", file=sys.stderr, flush=True)
 
     @property
     def pids(self) -> list[int]:
@@ -191,11 +202,11 @@ class Bench:
         self.samplers.append(common.RssSampler(s.pid, 0.25).start())
         self.sim = Sim(s.port, opts.pool)
         self.admin = admin = Admin(s.port, s.admin_token)
-        await self.sim.open_udp()
+        await self.sim.open_udp(UDP_BUFFER)
         await admin.call("GET", "/api/v1/whoami")
         await admin.metrics()
         tok = await admin.call("POST", "/api/v1/tokens", {"kind": "relay", "name": "bench"}, ok=201)
-        self.relays = start_relays(self.workdir, s, tok["token"], opts.relays)
+        self.relays = start_relays(self.workdir, s, tok["token"], opts.relays, opts.relay_cmd)
         per_relay = max(8, opts.pool // opts.relays)
         for r in self.relays:
             r.pool = Pool(r.port, per_relay)
@@ -280,7 +291,7 @@ class Bench:
         rounds = [await fleet_sim.exchange_round(sim, conns, 300) for _ in range(2)]
         settled = await settle([s.pid, *(r.pid for r in self.relays)])
         await asyncio.sleep(1.0)
-        out = {
+        out: dict[str, Any] = {
             "exchange_rounds_seconds": rounds,
             "settle_seconds": settled,
             "server_rss_idle": fleet_sim.rss(s.pid),
@@ -322,6 +333,7 @@ class Bench:
                 opts.request_timeout,
                 target=target,
                 extra_pids={x.name: x.pid for x in self.relays},
+                stall_after=STALL_AFTER,
             )
         await sim.wait_idle(10)
         m1 = await admin.metrics()
@@ -366,12 +378,12 @@ class Bench:
             f"{kind}{' (profiled)' if r['profiled'] else ''}: done in "
             f"{fmt(r['seconds_to_done_api'])} s (all ops {fmt(r['sim_all_ops'])} s, results "
             f"acked {fmt(r['sim_all_results_acked'])} s); server {r['server_cpu_seconds']:.1f} s "
-            f"CPU, relays {relays_s:.1f} s; other load {r['load']['other_cores']:.2f} cores"
+            f"CPU, relays {relays_s:.1f} s; other load {r['load']['other_cores']:.2f} cores; "
+            f"UDP drops {r['udp_kernel_drops']}"
         )
+        self.runs.append(r)
         if not r["done"]:
-            raise RuntimeError(
-                f"{kind} request not done in {opts.request_timeout:g}s: {r['progress']}"
-            )
+            raise RuntimeError(f"{kind} request not done: {r['progress']}")
         return r
 
     def problems(self) -> dict[str, list[str]]:
@@ -424,26 +436,27 @@ async def run(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         out["start"] = await b.start()
         out["enroll"] = await b.enroll()
         out["idle"] = await b.warm_up()
-        runs: list[dict[str, Any]] = []
         if opts.compare_direct:
             for k in range(opts.repeats):
                 # direct, relayed, relayed, direct, ...: drift hits both alike
-                order = [DIRECT, RELAYED] if k % 2 == 0 else [RELAYED, DIRECT]
-                for kind in order:
-                    runs.append(await b.request(kind))
+                for kind in [DIRECT, RELAYED] if k % 2 == 0 else [RELAYED, DIRECT]:
+                    await b.request(kind)
         else:
             for _ in range(opts.repeats):
-                runs.append(await b.request(RELAYED))
+                await b.request(RELAYED)
         if opts.profile_dir:
             tag = f"n{opts.n}-r{opts.relays}"
-            runs.append(await b.request(RELAYED, profile=f"{tag}-relayed"))
+            await b.request(RELAYED, profile=f"{tag}-relayed")
             if opts.compare_direct:
-                runs.append(await b.request(DIRECT, profile=f"{tag}-direct"))
-        out["runs"] = runs
+                await b.request(DIRECT, profile=f"{tag}-direct")
+    except Exception as exc:  # keep what was measured, say what failed
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        b.log(f"FAILED: {out['error']}")
+    finally:
+        out["runs"] = b.runs
         out["summary"] = summarize(out)
         out["log_problems"] = b.problems()
         out["sim_errors"] = dict(b.sim.errors) if b.sim else {}
-    finally:
         out.update(b.close())
     return out
 
@@ -483,7 +496,7 @@ def summarize(out: dict[str, Any]) -> dict[str, Any]:
         summary[kind]["runs_seconds"] = [r["seconds_to_done_api"] for r in runs]
         summary[kind]["other_cores"] = [r["load"]["other_cores"] for r in runs]
     rel, dire = summary.get(RELAYED), summary.get(DIRECT)
-    if rel and dire:
+    if rel and dire and rel["seconds_to_done_api"] and dire["seconds_to_done_api"]:
         ratio = rel["seconds_to_done_api"] / dire["seconds_to_done_api"]
         summary["relayed_over_direct"] = ratio
         summary["server_cpu_ratio"] = rel["server_cpu_seconds"] / dire["server_cpu_seconds"]
@@ -499,6 +512,8 @@ def report(out: dict[str, Any]) -> str:
     summ = out["summary"]
     kinds = [k for k in (DIRECT, RELAYED) if k in summ]
     n, r = out["n"], out["relays"]
+    if not kinds:
+        return f"relays: {n:,} behind {r} relays: no request measured ({out.get('error')})"
     cols = {DIRECT: f"{n:,} direct", RELAYED: f"{n:,} behind {r} relays"}
     runs = out["runs"]
 
@@ -648,6 +663,8 @@ def report(out: dict[str, Any]) -> str:
             f"  verdict {n:,} behind {r} relays <= {TARGET_100K_S:g} s: "
             f"{fmt(summ[RELAYED]['seconds_to_done_api'])} s: {summ['verdict_60s']}"
         )
+    if out.get("error"):
+        notes.append(f"  FAILED: {out['error']}")
     if out.get("log_problems"):
         notes.append(f"  log errors: {out['log_problems']}")
     if out.get("sim_errors"):
@@ -687,6 +704,12 @@ def main() -> int:
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--profile-dir", type=Path, default=None, help="py-spy one more request")
     ap.add_argument("--server-cmd", default=None, help="script run instead of -m taskfleet")
+    ap.add_argument(
+        "--relay-cmd",
+        default=None,
+        help="script run instead of -m taskfleet for the relays "
+        "(e.g. benchmarks/experiments/patched_relay.py)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (logs, databases)")
     opts = ap.parse_args()
     if opts.n < opts.relays or opts.relays < 1:
