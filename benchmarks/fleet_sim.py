@@ -52,6 +52,9 @@ from taskfleet.protocol.exchange import ENROLL_PATH, EXCHANGE_PATH
 from taskfleet.protocol.tickle import TICKLE_SIZE, TickleVerifier
 from taskfleet.settings import TICKLE_MAX_SKEW, TICKLE_MIN_INTERVAL
 
+# Python's socket module has no SO_RCVBUFFORCE (Linux: 33): without it the buffer is
+# capped at net.core.rmem_max (often 4 MiB, ~5,000 queued tickles). Needs CAP_NET_ADMIN.
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform == "linux" else None)
 POLICY = {"scripts": True, "users": ["root"], "types": ["execute-script"]}
 RESULT_LINE = "Stage: Completed, Status: Succeeded, Result: Exited with code 0, Return code: 0"
 
@@ -310,6 +313,7 @@ class Sim:
         self.results_at: dict[int, float] = {}  # op id -> when the server acked its result
         self.udp: asyncio.DatagramTransport | None = None
         self.tickle_port = 0
+        self.udp_rcvbuf = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.record_latency = False
 
@@ -319,7 +323,7 @@ class Sim:
         while the simulator is busy; the kernel drops what does not fit)."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+        for opt in (_SO_RCVBUFFORCE, socket.SO_RCVBUF):
             if opt is None:
                 continue
             try:
@@ -327,6 +331,7 @@ class Sim:
                 break
             except OSError:
                 continue
+        self.udp_rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # as granted
         sock.bind((common.HOST, 0))
         sock.setblocking(False)
         self.tickle_port = sock.getsockname()[1]

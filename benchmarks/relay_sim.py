@@ -220,6 +220,7 @@ class Bench:
             "server_rss_fresh": fleet_sim.rss(s.pid),
             "relay_rss_fresh": [fleet_sim.rss(r.pid) for r in self.relays],
             "pool_per_relay": per_relay,
+            "sim_udp_rcvbuf": self.sim.udp_rcvbuf,
             "pool_direct": opts.pool,
         }
 
