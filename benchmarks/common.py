@@ -226,6 +226,18 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def http_status(port: int, path: str = "/healthz", timeout: float = 1.0) -> int | None:
+    """The status of ``GET path`` on a loopback port (None: nothing answered)."""
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as c:
+            c.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            head = c.recv(64)
+    except OSError:
+        return None
+    code = head[9:12]
+    return int(code) if head.startswith(b"HTTP/1.1 ") and code.isdigit() else None
+
+
 @dataclass
 class ServerProc:
     url: str
@@ -278,12 +290,7 @@ def start_server(
     def up() -> bool:
         if p.poll() is not None:
             raise RuntimeError(f"server exited ({p.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with socket.create_connection((HOST, port), timeout=1) as c:
-                c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                return c.recv(64).startswith(b"HTTP/1.1 200")
-        except OSError:
-            return False
+        return http_status(port) == 200
 
     wait_until(up, 90, "server to start")
     token_file = data_dir / "admin-token"

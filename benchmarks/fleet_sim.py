@@ -52,6 +52,9 @@ from taskfleet.protocol.exchange import ENROLL_PATH, EXCHANGE_PATH
 from taskfleet.protocol.tickle import TICKLE_SIZE, TickleVerifier
 from taskfleet.settings import TICKLE_MAX_SKEW, TICKLE_MIN_INTERVAL
 
+# Python's socket module has no SO_RCVBUFFORCE (Linux: 33): without it the buffer is
+# capped at net.core.rmem_max (often 4 MiB, ~5,000 queued tickles). Needs CAP_NET_ADMIN.
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform == "linux" else None)
 POLICY = {"scripts": True, "users": ["root"], "types": ["execute-script"]}
 RESULT_LINE = "Stage: Completed, Status: Succeeded, Result: Exited with code 0, Return code: 0"
 
@@ -267,6 +270,7 @@ class SimAgent:
         "head",
         "out_seq",
         "pending",
+        "pool",
         "retickle",
         "server_seq",
         "tickle_ms",
@@ -274,8 +278,9 @@ class SimAgent:
         "woke_ms",
     )
 
-    def __init__(self, cid: int, secret: str, tickle_key: bytes) -> None:
+    def __init__(self, cid: int, secret: str, tickle_key: bytes, pool: Pool | None = None) -> None:
         self.cid = cid
+        self.pool = pool  # the connections to its peer (a relay); None: the server's
         self.head = (
             f"POST {EXCHANGE_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             f"Content-Type: application/json\r\nX-Taskfleet-Computer: {cid}\r\n"
@@ -308,21 +313,25 @@ class Sim:
         self.results_at: dict[int, float] = {}  # op id -> when the server acked its result
         self.udp: asyncio.DatagramTransport | None = None
         self.tickle_port = 0
+        self.udp_rcvbuf = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.record_latency = False
 
     # UDP: one socket for every simulated agent.
-    async def open_udp(self) -> None:
+    async def open_udp(self, rcvbuf: int = 32 * 1024 * 1024) -> None:
+        """``rcvbuf``: the socket's receive buffer (every agent's tickles queue in it
+        while the simulator is busy; the kernel drops what does not fit)."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+        for opt in (_SO_RCVBUFFORCE, socket.SO_RCVBUF):
             if opt is None:
                 continue
             try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, 32 * 1024 * 1024)
+                sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
                 break
             except OSError:
                 continue
+        self.udp_rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # as granted
         sock.bind((common.HOST, 0))
         sock.setblocking(False)
         self.tickle_port = sock.getsockname()[1]
@@ -394,13 +403,14 @@ class Sim:
                     body["messages"] = a.pending
                 raw = orjson.dumps(body)
                 data = a.head + b"%d\r\n\r\n" % len(raw) + raw
-                conn = await self.pool.acquire()
+                pool = a.pool or self.pool
+                conn = await pool.acquire()
                 try:
                     if a.tickle_ms is not None:
                         if self.record_latency:
                             self.tickle_lat_ms.append(time.time() * 1000 - a.tickle_ms)
                         a.tickle_ms = None
-                    conn, status, resp = await self.pool.roundtrip(conn, data)
+                    conn, status, resp = await pool.roundtrip(conn, data)
                 except BaseException as exc:
                     conn = None
                     if isinstance(exc, asyncio.CancelledError):
@@ -408,7 +418,7 @@ class Sim:
                     self.errors[type(exc).__name__] += 1
                     return
                 finally:
-                    self.pool.release(conn)
+                    pool.release(conn)
                 self.stats["exchanges"] += 1
                 if status != 200:
                     self.errors[f"http-{status}"] += 1
@@ -481,9 +491,21 @@ class Sim:
 # -- phases --------------------------------------------------------------------------------
 
 
-async def enroll_all(sim: Sim, token: str, n: int, concurrency: int, tag: str) -> dict[str, Any]:
-    counter = iter(range(n))
+async def enroll_all(
+    sim: Sim,
+    token: str,
+    n: int,
+    concurrency: int,
+    tag: str,
+    pool: Pool | None = None,
+    start: int = 0,
+) -> dict[str, Any]:
+    """Enroll computers ``start`` .. ``start + n - 1`` through ``pool`` (a relay's
+    connections; default the server's); their agents then exchange through it too."""
+    counter = iter(range(start, start + n))
     failures: Counter[str] = Counter()
+    via = pool or sim.pool
+    enrolled = [0]
     t0 = time.monotonic()
 
     async def worker() -> None:
@@ -503,23 +525,26 @@ async def enroll_all(sim: Sim, token: str, n: int, concurrency: int, tag: str) -
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
             ).encode() + body
             try:
-                status, raw = await sim.pool.request(data)
+                status, raw = await via.request(data)
             except (OSError, TimeoutError) as exc:
                 failures[type(exc).__name__] += 1
                 continue
             if status != 201:
                 failures[f"http-{status}"] += 1
+                if len(failures) < 20:
+                    failures[f"http-{status}: {raw[:120]!r}"] += 1
                 continue
             d = orjson.loads(raw)
             cid = d["computer_id"]
-            sim.agents[cid] = SimAgent(cid, d["secret"], bytes.fromhex(d["tickle_key"]))
+            sim.agents[cid] = SimAgent(cid, d["secret"], bytes.fromhex(d["tickle_key"]), pool)
+            enrolled[0] += 1
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     dt = time.monotonic() - t0
     return {
-        "enrolled": len(sim.agents),
+        "enrolled": enrolled[0],
         "seconds": dt,
-        "per_second": len(sim.agents) / dt if dt else None,
+        "per_second": enrolled[0] / dt if dt else None,
         "failures": dict(failures),
         "concurrency": concurrency,
     }
@@ -609,9 +634,20 @@ async def hammer(sim: Sim, admin: Admin, server_pid: int, seconds: float, concur
 
 
 async def run_request(
-    sim: Sim, admin: Admin, server_pid: int, timeout: float, poll_every: float = 0.2
+    sim: Sim,
+    admin: Admin,
+    server_pid: int,
+    timeout: float,
+    poll_every: float = 0.2,
+    target: str = "all",
+    extra_pids: dict[str, int] | None = None,
+    stall_after: float | None = None,
 ) -> dict[str, Any]:
-    """POST a request to all, poll it until progress.done; sim-side timings beside it."""
+    """POST a request to ``target``, poll it until progress.done; sim-side timings beside
+    it. ``extra_pids``: more processes under test (relays): their CPU is reported
+    (``extra_cpu_seconds``) and counted as ours, not as other processes' load.
+    ``stall_after``: give up when no activity finished for that many seconds."""
+    extra = extra_pids or {}
     sim.ops_at.clear()
     sim.results_at.clear()
     sim.tickle_lat_ms.clear()
@@ -620,12 +656,13 @@ async def run_request(
     sim.record_latency = True
     sim_cpu = common.CpuMeter(os.getpid())
     srv_cpu = common.CpuMeter(server_pid)
-    load = common.LoadMeter([os.getpid(), server_pid])
+    extra_cpu = {name: common.CpuMeter(pid) for name, pid in extra.items()}
+    load = common.LoadMeter([os.getpid(), server_pid, *extra.values()])
     t0 = time.monotonic()
     req = await admin.call(
         "POST",
         "/api/v1/requests",
-        {"type": "execute-script", "target": "all", "params": {"argv": ["true"]}},
+        {"type": "execute-script", "target": target, "params": {"argv": ["true"]}},
         ok=201,
     )
     t_created = time.monotonic()
@@ -634,9 +671,14 @@ async def run_request(
     polls = 0
     last: dict[str, Any] = {}
     done_at = None
+    moved_at, finished = time.monotonic(), -1
     while time.monotonic() < deadline:
         last = await admin.call("GET", f"/api/v1/requests/{rid}")
         polls += 1
+        if last["progress"]["finished"] != finished:
+            moved_at, finished = time.monotonic(), last["progress"]["finished"]
+        elif stall_after is not None and time.monotonic() - moved_at > stall_after:
+            break
         if last["progress"]["done"]:
             done_at = time.monotonic()
             break
@@ -645,6 +687,7 @@ async def run_request(
     sim_s, wall = sim_cpu.read()
     srv_s, _ = srv_cpu.read()
     srv_split = srv_cpu.split()
+    extra_s = {name: m.read()[0] for name, m in extra_cpu.items()}
     load_r = load.read()
     ops = sorted(sim.ops_at.values())
     res = sorted(sim.results_at.values())
@@ -682,6 +725,9 @@ async def run_request(
         "server_cpu_split": srv_split,
         "server_cpu_seconds": srv_s,  # whole request: create, hand out, results, polls
         "simulator_cpu_cores": sim_s / wall,
+        "simulator_cpu_seconds": sim_s,
+        "extra_cpu_seconds": extra_s,
+        "target": target,
         "load": load_r,
     }
 
@@ -709,7 +755,7 @@ async def start_pollers(sim: Sim, period: float, stop: asyncio.Event) -> asyncio
     return asyncio.create_task(waiter())
 
 
-def _batch_stats(m0: dict[str, float], m1: dict[str, float]) -> dict[str, Any]:
+def batch_stats(m0: dict[str, float], m1: dict[str, float]) -> dict[str, Any]:
     """Writer batches (transactions of exchanges) between two /metrics scrapes."""
 
     def d(key: str) -> float:
@@ -808,7 +854,7 @@ async def run_n(n: int, opts: argparse.Namespace, workdir: Path) -> dict[str, An
             )
             r["tickles_received"] = sim.stats["tickles_received"] - recv0
             r["quiet_gate"] = quiet
-            r.update(_batch_stats(m0, m1))
+            r.update(batch_stats(m0, m1))
             d1 = sim.udp_kernel_drops()
             r["udp_kernel_drops"] = None if d1 is None or drops0 is None else d1 - drops0
             r["disturbed"] = common.disturbed(r["load"])
@@ -875,7 +921,7 @@ async def run_n(n: int, opts: argparse.Namespace, workdir: Path) -> dict[str, An
             r["poll_period"] = opts.poll_period
             r["quiet_gate"] = quiet
             r["disturbed"] = common.disturbed(r["load"])
-            r.update(_batch_stats(m0, m1))
+            r.update(batch_stats(m0, m1))
             polled.append(r)
             if not r["disturbed"]:
                 break

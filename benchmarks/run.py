@@ -6,12 +6,17 @@
    exchanges per second, tickle latency, server memory.
 2. Real agents (``real_agents.py``): M real ``taskfleet agent`` processes:
    request -> all results, idle RSS/USS and CPU per agent.
-3. SaltStack's published figures beside ours, and every target with PASS/MISS.
+3. Relays (``relay_sim.py``): simulated agents behind real ``taskfleet relay``
+   processes: 10,000 behind 4 relays against 10,000 direct on the same server,
+   requests alternating (relays must not be slower), and 100,000 behind 10 relays
+   (request -> all results within 60 s).
+4. SaltStack's published figures beside ours, and every target with PASS/MISS.
 
 Full: N = 1,000 and 10,000, M = 200: about 9 minutes on 2 cores, up to ~16 when
 other processes keep the machine busy (each timed measurement first waits, bounded,
 for other processes to go quiet, and disturbed runs are repeated a bounded number
-of times). Quick: N = 2,000, M = 20, short windows (about 1.5 minutes). Results go
+of times); the relay runs add about 15 minutes more. Quick: N = 2,000, M = 20,
+short windows, 2,000 behind 2 relays vs 2,000 direct (about 3 minutes). Results go
 to benchmarks/out/ (JSON). Every child process is stopped on exit, Ctrl-C and
 errors; all traffic stays on 127.0.0.1.
 """
@@ -59,6 +64,8 @@ TARGETS = {
     "request_200_real_s": ("<=", 2.0, "s"),
     "agent_idle_rss_mb": ("<=", 30.0, "MB"),
     "agent_idle_cpu_ms_per_s": ("<=", 0.5, "ms/s"),
+    "relayed_over_direct": ("<=", 1.0, "x"),
+    "request_100k_relays_s": ("<=", 60.0, "s"),
 }
 
 
@@ -69,7 +76,16 @@ LABELS = {
     "request_200_real_s": "real agents: request -> all results",
     "agent_idle_rss_mb": "real agents: idle RSS (max)",
     "agent_idle_cpu_ms_per_s": "real agents: idle CPU (max)",
+    "relayed_over_direct": "relays / direct: request -> all results",
+    "request_100k_relays_s": "100,000 behind 10 relays: request -> all results",
 }
+
+# relay_sim.py runs: (arguments, time budget in seconds)
+RELAY_RUNS = [
+    (["--n", "10000", "--relays", "4", "--compare-direct", "--repeats", "3"], 1200),
+    (["--n", "100000", "--relays", "10", "--repeats", "2"], 2400),
+]
+RELAY_RUNS_QUICK = [(["--n", "2000", "--relays", "2", "--compare-direct", "--repeats", "2"], 420)]
 
 
 def verdict(key: str, value: float | None) -> str:
@@ -176,7 +192,10 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def report(
-    fleet: dict[str, Any] | None, real: dict[str, Any] | None, quick: bool
+    fleet: dict[str, Any] | None,
+    real: dict[str, Any] | None,
+    quick: bool,
+    relays: list[dict[str, Any]] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     parts: list[str] = []
     summary: dict[str, Any] = {}
@@ -451,6 +470,15 @@ def report(
         parts.append(
             table(peer, ["peer comparison", "SaltStack (published, not run here)", "taskfleet"])
         )
+    for data in relays or []:
+        import relay_sim  # the simulator's own table
+
+        parts.append(relay_sim.report(data))
+        summ = data["summary"]
+        if "relayed_over_direct" in summ:
+            summary["relayed_over_direct"] = summ["relayed_over_direct"]
+        if data["n"] >= 100_000 and not data["compare_direct"]:
+            summary["request_100k_relays_s"] = summ["relayed"]["seconds_to_done_api"]
     if summary:
         rows = [
             [
@@ -472,6 +500,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small N, smoke run (~1 min)")
     ap.add_argument("--skip-fleet", action="store_true")
     ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--skip-relays", action="store_true")
     ap.add_argument("--agents", type=int, default=None, help="real agents [200; quick 20]")
     ap.add_argument("--n", type=int, action="append", help="simulated computers (repeatable)")
     ap.add_argument("--profile", action="store_true", help="py-spy the server (fleet phases)")
@@ -489,6 +518,7 @@ def main() -> int:
     fleet_json = common.OUT_DIR / f"fleet-{stamp}.json"
     real_json = common.OUT_DIR / f"real-{stamp}.json"
     fleet = real = None
+    relays: list[dict[str, Any]] = []
     rc = 0
     version_before = code_version()
     try:
@@ -512,11 +542,21 @@ def main() -> int:
             rc |= run_child(args, 300 if opts.quick else 900)
             if real_json.exists():
                 real = json.loads(real_json.read_text())
+        if not opts.skip_relays:
+            relay_runs = RELAY_RUNS_QUICK if opts.quick else RELAY_RUNS
+            for i, (relay_args, budget) in enumerate(relay_runs):
+                relay_json = common.OUT_DIR / f"relay{i}-{stamp}.json"
+                args = [str(HERE / "relay_sim.py"), *relay_args, "--json-out", str(relay_json)]
+                if opts.profile:
+                    args += ["--profile-dir", str(common.OUT_DIR / f"profiles-{stamp}")]
+                rc |= run_child(args, budget)
+                if relay_json.exists():
+                    relays.append(json.loads(relay_json.read_text()))
     finally:
         common.stop_all()
     elapsed = time.monotonic() - t_start
     version_after = code_version()
-    text, summary = report(fleet, real, opts.quick)
+    text, summary = report(fleet, real, opts.quick, relays)
     print()
     print(
         f"taskfleet benchmarks ({'quick' if opts.quick else 'full'}) on "
@@ -548,6 +588,7 @@ def main() -> int:
         "salt": SALT,
         "fleet": fleet,
         "real_agents": real,
+        "relays": relays,
         "table": text,
     }
     common.write_json(f"results-{stamp}.json", combined)

@@ -20,6 +20,12 @@ normal ``taskfleet`` CLI, so the same benchmark can compare before and after:
                     executemany and read their ids back by request_id, instead of
                     ``insert().returning(..., sort_by_parameter_order=True)``, which
                     SQLAlchemy runs on SQLite as one INSERT per row.
+* ``groupcap``    - (not in the default set) the writer counts a relay exchange's jobs
+                    (``ExchangeGroup``) against ``WRITE_BATCH_MAX``: once a batch holds
+                    that many exchanges it takes no further group, so ten relays asking
+                    at once get ten transactions (the first relay answered after its
+                    own) instead of one of up to 100,000 exchanges. A group is never
+                    split (one relay exchange stays one transaction).
 
 These are experiments for measuring, not production code.
 """
@@ -42,6 +48,49 @@ from taskfleet.store.schema import activities
 PATCHES = set(
     filter(None, os.environ.get("TF_PATCH", "fastpath,notelemetry,maxseq,bulkinsert").split(","))
 )
+
+if "groupcap" in PATCHES:
+    from taskfleet.server import exchange as exchange_mod
+    from taskfleet.server import writer as writer_mod
+
+    def _weight(job: Any) -> int:
+        return len(job.jobs) if isinstance(job, exchange_mod.ExchangeGroup) else 1
+
+    async def _loop(self: Any) -> None:
+        while True:
+            first = await self._queue.get()
+            batch: list[Any] = []
+            stopping = first is writer_mod._STOP
+            weight = 0
+            if not stopping:
+                batch.append(first)
+                weight = _weight(first)
+            while weight < writer_mod.WRITE_BATCH_MAX and not self._queue.empty() and not stopping:
+                job = self._queue._queue[0]  # peek: a group that does not fit waits
+                if (
+                    job is not writer_mod._STOP
+                    and batch
+                    and (weight + _weight(job) > writer_mod.WRITE_BATCH_MAX)
+                ):
+                    break
+                self._queue.get_nowait()
+                if job is writer_mod._STOP:
+                    stopping = True
+                else:
+                    batch.append(job)
+                    weight += _weight(job)
+            run: list[Any] = []
+            for job in batch:
+                if run and type(job) is not type(run[0]):
+                    await self._handlers[type(run[0])](run)
+                    run = []
+                run.append(job)
+            if run:
+                await self._handlers[type(run[0])](run)
+            if stopping:
+                return
+
+    writer_mod.Writer._loop = _loop  # type: ignore[method-assign]
 
 if "maxseq" in PATCHES:
     # parse_agent_request enforces increasing seq, so the last message has the highest.
