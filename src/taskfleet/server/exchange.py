@@ -26,7 +26,11 @@ Contract:
 
 Longer than ~600 lines on purpose: applying results, acks, resends and the
 hand-out are one set-wise transaction over one ``Pending`` per computer;
-split, each part would need the others' private state.
+split, each part would need the others' private state. A relay exchange is the
+same transaction over many computers (``ExchangeGroup``, a shared
+``ReplyBudget``, ``have``), so it lives here too; what is relay-specific
+around it (authentication, roster, which computers to add) is in
+``server/relays.py``.
 """
 
 from __future__ import annotations

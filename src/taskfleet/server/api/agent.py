@@ -119,14 +119,9 @@ async def exchange(rt: Runtime, request: Request) -> Response:
     if cs is None or not auth.startswith("Bearer ") or not cs.check_secret(auth[7:]):
         return _refuse("auth", 401, "unknown computer or wrong secret")
     cs.via_relay = False  # it speaks to the server directly: wake it directly
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+    body = await read_body(request, MAX_BODY_BYTES)
+    if body is None:
         return _refuse("too-large", 413, f"exchange body over {MAX_BODY_BYTES} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            return _refuse("too-large", 413, f"exchange body over {MAX_BODY_BYTES} bytes")
     req = _parse_request(body, cs.out_seq)
     if isinstance(req, Response):
         return req
@@ -186,6 +181,20 @@ async def exchange(rt: Runtime, request: Request) -> Response:
         ),
         media_type="application/json",
     )
+
+
+async def read_body(request: Request, limit: int) -> bytearray | None:
+    """A hot path's request body, or None when it is over ``limit`` bytes, declared
+    (Content-Length) or streamed: nothing beyond the limit is read."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return body
 
 
 def _parse_request(body: bytearray, out_seq: int) -> AgentRequest | Response:

@@ -32,7 +32,7 @@ from taskfleet.protocol.relay import (
 )
 from taskfleet.protocol.tickle import derive_relay_tickle_key
 from taskfleet.server import enrollment, metrics, relays
-from taskfleet.server.api.agent import EnrollIn, enrolled, enrollment_reply
+from taskfleet.server.api.agent import EnrollIn, enrolled, enrollment_reply, read_body
 from taskfleet.server.api.deps import Rt, router_for
 from taskfleet.server.fleet import RelayState
 from taskfleet.server.kernel import ApiError
@@ -143,16 +143,9 @@ async def exchange(rt: Runtime, request: Request) -> Response:
     rs = authenticate(rt, request)
     if rs is None:
         return _refuse("auth", 401, "unknown relay, wrong secret or revoked")
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_RELAY_BODY_BYTES):
+    body = await read_body(request, MAX_RELAY_BODY_BYTES)
+    if body is None:
         return _refuse("too-large", 413, f"relay exchange body over {MAX_RELAY_BODY_BYTES} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_RELAY_BODY_BYTES:
-            return _refuse(
-                "too-large", 413, f"relay exchange body over {MAX_RELAY_BODY_BYTES} bytes"
-            )
     try:
         req = parse_relay_request(loads_body(bytes(body)))
     except (orjson.JSONDecodeError, ProtocolError) as exc:
