@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import stat
 from pathlib import Path
 from typing import Any
 
-from taskfleet.protocol.exchange import operation_result
+import pytest
+
+from taskfleet.protocol.exchange import EXCHANGE_PATH, operation_result
 from taskfleet.protocol.relay import (
     ComputerReply,
     EntryError,
@@ -16,7 +19,9 @@ from taskfleet.protocol.relay import (
     Roster,
     RosterEntry,
 )
-from taskfleet.relay.spool import RelayIdentity, Sent, Spool
+from taskfleet.relay.http import AgentApp
+from taskfleet.relay.spool import RelayIdentity, Sent, Spool, SpoolError
+from taskfleet.relay.upstream import Upstream, UpstreamConfig
 
 KEY = "ab" * 32
 
@@ -183,3 +188,109 @@ def test_revoked_is_remembered(tmp_path: Path) -> None:
     spool.set_revoked(True)
     spool.close()
     assert Spool(tmp_path / "relay").revoked
+
+
+# -- group commit: the writes of one event-loop iteration share one fsync ----------
+
+
+def _other_reader(spool: Spool) -> sqlite3.Connection:
+    """A second connection sees only what was committed (what a crash would leave)."""
+    return sqlite3.connect(spool.path)
+
+
+def _on_disk(spool: Spool) -> int:
+    reader = _other_reader(spool)
+    try:
+        return int(reader.execute("SELECT count(*) FROM up").fetchone()[0])
+    finally:
+        reader.close()
+
+
+async def test_agent_writes_of_one_loop_iteration_share_one_commit(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, *range(1, 6))
+    before = spool.commits
+    for cid in range(1, 6):
+        assert _receive(spool, cid, 0, 1, 2) == 2
+    assert _on_disk(spool) == 0  # not yet committed: nobody may be answered yet
+    await spool.durable()
+    assert _on_disk(spool) == 10
+    assert spool.commits == before + 1
+
+
+async def test_any_other_write_commits_the_open_group_before_itself(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, 7)
+    _receive(spool, 7, 0, 1)
+    spool.set_revoked(True)  # a plain write: durable when it returns, and so is the group
+    assert _on_disk(spool) == 1
+    await spool.durable()  # nothing left to wait for
+    spool.close()
+    again = Spool(tmp_path / "relay")
+    assert again.revoked and again.computers[7].spooled == 1
+
+
+class _FailingCommit:
+    """The connection, except that its next COMMIT fails (a disk error at fsync time)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.fail = True
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT" and self.fail:
+            self.fail = False
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+async def test_a_failed_group_commit_fails_its_waiters_and_takes_their_resends(
+    tmp_path: Path,
+) -> None:
+    spool = _spool(tmp_path, 7)
+    real = spool.db
+    spool.db = _FailingCommit(real)  # type: ignore[assignment]
+    assert _receive(spool, 7, 0, 1, 2) == 2
+    with pytest.raises(SpoolError, match="disk I/O error"):
+        await spool.durable()
+    spool.db = real
+    assert _on_disk(spool) == 0
+    # memory was taken back from the file: the agent's resend is new again
+    assert spool.computers[7].ack_for_agent == 0
+    assert _receive(spool, 7, 0, 1, 2) == 2
+    await spool.durable()
+    assert _on_disk(spool) == 2
+
+
+async def test_the_relay_answers_an_agent_only_once_its_messages_are_on_disk(
+    tmp_path: Path,
+) -> None:
+    spool = _spool(tmp_path, 7)
+    upstream = Upstream(spool, UpstreamConfig("http://server", None, "r", None, 0))
+    upstream.ident = spool.identity()
+    app = AgentApp(spool, upstream)
+    body = json.dumps({"ack": 0, "messages": [json.loads(_result(1)[1])]}).encode()
+    on_disk_at_reply: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            assert message["status"] == 200
+            on_disk_at_reply.append(_on_disk(spool))
+
+    scope = {
+        "type": "http",
+        "path": EXCHANGE_PATH,
+        "method": "POST",
+        "headers": [
+            (b"x-taskfleet-computer", b"7"),
+            (b"authorization", b"Bearer secret-7"),
+            (b"content-length", b"%d" % len(body)),
+        ],
+        "client": ("10.0.0.5", 40000),
+    }
+    await app(scope, receive, send)
+    assert on_disk_at_reply == [1]

@@ -10,7 +10,9 @@ Contract: a raw ASGI app (served by uvicorn, like the server's exchange fast pat
   is answered 503 the same way until a roster fetched after that refusal confirms it,
   then 401 (a roster that is merely stale never locks an agent out). The body is
   bounded (413) and validated with ``parse_agent_request`` (400; nothing spooled).
-  New messages are spooled durably BEFORE the reply; the reply carries ``ack`` (the
+  New messages are spooled durably BEFORE the reply (the spool's group commit: the
+  exchanges of one event-loop iteration share one fsync, and each is answered once it
+  is done; 500 if that commit failed, so the agent resends); the reply carries ``ack`` (the
   highest agent message the relay holds, or the server's ack if higher),
   ``server_ack`` (what the server acknowledged), cached server messages above the
   agent's ack (at most ``REPLY_MAX_BYTES``, ``more`` beyond), ``server_time`` (the
@@ -49,7 +51,7 @@ from taskfleet.protocol.exchange import (
     parse_agent_request,
 )
 from taskfleet.relay import metrics
-from taskfleet.relay.spool import Spool, encode
+from taskfleet.relay.spool import Spool, SpoolError, encode
 from taskfleet.relay.upstream import Upstream
 from taskfleet.settings import ENROLL_BODY_MAX, INT64_MAX, REPLY_MAX_BYTES
 
@@ -75,6 +77,7 @@ class AgentApp:
         self.upstream = upstream
         self.waiters: dict[int, asyncio.Event] = {}
         self.refused_at: dict[int, float] = {}  # computer -> when its secret was first refused
+        self._commits_reported = 0
         self.on_agent_port: Callable[[int, int | None], None] = lambda cid, port: None
 
     def wake(self, ids: set[int]) -> None:
@@ -127,6 +130,8 @@ class AgentApp:
         metrics.CACHED.set(stats.cached)
         metrics.LAG.set(max(0.0, time.time() - stats.oldest) if stats.oldest else 0.0)
         metrics.COMPUTERS.set(sum(1 for c in self.spool.computers.values() if c.in_roster))
+        metrics.SPOOL_COMMITS.inc(self.spool.commits - self._commits_reported)
+        self._commits_reported = self.spool.commits
         return generate_latest(metrics.REGISTRY)
 
     # -- the exchange --------------------------------------------------------------
@@ -177,6 +182,10 @@ class AgentApp:
             address=client[0] if client else None,
             now=time.time(),
         )
+        try:
+            await self.spool.durable()
+        except SpoolError as exc:
+            return _refuse("spool", 500, f"the relay could not store this exchange ({exc})")
         metrics.AGENT_EXCHANGES.inc()
         if new:
             metrics.RECEIVED.inc(new)

@@ -41,6 +41,11 @@ DROPPED = Counter(
     "Spooled agent messages dropped because the server refused their computer's entry",
     registry=REGISTRY,
 )
+SPOOL_COMMITS = Counter(
+    "taskfleet_relay_spool_commits_total",
+    "Spool transactions committed (one fsync each; agent exchanges share them)",
+    registry=REGISTRY,
+)
 AGENT_EXCHANGES = Counter(
     "taskfleet_relay_agent_exchanges_total", "Agent exchanges answered", registry=REGISTRY
 )

@@ -3,11 +3,21 @@
 Contract:
 
 * One SQLite file, ``relay.db`` in the state folder, created 0600 (it holds the relay's
-  secret and its computers' tickle keys), WAL, ``synchronous=FULL`` for every write: a
-  method that returned has reached the disk. FULL, not NORMAL, because the relay
-  acknowledges an agent's messages as soon as they are spooled (the agent may then drop
-  its own copies), so a power cut must not undo a spool write; the cost is one fsync per
-  agent exchange that brings something new (quiet exchanges write nothing).
+  secret and its computers' tickle keys), WAL, ``synchronous=FULL``. FULL, not NORMAL,
+  because the relay acknowledges an agent's messages as soon as they are spooled (the
+  agent may then drop its own copies), so a power cut must not undo a spool write.
+* Group commit: ``receive`` (the agent exchange, the hot path) called on a running
+  event loop joins the loop iteration's open transaction as a SAVEPOINT (a failing
+  write rolls back alone) instead of committing itself; ONE commit (one fsync) for the
+  whole group runs at the end of the iteration (``call_soon``), and the caller answers
+  its agent only after ``await durable()``. Agents whose requests arrive while an
+  fsync runs thus share the next one instead of queueing for one each (the relay
+  benchmark: 75-82% of a relay's time was in per-exchange COMMITs). Every other write
+  commits the open group first, then itself: when such a method returns, it and
+  everything before it are on disk. If a group's COMMIT fails, it is rolled back, the
+  memory mirror is reloaded from the file (so the agents' resends are taken again) and
+  ``durable()`` raises ``SpoolError`` for the group's waiters. Without a running loop
+  (tools, tests) every write commits at once.
 * Per computer, both directions are numbered by their sender (``protocol/exchange.py``):
 
   - up (agent -> server): ``up_top`` is the highest agent message the relay holds
@@ -29,11 +39,13 @@ Contract:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +53,8 @@ from typing import Any
 import orjson
 
 from taskfleet.protocol.relay import RelayReply, Roster
+
+log = logging.getLogger("taskfleet.relay")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -219,14 +233,19 @@ class Spool:
                 "enroll the relay again"
             ) from None
         self.computers: dict[int, Computer] = {}
+        self._group: asyncio.Future[None] | None = None  # the open group's commit
+        self.commits = 0  # transactions committed (a group counts once)
         self._load()
         self.settings_json = self.get("settings", "{}") or "{}"  # answered to every agent
 
     def close(self) -> None:
+        self.flush()
         self.db.close()
 
-    @contextmanager
+    @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction, committed (after the open group) when the block ends."""
+        self.flush()
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
@@ -234,6 +253,58 @@ class Spool:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+        self.commits += 1
+
+    @contextlib.contextmanager
+    def _group_tx(self) -> Iterator[sqlite3.Connection]:
+        """Join (or open) the event-loop iteration's group; ``durable()`` awaits it."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            with self._tx() as db:
+                yield db
+            return
+        if self._group is None:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._group = loop.create_future()
+            loop.call_soon(self.flush)
+        self.db.execute("SAVEPOINT tf_write")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK TO tf_write")
+            self.db.execute("RELEASE tf_write")
+            raise
+        self.db.execute("RELEASE tf_write")
+
+    def flush(self) -> None:
+        """Commit the open group now, if any, and tell its waiters."""
+        group, self._group = self._group, None
+        if group is None:
+            return
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back itself
+                self.db.execute("ROLLBACK")
+            # Memory ran ahead of the file: take it back from the file, so the agents'
+            # resends of what was lost are spooled again.
+            self.computers.clear()
+            self._load()
+            log.error("a spool commit failed (%s); its agents are asked to resend", exc)
+            if not group.done():
+                group.set_exception(SpoolError(f"spool commit failed: {exc}"))
+                group.exception()  # retrieved: nobody may be waiting
+            return
+        self.commits += 1
+        if not group.done():
+            group.set_result(None)
+
+    async def durable(self) -> None:
+        """Return once every write made so far is on disk (raise ``SpoolError`` if its
+        commit failed)."""
+        if self._group is not None:
+            await asyncio.shield(self._group)
 
     def _load(self) -> None:
         for row in self.db.execute(f"SELECT {_COLUMNS} FROM computers"):
@@ -311,14 +382,16 @@ class Spool:
 
     def set_revoked(self, revoked: bool) -> None:
         if revoked != self.revoked:
-            self._set("revoked", "1" if revoked else "0")
+            with self._tx():
+                self._set("revoked", "1" if revoked else "0")
 
     @property
     def tickle_high_water_ms(self) -> int:
         return int(self.get("tickle_high_water_ms", "-1") or -1)
 
     def save_tickle_high_water(self, ms: int) -> None:
-        self._set("tickle_high_water_ms", str(ms))
+        with self._tx():
+            self._set("tickle_high_water_ms", str(ms))
 
     # -- agents ----------------------------------------------------------------
 
@@ -333,8 +406,9 @@ class Spool:
         now: float,
     ) -> int:
         """One agent exchange: spool its new messages (seq above ``up_top``; resends are
-        ignored), note its ack, info and address; durable when it returns. Returns how
-        many messages were new."""
+        ignored), note its ack, info and address. Durable when it returns, or on a running
+        loop once ``durable()`` returns (group commit). Returns how many messages were
+        new."""
         c = self.computers[cid]
         c.seen = now
         new = [(seq, text) for seq, text in messages if seq > c.ack_for_agent]
@@ -342,7 +416,7 @@ class Spool:
         if not (new or ack_changed or agent_info is not None or address != c.address):
             return 0
         up_top = max(c.up_top, new[-1][0]) if new else c.up_top
-        with self._tx() as db:
+        with self._group_tx() as db:
             db.executemany(
                 "INSERT OR IGNORE INTO up(computer, seq, message, spooled_at) VALUES (?,?,?,?)",
                 [(cid, seq, text, now) for seq, text in new],
