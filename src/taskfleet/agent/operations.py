@@ -55,6 +55,7 @@ from taskfleet.protocol.exchange import (
     MalformedMessage,
     OperationMessage,
     ServerMessage,
+    TerminateMessage,
     operation_message,
     operation_result,
     operation_status,
@@ -126,6 +127,8 @@ class Operations:
             try:
                 if isinstance(m, MalformedMessage):
                     raise Refusal("malformed", m.error)
+                if isinstance(m, TerminateMessage):
+                    raise Refusal("malformed", "this agent does not run jobs yet")
                 if isinstance(m, CancelMessage):
                     self._open(m, CANCEL)
                     cancels.append(m.op)

@@ -28,8 +28,10 @@ same scheme, borrowed from landscape-client:
   ``refused_message``) and parsed
   here too: ``parse_agent_request`` on the server, ``parse_server_reply`` on
   the agent (which says what the agent does with a reply it cannot read).
-* Server -> agent messages: ``operation`` (run operation ``op``) and
-  ``cancel`` (stop operation ``op``). Both are signed orders
+* A job (``protocol/jobs.py``) adds ``job-step`` (agent -> server: one step's
+  status) and ``terminate`` (server -> agent: finish the current step, skip the rest).
+* Server -> agent messages: ``operation`` (run operation ``op``),
+  ``cancel`` (stop operation ``op``) and ``terminate``. All are signed orders
   (``protocol/orders.py``): a canonical JSON text in ``body``, signed with the
   server's Ed25519 key in ``sig``, naming the computer, its generation and the
   operation, so a relay cannot invent, alter, redirect or replay one; the agent
@@ -69,14 +71,19 @@ and the agent exchanges again at once.
 from __future__ import annotations
 
 import json
-import math
-import re
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from taskfleet.domain.policy import validate_agent_policy
+from taskfleet.protocol.fields import NUL_SYMBOL as NUL_SYMBOL
+from taskfleet.protocol.fields import ProtocolError as ProtocolError
+from taskfleet.protocol.fields import clean_text as clean_text
+from taskfleet.protocol.fields import int_field as _int
+from taskfleet.protocol.fields import num_field as _num
+from taskfleet.protocol.fields import str_field as _str
+from taskfleet.protocol.jobs import JobStep, parse_job_step
 
 # BIGINT columns (sequence numbers, operation ids) and INTEGER columns (exit
 # code, attempt; dropped counts are capped at INT32_MAX).
@@ -95,8 +102,6 @@ MAX_VERSION_CHARS = 64  # agent version (computers.agent_version)
 MAX_REPLY_BYTES = AGENT_MAX_RESPONSE  # a reply, so any text in it (the agent refuses more)
 MAX_SIG_CHARS = 256  # a signature in hex (Ed25519: 128)
 
-NUL_SYMBOL = "\u2400"  # what a NUL in remote text is stored as (visible, one character)
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 RESULT_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 # Why an agent refused a server message that is not genuinely for it (protocol/orders.py).
@@ -105,10 +110,6 @@ REFUSAL_REASONS = frozenset(
 )
 # "failed" here is a failed attempt that will be retried (SPEC 5): not final.
 PROGRESS_STATUSES = frozenset({"working", "deferred", "failed"})
-
-
-class ProtocolError(ValueError):
-    """A malformed or oversized exchange; the whole request is refused."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class RefusedMessage:
     text: str
 
 
-AgentMessage = OperationResult | OperationStatus | RefusedMessage
+AgentMessage = OperationResult | OperationStatus | RefusedMessage | JobStep
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,16 @@ class CancelMessage:
 
 
 @dataclass(frozen=True)
+class TerminateMessage:
+    """Server -> agent: terminate job operation ``op`` (``protocol/jobs.py``); signed."""
+
+    seq: int
+    op: int
+    body: str  # "" when the message carries none (unsigned: refused by the agent)
+    sig: str
+
+
+@dataclass(frozen=True)
 class MalformedMessage:
     """A numbered server message the agent cannot read; it is acknowledged, never acted on."""
 
@@ -198,7 +209,7 @@ class MalformedMessage:
     error: str
 
 
-ServerMessage = OperationMessage | CancelMessage | MalformedMessage
+ServerMessage = OperationMessage | CancelMessage | TerminateMessage | MalformedMessage
 
 
 @dataclass(frozen=True)
@@ -215,15 +226,6 @@ class ServerReply:
     more: bool = False
     server_ack: int | None = None  # a relay's reply: what the server acknowledged
     relay: str | None = None  # the server's reply: the relay this computer is assigned to
-
-
-def clean_text(value: str) -> str:
-    """Remote text as it can be stored on every database (module docstring)."""
-    if "\x00" in value:
-        value = value.replace("\x00", NUL_SYMBOL)
-    if not value.isascii() and _SURROGATE.search(value):
-        value = _SURROGATE.sub("\ufffd", value)
-    return value
 
 
 def clean_json(value: Any) -> Any:
@@ -257,49 +259,6 @@ def loads_body(body: bytes) -> Any:
         return json.loads(body, parse_constant=_no_constant)
     except ValueError as exc:
         raise ProtocolError(f"malformed JSON: {exc}") from None
-
-
-def _int(
-    obj: dict[str, Any],
-    key: str,
-    *,
-    minimum: int = 0,
-    maximum: int = INT64_MAX,
-    optional: bool = False,
-) -> int | None:
-    value = obj.get(key)
-    if value is None and optional:
-        return None
-    if type(value) is not int or value < minimum:
-        raise ProtocolError(f"{key!r} must be an integer >= {minimum}")
-    if value > maximum:
-        raise ProtocolError(f"{key!r} is {value}, the limit is {maximum}")
-    return value
-
-
-def _num(obj: dict[str, Any], key: str) -> float | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if type(value) not in (int, float):
-        raise ProtocolError(f"{key!r} must be a number")
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond any double
-        number = math.inf
-    if not math.isfinite(number):
-        raise ProtocolError(f"{key!r} must be a finite number")
-    return number
-
-
-def _str(obj: dict[str, Any], key: str, limit: int, *, clean: bool = True) -> str:
-    value = obj.get(key, "")
-    if not isinstance(value, str):
-        raise ProtocolError(f"{key!r} must be a string")
-    if len(value) > limit:
-        raise ProtocolError(f"{key!r} is {len(value)} characters, the limit is {limit}")
-    # Signed text is taken exactly as sent: changed, it would not verify.
-    return clean_text(value) if clean else value
 
 
 def _parse_result(msg: dict[str, Any]) -> OperationResult:
@@ -358,6 +317,7 @@ _AGENT_PARSERS: dict[str, Callable[[dict[str, Any]], AgentMessage]] = {
     "operation-result": _parse_result,
     "operation-status": _parse_status,
     "refused": _parse_refused,
+    "job-step": parse_job_step,
 }
 
 
@@ -493,14 +453,21 @@ def parse_settings(obj: Any) -> ServerSettings:
     return ServerSettings(poll)
 
 
+_SERVER_MESSAGES: dict[str, type[OperationMessage | CancelMessage | TerminateMessage]] = {
+    "operation": OperationMessage,
+    "cancel": CancelMessage,
+    "terminate": TerminateMessage,
+}
+
+
 def _parse_server_message(seq: int, msg: dict[str, Any]) -> ServerMessage:
     op = msg.get("op")
     readable_op = op if type(op) is int and 1 <= op <= INT64_MAX else None
     kind = msg.get("type")
     try:
-        if kind not in ("operation", "cancel"):
+        cls = _SERVER_MESSAGES.get(str(kind))
+        if cls is None:
             raise ProtocolError(f"unknown message type {str(kind)[:40]!r}")
-        cls = OperationMessage if kind == "operation" else CancelMessage
         return cls(
             seq,
             _int(msg, "op", minimum=1) or 0,
@@ -530,6 +497,12 @@ def relay_field(url: str | None) -> bytes:
 def cancel_message(seq: int, op: int, body: str, sig: str) -> dict[str, Any]:
     """Server -> agent: stop operation ``op`` (``body`` from ``orders.cancel_body``)."""
     return {"seq": seq, "type": "cancel", "op": op, "body": body, "sig": sig}
+
+
+def terminate_message(seq: int, op: int, body: str, sig: str) -> dict[str, Any]:
+    """Server -> agent: terminate job operation ``op`` (``body`` from
+    ``orders.terminate_body``)."""
+    return {"seq": seq, "type": "terminate", "op": op, "body": body, "sig": sig}
 
 
 def operation_status(

@@ -2,12 +2,12 @@
 
 Contract:
 * Every order the server gives an agent (an ``operation`` to run, a ``cancel``
-  to stop one) carries a canonical JSON text (``body``, from
+  to stop one, a ``terminate`` to wind a job down) carries a canonical JSON text (``body``, from
   :func:`operation_body` or :func:`cancel_body`) signed with the server's
   Ed25519 key (``sig``). The text names the computer, its enrollment
-  generation and the operation id; a cancel also names its kind
+  generation and the operation id; a cancel or terminate also names its kind
   (``"order": "cancel"``; an operation's text has no ``order``), so one kind of
-  signed text can never pass for the other.
+  signed text can never pass for another.
 * :func:`open_order` is what the agent does before it stores or acts on an
   order: the signature must verify with the server key it got at enrollment,
   and the text must be the order the message says it is, for the operation the
@@ -29,6 +29,7 @@ from taskfleet.protocol.signing import SignatureError, Verifier
 
 OPERATION = "operation"
 CANCEL = "cancel"
+TERMINATE = "terminate"
 
 
 class Refusal(ValueError):
@@ -70,6 +71,12 @@ def cancel_body(*, computer: int, generation: int, op: int) -> str:
     """A cancel order as the exact text the server signs: small, it names no more than
     whom it is for and what it stops (a cancel repeated does nothing more)."""
     return canonical({"computer": computer, "generation": generation, "op": op, "order": CANCEL})
+
+
+def terminate_body(*, computer: int, generation: int, op: int) -> str:
+    """A terminate order (``protocol/jobs.py``) as the exact text the server signs; its
+    kind differs from a cancel's, so neither can pass for the other."""
+    return canonical({"computer": computer, "generation": generation, "op": op, "order": TERMINATE})
 
 
 def open_order(

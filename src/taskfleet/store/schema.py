@@ -292,3 +292,49 @@ workers = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),  # idle | busy | stopped | lost
     sa.Column("running", sa.JSON, nullable=False),  # task ids it holds
 )
+
+# -- multi-phase jobs (issue 12, SPEC 6) ------------------------------------------
+
+# Content addressed by SHA-256: the bytes live on disk under the server's data folder
+# (server/content.py), the database holds only what describes them.
+content = sa.Table(
+    "content",
+    metadata,
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), primary_key=True),
+    sa.Column("sha256", sa.String(64), primary_key=True),  # lowercase hex
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("name", sa.String(255), nullable=False),  # as added (a label, not a path)
+    sa.Column("created_by", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# A job is a request of type "job" (it takes part in targets, approvals, windows,
+# rollouts, expiry, cancel and audit like any request); this row holds what only a
+# job has. Its id is the request's id.
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("request_id", sa.BigInteger, sa.ForeignKey("requests.id"), primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("terminate_by", sa.String(64), nullable=True),  # set: Terminating/Terminated
+    sa.Column("terminate_at", sa.Float, nullable=True),
+    sa.Column("terminate_reason", sa.String(2000), nullable=True),
+    sa.Column("terminate_deadline", sa.Float, nullable=True),  # then: unreachable
+    sa.Column("terminated_at", sa.Float, nullable=True),  # every computer stopped
+)
+
+# One row per (computer's activity, phase, item): its step status as the agent told it.
+job_steps = sa.Table(
+    "job_steps",
+    metadata,
+    sa.Column("activity_id", sa.BigInteger, sa.ForeignKey("activities.id"), primary_key=True),
+    sa.Column("phase", sa.String(16), primary_key=True),
+    sa.Column("item", sa.Integer, primary_key=True),  # index in the job's items
+    sa.Column("request_id", sa.BigInteger, sa.ForeignKey("requests.id"), nullable=False),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # started|succeeded|failed|skipped
+    sa.Column("detail", sa.String(2000), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),  # on the computer's clock, as reported
+    sa.Index("ix_job_steps_request_id", "request_id"),
+)

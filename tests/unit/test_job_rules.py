@@ -1,0 +1,239 @@
+"""The pure job rules (domain/jobs.py): a table per SPEC 6 line, and the job's params."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from taskfleet.domain.jobs import (
+    ANALYZE,
+    DOWNLOAD,
+    FAILED,
+    SKIPPED,
+    SUCCEEDED,
+    JobSpec,
+    JobSpecError,
+    JobState,
+    Outcome,
+    Step,
+    computer_outcome,
+    job_state,
+    next_step,
+    skipped_for_failure,
+    steps,
+    unfinished,
+    validate_content_name,
+    validate_job_spec,
+)
+from taskfleet.domain.states import State
+
+SHA = "ab" * 32
+INSTALL = "install"
+
+
+def _item(name: str, content: bool = True) -> dict[str, Any]:
+    return {
+        "name": name,
+        "detect": {"argv": ["true"]},
+        "content": [{"sha256": SHA, "size": 5, "name": f"{name}.deb"}] if content else [],
+        "install": {"argv": ["dpkg", "-i", f"{name}.deb"], "timeout": 60},
+    }
+
+
+def _spec(n: int = 3, phases: tuple[str, ...] = (ANALYZE, DOWNLOAD, INSTALL)) -> JobSpec:
+    return validate_job_spec(
+        {"name": "May patches", "phases": list(phases), "items": [_item(f"p{i}") for i in range(n)]}
+    )
+
+
+def _run(
+    spec: JobSpec,
+    *,
+    terminate_after: Step | None = None,
+    applicable: dict[int, bool] | None = None,
+    fail: set[Step] | None = None,
+) -> tuple[dict[Step, str], bool]:
+    """Drive next_step as an agent would; terminate once ``terminate_after`` finished."""
+    app = dict(applicable or {})
+    done: dict[Step, str] = {}
+    terminating = False
+    while (step := next_step(spec, app, done, terminating=terminating)) is not None:
+        done[step] = FAILED if step in (fail or set()) else SUCCEEDED
+        if step == terminate_after:
+            terminating = True
+        for s in skipped_for_failure(spec, done):
+            done[s] = SKIPPED
+    for s in unfinished(spec, app, done):
+        done[s] = SKIPPED
+    return done, terminating
+
+
+# -- SPEC 6: "phases in order on each computer" ------------------------------------
+
+
+def test_a_computer_runs_analyze_then_download_then_install_item_by_item() -> None:
+    spec = _spec(2)
+    done, _ = _run(spec)
+    assert list(done) == [
+        (ANALYZE, 0),
+        (ANALYZE, 1),
+        (DOWNLOAD, 0),
+        (DOWNLOAD, 1),
+        (INSTALL, 0),
+        (INSTALL, 1),
+    ]
+    assert computer_outcome(done, stopped=False) is Outcome.SUCCEEDED
+
+
+def test_only_applicable_items_go_on_after_analyze() -> None:
+    spec = _spec(3)
+    done, _ = _run(spec, applicable={1: False})
+    assert (DOWNLOAD, 1) not in done and (INSTALL, 1) not in done
+    assert steps(spec, {1: False})[-1] == (INSTALL, 2)
+
+
+def test_an_item_whose_download_failed_is_not_installed_and_the_computer_failed() -> None:
+    done, _ = _run(_spec(2), fail={(DOWNLOAD, 0)})
+    assert done[(INSTALL, 0)] == SKIPPED and done[(INSTALL, 1)] == SUCCEEDED
+    assert computer_outcome(done, stopped=False) is Outcome.FAILED
+
+
+# -- SPEC 6 termination, line by line ------------------------------------------------
+
+TERMINATION_TABLE = [
+    # (terminated right after this step, steps that must have run, first skipped step)
+    pytest.param((ANALYZE, 0), [(ANALYZE, 0), (ANALYZE, 1), (ANALYZE, 2)], (DOWNLOAD, 0),
+                 id="in Analyze: Analyze completes, no later phase starts"),
+    pytest.param((DOWNLOAD, 1), [(ANALYZE, 2), (DOWNLOAD, 0), (DOWNLOAD, 1)], (DOWNLOAD, 2),
+                 id="in Download: the item in hand finishes, the rest is skipped"),
+    pytest.param((INSTALL, 0), [(DOWNLOAD, 2), (INSTALL, 0)], (INSTALL, 1),
+                 id="in Install: the item in hand finishes, the rest is skipped"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("after", "ran", "first_skipped"), TERMINATION_TABLE)
+def test_termination_in_each_phase(after: Step, ran: list[Step], first_skipped: Step) -> None:
+    spec = _spec(3)
+    done, terminating = _run(spec, terminate_after=after)
+    assert terminating
+    for step in ran:
+        assert done[step] == SUCCEEDED, step
+    assert done[first_skipped] == SKIPPED
+    later = list(done)[list(done).index(first_skipped) :]
+    assert all(done[s] == SKIPPED for s in later), "no later step ran"
+    assert computer_outcome(done, stopped=True) is Outcome.CANCELED  # not all steps ran
+
+
+def test_a_computer_that_has_not_started_never_starts() -> None:
+    spec = _spec(2)
+    assert next_step(spec, {}, {}, terminating=True) == (ANALYZE, 0)  # Analyze completes ...
+    no_analyze = _spec(2, (DOWNLOAD, INSTALL))
+    assert next_step(no_analyze, {}, {}, terminating=True) is None  # ... nothing else starts
+    assert unfinished(no_analyze, {}, {}) == steps(no_analyze, {})
+
+
+def test_terminated_after_its_last_step_a_computer_succeeded() -> None:
+    spec = _spec(1)
+    done, _ = _run(spec, terminate_after=(INSTALL, 0))
+    assert set(done.values()) == {SUCCEEDED}
+    assert computer_outcome(done, stopped=True) is Outcome.SUCCEEDED  # all steps ran
+
+
+def test_terminated_with_a_failed_step_that_did_not_finish_the_rest_is_canceled() -> None:
+    spec = _spec(3)
+    done, _ = _run(spec, terminate_after=(INSTALL, 0), fail={(INSTALL, 0)})
+    assert done[(INSTALL, 0)] == FAILED and done[(INSTALL, 1)] == SKIPPED
+    assert computer_outcome(done, stopped=True) is Outcome.CANCELED
+
+
+JOB_STATE_TABLE = [
+    ([State.QUEUED, State.SCHEDULED], False, JobState.PENDING),
+    ([State.BLOCKED], False, JobState.PENDING),
+    ([State.IN_PROGRESS, State.QUEUED], False, JobState.RUNNING),
+    ([State.SUCCEEDED, State.QUEUED], False, JobState.RUNNING),
+    ([State.SUCCEEDED, State.SUCCEEDED], False, JobState.SUCCEEDED),
+    ([State.SUCCEEDED, State.FAILED, State.CANCELED], False, JobState.FAILED),
+    ([State.SUCCEEDED, State.CANCELED], False, JobState.CANCELED),
+    # "Terminating until every computer has stopped, then Terminated"
+    ([State.IN_PROGRESS, State.CANCELED], True, JobState.TERMINATING),
+    ([State.SUCCEEDED, State.CANCELED], True, JobState.TERMINATED),
+    ([State.CANCELED, State.CANCELED], True, JobState.TERMINATED),
+]
+
+
+@pytest.mark.parametrize(("states", "asked", "expected"), JOB_STATE_TABLE)
+def test_job_state(states: list[State], asked: bool, expected: JobState) -> None:
+    assert job_state(states, terminate_asked=asked) is expected
+
+
+# -- the job's params ------------------------------------------------------------------
+
+
+def test_a_job_spec_round_trips() -> None:
+    spec = _spec(2)
+    assert validate_job_spec(spec.as_json()) == spec
+    assert spec.action == INSTALL and spec.content_hashes() == {SHA}
+
+
+@pytest.mark.parametrize(
+    ("phases", "error"),
+    [
+        ([], "non-empty"),
+        (["install", "analyze"], "in order"),
+        (["analyze", "install", "remediate"], "at most one"),
+        (["analyze", "analyze"], "in order"),
+        (["reboot"], "taken from"),
+    ],
+)
+def test_bad_phases_are_refused(phases: list[str], error: str) -> None:
+    with pytest.raises(JobSpecError, match=error):
+        validate_job_spec({"name": "j", "phases": phases, "items": [_item("a")]})
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["/etc/passwd", "../x", "a/../../x", "a/./b", "a//b", "", "a\\b", "a\x00b", "x" * 256, "."],
+)
+def test_a_content_name_that_leaves_the_staging_folder_is_refused(name: str) -> None:
+    with pytest.raises(JobSpecError):
+        validate_content_name(name)
+
+
+def test_good_content_names() -> None:
+    assert validate_content_name("pkg/a.deb") == "pkg/a.deb"
+    assert validate_content_name("caf\u00e9 \u2603.bin") == "caf\u00e9 \u2603.bin"
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"install": None}, "needs an install command"),
+        ({"detect": None}, "needs a detect command"),
+        ({"content": [{"sha256": "AB" * 32, "size": 1, "name": "a"}]}, "lowercase hex"),
+        ({"content": [{"sha256": SHA, "size": -1, "name": "a"}]}, "size"),
+        ({"content": [{"sha256": SHA, "size": 2**63, "name": "a"}]}, "size"),
+        ({"content": [{"sha256": SHA, "size": True, "name": "a"}]}, "size"),
+        ({"install": {"argv": []}}, "argv"),
+        ({"install": {"argv": ["x"], "timeout": float("nan")}}, "timeout"),
+        ({"reboot": True}, "unknown field"),
+        (
+            {"content": [{"sha256": SHA, "size": 1, "name": "a"}] * 2},
+            "share a name",
+        ),
+    ],
+)
+def test_bad_items_are_refused_naming_the_item(change: dict[str, Any], error: str) -> None:
+    item = {**_item("a"), **change}
+    with pytest.raises(JobSpecError, match=error) as exc:
+        validate_job_spec({"name": "j", "items": [_item("ok"), item]})
+    assert "item 1" in str(exc.value)
+
+
+def test_limits_on_items() -> None:
+    with pytest.raises(JobSpecError, match="limit"):
+        validate_job_spec({"name": "j", "items": [_item("a")] * 1001})
+    with pytest.raises(JobSpecError, match="non-empty"):
+        validate_job_spec({"name": "j", "items": []})
+    with pytest.raises(JobSpecError, match="unknown job field"):
+        validate_job_spec({"name": "j", "items": [_item("a")], "target": "all"})
