@@ -199,3 +199,21 @@ def test_cli_lifecycle_approval_dependency_window_and_schedule(server, start_age
     assert "canceled" in tf(server, "schedule", "show", str(sched["id"])).stdout
     bad = tf(server, "run", "--target", "all", "--cron", "every day", "--", "true", check=False)
     assert bad.returncode != 0 and "5 fields" in bad.stderr
+
+
+def test_a_server_whose_port_is_taken_refuses_to_start_and_says_why(tmp_path):
+    """The server binds its port before it starts anything (so peers that connect while
+    it starts wait instead of being refused); a taken port is a clear error."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "taskfleet", "server", "--listen", f"127.0.0.1:{port}",
+             "--data-dir", str(tmp_path / "data")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert out.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,37 @@ def test_results_spooled_during_an_outage_are_forwarded_once_when_the_server_ret
         assert a["state"] == "succeeded" and a["stdout"] == f"{a['id']}\n"
     wait_until(lambda: relay.metric("taskfleet_relay_spool_messages") == 0, 10, "empty spool")
     assert relay.metric("taskfleet_relay_forwarded_total") == 3
+
+
+def test_a_returning_server_wakes_its_relays_out_of_their_backoff(
+    server: Server,
+    start_relay: Callable[..., Relay],
+    start_agent: Callable[..., Agent],
+    tmp_path: Path,
+) -> None:
+    """However long the outage (here: a relay whose next try is 60 s away), the status
+    catches up within seconds of the server's return: the server tickles its relays
+    when it starts, and a tickle ends a relay's backoff."""
+    relay = start_relay(server, *QUIET, "--retry-min", "60", "--retry-max", "60")
+    agent = start_agent(relay.url, enroll_token(server))
+    gate = tmp_path / "gate"
+    req = queue_script(server, agent.computer_id, gated(gate))
+    wait_until(lambda: len(agent.status()["records"]) == 1, 30, "the agent to have the work")
+    stop_server(server)
+    gate.touch()
+    wait_until(lambda: relay.metric("taskfleet_relay_spool_messages") == 1, 30, "the spool")
+    wait_until(
+        lambda: relay.metric("taskfleet_relay_upstream_failures_total", 'reason="unreachable"'),
+        30,
+        "the relay to find the server gone (its next try is 48-72 s away)",
+    )
+    agent.proc.stop()  # only the relay can bring the result home now
+    start_server_again(server)
+    returned = time.monotonic()
+    a = wait_until(lambda: ended_once(server, req), 20, "the result within seconds")
+    assert a["state"] == "succeeded"
+    assert time.monotonic() - returned < 20
+    assert relay.metric("taskfleet_relay_tickles_received_total", 'outcome="accepted"') >= 1
 
 
 def test_kill_9_of_the_relay_with_a_full_spool_loses_nothing(

@@ -18,7 +18,14 @@ from taskfleet.cli.client import Api, client_options  # light: httpx loads with 
 from taskfleet.cli.options import FINITE_FLOAT
 from taskfleet.cli.output import echo, emit, fail, print_fields, print_table, when
 from taskfleet.protocol.relay import STAT_CACHED, STAT_LAG, STAT_SPOOL
-from taskfleet.settings import RELAY_LISTEN, RELAY_STATE_DIR, RELAY_TICKLE_BIND, RELAY_TICKLE_PORT
+from taskfleet.settings import (
+    RELAY_LISTEN,
+    RELAY_RETRY_MAX,
+    RELAY_RETRY_MIN,
+    RELAY_STATE_DIR,
+    RELAY_TICKLE_BIND,
+    RELAY_TICKLE_PORT,
+)
 
 # -- the relay process ------------------------------------------------------------------
 
@@ -73,6 +80,20 @@ from taskfleet.settings import RELAY_LISTEN, RELAY_STATE_DIR, RELAY_TICKLE_BIND,
     default=None,
     help="Seconds between exchanges when nothing happens [default: what the server says, 60].",
 )
+@click.option(
+    "--retry-min",
+    type=FINITE_FLOAT,
+    default=RELAY_RETRY_MIN,
+    show_default=True,
+    help="Seconds before the first retry while the server is unreachable (then doubling).",
+)
+@click.option(
+    "--retry-max",
+    type=FINITE_FLOAT,
+    default=RELAY_RETRY_MAX,
+    show_default=True,
+    help="The longest wait between retries (a tickle from the server ends any wait).",
+)
 @click.option("--name", default=None, help="This relay's name at the server [default: hostname].")
 @click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
@@ -89,6 +110,8 @@ def relay(
     tickle_port: int,
     tickle_bind: str,
     poll_interval: float | None,
+    retry_min: float,
+    retry_max: float,
     name: str | None,
     log_format: str,
 ) -> None:
@@ -114,6 +137,8 @@ def relay(
         fail("--tickle-port must be 0..65535")
     if poll_interval is not None and poll_interval <= 0:
         fail("--poll-interval must be positive")
+    if not 0 < retry_min <= retry_max:
+        fail("--retry-min and --retry-max must be positive, the minimum not above the maximum")
     import socket
 
     from taskfleet import logs
@@ -133,6 +158,8 @@ def relay(
         tickle_port=tickle_port,
         tickle_bind=tickle_bind,
         poll_interval=poll_interval,
+        retry_min=retry_min,
+        retry_max=retry_max,
     )
     try:
         run_relay(config)

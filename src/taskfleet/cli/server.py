@@ -17,7 +17,6 @@ from taskfleet.settings import (
     LOST_GRACE,
     POLL_INTERVAL,
     REAPER_INTERVAL,
-    SERVER_BACKLOG,
     SERVER_DATA_DIR,
     SERVER_KEEP_ALIVE,
     SERVER_PORT,
@@ -183,15 +182,22 @@ def server(
             if value <= 0:
                 raise click.BadParameter(f"--{name.replace('_', '-')} must be positive")
             setattr(config, name, value)
-    uvicorn.run(
-        create_app(config),
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        timeout_keep_alive=SERVER_KEEP_ALIVE,
-        backlog=SERVER_BACKLOG,
-    )
+    from taskfleet.listen import bind_tcp
+
+    try:
+        # Bound before the app starts: agents and relays that connect while it starts
+        # (tickled by it: runtime.start wakes every relay) wait instead of being refused.
+        sock = bind_tcp(host, port)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    uvicorn.Server(
+        uvicorn.Config(
+            create_app(config),
+            log_config=None,
+            access_log=False,
+            timeout_keep_alive=SERVER_KEEP_ALIVE,
+        )
+    ).run(sockets=[sock])
 
 
 def _default_database(data_dir: Path) -> str:

@@ -26,14 +26,16 @@ from pathlib import Path
 
 import uvicorn
 
+from taskfleet.listen import bind_tcp
 from taskfleet.relay.http import AgentApp
 from taskfleet.relay.spool import Spool
 from taskfleet.relay.tickles import AgentTickler, ServerTickles
 from taskfleet.relay.upstream import Upstream, UpstreamConfig
 from taskfleet.settings import (
+    RELAY_RETRY_MAX,
+    RELAY_RETRY_MIN,
     RELAY_SHUTDOWN_GRACE,
     RELAY_TICKLE_BIND,
-    SERVER_BACKLOG,
     SERVER_KEEP_ALIVE,
     TICKLE_RATE,
 )
@@ -53,6 +55,8 @@ class RelayConfig:
     tickle_port: int = 0  # 0: no UDP from the server, long-poll instead
     tickle_bind: str = RELAY_TICKLE_BIND
     poll_interval: float | None = None
+    retry_min: float = RELAY_RETRY_MIN
+    retry_max: float = RELAY_RETRY_MAX
 
 
 class _Uvicorn(uvicorn.Server):
@@ -61,20 +65,6 @@ class _Uvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
-
-
-def _bind_tcp(host: str, port: int) -> socket.socket:
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(addr)
-    except OSError:
-        sock.close()
-        raise
-    sock.listen(SERVER_BACKLOG)
-    sock.setblocking(False)
-    return sock
 
 
 def _bind_udp(host: str, port: int) -> socket.socket:
@@ -102,6 +92,8 @@ class Relay:
                 advertise=config.advertise,
                 tickle_port=config.tickle_port,
                 poll_interval=config.poll_interval,
+                retry_min=config.retry_min,
+                retry_max=config.retry_max,
             ),
         )
         self.app = AgentApp(self.spool, self.upstream)
@@ -125,7 +117,7 @@ class Relay:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, self.stopping.set)
         try:
-            tcp = _bind_tcp(cfg.host, cfg.port)
+            tcp = bind_tcp(cfg.host, cfg.port)
         except OSError as exc:
             raise SystemExit(
                 f"cannot listen for agents on {cfg.host}:{cfg.port} ({exc.strerror or exc}); "
@@ -182,7 +174,7 @@ class Relay:
         transport = None
         if udp is not None:
             listener = ServerTickles(
-                self.spool, ident.tickle_key, ident.relay_id, self.upstream.forward
+                self.spool, ident.tickle_key, ident.relay_id, self.upstream.server_tickled
             )
             self.upstream.on_offset = listener.verifier.set_clock_offset
             transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(

@@ -17,7 +17,9 @@ Contract (wire format: ``protocol/relay.py``):
   that got server messages are handed to ``on_news`` (wake their long polls, tickle
   their agents).
 * Failures: the server unreachable or 5xx -> exponential backoff
-  (``RELAY_RETRY_MIN``..``RELAY_RETRY_MAX``), and the next request says ``resync``
+  (``RELAY_RETRY_MIN``..``RELAY_RETRY_MAX``), cut short by an authenticated tickle
+  from the server (a server that starts tickles its relays, so results spooled during
+  an outage reach it within seconds of its return), and the next request says ``resync``
   (its reply may have been lost: the server resends what the agents have not acked;
   the spool drops duplicates by seq). The first exchange after a start says
   ``resync`` too. A 401 means the relay was revoked: it is logged, kept in the spool,
@@ -91,6 +93,8 @@ class UpstreamConfig:
     advertise: str | None
     tickle_port: int  # 0: no UDP from the server, long-poll instead
     poll_interval: float | None = None  # None: what the server says (relay_settings)
+    retry_min: float = RELAY_RETRY_MIN  # backoff while the server is unreachable ...
+    retry_max: float = RELAY_RETRY_MAX  # ... doubling up to this
 
 
 @dataclass
@@ -117,6 +121,8 @@ class Upstream:
         # One request at a time on that connection: agents enrolling together queue here.
         self.enroll_lock = asyncio.Lock()
         self.trigger = asyncio.Event()
+        # Set by an authenticated tickle from the server: it is up, so a backoff ends.
+        self.tickled = asyncio.Event()
         self.resync = True  # a (re)start: the server's idea of what the relay holds may be off
         self.offset = 0.0  # server clock - local clock, from the last reply
         self.confirmed_at = -math.inf  # monotonic start of the last exchange that succeeded
@@ -143,6 +149,12 @@ class Upstream:
 
     def forward(self) -> None:
         """Agents brought news: exchange at once (coalesced with whatever comes meanwhile)."""
+        self.trigger.set()
+
+    def server_tickled(self) -> None:
+        """An authenticated tickle from the server: exchange now, even mid-backoff (a
+        server that starts tickles its relays, so spooled results go home at once)."""
+        self.tickled.set()
         self.trigger.set()
 
     def want_roster(self) -> None:
@@ -198,7 +210,7 @@ class Upstream:
                 version=__version__,
             )
         )
-        delay = RELAY_RETRY_MIN
+        delay = cfg.retry_min
         while True:
             try:
                 raw = await self.enroll_conn.post(RELAY_ENROLL_PATH, body, {})
@@ -218,7 +230,7 @@ class Upstream:
                 await asyncio.wait_for(stopping.wait(), delay)
             if stopping.is_set():
                 return None
-            delay = min(delay * 2, RELAY_RETRY_MAX)
+            delay = min(delay * 2, cfg.retry_max)
         try:
             d = json.loads(raw)
             ident = RelayIdentity(
@@ -263,7 +275,7 @@ class Upstream:
     async def run(self, stopping: asyncio.Event) -> None:
         if self.ident is None and await self.enroll(stopping) is None:
             return
-        delay = RELAY_RETRY_MIN
+        delay = self.config.retry_min
         self.trigger.set()
         while True:
             if self.spool.revoked:
@@ -278,9 +290,10 @@ class Upstream:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.trigger.wait(), timeout)
             self.trigger.clear()
+            self.tickled.clear()
             try:
                 await self.exchange_once()
-                delay = RELAY_RETRY_MIN
+                delay = self.config.retry_min
                 continue
             except _Stale:
                 metrics.UPSTREAM_FAILURES.labels("connection-closed").inc()
@@ -318,9 +331,10 @@ class Upstream:
                     self.spool.stats().spooled,
                     delay,
                 )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, RELAY_RETRY_MAX)
+            # A tickle since this try began (the server just started) ends the wait.
+            await _first(stopping, self.tickled, timeout=delay * random.uniform(0.8, 1.2))
+            tickled = self.tickled.is_set()
+            delay = self.config.retry_min if tickled else min(delay * 2, self.config.retry_max)
             self.trigger.set()
 
     async def exchange_once(self) -> None:
@@ -469,3 +483,13 @@ def error_text(exc: HttpError) -> str:
         return str(value.get("error") or value.get("detail") or exc)
     except (ValueError, AttributeError):
         return str(exc)
+
+
+async def _first(*events: asyncio.Event, timeout: float) -> None:
+    """Wait until one of ``events`` is set, or ``timeout`` seconds."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

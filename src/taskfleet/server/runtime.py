@@ -166,6 +166,9 @@ async def start(config: ServerConfig) -> Runtime:
         enabled=config.tickles,
     )
     tickler.start()
+    # A relay backs off while the server is away (up to RELAY_RETRY_MAX); telling every
+    # relay the server is back brings their spooled results home within seconds.
+    tickler.wake_relays(rs for rs in fleet.relays.values() if not rs.revoked)
     rt = Runtime(
         config=config,
         read=read_engine,
