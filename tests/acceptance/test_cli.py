@@ -217,3 +217,13 @@ def test_a_server_whose_port_is_taken_refuses_to_start_and_says_why(tmp_path):
         )  # fmt: skip
     assert out.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+
+
+def test_server_key_prints_the_key_agents_pin(server, start_agent):
+    agent = start_agent(server, enroll_token(server))
+    key = tf(server, "server", "key").stdout.strip()
+    assert len(key) == 64 and key == agent.status()["server_key"]
+    about = json.loads(tf(server, "server", "key", "--json").stdout)
+    assert about["public_key"] == key
+    refused = tf(server, "server", "key", token="tfa_not-a-token", check=False)
+    assert refused.returncode != 0 and "invalid" in (refused.stdout + refused.stderr)

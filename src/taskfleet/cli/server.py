@@ -7,10 +7,12 @@ here alone and no other command pays for loading it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
+from taskfleet.cli.client import Api, client_options  # light: httpx loads with an Api
 from taskfleet.cli.options import FINITE_FLOAT
 from taskfleet.cli.output import echo, fail
 from taskfleet.settings import (
@@ -202,6 +204,18 @@ def server(
 
 def _default_database(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'taskfleet.sqlite3').resolve()}"
+
+
+@server.command("key")
+@client_options
+def server_key(server: str | None, token: str | None, as_json: bool) -> None:
+    """Print the server's Ed25519 public key, for `taskfleet agent --server-key` (an
+    agent that pins it enrolls only with this server, also through a relay)."""
+    about = Api(server, token).get("/server")
+    if as_json:
+        echo(json.dumps(about))
+    else:
+        echo(about["public_key"])
 
 
 @server.command("mint-admin-token")

@@ -1,4 +1,5 @@
-"""Metrics (Prometheus) and health."""
+"""Metrics (Prometheus), health, and what this server is (``GET /api/v1/server``: its
+version and the Ed25519 public key agents pin with ``taskfleet agent --server-key``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from taskfleet import __version__
 from taskfleet.server import metrics
 from taskfleet.server.api.deps import (
     Rt,
+    Viewer,
     router_for,
 )
 
@@ -33,3 +35,9 @@ async def prom() -> Response:
 @router.get("/healthz", tags=["health"])
 async def healthz(rt: Rt) -> dict[str, Any]:
     return {"ok": True, "version": __version__, "computers": len(rt.fleet.computers)}
+
+
+@router.get("/api/v1/server", tags=["health"])
+async def about(rt: Rt, p: Viewer) -> dict[str, Any]:
+    """This server: its version and the public key its orders are signed with."""
+    return {"version": __version__, "public_key": rt.signer.public_key_hex}
