@@ -95,3 +95,32 @@ def test_relay_assign_moves_the_agents_behind_the_new_relay_and_they_stay(
     for x in again:
         assert FAILED_OVER not in x.proc.text()
         assert x.proc.text().count("the server assigned this computer") == 1  # the start only
+
+
+def test_an_agent_moved_off_its_relay_follows_at_once_not_after_its_failover_time(
+    server: Server,
+    start_real_relay: Callable[..., RealRelay],
+    start_agent: Callable[..., Agent],
+) -> None:
+    """The old relay answers a computer that left its roster 410, and the agent asks the
+    server at once (whose reply names the new relay) instead of retrying the old relay
+    for its failover time (here an hour)."""
+    a, b = start_real_relay(server), start_real_relay(server)
+    agent = relay_agent(
+        start_agent,
+        server,
+        a,
+        enroll_token(server),
+        "--relay-failover-after",
+        "3600",
+        "--relay-probe-interval",
+        "3600",
+    )
+    tf(server, "group", "create", "moved")
+    tf(server, "group", "add", "moved", str(agent.computer_id))
+    tf(server, "relay", "assign", str(_relays(server)["relay-2"]["id"]), "--group", "moved")
+    moved = f"the server assigned this computer to relay {b.url}: exchanging through it"
+    wait_until(lambda: moved in agent.proc.text(), 30, "the agent to move to relay B")
+    assert f"relay {a.url} no longer serves this computer" in agent.proc.text()
+    assert a.metric("taskfleet_relay_refused_total", 'reason="moved"') >= 1
+    _runs_once_through(server, b, [agent.computer_id], "moved")

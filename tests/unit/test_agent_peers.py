@@ -190,3 +190,12 @@ def test_a_server_reply_names_the_assigned_relay() -> None:
 def test_a_bad_relay_refuses_the_whole_reply(relay: object, why: str) -> None:
     with pytest.raises(ProtocolError, match=why):
         parse_server_reply({"ack": 5, "relay": relay})
+
+
+def test_a_relay_that_released_the_computer_is_left_at_once_and_probed_later() -> None:
+    f = Failover(failover_after=120, probe_every=60)
+    assert f.choose(0.0) == (Peer.RELAY, None)
+    f.released(5.0)
+    assert f.choose(5.0) == (Peer.SERVER, None)  # at once, not after 120 s
+    assert f.wait_limit(5.0) == 60.0
+    assert f.choose(65.0) == (Peer.RELAY, None)  # a probe, as after any failover

@@ -442,6 +442,16 @@ class Agent:
             return False
         if isinstance(exc, HttpError) and exc.status in (401, 403):
             return False
+        if isinstance(exc, HttpError) and exc.status == 410:
+            # Moved to another relay (or off relays): the server's reply says where.
+            log.warning(
+                "relay %s no longer serves this computer (%s): asking the server %s",
+                self.relay_url,
+                error_text(exc),
+                self.config.server,
+            )
+            self.failover.released(time.monotonic())
+            return True
         self.relay_error = error_text(exc) if isinstance(exc, HttpError) else str(exc)
         self.relay_error = self.relay_error or type(exc).__name__
         if self.failover.direct:

@@ -18,7 +18,9 @@ doubled.
   between, the agent exchanges with the server directly. While direct, every
   ``probe_every`` seconds one exchange goes to the relay (a probe: an ordinary
   exchange); when it answers, the agent is back behind its relay. A failed probe
-  changes nothing but the time of the next one.
+  changes nothing but the time of the next one. A relay that says it no longer
+  serves this computer (``released``: it was moved to another relay or taken off
+  relays) is left at once: the server's reply then names the relay to move to.
 * ``reassigned``: the server's own replies name the relay the computer is assigned
   to (``relay assign``). An agent that talks to the server directly (failed over, or
   without a relay) and is told of another relay than the one it uses moves behind
@@ -131,6 +133,12 @@ class Failover:
         if self.failing_since is None:
             self.failing_since = now
         return now - self.failing_since >= self.failover_after
+
+    def released(self, now: float) -> None:
+        """The relay no longer serves this computer: exchange with the server now."""
+        self.direct = True
+        self.failing_since = None
+        self.next_probe = now + self.probe_every
 
     def wait_limit(self, now: float) -> float | None:
         """Seconds until the next exchange must happen for a failover or a probe

@@ -171,33 +171,27 @@ class AgentRequest:
 
 
 @dataclass(frozen=True)
-class OperationMessage:
-    """Server -> agent: run operation ``op``; ``body`` is the signed canonical text."""
+class SignedOrder:
+    """A numbered server -> agent message carrying an order for operation ``op``:
+    ``body`` is the signed canonical text (``protocol/orders.py``), "" when the message
+    carries none (unsigned: refused by the agent)."""
 
     seq: int
     op: int
-    body: str  # "" when the message carries none (unsigned: refused by the agent)
+    body: str
     sig: str
 
 
-@dataclass(frozen=True)
-class CancelMessage:
-    """Server -> agent: stop operation ``op``; ``body`` is the signed canonical text."""
-
-    seq: int
-    op: int
-    body: str  # "" when the message carries none (unsigned: refused by the agent)
-    sig: str
+class OperationMessage(SignedOrder):
+    """Server -> agent: run operation ``op``."""
 
 
-@dataclass(frozen=True)
-class TerminateMessage:
-    """Server -> agent: terminate job operation ``op`` (``protocol/jobs.py``); signed."""
+class CancelMessage(SignedOrder):
+    """Server -> agent: stop operation ``op``."""
 
-    seq: int
-    op: int
-    body: str  # "" when the message carries none (unsigned: refused by the agent)
-    sig: str
+
+class TerminateMessage(SignedOrder):
+    """Server -> agent: terminate job operation ``op`` (``protocol/jobs.py``)."""
 
 
 @dataclass(frozen=True)
@@ -453,7 +447,9 @@ def parse_settings(obj: Any) -> ServerSettings:
     return ServerSettings(poll)
 
 
-_SERVER_MESSAGES: dict[str, type[OperationMessage | CancelMessage | TerminateMessage]] = {
+_SERVER_MESSAGES: dict[
+    str, type[OperationMessage] | type[CancelMessage] | type[TerminateMessage]
+] = {
     "operation": OperationMessage,
     "cancel": CancelMessage,
     "terminate": TerminateMessage,

@@ -5,11 +5,12 @@ Contract: a raw ASGI app (served by uvicorn, like the server's exchange fast pat
 
 * ``POST /agent/v1/exchange`` speaks ``protocol/exchange.py`` unchanged. The agent is
   authenticated against the roster: the SHA-256 of its secret compared in constant
-  time with the roster's hash. A computer the roster does not know is answered 503
-  ("retry") and the relay asks the server for its roster; a secret the roster refuses
-  is answered 503 the same way until a roster fetched after that refusal confirms it,
-  then 401 (a roster that is merely stale never locks an agent out). The body is
-  bounded (413) and validated with ``parse_agent_request`` (400; nothing spooled).
+  time with the roster's hash. A computer the relay never knew is answered 503
+  ("retry") and the relay asks the server for its roster; one that left its roster
+  (moved) is answered 410, and the agent asks the server directly at once; a secret
+  the roster refuses is answered 503 the same way until a roster fetched after that
+  refusal confirms it, then 401 (a roster that is merely stale never locks an agent
+  out). The body is bounded (413) and validated with ``parse_agent_request`` (400; nothing spooled).
   New messages are spooled durably BEFORE the reply (the spool's group commit: the
   exchanges of one event-loop iteration share one fsync, and each is answered once it
   is done; 500 if that commit failed, so the agent resends); the reply carries ``ack`` (the
@@ -146,7 +147,7 @@ class AgentApp:
         if not 0 < cid <= INT64_MAX:
             return _refuse("auth", 401, "missing or malformed X-Taskfleet-Computer header")
         c = self.spool.computers.get(cid)
-        if c is None or not c.in_roster:
+        if c is None:
             self.upstream.want_roster()
             return _refuse("unknown", 503, "relay does not know this computer yet, retry")
         auth = headers.get(b"authorization", b"")
@@ -160,6 +161,12 @@ class AgentApp:
                 )
             return _refuse("auth", 401, "unknown computer or wrong secret")
         self.refused_at.pop(cid, None)
+        if not c.in_roster:
+            # It left this relay's roster (moved to another relay, or off relays): the
+            # agent asks the server at once, whose reply names its relay. (A roster
+            # that lags behind a move back is fetched again; the agent returns then.)
+            self.upstream.want_roster()
+            return _refuse("moved", 410, "this relay no longer serves this computer")
         try:
             raw = await _body(receive, headers, MAX_BODY_BYTES)
             obj = loads_body(raw)
