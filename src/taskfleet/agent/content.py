@@ -56,7 +56,12 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def _check_parent(dest: Path, root: Path) -> None:
-    """``dest``'s folder is (or will be) inside ``root``, following what exists of it."""
+    """``dest``'s folder is (or will be) inside ``root``, following what exists of it.
+    ``root`` itself is the caller's (made if missing)."""
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ContentError(f"cannot create {root}: {exc.strerror or exc}", "disk") from None
     real_root = root.resolve()
     probe = dest.parent
     while not probe.exists() and probe != probe.parent:

@@ -18,7 +18,13 @@ from taskfleet.cli.client import Api, client_options  # light: httpx loads with 
 from taskfleet.cli.options import FINITE_FLOAT
 from taskfleet.cli.output import echo, emit, fail, print_fields, print_table, when
 from taskfleet.protocol.relay import STAT_CACHED, STAT_LAG, STAT_SPOOL
-from taskfleet.settings import RELAY_LISTEN, RELAY_STATE_DIR, RELAY_TICKLE_BIND, RELAY_TICKLE_PORT
+from taskfleet.settings import (
+    RELAY_CONTENT_CACHE_BYTES,
+    RELAY_LISTEN,
+    RELAY_STATE_DIR,
+    RELAY_TICKLE_BIND,
+    RELAY_TICKLE_PORT,
+)
 
 # -- the relay process ------------------------------------------------------------------
 
@@ -73,6 +79,14 @@ from taskfleet.settings import RELAY_LISTEN, RELAY_STATE_DIR, RELAY_TICKLE_BIND,
     default=None,
     help="Seconds between exchanges when nothing happens [default: what the server says, 60].",
 )
+@click.option(
+    "--content-cache-mb",
+    type=click.IntRange(min=0),
+    default=RELAY_CONTENT_CACHE_BYTES // (1024 * 1024),
+    show_default=True,
+    help="MiB of content (job downloads) the relay keeps for its agents, least recently "
+    "used evicted first; a file being served is never evicted.",
+)
 @click.option("--name", default=None, help="This relay's name at the server [default: hostname].")
 @click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
@@ -89,6 +103,7 @@ def relay(
     tickle_port: int,
     tickle_bind: str,
     poll_interval: float | None,
+    content_cache_mb: int,
     name: str | None,
     log_format: str,
 ) -> None:
@@ -133,6 +148,7 @@ def relay(
         tickle_port=tickle_port,
         tickle_bind=tickle_bind,
         poll_interval=poll_interval,
+        content_cache_bytes=content_cache_mb * 1024 * 1024,
     )
     try:
         run_relay(config)
