@@ -33,6 +33,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +79,19 @@ def _check_parent(dest: Path, root: Path) -> None:
 
 def _open_part(part: Path) -> int:
     try:
-        return os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ContentError(f"refused: {part.name} is a symlink", "unsafe") from None
         raise _disk(exc) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ContentError(f"refused: {part.name} is not a regular file", "unsafe")
+        os.fchmod(fd, 0o600)  # a part left by someone else: ours, and private, now
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _disk(exc: OSError) -> ContentError:
