@@ -157,3 +157,17 @@ RELAY_MAX_RESPONSE = 256 * 1024 * 1024
 # this often: a flood of made-up computer ids must not become a flood of roster reads.
 RELAY_ROSTER_REFRESH_MIN = 1.0
 RELAY_SHUTDOWN_GRACE = 3.0  # seconds open agent requests get to finish when the relay stops
+
+# -- content by hash (issue 12; docs/content.md) --------------------------------------------
+# The largest content one upload may add (413 beyond): a service pack or a disk image fits;
+# the bytes are streamed to disk, never held in memory, so this bounds disk, not RAM.
+CONTENT_MAX_BYTES = 8 * 1024**3
+# Bytes read or written per step when content is streamed (upload, serving, relay fetch,
+# agent download): large enough that per-chunk overhead vanishes, small enough that many
+# transfers at once cost little memory.
+CONTENT_CHUNK = 1024 * 1024
+# A relay's content cache (LRU by total size): ten 1 GiB packages, or a month of patches.
+RELAY_CONTENT_CACHE_BYTES = 10 * 1024**3
+# Seconds without progress (connecting, or between two reads) before a relay's fetch from
+# the server is abandoned: a stalled server must not hold the agents waiting on it forever.
+RELAY_CONTENT_TIMEOUT = 60.0

@@ -195,8 +195,9 @@ def test_a_revoked_relay_answers_its_agents_503(
 def test_the_state_folder_is_private(server: Server, start_relay: Callable[..., Relay]) -> None:
     relay = start_relay(server, *QUIET)
     assert stat.S_IMODE(relay.state_dir.stat().st_mode) == 0o700
-    for f in relay.state_dir.iterdir():
-        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    for f in relay.state_dir.iterdir():  # the spool's files, and the content cache folder
+        assert stat.S_IMODE(f.stat().st_mode) == (0o700 if f.is_dir() else 0o600), f
+    assert (relay.state_dir / "content").is_dir()
     secret = relay.identity()["secret"]
     assert secret.startswith("tfrs_") and secret not in relay.proc.text()
     assert relay.token["token"] not in relay.proc.text()

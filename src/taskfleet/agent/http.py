@@ -1,11 +1,13 @@
-"""A minimal asyncio HTTP/1.1 client for the agent's two calls (enroll, exchange).
+"""A minimal asyncio HTTP/1.1 client for the agent's calls (enroll, exchange, content).
 
 Why not httpx or aiohttp: the agent runs on production machines and must stay
 lean (idle RSS <= 30 MB); importing httpx alone costs ~15 MB. The stdlib has
 no asyncio HTTP client, and an exchange must be cancellable mid-flight (a long
 poll is abandoned when a result is ready), which a thread-bound
 ``http.client`` call is not. Scope: POST of a JSON body, one keep-alive
-connection, responses framed by Content-Length or by connection close.
+connection, responses framed by Content-Length or by connection close; and
+``stream_get``, a GET on a connection of its own whose body is read piece by
+piece (content downloads: never held whole in memory).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import contextlib
 import json
 import ssl
 import urllib.parse
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from taskfleet.settings import AGENT_MAX_RESPONSE
 
@@ -38,17 +42,20 @@ def error_text(exc: HttpError) -> str:
         return str(exc)
 
 
+def _split_url(base_url: str) -> tuple[str, int, bool, str]:
+    """(host, port, tls, path prefix) of an http(s) base URL; ValueError otherwise."""
+    u = urllib.parse.urlsplit(base_url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"invalid server URL {base_url!r}: expected http(s)://HOST[:PORT]")
+    port = u.port or (443 if u.scheme == "https" else 80)
+    return u.hostname, port, u.scheme == "https", u.path.rstrip("/")
+
+
 class Connection:
     def __init__(
         self, base_url: str, *, timeout: float = 30.0, max_response: int = MAX_RESPONSE
     ) -> None:
-        u = urllib.parse.urlsplit(base_url)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"invalid server URL {base_url!r}: expected http(s)://HOST[:PORT]")
-        self.host = u.hostname
-        self.port = u.port or (443 if u.scheme == "https" else 80)
-        self.tls = u.scheme == "https"
-        self.prefix = u.path.rstrip("/")
+        self.host, self.port, self.tls, self.prefix = _split_url(base_url)
         self.timeout = timeout
         self.max_response = max_response  # the relay takes larger replies than an agent
         self._reader: asyncio.StreamReader | None = None
@@ -161,3 +168,113 @@ class Connection:
         if not 200 <= status < 300:
             raise HttpError(status, body)
         return body
+
+
+# -- streaming GET (content downloads) -------------------------------------------------
+
+_MAX_HEADERS = 100  # header lines of one answer: more is not an HTTP server we know
+
+
+@dataclass
+class Streamed:
+    """An answer whose body is still on the wire: read it with ``chunks`` (or ``text``
+    for an error's few bytes). ``headers`` are keyed in lowercase; ``length`` is the
+    body's declared size (Content-Length), None when chunked or framed by close."""
+
+    status: int
+    headers: dict[str, str]
+    length: int | None
+    reader: asyncio.StreamReader
+    chunked: bool
+    timeout: float
+
+    async def _read(self, n: int) -> bytes:
+        return await asyncio.wait_for(self.reader.read(n), self.timeout)
+
+    async def _line(self) -> bytes:
+        return await asyncio.wait_for(self.reader.readline(), self.timeout)
+
+    async def chunks(self, size: int) -> AsyncIterator[bytes]:
+        """The body, at most ``size`` bytes at a time; each read waits at most
+        ``timeout`` (TimeoutError). A body that ends before its declared length raises
+        ConnectionError: the caller keeps what it has and may resume."""
+        if self.chunked:
+            while True:
+                line = await self._line()
+                if not line:
+                    raise ConnectionError("connection closed inside a chunked body")
+                in_chunk = int(line.split(b";")[0].strip() or b"0", 16)
+                if in_chunk == 0:
+                    return
+                while in_chunk:
+                    piece = await self._read(min(size, in_chunk))
+                    if not piece:
+                        raise ConnectionError("connection closed inside a chunk")
+                    in_chunk -= len(piece)
+                    yield piece
+                await self._line()  # the CRLF after the chunk
+        left = self.length
+        while left is None or left > 0:
+            piece = await self._read(size if left is None else min(size, left))
+            if not piece:
+                if left is None:
+                    return  # framed by the connection's end
+                raise ConnectionError(f"connection closed {left} bytes before the body's end")
+            if left is not None:
+                left -= len(piece)
+            yield piece
+
+    async def text(self, limit: int = 64 * 1024) -> bytes:
+        """Up to ``limit`` bytes of the body (an error answer's reason)."""
+        out = bytearray()
+        with contextlib.suppress(ConnectionError, TimeoutError, ValueError):
+            async for piece in self.chunks(limit):
+                out += piece
+                if len(out) >= limit:
+                    break
+        return bytes(out[:limit])
+
+
+@contextlib.asynccontextmanager
+async def stream_get(
+    base_url: str, path: str, headers: dict[str, str], *, timeout: float
+) -> AsyncIterator[Streamed]:
+    """GET ``path`` on a connection of its own (closed on exit) and yield the answer
+    with its body unread, whatever its status. ``timeout`` bounds connecting and each
+    read (not the whole transfer: a large file takes as long as it takes while bytes
+    flow). Raises OSError, TimeoutError or ConnectionError when the server cannot be
+    reached or answers something that is not HTTP; ValueError for a bad URL."""
+    host, port, tls, prefix = _split_url(base_url)
+    ctx = ssl.create_default_context() if tls else None
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), timeout)
+    try:
+        head = [
+            f"GET {prefix}{path} HTTP/1.1",
+            f"Host: {host}:{port}",
+            "Connection: close",
+        ] + [f"{k}: {v}" for k, v in headers.items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+        await asyncio.wait_for(writer.drain(), timeout)
+        status_line = await asyncio.wait_for(reader.readline(), timeout)
+        parts = status_line.decode("latin-1").split(" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise ConnectionError(f"bad HTTP status line {status_line[:80]!r}")
+        fields: dict[str, str] = {}
+        for _ in range(_MAX_HEADERS):
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            fields[name.strip().lower()] = value.strip()
+        else:
+            raise ConnectionError("too many header lines")
+        chunked = "chunked" in fields.get("transfer-encoding", "").lower()
+        raw_length = fields.get("content-length", "")
+        if raw_length and not raw_length.isdigit():
+            raise ConnectionError(f"bad Content-Length {raw_length[:40]!r}")
+        length = None if chunked or not raw_length else int(raw_length)
+        yield Streamed(int(parts[1]), fields, length, reader, chunked, timeout)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()

@@ -22,6 +22,7 @@ COMMANDS = {
     "agent": "agent",
     "approval": "requests",
     "computer": "computers",
+    "content": "content",
     "demo": "demo",
     "group": "groups",
     "relay": "relays",

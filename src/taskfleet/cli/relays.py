@@ -19,6 +19,7 @@ from taskfleet.cli.options import FINITE_FLOAT
 from taskfleet.cli.output import echo, emit, fail, print_fields, print_table, when
 from taskfleet.protocol.relay import STAT_CACHED, STAT_LAG, STAT_SPOOL
 from taskfleet.settings import (
+    RELAY_CONTENT_CACHE_BYTES,
     RELAY_LISTEN,
     RELAY_RETRY_MAX,
     RELAY_RETRY_MIN,
@@ -94,6 +95,14 @@ from taskfleet.settings import (
     show_default=True,
     help="The longest wait between retries (a tickle from the server ends any wait).",
 )
+@click.option(
+    "--content-cache-mb",
+    type=click.IntRange(min=0),
+    default=RELAY_CONTENT_CACHE_BYTES // (1024 * 1024),
+    show_default=True,
+    help="MiB of content (job downloads) the relay keeps for its agents, least recently "
+    "used evicted first; a file being served is never evicted.",
+)
 @click.option("--name", default=None, help="This relay's name at the server [default: hostname].")
 @click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
@@ -112,6 +121,7 @@ def relay(
     poll_interval: float | None,
     retry_min: float,
     retry_max: float,
+    content_cache_mb: int,
     name: str | None,
     log_format: str,
 ) -> None:
@@ -160,6 +170,7 @@ def relay(
         poll_interval=poll_interval,
         retry_min=retry_min,
         retry_max=retry_max,
+        content_cache_bytes=content_cache_mb * 1024 * 1024,
     )
     try:
         run_relay(config)

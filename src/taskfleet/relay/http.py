@@ -23,6 +23,11 @@ Contract: a raw ASGI app (served by uvicorn, like the server's exchange fast pat
   503 so agents fail over to the server.
 * ``POST /agent/v1/enroll`` is forwarded to the server's ``/relay/v1/enroll-computer``;
   the server's answer (or refusal) is passed through; 503 if it cannot be reached.
+* ``GET /agent/v1/content/SHA256``: the content, authenticated exactly as the exchange
+  (the roster), from the relay's cache (``relay/content.py``: fetched once from the
+  server on a miss, verified before it is cached), with ``Range: bytes=N-`` (206, or
+  416 beyond the size); 404 unknown content, 502 the server's bytes did not match (nothing
+  cached), 503 the server cannot be reached (the agent may fetch from it directly).
 * ``GET /healthz``: 200 while the relay serves agents, 503 (with the reason) otherwise.
   ``GET /metrics``: Prometheus text (``relay/metrics.py``).
 * Every error is ``{"error": "..."}``; secrets never reach the log.
@@ -43,6 +48,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from taskfleet.agent.http import HttpError
+from taskfleet.protocol.content import span, valid_sha256
 from taskfleet.protocol.exchange import (
     ENROLL_PATH,
     EXCHANGE_PATH,
@@ -51,10 +57,12 @@ from taskfleet.protocol.exchange import (
     loads_body,
     parse_agent_request,
 )
+from taskfleet.protocol.jobs import CONTENT_PATH
 from taskfleet.relay import metrics
+from taskfleet.relay.content import ContentCache, FetchError
 from taskfleet.relay.spool import Spool, SpoolError, encode
 from taskfleet.relay.upstream import Upstream
-from taskfleet.settings import ENROLL_BODY_MAX, INT64_MAX, REPLY_MAX_BYTES
+from taskfleet.settings import CONTENT_CHUNK, ENROLL_BODY_MAX, INT64_MAX, REPLY_MAX_BYTES
 
 log = logging.getLogger("taskfleet.relay")
 
@@ -80,6 +88,7 @@ class AgentApp:
         self.refused_at: dict[int, float] = {}  # computer -> when its secret was first refused
         self._commits_reported = 0
         self.on_agent_port: Callable[[int, int | None], None] = lambda cid, port: None
+        self.content: ContentCache | None = None  # relay/content.py, set by relay/main.py
 
     def wake(self, ids: set[int]) -> None:
         """Server messages arrived for these computers: answer their long polls now."""
@@ -104,6 +113,13 @@ class AgentApp:
                 )
             elif path == ENROLL_PATH:
                 status, body = await self.enroll(receive) if method == "POST" else _no_method()
+            elif path.startswith(CONTENT_PATH):
+                if method != "GET":
+                    status, body = _no_method()
+                else:
+                    status, body = await self.content_fetch(scope, send, path[len(CONTENT_PATH) :])
+                    if status == 0:
+                        return  # streamed
             elif path == "/healthz" and method in ("GET", "HEAD"):
                 why = self.upstream.unavailable()
                 status, body = (200, b'{"status":"ok"}') if why is None else _error(503, why)
@@ -142,31 +158,11 @@ class AgentApp:
         if why is not None:
             return _refuse("unavailable", 503, why)
         headers = dict(scope["headers"])
-        raw_id = headers.get(b"x-taskfleet-computer", b"").decode("latin-1")
-        cid = int(raw_id) if raw_id.isdigit() and len(raw_id) <= 19 else 0
-        if not 0 < cid <= INT64_MAX:
-            return _refuse("auth", 401, "missing or malformed X-Taskfleet-Computer header")
-        c = self.spool.computers.get(cid)
-        if c is None:
-            self.upstream.want_roster()
-            return _refuse("unknown", 503, "relay does not know this computer yet, retry")
-        auth = headers.get(b"authorization", b"")
-        digest = hashlib.sha256(auth[7:]).hexdigest() if auth.startswith(b"Bearer ") else ""
-        if not hmac.compare_digest(digest, c.secret_hash):
-            first = self.refused_at.setdefault(cid, time.monotonic())
-            if not self.upstream.roster_confirmed_since(first):
-                self.upstream.want_roster()
-                return _refuse(
-                    "unknown", 503, "relay is checking this computer's credentials, retry"
-                )
-            return _refuse("auth", 401, "unknown computer or wrong secret")
-        self.refused_at.pop(cid, None)
-        if not c.in_roster:
-            # It left this relay's roster (moved to another relay, or off relays): the
-            # agent asks the server at once, whose reply names its relay. (A roster
-            # that lags behind a move back is fetched again; the agent returns then.)
-            self.upstream.want_roster()
-            return _refuse("moved", 410, "this relay no longer serves this computer")
+        who = self.authenticate(headers)
+        if isinstance(who, tuple):
+            return who
+        cid = who
+        c = self.spool.computers[cid]
         try:
             raw = await _body(receive, headers, MAX_BODY_BYTES)
             obj = loads_body(raw)
@@ -212,6 +208,83 @@ class AgentApp:
             self.spool.settings_json,
             more,
         )
+
+    def authenticate(self, headers: dict[bytes, bytes]) -> int | tuple[int, bytes]:
+        """The computer id a request comes from, checked against the roster, or the
+        refusal that answers it (module docstring: 401, 503 while it is unknown, 410
+        once it left the roster)."""
+        raw_id = headers.get(b"x-taskfleet-computer", b"").decode("latin-1")
+        cid = int(raw_id) if raw_id.isdigit() and len(raw_id) <= 19 else 0
+        if not 0 < cid <= INT64_MAX:
+            return _refuse("auth", 401, "missing or malformed X-Taskfleet-Computer header")
+        c = self.spool.computers.get(cid)
+        if c is None:
+            self.upstream.want_roster()
+            return _refuse("unknown", 503, "relay does not know this computer yet, retry")
+        auth = headers.get(b"authorization", b"")
+        digest = hashlib.sha256(auth[7:]).hexdigest() if auth.startswith(b"Bearer ") else ""
+        if not hmac.compare_digest(digest, c.secret_hash):
+            first = self.refused_at.setdefault(cid, time.monotonic())
+            if not self.upstream.roster_confirmed_since(first):
+                self.upstream.want_roster()
+                return _refuse(
+                    "unknown", 503, "relay is checking this computer's credentials, retry"
+                )
+            return _refuse("auth", 401, "unknown computer or wrong secret")
+        self.refused_at.pop(cid, None)
+        if not c.in_roster:
+            # It left this relay's roster (moved to another relay, or off relays): the
+            # agent asks the server at once, whose reply names its relay. (A roster
+            # that lags behind a move back is fetched again; the agent returns then.)
+            self.upstream.want_roster()
+            return _refuse("moved", 410, "this relay no longer serves this computer")
+        return cid
+
+    # -- content -------------------------------------------------------------------
+
+    async def content_fetch(self, scope: Scope, send: Send, sha256: str) -> tuple[int, bytes]:
+        """An agent's ``GET /agent/v1/content/SHA``: streamed from the cache (fetched
+        once from the server on a miss), with Range; returns the error to send when
+        nothing was sent."""
+        why = self.upstream.unavailable()
+        if why is not None:
+            return _refuse("unavailable", 503, why)
+        headers = dict(scope["headers"])
+        who = self.authenticate(headers)
+        if isinstance(who, tuple):
+            return who
+        if self.content is None:
+            return _error(503, "this relay serves no content")
+        if not valid_sha256(sha256):
+            return _error(404, f"no content {sha256[:80]!r}: a content hash is 64 hex digits")
+        try:
+            async with self.content.pinned(sha256) as size:
+                part = span(headers.get(b"range", b"").decode("latin-1"), size)
+                hdrs = [(k.encode(), v.encode()) for k, v in part.headers().items()]
+                if not part.unsatisfiable:
+                    hdrs.append((b"content-type", b"application/octet-stream"))
+                await send({"type": "http.response.start", "status": part.status, "headers": hdrs})
+                if part.unsatisfiable:
+                    await send({"type": "http.response.body", "body": b""})
+                    return 0, b""
+                with open(self.content.path(sha256), "rb") as f:
+                    f.seek(part.start)
+                    left = part.length
+                    while left > 0:
+                        piece = await asyncio.to_thread(f.read, min(CONTENT_CHUNK, left))
+                        if not piece:
+                            break
+                        left -= len(piece)
+                        await send(
+                            {"type": "http.response.body", "body": piece, "more_body": left > 0}
+                        )
+                        metrics.CONTENT_SERVED_BYTES.inc(len(piece))
+                if left > 0:  # the file was shorter than it was: end the response short
+                    raise ConnectionError(f"content {sha256} ended {left} bytes early")
+                return 0, b""
+        except FetchError as exc:
+            log.warning("content %s for computer %d: %s", sha256, who, exc.message)
+            return _error(exc.status, exc.message)
 
     async def _long_poll(self, cid: int, above: int, wait: float) -> tuple[list[str], bool]:
         waiter = self.waiters.get(cid)

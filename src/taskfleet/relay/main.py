@@ -5,7 +5,9 @@ Contract:
 * Ports are claimed before anything else (the agents' HTTP port, the UDP port for the
   server's tickles), so a relay that cannot listen uses up no enrollment token.
 * Agents are served at once (``relay/http.py``); until the relay is enrolled, and
-  while the server refuses it, they are answered 503.
+  while the server refuses it, they are answered 503. Content they download comes
+  from the cache in ``STATE_DIR/content`` (``relay/content.py``), at most
+  ``content_cache_bytes`` (LRU).
 * One event loop runs the HTTP server (uvicorn on the claimed socket), the upstream
   loop (``relay/upstream.py``), the server-tickle listener and the agent tickler
   (``relay/tickles.py``). SIGTERM or SIGINT stops them; open long polls are answered
@@ -27,11 +29,13 @@ from pathlib import Path
 import uvicorn
 
 from taskfleet.listen import bind_tcp
+from taskfleet.relay.content import ContentCache
 from taskfleet.relay.http import AgentApp
 from taskfleet.relay.spool import Spool
 from taskfleet.relay.tickles import AgentTickler, ServerTickles
 from taskfleet.relay.upstream import Upstream, UpstreamConfig
 from taskfleet.settings import (
+    RELAY_CONTENT_CACHE_BYTES,
     RELAY_RETRY_MAX,
     RELAY_RETRY_MIN,
     RELAY_SHUTDOWN_GRACE,
@@ -57,6 +61,7 @@ class RelayConfig:
     poll_interval: float | None = None
     retry_min: float = RELAY_RETRY_MIN
     retry_max: float = RELAY_RETRY_MAX
+    content_cache_bytes: int = RELAY_CONTENT_CACHE_BYTES  # LRU cap of relay/content.py
 
 
 class _Uvicorn(uvicorn.Server):
@@ -97,6 +102,9 @@ class Relay:
             ),
         )
         self.app = AgentApp(self.spool, self.upstream)
+        self.app.content = ContentCache(
+            config.state_dir / "content", config.content_cache_bytes, self.upstream.open_content
+        )
         self.tickler = AgentTickler(self.spool, self.upstream.server_now, rate=TICKLE_RATE)
         self.stopping = asyncio.Event()
 

@@ -75,3 +75,41 @@ TICKLES_IN = Counter(
 TICKLES_OUT = Counter(
     "taskfleet_relay_tickles_sent_total", "UDP wake-ups sent to agents", registry=REGISTRY
 )
+CONTENT_CACHE_BYTES = Gauge(
+    "taskfleet_relay_content_cache_bytes",
+    "Bytes of content in the relay's cache (relay/content.py)",
+    registry=REGISTRY,
+)
+CONTENT_HITS = Counter(
+    "taskfleet_relay_content_hits_total",
+    "Agent content requests answered from the cache",
+    registry=REGISTRY,
+)
+CONTENT_MISSES = Counter(
+    "taskfleet_relay_content_misses_total",
+    "Agent content requests that waited for a fetch from the server (one fetch serves all "
+    "the requests for the same content at the same time)",
+    registry=REGISTRY,
+)
+CONTENT_FETCHED_BYTES = Counter(
+    "taskfleet_relay_content_fetched_bytes_total",
+    "Content bytes fetched from the server",
+    registry=REGISTRY,
+)
+CONTENT_SERVED_BYTES = Counter(
+    "taskfleet_relay_content_served_bytes_total",
+    "Content bytes sent to agents",
+    registry=REGISTRY,
+)
+CONTENT_EVICTED = Counter(
+    "taskfleet_relay_content_evicted_total",
+    "Cached content files evicted (least recently used first) to stay within the cap",
+    registry=REGISTRY,
+)
+CONTENT_FETCH_FAILURES = Counter(
+    "taskfleet_relay_content_fetch_failures_total",
+    "Fetches from the server that failed, by the status agents were answered "
+    "(404 not there, 502 bad bytes, 503 unreachable or refused)",
+    ["status"],
+    registry=REGISTRY,
+)

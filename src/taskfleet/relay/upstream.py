@@ -39,15 +39,16 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from taskfleet import __version__
-from taskfleet.agent.http import Connection, HttpError
+from taskfleet.agent.http import Connection, HttpError, Streamed, stream_get
 from taskfleet.protocol.exchange import MAX_MESSAGES, ProtocolError
+from taskfleet.protocol.jobs import RELAY_CONTENT_PATH
 from taskfleet.protocol.relay import (
     MAX_RELAY_COMPUTERS,
     RELAY_ENROLL_COMPUTER_PATH,
@@ -63,6 +64,7 @@ from taskfleet.relay import metrics
 from taskfleet.relay.spool import RelayIdentity, Sent, Spool
 from taskfleet.settings import (
     LONG_POLL_WAIT,
+    RELAY_CONTENT_TIMEOUT,
     RELAY_HTTP_TIMEOUT,
     RELAY_MAX_RESPONSE,
     RELAY_POLL_INTERVAL,
@@ -269,6 +271,24 @@ class Upstream:
             # The agent gets the answer anyway; the roster brings the computer later.
             log.warning("could not read the server's enrollment answer (%s)", exc)
         return raw
+
+    # -- content -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def open_content(self, sha256: str) -> AsyncIterator[Streamed]:
+        """The server's answer to ``GET /relay/v1/content/SHA`` (relay/content.py), body
+        unread, on a connection of its own: never on ``conn`` or ``enroll_conn``, which
+        carry one request at a time (a transfer of minutes there would hold up every
+        exchange, or every enrollment behind ``enroll_lock``)."""
+        if self.ident is None:
+            raise ConnectionError("this relay is not enrolled yet")
+        async with stream_get(
+            self.ident.server,
+            RELAY_CONTENT_PATH + sha256,
+            self._headers(),
+            timeout=RELAY_CONTENT_TIMEOUT,
+        ) as answer:
+            yield answer
 
     # -- the loop ------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from taskfleet.server.api import (
     approvals,
     audit,
     computers,
+    content,
     groups,
     health,
     relay_exchange,
@@ -50,7 +51,7 @@ from taskfleet.server.api import (
 from taskfleet.server.api.deps import ERROR_RESPONSES, JsonRoute
 from taskfleet.server.kernel import ApiError
 from taskfleet.server.runtime import ServerConfig, start, stop
-from taskfleet.settings import API_BODY_MAX, ENROLL_BODY_MAX, MAX_ID
+from taskfleet.settings import API_BODY_MAX, CONTENT_MAX_BYTES, ENROLL_BODY_MAX, MAX_ID
 
 # The routers, in the order their routes are matched and documented.
 ROUTERS = (
@@ -62,6 +63,7 @@ ROUTERS = (
     schedules,
     activities,
     audit,
+    content,
     tasks,
     workers,
     relays,
@@ -108,6 +110,8 @@ _ENROLL_PATHS = frozenset({ENROLL_PATH, RELAY_ENROLL_PATH, RELAY_ENROLL_COMPUTER
 
 def body_limit(path: str) -> int:
     """The most bytes a request body to ``path`` may have (settings.py says why)."""
+    if path == content.UPLOAD_PATH:
+        return CONTENT_MAX_BYTES
     return ENROLL_BODY_MAX if path in _ENROLL_PATHS else API_BODY_MAX
 
 
@@ -121,7 +125,11 @@ class _BodyLimit:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (
+            scope["path"] == content.UPLOAD_PATH and scope["method"] == "POST"
+        ):
+            # A content upload streams its body to disk as it comes, counting it against
+            # its own limit (api/content.py): buffering it here would hold it in memory.
             await self.app(scope, receive, send)
             return
         limit = body_limit(scope["path"])

@@ -84,6 +84,14 @@ RELAY_EXCHANGE_ERRORS = Counter(
     registry=REGISTRY,
 )
 RELAYS = Gauge("taskfleet_relays", "Enrolled relays (not revoked)", registry=REGISTRY)
+CONTENT_SERVED = Counter(
+    "taskfleet_content_served_bytes_total",
+    "Content bytes sent, by who fetched them (agent: directly; relay: to fill its cache)",
+    ["to"],
+    registry=REGISTRY,
+)
+CONTENT_TO_AGENTS = CONTENT_SERVED.labels("agent")
+CONTENT_TO_RELAYS = CONTENT_SERVED.labels("relay")
 AGENT_REFUSALS = Counter(
     "taskfleet_agent_refusals_total",
     "Server messages agents refused as not genuinely theirs (server/refusals.py), by reason",

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from taskfleet.dispatch import open_queue
 from taskfleet.protocol.signing import Signer
 from taskfleet.server import metrics, relays, requests, schedules, tokens
+from taskfleet.server.content import ContentStore
 from taskfleet.server.exchange import Exchange
 from taskfleet.server.fleet import ComputerState, Fleet
 from taskfleet.server.kernel import token_hash
@@ -96,6 +97,7 @@ class Runtime:
     manager: TaskManager | None = None
     lifecycle: Lifecycle | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    content: ContentStore | None = None  # content by hash under the data folder
 
     def now(self) -> float:
         """The server's clock (``ServerConfig.clock``): every route and loop reads it."""
@@ -105,6 +107,11 @@ class Runtime:
     def lifecycle_engine(self) -> Lifecycle:
         assert self.lifecycle is not None
         return self.lifecycle
+
+    @property
+    def content_store(self) -> ContentStore:
+        assert self.content is not None
+        return self.content
 
     @property
     def task_manager(self) -> TaskManager:
@@ -188,6 +195,8 @@ async def start(config: ServerConfig) -> Runtime:
             }
         ),
     )
+    rt.content = ContentStore(config.data_dir)
+    rt.content.prepare()
     rt.lifecycle = Lifecycle(
         writer.run,
         read_engine,

@@ -28,6 +28,7 @@ from taskfleet.server.api.deps import (
     router_for,
 )
 from taskfleet.server.exchange import ExchangeJob
+from taskfleet.server.fleet import ComputerState
 from taskfleet.server.runtime import Runtime
 
 log = logging.getLogger("taskfleet.server")
@@ -110,14 +111,10 @@ router.add_route(EXCHANGE_PATH, _exchange_route, methods=["POST"], include_in_sc
 
 async def exchange(rt: Runtime, request: Request) -> Response:
     """The exchange hot path: answered from memory when there is nothing to do."""
-    try:
-        computer_id = int(request.headers.get("x-taskfleet-computer", ""))
-    except ValueError:
-        return _refuse("auth", 401, "missing or malformed X-Taskfleet-Computer header")
-    auth = request.headers.get("authorization", "")
-    cs = rt.fleet.get(computer_id)
-    if cs is None or not auth.startswith("Bearer ") or not cs.check_secret(auth[7:]):
-        return _refuse("auth", 401, "unknown computer or wrong secret")
+    cs = authenticate(rt, request)
+    if isinstance(cs, str):
+        return _refuse("auth", 401, cs)
+    computer_id = cs.id
     cs.via_relay = False  # it speaks to the server directly: wake it directly
     body = await read_body(request, MAX_BODY_BYTES)
     if body is None:
@@ -181,6 +178,21 @@ async def exchange(rt: Runtime, request: Request) -> Response:
         ),
         media_type="application/json",
     )
+
+
+def authenticate(rt: Runtime, request: Request) -> ComputerState | str:
+    """The computer a request comes from (``X-Taskfleet-Computer: ID`` and
+    ``Authorization: Bearer SECRET``, as the exchange and content fetches use), or why
+    it is refused (a 401)."""
+    try:
+        computer_id = int(request.headers.get("x-taskfleet-computer", ""))
+    except ValueError:
+        return "missing or malformed X-Taskfleet-Computer header"
+    auth = request.headers.get("authorization", "")
+    cs = rt.fleet.get(computer_id)
+    if cs is None or not auth.startswith("Bearer ") or not cs.check_secret(auth[7:]):
+        return "unknown computer or wrong secret"
+    return cs
 
 
 async def read_body(request: Request, limit: int) -> bytearray | None:
