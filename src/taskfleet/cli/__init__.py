@@ -24,6 +24,7 @@ COMMANDS = {
     "computer": "computers",
     "demo": "demo",
     "group": "groups",
+    "job": "jobs",
     "relay": "relays",
     "request": "requests",
     "run": "requests",
