@@ -131,6 +131,15 @@ REFUSALS: list[tuple[str, Callable[[list[int]], dict[str, Any]], int, str]] = [
         "ab" * 32,
     ),
     (
+        "a content reference that is not a hash",
+        lambda c: _job(
+            f"computer:{c[0]}",
+            items=[{**items([])[0], "content": [{"sha256": ["not", "text"], "size": 1}]}],
+        ),
+        400,
+        "sha256 must be 64 lowercase hex digits",
+    ),
+    (
         "content size differs",
         lambda c: _job(
             f"computer:{c[0]}",

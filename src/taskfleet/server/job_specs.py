@@ -95,7 +95,8 @@ async def complete_params(conn: AsyncConnection, tenant_id: int, params: Any) ->
             f"(add them first: taskfleet content add FILE): {shown}",
         )
     for ref in refs:
-        row = known.get(ref.get("sha256"))  # type: ignore[arg-type]
+        sha256 = ref.get("sha256")
+        row = known.get(sha256) if isinstance(sha256, str) else None
         if row is None:
             continue  # not a hash: validate_job_spec names it
         if ref.get("size") is None:
