@@ -577,3 +577,39 @@ async def test_terminate_bad_input(database_url: str, tmp_path: Path) -> None:
             assert r.status_code == status and says in r.json()["error"], (path, r.text)
         assert (await h.ok("GET", f"/jobs/{job['id']}"))["terminate"] is None
         assert await _count(h, audit_log, audit_log.c.action == "job.terminate") == 0
+
+
+async def test_jobs_take_part_in_approvals_rollouts_and_expiry(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with inproc_server(
+        database_url, tmp_path, reaper_interval=3600, lifecycle_interval=3600
+    ) as h:
+        await _content(h)
+        [a, b] = await _agents(h, 2)
+        job = await _create(
+            h, [a, b], approval={"separation": False}, rollout={"canary": 1, "size": 1}
+        )
+        assert {c["state"] for c in job["computers"]} == {"blocked"} and job["state"] == "pending"
+        await h.ok("POST", f"/requests/{job['id']}/approve")
+        shown = await h.ok("GET", f"/jobs/{job['id']}")
+        states = sorted(c["state"] for c in shown["computers"])
+        assert states == ["queued", "waiting"]
+        first = next(x for x in (a, b) if any(
+            c["computer_id"] == x.computer_id and c["state"] == "queued"
+            for c in shown["computers"]
+        ))  # fmt: skip
+        second = b if first is a else a
+        [op] = await first.ops()
+        await first.exchange([first.result(op["op"], "succeeded")])
+        await h.tick()
+        [op2] = await second.ops()  # the next wave started once the canary succeeded
+        await second.exchange([second.result(op2["op"], "succeeded")])
+        assert (await h.ok("GET", f"/jobs/{job['id']}"))["state"] == "succeeded"
+
+        late = await _create(h, [a], expires_in=100)
+        h.clock.advance(101)
+        await h.tick()
+        shown = await h.ok("GET", f"/jobs/{late['id']}")
+        assert shown["state"] == "canceled" and shown["computers"][0]["reason"] == "expired"
+        assert await a.ops() == []
