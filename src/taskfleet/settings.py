@@ -21,6 +21,10 @@ KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL to a child's process gro
 # the background may hold the pipes open for ever, and the result must not wait for them.
 EXIT_DRAIN = 2.0
 REAPER_INTERVAL = 5.0  # how often the server looks for lost activities
+# SPEC 6: how long a terminated job waits for computers still running it (offline ones
+# get the order when they return) before it records them "unreachable at termination":
+# a day covers a laptop closed overnight; a maintenance window may ask for less.
+JOB_TERMINATE_WAIT = 24 * 3600.0
 
 AGENT_RETRY_MIN = 1.0  # agent backoff when the server is down...
 AGENT_RETRY_MAX = 60.0  # ...doubling up to this

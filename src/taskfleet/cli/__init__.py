@@ -25,6 +25,7 @@ COMMANDS = {
     "content": "content",
     "demo": "demo",
     "group": "groups",
+    "job": "jobs",
     "relay": "relays",
     "request": "requests",
     "run": "requests",

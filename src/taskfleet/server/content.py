@@ -30,7 +30,7 @@ import hashlib
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taskfleet.domain.jobs import JOB, ContentRef, JobSpecError, validate_job_spec
+from taskfleet.domain.jobs import JOB, JobSpecError, validate_job_spec
 from taskfleet.domain.states import FINAL_STATES
 from taskfleet.protocol.content import valid_sha256
 from taskfleet.server.kernel import ApiError, Principal, audit
@@ -326,25 +326,3 @@ async def remove(conn: AsyncConnection, p: Principal, sha256: str, now: float) -
     )
     await audit(conn, p, "content.remove", now, sha256=sha256, size=row["size"], name=row["name"])
     return not await referenced(conn, sha256)
-
-
-async def missing(conn: AsyncConnection, tenant_id: int, refs: Iterable[ContentRef]) -> list[str]:
-    """What is wrong with a job's content references for this tenant: one line per
-    reference whose hash the tenant has no content for, or whose size differs (for
-    job creation: a job must not name content its computers cannot fetch)."""
-    wanted = {r.sha256: r for r in refs}
-    if not wanted:
-        return []
-    rows = await conn.execute(
-        sa.select(content.c.sha256, content.c.size).where(
-            content.c.tenant_id == tenant_id, content.c.sha256.in_(list(wanted))
-        )
-    )
-    have = {r.sha256: int(r.size) for r in rows}
-    out = []
-    for sha, ref in sorted(wanted.items()):
-        if sha not in have:
-            out.append(f"no content {sha} ({ref.name}): add it with `taskfleet content add`")
-        elif have[sha] != ref.size:
-            out.append(f"content {sha} ({ref.name}) is {have[sha]} bytes, not {ref.size}")
-    return out

@@ -22,6 +22,11 @@ Contract:
   genuinely for it) are recorded by ``server/refusals.py``: an audit entry in
   the same transaction, the metric and log line after it commits; they change
   no activity state.
+* ``job-step`` messages (``protocol/jobs.py``) are recorded in ``job_steps`` in the
+  same transaction (one upsert for the batch; a step reported again keeps its last
+  report) and move the lost-deadline of the job's activity like a ``working``
+  status; a step for an operation that is not a job delivered to that computer is
+  ignored and logged, the rest of the exchange applied.
 * In-memory fleet counters change only after the commit that persisted them.
 
 Longer than ~600 lines on purpose: applying results, acks, resends and the
@@ -46,6 +51,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from taskfleet.domain.jobs import JOB
 from taskfleet.domain.policy import DEFAULT_POLICY
 from taskfleet.domain.states import (
     FINAL_STATES,
@@ -71,11 +77,13 @@ from taskfleet.server.fleet import ComputerState, Fleet
 from taskfleet.server.writer import Writer
 from taskfleet.settings import INT32_MAX, REPLY_MAX_BYTES
 from taskfleet.store.activities import Change, apply_changes, insert_events
+from taskfleet.store.job_steps import upsert_steps
 from taskfleet.store.schema import activities, computers, outbox, requests
 
 log = logging.getLogger("taskfleet.writer")  # its messages kept their logger
 
 _CLIENT = ActivityKind.CLIENT
+_REPORTED = (State.IN_PROGRESS, *FINAL_STATES)  # a job step is recorded in these states
 
 
 class ReplyBudget:
@@ -409,15 +417,15 @@ class Exchange:
         pending: dict[int, Pending],
         now: float,
     ) -> None:
-        fresh = _fresh_messages(jobs, pending)
+        fresh, steps = _fresh_messages(jobs, pending)
         await refusals.record(
             conn,
             [(j.cs.id, j.cs.tenant_id, m) for j in jobs for m in pending[j.cs.id].refused],
             now,
         )
-        if not fresh:
+        if not fresh and not steps:
             return
-        ids = list({m.op for _, m in fresh})
+        ids = list({m.op for _, m in fresh} | {m.op for _, m in steps})
         query = (
             sa.select(
                 activities.c.id,
@@ -426,6 +434,9 @@ class Exchange:
                 activities.c.kind,
                 activities.c.runs,
                 requests.c.timeout,
+                activities.c.type,
+                activities.c.request_id,
+                activities.c.tenant_id,
             )
             .join(requests, requests.c.id == activities.c.request_id)
             .where(activities.c.id.in_(ids))
@@ -433,6 +444,7 @@ class Exchange:
         if self.writer.pg:
             query = query.with_for_update(of=activities)
         current: dict[int, Any] = {row.id: row for row in await conn.execute(query)}
+        jobs_of = {row.id: row for row in current.values() if row.type == JOB}
         changes: list[Change] = []
         reports: list[dict[str, Any]] = []
         statuses: list[dict[str, Any]] = []
@@ -531,7 +543,55 @@ class Exchange:
                 ),
                 statuses,
             )
+        await self._record_steps(conn, steps, jobs_of, current, now)
         metrics.RESULTS.inc(len(changes))
+
+    async def _record_steps(
+        self,
+        conn: AsyncConnection,
+        steps: list[tuple[int, JobStep]],
+        jobs_of: dict[int, Any],
+        current: dict[int, Any],
+        now: float,
+    ) -> None:
+        """Record job steps (``store/job_steps.py``), the last report of a step winning,
+        and move the lost-deadline of a job still In Progress: each step says the
+        computer is alive and working on it (SPEC 9's two timeouts, for long jobs).
+        A step that names no job operation delivered to this computer is ignored."""
+        if not steps:
+            return
+        rows: dict[tuple[int, str, int], dict[str, Any]] = {}
+        alive: dict[int, float] = {}
+        for cid, m in steps:
+            row = jobs_of.get(m.op)
+            state = State(current[m.op].state) if row is not None else None
+            if row is None or row.computer_id != cid or state is None or state not in _REPORTED:
+                log.warning(
+                    "computer %d: job-step for operation %d ignored: not a job delivered to it",
+                    cid,
+                    m.op,
+                )
+                continue
+            rows[(m.op, m.phase, m.item)] = {
+                "activity_id": m.op,
+                "phase": m.phase,
+                "item": m.item,
+                "request_id": row.request_id,
+                "tenant_id": row.tenant_id,
+                "status": m.status,
+                "detail": m.detail,
+                "at": now if m.at is None else m.at,
+            }
+            if state is State.IN_PROGRESS:
+                alive[m.op] = now + row.timeout + self.lost_grace
+        await upsert_steps(conn, list(rows.values()))
+        if alive:
+            await conn.execute(
+                activities.update()
+                .where(activities.c.id == sa.bindparam("b_id"))
+                .values(deadline_at=sa.bindparam("deadline_at")),
+                [{"b_id": op, "deadline_at": at} for op, at in alive.items()],
+            )
 
     def _first_deadline(self, row: Any, now: float) -> float | None:
         # A recurring operation has no end; each run's "working" status sets one.
@@ -663,11 +723,13 @@ class Exchange:
 
 def _fresh_messages(
     jobs: list[ExchangeJob], pending: dict[int, Pending]
-) -> list[tuple[ExchangeJob, OperationResult | OperationStatus]]:
-    """The messages not applied before, each job's ack moved past them; refusals go
-    to ``Pending.refused``: they are about a server message, not an operation of
-    this computer's (the op they name may be another computer's: that is the point)."""
+) -> tuple[list[tuple[ExchangeJob, OperationResult | OperationStatus]], list[tuple[int, JobStep]]]:
+    """The messages not applied before, each job's ack moved past them: results and
+    statuses, and job steps (computer id, step) apart; refusals go to
+    ``Pending.refused``: they are about a server message, not an operation of this
+    computer's (the op they name may be another computer's: that is the point)."""
     fresh: list[tuple[ExchangeJob, OperationResult | OperationStatus]] = []
+    steps: list[tuple[int, JobStep]] = []
     for job in jobs:
         p = pending[job.cs.id]
         for m in job.req.messages:
@@ -677,10 +739,10 @@ def _fresh_messages(
             if isinstance(m, RefusedMessage):
                 p.refused.append(m)
             elif isinstance(m, JobStep):
-                continue  # issue 12 in progress: job steps are not recorded yet
+                steps.append((job.cs.id, m))
             else:
                 fresh.append((job, m))
-    return fresh
+    return fresh, steps
 
 
 def _recurring(policy: dict[str, Any] | None) -> bool:

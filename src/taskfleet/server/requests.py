@@ -1,5 +1,9 @@
 """Requests: create (from a target or a schedule), re-run the failed, cancel, read.
 
+A job (``domain/jobs.py``) is a request of type ``job``: created here like any other
+(``server/job_specs.py`` checks its params), so a schedule's run or a re-run of the
+failed creates its ``jobs`` row too; what only a job has is in ``server/jobs.py``.
+
 Contract: every function takes an open connection and the caller's tenant and
 touches only that tenant's rows; functions that write are run by the single
 writer (``Writer.run``). Bad input raises :class:`ApiError` with an HTTP status
@@ -17,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from taskfleet.domain.jobs import JOB, validate_job_spec
 from taskfleet.domain.lifecycle import RuleError, initial_state, plan_waves
 from taskfleet.domain.policy import validate_policy
 from taskfleet.domain.progress import progress
@@ -41,6 +46,7 @@ from taskfleet.domain.targets import (
 from taskfleet.protocol.exchange import cancel_message
 from taskfleet.protocol.orders import cancel_body
 from taskfleet.protocol.signing import Signer
+from taskfleet.server import job_specs
 from taskfleet.server.exchange import Outbox
 from taskfleet.server.inventory import group_id, resolve_target
 from taskfleet.server.kernel import (
@@ -50,7 +56,7 @@ from taskfleet.server.kernel import (
     state_counts,
 )
 from taskfleet.server.lifecycle import Options, check_options, iso
-from taskfleet.settings import MAX_AHEAD, OUTPUT_CAP, OUTPUT_CAP_MAX
+from taskfleet.settings import MAX_AHEAD, OUTPUT_CAP, OUTPUT_CAP_MAX, SCRIPT_TIMEOUT
 from taskfleet.store.activities import Change, apply_changes, insert_activities, insert_events
 from taskfleet.store.schema import (
     activities,
@@ -81,17 +87,25 @@ async def create_request(
     options: Options | None = None,
     schedule_id: int | None = None,
 ) -> Created:
-    if type != EXECUTE_SCRIPT:
-        raise ApiError(400, f"unknown activity type {type!r} (known: {EXECUTE_SCRIPT})")
+    """A request of ``type`` (execute-script or job) on ``target``: checked whole, then
+    stored with one activity per target computer. A job's params are completed from
+    the tenant's content first (``server/job_specs.py``) and its ``jobs`` row is
+    written in the same transaction; its ``timeout`` may be None (its longest step)."""
+    _known_type(type)
     try:
         parsed = parse_target(target)
-        clean = validate_script_params(params, default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX)
-        limit = validate_timeout(timeout)
         run_policy = validate_policy(policy)
         if expires_in is not None and not 0 < expires_in <= MAX_AHEAD:
             raise ValueError("expires_in must be a number of seconds in (0, 366 days]")
+        if type == EXECUTE_SCRIPT:
+            clean = validate_script_params(params, default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX)
+            limit = validate_timeout(SCRIPT_TIMEOUT if timeout is None else timeout)
     except (TargetError, ValueError) as exc:
         raise ApiError(400, str(exc)) from None
+    if type == JOB:
+        _job_policy(run_policy)
+        clean = await job_specs.complete_params(conn, p.tenant_id, params)
+        limit = _job_timeout(clean, timeout)
     ids = await resolve_target(conn, p.tenant_id, parsed)
     expires_at = None if expires_in is None else now + expires_in
     return await _create(
@@ -110,21 +124,46 @@ async def create_request(
     )
 
 
+def _known_type(type: str) -> None:
+    if type not in (EXECUTE_SCRIPT, JOB):
+        raise ApiError(400, f"unknown activity type {type!r} (known: {EXECUTE_SCRIPT}, {JOB})")
+
+
+def _job_policy(run_policy: dict[str, Any]) -> None:
+    if run_policy.get("interval") == "recurring":
+        raise ApiError(
+            400, "a job runs once on each computer: repeat it with a cron schedule instead"
+        )
+
+
+def _job_timeout(clean: dict[str, Any], timeout: Any) -> float:
+    try:
+        limit = None if timeout is None else validate_timeout(timeout)
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    return job_specs.job_timeout(validate_job_spec(clean), limit)
+
+
 def check_template(
     *, type: str, target: str, params: Any, timeout: Any, policy: Any, expires_in: Any
 ) -> None:
-    """What create_request checks before touching the store, for a schedule's template."""
-    if type != EXECUTE_SCRIPT:
-        raise ApiError(400, f"unknown activity type {type!r} (known: {EXECUTE_SCRIPT})")
+    """What create_request checks before touching the store, for a schedule's template
+    (a job's content references are looked up at each run, and by the caller)."""
+    _known_type(type)
     try:
         parse_target(target)
-        validate_script_params(params, default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX)
-        validate_timeout(timeout)
-        validate_policy(policy)
+        run_policy = validate_policy(policy)
         if expires_in is not None and not 0 < expires_in <= MAX_AHEAD:
             raise ValueError("expires_in must be a number of seconds in (0, 366 days]")
+        if type == EXECUTE_SCRIPT:
+            validate_script_params(params, default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX)
+            validate_timeout(SCRIPT_TIMEOUT if timeout is None else timeout)
     except (TargetError, ValueError) as exc:
         raise ApiError(400, str(exc)) from None
+    if type == JOB:
+        _job_policy(run_policy)
+        spec = job_specs.check_shape(params)
+        _job_timeout(spec.as_json(), timeout)
 
 
 async def rerun_failed(conn: AsyncConnection, p: Principal, now: float, request_id: int) -> Created:
@@ -184,20 +223,26 @@ async def _create(
     else:
         waves = [ids]
     wave_of = {cid: k for k, wave in enumerate(waves) for cid in wave}
+    spec = validate_job_spec(clean) if type == JOB else None
     refusals = []
     for row in await conn.execute(
         sa.select(computers.c.id, computers.c.hostname, computers.c.policy).where(
             computers.c.id.in_(ids)
         )
     ):
-        why = policy_refusal(row.policy, clean)
+        why = (
+            job_specs.refusal(row.policy, spec)
+            if spec is not None
+            else policy_refusal(row.policy, clean)
+        )
         if why:
             refusals.append(f"{row.id} ({row.hostname}): {why}")
     if refusals:
         shown = "; ".join(refusals[:10]) + (" ..." if len(refusals) > 10 else "")
+        what = "job" if spec is not None else "script"
         raise ApiError(
             409,
-            f"{len(refusals)} of {len(ids)} target computers would refuse this script: {shown}",
+            f"{len(refusals)} of {len(ids)} target computers would refuse this {what}: {shown}",
         )
     request_id = (
         await conn.execute(
@@ -221,6 +266,8 @@ async def _create(
             .returning(requests.c.id)
         )
     ).scalar_one()
+    if spec is not None:
+        await job_specs.insert_job_row(conn, request_id, p.tenant_id, clean)
     states: dict[int, tuple[State, str]] = {}
     for cid in ids:
         wave = wave_of[cid] if opts.rollout is not None else None
@@ -265,10 +312,11 @@ async def _create(
     await audit(
         conn,
         p,
-        "request.create",
+        "job.create" if spec is not None else "request.create",
         now,
         id=request_id,
         type=type,
+        **({"name": clean["name"]} if spec is not None else {}),
         target=target,
         computers=len(ids),
         **({} if opts.empty else {"options": _options_json(opts)}),

@@ -3,7 +3,8 @@
 Contract: ``start(config)`` migrates the database, bootstraps the default
 tenant, keys and first admin token, loads the fleet (computers and relays) into
 memory and starts the single writer, the tickler, the lifecycle engine, the server-task manager (and
-the embedded worker), the lost-activity reaper and the last-seen flusher;
+the embedded worker), the timeout reaper (lost work, expiry, a terminated job's deadline) and the
+last-seen flusher;
 ``stop(rt)`` stops each on its own, the writer last. Every time the server
 reads comes from ``ServerConfig.clock`` (``Runtime.now``): tests inject a
 fake clock and move it instead of sleeping.
@@ -26,7 +27,7 @@ import sqlalchemy as sa
 
 from taskfleet.dispatch import open_queue
 from taskfleet.protocol.signing import Signer
-from taskfleet.server import metrics, relays, requests, schedules, tokens
+from taskfleet.server import jobs, metrics, relays, requests, schedules, tokens
 from taskfleet.server.content import ContentStore
 from taskfleet.server.exchange import Exchange
 from taskfleet.server.fleet import ComputerState, Fleet
@@ -333,9 +334,17 @@ async def fire_schedule(rt: Runtime, sid: int) -> float | None:
 
 
 async def reap_once(rt: Runtime) -> None:
-    """One pass of the timeout reaper: lost activities fail, expired work is canceled."""
+    """One pass of the timeout reaper: lost activities fail, expired work is canceled,
+    computers a terminated job waited for past its deadline are "unreachable"."""
     lost = await rt.writer.run(lambda c: reap_lost(c, rt.now()))
     expired = await rt.writer.run(lambda c: reap_expired(c, rt.now()))
+    unreachable = await rt.writer.run(lambda c: jobs.reap_terminations(c, rt.now()))
+    if unreachable:
+        log.warning(
+            "%d job activities canceled, unreachable at termination: %s",
+            len(unreachable),
+            unreachable[:20],
+        )
     if lost:
         metrics.LOST.inc(len(lost))
         log.warning("%d activities failed as lost: %s", len(lost), lost[:20])

@@ -1,5 +1,6 @@
 """Timeouts (SPEC 9): client activities lost (no result by their deadline) fail; work
-not handed out by its expiry is Canceled, "expired".
+not handed out by its expiry is Canceled, "expired". (A terminated job's activities
+are not lost: its own deadline ends them, ``server/jobs.py``.)
 
 Contract: run by the reaper through the single writer; each call moves at most
 ``limit`` activities per state through ``transition`` + ``apply_changes``.
@@ -15,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from taskfleet.domain.results import LOST_LINE, result_line
 from taskfleet.domain.states import ActivityKind, Cause, State, transition
 from taskfleet.store.activities import Change, apply_changes
-from taskfleet.store.schema import activities
+from taskfleet.store.schema import activities, jobs
 
 _CLIENT = ActivityKind.CLIENT
 
@@ -30,6 +31,7 @@ async def _time_out(
     reason: str,
     line: str,
     limit: int,
+    where: tuple[Any, ...] = (),
 ) -> list[int]:
     """Move client activities in ``state`` whose time ``column`` passed to ``target``."""
     rows = (
@@ -37,7 +39,7 @@ async def _time_out(
             sa.select(activities.c.id, activities.c.tenant_id)
             .where(activities.c.state == state.value)
             .where(activities.c.kind == _CLIENT.value)
-            .where(column <= now)
+            .where(column <= now, *where)
             .order_by(column)
             .limit(limit)
         )
@@ -68,6 +70,13 @@ async def reap_lost(conn: AsyncConnection, now: float, limit: int = 5000) -> lis
         reason="lost: no result within the time limit plus grace",
         line=LOST_LINE,
         limit=limit,
+        # A terminated job waits for its computers until its own deadline (SPEC 6,
+        # server/jobs.py), which records them "unreachable at termination".
+        where=(
+            ~sa.exists().where(
+                jobs.c.request_id == activities.c.request_id, jobs.c.terminate_at.is_not(None)
+            ),
+        ),
     )
 
 

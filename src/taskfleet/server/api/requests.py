@@ -39,7 +39,11 @@ class RequestIn(BaseModel):
     params: dict[str, Any] = Field(
         ..., description="argv | script (+interpreter), env, cwd, user, output_cap"
     )
-    timeout: Finite = SCRIPT_TIMEOUT
+    timeout: Finite | None = Field(
+        None,
+        description=f"seconds; default {SCRIPT_TIMEOUT:g} for a script, for a job its longest "
+        "step's time limit (the most the server waits between two reports of a computer)",
+    )
     expires_in: Finite | None = Field(
         None, description="seconds: queued work not handed out by then is Canceled (expired)"
     )

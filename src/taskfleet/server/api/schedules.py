@@ -7,8 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from taskfleet.domain.jobs import JOB
+from taskfleet.server import job_specs, requests, schedules
 from taskfleet.server import lifecycle as lc
-from taskfleet.server import requests, schedules
 from taskfleet.server.api.deps import (
     Id,
     Operator,
@@ -31,12 +32,18 @@ class ScheduleIn(BaseModel):
 @router.post("/api/v1/schedules", status_code=201, tags=["schedules"])
 async def create_schedule(rt: Rt, body: ScheduleIn, p: Operator) -> dict[str, Any]:
     template = body.request.model_dump()
+    if body.request.type == JOB:
+        # Stored complete: each run names the same bytes (a run still fails, recorded
+        # on the schedule, if the content was removed since).
+        template["params"] = await read(
+            rt, lambda c: job_specs.complete_params(c, p.tenant_id, body.request.params)
+        )
     # Checked now, so a schedule never fires something that cannot be created
     # (only what can change by then, like an emptied group, fails at a run).
     requests.check_template(
         type=body.request.type,
         target=body.request.target,
-        params=body.request.params,
+        params=template["params"],
         timeout=body.request.timeout,
         policy=body.request.policy,
         expires_in=body.request.expires_in,
