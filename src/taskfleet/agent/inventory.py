@@ -304,7 +304,14 @@ def network(root: Path) -> list[dict[str, Any]]:
     return parse_proc_net(_read(root, "proc/net/if_inet6"), _read(root, "proc/net/fib_trie"))
 
 
+def _dpkg_database(admindir: Path) -> None:
+    # dpkg-query and apt-get answer "nothing installed" without one: unknown, not empty.
+    if not (admindir / "status").is_file():
+        raise SourceError(f"no dpkg database at {admindir} (not a Debian system?)")
+
+
 def packages(root: Path, admindir: Path) -> dict[str, dict[str, Any]]:
+    _dpkg_database(admindir)
     fmt = "${Package}\\t${Version}\\t${Architecture}\\t${Status}\\n"
     argv = ["dpkg-query", f"--admindir={admindir}", "-W", f"-f={fmt}"]
     if root != Path("/"):
@@ -313,6 +320,7 @@ def packages(root: Path, admindir: Path) -> dict[str, dict[str, Any]]:
 
 
 def upgrades(root: Path, admindir: Path) -> dict[str, dict[str, Any]]:
+    _dpkg_database(admindir)
     argv = ["apt-get", "-s", "-o", "Debug::NoLocking=1"]
     if root != Path("/"):
         argv += ["-o", f"Dir={root}"]
