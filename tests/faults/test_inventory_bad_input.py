@@ -164,3 +164,16 @@ def test_text_is_cleaned_and_other_computers_are_not_held_up(server: Server) -> 
     assert inventory(server, pairs[1][0])["os"]["pretty_name"] == "De\u2400bian \ufffd"
     for cid, _ in pairs[2:]:
         assert packages(server, cid) == {"a:amd64": "1.0", "b:all": "2.0"}
+
+
+def test_package_listing_takes_any_query_text(server: Server) -> None:
+    cid, secret = enrolled(server, enroll_token(server), "listing")
+    send(server, cid, secret, (1, whole(S0)))
+    with server.api() as api:
+        for params in ({"name": "a\x00"}, {"after": "\x00"}, {"limit": -5}, {"limit": 10**12}):
+            r = api.get(f"/computers/{cid}/packages", params=params)
+            assert r.status_code == 200, (params, r.text)
+        assert api.get("/computers/999999/packages").status_code == 404
+        page = api.get(f"/computers/{cid}/packages", params={"limit": 1}).json()
+        rest = api.get(f"/computers/{cid}/packages", params={"after": page[0]["name"]}).json()
+        assert [r["name"] for r in page + rest] == ["a", "b"]

@@ -150,7 +150,10 @@ def schedule(api: Api, cron: str, body: dict[str, Any], as_json: bool) -> None:
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option(
-    "--target", required=True, help="all | group:NAME | tag:KEY=VALUE | computer:ID[,ID...]"
+    "--target",
+    required=True,
+    help="all | group:NAME | tag:KEY=VALUE | computer:ID[,ID...] | package:NAME[OP VERSION] "
+    "| os:ID[-VERSION]",
 )
 @click.option(
     "--timeout",

@@ -61,9 +61,10 @@ async def list_packages(
             c,
             p.tenant_id,
             computer_id,
-            after=after[:128],
+            # NUL cannot be in a PostgreSQL text parameter (nor in a package name).
+            after=after[:128].replace("\x00", ""),
             limit=min(max(limit, 1), 10_000),
-            name=name,
+            name=None if name is None else name[:128].replace("\x00", ""),
         )
 
     return await read(rt, rows)
