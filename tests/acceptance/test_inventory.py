@@ -78,6 +78,7 @@ def test_a_real_agent_reports_its_inventory_then_deltas(
         str(adm),
         "--inventory-min-interval",
         "0",
+        inventory=True,
     )
     cid = agent.computer_id
 

@@ -126,6 +126,7 @@ class AgentConfig:
     relay_failover_after: float = AGENT_RELAY_FAILOVER_AFTER
     relay_probe_interval: float = AGENT_RELAY_PROBE_INTERVAL
     server_key: str | None = None  # pinned server public key (hex): refuse any other
+    inventory: bool = True  # report the inventory (--no-inventory: never)
     inventory_root: Path = Path("/")  # the inventory is read under this root (containers, tests)
     inventory_admindir: Path | None = None  # dpkg's database (default ROOT/var/lib/dpkg)
     inventory_interval: float = AGENT_INVENTORY_INTERVAL
@@ -195,7 +196,8 @@ class Agent:
             interval=config.inventory_interval,
             min_interval=config.inventory_min_interval,
         )
-        self.state.on_finish = self.inventory.want  # an operation may have changed it
+        if config.inventory:
+            self.state.on_finish = self.inventory.want  # an operation may have changed it
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -239,7 +241,9 @@ class Agent:
         transport = await self._listen_tickles(sock)
         self._startup()
         scrubber = asyncio.create_task(self._scrub_loop())
-        inventory = asyncio.create_task(self.inventory.run())
+        inventory = asyncio.create_task(
+            self.inventory.run() if self.config.inventory else self.stopping.wait()
+        )
         log.info(
             "agent ready: computer %d, %s, poll every %gs%s",
             self.ident.computer_id,

@@ -132,6 +132,13 @@ from taskfleet.settings import (
     help="Attempts after which the scrubber stops continuing an operation.",
 )
 @click.option(
+    "--inventory/--no-inventory",
+    "report_inventory",
+    default=True,
+    show_default=True,
+    help="Report this computer's inventory (OS, hardware, packages, users; docs/inventory.md).",
+)
+@click.option(
     "--inventory-root",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("/"),
@@ -183,6 +190,7 @@ def agent(
     run_window: str | None,
     scrub_interval: float,
     max_attempts: int,
+    report_inventory: bool,
     inventory_root: Path,
     inventory_admindir: Path | None,
     inventory_interval: float,
@@ -242,6 +250,7 @@ def agent(
         relay_failover_after=relay_failover_after,
         relay_probe_interval=relay_probe_interval,
         server_key=server_key,
+        inventory=report_inventory,
         inventory_root=inventory_root,
         inventory_admindir=inventory_admindir,
         inventory_interval=inventory_interval,
