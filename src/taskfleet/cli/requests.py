@@ -22,7 +22,10 @@ from taskfleet.settings import OUTPUT_CAP, SCRIPT_INTERPRETER, SCRIPT_TIMEOUT
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option(
-    "--target", required=True, help="all | group:NAME | tag:KEY=VALUE | computer:ID[,ID...]"
+    "--target",
+    required=True,
+    help="all | group:NAME | tag:KEY=VALUE | computer:ID[,ID...] | package:NAME[OP VERSION] "
+    "| os:ID[-VERSION]",
 )
 @click.option(
     "--timeout",
