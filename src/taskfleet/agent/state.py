@@ -476,7 +476,7 @@ class LocalState:
         cur = self.db.execute(
             "SELECT op, seq, type, status, received_at, started_at, ended_at, attempts, "
             "cancel_requested, terminate_requested, pushed, mode, interval, every, next_run_at, "
-            "result IS NOT NULL FROM operations ORDER BY op"
+            "pgid, result IS NOT NULL FROM operations ORDER BY op"
         )
         names = [d[0] for d in cur.description]
         names[-1] = "finished"
