@@ -244,8 +244,8 @@ class Checkpoint:
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint | None:
-        """The checkpoint at ``path``; None when there is none (or it cannot be read:
-        the run then starts over, as the scrubber would not have continued it)."""
+        """The checkpoint at ``path``; None when there is none. One that cannot be read
+        counts as none (the run starts over); ``save`` writes whole files only."""
         try:
             d = json.loads(path.read_bytes())
             return cls(
