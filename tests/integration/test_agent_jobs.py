@@ -580,6 +580,7 @@ async def test_cancel_mid_download_stops_it_at_once(h: Harness) -> None:
     res = await h.result(31, timeout=15)
     final = h.final_steps(31)
     assert final[("download", 1)] == ("skipped", "canceled: stopped while downloading")
+    assert final[("install", 0)] == final[("install", 1)] == ("skipped", "canceled")
     assert res["status"] == "canceled" and not _staging(h, 31).exists()
 
 

@@ -410,7 +410,7 @@ class JobRun:
         if detail == DISK_FULL:
             self._record(results)
             return DISK_FULL
-        if phase == DOWNLOAD:
+        if phase == DOWNLOAD and status == FAILED:  # (one stopped by a cancel: see _end)
             statuses = {**self.cp.statuses, step: status}
             results += [
                 (s, SKIPPED, "its download failed")
@@ -501,9 +501,7 @@ class JobRun:
             finally:
                 waiter.cancel()
             if not fetch.done():
-                fetch.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await fetch
+                await _stop(fetch)
                 return SKIPPED, "canceled: stopped while downloading"
             if self.host.shutting_down():
                 raise _Shutdown
@@ -587,6 +585,17 @@ def _command_detail(res: ScriptResult, command: dict[str, Any]) -> str:
         return f"ended by signal {res.signal}"
     last = next((ln.strip() for ln in reversed(res.stderr.splitlines()) if ln.strip()), "")
     return f"exit code {res.exit_code}" + (f": {last[:_REASON_CHARS]}" if last else "")
+
+
+async def _stop(task: asyncio.Future[None]) -> None:
+    """Cancel ``task`` until it has ended: a cancel that lands as an awaited read
+    completes can be lost inside ``asyncio.wait_for`` (Python 3.11), so one is not
+    enough."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled():
+        task.exception()  # retrieved: the step is reported canceled whatever it was
 
 
 def _os_failure(exc: OSError, what: str) -> tuple[str, str]:
