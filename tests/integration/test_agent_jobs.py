@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from taskfleet.agent import state as st
-from taskfleet.agent.jobs import Checkpoint, staging_root
+from taskfleet.agent.job_files import Checkpoint, staging_root
 from taskfleet.agent.main import Agent, AgentConfig
 from taskfleet.protocol.exchange import (
     cancel_message,

@@ -17,17 +17,14 @@ from typing import Any
 import pytest
 
 from taskfleet.agent import state as st
-from taskfleet.agent.jobs import (
+from taskfleet.agent.job_files import (
     Checkpoint,
     StagingError,
-    check_job,
     content_path,
     item_folder,
-    scrubbed_reports,
     staging_root,
-    summary_line,
-    sweep_staging,
 )
+from taskfleet.agent.jobs import check_job, scrubbed_reports, summary_line, sweep_staging
 from taskfleet.domain.jobs import Outcome, validate_job_spec
 
 SHA = "cd" * 32

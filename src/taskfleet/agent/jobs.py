@@ -15,14 +15,15 @@ Contract:
   each content reference through the injected ``fetch`` (the signature of
   ``taskfleet.agent.content.download``) from ``base_url()`` (the peer the agent
   exchanges with) into ``STATE_DIR/jobs/<op>/<item>/<name>``; a name whose path
-  leaves that folder or crosses a symlink is refused; a failed fetch fails the
-  step with its reason and the item's action step is Skipped; a full disk fails
-  the step ("disk full"), removes the job's staging folder and skips the rest.
+  leaves that folder or crosses a symlink is refused (``agent/job_files.py``); a
+  failed fetch fails the step with its reason and the item's action step is
+  Skipped; a full disk fails the step ("disk full"), removes the job's staging
+  folder and skips the rest.
   The action runs the item's command with cwd the item's staging folder (unless
   the command names its own) and ``TASKFLEET_STAGING`` set to it, through
   ``taskfleet.process.start_script`` like a script (time limit, output cap, user).
-* The checkpoint (``Operation.checkpoint_path``: what the scrubber calls "a resume
-  checkpoint") holds the items' applicability, every finished step with its
+* The checkpoint (``job_files.Checkpoint`` at ``Operation.checkpoint_path``: what the
+  scrubber calls "a resume checkpoint") holds the items' applicability, every finished step with its
   status and detail, and whether a terminate arrived; it is written atomically
   (temp file, fsync, rename, fsync of the folder) after each step, BEFORE the
   step's final report is queued. A resumed run (scrubber continue, agent restart)
@@ -45,21 +46,26 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import importlib
 import json
 import logging
 import os
-import shutil
-import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 from taskfleet.agent import state as st
+from taskfleet.agent.job_files import (
+    JOBS_FOLDER,
+    Checkpoint,
+    StagingError,
+    content_path,
+    item_folder,
+    remove_staging,
+)
 from taskfleet.domain.jobs import (
     ACTIONS,
     ANALYZE,
@@ -78,7 +84,6 @@ from taskfleet.domain.jobs import (
     skipped_for_failure,
     steps,
     unfinished,
-    validate_content_name,
     validate_job_spec,
 )
 from taskfleet.domain.results import result_line
@@ -90,7 +95,6 @@ from taskfleet.settings import JOB_FETCH_TIMEOUT
 
 log = logging.getLogger("taskfleet.agent")
 
-JOBS_FOLDER = "jobs"
 DISK_FULL = "disk full"
 SCRUBBED_IN_FLIGHT = "scrubbed: the agent stopped during this step"
 PHASE_STATUS = {
@@ -132,10 +136,6 @@ def default_fetch() -> Fetch:
     return cast(Fetch, module.download)
 
 
-class StagingError(Exception):
-    """A content path that would leave its item's staging folder."""
-
-
 # -- checking ---------------------------------------------------------------------
 
 
@@ -159,57 +159,6 @@ def check_job(payload: dict[str, Any], policy: dict[str, Any]) -> tuple[str | No
 # -- staging ----------------------------------------------------------------------
 
 
-def staging_root(state_dir: Path, op: int) -> Path:
-    return state_dir / JOBS_FOLDER / str(op)
-
-
-def _folder(path: Path) -> None:
-    """``path`` is a real folder (created 0700 if missing), never a symlink to one."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    if not stat.S_ISDIR(os.lstat(path).st_mode):
-        raise StagingError(f"{path} is a symlink or not a folder: refused")
-
-
-def item_folder(state_dir: Path, op: int, item: int) -> Path:
-    """The item's staging folder, created folder by folder below the state folder."""
-    path = state_dir
-    for part in (JOBS_FOLDER, str(op), str(item)):
-        path = path / part
-        _folder(path)
-    return path
-
-
-def content_path(folder: Path, name: str) -> Path:
-    """Where content ``name`` goes in ``folder``: it must stay inside it, through real
-    folders only (no symlink on the way, none at the file or its ``.part``)."""
-    try:
-        validate_content_name(name)
-    except JobSpecError as exc:
-        raise StagingError(str(exc)) from None
-    *dirs, base = name.split("/")
-    path = folder
-    for d in dirs:
-        path = path / d
-        _folder(path)
-    dest = path / base
-    for f in (dest, dest.with_name(base + ".part")):
-        if f.is_symlink():
-            raise StagingError(f"content name {name!r} is a symlink in the staging folder")
-    if not dest.resolve().is_relative_to(folder.resolve()):
-        raise StagingError(f"content name {name!r} leaves the staging folder")
-    return dest
-
-
-def remove_staging(state_dir: Path, op: int) -> None:
-    """Remove the job's staging folder (a symlink in its place is only unlinked)."""
-    root = staging_root(state_dir, op)
-    if root.is_symlink():
-        root.unlink()
-    else:
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def sweep_staging(state: st.LocalState, state_dir: Path) -> list[int]:
     """Remove what finished jobs left (staging folders, checkpoints) after a crash
     between their end and the cleanup; returns the operations swept."""
@@ -227,59 +176,6 @@ def sweep_staging(state: st.LocalState, state_dir: Path) -> list[int]:
             elif op is not None and op.finished and op.type == JOB:
                 op.checkpoint_path(state_dir).unlink(missing_ok=True)
     return swept
-
-
-# -- the checkpoint ---------------------------------------------------------------
-
-
-@dataclass
-class Checkpoint:
-    applicable: dict[int, bool] = field(default_factory=dict)
-    done: dict[Step, tuple[str, str]] = field(default_factory=dict)  # step -> status, detail
-    terminate: bool = False
-
-    @property
-    def statuses(self) -> dict[Step, str]:
-        return {s: status for s, (status, _) in self.done.items()}
-
-    @classmethod
-    def load(cls, path: Path) -> Checkpoint | None:
-        """The checkpoint at ``path``; None when there is none. One that cannot be read
-        counts as none (the run starts over); ``save`` writes whole files only."""
-        try:
-            d = json.loads(path.read_bytes())
-            return cls(
-                {int(k): bool(v) for k, v in d["applicable"].items()},
-                {(p, int(i)): (s, str(t)) for p, i, s, t in d["done"]},
-                bool(d["terminate"]),
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def save(self, path: Path) -> None:
-        """Atomically: a crash leaves the old checkpoint or the new one, whole."""
-        text = json.dumps(
-            {
-                "v": 1,
-                "applicable": {str(k): v for k, v in self.applicable.items()},
-                "done": [[p, i, s, t] for (p, i), (s, t) in self.done.items()],
-                "terminate": self.terminate,
-            }
-        ).encode()
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, text)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 # -- the run ----------------------------------------------------------------------
