@@ -561,7 +561,7 @@ async def test_cancel_mid_install_stops_the_command_at_once_and_skips_the_rest(
     record = h.agent.state.operation(30)
     assert record is not None and record.pgid
     h.cancel(30)
-    res = await h.result(30, timeout=15)
+    res = await h.result(30, timeout=60)
     final = h.final_steps(30)
     assert final[("install", 1)] == ("skipped", "canceled: stopped while running")
     assert final[("install", 2)] == ("skipped", "canceled")
@@ -577,7 +577,7 @@ async def test_cancel_mid_download_stops_it_at_once(h: Harness) -> None:
     h.job(31, job(h.item("a"), big))
     await until(lambda: h.store.report()["paused"])
     h.cancel(31)
-    res = await h.result(31, timeout=15)
+    res = await h.result(31, timeout=60)
     final = h.final_steps(31)
     assert final[("download", 1)] == ("skipped", "canceled: stopped while downloading")
     assert final[("install", 0)] == final[("install", 1)] == ("skipped", "canceled")
