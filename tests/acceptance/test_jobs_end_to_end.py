@@ -12,35 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.acceptance.test_cli import tf
 from tests.conftest import Agent, Server, enroll_token, wait_until
 from tests.relay_fleet import RealRelay, relay_agent, start_real_relay
 
 __all__ = ["start_real_relay"]  # the fixture
-
-
-def tf(server: Server, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "TASKFLEET_SERVER": server.url,
-        "TASKFLEET_TOKEN": server.admin_token,
-        "COLUMNS": "220",
-    }
-    out = subprocess.run(
-        [sys.executable, "-m", "taskfleet", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    if check:
-        assert out.returncode == 0, out.stdout + out.stderr
-    return out
 
 
 def _content(server: Server, tmp_path: Path, name: str, data: bytes) -> str:

@@ -7,9 +7,6 @@ elsewhere); content rows are written to the database directly (so is the content
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ import httpx
 import sqlalchemy as sa
 
 from taskfleet.store.schema import content
+from tests.acceptance.test_cli import tf
 from tests.conftest import BACKEND, Server, enroll_token
 from tests.inproc import eventually
 from tests.job_agent import JobAgent, sha
@@ -68,25 +66,6 @@ detect = {{ script = "test -x /usr/bin/curl" }}
 content = [{{ sha256 = "{h1}", name = "curl.deb" }}]
 install = {{ argv = ["dpkg", "-i", "curl.deb"] }}
 """
-
-
-def tf(server: Server, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "TASKFLEET_SERVER": server.url,
-        "TASKFLEET_TOKEN": server.admin_token,
-        "COLUMNS": "220",
-    }
-    out = subprocess.run(
-        [sys.executable, "-m", "taskfleet", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    if check:
-        assert out.returncode == 0, out.stdout + out.stderr
-    return out
 
 
 async def test_job_commands_against_a_real_server(server: Server, tmp_path: Path) -> None:
