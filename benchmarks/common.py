@@ -511,3 +511,193 @@ def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     pool = [r for r in runs if not r.get("disturbed")] or runs
     pool = sorted(pool, key=lambda r: r[key] if r[key] is not None else float("inf"))
     return pool[(len(pool) - 1) // 2]
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {"name{labels}": value} (comments and bad lines skipped)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = float(value)
+    return out
+
+
+def scrape_metrics(url: str, timeout: float = 10.0) -> dict[str, float]:
+    """``GET url/metrics`` of a server or relay, parsed (``parse_metrics``)."""
+    import httpx
+
+    r = httpx.get(url.rstrip("/") + "/metrics", timeout=timeout)
+    r.raise_for_status()
+    return parse_metrics(r.text)
+
+
+def metric_sum(metrics: dict[str, float], prefix: str) -> float:
+    """The sum of every series whose key starts with ``prefix`` (all its labels)."""
+    return sum(v for k, v in metrics.items() if k.startswith(prefix))
+
+
+# -- real relays and real agents ---------------------------------------------------------
+
+
+@dataclass
+class RelayProc:
+    """A real ``taskfleet relay`` started by ``start_relays``."""
+
+    index: int
+    port: int
+    tickle_port: int
+    state_dir: Path
+    log: Path
+    popen: subprocess.Popen[bytes]
+    pool: Any = None  # relay_sim: the simulated agents' connections to it
+    scrape: Any = None  # relay_sim: its /metrics
+    computers: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def name(self) -> str:
+        return f"relay{self.index}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+def start_relays(
+    workdir: Path,
+    server: ServerProc,
+    token: str,
+    count: int,
+    launcher: str | None = None,
+    extra: tuple[str, ...] = (),
+) -> list[RelayProc]:
+    """``count`` real relays, enrolled with ``token``, serving agents once /healthz is 200.
+    ``launcher``: a script run instead of ``-m taskfleet`` (same CLI), e.g.
+    benchmarks/experiments/patched_relay.py; ``extra``: more relay options."""
+    relays = []
+    for i in range(count):
+        port = free_port()
+        udp = free_port(socket.SOCK_DGRAM)
+        state = workdir / f"relay{i}"
+        log = workdir / f"relay{i}.log"
+        args = [
+            sys.executable,
+            *([launcher] if launcher else ["-m", "taskfleet"]),
+            "relay",
+            "--server",
+            server.url,
+            "--state-dir",
+            str(state),
+            "--listen",
+            f"{HOST}:{port}",
+            "--advertise",
+            f"http://{HOST}:{port}",
+            "--tickle-port",
+            str(udp),
+            "--tickle-bind",
+            HOST,
+            "--name",
+            f"bench-relay-{i}",
+            "--log-format",
+            "json",
+            *extra,
+        ]
+        # the token in the environment, not on the command line (visible in ps)
+        p = spawn(args, log, env={"TASKFLEET_RELAY_TOKEN": token})
+        relays.append(RelayProc(i, port, udp, state, log, p))
+
+    def ready() -> bool:
+        for r in relays:
+            if r.popen.poll() is not None:
+                raise RuntimeError(
+                    f"relay {r.index} exited ({r.popen.returncode}):\n{r.log.read_text()[-3000:]}"
+                )
+        return all(http_status(r.port) == 200 for r in relays)
+
+    wait_until(ready, 90, "relays to enroll")
+    return relays
+
+
+@dataclass
+class AgentProc:
+    """A real ``taskfleet agent`` started by ``start_agents``."""
+
+    index: int
+    state_dir: Path
+    log: Path
+    tickle_port: int
+    popen: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+def start_agents(
+    workdir: Path,
+    server_url: str,
+    token: str,
+    count: int,
+    *,
+    extra: Callable[[int], list[str]] | None = None,
+    spawn_gap: float = 0.01,
+) -> list[AgentProc]:
+    """``count`` real agents, each with its own state folder and UDP tickle port on
+    loopback, scripts allowed, enrolling with ``token`` (in the environment, not on the
+    command line). ``extra(i)``: more options for agent ``i`` (e.g. ``--relay URL``)."""
+    agents: list[AgentProc] = []
+    ports: set[int] = set()
+    for i in range(count):
+        port = free_port(socket.SOCK_DGRAM)
+        while port in ports:
+            port = free_port(socket.SOCK_DGRAM)
+        ports.add(port)
+        state = workdir / f"agent-{i}"
+        log = workdir / f"agent-{i}.log"
+        args = [
+            sys.executable,
+            "-m",
+            "taskfleet",
+            "agent",
+            "--server",
+            server_url,
+            "--state-dir",
+            str(state),
+            "--tickle-port",
+            str(port),
+            "--tickle-bind",
+            HOST,
+            "--allow-scripts",
+            "--hostname",
+            f"bench-{i}",
+            "--log-format",
+            "json",
+            *(extra(i) if extra else []),
+        ]
+        p = spawn(args, log, env={"TASKFLEET_ENROLL_TOKEN": token})
+        agents.append(AgentProc(i, state, log, port, p))
+        time.sleep(spawn_gap)
+    return agents
+
+
+def wait_agents_ready(agents: list[AgentProc], timeout: float) -> None:
+    """Until every agent logged "agent ready" (an agent that exits fails it at once)."""
+    ready: set[int] = set()
+
+    def check() -> bool:
+        for a in agents:
+            if a.popen.poll() is not None:
+                raise RuntimeError(f"agent {a.index} exited:\n{a.log.read_text()[-2000:]}")
+            if a.index not in ready and "agent ready" in a.log.read_text(errors="replace"):
+                ready.add(a.index)
+        return len(ready) == len(agents)
+
+    wait_until(check, timeout, "all agents ready", every=0.5)
