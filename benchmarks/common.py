@@ -216,6 +216,19 @@ class CpuMeter:
         return self._cpu() - self.c0, time.monotonic() - self.t0
 
 
+def cpu_seconds(pids: list[int], children: bool = False) -> float:
+    """User + system CPU seconds of these processes (``children``: plus their waited-for
+    children's, e.g. the scripts an agent ran)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+            if children:
+                total += t.children_user + t.children_system
+    return total
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None

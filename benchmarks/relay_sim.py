@@ -47,13 +47,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 import fleet_sim
-from common import RelayProc, start_relays
+from common import RelayProc, cpu_seconds, start_relays
 from fleet_sim import Admin, Pool, Sim
 
 RELAYED, DIRECT = "relayed", "direct"
@@ -64,15 +62,6 @@ TARGET_100K_S = 60.0  # the issue: 100,000 results recorded within 60 s behind 1
 UDP_BUFFER = 256 * 1024 * 1024
 STALL_AFTER = 60.0  # a request with no activity finishing for this long has lost its way
 DIRECT_ENROLL_CONCURRENCY = 64  # as fleet_sim.py (setup only: enrollment is not compared)
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-    return total
 
 
 async def settle(pids: list[int], below: float = 0.03, timeout: float = 180.0) -> float:
