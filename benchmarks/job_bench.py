@@ -317,14 +317,19 @@ def spread(values: list[float]) -> dict[str, float | None]:
     }
 
 
-def where_time_goes(job: dict[str, Any]) -> dict[str, Any]:
+def where_time_goes(job: dict[str, Any], relays: int) -> dict[str, Any]:
     """From the steps: when each phase ended on each computer, relative to the job's
-    creation, and how long each phase took per computer."""
+    creation, and how long each phase took per computer; when computers finished,
+    per relay (agent i is behind relay i mod R)."""
     created = job["created_at"]
     delivered, ends = [], {p: [] for p in PHASE_ORDER}
     took: dict[str, list[float]] = {p: [] for p in PHASE_ORDER}
     finished = []
+    by_relay: list[list[float]] = [[] for _ in range(relays)]
     for c in job["computers"]:
+        if c.get("finished_at"):
+            idx = int(str(c["hostname"]).rsplit("-", 1)[-1])
+            by_relay[idx % relays].append(c["finished_at"] - created)
         if c.get("delivered_at") is None:
             continue
         delivered.append(c["delivered_at"] - created)
@@ -342,6 +347,7 @@ def where_time_goes(job: dict[str, Any]) -> dict[str, Any]:
         "phase_end_s": {p: spread(v) for p, v in ends.items()},
         "phase_took_s": {p: spread(v) for p, v in took.items()},
         "finished_s": spread(finished),
+        "finished_s_by_relay": [spread(v) for v in by_relay],
     }
 
 
@@ -429,7 +435,7 @@ def run_full(b: Bench) -> dict[str, Any]:
     out["server_span_created_to_last_finished"] = max(ends) - d["created_at"] if ends else None
     out["counts"] = d["counts"]
     out["steps"] = step_counts(d)
-    out["time"] = where_time_goes(d)
+    out["time"] = where_time_goes(d, b.opts.relays)
     out["bytes"] = bytes_delta(m0, b.metrics())
     out["bytes_expected_to_relays"] = expected
     out["item_sizes"] = [c["size"] for c in content]
@@ -487,7 +493,7 @@ def termination_report(
         "orders_received_logged": len(received),
         "order_received_after_post_s": spread(rx),
         "later_phase_after_order": later,
-        "time": where_time_goes(d),
+        "time": where_time_goes(d, b.opts.relays),
         "terminate": term,
         "waiting_for": d.get("waiting_for"),
     }
@@ -747,6 +753,15 @@ def report(out: dict[str, Any]) -> str:
                 fmt_spread(t["delivered_s"]),
                 "",
                 "",
+            ],
+            *[
+                [
+                    f"    finished behind relay {i} (min / p50 / max)",
+                    fmt_spread(x),
+                    "",
+                    "",
+                ]
+                for i, x in enumerate(t["finished_s_by_relay"])
             ],
             *[
                 [
