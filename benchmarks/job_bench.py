@@ -62,8 +62,9 @@ import common
 from common import AgentProc, RelayProc
 
 PHASE_ORDER = {"analyze": 0, "download": 1, "install": 2}
-# A JSON log line of the agent that says it got a job's terminate order (its "msg").
-RECEIPT_RE = re.compile(r"terminat", re.IGNORECASE)
+# The agent's log line once a terminate order is stored and reaches the running job
+# (agent/operations.py: "operation N: terminate received, finishing the step in hand").
+RECEIPT_RE = re.compile(r"terminate received")
 TOKEN_ENV = "TASKFLEET_TOKEN"
 
 
