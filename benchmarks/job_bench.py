@@ -361,6 +361,20 @@ def step_counts(job: dict[str, Any]) -> dict[str, dict[str, int]]:
     return out
 
 
+def ran_after(comp: dict[str, Any], received: float) -> list[str]:
+    """Steps that ended (succeeded or failed) after this computer got the order, other
+    than Analyze steps when it got it in Analyze (that phase is finished as a whole):
+    SPEC 6 allows one, the step in hand; more means it started another."""
+    in_analyze = phase_at(comp, received) == "analyze"
+    return [
+        f"{s['phase']} {s['item']} {s['status']}"
+        for s in comp["steps"]
+        if s["at"] > received
+        and s["status"] in ("succeeded", "failed")
+        and not (in_analyze and s["phase"] == "analyze")
+    ]
+
+
 def later_phase(comp: dict[str, Any], received: float) -> list[str]:
     """Steps of a phase later than the one this computer was in when it got the order,
     that ran (succeeded or failed) all the same."""
@@ -468,6 +482,7 @@ def termination_report(
     at_post = {}
     at_receipt = {}
     later = {}
+    more = {}
     for c in d["computers"]:
         idx = int(str(c["hostname"]).rsplit("-", 1)[-1])  # bench-<agent index>
         p0 = phase_at(c, t_wall)
@@ -479,6 +494,9 @@ def termination_report(
             bad = later_phase(c, when)
             if bad:
                 later[c["hostname"]] = bad
+            ran = ran_after(c, when)
+            if len(ran) > 1:
+                more[c["hostname"]] = ran
     server_latency = (
         term["terminated_at"] - term["at"] if term.get("terminated_at") and term.get("at") else None
     )
@@ -494,6 +512,7 @@ def termination_report(
         "orders_received_logged": len(received),
         "order_received_after_post_s": spread(rx),
         "later_phase_after_order": later,
+        "more_than_step_in_hand": more,
         "time": where_time_goes(d, b.opts.relays),
         "terminate": term,
         "waiting_for": d.get("waiting_for"),
@@ -692,7 +711,12 @@ def verdicts(out: dict[str, Any]) -> dict[str, str]:
     for key in ("terminate_download", "terminate_install"):
         t = out.get(key)
         if t:
-            ok = t["state"] == "terminated" and not t["later_phase_after_order"]
+            ok = (
+                t["state"] == "terminated"
+                and not t["later_phase_after_order"]
+                and not t["more_than_step_in_hand"]
+                and t["orders_received_logged"] == out["agents"]
+            )
             if key == "terminate_install":
                 ok = ok and not t["later_items_started"]
             v[key] = "PASS" if ok and not t["staged_files_left"] else "MISS"
@@ -820,11 +844,13 @@ def report(out: dict[str, Any]) -> str:
                 "",
             ],
             [
-                "    later phase run after the order / staging left",
-                f"{len(t['later_phase_after_order'])} computers / {t['staged_files_left']} files",
+                "    ran a later phase / > 1 step after the order",
+                f"{len(t['later_phase_after_order'])} / {len(t['more_than_step_in_hand'])} "
+                "computers",
                 "0 / 0",
                 "",
             ],
+            ["    staging files left on agents", str(t["staged_files_left"]), "0", ""],
         ]
         if key == "terminate_install":
             rows += [
