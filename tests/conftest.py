@@ -329,6 +329,7 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
         tickle_port: int | None = None,
         allow_scripts: bool = True,
         wait_enrolled: bool = True,
+        inventory: bool = False,
     ) -> Agent:
         n = next(counter)
         name = name or f"agent-{n}"
@@ -353,6 +354,8 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
             args += ["--enroll-token", enroll_token]
         if allow_scripts:
             args.append("--allow-scripts")
+        if not inventory:  # its messages would change what other tests count (inventory.md)
+            args.append("--no-inventory")
         proc = spawn(_cli(*args), tmp_path / f"{name}.log")
         agent = Agent(state_dir, port, proc)
         agents.append(agent)

@@ -175,3 +175,16 @@ RELAY_CONTENT_CACHE_BYTES = 10 * 1024**3
 # Seconds without progress (connecting, or between two reads) before a relay's fetch from
 # the server is abandoned: a stalled server must not hold the agents waiting on it forever.
 RELAY_CONTENT_TIMEOUT = 60.0
+
+# -- the computer's inventory (issue 13; docs/inventory.md) ---------------------------------
+# The agent re-collects its inventory this often even when nothing told it to (a package
+# installed by hand, a user added): four times a day finds those the same working day.
+AGENT_INVENTORY_INTERVAL = 6 * 3600.0
+# ... and never more often than this: a burst of finished operations (a rollout of 50
+# scripts) costs one collection a minute, not fifty.
+AGENT_INVENTORY_MIN_INTERVAL = 60.0
+# One run of an inventory tool (dpkg-query, apt-get -s, ip): apt's simulation takes a few
+# seconds on a small machine; a stuck one must not stop the next collection.
+INVENTORY_TOOL_TIMEOUT = 120.0
+# The most read from one tool or file (dpkg-query on a desktop writes about 0.5 MB).
+INVENTORY_TOOL_OUTPUT = 16 * 1024 * 1024

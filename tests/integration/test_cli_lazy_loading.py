@@ -33,7 +33,12 @@ import taskfleet.agent.main
 print(json.dumps(sorted(sys.modules)))
 """
 COMPILED = {"nacl", "cffi", "_cffi_backend"}
-HELPERS = {"taskfleet.cli.client", "taskfleet.cli.options", "taskfleet.cli.output"}
+HELPERS = {
+    "taskfleet.cli.client",
+    "taskfleet.cli.lifecycle",
+    "taskfleet.cli.options",
+    "taskfleet.cli.output",
+}
 
 
 def _loaded(*args: str) -> set[str]:

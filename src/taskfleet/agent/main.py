@@ -30,6 +30,9 @@ Contract (see ``protocol/exchange.py`` for the wire protocol):
   wins over ``--relay`` at the next start, logged). A pinned
   ``--server-key`` refuses an enrollment answer carrying another key (a relay
   could swap it); without one the first key is trusted, and logged as such.
+* The inventory is reported at start, after each finished operation, when the
+  server asks for the whole of it and every ``inventory_interval``
+  (``agent/inventory_reports.py``: deltas, at most once a minute).
 * An operation found unfinished at start (the agent died while it ran) is
   reported Failed with a result line saying so.
 * A failed run of a pulled, Required, Once operation with attempts left is not
@@ -59,6 +62,7 @@ from taskfleet import __version__
 from taskfleet.agent import state as st
 from taskfleet.agent.enroll import enroll
 from taskfleet.agent.http import Connection, HttpError, error_text
+from taskfleet.agent.inventory_reports import InventoryReports
 from taskfleet.agent.operations import Operations
 from taskfleet.agent.scrub import agent_lock, kill_leftover
 from taskfleet.agent.scrub import plan as scrub_plan
@@ -80,6 +84,8 @@ from taskfleet.protocol.exchange import (
 from taskfleet.protocol.signing import Verifier
 from taskfleet.protocol.tickle import TickleVerifier
 from taskfleet.settings import (
+    AGENT_INVENTORY_INTERVAL,
+    AGENT_INVENTORY_MIN_INTERVAL,
     AGENT_RELAY_CHECK_INTERVAL,
     AGENT_RELAY_FAILOVER_AFTER,
     AGENT_RELAY_PROBE_INTERVAL,
@@ -120,6 +126,11 @@ class AgentConfig:
     relay_failover_after: float = AGENT_RELAY_FAILOVER_AFTER
     relay_probe_interval: float = AGENT_RELAY_PROBE_INTERVAL
     server_key: str | None = None  # pinned server public key (hex): refuse any other
+    inventory: bool = True  # report the inventory (--no-inventory: never)
+    inventory_root: Path = Path("/")  # the inventory is read under this root (containers, tests)
+    inventory_admindir: Path | None = None  # dpkg's database (default ROOT/var/lib/dpkg)
+    inventory_interval: float = AGENT_INVENTORY_INTERVAL
+    inventory_min_interval: float = AGENT_INVENTORY_MIN_INTERVAL
 
 
 def default_machine_id(state_dir: Path) -> str:
@@ -176,6 +187,17 @@ class Agent:
             max_attempts=config.max_attempts,
             next_scrub_at=lambda: self.next_scrub_at,
         )
+        self.inventory = InventoryReports(
+            self.state,
+            self.trigger,
+            state_dir=config.state_dir,
+            root=config.inventory_root,
+            admindir=config.inventory_admindir,
+            interval=config.inventory_interval,
+            min_interval=config.inventory_min_interval,
+        )
+        if config.inventory:
+            self.state.on_finish = self.inventory.want  # an operation may have changed it
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -195,6 +217,7 @@ class Agent:
                     "give --enroll-token"
                 )
             self.ident = await self._enroll()
+            self.inventory.forget()  # a new computer to the server: the next report is whole
         elif self.ident.server != self.config.server:
             log.warning(
                 "state folder was enrolled with %s; talking to it, not %s",
@@ -218,6 +241,9 @@ class Agent:
         transport = await self._listen_tickles(sock)
         self._startup()
         scrubber = asyncio.create_task(self._scrub_loop())
+        inventory = asyncio.create_task(
+            self.inventory.run() if self.config.inventory else self.stopping.wait()
+        )
         log.info(
             "agent ready: computer %d, %s, poll every %gs%s",
             self.ident.computer_id,
@@ -230,6 +256,7 @@ class Agent:
         await self.stopping.wait()
         main.cancel()
         scrubber.cancel()
+        inventory.cancel()
         self.ops.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await main
@@ -550,6 +577,7 @@ class Agent:
         # Kept until the SERVER has them: a relay's ack only says what it holds.
         self.state.acked(self.acks.replied(peer, reply.ack, server_ack))
         self._apply_settings(reply.settings)
+        self.inventory.asked(reply.inventory)
         if self.verifier is not None and reply.server_time is not None:
             self.verifier.set_clock_offset(reply.server_time - time.time())
         self.ops.receive(reply.messages, pushed=bool(wait) or self.woken)

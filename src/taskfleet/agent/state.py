@@ -5,7 +5,8 @@ Contract: one SQLite file (``state.db``) in the agent's state folder, written
 with ``synchronous=FULL`` so that every committed step survives a crash or a
 power cut. An operation is recorded (with its server sequence number) before
 the agent acknowledges it, and its result is appended to the outbox in the
-same transaction that marks it finished, before it is sent; a server message
+same transaction that marks it finished, before it is sent (then ``on_finish``
+is called: the inventory may have changed); a server message
 the agent refuses is acknowledged in the same transaction that queues its
 ``refused`` message. Outbox messages
 stay until the server acknowledges their sequence number. A folder that is
@@ -19,6 +20,7 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,7 @@ class LocalState:
             ) from None
         except OSError as exc:
             raise StateError(f"cannot open state file {path}: {exc}") from None
+        self.on_finish: Callable[[], None] | None = None  # after an operation finished
 
     def close(self) -> None:
         self.db.close()
@@ -389,7 +392,28 @@ class LocalState:
                 "pgid=NULL WHERE op=?",
                 (status, time.time(), text, op),
             )
+        if self.on_finish is not None:
+            self.on_finish()
         return int(json.loads(text)["seq"])
+
+    def queue_text(self, text: str) -> int:
+        """Queue a message given as its JSON object text without ``seq`` (an inventory,
+        made by another process: never decoded here); returns its sequence number."""
+        if not (text.startswith("{") and text.endswith("}")):
+            raise ValueError("queue_text: not a JSON object")
+        with self._tx() as db:
+            seq = int(self.get("next_seq", "1") or 1)
+            db.execute(
+                "INSERT INTO outbox(seq, message) VALUES (?, ?)",
+                (seq, f'{text[:-1]},"seq":{seq}}}'),
+            )
+            self._set("next_seq", str(seq + 1))
+        return seq
+
+    def is_queued(self, seq: int) -> bool:
+        """Whether message ``seq`` is still waiting for the server's ack."""
+        row = self.db.execute("SELECT 1 FROM outbox WHERE seq=?", (seq,)).fetchone()
+        return row is not None
 
     def requeue(self, op: int) -> None:
         """A decision to continue taken outside the agent: it runs at the agent's start."""

@@ -17,6 +17,8 @@ import click
 from taskfleet.cli.options import FINITE_FLOAT
 from taskfleet.cli.output import emit, fail, print_fields, print_table, when
 from taskfleet.settings import (
+    AGENT_INVENTORY_INTERVAL,
+    AGENT_INVENTORY_MIN_INTERVAL,
     AGENT_RELAY_FAILOVER_AFTER,
     AGENT_RELAY_PROBE_INTERVAL,
     AGENT_STATE_DIR,
@@ -130,6 +132,40 @@ from taskfleet.settings import (
     help="Attempts after which the scrubber stops continuing an operation.",
 )
 @click.option(
+    "--inventory/--no-inventory",
+    "report_inventory",
+    default=True,
+    show_default=True,
+    help="Report this computer's inventory (OS, hardware, packages, users; docs/inventory.md).",
+)
+@click.option(
+    "--inventory-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/"),
+    show_default=True,
+    help="Read the inventory (files, dpkg, apt) under this root: a container's view of its "
+    "host, or test data.",
+)
+@click.option(
+    "--inventory-admindir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="dpkg's database for the inventory [default: ROOT/var/lib/dpkg].",
+)
+@click.option(
+    "--inventory-interval",
+    type=FINITE_FLOAT,
+    default=AGENT_INVENTORY_INTERVAL,
+    show_default=True,
+    help="Seconds between inventory collections when nothing else asks for one.",
+)
+@click.option(
+    "--inventory-min-interval",
+    type=FINITE_FLOAT,
+    default=AGENT_INVENTORY_MIN_INTERVAL,
+    hidden=True,  # tests: collections closer together than a minute
+)
+@click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
 )
 @click.pass_context
@@ -154,6 +190,11 @@ def agent(
     run_window: str | None,
     scrub_interval: float,
     max_attempts: int,
+    report_inventory: bool,
+    inventory_root: Path,
+    inventory_admindir: Path | None,
+    inventory_interval: float,
+    inventory_min_interval: float,
     log_format: str,
 ) -> None:
     """Run the agent on a managed computer (enrolls on first start)."""
@@ -169,6 +210,8 @@ def agent(
             fail(str(exc))
     if scrub_interval <= 0:
         fail("--scrub-interval must be positive")
+    if inventory_interval <= 0 or inventory_min_interval < 0:
+        fail("--inventory-interval must be positive")
     server_key = _relay_options(relay_url, relay_failover_after, relay_probe_interval, server_key)
     if enroll_token_file is not None:
         if enroll_token:
@@ -207,6 +250,11 @@ def agent(
         relay_failover_after=relay_failover_after,
         relay_probe_interval=relay_probe_interval,
         server_key=server_key,
+        inventory=report_inventory,
+        inventory_root=inventory_root,
+        inventory_admindir=inventory_admindir,
+        inventory_interval=inventory_interval,
+        inventory_min_interval=inventory_min_interval,
     )
     if hostname:
         config.hostname = hostname

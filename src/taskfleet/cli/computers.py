@@ -1,7 +1,11 @@
 """``taskfleet computer``: enrolled computers (list, show, remove).
 
 Contract: talks to the admin API only (``/computers``); removing asks (or wants
---yes) first. Tags are set through ``taskfleet group tag`` (cli/groups.py).
+--yes) first. ``show`` prints the computer's inventory (OS, kernel, CPU, memory,
+disks, addresses, counts of packages, users and groups, pending upgrades with
+the security ones marked) and, with ``--packages``, every package (read page
+by page from ``/computers/ID/packages``). Tags are set through ``taskfleet
+group tag`` (cli/groups.py).
 """
 
 from __future__ import annotations
@@ -58,10 +62,16 @@ def computer_list(server: str | None, token: str | None, as_json: bool) -> None:
 
 @computer.command("show")
 @click.argument("computer_id", type=int)
+@click.option("--packages", "with_packages", is_flag=True, help="List every installed package.")
 @client_options
-def computer_show(computer_id: int, server: str | None, token: str | None, as_json: bool) -> None:
-    """Show a computer and its recent activities."""
-    c = Api(server, token).get(f"/computers/{computer_id}")
+def computer_show(
+    computer_id: int, with_packages: bool, server: str | None, token: str | None, as_json: bool
+) -> None:
+    """Show a computer, its inventory and its recent activities."""
+    api = Api(server, token)
+    c = api.get(f"/computers/{computer_id}")
+    if with_packages:
+        c["package_list"] = _all_packages(api, computer_id)
 
     def table(c: dict[str, Any]) -> None:
         print_fields(
@@ -94,8 +104,86 @@ def computer_show(computer_id: int, server: str | None, token: str | None, as_js
                 for a in c["activities"]
             ],
         )
+        print_inventory(c.get("inventory"))
+        if "package_list" in c:
+            print_table(
+                "packages",
+                ["name", "arch", "version", "held", "upgrade"],
+                [
+                    [r["name"], r["arch"], r["version"], "held" if r["held"] else "", _upgrade(r)]
+                    for r in c["package_list"]
+                ],
+            )
 
     emit(c, as_json, table)
+
+
+def _all_packages(api: Api, computer_id: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    while True:
+        after = rows[-1]["name"] if rows else ""
+        page = api.get(f"/computers/{computer_id}/packages", after=after, limit=5000)
+        rows += page
+        if len(page) < 5000:
+            return rows
+
+
+def _upgrade(r: dict[str, Any]) -> str:
+    if not r.get("upgrade_version"):
+        return ""
+    return str(r["upgrade_version"]) + (" (security)" if r.get("security") else "")
+
+
+def print_inventory(inv: dict[str, Any] | None) -> None:
+    """The inventory part of ``computer show`` (None: not reported yet)."""
+    if inv is None:
+        echo("inventory: not reported yet")
+        return
+    os_ = inv.get("os") or {}
+    cpu = inv.get("cpu") or {}
+    mem = inv.get("memory") or {}
+    ups = inv.get("upgrades") or []
+    security = [u for u in ups if u.get("security")]
+    print_fields(
+        "inventory",
+        [
+            ("os", os_.get("pretty_name") or f"{os_.get('id', '')} {os_.get('version_id', '')}"),
+            ("kernel", (inv.get("kernel") or {}).get("release")),
+            ("cpu", f"{cpu.get('count', '?')} x {cpu.get('model') or '?'}" if cpu else None),
+            ("memory", _size(mem["total_kb"] * 1024) if "total_kb" in mem else None),
+            ("disks", "; ".join(_disk(d) for d in inv.get("disks") or []) or None),
+            ("addresses", "; ".join(_addresses(n) for n in inv.get("network") or []) or None),
+            ("packages", f"{inv.get('packages', 0)} installed"),
+            ("upgrades", f"{len(ups)} pending, {len(security)} security"),
+            ("security", ", ".join(u["name"] for u in security) or None),
+            ("users", len(inv["users"]) if "users" in inv else None),
+            ("groups", len(inv["groups"]) if "groups" in inv else None),
+            ("updated", when(inv.get("updated_at"))),
+            (
+                "not read",
+                "; ".join(f"{k}: {v}" for k, v in (inv.get("missing") or {}).items()) or None,
+            ),
+            ("refused", inv.get("problem")),
+        ],
+    )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _disk(d: dict[str, Any]) -> str:
+    return (
+        f"{d.get('mount')} {d.get('fs')} {_size(d.get('size') or 0)} {d.get('used_percent')}% used"
+    )
+
+
+def _addresses(n: dict[str, Any]) -> str:
+    return f"{n.get('interface') or '?'} {' '.join(n.get('addresses') or []) or '-'}"
 
 
 @computer.command("remove")

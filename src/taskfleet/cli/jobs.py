@@ -17,9 +17,9 @@ from typing import Any
 import click
 
 from taskfleet.cli.client import Api, client_options
+from taskfleet.cli.lifecycle import lifecycle_fields, lifecycle_options, schedule
 from taskfleet.cli.options import FINITE_FLOAT, seconds_arg
 from taskfleet.cli.output import echo, emit, fail, print_fields, print_table, state_label, when
-from taskfleet.cli.requests import lifecycle_fields, lifecycle_options, schedule
 
 _ACTIONS = ("install", "uninstall", "remediate")
 _ITEM_KEYS = {"name", "detect", "content", *_ACTIONS}

@@ -1,8 +1,11 @@
 """Target specifications: which computers a request is aimed at (SPEC 7).
 
-Contract: ``parse_target`` turns ``all``, ``group:NAME``, ``tag:KEY=VALUE`` or
-``computer:ID[,ID...]`` into a :class:`Target`, or raises :class:`TargetError`
-with a message that says what is wrong. Resolution against the fleet happens in
+Contract: ``parse_target`` turns ``all``, ``group:NAME``, ``tag:KEY=VALUE``,
+``computer:ID[,ID...]``, ``package:NAME[OP VERSION]`` (installed, at a version
+that satisfies ``OP`` in Debian's order: ``<``, ``<=``, ``=``, ``>=``, ``>``) or
+``os:ID[-VERSION]`` (os-release's ID and VERSION_ID: ``os:debian-12``) into a
+:class:`Target`, or raises :class:`TargetError` with a message that says what
+is wrong. Resolution against the fleet happens in
 the store; an unknown group or tag is an error there, never an empty success.
 """
 
@@ -12,10 +15,17 @@ import enum
 import re
 from dataclasses import dataclass
 
+from taskfleet.domain.versions import OPERATORS, valid_version
 from taskfleet.settings import MAX_ID, TAG_VALUE_MAX
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _TAG_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,63}$")
+_PACKAGE = re.compile(
+    r"(?P<name>[a-z0-9][a-z0-9+.\-]{0,127})(?:(?P<op><=|>=|<|>|=)(?P<version>.+))?"
+)
+_OS = re.compile(
+    r"(?P<id>[a-z0-9][a-z0-9._\-]{0,63}?)(?:-(?P<version>[0-9][A-Za-z0-9._~\-]{0,63}))?"
+)
 
 
 class TargetKind(enum.StrEnum):
@@ -23,6 +33,8 @@ class TargetKind(enum.StrEnum):
     GROUP = "group"
     TAG = "tag"
     COMPUTER = "computer"
+    PACKAGE = "package"
+    OS = "os"
 
 
 class TargetError(ValueError):
@@ -32,9 +44,10 @@ class TargetError(ValueError):
 @dataclass(frozen=True)
 class Target:
     kind: TargetKind
-    name: str = ""  # group name or tag key
-    value: str = ""  # tag value
+    name: str = ""  # group name, tag key, package name or OS id
+    value: str = ""  # tag value, package version or OS version ("": any)
     computer_ids: tuple[int, ...] = ()
+    op: str = ""  # package: the version comparison ("": installed at any version)
 
     def __str__(self) -> str:
         if self.kind is TargetKind.ALL:
@@ -43,6 +56,10 @@ class Target:
             return f"group:{self.name}"
         if self.kind is TargetKind.TAG:
             return f"tag:{self.name}={self.value}"
+        if self.kind is TargetKind.PACKAGE:
+            return f"package:{self.name}{self.op}{self.value}"
+        if self.kind is TargetKind.OS:
+            return f"os:{self.name}" + (f"-{self.value}" if self.value else "")
         return "computer:" + ",".join(str(i) for i in self.computer_ids)
 
 
@@ -67,7 +84,10 @@ def tag_value_problem(value: str) -> str | None:
 
 def parse_target(spec: str) -> Target:
     spec = spec.strip()
-    usage = "expected all, group:NAME, tag:KEY=VALUE or computer:ID[,ID...]"
+    usage = (
+        "expected all, group:NAME, tag:KEY=VALUE, computer:ID[,ID...], "
+        "package:NAME[OP VERSION] or os:ID[-VERSION]"
+    )
     if spec == "all":
         return Target(TargetKind.ALL)
     kind, sep, rest = spec.partition(":")
@@ -95,4 +115,26 @@ def parse_target(spec: str) -> Target:
                 f"invalid computer id list {rest!r}: positive, no repeats, at most {MAX_ID}"
             )
         return Target(TargetKind.COMPUTER, computer_ids=ids)
+    if kind == "package":
+        return _package_target(rest)
+    if kind == "os":
+        m = _OS.fullmatch(rest)
+        if m is None:
+            raise TargetError(
+                f"invalid os target {spec!r}: expected os:ID[-VERSION], e.g. os:debian-12"
+            )
+        return Target(TargetKind.OS, name=m.group("id"), value=m.group("version") or "")
     raise TargetError(f"invalid target kind {kind!r}: {usage}")
+
+
+def _package_target(rest: str) -> Target:
+    m = _PACKAGE.fullmatch(rest.replace(" ", ""))
+    if m is None:
+        raise TargetError(
+            f"invalid package target {rest!r}: expected package:NAME or package:NAME"
+            f"OP VERSION with OP one of {' '.join(OPERATORS)}, e.g. package:openssl<3.0.13"
+        )
+    version = m.group("version") or ""
+    if m.group("op") and not valid_version(version):
+        raise TargetError(f"invalid package version {version!r}: not a Debian version")
+    return Target(TargetKind.PACKAGE, name=m.group("name"), value=version, op=m.group("op") or "")

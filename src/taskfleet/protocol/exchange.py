@@ -28,6 +28,9 @@ same scheme, borrowed from landscape-client:
   ``refused_message``) and parsed
   here too: ``parse_agent_request`` on the server, ``parse_server_reply`` on
   the agent (which says what the agent does with a reply it cannot read).
+* The inventory (``protocol/inventory.py``) adds ``inventory`` (agent -> server:
+  the whole inventory or a delta) and the reply's ``"inventory": "full"`` (the
+  server wants the whole one).
 * A job (``protocol/jobs.py``) adds ``job-step`` (agent -> server: one step's
   status) and ``terminate`` (server -> agent: finish the current step, skip the rest).
 * Server -> agent messages: ``operation`` (run operation ``op``),
@@ -83,6 +86,7 @@ from taskfleet.protocol.fields import clean_text as clean_text
 from taskfleet.protocol.fields import int_field as _int
 from taskfleet.protocol.fields import num_field as _num
 from taskfleet.protocol.fields import str_field as _str
+from taskfleet.protocol.inventory import InventoryReport, parse_inventory
 from taskfleet.protocol.jobs import JobStep, parse_job_step
 
 # BIGINT columns (sequence numbers, operation ids) and INTEGER columns (exit
@@ -147,7 +151,7 @@ class RefusedMessage:
     text: str
 
 
-AgentMessage = OperationResult | OperationStatus | RefusedMessage | JobStep
+AgentMessage = OperationResult | OperationStatus | RefusedMessage | JobStep | InventoryReport
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,7 @@ class ServerReply:
     more: bool = False
     server_ack: int | None = None  # a relay's reply: what the server acknowledged
     relay: str | None = None  # the server's reply: the relay this computer is assigned to
+    inventory: str | None = None  # "full": the server wants the whole inventory
 
 
 def clean_json(value: Any) -> Any:
@@ -312,6 +317,7 @@ _AGENT_PARSERS: dict[str, Callable[[dict[str, Any]], AgentMessage]] = {
     "operation-status": _parse_status,
     "refused": _parse_refused,
     "job-step": parse_job_step,
+    "inventory": parse_inventory,
 }
 
 
@@ -421,7 +427,11 @@ def parse_server_reply(obj: Any) -> ServerReply:
     if server_ack is not None and server_ack > ack:
         raise ProtocolError(f"'server_ack' {server_ack} is above 'ack' {ack}")
     relay = None if obj.get("relay") is None else _relay_url(obj["relay"])
-    return ServerReply(ack, messages, _num(obj, "server_time"), settings, more, server_ack, relay)
+    # An ask this agent does not know (a newer server's) is ignored, like unknown fields.
+    inventory = "full" if obj.get("inventory") == "full" else None
+    return ServerReply(
+        ack, messages, _num(obj, "server_time"), settings, more, server_ack, relay, inventory
+    )
 
 
 def _relay_url(value: Any) -> str:

@@ -27,6 +27,11 @@ Contract:
   report) and move the lost-deadline of the job's activity like a ``working``
   status; a step for an operation that is not a job delivered to that computer is
   ignored and logged, the rest of the exchange applied.
+* ``inventory`` messages (``protocol/inventory.py``) are applied by
+  ``server/computer_inventory.py`` in the same transaction (set-wise for the
+  batch); a computer whose report could not be applied gets ``inventory_full``
+  set after the commit, which makes its replies ask for the whole inventory
+  until one is stored.
 * In-memory fleet counters change only after the commit that persisted them.
 
 Longer than ~600 lines on purpose: applying results, acks, resends and the
@@ -69,10 +74,11 @@ from taskfleet.protocol.exchange import (
     RefusedMessage,
     operation_message,
 )
+from taskfleet.protocol.inventory import InventoryReport
 from taskfleet.protocol.jobs import JobStep
 from taskfleet.protocol.orders import operation_body
 from taskfleet.protocol.signing import Signer
-from taskfleet.server import metrics, refusals
+from taskfleet.server import computer_inventory, metrics, refusals
 from taskfleet.server.fleet import ComputerState, Fleet
 from taskfleet.server.writer import Writer
 from taskfleet.settings import INT32_MAX, REPLY_MAX_BYTES
@@ -138,6 +144,8 @@ class Pending:
     more: bool = False  # messages left for the next exchange
     sent: int = 0  # seq of the last message in ``messages``
     refused: list[RefusedMessage] = field(default_factory=list)  # reported after the commit
+    inventory: list[InventoryReport] = field(default_factory=list)
+    inventory_full: bool | None = None  # after the commit: ask for the whole one (or stop)
 
     def fits(self, message: str) -> bool:
         """Whether the reply can take ``message``; a reply takes at least one."""
@@ -305,6 +313,8 @@ class Exchange:
                 p = pending[job.cs.id]
                 cs = job.cs
                 refusals.report(cs.id, p.refused)
+                if p.inventory_full is not None:
+                    cs.inventory_full = p.inventory_full
                 cs.in_acked, cs.out_seq, cs.out_acked = p.in_acked, p.out_seq, p.out_acked
                 if job.req.agent is not None:
                     cs.tickle_port = job.req.agent.tickle_port
@@ -423,6 +433,7 @@ class Exchange:
             [(j.cs.id, j.cs.tenant_id, m) for j in jobs for m in pending[j.cs.id].refused],
             now,
         )
+        await self._record_inventory(conn, jobs, pending, now)
         if not fresh and not steps:
             return
         ids = list({m.op for _, m in fresh} | {m.op for _, m in steps})
@@ -545,6 +556,20 @@ class Exchange:
             )
         await self._record_steps(conn, steps, jobs_of, current, now)
         metrics.RESULTS.inc(len(changes))
+
+    async def _record_inventory(
+        self,
+        conn: AsyncConnection,
+        jobs: list[ExchangeJob],
+        pending: dict[int, Pending],
+        now: float,
+    ) -> None:
+        reports = [(j.cs.id, j.cs.tenant_id, pending[j.cs.id].inventory) for j in jobs]
+        done = await computer_inventory.record(conn, [r for r in reports if r[2]], now)
+        for cid in done.got_full:
+            pending[cid].inventory_full = False
+        for cid in done.want_full:
+            pending[cid].inventory_full = True
 
     async def _record_steps(
         self,
@@ -738,6 +763,8 @@ def _fresh_messages(
             p.in_acked = m.seq
             if isinstance(m, RefusedMessage):
                 p.refused.append(m)
+            elif isinstance(m, InventoryReport):
+                p.inventory.append(m)
             elif isinstance(m, JobStep):
                 steps.append((job.cs.id, m))
             else:

@@ -42,6 +42,7 @@ class ComputerState:
         "has_work",
         "id",
         "in_acked",
+        "inventory_full",
         "last_seen",
         "out_acked",
         "out_seq",
@@ -81,6 +82,9 @@ class ComputerState:
         self.waiter: asyncio.Event | None = None  # set while a long poll is held
         self.relay: RelayState | None = None  # the relay it is behind (computers.relay_id)
         self.via_relay = False  # its last exchange came through ``relay`` (memory only)
+        # Its inventory report could not be applied: replies ask for the whole one
+        # (memory only: after a restart, the next delta that does not apply asks again).
+        self.inventory_full = False
 
     def check_secret(self, secret: str) -> bool:
         digest = hashlib.sha256(secret.encode()).digest()

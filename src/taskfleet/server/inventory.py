@@ -3,7 +3,9 @@
 Contract: every function is scoped to the caller's tenant; a group named
 that does not exist is a 404 (``group_id``, the one place that says so); a
 target resolves to the ids of computers that are enrolled and not removed, or
-raises; every change is audited.
+raises (``package:`` and ``os:`` targets read the reported inventory through
+``server/computer_inventory.py``); every change is audited. ``get_computer``
+adds the computer's inventory.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from taskfleet.domain.targets import (
     valid_name,
     valid_tag_key,
 )
+from taskfleet.server import computer_inventory
 from taskfleet.server.activities import list_activities
 from taskfleet.server.kernel import ApiError, Principal, audit
 from taskfleet.store.activities import Change, apply_changes
@@ -268,18 +271,35 @@ async def resolve_target(conn: AsyncConnection, tenant_id: int, target: Target) 
             computer_tags.c.key == target.name,
             computer_tags.c.value == target.value,
         )
-    else:
+    elif target.kind is TargetKind.COMPUTER:
         await check_computers(conn, tenant_id, list(target.computer_ids))
         return list(target.computer_ids)
-    ids = sorted(int(i) for i in (await conn.execute(q)).scalars())
+    else:
+        q = None
+    if target.kind is TargetKind.PACKAGE:
+        ids = await computer_inventory.computers_with_package(
+            conn, tenant_id, target.name, target.op or None, target.value or None
+        )
+    elif target.kind is TargetKind.OS:
+        ids = await computer_inventory.computers_with_os(
+            conn, tenant_id, target.name, target.value or None
+        )
+    else:
+        assert q is not None
+        ids = sorted(int(i) for i in (await conn.execute(q)).scalars())
     if not ids:
         what = {
             "all": "no computers are enrolled",
             "group": f"group {target.name!r} is empty",
             "tag": f"no computer has tag {target.name}={target.value}",
+            "package": f"no computer has package {str(target)[8:]} installed",
+            "os": f"no computer runs {str(target)[3:]}",
         }[target.kind.value]
-        raise ApiError(404 if target.kind is TargetKind.TAG else 400, f"nothing to target: {what}")
+        raise ApiError(400 if target.kind in _EMPTY_IS_400 else 404, f"nothing to target: {what}")
     return ids
+
+
+_EMPTY_IS_400 = (TargetKind.ALL, TargetKind.GROUP)
 
 
 async def list_computers(
@@ -336,4 +356,5 @@ async def get_computer(conn: AsyncConnection, p: Principal, computer_id: int) ->
     c["activities"] = await list_activities(
         conn, p, request_id=None, computer_id=computer_id, state=None, limit=20
     )
+    c["inventory"] = await computer_inventory.inventory_of(conn, p.tenant_id, computer_id)
     return c

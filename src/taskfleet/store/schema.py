@@ -338,3 +338,39 @@ job_steps = sa.Table(
     sa.Column("at", sa.Float, nullable=False),  # on the computer's clock, as reported
     sa.Index("ix_job_steps_request_id", "request_id"),
 )
+
+# -- the computer's inventory (issue 13, docs/inventory.md) -------------------------------
+
+# One row per computer that reported one: what targets and listings read as columns, the
+# rest (small sections, users, groups, sources it could not read) as JSON.
+computer_inventory = sa.Table(
+    "computer_inventory",
+    metadata,
+    sa.Column("computer_id", sa.BigInteger, sa.ForeignKey("computers.id"), primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("os_id", sa.String(64), nullable=True),  # os-release ID: debian, ubuntu
+    sa.Column("os_version", sa.String(64), nullable=True),  # VERSION_ID: 12, 22.04
+    sa.Column("os_name", sa.String(256), nullable=True),  # PRETTY_NAME
+    sa.Column("kernel", sa.String(256), nullable=True),  # release: 6.1.0-18-amd64
+    sa.Column("sections", sa.JSON, nullable=False),  # the small sections, users, groups
+    sa.Column("digest", sa.String(32), nullable=False),  # what the agent says it holds
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("problem", sa.String(2000), nullable=True),  # the last report refused, and why
+    sa.Index(None, "tenant_id", "os_id", "os_version"),
+)
+
+# Installed packages and pending upgrades, one row per (computer, package, architecture):
+# ``version`` NULL is a package the upgrade would newly install.
+computer_packages = sa.Table(
+    "computer_packages",
+    metadata,
+    sa.Column("computer_id", sa.BigInteger, sa.ForeignKey("computers.id"), primary_key=True),
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("arch", sa.String(32), primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("version", sa.String(256), nullable=True),
+    sa.Column("held", sa.Boolean, nullable=False, default=False),
+    sa.Column("upgrade_version", sa.String(256), nullable=True),
+    sa.Column("security", sa.Boolean, nullable=False, default=False),
+    sa.Index(None, "tenant_id", "name"),  # package:NAME targets
+)

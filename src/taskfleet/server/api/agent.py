@@ -147,13 +147,14 @@ async def exchange(rt: Runtime, request: Request) -> Response:
             cs.waiter = None
         if rt.fleet.get(computer_id) is not cs:  # removed (or re-enrolled) while it waited
             return _refuse("auth", 401, "unknown computer or wrong secret")
-    # The relay it is assigned to (``relay assign``): the agent moves behind it.
+    # The relay it is assigned to (``relay assign``): the agent moves behind it; and
+    # whether the server wants its whole inventory (``protocol/inventory.py``).
     relay = b"" if cs.relay is None else cs.relay.reply_field
     if quiet():
         metrics.FAST_EXCHANGES.inc()
         return Response(
-            b'{"ack":%d,"messages":[],"server_time":%.3f,"settings":%s%s}'
-            % (cs.in_acked, rt.config.clock(), rt.settings_json, relay),
+            b'{"ack":%d,"messages":[],"server_time":%.3f,"settings":%s%s%s}'
+            % (cs.in_acked, rt.config.clock(), rt.settings_json, relay, _ask_inventory(cs)),
             media_type="application/json",
         )
     metrics.SLOW_EXCHANGES.inc()
@@ -167,7 +168,7 @@ async def exchange(rt: Runtime, request: Request) -> Response:
         log.exception("exchange of computer %d failed", cs.id)
         return _refuse("server", 500, "the server could not apply this exchange; retry later")
     return Response(
-        b'{"ack":%d,"messages":[%s],"server_time":%.3f,"settings":%s%s%s}'
+        b'{"ack":%d,"messages":[%s],"server_time":%.3f,"settings":%s%s%s%s}'
         % (
             out["ack"],
             ",".join(out["messages"]).encode(),
@@ -175,9 +176,14 @@ async def exchange(rt: Runtime, request: Request) -> Response:
             rt.settings_json,
             b',"more":true' if out.get("more") else b"",
             b"" if cs.relay is None else cs.relay.reply_field,
+            _ask_inventory(cs),
         ),
         media_type="application/json",
     )
+
+
+def _ask_inventory(cs: ComputerState) -> bytes:
+    return b',"inventory":"full"' if cs.inventory_full else b""
 
 
 def authenticate(rt: Runtime, request: Request) -> ComputerState | str:

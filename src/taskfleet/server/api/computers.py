@@ -1,4 +1,5 @@
-"""Computers: list, show, remove, tag (``server/inventory.py``)."""
+"""Computers: list, show (with the inventory), remove, tag (``server/inventory.py``); one
+computer's packages, paged (``server/computer_inventory.py``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from fastapi import Response
 from pydantic import BaseModel
 
-from taskfleet.server import inventory, metrics
+from taskfleet.server import computer_inventory, inventory, metrics
 from taskfleet.server.api.deps import (
     Admin,
     Id,
@@ -19,6 +20,7 @@ from taskfleet.server.api.deps import (
     read,
     router_for,
 )
+from taskfleet.server.kernel import ApiError
 
 log = logging.getLogger("taskfleet.server")
 router = router_for()
@@ -38,6 +40,34 @@ async def list_computers(rt: Rt, p: Viewer) -> list[dict[str, Any]]:
 @router.get("/api/v1/computers/{computer_id}", tags=["computers"])
 async def get_computer(rt: Rt, computer_id: Id, p: Viewer) -> dict[str, Any]:
     return live(rt, await read(rt, lambda c: inventory.get_computer(c, p, computer_id)))
+
+
+@router.get("/api/v1/computers/{computer_id}/packages", tags=["computers"])
+async def list_packages(
+    rt: Rt,
+    computer_id: Id,
+    p: Viewer,
+    after: str = "",
+    limit: int = 1000,
+    name: str | None = None,
+) -> list[dict[str, Any]]:
+    """Installed packages (and ones a pending upgrade would install: ``version`` null),
+    by name; the next page starts ``after`` the last name of this one."""
+
+    async def rows(c: Any) -> list[dict[str, Any]]:
+        if not await inventory.list_computers(c, p, only=computer_id):
+            raise ApiError(404, f"no computer {computer_id}")
+        return await computer_inventory.list_packages(
+            c,
+            p.tenant_id,
+            computer_id,
+            # NUL cannot be in a PostgreSQL text parameter (nor in a package name).
+            after=after[:128].replace("\x00", ""),
+            limit=min(max(limit, 1), 10_000),
+            name=None if name is None else name[:128].replace("\x00", ""),
+        )
+
+    return await read(rt, rows)
 
 
 @router.delete("/api/v1/computers/{computer_id}", tags=["computers"])
