@@ -229,6 +229,18 @@ def cpu_seconds(pids: list[int], children: bool = False) -> float:
     return total
 
 
+def settle(pids: list[int], below: float, timeout: float) -> float:
+    """Wait (bounded) until these processes together use less than ``below`` cores over
+    a second (e.g. agents done with their first inventory); the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        c0 = cpu_seconds(pids, children=True)
+        time.sleep(1.0)
+        if cpu_seconds(pids, children=True) - c0 < below:
+            break
+    return time.monotonic() - t0
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
