@@ -241,6 +241,49 @@ def settle(pids: list[int], below: float, timeout: float) -> float:
     return time.monotonic() - t0
 
 
+class FsyncProbe:
+    """Writes a byte and fsyncs a file in ``folder`` every ``interval`` seconds in a
+    thread, timing each fsync: what a small durable commit (a spool, a state store)
+    waits for on this disk at that moment. ``window(t0, t1)``: the fsyncs begun between
+    two ``time.monotonic()`` readings."""
+
+    def __init__(self, folder: Path, interval: float = 0.05) -> None:
+        self.path = folder / "fsync-probe"
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []  # (monotonic start, seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fsync-probe", daemon=True)
+
+    def start(self) -> FsyncProbe:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        fd = os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        try:
+            while not self._stop.is_set():
+                os.pwrite(fd, b"x", 0)
+                t = time.monotonic()
+                os.fsync(fd)
+                self.samples.append((t, time.monotonic() - t))
+                self._stop.wait(self.interval)
+        finally:
+            os.close(fd)
+
+    def window(self, t0: float, t1: float) -> dict[str, float | None]:
+        xs = [d * 1000 for t, d in self.samples if t0 <= t <= t1]
+        return {
+            "count": len(xs),
+            "p50_ms": percentile(xs, 50),
+            "p99_ms": percentile(xs, 99),
+            "max_ms": max(xs) if xs else None,
+        }
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None

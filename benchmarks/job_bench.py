@@ -80,6 +80,7 @@ class Bench:
         self.agents: list[AgentProc] = []
         self.api: httpx.Client | None = None
         self.problems: list[str] = []
+        self.probe = common.FsyncProbe(workdir)
 
     def log(self, msg: str) -> None:
         print(f"[jobs m={self.opts.agents}] {msg}", file=sys.stderr, flush=True)
@@ -122,6 +123,7 @@ class Bench:
         # a one-time burst at start, not part of what a job costs.
         settled = common.settle(self.pids[1:], SETTLED_CORES, opts.ready_timeout)
         self.log(f"settled after {settled:.1f} s")
+        self.probe.start()
         return {
             "seconds_to_ready": ready,
             "seconds_to_settle": settled,
@@ -261,6 +263,7 @@ class Bench:
         return out
 
     def close(self) -> None:
+        self.probe.stop()
         if self.api is not None:
             self.api.close()
         common.stop_many([a.popen for a in self.agents])
@@ -453,6 +456,7 @@ def run_full(b: Bench) -> dict[str, Any]:
         "server_relays_cpu_seconds": common.cpu_seconds(cpu_pids) - cpu0,
         "agents_cpu_seconds": common.cpu_seconds([a.pid for a in b.agents], children=True)
         - agents_cpu0,
+        "fsync": b.probe.window(t0, t1),
     }
     out["disturbed"] = common.disturbed(out["load"])
     d = b.detail(job["id"])
@@ -512,6 +516,7 @@ def termination_report(
     )
     rx = sorted(v - t_wall for v in received.values())
     return {
+        "fsync": b.probe.window(t_mono, t_seen),
         "state": state,
         "seconds_terminate_to_terminated": t_seen - t_mono,
         "server_terminate_to_terminated": server_latency,
@@ -703,6 +708,12 @@ def fmt_spread(s: dict[str, float | None]) -> str:
     return f"{s['min']:.2f} / {s['p50']:.2f} / {s['max']:.2f} s"
 
 
+def fsync_text(f: dict[str, Any]) -> str:
+    if not f.get("count"):
+        return "-"
+    return f"{f['p50_ms']:.1f} / {f['max_ms']:.0f} ms ({f['count']} fsyncs)"
+
+
 def counts_text(c: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "-"
 
@@ -819,6 +830,7 @@ def report(out: dict[str, Any]) -> str:
                 "",
                 "",
             ],
+            ["    fsync of 1 byte meanwhile p50 / max", fsync_text(full["fsync"]), "", ""],
             ["    staging files left on agents", str(full["staged_files_left"]), "0", ""],
         ]
     for key, label in (("terminate_download", "Download"), ("terminate_install", "Install")):
@@ -846,6 +858,7 @@ def report(out: dict[str, Any]) -> str:
                 "",
             ],
             ["    outcomes", counts_text(t["counts"]), "", ""],
+            ["    fsync of 1 byte meanwhile p50 / max", fsync_text(t["fsync"]), "", ""],
             ["    phase at the POST", counts_text(t["phase_at_terminate_post"]), "", ""],
             [
                 "    phase when the order arrived",
