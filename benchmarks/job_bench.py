@@ -555,9 +555,11 @@ def run_terminate_download(b: Bench) -> dict[str, Any]:
         time.sleep(0.01)
     else:
         raise RuntimeError(f"only {seen} agents began downloading in {opts.job_timeout:g} s")
+    window = common.LoadMeter(b.pids)
     answer, t_wall, t_mono = terminate(b, job["id"], "bench: terminate in download")
     state, t_seen = b.wait_state(job["id"], {"terminated"}, opts.term_timeout)
     out = termination_report(b, job["id"], t_wall, t_mono, state, t_seen)
+    out["load_terminate_window"] = window.read()
     out.update(
         {
             "job_id": job["id"],
@@ -618,6 +620,7 @@ def run_terminate_install(b: Bench, content: list[dict[str, Any]]) -> dict[str, 
             )
 
         common.wait_until(all_in_install, opts.job_timeout, "every computer on install 0", 0.25)
+        window = common.LoadMeter(b.pids)
         answer, t_wall, t_mono = terminate(b, job["id"], "bench: terminate in install")
         # Open the gate once every agent has the order, so that the item in hand finishes
         # AFTER the order is known and the computer cannot race on to item 1.
@@ -635,10 +638,12 @@ def run_terminate_install(b: Bench, content: list[dict[str, Any]]) -> dict[str, 
         gates[0].open()
         t_gate = time.monotonic()
         state, t_seen = b.wait_state(job["id"], {"terminated"}, opts.term_timeout)
+        load_window = window.read()
     finally:
         for g in gates:
             g.open()
     out = termination_report(b, job["id"], t_wall, t_mono, state, t_seen)
+    out["load_terminate_window"] = load_window
     later_items = [
         c["hostname"]
         for c in b.detail(job["id"])["computers"]
@@ -825,8 +830,8 @@ def report(out: dict[str, Any]) -> str:
                 "",
             ],
             [
-                "    other processes' CPU meanwhile",
-                f"{full['load']['other_cores']:.2f} cores",
+                f"    CPU meanwhile: ours / others (cores of {out.get('cpus')})",
+                f"{full['load']['ours_cores']:.2f} / {full['load']['other_cores']:.2f}",
                 "",
                 "",
             ],
@@ -859,6 +864,13 @@ def report(out: dict[str, Any]) -> str:
             ],
             ["    outcomes", counts_text(t["counts"]), "", ""],
             ["    fsync of 1 byte meanwhile p50 / max", fsync_text(t["fsync"]), "", ""],
+            [
+                f"    CPU meanwhile: ours / others (cores of {out.get('cpus')})",
+                f"{t['load_terminate_window']['ours_cores']:.2f} / "
+                f"{t['load_terminate_window']['other_cores']:.2f}",
+                "",
+                "",
+            ],
             ["    phase at the POST", counts_text(t["phase_at_terminate_post"]), "", ""],
             [
                 "    phase when the order arrived",
