@@ -469,7 +469,9 @@ class LoadMeter:
 
     The benchmark machine may be shared (other test runs): ``other_cores`` says how
     much CPU processes we did not start took while we measured (``top_others`` names
-    them); ``steal_cores`` is time the hypervisor gave to other guests.
+    them); ``steal_cores`` is time the hypervisor gave to other guests. "Ours" counts
+    the children our processes waited for too (an agent's scripts, a CLI command the
+    benchmark ran): short-lived, they would otherwise count as somebody else's load.
     """
 
     def __init__(self, pids: list[int]) -> None:
@@ -479,7 +481,8 @@ class LoadMeter:
         self.c0 = psutil.cpu_times()
 
     @staticmethod
-    def _all() -> dict[int, tuple[float, str]]:
+    def _all() -> dict[int, tuple[float, str, float]]:
+        """pid -> (its CPU seconds, its command, its waited-for children's CPU seconds)."""
         out = {}
         for p in psutil.process_iter(["cmdline", "name"]):
             try:
@@ -487,7 +490,7 @@ class LoadMeter:
                 cmd = " ".join(p.info["cmdline"] or [p.info["name"] or "?"])
             except psutil.Error:
                 continue
-            out[p.pid] = (t.user + t.system, cmd[:80])
+            out[p.pid] = (t.user + t.system, cmd[:80], t.children_user + t.children_system)
         return out
 
     @staticmethod
@@ -500,7 +503,11 @@ class LoadMeter:
         wall = time.monotonic() - self.t0
         all1 = self._all()
         busy = self._busy(c1) - self._busy(self.c0)
-        ours = sum(all1[p][0] - self.all0[p][0] for p in self.pids if p in all1 and p in self.all0)
+        ours = sum(
+            all1[p][0] - self.all0[p][0] + all1[p][2] - self.all0[p][2]
+            for p in self.pids
+            if p in all1 and p in self.all0
+        )
         others = sorted(
             (
                 (all1[p][0] - self.all0[p][0], all1[p][1])
