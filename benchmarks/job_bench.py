@@ -65,6 +65,10 @@ PHASE_ORDER = {"analyze": 0, "download": 1, "install": 2}
 # The agent's log line once a terminate order is stored and reaches the running job
 # (agent/operations.py: "operation N: terminate received, finishing the step in hand").
 RECEIPT_RE = re.compile(r"terminate received")
+# The agent's log lines when it leaves its relay for the server, and when it is back
+# (agent/main.py): an agent that is direct fetches content from the server.
+DIRECT_RE = re.compile(r"no longer serves this computer|exchanging with the server .* directly")
+BACK_RE = re.compile(r"answers again")
 TOKEN_ENV = "TASKFLEET_TOKEN"
 SETTLED_CORES = 0.1  # our processes together below this: the fleet is idle
 
@@ -123,12 +127,41 @@ class Bench:
         # a one-time burst at start, not part of what a job costs.
         settled = common.settle(self.pids[1:], SETTLED_CORES, opts.ready_timeout)
         self.log(f"settled after {settled:.1f} s")
+        # Agents that went to the server right after enrolling (their relay answered
+        # 410: see the report) come back at their next relay probe: the job is measured
+        # on a fleet where every agent is behind its relay.
+        went_direct = [a.index for a in self.agents if self.relay_events(a)[0]]
+        t1 = time.monotonic()
+        if went_direct:
+            self.log(f"{len(went_direct)} agents went direct after enrolling; waiting ...")
+            common.wait_until(
+                lambda: not self.direct_agents(), opts.direct_timeout, "agents back on relays", 1
+            )
         self.probe.start()
         return {
             "seconds_to_ready": ready,
             "seconds_to_settle": settled,
             "computers_per_relay": behind,
+            "agents_direct_after_enrolling": went_direct,
+            "seconds_until_back_behind_relays": time.monotonic() - t1,
         }
+
+    def relay_events(self, a: AgentProc) -> tuple[int, bool]:
+        """(times this agent left its relay for the server, whether it is direct now)."""
+        left, direct = 0, False
+        for line in a.log.read_text(errors="replace").splitlines():
+            if DIRECT_RE.search(line):
+                left, direct = left + 1, True
+            elif BACK_RE.search(line):
+                direct = False
+        return left, direct
+
+    def direct_agents(self) -> list[int]:
+        return [a.index for a in self.agents if self.relay_events(a)[1]]
+
+    def left_relays(self) -> int:
+        """How many times agents left their relay for the server, so far."""
+        return sum(self.relay_events(a)[0] for a in self.agents)
 
     @property
     def pids(self) -> list[int]:
@@ -438,6 +471,7 @@ def run_full(b: Bench) -> dict[str, Any]:
     cpu_pids = [b.server.pid, *(r.pid for r in b.relays)] if b.server else []
     cpu0 = common.cpu_seconds(cpu_pids)
     agents_cpu0 = common.cpu_seconds([a.pid for a in b.agents], children=True)
+    left0 = b.left_relays()
     load = common.LoadMeter(b.pids)
     t0 = time.monotonic()
     job, cli_s = b.create_job("bench full", plain_items(content))
@@ -457,6 +491,7 @@ def run_full(b: Bench) -> dict[str, Any]:
         "agents_cpu_seconds": common.cpu_seconds([a.pid for a in b.agents], children=True)
         - agents_cpu0,
         "fsync": b.probe.window(t0, t1),
+        "agents_left_relay": b.left_relays() - left0,
     }
     out["disturbed"] = common.disturbed(out["load"])
     d = b.detail(job["id"])
@@ -540,6 +575,7 @@ def run_terminate_download(b: Bench) -> dict[str, Any]:
     want = max(1, math.ceil(opts.download_trigger * opts.agents))
     common.wait_quiet(b.pids)
     m0 = b.metrics()
+    left0 = b.left_relays()
     load = common.LoadMeter(b.pids)
     job, _ = b.create_job("bench terminate in download", plain_items(content))
     b.log(f"download: job {job['id']}; terminating once {want} agents are downloading ...")
@@ -568,6 +604,7 @@ def run_terminate_download(b: Bench) -> dict[str, Any]:
             "terminate_call": answer.get("terminate_call"),
             "load": load.read(),
             "bytes": bytes_delta(m0, b.metrics()),
+            "agents_left_relay": b.left_relays() - left0,
             "staged_files_left": len(b.staged_files()),
         }
     )
@@ -772,6 +809,13 @@ def report(out: dict[str, Any]) -> str:
                 v["none_to_agents"],
             ],
             [
+                "    agents that left their relay: at enrolling / in the job",
+                f"{len(out.get('start', {}).get('agents_direct_after_enrolling', []))} / "
+                f"{full['agents_left_relay']}",
+                "- / 0",
+                "",
+            ],
+            [
                 "    per relay: fetched / served (hits, misses)",
                 "; ".join(
                     f"{common.mb(x['fetched'])} / {common.mb(x['served'])} "
@@ -950,6 +994,13 @@ def main() -> int:
     ap.add_argument("--job-timeout", type=float, default=600.0)
     ap.add_argument("--term-timeout", type=float, default=180.0)
     ap.add_argument("--receipt-timeout", type=float, default=60.0)
+    ap.add_argument(
+        "--direct-timeout",
+        type=float,
+        default=150.0,
+        help="seconds to wait for agents that left their relay to come back (their relay "
+        "probe: 60 s by default)",
+    )
     ap.add_argument("--ready-timeout", type=float, default=300.0)
     ap.add_argument("--skip-terminate", action="store_true", help="only the full run")
     ap.add_argument("--json-out", type=Path, default=None)
