@@ -14,10 +14,9 @@ Contract:
   to exchange again at once. Jobs of one relay exchange (``exchange_all``)
   are applied in one batch, share a ``ReplyBudget`` for the whole reply and
   skip what the relay already holds (``have``).
-* :class:`Outbox` is the one place that numbers server -> agent messages
-  (``seq``) and appends them to a computer's outbox: the hand-out here and a
-  cancel (``server/requests.py``) both go through it. The messages themselves
-  are built by ``protocol.exchange``.
+* Every server -> agent message is numbered and queued by ``server/outbox.py``
+  (the hand-out here, a cancel in ``server/requests.py``, a terminate in
+  ``server/jobs.py``).
 * ``refused`` messages (an agent did not act on a server message that was not
   genuinely for it) are recorded by ``server/refusals.py``: an audit entry in
   the same transaction, the metric and log line after it commits; they change
@@ -52,7 +51,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -80,6 +78,7 @@ from taskfleet.protocol.orders import operation_body
 from taskfleet.protocol.signing import Signer
 from taskfleet.server import computer_inventory, metrics, refusals
 from taskfleet.server.fleet import ComputerState, Fleet
+from taskfleet.server.outbox import Outbox
 from taskfleet.server.writer import Writer
 from taskfleet.settings import INT32_MAX, REPLY_MAX_BYTES
 from taskfleet.store.activities import Change, apply_changes, insert_events
@@ -159,66 +158,6 @@ class Pending:
         self.sent = seq
         if self.budget is not None:
             self.budget.used += len(message)
-
-
-class Outbox:
-    """Server -> agent messages appended in one transaction, numbered here and only here.
-
-    ``last_seq(computer_id)`` is the last sequence number used for a computer
-    before this transaction (the in-memory fleet's, or an exchange's pending
-    counter); each ``append`` takes the next one.
-    """
-
-    def __init__(self, last_seq: Callable[[int], int]) -> None:
-        self._before = last_seq
-        self._last: dict[int, int] = {}
-        self._rows: list[dict[str, Any]] = []
-
-    def last_seq(self, computer_id: int) -> int:
-        last = self._last.get(computer_id)
-        return self._before(computer_id) if last is None else last
-
-    def append(
-        self,
-        computer_id: int,
-        tenant_id: int,
-        build: Callable[[int], dict[str, Any]],
-        *,
-        fits: Callable[[str], bool] | None = None,
-    ) -> str | None:
-        """Number ``build(seq)`` and queue it for the computer; its text, or None (and
-        nothing used) when ``fits`` refuses it. The text is stored verbatim: a
-        resend is byte for byte what was sent first."""
-        seq = self.last_seq(computer_id) + 1
-        message = orjson.dumps(build(seq)).decode()
-        if fits is not None and not fits(message):
-            return None
-        self._last[computer_id] = seq
-        self._rows.append(
-            {"computer_id": computer_id, "seq": seq, "tenant_id": tenant_id, "message": message}
-        )
-        return message
-
-    def appended(self) -> dict[int, int]:
-        """computer id -> how many messages this outbox appended for it."""
-        out: dict[int, int] = {}
-        for row in self._rows:
-            out[row["computer_id"]] = out.get(row["computer_id"], 0) + 1
-        return out
-
-    async def write(self, conn: AsyncConnection, *, counters: bool) -> None:
-        """Insert the messages; ``counters``: also store each computer's new last seq
-        (an exchange stores it with its other counters instead)."""
-        if not self._rows:
-            return
-        await conn.execute(outbox.insert(), self._rows)
-        if counters:
-            await conn.execute(
-                computers.update()
-                .where(computers.c.id == sa.bindparam("b_id"))
-                .values(out_seq=sa.bindparam("seq")),
-                [{"b_id": cid, "seq": seq} for cid, seq in self._last.items()],
-            )
 
 
 class Exchange:

@@ -45,9 +45,9 @@ from taskfleet.protocol.exchange import terminate_message
 from taskfleet.protocol.orders import terminate_body
 from taskfleet.protocol.signing import Signer
 from taskfleet.server import requests
-from taskfleet.server.exchange import Outbox
 from taskfleet.server.kernel import ApiError, Principal, audit
 from taskfleet.server.lifecycle import Options, iso
+from taskfleet.server.outbox import Outbox
 from taskfleet.settings import JOB_TERMINATE_WAIT, MAX_AHEAD
 from taskfleet.store.activities import Change, apply_changes
 from taskfleet.store.schema import activities, computers, job_steps, jobs, schedules

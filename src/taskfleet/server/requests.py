@@ -47,7 +47,6 @@ from taskfleet.protocol.exchange import cancel_message
 from taskfleet.protocol.orders import cancel_body
 from taskfleet.protocol.signing import Signer
 from taskfleet.server import job_specs
-from taskfleet.server.exchange import Outbox
 from taskfleet.server.inventory import group_id, resolve_target
 from taskfleet.server.kernel import (
     ApiError,
@@ -56,6 +55,7 @@ from taskfleet.server.kernel import (
     state_counts,
 )
 from taskfleet.server.lifecycle import Options, check_options, iso
+from taskfleet.server.outbox import Outbox
 from taskfleet.settings import MAX_AHEAD, OUTPUT_CAP, OUTPUT_CAP_MAX, SCRIPT_TIMEOUT
 from taskfleet.store.activities import Change, apply_changes, insert_activities, insert_events
 from taskfleet.store.schema import (
