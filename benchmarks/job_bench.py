@@ -41,6 +41,7 @@ table on stderr and JSON (``--json-out``, else benchmarks/out/jobs-<stamp>.json)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import math
@@ -473,10 +474,19 @@ def run_full(b: Bench) -> dict[str, Any]:
     agents_cpu0 = common.cpu_seconds([a.pid for a in b.agents], children=True)
     left0 = b.left_relays()
     load = common.LoadMeter(b.pids)
-    t0 = time.monotonic()
-    job, cli_s = b.create_job("bench full", plain_items(content))
-    b.log(f"full: job {job['id']} created ({cli_s:.2f} s); waiting for every computer ...")
-    state, t1 = b.wait_state(job["id"], {"succeeded"}, opts.job_timeout)
+    with contextlib.ExitStack() as stack:
+        if opts.profile_dir and b.server:
+            # py-spy takes CPU of its own: a profiled run's times are not comparable
+            for name, pid in (
+                ("server", b.server.pid),
+                ("relay0", b.relays[0].pid),
+                ("agent0", b.agents[0].pid),
+            ):
+                stack.enter_context(common.PySpy(pid, opts.profile_dir / f"jobs-{name}.txt"))
+        t0 = time.monotonic()
+        job, cli_s = b.create_job("bench full", plain_items(content))
+        b.log(f"full: job {job['id']} created ({cli_s:.2f} s); waiting for every computer ...")
+        state, t1 = b.wait_state(job["id"], {"succeeded"}, opts.job_timeout)
     seen_wall = time.time() - (time.monotonic() - t1)
     out: dict[str, Any] = {
         "job_id": job["id"],
@@ -492,6 +502,7 @@ def run_full(b: Bench) -> dict[str, Any]:
         - agents_cpu0,
         "fsync": b.probe.window(t0, t1),
         "agents_left_relay": b.left_relays() - left0,
+        "profiled": bool(opts.profile_dir),
     }
     out["disturbed"] = common.disturbed(out["load"])
     d = b.detail(job["id"])
@@ -1003,6 +1014,9 @@ def main() -> int:
     )
     ap.add_argument("--ready-timeout", type=float, default=300.0)
     ap.add_argument("--skip-terminate", action="store_true", help="only the full run")
+    ap.add_argument(
+        "--profile-dir", type=Path, default=None, help="py-spy server, relay 0, agent 0 (full)"
+    )
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (logs, state)")
     opts = ap.parse_args()
