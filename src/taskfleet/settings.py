@@ -124,6 +124,10 @@ AGENT_RELAY_PROBE_INTERVAL = 60.0
 # (30 min). An exchange with a relay nearby is cheap and never reaches the server.
 AGENT_RELAY_CHECK_INTERVAL = 30.0
 SCRUB_MAX_ATTEMPTS = 3  # SPEC 5: attempts after which the scrubber stops continuing an operation
+# A job's Download step (agent/jobs.py): the time limit the agent gives one content fetch
+# (agent/content.py says how it applies it). A minute rides out a relay restart; a fetch
+# that fails is a failed step, not a stuck job.
+JOB_FETCH_TIMEOUT = 60.0
 CLI_HTTP_TIMEOUT = 60.0  # seconds one admin API call may take (a bulk cancel of many rows)
 CLI_POLL_INTERVAL = 0.2  # seconds between two polls of `run --wait`: a live bar, a light load
 

@@ -63,11 +63,13 @@ from taskfleet.agent import state as st
 from taskfleet.agent.enroll import enroll
 from taskfleet.agent.http import Connection, HttpError, error_text
 from taskfleet.agent.inventory_reports import InventoryReports
+from taskfleet.agent.jobs import sweep_staging
 from taskfleet.agent.operations import Operations
 from taskfleet.agent.scrub import agent_lock, kill_leftover
 from taskfleet.agent.scrub import plan as scrub_plan
 from taskfleet.agent.scrub import scrub as scrub_record
 from taskfleet.agent.wakeups import bind_tickle_port, listen
+from taskfleet.domain.jobs import JOB
 from taskfleet.domain.peers import Failover, Peer, PeerAcks, Switch, reassigned
 from taskfleet.domain.policy import RunWindow
 from taskfleet.domain.scripts import EXECUTE_SCRIPT
@@ -148,6 +150,7 @@ class Agent:
         self.state = st.LocalState(config.state_dir)  # raises StateError: refuse to start
         self.ident: st.Identity | None = None
         self.conn = Connection(config.server, timeout=EXCHANGE_HTTP_TIMEOUT)
+        self.server_url = config.server  # the server this agent talks to (its enrollment's)
         self.acks = PeerAcks()
         # The relay the server assigned this computer to wins over --relay.
         self.relay_url = self.state.relay_assignment or config.relay
@@ -164,7 +167,7 @@ class Agent:
         self.policy = {
             "scripts": config.allow_scripts,
             "users": sorted({self.own_user, *config.script_users}),
-            "types": [EXECUTE_SCRIPT] if config.allow_scripts else [],
+            "types": [EXECUTE_SCRIPT, JOB] if config.allow_scripts else [],
         }
         self.stopping = asyncio.Event()
         self.tickled = False
@@ -186,6 +189,7 @@ class Agent:
             window=RunWindow.parse(config.run_window) if config.run_window else None,
             max_attempts=config.max_attempts,
             next_scrub_at=lambda: self.next_scrub_at,
+            content_base=self.content_base,
         )
         self.inventory = InventoryReports(
             self.state,
@@ -225,6 +229,7 @@ class Agent:
                 self.config.server,
             )
             self.conn = Connection(self.ident.server, timeout=EXCHANGE_HTTP_TIMEOUT)
+            self.server_url = self.ident.server
         key = self.config.server_key
         if key is not None and key.lower() != self.ident.server_public_key.lower():
             raise SystemExit(
@@ -324,7 +329,17 @@ class Agent:
         self.tickled = True
         self.trigger.set()
 
+    def content_base(self) -> str:
+        """Where a job's content comes from: the peer the agent exchanges with (its
+        relay, unless it failed over to the server; else the server)."""
+        if self.relay_url and self.failover is not None and not self.failover.direct:
+            return self.relay_url
+        return self.server_url
+
     def _startup(self) -> None:
+        # What a finished job left behind (a crash between its end and its cleanup).
+        for swept in sweep_staging(self.state, self.config.state_dir):
+            log.info("operation %d: removed the staging folder its job left", swept)
         # SPEC 5: scrub at start, before anything runs; then resume pending work.
         self._scrub(executor_running=False)
         for op in self.state.unfinished():
@@ -351,7 +366,7 @@ class Agent:
                 continue
             killed = kill_leftover(op)
             if decision.action is Action.SCRUB:
-                scrub_record(self.state, op, decision, killed=killed)
+                scrub_record(self.state, op, decision, killed=killed, folder=self.config.state_dir)
             else:
                 continued += 1
                 log.warning(

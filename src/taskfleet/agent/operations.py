@@ -26,6 +26,14 @@ Contract:
   operation with attempts left is Failed locally and left for the scrubber.
 * Every result is written to local state (and its outbox) before the agent's
   exchange loop, woken through ``trigger``, sends it.
+* A job operation (type ``job``) is checked (``jobs.check_job``: its params and
+  every command against the policy) and run by ``agent/jobs.py``. A ``terminate``
+  order is opened like a cancel and stored with the reply; a terminate for an
+  operation this computer does not have, or that is not a job, is refused
+  (``malformed``). The running job then finishes its step and stops; a job not
+  started (deferred, or not yet running) ends at once, every step Skipped. A
+  second terminate does nothing more. A cancel of a job stops its command at
+  once, then ends it as a terminate does.
 
 The agent (``agent/main.py``) owns the event loop, the exchange and the
 scrubber; it hands this class its local state, the trigger, its policy, and,
@@ -43,8 +51,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from taskfleet.agent import jobs
 from taskfleet.agent import state as st
 from taskfleet.agent.scrub import executor_lock, process_start
+from taskfleet.domain.jobs import JOB, JobSpec
 from taskfleet.domain.policy import Interval, Mode, RunWindow, validate_policy
 from taskfleet.domain.results import REFUSED_PREFIX, describe_script_outcome, result_line
 from taskfleet.domain.scripts import EXECUTE_SCRIPT, policy_refusal, validate_script_params
@@ -61,7 +71,7 @@ from taskfleet.protocol.exchange import (
     operation_status,
     refused_message,
 )
-from taskfleet.protocol.orders import CANCEL, OPERATION, Refusal, open_order
+from taskfleet.protocol.orders import CANCEL, OPERATION, TERMINATE, Refusal, open_order
 from taskfleet.protocol.signing import SignatureError, Verifier
 from taskfleet.settings import OUTPUT_CAP, OUTPUT_CAP_MAX, RECURRING_EVERY
 
@@ -80,6 +90,8 @@ class Operations:
         window: RunWindow | None,
         max_attempts: int,
         next_scrub_at: Callable[[], float],
+        content_base: Callable[[], str] | None = None,
+        fetch: jobs.Fetch | None = None,
     ) -> None:
         self.state = state
         self.trigger = trigger  # set: the exchange loop has something to send
@@ -97,6 +109,11 @@ class Operations:
         self.tasks: set[asyncio.Task[None]] = set()
         self.timers: dict[int, asyncio.TimerHandle] = {}
         self.exec_lock = executor_lock(state_dir)
+        # Jobs: where content comes from (the peer the agent exchanges with), how.
+        self.content_base = content_base or (lambda: "")
+        self.fetch = fetch or jobs.default_fetch()
+        self.jobs: dict[int, jobs.JobRun] = {}  # the running ones
+        self.shutting_down = False
 
     def bind(self, identity: st.Identity, verifier: Verifier) -> None:
         """Who this computer is, and the key its operations must be signed with."""
@@ -104,7 +121,9 @@ class Operations:
         self.verifier = verifier
 
     def stop(self) -> None:
-        """At shutdown: no timer fires and every running process group is stopped."""
+        """At shutdown: no timer fires and every running process group is stopped
+        (a job records nothing for the step this interrupts: it resumes at the next start)."""
+        self.shutting_down = True
         for timer in self.timers.values():
             timer.cancel()
         for running in self.running.values():
@@ -118,6 +137,7 @@ class Operations:
         ops: list[st.NewOperation] = []
         taken: set[int] = set()
         cancels: list[int] = []
+        terminates: list[int] = []
         refusals: list[dict[str, Any]] = []
         top = last
         for m in messages:
@@ -128,8 +148,10 @@ class Operations:
                 if isinstance(m, MalformedMessage):
                     raise Refusal("malformed", m.error)
                 if isinstance(m, TerminateMessage):
-                    raise Refusal("malformed", "this agent does not run jobs yet")
-                if isinstance(m, CancelMessage):
+                    self._open(m, TERMINATE)
+                    self._job_to_terminate(m.op, ops)
+                    terminates.append(m.op)
+                elif isinstance(m, CancelMessage):
                     self._open(m, CANCEL)
                     cancels.append(m.op)
                 else:
@@ -145,7 +167,7 @@ class Operations:
                 refusals.append(refused_message(m.seq, m.op, refusal.reason, refusal.text))
         if top == last:
             return
-        new = self.state.receive(ops, cancels, top, refusals)
+        new = self.state.receive(ops, cancels, top, refusals, terminates)
         if refusals:
             self.trigger.set()
         for op_id in cancels:
@@ -154,6 +176,17 @@ class Operations:
             op = self.state.operation(op_id)
             if op is not None:
                 self.spawn(op)
+        for op_id in terminates:
+            self._terminate(op_id)
+
+    def _job_to_terminate(self, op_id: int, new: list[st.NewOperation]) -> None:
+        """A terminate names a job operation this computer has (or gets in this reply)."""
+        have = self.state.operation(op_id)
+        kind = have.type if have is not None else next((o.type for o in new if o.op == op_id), None)
+        if kind is None:
+            raise Refusal("malformed", f"a terminate for operation {op_id}, which it does not have")
+        if kind != JOB:
+            raise Refusal("malformed", f"a terminate for operation {op_id}, which is not a job")
 
     def _operation(
         self,
@@ -181,7 +214,7 @@ class Operations:
         return st.NewOperation(
             m.op,
             m.seq,
-            EXECUTE_SCRIPT,
+            JOB if payload.get("type") == JOB else EXECUTE_SCRIPT,
             json.dumps(operation_message(m.seq, m.op, m.body, m.sig)),
             pushed,
             policy["mode"],
@@ -189,7 +222,9 @@ class Operations:
             policy["every"],
         )
 
-    def _open(self, m: OperationMessage | CancelMessage, kind: str) -> dict[str, Any]:
+    def _open(
+        self, m: OperationMessage | CancelMessage | TerminateMessage, kind: str
+    ) -> dict[str, Any]:
         """The signed payload of ``m``, if it is genuinely for this computer (``open_order``)."""
         assert self.identity is not None and self.verifier is not None
         return open_order(
@@ -203,6 +238,15 @@ class Operations:
         )
 
     def _cancel(self, op_id: int) -> None:
+        run = self.jobs.get(op_id)
+        if run is not None:
+            log.info("operation %d: cancel received, stopping the job's step at once", op_id)
+            run.cancel()
+            return
+        op = self.state.operation(op_id)
+        if op is not None and op.type == JOB and not op.finished:
+            self._end_unstarted(op_id)
+            return
         running = self.running.get(op_id)
         if running is not None:
             log.info("operation %d: cancel received, stopping its process group", op_id)
@@ -223,6 +267,28 @@ class Operations:
             )
             self.state.finish(op_id, st.CANCELED, operation_result(op_id, "canceled", line))
             self.trigger.set()
+
+    def _terminate(self, op_id: int) -> None:
+        """The stored terminate order acts: a running job finishes its step and stops; a
+        job not started ends at once (module docstring). Again: nothing more."""
+        run = self.jobs.get(op_id)
+        if run is not None:
+            if not run.terminating:
+                log.info("operation %d: terminate received, finishing the step in hand", op_id)
+            run.terminate()
+            return
+        self._end_unstarted(op_id)
+
+    def _end_unstarted(self, op_id: int) -> None:
+        """A job that is not running (waiting for its window, or spawned and not yet
+        started) runs now: it sees the stored order and ends at once."""
+        op = self.state.operation(op_id)
+        if op is None or op.finished:
+            return
+        timer = self.timers.pop(op_id, None)
+        if timer is not None:
+            timer.cancel()
+        self.spawn_now(op_id)
 
     # -- running ---------------------------------------------------------------
 
@@ -254,10 +320,14 @@ class Operations:
         return t.tm_hour * 60 + t.tm_min + t.tm_sec / 60
 
     async def _run(self, op: st.Operation) -> None:
-        refusal, spec, timeout = self._check(op)
-        if op.cancel_requested:
+        op = self.state.operation(op.op) or op  # the orders stored since it was spawned
+        refusal, spec, timeout, job = self._check(op)
+        # A job ends a cancel or terminate that came before it started itself: its
+        # steps are reported Skipped.
+        stopped = job is not None and (op.cancel_requested or op.terminate_requested)
+        if op.cancel_requested and job is None:
             refusal = "Canceled before it started"
-        if refusal is not None or spec is None:
+        if refusal is not None or (spec is None and job is None):
             status = "canceled" if op.cancel_requested else "failed"
             line = result_line("Starting", status.title(), refusal or "invalid", None)
             self.state.finish(
@@ -268,7 +338,7 @@ class Operations:
             log.warning("operation %d refused: %s", op.op, refusal)
             self.trigger.set()
             return
-        if op.mode == "optional" and self.window is not None:
+        if op.mode == "optional" and self.window is not None and not stopped:
             wait = self.window.seconds_until_open(self._minute_of_day())
             if wait > 0:
                 # SPEC 5 Deferred: this computer's policy says not now.
@@ -292,6 +362,10 @@ class Operations:
         )
         if tell:
             self.trigger.set()
+        if job is not None:
+            await self._run_job(op.op, job)
+            return
+        assert spec is not None
         checkpoint = op.checkpoint_path(self.state_dir)
         checkpoint.parent.mkdir(mode=0o700, exist_ok=True)
         spec = dataclasses.replace(
@@ -315,7 +389,7 @@ class Operations:
             res = await running.wait()
         finally:
             self.running.pop(op.op, None)
-            if not self.running:
+            if not self.running and not self.jobs:
                 self.exec_lock.release()
         outcome = describe_script_outcome(
             exit_code=res.exit_code,
@@ -379,16 +453,99 @@ class Operations:
             log.info("operation %d %s: %s", op.op, status, outcome.line)
         self.trigger.set()
 
-    def _check(self, op: st.Operation) -> tuple[str | None, ScriptSpec | None, float]:
+    async def _run_job(self, op_id: int, spec: JobSpec) -> None:
+        """Run (or resume) a job operation (``agent/jobs.py``) and record its end."""
+        op = self.state.operation(op_id)
+        assert op is not None and self.identity is not None
+        run = jobs.JobRun(self._job_host(), op, spec)
+        self.jobs[op_id] = run  # before any await: a terminate from now on reaches it
+        if self.exec_lock.fd is None:
+            self.exec_lock.acquire()
+        try:
+            end = await run.run()
+        finally:
+            self.jobs.pop(op_id, None)
+            if not self.running and not self.jobs:
+                self.exec_lock.release()
+        if end is None:
+            return  # the agent stops: the record stays for the scrubber
+        self.state.finish(op_id, end.code, end.message, before=end.before)
+        op.checkpoint_path(self.state_dir).unlink(missing_ok=True)
+        log.info(
+            "operation %d (job) %s: %s", op_id, end.message["status"], end.message["result_line"]
+        )
+        self.trigger.set()
+
+    def _job_host(self) -> jobs.JobHost:
+        assert self.identity is not None
+        return jobs.JobHost(
+            state=self.state,
+            state_dir=self.state_dir,
+            computer_id=self.identity.computer_id,
+            secret=self.identity.secret,
+            fetch=self.fetch,
+            base_url=self.content_base,
+            script_spec=self._command_spec,
+            started=self._job_process,
+            ended=self._job_process_ended,
+            notify=self.trigger.set,
+            shutting_down=lambda: self.shutting_down,
+        )
+
+    def _command_spec(
+        self, command: dict[str, Any], env: dict[str, str], cwd: str | None
+    ) -> ScriptSpec:
+        """A job's command (validated script params + timeout) as a process to start."""
+        assert self.identity is not None
+        user = command.get("user")
+        return ScriptSpec(
+            argv=command.get("argv"),
+            script=command.get("script"),
+            interpreter=command.get("interpreter") or "/bin/sh",
+            env={
+                **command.get("env", {}),
+                "TASKFLEET_COMPUTER_ID": str(self.identity.computer_id),
+                **env,
+            },
+            cwd=command.get("cwd") or cwd,
+            timeout=command["timeout"],
+            output_cap=command["output_cap"],
+            user=None if user in (None, self.own_user) else user,
+            tmp_dir=str(self.state_dir),
+        )
+
+    def _job_process(self, op_id: int, running: RunningScript) -> None:
+        self.running[op_id] = running  # stop() and a cancel reach it
+        if running.pid:
+            self.state.running(op_id, running.pid, process_start(running.pid))
+
+    def _job_process_ended(self, op_id: int) -> None:
+        self.running.pop(op_id, None)
+        self.state.running(op_id, None, None)
+
+    def _check(
+        self, op: st.Operation
+    ) -> tuple[str | None, ScriptSpec | None, float, JobSpec | None]:
+        """(refusal, script, its timeout, job): what ``op`` runs, or why it does not."""
         assert self.identity is not None and self.verifier is not None
         try:
             m = json.loads(op.body)
             self.verifier.verify(m["body"], m["sig"])
             payload = json.loads(m["body"])
         except (SignatureError, KeyError, ValueError, TypeError):
-            return f"{REFUSED_PREFIX}: the payload signature does not verify", None, 0
+            return f"{REFUSED_PREFIX}: the payload signature does not verify", None, 0, None
         if payload.get("computer") != self.identity.computer_id or payload.get("op") != op.op:
-            return f"{REFUSED_PREFIX}: the payload is meant for another computer", None, 0
+            return f"{REFUSED_PREFIX}: the payload is meant for another computer", None, 0, None
+        if payload.get("type") == JOB:
+            why, job = jobs.check_job(payload, self.policy)
+            return (f"{REFUSED_PREFIX}: {why}" if why else None), None, 0, job
+        refusal, spec, timeout = self._check_script(op, payload)
+        return refusal, spec, timeout, None
+
+    def _check_script(
+        self, op: st.Operation, payload: dict[str, Any]
+    ) -> tuple[str | None, ScriptSpec | None, float]:
+        assert self.identity is not None
         if payload.get("type") != EXECUTE_SCRIPT:
             return (
                 f"{REFUSED_PREFIX}: activity type {payload.get('type')!r} is not enabled",

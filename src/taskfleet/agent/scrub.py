@@ -7,6 +7,8 @@ leave it held). ``scrub`` marks a record Failed and queues the Failed result,
 with the old status in its result line, for the server; the line says whether
 a leftover process was killed or nothing was running. Continuing is the
 agent's job (it reruns the operation under the same id, counting an attempt).
+Scrubbing a job's record removes its staging folder and reports its steps
+(``jobs.scrubbed_reports``).
 Before either, ``kill_leftover`` stops a process group the old attempt left
 running, if it is still the same process.
 """
@@ -20,6 +22,8 @@ import signal
 from pathlib import Path
 
 from taskfleet.agent import state as st
+from taskfleet.agent.jobs import scrubbed_reports
+from taskfleet.domain.jobs import JOB
 from taskfleet.domain.policy import Interval, Mode
 from taskfleet.domain.results import result_line
 from taskfleet.domain.scrubber import Decision, LocalStatus, Plan, Record, plan_scrub
@@ -145,9 +149,16 @@ def kill_leftover(op: st.Operation) -> bool:
 
 
 def scrub(
-    state: st.LocalState, op: st.Operation, decision: Decision, *, killed: bool = False
+    state: st.LocalState,
+    op: st.Operation,
+    decision: Decision,
+    *,
+    killed: bool = False,
+    folder: Path | None = None,
 ) -> None:
-    """``killed``: ``kill_leftover`` just stopped the process group of its last attempt."""
+    """``killed``: ``kill_leftover`` just stopped the process group of its last attempt.
+    A job's record (``folder``: the agent's state folder) also loses its staging folder,
+    and its steps are reported: the one it was in Failed, the rest Skipped."""
     old = LocalStatus(op.status)
     found = (
         f"its last attempt's process group {op.pgid} was still running and was killed"
@@ -160,9 +171,6 @@ def scrub(
         f"Scrubbed: local status was {old.name.title()} ({int(old)}) {found} ({decision.rule})",
         None,
     )
-    state.finish(
-        op.op,
-        st.FAILED,
-        operation_result(op.op, "failed", line),
-    )
+    steps = scrubbed_reports(op, folder) if folder is not None and op.type == JOB else []
+    state.finish(op.op, st.FAILED, operation_result(op.op, "failed", line), before=steps)
     log.warning("operation %d scrubbed: old status %s (%d)", op.op, old.name.title(), int(old))

@@ -8,7 +8,10 @@ the agent acknowledges it, and its result is appended to the outbox in the
 same transaction that marks it finished, before it is sent (then ``on_finish``
 is called: the inventory may have changed); a server message
 the agent refuses is acknowledged in the same transaction that queues its
-``refused`` message. Outbox messages
+``refused`` message; a job's terminate order is recorded (``terminate_requested``)
+in the transaction that acknowledges it. A job's step reports (``job_phase``,
+``queue``, and those ``finish`` takes with its result) are queued in the
+transaction that changes its status, or on their own. Outbox messages
 stay until the server acknowledges their sequence number. A folder that is
 missing-and-uncreatable, unwritable or corrupt raises :class:`StateError` with
 a clear message; the agent then refuses to start rather than pretend to work.
@@ -40,6 +43,7 @@ CREATE TABLE IF NOT EXISTS operations (
     started_at REAL,
     ended_at REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
+    terminate_requested INTEGER NOT NULL DEFAULT 0,  -- a job's terminate order arrived
     attempts INTEGER NOT NULL DEFAULT 0,
     pushed INTEGER NOT NULL DEFAULT 1,       -- arrived on a wake-up (1) or at a poll (0)
     mode TEXT NOT NULL DEFAULT 'required',   -- required | optional
@@ -52,6 +56,11 @@ CREATE TABLE IF NOT EXISTS operations (
 );
 CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, message TEXT NOT NULL);
 """
+# Columns added after a release: a state file written by an older agent gets them at open.
+_ADDED_COLUMNS = {
+    "terminate_requested": "ALTER TABLE operations ADD COLUMN "
+    "terminate_requested INTEGER NOT NULL DEFAULT 0",
+}
 
 
 class StateError(RuntimeError):
@@ -121,6 +130,7 @@ class Operation:
     started_at: float | None
     ended_at: float | None
     finished: bool = False  # its final result is queued (or sent): nothing more to do
+    terminate_requested: bool = False  # a job's terminate order arrived (SPEC 6)
 
     def checkpoint_path(self, folder: Path) -> Path:
         return folder / "checkpoints" / str(self.op)
@@ -155,6 +165,10 @@ class LocalState:
             if result != "ok":
                 raise sqlite3.DatabaseError(result)
             self.db.executescript(_SCHEMA)
+            have = {r[1] for r in self.db.execute("PRAGMA table_info(operations)")}
+            for column, ddl in _ADDED_COLUMNS.items():
+                if column not in have:
+                    self.db.execute(ddl)
         except sqlite3.DatabaseError as exc:
             raise StateError(
                 f"state file {path} is corrupt or unreadable ({exc}); move it away and "
@@ -263,7 +277,7 @@ class LocalState:
     _COLS = (
         "op, seq, type, body, status, cancel_requested, attempts, pushed, mode, interval, "
         "every, next_run_at, pgid, pstart, received_at, started_at, ended_at, "
-        "result IS NOT NULL"
+        "result IS NOT NULL, terminate_requested"
     )
 
     def _op(self, row: tuple[Any, ...]) -> Operation:
@@ -286,6 +300,7 @@ class LocalState:
             started_at=row[15],
             ended_at=row[16],
             finished=bool(row[17]),
+            terminate_requested=bool(row[18]),
         )
 
     def receive(
@@ -294,9 +309,11 @@ class LocalState:
         cancels: list[int],
         last_seq: int,
         refusals: list[dict[str, Any]] | None = None,
+        terminates: list[int] | None = None,
     ) -> list[int]:
-        """Record new operations and cancel orders, queue the ``refused`` messages for
-        the server messages that were not acted on, then the new server ack, atomically.
+        """Record new operations, cancel and terminate orders, queue the ``refused``
+        messages for the server messages that were not acted on, then the new server
+        ack, atomically.
 
         Returns the ops that are new here (an op seen before is dropped:
         exactly-once per computer).
@@ -325,6 +342,8 @@ class LocalState:
                     new.append(o.op)
             for op in cancels:
                 db.execute("UPDATE operations SET cancel_requested=1 WHERE op=?", (op,))
+            for op in terminates or ():
+                db.execute("UPDATE operations SET terminate_requested=1 WHERE op=?", (op,))
             for message in refusals or ():
                 self._queue(db, message)
             if last_seq > self.server_seq:
@@ -383,9 +402,32 @@ class LocalState:
             if message is not None:
                 self._queue(db, message)
 
-    def finish(self, op: int, status: int, message: dict[str, Any]) -> int:
-        """Mark ``op`` finished and queue its result; returns the result's sequence number."""
+    def queue(self, messages: list[dict[str, Any]]) -> None:
+        """Queue ``messages`` to send, in order, in one transaction."""
         with self._tx() as db:
+            for message in messages:
+                self._queue(db, message)
+
+    def job_phase(self, op: int, status: int, messages: list[dict[str, Any]]) -> None:
+        """A job's local status for the phase it is in (Working, Downloading, Installing)
+        and the step reports that go with it, in one transaction."""
+        with self._tx() as db:
+            db.execute("UPDATE operations SET status=? WHERE op=?", (status, op))
+            for message in messages:
+                self._queue(db, message)
+
+    def finish(
+        self,
+        op: int,
+        status: int,
+        message: dict[str, Any],
+        before: list[dict[str, Any]] | None = None,
+    ) -> int:
+        """Mark ``op`` finished and queue its result, after the ``before`` messages (a
+        job's last step reports); returns the result's sequence number."""
+        with self._tx() as db:
+            for earlier in before or ():
+                self._queue(db, earlier)
             text = self._queue(db, message)
             db.execute(
                 "UPDATE operations SET status=?, ended_at=?, result=?, next_run_at=NULL, "
@@ -457,8 +499,8 @@ class LocalState:
     def records(self) -> list[dict[str, Any]]:
         cur = self.db.execute(
             "SELECT op, seq, type, status, received_at, started_at, ended_at, attempts, "
-            "cancel_requested, pushed, mode, interval, every, next_run_at, result IS NOT NULL "
-            "FROM operations ORDER BY op"
+            "cancel_requested, terminate_requested, pushed, mode, interval, every, next_run_at, "
+            "pgid, result IS NOT NULL FROM operations ORDER BY op"
         )
         names = [d[0] for d in cur.description]
         names[-1] = "finished"

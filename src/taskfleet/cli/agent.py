@@ -399,7 +399,7 @@ def agent_scrub(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
                 continue
             killed = scrub.kill_leftover(ops[r.op])
             if d.action.value == "scrub":
-                scrub.scrub(state, ops[r.op], d, killed=killed)
+                scrub.scrub(state, ops[r.op], d, killed=killed, folder=folder)
             else:
                 state.requeue(r.op)  # the agent runs it (attempt counted) at its start
     data = {
