@@ -51,6 +51,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,84 @@ DIRECT_RE = re.compile(r"no longer serves this computer|exchanging with the serv
 BACK_RE = re.compile(r"answers again")
 TOKEN_ENV = "TASKFLEET_TOKEN"
 SETTLED_CORES = 0.1  # our processes together below this: the fleet is idle
+
+
+RELAY_SERIES = {
+    "received": "taskfleet_relay_received_total",  # messages from its agents
+    "forwarded": "taskfleet_relay_forwarded_total",  # of those, taken by the server
+    "spooled": "taskfleet_relay_spool_messages",
+    "agent_exchanges": "taskfleet_relay_agent_exchanges_total",
+    "upstream_exchanges": "taskfleet_relay_upstream_exchanges_total",
+    "refused": "taskfleet_relay_refused_total",
+    "upstream_failures": "taskfleet_relay_upstream_failures_total",
+}
+
+
+class Timeline:
+    """Every ``interval`` s in a thread: each relay's message counters (``RELAY_SERIES``),
+    to see when agents' reports reached their relay and when the server took them."""
+
+    def __init__(self, relays: list[RelayProc], interval: float = 0.5) -> None:
+        self.relays = relays
+        self.interval = interval
+        self.t0 = time.monotonic()
+        self.rows: list[tuple[float, list[dict[str, float]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="timeline", daemon=True)
+
+    def __enter__(self) -> Timeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.monotonic() - self.t0
+            try:
+                ms = [common.scrape_metrics(r.url, timeout=5) for r in self.relays]
+            except httpx.HTTPError:
+                ms = []
+            if ms:
+                self.rows.append(
+                    (t, [{k: common.metric_sum(m, v) for k, v in RELAY_SERIES.items()} for m in ms])
+                )
+            self._stop.wait(self.interval)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per relay: when (s after the start) its received / forwarded counters last
+        grew, and the most messages it held for the server."""
+        out = []
+        for i in range(len(self.relays)):
+            series = [(t, row[i]) for t, row in self.rows if len(row) > i]
+            if not series:
+                continue
+
+            def last_growth(key: str, series: list[tuple[float, dict[str, float]]] = series):
+                last, prev = None, series[0][1][key]
+                for t, r in series[1:]:
+                    if r[key] > prev:
+                        last = t
+                    prev = r[key]
+                return last
+
+            out.append(
+                {
+                    "last_received_s": last_growth("received"),
+                    "last_forwarded_s": last_growth("forwarded"),
+                    "max_spooled": max(r["spooled"] for _, r in series),
+                    "upstream_exchanges": series[-1][1]["upstream_exchanges"]
+                    - series[0][1]["upstream_exchanges"],
+                    "agent_exchanges": series[-1][1]["agent_exchanges"]
+                    - series[0][1]["agent_exchanges"],
+                    "refused": series[-1][1]["refused"] - series[0][1]["refused"],
+                    "upstream_failures": series[-1][1]["upstream_failures"]
+                    - series[0][1]["upstream_failures"],
+                }
+            )
+        return out
 
 
 class Bench:
@@ -475,6 +554,7 @@ def run_full(b: Bench) -> dict[str, Any]:
     left0 = b.left_relays()
     load = common.LoadMeter(b.pids)
     with contextlib.ExitStack() as stack:
+        timeline = stack.enter_context(Timeline(b.relays))
         if opts.profile_dir and b.server:
             # py-spy takes CPU of its own: a profiled run's times are not comparable
             for name, pid in (
@@ -503,6 +583,9 @@ def run_full(b: Bench) -> dict[str, Any]:
         "fsync": b.probe.window(t0, t1),
         "agents_left_relay": b.left_relays() - left0,
         "profiled": bool(opts.profile_dir),
+        # seconds after the `job create` command started, like t0
+        "relay_timeline": timeline.summary(),
+        "relay_timeline_rows": timeline.rows,
     }
     out["disturbed"] = common.disturbed(out["load"])
     d = b.detail(job["id"])
@@ -868,6 +951,16 @@ def report(out: dict[str, Any]) -> str:
                     "",
                 ]
                 for i, x in enumerate(t["finished_s_by_relay"])
+            ],
+            *[
+                [
+                    f"    relay {i}: agents' messages last in / forwarded",
+                    f"{fmt_s(x['last_received_s'])} / {fmt_s(x['last_forwarded_s'])}",
+                    f"(after `job create` started; max {x['max_spooled']:.0f} spooled, "
+                    f"{x['upstream_exchanges']:.0f} upstream exchanges)",
+                    "",
+                ]
+                for i, x in enumerate(full.get("relay_timeline", []))
             ],
             *[
                 [
