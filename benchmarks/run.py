@@ -18,9 +18,10 @@
 Full: N = 1,000 and 10,000, M = 200: about 9 minutes on 2 cores, up to ~16 when
 other processes keep the machine busy (each timed measurement first waits, bounded,
 for other processes to go quiet, and disturbed runs are repeated a bounded number
-of times); the relay runs add about 15 minutes more. Quick: N = 2,000, M = 20,
-short windows, 2,000 behind 2 relays vs 2,000 direct (about 3 minutes). Results go
-to benchmarks/out/ (JSON). Every child process is stopped on exit, Ctrl-C and
+of times); the relay runs add about 15 minutes more, the job run (200 real agents)
+about 5. Quick: N = 2,000, M = 20, short windows, 2,000 behind 2 relays vs 2,000
+direct, the job run on 20 agents (about 4 minutes). Results go to benchmarks/out/
+(JSON). Every child process is stopped on exit, Ctrl-C and
 errors; all traffic stays on 127.0.0.1.
 """
 
