@@ -216,6 +216,74 @@ class CpuMeter:
         return self._cpu() - self.c0, time.monotonic() - self.t0
 
 
+def cpu_seconds(pids: list[int], children: bool = False) -> float:
+    """User + system CPU seconds of these processes (``children``: plus their waited-for
+    children's, e.g. the scripts an agent ran)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+            if children:
+                total += t.children_user + t.children_system
+    return total
+
+
+def settle(pids: list[int], below: float, timeout: float) -> float:
+    """Wait (bounded) until these processes together use less than ``below`` cores over
+    a second (e.g. agents done with their first inventory); the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        c0 = cpu_seconds(pids, children=True)
+        time.sleep(1.0)
+        if cpu_seconds(pids, children=True) - c0 < below:
+            break
+    return time.monotonic() - t0
+
+
+class FsyncProbe:
+    """Writes a byte and fsyncs a file in ``folder`` every ``interval`` seconds in a
+    thread, timing each fsync: what a small durable commit (a spool, a state store)
+    waits for on this disk at that moment. ``window(t0, t1)``: the fsyncs begun between
+    two ``time.monotonic()`` readings."""
+
+    def __init__(self, folder: Path, interval: float = 0.05) -> None:
+        self.path = folder / "fsync-probe"
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []  # (monotonic start, seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fsync-probe", daemon=True)
+
+    def start(self) -> FsyncProbe:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        fd = os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        try:
+            while not self._stop.is_set():
+                os.pwrite(fd, b"x", 0)
+                t = time.monotonic()
+                os.fsync(fd)
+                self.samples.append((t, time.monotonic() - t))
+                self._stop.wait(self.interval)
+        finally:
+            os.close(fd)
+
+    def window(self, t0: float, t1: float) -> dict[str, float | None]:
+        xs = [d * 1000 for t, d in self.samples if t0 <= t <= t1]
+        return {
+            "count": len(xs),
+            "p50_ms": percentile(xs, 50),
+            "p99_ms": percentile(xs, 99),
+            "max_ms": max(xs) if xs else None,
+        }
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -401,7 +469,9 @@ class LoadMeter:
 
     The benchmark machine may be shared (other test runs): ``other_cores`` says how
     much CPU processes we did not start took while we measured (``top_others`` names
-    them); ``steal_cores`` is time the hypervisor gave to other guests.
+    them); ``steal_cores`` is time the hypervisor gave to other guests. "Ours" counts
+    the children our processes waited for too (an agent's scripts, a CLI command the
+    benchmark ran): short-lived, they would otherwise count as somebody else's load.
     """
 
     def __init__(self, pids: list[int]) -> None:
@@ -411,7 +481,8 @@ class LoadMeter:
         self.c0 = psutil.cpu_times()
 
     @staticmethod
-    def _all() -> dict[int, tuple[float, str]]:
+    def _all() -> dict[int, tuple[float, str, float]]:
+        """pid -> (its CPU seconds, its command, its waited-for children's CPU seconds)."""
         out = {}
         for p in psutil.process_iter(["cmdline", "name"]):
             try:
@@ -419,7 +490,7 @@ class LoadMeter:
                 cmd = " ".join(p.info["cmdline"] or [p.info["name"] or "?"])
             except psutil.Error:
                 continue
-            out[p.pid] = (t.user + t.system, cmd[:80])
+            out[p.pid] = (t.user + t.system, cmd[:80], t.children_user + t.children_system)
         return out
 
     @staticmethod
@@ -432,7 +503,11 @@ class LoadMeter:
         wall = time.monotonic() - self.t0
         all1 = self._all()
         busy = self._busy(c1) - self._busy(self.c0)
-        ours = sum(all1[p][0] - self.all0[p][0] for p in self.pids if p in all1 and p in self.all0)
+        ours = sum(
+            all1[p][0] - self.all0[p][0] + all1[p][2] - self.all0[p][2]
+            for p in self.pids
+            if p in all1 and p in self.all0
+        )
         others = sorted(
             (
                 (all1[p][0] - self.all0[p][0], all1[p][1])
@@ -511,3 +586,193 @@ def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     pool = [r for r in runs if not r.get("disturbed")] or runs
     pool = sorted(pool, key=lambda r: r[key] if r[key] is not None else float("inf"))
     return pool[(len(pool) - 1) // 2]
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {"name{labels}": value} (comments and bad lines skipped)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = float(value)
+    return out
+
+
+def scrape_metrics(url: str, timeout: float = 10.0) -> dict[str, float]:
+    """``GET url/metrics`` of a server or relay, parsed (``parse_metrics``)."""
+    import httpx
+
+    r = httpx.get(url.rstrip("/") + "/metrics", timeout=timeout)
+    r.raise_for_status()
+    return parse_metrics(r.text)
+
+
+def metric_sum(metrics: dict[str, float], prefix: str) -> float:
+    """The sum of every series whose key starts with ``prefix`` (all its labels)."""
+    return sum(v for k, v in metrics.items() if k.startswith(prefix))
+
+
+# -- real relays and real agents ---------------------------------------------------------
+
+
+@dataclass
+class RelayProc:
+    """A real ``taskfleet relay`` started by ``start_relays``."""
+
+    index: int
+    port: int
+    tickle_port: int
+    state_dir: Path
+    log: Path
+    popen: subprocess.Popen[bytes]
+    pool: Any = None  # relay_sim: the simulated agents' connections to it
+    scrape: Any = None  # relay_sim: its /metrics
+    computers: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def name(self) -> str:
+        return f"relay{self.index}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+def start_relays(
+    workdir: Path,
+    server: ServerProc,
+    token: str,
+    count: int,
+    launcher: str | None = None,
+    extra: tuple[str, ...] = (),
+) -> list[RelayProc]:
+    """``count`` real relays, enrolled with ``token``, serving agents once /healthz is 200.
+    ``launcher``: a script run instead of ``-m taskfleet`` (same CLI), e.g.
+    benchmarks/experiments/patched_relay.py; ``extra``: more relay options."""
+    relays = []
+    for i in range(count):
+        port = free_port()
+        udp = free_port(socket.SOCK_DGRAM)
+        state = workdir / f"relay{i}"
+        log = workdir / f"relay{i}.log"
+        args = [
+            sys.executable,
+            *([launcher] if launcher else ["-m", "taskfleet"]),
+            "relay",
+            "--server",
+            server.url,
+            "--state-dir",
+            str(state),
+            "--listen",
+            f"{HOST}:{port}",
+            "--advertise",
+            f"http://{HOST}:{port}",
+            "--tickle-port",
+            str(udp),
+            "--tickle-bind",
+            HOST,
+            "--name",
+            f"bench-relay-{i}",
+            "--log-format",
+            "json",
+            *extra,
+        ]
+        # the token in the environment, not on the command line (visible in ps)
+        p = spawn(args, log, env={"TASKFLEET_RELAY_TOKEN": token})
+        relays.append(RelayProc(i, port, udp, state, log, p))
+
+    def ready() -> bool:
+        for r in relays:
+            if r.popen.poll() is not None:
+                raise RuntimeError(
+                    f"relay {r.index} exited ({r.popen.returncode}):\n{r.log.read_text()[-3000:]}"
+                )
+        return all(http_status(r.port) == 200 for r in relays)
+
+    wait_until(ready, 90, "relays to enroll")
+    return relays
+
+
+@dataclass
+class AgentProc:
+    """A real ``taskfleet agent`` started by ``start_agents``."""
+
+    index: int
+    state_dir: Path
+    log: Path
+    tickle_port: int
+    popen: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+def start_agents(
+    workdir: Path,
+    server_url: str,
+    token: str,
+    count: int,
+    *,
+    extra: Callable[[int], list[str]] | None = None,
+    spawn_gap: float = 0.01,
+) -> list[AgentProc]:
+    """``count`` real agents, each with its own state folder and UDP tickle port on
+    loopback, scripts allowed, enrolling with ``token`` (in the environment, not on the
+    command line). ``extra(i)``: more options for agent ``i`` (e.g. ``--relay URL``)."""
+    agents: list[AgentProc] = []
+    ports: set[int] = set()
+    for i in range(count):
+        port = free_port(socket.SOCK_DGRAM)
+        while port in ports:
+            port = free_port(socket.SOCK_DGRAM)
+        ports.add(port)
+        state = workdir / f"agent-{i}"
+        log = workdir / f"agent-{i}.log"
+        args = [
+            sys.executable,
+            "-m",
+            "taskfleet",
+            "agent",
+            "--server",
+            server_url,
+            "--state-dir",
+            str(state),
+            "--tickle-port",
+            str(port),
+            "--tickle-bind",
+            HOST,
+            "--allow-scripts",
+            "--hostname",
+            f"bench-{i}",
+            "--log-format",
+            "json",
+            *(extra(i) if extra else []),
+        ]
+        p = spawn(args, log, env={"TASKFLEET_ENROLL_TOKEN": token})
+        agents.append(AgentProc(i, state, log, port, p))
+        time.sleep(spawn_gap)
+    return agents
+
+
+def wait_agents_ready(agents: list[AgentProc], timeout: float) -> None:
+    """Until every agent logged "agent ready" (an agent that exits fails it at once)."""
+    ready: set[int] = set()
+
+    def check() -> bool:
+        for a in agents:
+            if a.popen.poll() is not None:
+                raise RuntimeError(f"agent {a.index} exited:\n{a.log.read_text()[-2000:]}")
+            if a.index not in ready and "agent ready" in a.log.read_text(errors="replace"):
+                ready.add(a.index)
+        return len(ready) == len(agents)
+
+    wait_until(check, timeout, "all agents ready", every=0.5)

@@ -247,13 +247,7 @@ class Admin:
 
     async def metrics(self) -> dict[str, float]:
         _status, raw = await self.pool.request(http_request("GET", "/metrics"))
-        out: dict[str, float] = {}
-        for line in raw.decode().splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    out[key] = float(value)
-        return out
+        return common.parse_metrics(raw.decode())
 
     def close(self) -> None:
         self.pool.close()

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -48,15 +47,6 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     }
 
 
-def _metric(url: str, key: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(key):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def run(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"agents": opts.agents}
 
@@ -74,57 +64,19 @@ def run(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         r = api.post("/tokens", json={"kind": "enroll", "name": "bench-real"})
         r.raise_for_status()
         token = r.json()["token"]
-        ports: set[int] = set()
         log(f"starting {opts.agents} agents ...")
         t_start = time.monotonic()
-        logs: list[Path] = []
-        for i in range(opts.agents):
-            port = common.free_port(socket.SOCK_DGRAM)
-            while port in ports:
-                port = common.free_port(socket.SOCK_DGRAM)
-            ports.add(port)
-            state = workdir / f"agent-{i}"
-            lg = workdir / f"agent-{i}.log"
-            logs.append(lg)
-            procs.append(
-                common.spawn(
-                    [
-                        sys.executable,
-                        "-m",
-                        "taskfleet",
-                        "agent",
-                        "--server",
-                        server.url,
-                        "--enroll-token",
-                        token,
-                        "--state-dir",
-                        str(state),
-                        "--tickle-port",
-                        str(port),
-                        "--tickle-bind",
-                        common.HOST,
-                        "--allow-scripts",
-                        "--hostname",
-                        f"bench-{i}",
-                        "--log-format",
-                        "json",
-                    ],
-                    lg,
-                )
-            )
-            time.sleep(opts.spawn_gap)
-
-        def all_ready() -> bool:
-            dead = [p.pid for p in procs if p.poll() is not None]
-            if dead:
-                i = next(i for i, p in enumerate(procs) if p.poll() is not None)
-                raise RuntimeError(f"agent {i} exited:\n{logs[i].read_text()[-2000:]}")
-            return all("agent ready" in lg.read_text(errors="replace") for lg in logs)
-
-        common.wait_until(all_ready, opts.ready_timeout, "all agents ready", every=0.5)
+        agents = common.start_agents(
+            workdir, server.url, token, opts.agents, spawn_gap=opts.spawn_gap
+        )
+        procs = [a.popen for a in agents]
+        common.wait_agents_ready(agents, opts.ready_timeout)
         # every agent exchanges once at start: wait for those too
         common.wait_until(
-            lambda: _metric(server.url, "taskfleet_exchanges_total") >= opts.agents,
+            lambda: (
+                common.metric_sum(common.scrape_metrics(server.url), "taskfleet_exchanges_total")
+                >= opts.agents
+            ),
             60,
             "first exchanges",
             every=0.25,

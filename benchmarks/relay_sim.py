@@ -41,21 +41,17 @@ import contextlib
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 import fleet_sim
+from common import RelayProc, cpu_seconds, start_relays
 from fleet_sim import Admin, Pool, Sim
 
 RELAYED, DIRECT = "relayed", "direct"
@@ -66,90 +62,6 @@ TARGET_100K_S = 60.0  # the issue: 100,000 results recorded within 60 s behind 1
 UDP_BUFFER = 256 * 1024 * 1024
 STALL_AFTER = 60.0  # a request with no activity finishing for this long has lost its way
 DIRECT_ENROLL_CONCURRENCY = 64  # as fleet_sim.py (setup only: enrollment is not compared)
-
-
-@dataclass
-class RelayProc:
-    index: int
-    port: int
-    tickle_port: int
-    state_dir: Path
-    log: Path
-    popen: subprocess.Popen[bytes]
-    pool: Pool | None = None  # the simulated agents' connections to it
-    scrape: Admin | None = None  # for its /metrics
-    computers: int = 0
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def name(self) -> str:
-        return f"relay{self.index}"
-
-
-def start_relays(
-    workdir: Path,
-    server: common.ServerProc,
-    token: str,
-    count: int,
-    launcher: str | None = None,
-) -> list[RelayProc]:
-    """``count`` real relays, enrolled with ``token``, serving agents once /healthz is 200.
-    ``launcher``: a script run instead of ``-m taskfleet`` (same CLI), e.g.
-    benchmarks/experiments/patched_relay.py."""
-    relays = []
-    for i in range(count):
-        port = common.free_port()
-        udp = common.free_port(socket.SOCK_DGRAM)
-        state = workdir / f"relay{i}"
-        log = workdir / f"relay{i}.log"
-        args = [
-            sys.executable,
-            *([launcher] if launcher else ["-m", "taskfleet"]),
-            "relay",
-            "--server",
-            server.url,
-            "--state-dir",
-            str(state),
-            "--listen",
-            f"{common.HOST}:{port}",
-            # (without --advertise the relay sends "url": null, which the server refuses)
-            "--advertise",
-            f"http://{common.HOST}:{port}",
-            "--tickle-port",
-            str(udp),
-            "--tickle-bind",
-            common.HOST,
-            "--name",
-            f"bench-relay-{i}",
-            "--log-format",
-            "json",
-        ]
-        # the token in the environment, not on the command line (visible in ps)
-        p = common.spawn(args, log, env={"TASKFLEET_RELAY_TOKEN": token})
-        relays.append(RelayProc(i, port, udp, state, log, p))
-
-    def ready() -> bool:
-        for r in relays:
-            if r.popen.poll() is not None:
-                raise RuntimeError(
-                    f"relay {r.index} exited ({r.popen.returncode}):\n{r.log.read_text()[-3000:]}"
-                )
-        return all(common.http_status(r.port) == 200 for r in relays)
-
-    common.wait_until(ready, 90, "relays to enroll")
-    return relays
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-    return total
 
 
 async def settle(pids: list[int], below: float = 0.03, timeout: float = 180.0) -> float:

@@ -10,14 +10,18 @@
    processes: 10,000 behind 4 relays against 10,000 direct on the same server,
    requests alternating (relays must not be slower), and 100,000 behind 10 relays
    (request -> all results within 60 s).
-4. SaltStack's published figures beside ours, and every target with PASS/MISS.
+4. Jobs (``job_bench.py``): a job of 3 items of 5 MB on M real agents behind 2 real
+   relays: content bytes the server sent (each item once per relay, none to agents),
+   job create -> all Succeeded, terminate -> Terminated in Download and in Install.
+5. SaltStack's published figures beside ours, and every target with PASS/MISS.
 
 Full: N = 1,000 and 10,000, M = 200: about 9 minutes on 2 cores, up to ~16 when
 other processes keep the machine busy (each timed measurement first waits, bounded,
 for other processes to go quiet, and disturbed runs are repeated a bounded number
-of times); the relay runs add about 15 minutes more. Quick: N = 2,000, M = 20,
-short windows, 2,000 behind 2 relays vs 2,000 direct (about 3 minutes). Results go
-to benchmarks/out/ (JSON). Every child process is stopped on exit, Ctrl-C and
+of times); the relay runs add about 15 minutes more, the job run (200 real agents)
+about 5. Quick: N = 2,000, M = 20, short windows, 2,000 behind 2 relays vs 2,000
+direct, the job run on 20 agents (about 4 minutes). Results go to benchmarks/out/
+(JSON). Every child process is stopped on exit, Ctrl-C and
 errors; all traffic stays on 127.0.0.1.
 """
 
@@ -66,6 +70,7 @@ TARGETS = {
     "agent_idle_cpu_ms_per_s": ("<=", 0.5, "ms/s"),
     "relayed_over_direct": ("<=", 1.0, "x"),
     "request_100k_relays_s": ("<=", 60.0, "s"),
+    "job_server_bytes_over_once_per_relay": ("<=", 1.0, "x"),
 }
 
 
@@ -78,6 +83,7 @@ LABELS = {
     "agent_idle_cpu_ms_per_s": "real agents: idle CPU (max)",
     "relayed_over_direct": "relays / direct: request -> all results",
     "request_100k_relays_s": "100,000 behind 10 relays: request -> all results",
+    "job_server_bytes_over_once_per_relay": "jobs: server content bytes / once per relay",
 }
 
 # relay_sim.py runs: (arguments, time budget in seconds)
@@ -196,6 +202,7 @@ def report(
     real: dict[str, Any] | None,
     quick: bool,
     relays: list[dict[str, Any]] | None = None,
+    jobs: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     parts: list[str] = []
     summary: dict[str, Any] = {}
@@ -479,6 +486,16 @@ def report(
             summary["relayed_over_direct"] = summ["relayed_over_direct"]
         if data["n"] >= 100_000 and not data["compare_direct"]:
             summary["request_100k_relays_s"] = summ["relayed"]["seconds_to_done_api"]
+    if jobs:
+        import job_bench  # the job benchmark's own table
+
+        parts.append(job_bench.report(jobs))
+        full = jobs.get("full")
+        if full and full["counts"].get("succeeded") == jobs["agents"]:
+            by = full["bytes"]
+            summary["job_server_bytes_over_once_per_relay"] = (
+                by["server_to_relay"] + by["server_to_agent"]
+            ) / full["bytes_expected_to_relays"]
     if summary:
         rows = [
             [
@@ -495,12 +512,24 @@ def report(
     return "\n\n".join(parts), summary
 
 
+def run_jobs(opts: argparse.Namespace, stamp: str) -> tuple[int, dict[str, Any] | None]:
+    """``job_bench.py`` with M real agents; (its exit code, its JSON)."""
+    jobs_json = common.OUT_DIR / f"jobs-{stamp}.json"
+    m = opts.agents or (20 if opts.quick else 200)
+    args = [str(HERE / "job_bench.py"), "--agents", str(m), "--json-out", str(jobs_json)]
+    if opts.quick:
+        args.append("--quick")
+    rc = run_child(args, 300 if opts.quick else 1200)
+    return rc, json.loads(jobs_json.read_text()) if jobs_json.exists() else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="taskfleet benchmarks")
     ap.add_argument("--quick", action="store_true", help="small N, smoke run (~1 min)")
     ap.add_argument("--skip-fleet", action="store_true")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--skip-relays", action="store_true")
+    ap.add_argument("--skip-jobs", action="store_true")
     ap.add_argument("--agents", type=int, default=None, help="real agents [200; quick 20]")
     ap.add_argument("--n", type=int, action="append", help="simulated computers (repeatable)")
     ap.add_argument("--profile", action="store_true", help="py-spy the server (fleet phases)")
@@ -519,6 +548,7 @@ def main() -> int:
     real_json = common.OUT_DIR / f"real-{stamp}.json"
     fleet = real = None
     relays: list[dict[str, Any]] = []
+    jobs: dict[str, Any] | None = None
     rc = 0
     version_before = code_version()
     try:
@@ -552,11 +582,14 @@ def main() -> int:
                 rc |= run_child(args, budget)
                 if relay_json.exists():
                     relays.append(json.loads(relay_json.read_text()))
+        if not opts.skip_jobs:
+            job_rc, jobs = run_jobs(opts, stamp)
+            rc |= job_rc
     finally:
         common.stop_all()
     elapsed = time.monotonic() - t_start
     version_after = code_version()
-    text, summary = report(fleet, real, opts.quick, relays)
+    text, summary = report(fleet, real, opts.quick, relays, jobs)
     print()
     print(
         f"taskfleet benchmarks ({'quick' if opts.quick else 'full'}) on "
@@ -589,6 +622,7 @@ def main() -> int:
         "fleet": fleet,
         "real_agents": real,
         "relays": relays,
+        "jobs": jobs,
         "table": text,
     }
     common.write_json(f"results-{stamp}.json", combined)
