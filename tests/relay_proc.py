@@ -295,6 +295,9 @@ class HttpForwarder:
         self.lock = threading.Lock()
         self.amends: list[tuple[str, Callable[[bytes], bytes | None]]] = []
         self.requests: list[tuple[str, bytes]] = []
+        self.slow: dict[str, threading.Event] = {}  # path -> answers held until it is set
+        self.in_flight: dict[str, int] = {}
+        self.most_in_flight: dict[str, int] = {}  # path -> most requests at once
         self._httpd: ThreadingHTTPServer | None = None
         self._open: set[socket.socket] = set()
         self._client = httpx.Client(base_url=target, timeout=120)
@@ -326,11 +329,19 @@ class HttpForwarder:
                 headers = {k: v for k, v in self.headers.items() if k.lower() in keep}
                 with fwd.lock:
                     fwd.requests.append((self.path, body))
+                    n = fwd.in_flight[self.path] = fwd.in_flight.get(self.path, 0) + 1
+                    fwd.most_in_flight[self.path] = max(n, fwd.most_in_flight.get(self.path, 0))
+                    gate = fwd.slow.get(self.path)
                 try:
+                    if gate is not None:
+                        gate.wait(30)
                     r = fwd._client.post(self.path, content=body, headers=headers)
                 except httpx.HTTPError:
                     self._cut()
                     return
+                finally:
+                    with fwd.lock:
+                        fwd.in_flight[self.path] -= 1
                 out: bytes | None = r.content
                 with fwd.lock:
                     change = next((c for p, c in fwd.amends if p == self.path), None)

@@ -152,6 +152,7 @@ RELAY_RETRY_MAX = 60.0  # ...doubling up to this (a returning server sees the sp
 # A revoked relay (401) asks again this rarely: it serves nobody meanwhile (its agents fail
 # over to the server), and an administrator who un-revokes it waits at most this long.
 RELAY_REVOKED_RETRY = 300.0
+RELAY_ENROLL_CONCURRENCY = 8  # agents' enrollments a relay forwards to the server at once
 RELAY_HTTP_TIMEOUT = 60.0  # one relay exchange applies all its entries in one batch: more
 # work than an agent's, so more time than EXCHANGE_HTTP_TIMEOUT
 # Bytes of agent messages in one relay request: a quarter of the server's limit

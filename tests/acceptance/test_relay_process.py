@@ -7,24 +7,28 @@ test does (a forged tickle) is sent with the protocol's helpers (tests/relay_pro
 from __future__ import annotations
 
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
+from taskfleet.protocol.relay import RELAY_ENROLL_COMPUTER_PATH
 from tests.conftest import Agent, Server, enroll_token, wait_until
 from tests.relay_proc import (
+    HttpForwarder,
     Relay,
     agent_state,
     behind,
     done_activity,
     enroll_through,
+    forwarder,
     queue_script,
     raw_exchange,
     start_relay,
 )
 
-__all__ = ["start_relay"]  # the fixture, used by name
+__all__ = ["forwarder", "start_relay"]  # the fixtures, used by name
 
 QUIET = ("--poll-interval", "3600")  # only tickles and agents make this relay exchange
 
@@ -234,3 +238,29 @@ def test_agents_enrolling_through_a_relay_at_the_same_time_all_enroll(
         answers = list(pool.map(lambda i: enroll_through(relay, token, f"c{i}"), range(8)))
     assert len({a["computer_id"] for a in answers}) == 8
     wait_until(lambda: len(behind(server, relay)) == 8, 20, "all eight behind the relay")
+
+
+def test_agents_enrolling_together_are_forwarded_side_by_side(
+    server: Server,
+    start_relay: Callable[..., Relay],
+    forwarder: Callable[[Server], HttpForwarder],
+) -> None:
+    """Enrollments through a relay go to the server side by side, not one at a time
+    behind one connection (the job benchmark: 100 agents per relay queued there until
+    they timed out and enrolled again). The forwarder holds the server's answers until
+    eight are waiting at once (with one connection: never more than one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fwd = forwarder(server)
+    relay = start_relay(server, *QUIET, via=fwd.url)
+    token = enroll_token(server)
+    gate = fwd.slow[RELAY_ENROLL_COMPUTER_PATH] = threading.Event()
+    with ThreadPoolExecutor(8) as pool:
+        answers = pool.map(lambda i: enroll_through(relay, token, f"c{i}"), range(8))
+        wait_until(
+            lambda: fwd.in_flight.get(RELAY_ENROLL_COMPUTER_PATH, 0) == 8,
+            30,
+            "eight enrollments at the server at once",
+        )
+        gate.set()
+        assert len({a["computer_id"] for a in answers}) == 8

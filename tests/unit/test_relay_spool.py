@@ -6,6 +6,7 @@ import hashlib
 import json
 import sqlite3
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -294,3 +295,47 @@ async def test_the_relay_answers_an_agent_only_once_its_messages_are_on_disk(
     }
     await app(scope, receive, send)
     assert on_disk_at_reply == [1]
+
+
+async def test_a_computer_absent_from_a_stale_roster_is_asked_to_retry_not_sent_away(
+    tmp_path: Path,
+) -> None:
+    """A roster built before a computer enrolled through the relay omits it: the relay
+    answers 503 (retry) and fetches the roster, and says 410 (moved: ask the server)
+    only once a roster fetched after the request still omits it (the job benchmark
+    saw agents sent to the server 48 ms after enrolling)."""
+    spool = _spool(tmp_path, 7, 8)
+    upstream = Upstream(spool, UpstreamConfig("http://server", None, "r", None, 0))
+    upstream.ident = spool.identity()
+    app = AgentApp(spool, upstream)
+    stale = Roster("v1", [RosterEntry(8, 1, _hash("secret-8"), KEY, 50124)])
+    spool.apply(_reply(roster=stale), {})
+    assert not spool.computers[7].in_roster
+
+    async def exchange() -> int:
+        body = json.dumps({"ack": 0, "messages": []}).encode()
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        scope = {
+            "type": "http",
+            "path": EXCHANGE_PATH,
+            "method": "POST",
+            "headers": [(b"x-taskfleet-computer", b"7"), (b"authorization", b"Bearer secret-7")],
+            "client": ("10.0.0.5", 40000),
+        }
+        await app(scope, receive, send)
+        return statuses[0]
+
+    assert await exchange() == 503
+    assert upstream.roster_wanted
+    upstream.confirmed_at = time.monotonic()  # a later exchange brought a roster ...
+    assert await exchange() == 410  # ... that still omits it: it left this relay
+    spool.apply(_reply(roster=Roster("v2", [RosterEntry(7, 1, _hash("secret-7"), KEY, 1)])), {})
+    assert await exchange() == 200

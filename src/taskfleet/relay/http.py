@@ -6,8 +6,9 @@ Contract: a raw ASGI app (served by uvicorn, like the server's exchange fast pat
 * ``POST /agent/v1/exchange`` speaks ``protocol/exchange.py`` unchanged. The agent is
   authenticated against the roster: the SHA-256 of its secret compared in constant
   time with the roster's hash. A computer the relay never knew is answered 503
-  ("retry") and the relay asks the server for its roster; one that left its roster
-  (moved) is answered 410, and the agent asks the server directly at once; a secret
+  ("retry") and the relay asks the server for its roster; one absent from its roster
+  is answered 503 the same way until a roster fetched after that request confirms
+  it left (moved), then 410, and the agent asks the server directly at once; a secret
   the roster refuses is answered 503 the same way until a roster fetched after that
   refusal confirms it, then 401 (a roster that is merely stale never locks an agent
   out). The body is bounded (413) and validated with ``parse_agent_request`` (400; nothing spooled).
@@ -86,6 +87,7 @@ class AgentApp:
         self.upstream = upstream
         self.waiters: dict[int, asyncio.Event] = {}
         self.refused_at: dict[int, float] = {}  # computer -> when its secret was first refused
+        self.left_at: dict[int, float] = {}  # computer -> when it was first found off the roster
         self._commits_reported = 0
         self.on_agent_port: Callable[[int, int | None], None] = lambda cid, port: None
         self.content: ContentCache | None = None  # relay/content.py, set by relay/main.py
@@ -211,8 +213,8 @@ class AgentApp:
 
     def authenticate(self, headers: dict[bytes, bytes]) -> int | tuple[int, bytes]:
         """The computer id a request comes from, checked against the roster, or the
-        refusal that answers it (module docstring: 401, 503 while it is unknown, 410
-        once it left the roster)."""
+        refusal that answers it (module docstring: 401, 503 while it is unknown or its
+        absence from the roster is not confirmed, 410 once it is)."""
         raw_id = headers.get(b"x-taskfleet-computer", b"").decode("latin-1")
         cid = int(raw_id) if raw_id.isdigit() and len(raw_id) <= 19 else 0
         if not 0 < cid <= INT64_MAX:
@@ -233,11 +235,17 @@ class AgentApp:
             return _refuse("auth", 401, "unknown computer or wrong secret")
         self.refused_at.pop(cid, None)
         if not c.in_roster:
-            # It left this relay's roster (moved to another relay, or off relays): the
-            # agent asks the server at once, whose reply names its relay. (A roster
-            # that lags behind a move back is fetched again; the agent returns then.)
-            self.upstream.want_roster()
+            # Absent from the last roster. That roster may predate this computer's
+            # enrollment through the relay (built before, answered after): only a
+            # roster fetched after this request began settles it, as for a secret.
+            first = self.left_at.setdefault(cid, time.monotonic())
+            if not self.upstream.roster_confirmed_since(first):
+                self.upstream.want_roster()
+                return _refuse("unknown", 503, "relay is checking this computer's roster, retry")
+            # It left this relay (moved to another relay, or off relays): the agent
+            # asks the server at once, whose reply names its relay.
             return _refuse("moved", 410, "this relay no longer serves this computer")
+        self.left_at.pop(cid, None)
         return cid
 
     # -- content -------------------------------------------------------------------

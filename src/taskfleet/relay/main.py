@@ -169,6 +169,8 @@ class Relay:
         await self.tickler.stop()
         await self.upstream.conn.close()
         await self.upstream.enroll_conn.close()
+        for conn in self.upstream.enroll_pool:
+            await conn.close()
         self.spool.close()
         log.info("relay stopped")
         if failed is not None:

@@ -65,6 +65,7 @@ from taskfleet.relay.spool import RelayIdentity, Sent, Spool
 from taskfleet.settings import (
     LONG_POLL_WAIT,
     RELAY_CONTENT_TIMEOUT,
+    RELAY_ENROLL_CONCURRENCY,
     RELAY_HTTP_TIMEOUT,
     RELAY_MAX_RESPONSE,
     RELAY_POLL_INTERVAL,
@@ -120,8 +121,9 @@ class Upstream:
             )
         self.conn = Connection(server, timeout=RELAY_HTTP_TIMEOUT, max_response=RELAY_MAX_RESPONSE)
         self.enroll_conn = Connection(server, timeout=RELAY_HTTP_TIMEOUT)
-        # One request at a time on that connection: agents enrolling together queue here.
-        self.enroll_lock = asyncio.Lock()
+        # Agents' enrollments forwarded at once, each on a pooled connection of its own.
+        self.enroll_slots = asyncio.Semaphore(RELAY_ENROLL_CONCURRENCY)
+        self.enroll_pool: list[Connection] = []
         self.trigger = asyncio.Event()
         # Set by an authenticated tickle from the server: it is up, so a backoff ends.
         self.tickled = asyncio.Event()
@@ -251,12 +253,25 @@ class Upstream:
         log.info("enrolled as relay %d with %s", ident.relay_id, cfg.server)
         return ident
 
+    def _enroll_connection(self) -> Connection:
+        server = self.ident.server if self.ident else self.config.server
+        return Connection(server, timeout=RELAY_HTTP_TIMEOUT)
+
     async def enroll_computer(self, body: bytes) -> bytes:
         """Forward an agent's enrollment; the roster learns the computer at once (its
         secret's hash, from the answer), so the agent is served before the next roster.
         Raises HttpError (the server's answer) or OSError/TimeoutError (unreachable)."""
-        async with self.enroll_lock:
-            raw = await self.enroll_conn.post(RELAY_ENROLL_COMPUTER_PATH, body, self._headers())
+        async with self.enroll_slots:
+            # A connection of its own per enrollment in flight (kept for the next):
+            # agents enrolling together are forwarded side by side, not queued behind
+            # one connection until they time out and enroll again.
+            conn = self.enroll_pool.pop() if self.enroll_pool else self._enroll_connection()
+            try:
+                raw = await conn.post(RELAY_ENROLL_COMPUTER_PATH, body, self._headers())
+            except BaseException:
+                await conn.close()
+                raise
+            self.enroll_pool.append(conn)
         try:
             d = json.loads(raw)
             port = json.loads(body).get("tickle_port")
@@ -277,9 +292,9 @@ class Upstream:
     @contextlib.asynccontextmanager
     async def open_content(self, sha256: str) -> AsyncIterator[Streamed]:
         """The server's answer to ``GET /relay/v1/content/SHA`` (relay/content.py), body
-        unread, on a connection of its own: never on ``conn`` or ``enroll_conn``, which
-        carry one request at a time (a transfer of minutes there would hold up every
-        exchange, or every enrollment behind ``enroll_lock``)."""
+        unread, on a connection of its own: never on ``conn`` or an enrollment
+        connection, which carry one request at a time (a transfer of minutes there
+        would hold up every exchange, or an enrollment)."""
         if self.ident is None:
             raise ConnectionError("this relay is not enrolled yet")
         async with stream_get(
