@@ -38,7 +38,16 @@ async def test_a_job_is_handed_out_with_its_windows_while_a_script_waits_for_the
         await h.ok("POST", "/groups/db/members", {"computer_ids": [a.computer_id]})
         await h.ok("PUT", "/groups/db/window", {"window": "01:00-03:00", "utc_offset": "+01:00"})
         script = await h.run(f"computer:{a.computer_id},{b.computer_id}")
-        await _create(h, [a, b])
+        job = await _create(h, [a, b])
+        # Not delivered yet: the script says it waits for the window, the job does not.
+        for request, held in [(script, True), (job, False)]:
+            [x] = [
+                x
+                for x in await h.ok("GET", f"/activities?request_id={request['id']}")
+                if x["computer_id"] == a.computer_id
+            ]
+            detail = await h.ok("GET", f"/activities/{x['id']}")
+            assert ("maintenance window 01:00-03:00" in str(detail.get("held"))) is held
         got = await a.ops()
         # The job, not the script: the window holds the script as before.
         assert [json.loads(m["body"])["type"] for m in got] == ["job"]
