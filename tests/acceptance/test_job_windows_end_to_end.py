@@ -115,10 +115,15 @@ def test_a_job_stopped_while_it_waits_for_the_window_never_installs(
     wait_until(lambda: _waiting(server, agent, job_id), 60, "the job to wait")
     assert any((agent.state_dir / "jobs").iterdir()), "the download is staged"
     tf(server, *stop, str(job_id), "--reason", "no window tonight")
+    # (A cancel makes the activity Canceled at once; the computer's report follows.)
     done = wait_until(
-        lambda: (j := _job(server, job_id))["state"] in ("terminated", "canceled") and j,
+        lambda: (
+            (j := _job(server, job_id))["state"] in ("terminated", "canceled")
+            and any(s["phase"] == "install" for s in j["computers"][0]["steps"])
+            and j
+        ),
         30,
-        "the job to stop",
+        "the job to stop and the computer to report its install step",
     )
     [computer] = done["computers"]
     assert computer["state"] == "canceled", computer

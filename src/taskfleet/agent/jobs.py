@@ -101,7 +101,7 @@ from taskfleet.domain.jobs import (
 from taskfleet.domain.results import result_line
 from taskfleet.domain.scripts import policy_refusal
 from taskfleet.process import RunningScript, ScriptResult, ScriptSpec, start_script
-from taskfleet.protocol.exchange import operation_result
+from taskfleet.protocol.exchange import operation_result, operation_status
 from taskfleet.protocol.jobs import job_step
 from taskfleet.settings import JOB_FETCH_TIMEOUT
 
@@ -226,6 +226,17 @@ class JobWait:
     until: float  # when to run the job again (epoch seconds)
     reason: str
     ran: int  # steps this run ran (0: it only found the window still closed)
+
+    def record(self, state: st.LocalState, op: st.Operation) -> None:
+        """SPEC 5 Deferred until ``until``, the server told why; a run that only found
+        the windows still closed (a scrubber continue, a restart) is no attempt."""
+        state.set_status(
+            op.op,
+            st.DEFERRED,
+            next_run_at=self.until,
+            message=operation_status(op.op, "deferred", op.attempts, self.until, self.reason),
+            attempts=op.attempts if self.ran else max(op.attempts - 1, 0),
+        )
 
 
 class _Shutdown(Exception):

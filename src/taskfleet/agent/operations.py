@@ -472,15 +472,7 @@ class Operations:
         if end is None:
             return  # the agent stops: the record stays for the scrubber
         if isinstance(end, jobs.JobWait):
-            # SPEC 5 Deferred until the windows open; a run that only found them
-            # still closed (a scrubber continue, a restart) is no attempt.
-            self.state.set_status(
-                op_id,
-                st.DEFERRED,
-                next_run_at=end.until,
-                message=operation_status(op_id, "deferred", op.attempts, end.until, end.reason),
-                attempts=op.attempts if end.ran else max(op.attempts - 1, 0),
-            )
+            end.record(self.state, op)  # Deferred until the windows open: run it then
             self.spawn(op, max(end.until - time.time(), 0.001))
             self.trigger.set()
             return
