@@ -15,16 +15,19 @@ from taskfleet.domain.jobs import (
     JobSpec,
     JobSpecError,
     JobState,
+    MaintenanceWindow,
     Outcome,
     Step,
     computer_outcome,
     job_state,
     next_step,
+    parse_windows,
     skipped_for_failure,
     steps,
     unfinished,
     validate_content_name,
     validate_job_spec,
+    window_wait,
 )
 from taskfleet.domain.states import State
 
@@ -237,3 +240,74 @@ def test_limits_on_items() -> None:
         validate_job_spec({"name": "j", "items": []})
     with pytest.raises(JobSpecError, match="unknown job field"):
         validate_job_spec({"name": "j", "items": [_item("a")], "target": "all"})
+
+
+# -- maintenance windows (SPEC 9: Install waits for the window; Download may run outside it)
+
+DAY0 = 19_675 * 86_400  # a UTC midnight
+
+
+def _at(hhmm: str, days: int = 0) -> float:
+    h, m = hhmm.split(":")
+    return float(DAY0 + days * 86_400 + int(h) * 3600 + int(m) * 60)
+
+
+def _windows(*ws: tuple[str, int]) -> tuple[MaintenanceWindow, ...]:
+    return parse_windows([{"window": w, "utc_offset": off} for w, off in ws])
+
+
+@pytest.mark.parametrize(
+    ("step", "windows", "now", "expected"),
+    [
+        # Analyze and Download run outside the window.
+        ((ANALYZE, 0), [("01:00-02:00", 0)], "12:00", None),
+        ((DOWNLOAD, 1), [("01:00-02:00", 0)], "12:00", None),
+        # No window: the action runs at once.
+        ((INSTALL, 0), [], "12:00", None),
+        # Open: at once; the start minute is inside, the end minute is not.
+        ((INSTALL, 0), [("01:00-02:00", 0)], "01:00", None),
+        ((INSTALL, 0), [("01:00-02:00", 0)], "02:00", ("01:00", 1)),
+        # Closed: the next opening, today or tomorrow; every action phase waits.
+        ((INSTALL, 2), [("13:00-14:00", 0)], "12:00", ("13:00", 0)),
+        (("uninstall", 0), [("01:00-02:00", 0)], "12:00", ("01:00", 1)),
+        (("remediate", 0), [("01:00-02:00", 0)], "12:00", ("01:00", 1)),
+        # A window past midnight.
+        ((INSTALL, 0), [("22:00-04:00", 0)], "03:59", None),
+        ((INSTALL, 0), [("22:00-04:00", 0)], "12:00", ("22:00", 0)),
+        # The group's local time: 09:00 at UTC+2 is 07:00 UTC; at UTC-5:30, 14:30 UTC.
+        ((INSTALL, 0), [("09:00-10:00", 120)], "06:30", ("07:00", 0)),
+        ((INSTALL, 0), [("09:00-10:00", 120)], "07:30", None),
+        ((INSTALL, 0), [("09:00-10:00", -330)], "12:00", ("14:30", 0)),
+        # Several windows: every one must be open.
+        ((INSTALL, 0), [("01:00-02:00", 0), ("01:30-03:00", 0)], "00:00", ("01:30", 0)),
+        ((INSTALL, 0), [("01:00-02:00", 0), ("01:30-03:00", 0)], "01:10", ("01:30", 0)),
+        ((INSTALL, 0), [("01:00-02:00", 0), ("01:30-03:00", 0)], "01:45", None),
+        ((INSTALL, 0), [("01:00-02:00", 0), ("01:30-03:00", 0)], "02:30", ("01:30", 1)),
+        # Windows that never meet: look again at the latest next opening.
+        ((INSTALL, 0), [("01:00-02:00", 0), ("03:00-04:00", 0)], "00:00", ("03:00", 0)),
+    ],
+)
+def test_an_action_waits_until_every_window_is_open(
+    step: Step,
+    windows: list[tuple[str, int]],
+    now: str,
+    expected: tuple[str, int] | None,
+) -> None:
+    got = window_wait(step, _windows(*windows), _at(now))
+    assert got == (None if expected is None else _at(*expected))
+
+
+def test_windows_round_trip_and_bad_ones_are_refused() -> None:
+    raw = [{"window": "22:00-04:00", "utc_offset": -330}]
+    assert [w.as_json() for w in parse_windows(raw)] == raw
+    assert parse_windows(None) == ()
+    assert str(parse_windows(raw)[0]) == "22:00-04:00 (UTC-5.5h)"
+    for bad, error in [
+        ({"window": "x"}, "must be a list"),
+        ([{"window": "01:00-02:00"}], "window 0 must be"),
+        ([{"window": "01:00-01:00", "utc_offset": 0}], "empty"),
+        ([{"window": "01:00-02:00", "utc_offset": 15 * 60}], "utc_offset"),
+        ([{"window": "01:00-02:00", "utc_offset": "0"}], "utc_offset"),
+    ]:
+        with pytest.raises(JobSpecError, match=error):
+            parse_windows(bad)

@@ -39,6 +39,15 @@ Contract:
   step Skipped. The end of every run removes ``STATE_DIR/jobs/<op>`` and gives the
   operation's result: ``computer_outcome`` (stopped when terminated or canceled),
   a summary result line and the last failing command's output (capped).
+* Maintenance windows: a job operation may carry its computer's windows (the
+  signed ``windows`` field, ``domain.jobs.parse_windows``; ``check_job`` refuses a
+  malformed one). Analyze and Download run at once; before an action step
+  ``domain.jobs.window_wait`` decides, and while a window is closed the run ends
+  with ``JobWait`` (until when, why): the caller records the local status Deferred,
+  tells the server and runs the job again then. The checkpoint already holds every
+  finished step, so that run (or one after an agent restart) goes on where this
+  one stopped; a terminate or cancel meanwhile ends it with the action steps
+  Skipped.
 * An agent shutting down (``JobHost.shutting_down``) records nothing for the step
   its stop interrupted: the record stays as it was, for the scrubber to continue.
 """
@@ -77,19 +86,22 @@ from taskfleet.domain.jobs import (
     SUCCEEDED,
     JobSpec,
     JobSpecError,
+    MaintenanceWindow,
     Outcome,
     Step,
     computer_outcome,
     next_step,
+    parse_windows,
     skipped_for_failure,
     steps,
     unfinished,
     validate_job_spec,
+    window_wait,
 )
 from taskfleet.domain.results import result_line
 from taskfleet.domain.scripts import policy_refusal
 from taskfleet.process import RunningScript, ScriptResult, ScriptSpec, start_script
-from taskfleet.protocol.exchange import operation_result
+from taskfleet.protocol.exchange import operation_result, operation_status
 from taskfleet.protocol.jobs import job_step
 from taskfleet.settings import JOB_FETCH_TIMEOUT
 
@@ -136,6 +148,7 @@ def check_job(payload: dict[str, Any], policy: dict[str, Any]) -> tuple[str | No
     """(refusal, None) or (None, the job's spec): module docstring."""
     try:
         spec = validate_job_spec(payload.get("params"))
+        parse_windows(payload.get("windows"))
     except JobSpecError as exc:
         return f"invalid parameters ({exc})", None
     for i, item in enumerate(spec.items):
@@ -147,6 +160,14 @@ def check_job(payload: dict[str, Any], policy: dict[str, Any]) -> tuple[str | No
             if why:
                 return f"{why} (item {i} {what})", None
     return None, spec
+
+
+def order_windows(op: st.Operation) -> tuple[MaintenanceWindow, ...]:
+    """The maintenance windows a job operation was sent with (checked by ``check_job``)."""
+    try:
+        return parse_windows(json.loads(json.loads(op.body)["body"]).get("windows"))
+    except (JobSpecError, ValueError, KeyError, TypeError):
+        return ()
 
 
 # -- staging ----------------------------------------------------------------------
@@ -198,6 +219,26 @@ class JobEnd:
     before: list[dict[str, Any]]  # the last step reports, queued with it
 
 
+@dataclass(frozen=True)
+class JobWait:
+    """The run stopped before an action step: a maintenance window is closed."""
+
+    until: float  # when to run the job again (epoch seconds)
+    reason: str
+    ran: int  # steps this run ran (0: it only found the window still closed)
+
+    def record(self, state: st.LocalState, op: st.Operation) -> None:
+        """SPEC 5 Deferred until ``until``, the server told why; a run that only found
+        the windows still closed (a scrubber continue, a restart) is no attempt."""
+        state.set_status(
+            op.op,
+            st.DEFERRED,
+            next_run_at=self.until,
+            message=operation_status(op.op, "deferred", op.attempts, self.until, self.reason),
+            attempts=op.attempts if self.ran else max(op.attempts - 1, 0),
+        )
+
+
 class _Shutdown(Exception):
     """The agent stops: record nothing more, the scrubber continues the run."""
 
@@ -212,10 +253,18 @@ class _Failure:
 
 
 class JobRun:
-    def __init__(self, host: JobHost, op: st.Operation, spec: JobSpec) -> None:
+    def __init__(
+        self,
+        host: JobHost,
+        op: st.Operation,
+        spec: JobSpec,
+        windows: tuple[MaintenanceWindow, ...] = (),
+    ) -> None:
         self.host = host
         self.op = op.op
         self.spec = spec
+        self.windows = windows
+        self.ran = 0  # steps run by this run
         self.path = op.checkpoint_path(host.state_dir)
         self.terminating = False
         self.canceled = False
@@ -235,8 +284,9 @@ class JobRun:
 
     # -- the run ------------------------------------------------------------------
 
-    async def run(self) -> JobEnd | None:
-        """Run (or resume) the job; its end, or None when the agent stops meanwhile."""
+    async def run(self) -> JobEnd | JobWait | None:
+        """Run (or resume) the job; its end, its wait for a maintenance window, or None
+        when the agent stops meanwhile."""
         record = self.host.state.operation(self.op)
         if record is not None:
             self.terminating |= record.terminate_requested or record.cancel_requested
@@ -258,6 +308,9 @@ class JobRun:
                 )
                 if step is None:
                     break
+                until = window_wait(step, self.windows, time.time())
+                if until is not None:
+                    return self._wait(step, until)
                 if await self._step(step) == DISK_FULL:
                     # The staging folder goes at once: what the others staged too.
                     return self._end(DISK_FULL, stopped=False)
@@ -265,6 +318,16 @@ class JobRun:
             return None
         why = "canceled" if self.canceled else "terminated"
         return self._end(why if self.terminating else "download failed")
+
+    def _wait(self, step: Step, until: float) -> JobWait:
+        now = time.time()
+        closed = ", ".join(str(w) for w in self.windows if not w.is_open(now))
+        reason = (
+            f"{step[0]} of item {step[1]} waits for the maintenance window {closed}; "
+            f"{len(self.cp.done)} step(s) done"
+        )
+        log.info("operation %d: %s, for %.0fs", self.op, reason, until - now)
+        return JobWait(until, reason, self.ran)
 
     def _report_again(self) -> None:
         # A crash may have come between a checkpoint and its step's report.
@@ -286,6 +349,7 @@ class JobRun:
 
     async def _step(self, step: Step) -> str:
         phase, i = step
+        self.ran += 1
         self.host.state.job_phase(self.op, PHASE_STATUS[phase], [self._report(step, STARTED, "")])
         self.host.notify()
         if phase == ANALYZE:

@@ -301,9 +301,11 @@ class Operations:
 
     def spawn_now(self, op_id: int) -> None:
         """Start a run task for ``op_id`` unless one exists (``owned``)."""
-        self.timers.pop(op_id, None)
+        timer = self.timers.pop(op_id, None)
+        if timer is not None:
+            timer.cancel()  # run now: that timer would start it a second time
         op = self.state.operation(op_id)
-        if op is None or op_id in self.owned:
+        if op is None or op.finished or op_id in self.owned:
             return
         self.owned.add(op_id)
         task = asyncio.create_task(self._run(op))
@@ -457,7 +459,7 @@ class Operations:
         """Run (or resume) a job operation (``agent/jobs.py``) and record its end."""
         op = self.state.operation(op_id)
         assert op is not None and self.identity is not None
-        run = jobs.JobRun(self._job_host(), op, spec)
+        run = jobs.JobRun(self._job_host(), op, spec, jobs.order_windows(op))
         self.jobs[op_id] = run  # before any await: a terminate from now on reaches it
         if self.exec_lock.fd is None:
             self.exec_lock.acquire()
@@ -469,6 +471,11 @@ class Operations:
                 self.exec_lock.release()
         if end is None:
             return  # the agent stops: the record stays for the scrubber
+        if isinstance(end, jobs.JobWait):
+            end.record(self.state, op)  # Deferred until the windows open: run it then
+            self.spawn(op, max(end.until - time.time(), 0.001))
+            self.trigger.set()
+            return
         self.state.finish(op_id, end.code, end.message, before=end.before)
         op.checkpoint_path(self.state_dir).unlink(missing_ok=True)
         log.info(

@@ -392,13 +392,17 @@ class LocalState:
         *,
         next_run_at: float | None = None,
         message: dict[str, Any] | None = None,
+        attempts: int | None = None,
     ) -> None:
-        """A new local status (deferred, a recurring run's outcome), its message queued."""
+        """A new local status (deferred, a recurring run's outcome), its message queued;
+        ``attempts``: the attempt count to keep (a run that was no attempt)."""
         with self._tx() as db:
             db.execute(
                 "UPDATE operations SET status=?, next_run_at=?, ended_at=?, pgid=NULL WHERE op=?",
                 (status, next_run_at, time.time(), op),
             )
+            if attempts is not None:
+                db.execute("UPDATE operations SET attempts=? WHERE op=?", (attempts, op))
             if message is not None:
                 self._queue(db, message)
 

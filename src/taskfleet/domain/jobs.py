@@ -21,6 +21,9 @@ anything is stored, the agent checks it again before it runs):
   is Skipped (``unfinished``).
 * ``computer_outcome``: Canceled if not every step ran, because it was terminated or
   canceled; Failed if a step failed; Succeeded otherwise (SPEC 6).
+* Maintenance windows (SPEC 9; the server sends a computer's windows with its job,
+  ``parse_windows``): Analyze and Download run whenever the job is handed out; an
+  action step waits until every window is open (``window_wait``).
 * ``job_state``: a job's state from its activities' states and whether termination
   was asked: Terminating until every computer has stopped, then Terminated;
   otherwise Pending (nothing started), Running, or, once every computer is final,
@@ -35,6 +38,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from taskfleet.domain.lifecycle import (
+    MAX_TZ_OFFSET_MINUTES,
+    RuleError,
+    next_window_open,
+    validate_window,
+    window_allows,
+)
+from taskfleet.domain.policy import RunWindow
 from taskfleet.domain.scripts import validate_script_params, validate_timeout
 from taskfleet.domain.states import FINAL_STATES, State
 from taskfleet.settings import OUTPUT_CAP, OUTPUT_CAP_MAX
@@ -291,6 +302,72 @@ def computer_outcome(done: Mapping[Step, str], *, stopped: bool) -> Outcome:
         return Outcome.CANCELED
     # Not stopped, a step is Skipped only because an earlier step of its item failed.
     return Outcome.FAILED if FAILED in statuses else Outcome.SUCCEEDED
+
+
+# -- maintenance windows ------------------------------------------------------------
+
+MAX_WINDOWS = 100  # a computer's windows in one job operation (one per windowed group)
+_WINDOW_SEARCH = 3 * 86_400  # daily windows that do not meet within this never meet
+
+
+@dataclass(frozen=True)
+class MaintenanceWindow:
+    """A group's window ``HH:MM-HH:MM`` in its local time, ``utc_offset`` minutes east."""
+
+    window: RunWindow
+    utc_offset: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"window": str(self.window), "utc_offset": self.utc_offset}
+
+    def is_open(self, now: float) -> bool:
+        return window_allows(self.window, ((now + self.utc_offset * 60) % 86_400) / 60.0)
+
+    def __str__(self) -> str:
+        return f"{self.window} (UTC{self.utc_offset / 60:+g}h)"
+
+
+def parse_windows(raw: Any) -> tuple[MaintenanceWindow, ...]:
+    """A job operation's ``windows`` field (absent: none); ``JobSpecError`` if malformed."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_WINDOWS:
+        raise JobSpecError(f"windows must be a list of at most {MAX_WINDOWS}")
+    out = []
+    for k, w in enumerate(raw):
+        if not isinstance(w, dict) or set(w) != {"window", "utc_offset"}:
+            raise JobSpecError(f"window {k} must be {{window, utc_offset}}")
+        off = w["utc_offset"]
+        if type(off) is not int or not -MAX_TZ_OFFSET_MINUTES <= off <= MAX_TZ_OFFSET_MINUTES:
+            raise JobSpecError(f"window {k}: utc_offset must be minutes within +-14 h")
+        try:
+            out.append(MaintenanceWindow(validate_window(str(w["window"])), off))
+        except RuleError as exc:
+            raise JobSpecError(f"window {k}: {exc}") from None
+    return tuple(out)
+
+
+def window_wait(step: Step, windows: Iterable[MaintenanceWindow], now: float) -> float | None:
+    """None if ``step`` may run at ``now``; else when to look again (epoch seconds).
+
+    Only an action step (install, uninstall, remediate) waits; Analyze and Download
+    run outside the windows. An action runs while EVERY window is open; the answer
+    is the first second from ``now`` at which they all are, found by moving to the
+    latest next opening of those closed until none is. Windows that never overlap
+    (none found within three days) give the latest next opening: the caller looks
+    again then and keeps waiting, as the server holds other work for ever.
+    """
+    ws = list(windows)
+    if step[0] not in ACTIONS or all(w.is_open(now) for w in ws):
+        return None
+    t, first = now, None
+    while t - now <= _WINDOW_SEARCH:
+        closed = [w for w in ws if not w.is_open(t)]
+        if not closed:
+            return t
+        t = max(next_window_open(w.window, t, w.utc_offset) for w in closed)
+        first = t if first is None else first
+    return first
 
 
 # -- the job as a whole -----------------------------------------------------------

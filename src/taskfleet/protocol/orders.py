@@ -51,20 +51,24 @@ def operation_body(
     policy: dict[str, Any],
     timeout: float,
     issued_at: float,
+    windows: list[dict[str, Any]] | None = None,
 ) -> str:
-    """An operation's payload as the exact text the server signs."""
-    return canonical(
-        {
-            "computer": computer,
-            "generation": generation,
-            "op": op,
-            "type": type,
-            "params": params,
-            "policy": policy,
-            "timeout": timeout,
-            "issued_at": issued_at,
-        }
-    )
+    """An operation's payload as the exact text the server signs. ``windows``: a job's
+    computer's maintenance windows at hand-out (``domain.jobs.parse_windows``), only
+    when it has some; without them the text is what it always was."""
+    payload = {
+        "computer": computer,
+        "generation": generation,
+        "op": op,
+        "type": type,
+        "params": params,
+        "policy": policy,
+        "timeout": timeout,
+        "issued_at": issued_at,
+    }
+    if windows:
+        payload["windows"] = windows
+    return canonical(payload)
 
 
 def cancel_body(*, computer: int, generation: int, op: int) -> str:

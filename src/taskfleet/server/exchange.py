@@ -177,6 +177,8 @@ class Exchange:
         self.clock = clock
         # computer id, now -> True while its maintenance window is closed
         self.window_closed: Callable[[int, float], bool] = lambda _cid, _now: False
+        # computer id -> its windows as a job operation carries them, or None
+        self.job_windows: Callable[[int], list[dict[str, Any]] | None] = lambda _cid: None
         writer.register(ExchangeJob, self.apply)
         writer.register(ExchangeGroup, self.apply_groups)
 
@@ -493,7 +495,8 @@ class Exchange:
                 ),
                 statuses,
             )
-        await self._record_steps(conn, steps, jobs_of, current, now)
+        told = {v["b_id"]: v["deadline_at"] for v in statuses}
+        await self._record_steps(conn, steps, jobs_of, current, now, told)
         metrics.RESULTS.inc(len(changes))
 
     async def _record_inventory(
@@ -517,10 +520,14 @@ class Exchange:
         jobs_of: dict[int, Any],
         current: dict[int, Any],
         now: float,
+        told: dict[int, float | None],
     ) -> None:
         """Record job steps (``store/job_steps.py``), the last report of a step winning,
         and move the lost-deadline of a job still In Progress: each step says the
         computer is alive and working on it (SPEC 9's two timeouts, for long jobs).
+        A status in the same exchange (``told``: op -> its deadline, None for none)
+        is never cut short by a step: a job that reported its last Download step
+        and then that it waits for its window until tomorrow is not lost tonight.
         A step that names no job operation delivered to this computer is ignored."""
         if not steps:
             return
@@ -546,8 +553,8 @@ class Exchange:
                 "detail": m.detail,
                 "at": now if m.at is None else m.at,
             }
-            if state is State.IN_PROGRESS:
-                alive[m.op] = now + row.timeout + self.lost_grace
+            if state is State.IN_PROGRESS and told.get(m.op, 0.0) is not None:
+                alive[m.op] = max(now + row.timeout + self.lost_grace, told.get(m.op) or 0.0)
         await upsert_steps(conn, list(rows.values()))
         if alive:
             await conn.execute(
@@ -600,9 +607,14 @@ class Exchange:
             # Held work (a closed window, a later time) is woken by the
             # lifecycle engine when it becomes due.
             cs.has_work = False
-        by_id = {cid: cs for cid, cs in by_id.items() if not self.window_closed(cid, now)}
-        if not by_id:
-            return
+        # A closed maintenance window holds a computer's work, except jobs: their
+        # Analyze and Download run outside it and the agent holds the action until
+        # the windows it is sent open (SPEC 9, issue 12).
+        held = [cid for cid in by_id if self.window_closed(cid, now)]
+        open_ids = [cid for cid in by_id if cid not in held]
+        mine: sa.ColumnElement[bool] = activities.c.computer_id.in_(open_ids)
+        if held:
+            mine = sa.or_(mine, activities.c.computer_id.in_(held) & (activities.c.type == JOB))
         query = (
             sa.select(
                 activities.c.id,
@@ -615,7 +627,7 @@ class Exchange:
                 requests.c.policy,
             )
             .join(requests, requests.c.id == activities.c.request_id)
-            .where(activities.c.computer_id.in_(list(by_id)))
+            .where(mine)
             .where(activities.c.state.in_([State.QUEUED.value, State.SCHEDULED.value]))
             .where(activities.c.kind == _CLIENT.value)
             # Expired work is never handed out, even before the reaper gets to it.
@@ -648,6 +660,7 @@ class Exchange:
                 policy=row.policy or DEFAULT_POLICY,
                 timeout=row.timeout,
                 issued_at=now,
+                windows=self.job_windows(cs.id) if row.type == JOB else None,
             )
             sig = self.signer.sign(body)
             op = row.id

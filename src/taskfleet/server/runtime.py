@@ -208,6 +208,7 @@ async def start(config: ServerConfig) -> Runtime:
     )
     writer.on_finished = rt.lifecycle.on_finished
     exchange.window_closed = rt.lifecycle.window_closed
+    exchange.job_windows = rt.lifecycle.job_windows
     await rt.lifecycle.load()
     rt.lifecycle.start()
     rt.tasks.append(asyncio.create_task(_reaper(rt), name="reaper"))

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from taskfleet.domain.jobs import JOB
 from taskfleet.server import activities, requests
 from taskfleet.server.api.deps import (
     Age,
@@ -73,7 +74,9 @@ async def list_activities(
 @router.get("/api/v1/activities/{activity_id}", tags=["activities"])
 async def get_activity(rt: Rt, activity_id: Id, p: Viewer) -> dict[str, Any]:
     out = await read(rt, lambda c: activities.get_activity(c, p, activity_id))
-    if out["state"] in ("queued", "scheduled") and out["computer_id"] is not None:
+    # A job is not held by a closed window: its computer runs Analyze and Download.
+    held = out["state"] in ("queued", "scheduled") and out["type"] != JOB
+    if held and out["computer_id"] is not None:
         out["held"] = rt.lifecycle_engine.why_held(out["computer_id"], rt.now())
     return out
 

@@ -116,6 +116,15 @@ class Lifecycle:
         ws = self.windows.get(computer_id)
         return ws is not None and bool(closed_windows(ws, now))
 
+    def job_windows(self, computer_id: int) -> list[dict[str, Any]] | None:
+        """The computer's maintenance windows as a job operation carries them
+        (``domain.jobs.parse_windows``), or None when it has none."""
+        ws = self.windows.get(computer_id)
+        if not ws:
+            return None
+        shown = {(str(w), off) for w, off, _ in ws}
+        return [{"window": w, "utc_offset": off} for w, off in sorted(shown)]
+
     def why_held(self, computer_id: int, now: float) -> str | None:
         ws = self.windows.get(computer_id)
         closed = closed_windows(ws, now) if ws else []
