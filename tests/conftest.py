@@ -437,3 +437,13 @@ def rabbit_fleet(
     yield start
     for w in workers:
         w.stop()
+
+
+def post_action(
+    server: Server, type: str, target: str, params: dict[str, Any] | None = None, **extra: Any
+) -> httpx.Response:
+    """POST a typed activity request (docs/activity-types.md); the raw response."""
+    with server.api() as api:
+        return api.post(
+            "/requests", json={"type": type, "target": target, "params": params or {}, **extra}
+        )

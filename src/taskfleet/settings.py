@@ -193,3 +193,9 @@ AGENT_INVENTORY_MIN_INTERVAL = 60.0
 INVENTORY_TOOL_TIMEOUT = 120.0
 # The most read from one tool or file (dpkg-query on a desktop writes about 0.5 MB).
 INVENTORY_TOOL_OUTPUT = 16 * 1024 * 1024
+
+# -- typed activities (issue 13; docs/activity-types.md) -------------------------------------
+# How long a package activity waits for apt's or dpkg's lock held by another process (an
+# unattended upgrade) before it fails saying so: long enough for a nightly upgrade's usual
+# run, short enough that a stuck lock is reported the same hour.
+AGENT_PACKAGE_LOCK_TIMEOUT = 300.0

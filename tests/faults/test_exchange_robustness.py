@@ -211,7 +211,7 @@ def test_nul_and_lone_surrogates_in_every_remote_text_column_are_stored(server):
     assert a["history"][-1]["reason"] == a["result_line"]
     (computer,) = [c for c in _get(server, "/computers") if c["id"] == cid]
     assert computer["agent_version"] == f"2.0{NUL}\ufffd"
-    assert computer["policy"] == {"scripts": True, "users": [], "types": []}
+    assert computer["policy"] == {"scripts": True, "users": [], "types": [], "unsupported": {}}
 
     # A late report (the activity is final) lands in agent_report, cleaned too.
     late = _result(3, aid, status="failed", exit_code=1, stdout="late\x00")

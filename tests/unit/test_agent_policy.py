@@ -9,10 +9,25 @@ from taskfleet.domain.scripts import policy_refusal
 
 
 def test_a_valid_policy_is_normalised_and_missing_fields_allow_nothing():
-    assert validate_agent_policy({}) == {"scripts": False, "users": [], "types": []}
+    assert validate_agent_policy({}) == {
+        "scripts": False,
+        "users": [],
+        "types": [],
+        "unsupported": {},
+    }
     assert validate_agent_policy(
-        {"scripts": True, "users": ["root", "deploy", "root"], "types": ["execute-script"]}
-    ) == {"scripts": True, "users": ["deploy", "root"], "types": ["execute-script"]}
+        {
+            "scripts": True,
+            "users": ["root", "deploy", "root"],
+            "types": ["execute-script"],
+            "unsupported": {"snap-install": "snapd is not installed"},
+        }
+    ) == {
+        "scripts": True,
+        "users": ["deploy", "root"],
+        "types": ["execute-script"],
+        "unsupported": {"snap-install": "snapd is not installed"},
+    }
 
 
 @pytest.mark.parametrize(
@@ -28,6 +43,11 @@ def test_a_valid_policy_is_normalised_and_missing_fields_allow_nothing():
         ({"users": ["u"] * 257}, "at most 256"),
         ({"scripts": 1}, "'scripts' must be true or false"),
         ({"scripts": True, "root": True}, "unknown policy field(s): root"),
+        ({"unsupported": ["snap-install"]}, "'unsupported' must map"),
+        ({"unsupported": {"snap-install": 5}}, "reasons must be printable"),
+        ({"unsupported": {"snap-install": "a\x1bb"}}, "reasons must be printable"),
+        ({"unsupported": {"snap-install": "x" * 201}}, "at most 200"),
+        ({"unsupported": {"a b": "why"}}, "control characters"),
     ],
 )
 def test_a_malformed_policy_is_refused_with_what_is_wrong(raw, message):

@@ -62,7 +62,7 @@ def test_every_text_of_a_parsed_exchange_is_cleaned() -> None:
     assert st.reason == "why␀"
     assert req.agent is not None
     assert req.agent.version == "v␀"
-    assert req.agent.policy == {"scripts": False, "users": ["u"], "types": []}
+    assert req.agent.policy == {"scripts": False, "users": ["u"], "types": [], "unsupported": {}}
     # A policy names users exactly: a name that is not plain text is refused, not cleaned.
     for user in ("u\ud800", "u\x00"):
         with pytest.raises(ProtocolError, match="invalid policy"):

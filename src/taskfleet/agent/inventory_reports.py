@@ -68,6 +68,7 @@ class InventoryReports:
         self.full_seq: int | None = None  # a whole inventory queued, maybe not acked yet
         self.last = -float("inf")  # monotonic time of the last collection
         self.collections = 0
+        self.resyncs: list[asyncio.Future[None]] = []  # Resynchronize: the next whole one
 
     def want(self, *, full: bool = False) -> None:
         """Collect (at the next allowed time); ``full``: send the whole inventory."""
@@ -76,6 +77,15 @@ class InventoryReports:
                 return  # one is on its way
             self.full = True
         self.due.set()
+
+    async def resync(self) -> None:
+        """Collect the whole inventory and queue it; returns once it is queued, raises
+        ``OSError`` or ``ValueError`` if that collection fails."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.resyncs.append(done)
+        self.full = True  # even if a whole one is on its way: this one is asked for now
+        self.due.set()
+        await done
 
     def asked(self, ask: str | None) -> None:
         """What a reply's ``inventory`` says: ``"full"``, the server wants the whole one."""
@@ -105,6 +115,20 @@ class InventoryReports:
     async def collect_once(self) -> int | None:
         """One collection; the sequence number of the message queued, None if none."""
         full, self.full = self.full, False
+        waiting, self.resyncs = (self.resyncs, []) if full else ([], self.resyncs)
+        try:
+            seq = await self._collect(full)
+        except BaseException as exc:
+            for w in waiting:
+                if not w.done():
+                    w.set_exception(exc if isinstance(exc, Exception) else OSError("stopped"))
+            raise
+        for w in waiting:
+            if not w.done():
+                w.set_result(None)
+        return seq
+
+    async def _collect(self, full: bool) -> int | None:
         argv = [sys.executable, "-m", "taskfleet.agent.inventory", "--state", str(self.path)]
         argv += ["--root", str(self.root)]
         if self.admindir is not None:

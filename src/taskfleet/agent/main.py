@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -60,6 +61,7 @@ from typing import Any
 
 from taskfleet import __version__
 from taskfleet.agent import state as st
+from taskfleet.agent.actions import ActionEnv, capabilities
 from taskfleet.agent.enroll import enroll
 from taskfleet.agent.http import Connection, HttpError, error_text
 from taskfleet.agent.inventory_reports import InventoryReports
@@ -69,6 +71,7 @@ from taskfleet.agent.scrub import agent_lock, kill_leftover
 from taskfleet.agent.scrub import plan as scrub_plan
 from taskfleet.agent.scrub import scrub as scrub_record
 from taskfleet.agent.wakeups import bind_tickle_port, listen
+from taskfleet.domain.actions import allowed_types
 from taskfleet.domain.jobs import JOB
 from taskfleet.domain.peers import Failover, Peer, PeerAcks, Switch, reassigned
 from taskfleet.domain.policy import RunWindow
@@ -88,6 +91,7 @@ from taskfleet.protocol.tickle import TickleVerifier
 from taskfleet.settings import (
     AGENT_INVENTORY_INTERVAL,
     AGENT_INVENTORY_MIN_INTERVAL,
+    AGENT_PACKAGE_LOCK_TIMEOUT,
     AGENT_RELAY_CHECK_INTERVAL,
     AGENT_RELAY_FAILOVER_AFTER,
     AGENT_RELAY_PROBE_INTERVAL,
@@ -133,6 +137,34 @@ class AgentConfig:
     inventory_admindir: Path | None = None  # dpkg's database (default ROOT/var/lib/dpkg)
     inventory_interval: float = AGENT_INVENTORY_INTERVAL
     inventory_min_interval: float = AGENT_INVENTORY_MIN_INTERVAL
+    # Typed activities (docs/activity-types.md): the types or families this computer's
+    # owner enables (none of the system-changing ones by default) and how they run.
+    allow_types: tuple[str, ...] = ()
+    restart_command: tuple[str, ...] | None = None  # None: ActionEnv's default
+    shutdown_command: tuple[str, ...] | None = None
+    boot_id_file: Path | None = None
+    package_lock_timeout: float = AGENT_PACKAGE_LOCK_TIMEOUT
+    apt_options: tuple[str, ...] = ()
+
+
+def action_env(config: AgentConfig, own_user: str) -> ActionEnv:
+    """How this agent runs typed activities, from its configuration."""
+    env = ActionEnv(
+        root=config.inventory_root,
+        admindir=config.inventory_admindir,
+        own_user=own_user,
+        lock_timeout=config.package_lock_timeout,
+        apt_options=config.apt_options,
+        tmp_dir=config.state_dir,
+        inventory=config.inventory,
+    )
+    if config.restart_command is not None:
+        env = dataclasses.replace(env, restart_command=config.restart_command)
+    if config.shutdown_command is not None:
+        env = dataclasses.replace(env, shutdown_command=config.shutdown_command)
+    if config.boot_id_file is not None:
+        env = dataclasses.replace(env, boot_id_file=config.boot_id_file)
+    return env
 
 
 def default_machine_id(state_dir: Path) -> str:
@@ -164,10 +196,13 @@ class Agent:
         self.poll_interval = config.poll_interval or POLL_INTERVAL
         self.info_sent = False
         self.own_user = _own_user()
+        self.action_env = action_env(config, self.own_user)
+        runs, cannot = capabilities(self.action_env, allowed_types(config.allow_types))
         self.policy = {
             "scripts": config.allow_scripts,
             "users": sorted({self.own_user, *config.script_users}),
-            "types": [EXECUTE_SCRIPT, JOB] if config.allow_scripts else [],
+            "types": sorted([EXECUTE_SCRIPT, JOB] if config.allow_scripts else []) + runs,
+            "unsupported": cannot,
         }
         self.stopping = asyncio.Event()
         self.tickled = False
@@ -190,6 +225,8 @@ class Agent:
             max_attempts=config.max_attempts,
             next_scrub_at=lambda: self.next_scrub_at,
             content_base=self.content_base,
+            action_env=self.action_env,
+            resync=lambda: self.inventory.resync(),
         )
         self.inventory = InventoryReports(
             self.state,

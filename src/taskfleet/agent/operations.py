@@ -47,13 +47,16 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from taskfleet.agent import jobs
 from taskfleet.agent import state as st
+from taskfleet.agent.actions import ActionEnv
+from taskfleet.agent.actions.runner import Action, check_action, run_action
 from taskfleet.agent.scrub import executor_lock, process_start
+from taskfleet.domain.actions import ACTION_TYPES
 from taskfleet.domain.jobs import JOB, JobSpec
 from taskfleet.domain.policy import Interval, Mode, RunWindow, validate_policy
 from taskfleet.domain.results import REFUSED_PREFIX, describe_script_outcome, result_line
@@ -92,6 +95,8 @@ class Operations:
         next_scrub_at: Callable[[], float],
         content_base: Callable[[], str] | None = None,
         fetch: jobs.Fetch | None = None,
+        action_env: ActionEnv | None = None,
+        resync: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.state = state
         self.trigger = trigger  # set: the exchange loop has something to send
@@ -114,6 +119,9 @@ class Operations:
         self.fetch = fetch or jobs.default_fetch()
         self.jobs: dict[int, jobs.JobRun] = {}  # the running ones
         self.shutting_down = False
+        # Typed activities (``agent/actions``): how they run here, and the inventory hook.
+        self.action_env = action_env or ActionEnv(own_user=own_user, tmp_dir=state_dir)
+        self.resync = resync
 
     def bind(self, identity: st.Identity, verifier: Verifier) -> None:
         """Who this computer is, and the key its operations must be signed with."""
@@ -214,7 +222,7 @@ class Operations:
         return st.NewOperation(
             m.op,
             m.seq,
-            JOB if payload.get("type") == JOB else EXECUTE_SCRIPT,
+            _local_type(payload.get("type")),
             json.dumps(operation_message(m.seq, m.op, m.body, m.sig)),
             pushed,
             policy["mode"],
@@ -324,6 +332,7 @@ class Operations:
     async def _run(self, op: st.Operation) -> None:
         op = self.state.operation(op.op) or op  # the orders stored since it was spawned
         refusal, spec, timeout, job = self._check(op)
+        action = spec if isinstance(spec, Action) else None
         # A job ends a cancel or terminate that came before it started itself: its
         # steps are reported Skipped.
         stopped = job is not None and (op.cancel_requested or op.terminate_requested)
@@ -367,7 +376,11 @@ class Operations:
         if job is not None:
             await self._run_job(op.op, job)
             return
-        assert spec is not None
+        if action is not None:
+            message = await self._run_action(op, action)
+            self._ended(op, attempt, message["status"], message, message["result_line"], None)
+            return
+        assert isinstance(spec, ScriptSpec)
         checkpoint = op.checkpoint_path(self.state_dir)
         checkpoint.parent.mkdir(mode=0o700, exist_ok=True)
         spec = dataclasses.replace(
@@ -414,6 +427,19 @@ class Operations:
             started_at=res.started_at,
             ended_at=res.ended_at,
         )
+        self._ended(op, attempt, status, message, outcome.line, checkpoint)
+
+    def _ended(
+        self,
+        op: st.Operation,
+        attempt: int,
+        status: str,
+        message: dict[str, Any],
+        line: str,
+        checkpoint: Path | None,
+    ) -> None:
+        """Record a run's end: the next recurring run, a retry left for the scrubber,
+        or the operation's result."""
         code = {"succeeded": st.SUCCESS, "canceled": st.CANCELED}.get(status, st.FAILED)
         latest = self.state.operation(op.op)
         cancel_asked = bool(latest and latest.cancel_requested)
@@ -437,7 +463,7 @@ class Operations:
         elif status == "failed" and not cancel_asked and not after.final:
             # SPEC 5: not final while attempts remain; the scrubber continues it.
             retry_at = self.next_scrub_at()
-            reason = f"{after.reason}; {outcome.line}"
+            reason = f"{after.reason}; {line}"
             self.state.set_status(
                 op.op,
                 st.FAILED,
@@ -450,10 +476,39 @@ class Operations:
                 max(0.0, retry_at - time.time()),
             )
         else:
-            checkpoint.unlink(missing_ok=True)
+            if checkpoint is not None:
+                checkpoint.unlink(missing_ok=True)
             self.state.finish(op.op, code, message)
-            log.info("operation %d %s: %s", op.op, status, outcome.line)
+            log.info("operation %d %s: %s", op.op, status, line)
         self.trigger.set()
+
+    async def _run_action(self, op: st.Operation, action: Action) -> dict[str, Any]:
+        """Run a typed activity (``agent/actions``); its result message."""
+
+        async def start(spec: ScriptSpec) -> RunningScript:
+            running = await start_script(spec)
+            self._job_process(op.op, running)  # tracked like a script's: cancel, scrubber
+            latest = self.state.operation(op.op)
+            if latest is not None and latest.cancel_requested:
+                running.cancel()  # the cancel arrived while the process was starting
+            return running
+
+        if self.exec_lock.fd is None:
+            self.exec_lock.acquire()
+        try:
+            return await run_action(
+                action,
+                self.action_env,
+                op=op.op,
+                start=start,
+                ended=lambda: self._job_process_ended(op.op),
+                canceled=lambda: bool((o := self.state.operation(op.op)) and o.cancel_requested),
+                resync=self.resync,
+            )
+        finally:
+            self.running.pop(op.op, None)
+            if not self.running and not self.jobs:
+                self.exec_lock.release()
 
     async def _run_job(self, op_id: int, spec: JobSpec) -> None:
         """Run (or resume) a job operation (``agent/jobs.py``) and record its end."""
@@ -532,8 +587,9 @@ class Operations:
 
     def _check(
         self, op: st.Operation
-    ) -> tuple[str | None, ScriptSpec | None, float, JobSpec | None]:
-        """(refusal, script, its timeout, job): what ``op`` runs, or why it does not."""
+    ) -> tuple[str | None, ScriptSpec | Action | None, float, JobSpec | None]:
+        """(refusal, script or typed activity, its timeout, job): what ``op`` runs, or
+        why it does not."""
         assert self.identity is not None and self.verifier is not None
         try:
             m = json.loads(op.body)
@@ -546,6 +602,9 @@ class Operations:
         if payload.get("type") == JOB:
             why, job = jobs.check_job(payload, self.policy)
             return (f"{REFUSED_PREFIX}: {why}" if why else None), None, 0, job
+        if payload.get("type") in ACTION_TYPES:
+            why, action = check_action(payload, self.policy)
+            return (f"{REFUSED_PREFIX}: {why}" if why else None), action, 0, None
         refusal, spec, timeout = self._check_script(op, payload)
         return refusal, spec, timeout, None
 
@@ -589,6 +648,11 @@ class Operations:
         except ValueError as exc:
             return f"{REFUSED_PREFIX}: invalid parameters ({exc})", None, timeout
         return None, spec, timeout
+
+
+def _local_type(kind: Any) -> str:
+    """The type an operation is stored under: a job, a typed activity, else a script."""
+    return kind if kind == JOB or kind in ACTION_TYPES else EXECUTE_SCRIPT
 
 
 def _policy_of(payload: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from taskfleet.cli.output import emit, fail, print_fields, print_table, when
 from taskfleet.settings import (
     AGENT_INVENTORY_INTERVAL,
     AGENT_INVENTORY_MIN_INTERVAL,
+    AGENT_PACKAGE_LOCK_TIMEOUT,
     AGENT_RELAY_FAILOVER_AFTER,
     AGENT_RELAY_PROBE_INTERVAL,
     AGENT_STATE_DIR,
@@ -139,12 +140,14 @@ from taskfleet.settings import (
     help="Report this computer's inventory (OS, hardware, packages, users; docs/inventory.md).",
 )
 @click.option(
+    "--system-root",
     "--inventory-root",
+    "inventory_root",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("/"),
     show_default=True,
-    help="Read the inventory (files, dpkg, apt) under this root: a container's view of its "
-    "host, or test data.",
+    help="The system this agent reports and manages (files, dpkg, apt, accounts) is under "
+    "this root: a container's view of its host, or a test's throw-away root.",
 )
 @click.option(
     "--inventory-admindir",
@@ -164,6 +167,42 @@ from taskfleet.settings import (
     type=FINITE_FLOAT,
     default=AGENT_INVENTORY_MIN_INTERVAL,
     hidden=True,  # tests: collections closer together than a minute
+)
+@click.option(
+    "--allow-type",
+    multiple=True,
+    help="A typed activity this computer runs (docs/activity-types.md): a type such as "
+    "change-packages, a family (accounts, packages, snaps, system) or 'all'; repeat for "
+    "more. Default: none of those that change the system.",
+)
+@click.option(
+    "--restart-command",
+    default=None,
+    help="The restart command, split into words (no shell); {minutes} and {message} are "
+    "filled in [default: shutdown -r +{minutes} {message}].",
+)
+@click.option(
+    "--shutdown-command",
+    default=None,
+    help="The shutdown command, as --restart-command [default: shutdown -h +{minutes} {message}].",
+)
+@click.option(
+    "--boot-id-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    hidden=True,  # tests: what tells a restart happened [default: the kernel's boot_id]
+)
+@click.option(
+    "--package-lock-timeout",
+    type=FINITE_FLOAT,
+    default=AGENT_PACKAGE_LOCK_TIMEOUT,
+    show_default=True,
+    help="Seconds a package activity waits for apt's or dpkg's lock held by another process.",
+)
+@click.option(
+    "--apt-option",
+    multiple=True,
+    help="An extra apt-get setting NAME=VALUE for package activities (repeat for more).",
 )
 @click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
@@ -195,6 +234,12 @@ def agent(
     inventory_admindir: Path | None,
     inventory_interval: float,
     inventory_min_interval: float,
+    allow_type: tuple[str, ...],
+    restart_command: str | None,
+    shutdown_command: str | None,
+    boot_id_file: Path | None,
+    package_lock_timeout: float,
+    apt_option: tuple[str, ...],
     log_format: str,
 ) -> None:
     """Run the agent on a managed computer (enrolls on first start)."""
@@ -212,6 +257,9 @@ def agent(
         fail("--scrub-interval must be positive")
     if inventory_interval <= 0 or inventory_min_interval < 0:
         fail("--inventory-interval must be positive")
+    actions = _action_options(
+        allow_type, restart_command, shutdown_command, package_lock_timeout, apt_option
+    )
     server_key = _relay_options(relay_url, relay_failover_after, relay_probe_interval, server_key)
     if enroll_token_file is not None:
         if enroll_token:
@@ -255,6 +303,8 @@ def agent(
         inventory_admindir=inventory_admindir,
         inventory_interval=inventory_interval,
         inventory_min_interval=inventory_min_interval,
+        boot_id_file=boot_id_file,
+        **actions,
     )
     if hostname:
         config.hostname = hostname
@@ -444,3 +494,41 @@ def agent_scrub(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
         click.echo(f"{d['scrubbed']} {'would be ' if dry_run else ''}scrubbed")
 
     emit(data, as_json, table)
+
+
+def _action_options(
+    allow_type: tuple[str, ...],
+    restart_command: str | None,
+    shutdown_command: str | None,
+    package_lock_timeout: float,
+    apt_option: tuple[str, ...],
+) -> dict[str, Any]:
+    """The typed-activity options, checked: AgentConfig's fields."""
+    import shlex
+
+    from taskfleet.domain.actions import allowed_types
+
+    try:
+        allowed_types(allow_type)
+    except ValueError as exc:
+        fail(f"--allow-type: {exc}")
+    commands: dict[str, tuple[str, ...] | None] = {}
+    for name, value in (("restart", restart_command), ("shutdown", shutdown_command)):
+        try:
+            words = None if value is None else tuple(shlex.split(value))
+        except ValueError as exc:
+            fail(f"--{name}-command: {exc}")
+        if words is not None and not words:
+            fail(f"--{name}-command must name a program")
+        commands[f"{name}_command"] = words
+    if not 0 <= package_lock_timeout <= 86400:
+        fail("--package-lock-timeout must be 0..86400 seconds")
+    for opt in apt_option:
+        if "=" not in opt or opt.startswith(("-", "=")) or "\n" in opt:
+            fail(f"--apt-option must be NAME=VALUE, not {opt!r}")
+    return {
+        "allow_types": allow_type,
+        "package_lock_timeout": package_lock_timeout,
+        "apt_options": apt_option,
+        **commands,
+    }

@@ -63,7 +63,8 @@ def validate_policy(raw: Any) -> dict[str, Any]:
     return {"mode": mode.value, "interval": interval.value, "every": every}
 
 
-AGENT_POLICY_FIELDS = ("scripts", "users", "types")
+AGENT_POLICY_FIELDS = ("scripts", "users", "types", "unsupported")
+MAX_UNSUPPORTED_REASON = 200  # characters of why an agent cannot run a type
 MAX_POLICY_ITEMS = 256  # users or types an agent may list
 MAX_POLICY_NAME = 64  # characters of one user or type name
 
@@ -85,10 +86,13 @@ def _names(raw: dict[str, Any], key: str) -> list[str]:
 
 
 def validate_agent_policy(raw: Any) -> dict[str, Any]:
-    """An agent's own policy, normalised: ``{"scripts": bool, "users": [...], "types": [...]}``.
+    """An agent's own policy, normalised: ``{"scripts": bool, "users": [...], "types": [...],
+    "unsupported": {type: why}}``.
 
     Users and types are lists of exact names (a user is allowed only if it is
-    one of them, never a substring); a missing field means nothing allowed."""
+    one of them, never a substring); a missing field means nothing allowed.
+    ``unsupported``: typed activities its configuration enables but its computer
+    cannot run (a tool it lacks), each with the agent's reason."""
     if not isinstance(raw, dict):
         raise ValueError("policy must be an object")
     unknown = set(raw) - set(AGENT_POLICY_FIELDS)
@@ -97,7 +101,25 @@ def validate_agent_policy(raw: Any) -> dict[str, Any]:
     scripts = raw.get("scripts", False)
     if not isinstance(scripts, bool):
         raise ValueError("policy 'scripts' must be true or false")
-    return {"scripts": scripts, "users": _names(raw, "users"), "types": _names(raw, "types")}
+    return {
+        "scripts": scripts,
+        "users": _names(raw, "users"),
+        "types": _names(raw, "types"),
+        "unsupported": _reasons(raw.get("unsupported", {})),
+    }
+
+
+def _reasons(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or len(value) > MAX_POLICY_ITEMS:
+        raise ValueError(f"policy 'unsupported' must map at most {MAX_POLICY_ITEMS} types to why")
+    _names({"unsupported": list(value)}, "unsupported")
+    for why in value.values():
+        if not isinstance(why, str) or not why.isprintable() or len(why) > MAX_UNSUPPORTED_REASON:
+            raise ValueError(
+                f"policy 'unsupported' reasons must be printable texts of at most "
+                f"{MAX_UNSUPPORTED_REASON} characters"
+            )
+    return dict(sorted(value.items()))
 
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")

@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from taskfleet.domain.actions import ACTION_TYPES, action_refusal, validate_action
 from taskfleet.domain.jobs import JOB, validate_job_spec
 from taskfleet.domain.lifecycle import RuleError, initial_state, plan_waves
 from taskfleet.domain.policy import validate_policy
@@ -100,6 +101,8 @@ async def create_request(
         if type == EXECUTE_SCRIPT:
             clean = validate_script_params(params, default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX)
             limit = validate_timeout(SCRIPT_TIMEOUT if timeout is None else timeout)
+        elif type in ACTION_TYPES:
+            clean, limit = _action_params(type, params, timeout)
     except (TargetError, ValueError) as exc:
         raise ApiError(400, str(exc)) from None
     if type == JOB:
@@ -125,8 +128,20 @@ async def create_request(
 
 
 def _known_type(type: str) -> None:
-    if type not in (EXECUTE_SCRIPT, JOB):
-        raise ApiError(400, f"unknown activity type {type!r} (known: {EXECUTE_SCRIPT}, {JOB})")
+    if type not in (EXECUTE_SCRIPT, JOB) and type not in ACTION_TYPES:
+        known = ", ".join([EXECUTE_SCRIPT, JOB, *ACTION_TYPES])
+        raise ApiError(400, f"unknown activity type {type!r} (known: {known})"[:1000])
+
+
+def _action_params(type: str, params: Any, timeout: Any) -> tuple[dict[str, Any], float]:
+    """A typed activity's parameters (``domain/actions``) and time limit; ValueError."""
+    try:
+        clean = validate_action(type, params)
+    except ValueError as exc:
+        raise ValueError(f"{type}: {exc}") from None
+    return clean, validate_timeout(
+        ACTION_TYPES[type].default_timeout if timeout is None else timeout
+    )
 
 
 def _job_policy(run_policy: dict[str, Any]) -> None:
@@ -158,6 +173,8 @@ def check_template(
         if type == EXECUTE_SCRIPT:
             validate_script_params(params, default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX)
             validate_timeout(SCRIPT_TIMEOUT if timeout is None else timeout)
+        elif type in ACTION_TYPES:
+            _action_params(type, params, timeout)
     except (TargetError, ValueError) as exc:
         raise ApiError(400, str(exc)) from None
     if type == JOB:
@@ -230,16 +247,17 @@ async def _create(
             computers.c.id.in_(ids)
         )
     ):
-        why = (
-            job_specs.refusal(row.policy, spec)
-            if spec is not None
-            else policy_refusal(row.policy, clean)
-        )
+        if spec is not None:
+            why = job_specs.refusal(row.policy, spec)
+        elif type in ACTION_TYPES:
+            why = action_refusal(row.policy, type)
+        else:
+            why = policy_refusal(row.policy, clean)
         if why:
             refusals.append(f"{row.id} ({row.hostname}): {why}")
     if refusals:
         shown = "; ".join(refusals[:10]) + (" ..." if len(refusals) > 10 else "")
-        what = "job" if spec is not None else "script"
+        what = "job" if spec is not None else "script" if type == EXECUTE_SCRIPT else type
         raise ApiError(
             409,
             f"{len(refusals)} of {len(ids)} target computers would refuse this {what}: {shown}",

@@ -1,0 +1,88 @@
+"""Typed activities through the real server and agents (issue 13): the agent's own
+configuration has the last word, the server refuses up front what a target would refuse,
+naming the computers, and Resynchronize re-reports the whole inventory.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from tests.conftest import (
+    Agent,
+    Server,
+    activities_of,
+    enroll_token,
+    post_action,
+    request_done,
+    wait_until,
+)
+
+
+def test_bad_parameters_are_refused_before_anything_is_stored(server: Server) -> None:
+    for type_, params, says in [
+        ("signal-process", {"pid": 1}, "pid must be an integer in [2"),
+        ("signal-process", {"pid": 5, "process": "x"}, "exactly one of pid or process"),
+        ("signal-process", {"process": "-9"}, "is not a valid process name"),
+        ("signal-process", {"pid": True}, "pid must be an integer"),
+        ("signal-process", {"pid": 5, "signal": "BOOM"}, "signal must be one of"),
+        ("restart", {"delay": -1}, "delay must be a number in [0"),
+        ("restart", {"delay": float("inf")}, ""),
+        ("resync", {"full": True}, "unknown parameter(s): full"),
+        ("no-such-type", {}, "unknown activity type 'no-such-type'"),
+    ]:
+        with server.api() as api:
+            r = api.post(
+                "/requests",
+                content=(
+                    '{"type": "%s", "target": "all", "params": %s}'
+                    % (
+                        type_,
+                        "{" + ", ".join(f'"{k}": {_json(v)}' for k, v in params.items()) + "}",
+                    )
+                ),
+                headers={"content-type": "application/json"},
+            )
+        assert r.status_code in (400, 422), (type_, params, r.text)
+        assert says in r.text, (type_, params, r.text)
+    with server.api() as api:
+        assert api.get("/requests").json() == []
+
+
+def _json(v: object) -> str:
+    if v is True:
+        return "true"
+    if isinstance(v, float) and v == float("inf"):
+        return "1e999"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return str(v)
+
+
+def test_resync_sends_the_whole_inventory_again_before_its_result(
+    server: Server, start_agent: Callable[..., Agent]
+) -> None:
+    agent = start_agent(
+        server, enroll_token(server), "--inventory-min-interval", "0", inventory=True
+    )
+
+    def wholes() -> int:
+        return len(re.findall(r"inventory queued as message \d+ \(whole", agent.proc.text()))
+
+    before = wait_until(wholes, 30, "the whole inventory sent at start")
+    r = post_action(server, "resync", f"computer:{agent.computer_id}")
+    assert r.status_code == 201, r.text
+    req = request_done(server, r.json()["id"])
+    (act,) = activities_of(server, req["id"])
+    assert act["state"] == "succeeded", act
+    assert "Resynchronize" in act["result_line"] and "whole inventory" in act["result_line"]
+    assert wholes() == before + 1
+
+
+def test_resync_is_unsupported_where_inventory_reporting_is_off(
+    server: Server, start_agent: Callable[..., Agent]
+) -> None:
+    agent = start_agent(server, enroll_token(server), name="quiet")  # --no-inventory
+    r = post_action(server, "resync", f"computer:{agent.computer_id}")
+    assert r.status_code == 409, r.text
+    assert "resync is not supported on it: inventory reporting is off" in r.json()["error"]
