@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import httpx
+
 from tests.conftest import (
     Agent,
     Server,
@@ -72,3 +74,17 @@ def test_resync_is_unsupported_where_inventory_reporting_is_off(
     r = post_action(server, "resync", f"computer:{agent.computer_id}")
     assert r.status_code == 409, r.text
     assert "resync is not supported on it: inventory reporting is off" in r.json()["error"]
+
+
+def test_the_api_lists_every_type_with_its_parameter_schema(server: Server) -> None:
+    from taskfleet.domain.actions import ACTION_TYPES
+
+    with server.api() as api:
+        listed = {t["type"]: t for t in api.get("/activity-types").json()}
+    assert set(listed) == set(ACTION_TYPES)
+    assert listed["resync"]["changes_system"] is False
+    assert listed["signal-process"]["params"]["properties"]["signal"]["enum"][0] == "HUP"
+    doc = httpx.get(f"{server.url}/openapi.json", timeout=10)
+    schemas = doc.json()["components"]["schemas"]
+    for name in ACTION_TYPES:
+        assert f"ActivityParams.{name}" in schemas

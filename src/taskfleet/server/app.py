@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskfleet import __version__
+from taskfleet.domain.actions import ACTION_TYPES
 from taskfleet.protocol.exchange import ENROLL_PATH, EXCHANGE_PATH, MAX_BODY_BYTES
 from taskfleet.protocol.relay import (
     MAX_RELAY_BODY_BYTES,
@@ -416,6 +417,12 @@ def finish_openapi(schema: dict[str, Any]) -> dict[str, Any]:
         "scheme": "bearer",
         "description": "a relay's secret (tfrs_...) from relay enrollment",
     }
+    for action in ACTION_TYPES.values():  # each typed activity's parameters (GET /activity-types)
+        comps.setdefault("schemas", {})[f"ActivityParams.{action.name}"] = {
+            **action.schema,
+            "title": f"{action.title} ({action.name})",
+            "description": action.description,
+        }
     schema["paths"][EXCHANGE_PATH] = _exchange_doc()
     schema["paths"][RELAY_EXCHANGE_PATH] = _relay_exchange_doc()
     _integral_bounds(schema)

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from taskfleet.domain.actions import ACTION_TYPES
 from taskfleet.server import lifecycle as lc
 from taskfleet.server import metrics, requests
 from taskfleet.server.api.deps import (
@@ -34,10 +35,18 @@ router = router_for()
 
 
 class RequestIn(BaseModel):
-    type: str = "execute-script"
+    type: str = Field(
+        "execute-script",
+        description="execute-script, job, or a typed activity: "
+        + ", ".join(ACTION_TYPES)
+        + " (GET /api/v1/activity-types)",
+    )
     target: str = Field(..., description="all | group:NAME | tag:KEY=VALUE | computer:ID[,ID]")
     params: dict[str, Any] = Field(
-        ..., description="argv | script (+interpreter), env, cwd, user, output_cap"
+        ...,
+        description="execute-script: argv | script (+interpreter), env, cwd, user, output_cap; "
+        "job: docs/jobs.md; a typed activity: its schema, components.schemas "
+        "ActivityParams.TYPE",
     )
     timeout: Finite | None = Field(
         None,
@@ -103,6 +112,23 @@ async def create_request(rt: Rt, body: RequestIn, p: Operator) -> dict[str, Any]
         len(created.computer_ids),
     )
     return created.request
+
+
+@router.get("/api/v1/activity-types", tags=["requests"])
+async def activity_types(p: Viewer) -> list[dict[str, Any]]:
+    """Every typed activity a request may name, with its parameter schema; Execute Script
+    and Job are documented in docs/guide.md and docs/jobs.md."""
+    return [
+        {
+            "type": a.name,
+            "title": a.title,
+            "description": a.description,
+            "changes_system": a.changes_system,
+            "default_timeout": a.default_timeout,
+            "params": a.schema,
+        }
+        for a in ACTION_TYPES.values()
+    ]
 
 
 @router.get("/api/v1/requests", tags=["requests"])
