@@ -9,6 +9,7 @@ of that status file, and apt's simulation runs against it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -20,7 +21,18 @@ from typing import Any
 import pytest
 
 from tests.acceptance.test_computer_removal import enrolled, exchange
-from tests.conftest import Agent, Server, activities_of, enroll_token, run_request, wait_until
+from tests.conftest import (
+    Agent,
+    Server,
+    activities_of,
+    enroll_token,
+    request_done,
+    run_request,
+    wait_until,
+)
+from tests.relay_proc import Relay, start_relay
+
+__all__ = ["start_relay"]  # the fixture, used by name
 
 pytestmark = pytest.mark.skipif(
     not Path("/var/lib/dpkg/status").exists(), reason="needs a Debian system (dpkg, apt)"
@@ -221,3 +233,50 @@ def test_targets_by_package_version_and_os(server: Server) -> None:
         "pretty_name": "debian 12",
         "version_id": "12",
     }  # its history (and inventory) still reads
+
+
+# -- behind a relay ---------------------------------------------------------------------
+
+
+def test_an_agent_behind_a_relay_is_asked_for_its_whole_inventory_when_a_delta_misses(
+    server: Server,
+    start_relay: Callable[..., Relay],
+    start_agent: Callable[..., Agent],
+    tmp_path: Path,
+) -> None:
+    """The server asks for the whole inventory when a delta does not fit what it holds;
+    an agent behind a relay hears it too (the relay passes the ask on)."""
+    adm = tmp_path / "dpkg"
+    adm.mkdir()
+    (adm / "status").write_text(OPENSSL + TOOL)
+    relay = start_relay(server, "--poll-interval", "1")
+    agent = start_agent(
+        relay.url,
+        enroll_token(server),
+        "--inventory-admindir",
+        str(adm),
+        "--inventory-min-interval",
+        "0",
+        inventory=True,
+    )
+    cid = agent.computer_id
+    wait_until(
+        lambda: (computer(server, cid)["inventory"] or {}).get("packages") == 2,
+        60,
+        "the first inventory through the relay",
+    )
+    # The agent's record of what it last sent no longer matches the server's: its next
+    # delta is made against another base, which the server cannot apply.
+    snap = agent.state_dir / "inventory.json"
+    state = json.loads(snap.read_text())
+    snap.write_text(json.dumps({**state, "digest": "0" * 32}))
+    new = STATUS.format(name="taskfleet-new", arch="amd64", version="1.0-1")
+    (adm / "status").write_text(OPENSSL + TOOL + new)
+    req = run_request(server, f"computer:{cid}", {"argv": ["true"]})
+    request_done(server, req["id"])
+    wait_until(
+        lambda: computer(server, cid)["inventory"]["packages"] == 3,
+        60,
+        "the whole inventory the server asked for",
+    )
+    assert [k for k, _ in queued(agent)] == ["whole", "delta", "whole"]

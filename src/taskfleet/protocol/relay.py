@@ -36,7 +36,8 @@ Contract:
   :func:`relay_stats` (which adds ``computers``, the relay's roster size).
 * Reply body (:func:`parse_relay_reply`)::
 
-      {"computers": [{"id": 12, "ack": 8, "messages": [...], "more": false}],
+      {"computers": [{"id": 12, "ack": 8, "messages": [...], "more": false,
+                      "inventory": "full"}],
        "errors": [{"id": 13, "status": 403, "error": "..."}],
        "roster": {"version": "...", "computers": [{"id", "generation",
                   "secret_hash", "tickle_key", "tickle_port"}]} | null,
@@ -50,6 +51,9 @@ Contract:
   spool and tells the agent, as ``server_ack``, so the agent keeps its own copies
   until the server has them: failing over to the server directly loses nothing).
   One bad entry fails alone (``errors``); the others are applied.
+* ``"inventory": "full"`` on a computer's entry: the server wants that agent's
+  whole inventory (its last report could not be applied); the relay says so in
+  its replies to that agent until an entry for it comes without it.
 * ``roster`` comes when the relay's version is stale: the computers behind this
   relay with what the relay needs to authenticate their agents (``secret_hash``,
   the SHA-256 of the agent's secret: it lets the relay check a secret, not present
@@ -139,6 +143,7 @@ class ComputerReply:
     ack: int
     messages: list[dict[str, Any]]  # server -> agent messages, as the agent will get them
     more: bool = False
+    inventory_full: bool = False  # the server wants the agent's whole inventory
 
 
 @dataclass(frozen=True)
@@ -302,7 +307,11 @@ def parse_relay_reply(obj: Any) -> RelayReply:
             _id(m.get("seq"), "a server message's 'seq'")
         computers.append(
             ComputerReply(
-                _id(raw.get("id"), "'id'"), _seq(raw, "ack"), messages, raw.get("more") is True
+                _id(raw.get("id"), "'id'"),
+                _seq(raw, "ack"),
+                messages,
+                raw.get("more") is True,
+                raw.get("inventory") == "full",
             )
         )
     errors = []
@@ -433,6 +442,7 @@ class ComputerOut:
     ack: int
     messages: list[str]
     more: bool = False
+    inventory_full: bool = False  # the server wants the agent's whole inventory
 
 
 def relay_reply_body(
@@ -450,8 +460,14 @@ def relay_reply_body(
     import orjson  # the server's; agents and relays import this module without it
 
     parts = [
-        b'{"id":%d,"ack":%d,"messages":[%s]%s}'
-        % (c.id, c.ack, ",".join(c.messages).encode(), b',"more":true' if c.more else b"")
+        b'{"id":%d,"ack":%d,"messages":[%s]%s%s}'
+        % (
+            c.id,
+            c.ack,
+            ",".join(c.messages).encode(),
+            b',"more":true' if c.more else b"",
+            b',"inventory":"full"' if c.inventory_full else b"",
+        )
         for c in computers
     ]
     return b'{"computers":[%s],"errors":%s,"roster":%s,"server_time":%.3f,"settings":%s,' % (

@@ -209,6 +209,7 @@ class AgentApp:
             self.upstream.server_now(),
             self.spool.settings_json,
             more,
+            c.inventory_full,
         )
 
     def authenticate(self, headers: dict[bytes, bytes]) -> int | tuple[int, bytes]:
@@ -355,14 +356,16 @@ def _reply(
     server_time: float,
     settings: str,
     more: bool,
+    inventory_full: bool = False,
 ) -> bytes:
-    return b'{"ack":%d,"server_ack":%d,"messages":[%s],"server_time":%.3f,"settings":%s%s}' % (
+    return b'{"ack":%d,"server_ack":%d,"messages":[%s],"server_time":%.3f,"settings":%s%s%s}' % (
         ack,
         server_ack,
         ",".join(messages).encode(),
         server_time,
         settings.encode(),
         b',"more":true' if more else b"",
+        b',"inventory":"full"' if inventory_full else b"",
     )
 
 

@@ -130,6 +130,9 @@ class Computer:
     spooled: int = 0  # up rows (memory only, counted at start)
     cached: int = 0  # down rows (memory only, counted at start)
     seen: float | None = None  # memory only: sent to the server with the next entry
+    # Memory only: the server wants the agent's whole inventory (its last reply said so);
+    # lost with a restart, the server says it again at the agent's next report.
+    inventory_full: bool = False
 
     @property
     def ack_for_agent(self) -> int:
@@ -521,6 +524,9 @@ class Spool:
                 if c is None or not c.in_roster:
                     continue  # not ours (any more): the roster in this reply says so
                 out.more |= cr.more
+                if cr.inventory_full and not c.inventory_full:
+                    out.new_down.add(c.id)  # tickled: it hears the ask at once
+                c.inventory_full = cr.inventory_full
                 out.forwarded += self._server_acked(c, cr.ack)
                 if self._cache(c, cr.messages):
                     out.new_down.add(c.id)

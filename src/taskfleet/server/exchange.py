@@ -268,6 +268,7 @@ class Exchange:
                             "server_time": now,
                             "more": p.more,
                             "sent": p.sent,
+                            "inventory_full": cs.inventory_full,
                         }
                     )
             return

@@ -441,8 +441,9 @@ async def exchange(ex: Exchange, fleet: Fleet, rs: RelayState, req: RelayRequest
             rs.have.pop(cid, None)
         if res["more"]:
             more = rs.has_work = True
-        if res["messages"] or res["more"] or cid in asked:
-            out.append(ComputerOut(cid, res["ack"], res["messages"], res["more"]))
+        full = bool(res.get("inventory_full"))
+        if res["messages"] or res["more"] or cid in asked or full:
+            out.append(ComputerOut(cid, res["ack"], res["messages"], res["more"], full))
     for e in errors:
         metrics.RELAY_REFUSED_ENTRIES.labels(str(e.status)).inc()
     return Outcome(out, errors, more)
