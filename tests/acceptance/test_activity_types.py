@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import httpx
 
+from tests.acceptance.test_cli import tf
 from tests.conftest import (
     Agent,
     Server,
@@ -88,3 +89,13 @@ def test_the_api_lists_every_type_with_its_parameter_schema(server: Server) -> N
     schemas = doc.json()["components"]["schemas"]
     for name in ACTION_TYPES:
         assert f"ActivityParams.{name}" in schemas
+
+
+def test_computer_show_says_what_the_agent_runs_and_what_it_cannot(
+    server: Server, start_agent: Callable[..., Agent]
+) -> None:
+    agent = start_agent(server, enroll_token(server), name="quiet", allow_scripts=False)
+    shown = tf(server, "computer", "show", str(agent.computer_id)).stdout
+    assert re.search(r"scripts\s+no", shown), shown
+    assert re.search(r"runs\s+nothing", shown), shown
+    assert "cannot run" in shown and "resync (inventory reporting is off" in shown, shown

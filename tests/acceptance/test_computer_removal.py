@@ -126,6 +126,7 @@ def test_enrollment_with_a_malformed_policy_is_400_and_stores_nothing(server):
         "scripts": True,
         "users": sorted({ME, "root"}),
         "types": ["execute-script"],
+        "unsupported": {},
     }
 
 

@@ -85,7 +85,7 @@ def computer_show(
                 ("agent", c["agent_version"]),
                 ("generation", c["generation"]),
                 ("removed", when(c["removed_at"]) if c.get("removed_at") else None),
-                ("policy", c["policy"]),
+                *_policy_fields(c.get("policy")),
                 ("groups", ", ".join(c["groups"])),
                 ("tags", ", ".join(f"{k}={v}" for k, v in c["tags"].items())),
             ],
@@ -116,6 +116,23 @@ def computer_show(
             )
 
     emit(c, as_json, table)
+
+
+def _policy_fields(policy: Any) -> list[tuple[str, Any]]:
+    """What the computer's agent reports of its own configuration, readably."""
+    if not isinstance(policy, dict):
+        return [("policy", "not reported yet")]
+    users = ", ".join(map(str, policy.get("users") or [])) or "none"
+    cannot = policy.get("unsupported") or {}
+    return [
+        ("scripts", f"yes (as {users})" if policy.get("scripts") else "no"),
+        ("runs", ", ".join(map(str, policy.get("types") or [])) or "nothing"),
+        *(
+            [("cannot run", "; ".join(f"{k} ({v})" for k, v in sorted(cannot.items())))]
+            if isinstance(cannot, dict) and cannot
+            else []
+        ),
+    ]
 
 
 def _all_packages(api: Api, computer_id: int) -> list[dict[str, Any]]:
