@@ -99,3 +99,38 @@ def test_computer_show_says_what_the_agent_runs_and_what_it_cannot(
     assert re.search(r"scripts\s+no", shown), shown
     assert re.search(r"runs\s+nothing", shown), shown
     assert "cannot run" in shown and "resync (inventory reporting is off" in shown, shown
+
+
+def test_a_typed_activity_goes_through_the_lifecycle_approval_and_schedule(
+    server: Server, start_agent: Callable[..., Agent]
+) -> None:
+    agent = start_agent(
+        server, enroll_token(server), "--inventory-min-interval", "0", inventory=True
+    )
+    target = f"computer:{agent.computer_id}"
+    r = post_action(server, "resync", target, approval={"separation": False})
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    (act,) = activities_of(server, rid)
+    assert act["state"] == "blocked", act
+    out = tf(server, "request", "approve", str(rid)).stdout
+    assert f"request {rid} approved" in out
+    req = request_done(server, rid)
+    assert activities_of(server, req["id"])[0]["state"] == "succeeded"
+    with server.api() as api:
+        ok = api.post(
+            "/schedules",
+            json={
+                "cron": "0 3 * * *",
+                "request": {"type": "resync", "target": target, "params": {}},
+            },
+        )
+        assert ok.status_code == 201, ok.text
+        bad = api.post(
+            "/schedules",
+            json={
+                "cron": "0 3 * * *",
+                "request": {"type": "resync", "target": target, "params": {"x": 1}},
+            },
+        )
+        assert bad.status_code == 400 and "unknown parameter(s): x" in bad.json()["error"]
