@@ -276,7 +276,8 @@ async def user_unlock(ctx: ActionContext) -> ActionOutcome:
     acc = read_accounts(ctx.env.root)
     user = _existing_user(ctx, acc, ctx.params["name"])
     state = _shadow(ctx.env.root, user.name)
-    if state is not None and not state[0].startswith("!") and state[1] == "":
+    # A lone "!" is no password at all, not a locked one: usermod --unlock leaves it.
+    if state is not None and not (state[0].startswith("!") and state[0] != "!") and not state[1]:
         return ActionOutcome.succeeded(f"user {user.name} was not locked")
     argv = [*_tool(ctx, "usermod"), "--unlock", "--expiredate=", "--", user.name]
     failed = await _change(ctx, argv)
