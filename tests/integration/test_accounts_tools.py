@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pytest
 from taskfleet.agent.actions import HANDLERS, capabilities
 from taskfleet.agent.actions.context import ActionContext, ActionEnv, ActionOutcome
 from taskfleet.domain.actions import validate_action
-from taskfleet.process import ScriptSpec, start_script
+from taskfleet.process import RunningScript, ScriptSpec, start_script
 from tests.accounts_root import host_accounts, line_of, make_root
 
 ACCOUNT_TYPES = [
@@ -45,6 +45,18 @@ def _digest(root: Path) -> str:
     return h.hexdigest()
 
 
+def _only_under(root: Path) -> Callable[[ScriptSpec], Awaitable[RunningScript]]:
+    """The process executor, for commands that name the throw-away root only: a handler
+    that lost its ``--root`` fails here instead of changing this machine's accounts."""
+
+    async def start(spec: ScriptSpec) -> RunningScript:
+        argv = spec.argv or []
+        assert argv[1:3] == ["--root", str(root.resolve())], argv
+        return await start_script(spec)
+
+    return start
+
+
 async def act(
     root: Path, type_: str, params: dict[str, Any], *, own_user: str = "agent", check: bool = True
 ) -> ActionOutcome:
@@ -56,7 +68,7 @@ async def act(
         op=1,
         params=validate_action(type_, params) if check else params,
         timeout=60,
-        start=start_script,
+        start=_only_under(root),
     )
     return await HANDLERS[type_].run(ctx)
 
