@@ -58,10 +58,11 @@ def test_resync_sends_the_whole_inventory_again_before_its_result(
     def wholes() -> int:
         return len(re.findall(r"inventory queued as message \d+ \(whole", agent.proc.text()))
 
-    before = wait_until(wholes, 30, "the whole inventory sent at start")
+    # Generous deadlines: a collection runs apt's simulation, slow on a loaded machine.
+    before = wait_until(wholes, 120, "the whole inventory sent at start")
     r = post_action(server, "resync", f"computer:{agent.computer_id}")
     assert r.status_code == 201, r.text
-    req = request_done(server, r.json()["id"])
+    req = request_done(server, r.json()["id"], timeout=120)
     (act,) = activities_of(server, req["id"])
     assert act["state"] == "succeeded", act
     assert "Resynchronize" in act["result_line"] and "whole inventory" in act["result_line"]
@@ -115,7 +116,7 @@ def test_a_typed_activity_goes_through_the_lifecycle_approval_and_schedule(
     assert act["state"] == "blocked", act
     out = tf(server, "request", "approve", str(rid)).stdout
     assert f"request {rid} approved" in out
-    req = request_done(server, rid)
+    req = request_done(server, rid, timeout=120)
     assert activities_of(server, req["id"])[0]["state"] == "succeeded"
     with server.api() as api:
         ok = api.post(
