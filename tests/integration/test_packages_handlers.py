@@ -167,7 +167,9 @@ def test_a_held_dpkg_lock_is_waited_for_then_fails_saying_so(
     assert run(env, type_, params).status == "succeeded"  # released: it goes through
 
 
-def test_unsupported_without_a_dpkg_database(tmp_path: Path) -> None:
+def test_unsupported_without_a_dpkg_database_or_apt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env = ActionEnv(root=tmp_path)
     assert handlers.unsupported(env) == (
         f"no dpkg database at {tmp_path}/var/lib/dpkg (not a Debian system?)"
@@ -175,13 +177,8 @@ def test_unsupported_without_a_dpkg_database(tmp_path: Path) -> None:
     (tmp_path / "var/lib/dpkg").mkdir(parents=True)
     (tmp_path / "var/lib/dpkg/status").write_text("")
     assert handlers.unsupported(env) is None
-    bare = ActionEnv(root=tmp_path)
-    old = os.environ["PATH"]
-    try:
-        os.environ["PATH"] = str(tmp_path)  # no apt-get here
-        assert handlers.unsupported(bare) == "apt-get is not installed (not a Debian system?)"
-    finally:
-        os.environ["PATH"] = old
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get here
+    assert handlers.unsupported(env) == "apt-get is not installed (not a Debian system?)"
 
 
 def test_the_apt_configuration_file_is_removed_and_host_config_not_read(root: Path) -> None:
@@ -212,3 +209,14 @@ def test_apt_reads_the_roots_configuration_not_this_machines(root: Path) -> None
     # this machine's hooks (debconf, packagekit, ...) would run here: none is read
     for hook in ("DPkg::Pre-Install-Pkgs", "DPkg::Post-Invoke", "DPkg::Pre-Invoke"):
         assert hook not in dump, hook
+
+
+def test_a_failed_list_refresh_is_said_and_the_old_lists_used(root: Path) -> None:
+    env = env_for(root)
+    ok(env, "change-packages", {"install": ["tf-lib"]})  # the lists are fetched
+    sources = root / "etc/apt/sources.list"
+    missing = root.parent / "no-such-repository"
+    sources.write_text(sources.read_text() + f"deb [trusted=yes] file://{missing} ./\n")
+    line = ok(env, "change-packages", {"install": ["tf-hello"]})
+    assert line.startswith("installed tf-hello 2.0-1 (apt-get update failed, the package lists")
+    assert "E: Some index files failed to download" in line, line
