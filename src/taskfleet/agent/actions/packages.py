@@ -109,8 +109,8 @@ def _config_value(path: Path) -> str:
 def apt_for(env: ActionEnv) -> Iterator[Apt]:
     """The options and environment for the managed system (an APT_CONFIG file for a
     root other than ``/``, removed afterwards)."""
-    root = env.root
-    admindir = env.dpkg_admindir
+    root = env.root.resolve()  # apt and dpkg take it from any working directory
+    admindir = env.admindir.resolve() if env.admindir is not None else root / "var/lib/dpkg"
     lock = max(0, math.ceil(env.lock_timeout))
     options = [
         f"DPkg::Lock::Timeout={lock}",
