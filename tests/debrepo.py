@@ -14,8 +14,8 @@ repositories, each with its ``Packages`` and ``Release`` files (written here):
 ``available``, ``info/``, ``updates/``, ``triggers/``), apt's folders and a sources list
 ``deb [trusted=yes] file:///... ./`` per repository. ``APT_OPTIONS`` are the settings a
 test passes as ``--apt-option``: the download runs as root (the root's folders are not
-``_apt``'s). ``host_dpkg_state()`` is what tests compare before and after to show this
-machine's own dpkg and apt state did not change.
+``_apt``'s). ``host_untouched()`` asserts a block left this machine's own dpkg and apt
+state as it was.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -158,6 +159,7 @@ HOST_PATHS = (
     "/var/lib/apt/extended_states",
     "/var/cache/debconf",
 )
+OURS = re.compile(r"\b(?:tf-(?:hello|lib|tool|other)|linux-image-tf)\b")
 
 
 def host_dpkg_state() -> dict[str, str]:
@@ -175,6 +177,35 @@ def host_dpkg_state() -> dict[str, str]:
             continue
         state[path] = f"{s.st_size}:{s.st_mtime_ns}"
     return state
+
+
+def _read(path: str, start: int = 0) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+@contextmanager
+def host_untouched() -> Iterator[None]:
+    """Assert that the block leaves this machine's own dpkg and apt state as it was: the
+    same checksum and times of ``HOST_PATHS``. When they changed anyway (the machine is
+    shared: another session may install something on it meanwhile), this block's doing
+    shows by our packages' names: in dpkg's status or log lines written meanwhile, or
+    in apt's lists and downloads. None may be there."""
+    before = host_dpkg_state()
+    log_size = os.stat("/var/log/dpkg.log").st_size if os.path.exists("/var/log/dpkg.log") else 0
+    yield
+    if host_dpkg_state() == before:
+        return
+    assert not OURS.search(_read("/var/log/dpkg.log", log_size)), "dpkg logged ours here"
+    assert not re.search(r"^Package: (?:tf-|linux-image-tf)", _read("/var/lib/dpkg/status"), re.M)
+    for folder in ("/var/lib/apt/lists", "/var/cache/apt/archives"):
+        with contextlib.suppress(OSError):
+            names = os.listdir(folder)
+            assert not [n for n in names if OURS.search(n) or "_repo_" in n], folder
 
 
 @contextmanager

@@ -37,9 +37,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def root(tmp_path: Path) -> Iterator[Path]:
-    host = debrepo.host_dpkg_state()
-    yield debrepo.make_root(tmp_path, debrepo.build_repo(tmp_path))
-    assert debrepo.host_dpkg_state() == host, "this machine's own dpkg/apt state changed"
+    with debrepo.host_untouched():
+        yield debrepo.make_root(tmp_path, debrepo.build_repo(tmp_path))
 
 
 def packages_agent(

@@ -36,9 +36,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> debrepo.Repo:
 
 @pytest.fixture
 def root(tmp_path: Path, repo: debrepo.Repo) -> Iterator[Path]:
-    host = debrepo.host_dpkg_state()
-    yield debrepo.make_root(tmp_path, repo)
-    assert debrepo.host_dpkg_state() == host, "this machine's own dpkg/apt state changed"
+    with debrepo.host_untouched():
+        yield debrepo.make_root(tmp_path, repo)
 
 
 def env_for(root: Path, **kw: Any) -> ActionEnv:
