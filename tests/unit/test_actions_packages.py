@@ -178,3 +178,12 @@ def test_kernel_types() -> None:
     refused(
         "downgrade-kernel", {"package": "linux-image-x", "version": "1", "x": 1}, "unknown param"
     )
+
+
+def test_the_schemas_patterns_are_plain_ecma_regexes() -> None:
+    """JSON Schema patterns are ECMA-262: no Python-only syntax such as ``\\Z``."""
+    import json
+
+    names = ("change-packages", "upgrade-packages", "upgrade-kernel", "downgrade-kernel")
+    text = json.dumps([ACTION_TYPES[t].schema for t in names])
+    assert "\\\\Z" not in text and "(?P<" not in text

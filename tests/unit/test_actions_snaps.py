@@ -239,3 +239,9 @@ def test_unsupported_with_a_snap_command(
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(sock))
         assert handlers.unsupported(ActionEnv()) is None
+
+
+def test_the_schemas_patterns_are_plain_ecma_regexes() -> None:
+    """JSON Schema patterns are ECMA-262: no Python-only syntax such as ``\\Z``."""
+    text = json.dumps([ACTION_TYPES[t].schema for t in SNAP_TYPES])
+    assert "\\\\Z" not in text and "(?P<" not in text

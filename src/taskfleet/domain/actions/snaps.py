@@ -94,7 +94,7 @@ def validate_hold(raw: Any) -> dict[str, Any]:
 
 _NAMES_SCHEMA: dict[str, Any] = {
     "type": "array",
-    "items": {"type": "string", "pattern": f"^{SNAP_NAME.pattern}$", "maxLength": 40},
+    "items": {"type": "string", "pattern": "^[a-z0-9](?:-?[a-z0-9])*$", "maxLength": 40},
     "maxItems": MAX_ITEMS,
     "uniqueItems": True,
 }
