@@ -95,7 +95,7 @@ def test_install_through_the_api_and_the_cli_then_target_by_inventory(
     assert act["state"] == "succeeded", act
     assert act["result_line"] == (
         "Stage: Change packages, Status: Succeeded, Result: installed tf-hello 1.0-1, "
-        "Return code: none"
+        "Return code: 0"
     )
     assert debrepo.installed(root) == {"tf-hello": ("1.0-1", False)}
     wait_until(lambda: inventory_version(server, cid, "tf-hello") == "1.0-1", 120, "inventory")

@@ -87,7 +87,7 @@ async def run_action(
     if outcome.status == "failed" and canceled():
         outcome.status = "canceled"
     title = ACTION_TYPES[action.type].title
-    line = result_line(title, outcome.status.title(), outcome.line, None)
+    line = result_line(title, outcome.status.title(), outcome.line, outcome.exit_code)
     return operation_result(
         op,
         outcome.status,
