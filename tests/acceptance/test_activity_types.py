@@ -72,3 +72,23 @@ def test_resync_is_unsupported_where_inventory_reporting_is_off(
     r = post_action(server, "resync", f"computer:{agent.computer_id}")
     assert r.status_code == 409, r.text
     assert "resync is not supported on it: inventory reporting is off" in r.json()["error"]
+
+
+def test_a_type_an_agent_has_not_enabled_is_refused_up_front_naming_it(
+    server: Server, start_agent: Callable[..., Agent]
+) -> None:
+    token = enroll_token(server)
+    plain = start_agent(server, token, name="plain")
+    enabled = start_agent(server, token, "--allow-type", "system", name="enabled")
+    r = post_action(server, "signal-process", "all", {"process": "nosuchproc"})
+    assert r.status_code == 409, r.text
+    detail = r.json()["error"]
+    assert "1 of 2 target computers would refuse this signal-process" in detail
+    assert f"{plain.computer_id} (plain): activity type 'signal-process' is not enabled" in detail
+    assert "(enabled)" not in detail
+    with server.api() as api:
+        assert api.get("/requests").json() == [] or all(
+            q["type"] != "signal-process" for q in api.get("/requests").json()
+        )
+    ok = post_action(server, "signal-process", f"computer:{enabled.computer_id}", {"pid": 4194304})
+    assert ok.status_code == 201, ok.text

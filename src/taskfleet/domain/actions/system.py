@@ -69,10 +69,12 @@ def _message(value: Any) -> str | None:
 
 def validate_signal(raw: Any) -> dict[str, Any]:
     p = params_object(raw, {"pid", "process", "signal"})
-    if ("pid" in p) == ("process" in p):
+    # Normalised parameters (the agent checks what the server stored) say null for the other.
+    has_pid, has_process = p.get("pid") is not None, p.get("process") is not None
+    if has_pid == has_process:
         raise ValueError("give exactly one of pid or process")
-    pid = integer(p, "pid", minimum=2, maximum=MAX_PID) if "pid" in p else None
-    process = check_name(p["process"], _COMM, "process name", "process") if "process" in p else None
+    pid = integer(p, "pid", minimum=2, maximum=MAX_PID) if has_pid else None
+    process = check_name(p["process"], _COMM, "process name", "process") if has_process else None
     signal = p.get("signal", "TERM")
     if isinstance(signal, str) and signal.upper().removeprefix("SIG") in SIGNALS:
         signal = signal.upper().removeprefix("SIG")
