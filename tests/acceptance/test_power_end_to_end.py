@@ -30,15 +30,21 @@ from tests.conftest import (
 )
 
 POWER_SCRIPT = """#!{python}
-import json, sys
+import json, sys, time
 from pathlib import Path
 with open({calls!r}, "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
-if len(sys.argv) > 2 and sys.argv[2] == "fail":
+message = sys.argv[2] if len(sys.argv) > 2 else ""
+if message == "fail":
     sys.stderr.write("the power command refused\\n")
     sys.exit(3)
 if {new_boot}:
     Path({boot!r}).write_text("boot-after-" + str(len(Path({calls!r}).read_text().split())))
+if message == "slow":  # the computer goes down while the command still runs
+    release = Path({calls!r} + ".release")
+    deadline = time.monotonic() + 60
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 print("power command ran")
 """
 
@@ -191,6 +197,27 @@ def test_a_restart_is_succeeded_only_once_the_agent_is_back_on_a_new_boot(
     # Never run again: not by the scrubber at start, not as a pending operation.
     assert power.ran() == [["0", "back soon"]]
     assert back.proc.alive()
+
+
+def test_an_agent_killed_while_the_restart_command_runs_never_runs_it_again(
+    server: Server, start_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    power = Power(tmp_path / "power")
+    agent = start_agent(server, enroll_token(server), *power.args())
+    r = post_action(
+        server, "restart", f"computer:{agent.computer_id}", {"message": "slow"}, timeout=600
+    )
+    assert r.status_code == 201, r.text
+    wait_until(lambda: power.ran() and power.boot.read_text() != "boot-before\n", 30, "command")
+    agent.proc.kill9()  # down before the command returned (or the agent said anything)
+    try:
+        _again(start_agent, server, agent, *power.args())
+        (act,) = activities_of(server, request_done(server, r.json()["id"])["id"])
+    finally:
+        Path(f"{power.calls}.release").touch()
+    assert act["state"] == "succeeded", act["result_line"]
+    assert "restarted: the computer came back at " in act["result_line"]
+    assert power.ran() == [["1", "slow"]]
 
 
 def test_a_restart_that_comes_back_on_the_same_boot_fails_after_the_grace(
