@@ -236,6 +236,8 @@ def test_a_restart_that_comes_back_on_the_same_boot_fails_after_the_grace(
     (act,) = activities_of(server, req["id"])
     assert act["state"] == "failed", act["result_line"]
     assert "the computer did not restart within 6 s of the restart command" in act["result_line"]
+    # Not at the agent's start: once the delay (0) and the grace had passed since the command.
+    assert act["agent_ended_at"] - act["agent_started_at"] >= grace, act
     assert power.ran() == [["0"]]  # never run again
     assert back.proc.alive()
 

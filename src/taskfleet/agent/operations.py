@@ -392,12 +392,7 @@ class Operations:
             return
         if action is not None:
             message, awaiting = await self._run_action(op, action)
-            if awaiting is not None:
-                self._await_restart(op, attempt, awaiting, message)
-                return
-            if op.type == RESTART:
-                self.state.expect_restart(op.op, None)  # its command did not start it
-            self._ended(op, attempt, message["status"], message, message["result_line"], None)
+            self._action_ended(op, attempt, message, awaiting)
             return
         assert isinstance(spec, ScriptSpec)
         checkpoint = op.checkpoint_path(self.state_dir)
@@ -532,6 +527,22 @@ class Operations:
             self.running.pop(op.op, None)
             if not self.running and not self.jobs:
                 self.exec_lock.release()
+
+    def _action_ended(
+        self,
+        op: st.Operation,
+        attempt: int,
+        message: dict[str, Any],
+        awaiting: dict[str, Any] | None,
+    ) -> None:
+        if awaiting is not None:
+            self._await_restart(op, attempt, awaiting, message)
+            return
+        if op.type == RESTART:
+            if self.shutting_down:
+                return  # stopped mid-command (the computer going down?): the boot id decides
+            self.state.expect_restart(op.op, None)  # its command did not start it
+        self._ended(op, attempt, message["status"], message, message["result_line"], None)
 
     def _await_restart(
         self, op: st.Operation, attempt: int, awaiting: dict[str, Any], message: dict[str, Any]

@@ -403,7 +403,8 @@ def agent_status(ctx: click.Context, as_json: bool) -> None:
                 [
                     r["op"],
                     r["type"],
-                    f"{r['status']} {names[r['status']]}",
+                    f"{r['status']} {names[r['status']]}"
+                    + (" (awaiting restart)" if r.get("awaiting_restart") else ""),
                     r["attempts"],
                     when(r["received_at"]),
                     when(r["ended_at"]),
