@@ -3,6 +3,8 @@ command's argv, a restart's verdict, the message and --delay checks (issue 13)."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from taskfleet.agent.actions.system import (
@@ -54,7 +56,6 @@ def test_parse_stat_takes_the_name_between_the_first_and_last_parenthesis() -> N
 
 def test_parse_stat_reads_this_process() -> None:
     import os
-    from pathlib import Path
 
     p = parse_stat(os.getpid(), Path("/proc/self/stat").read_text())
     assert p.pid == os.getpid() and p.pgid == os.getpgid(0) and p.ppid == os.getppid()
@@ -145,3 +146,35 @@ def test_normalised_parameters_validate_again_unchanged() -> None:
     ]:
         once = ACTION_TYPES[kind].validate(raw)
         assert ACTION_TYPES[kind].validate(once) == once, kind
+
+
+@pytest.mark.parametrize("pushed", [True, False])
+def test_a_restart_awaiting_the_computer_survives_reopening_and_is_never_scrubbed(
+    tmp_path: Path, pushed: bool
+) -> None:
+    """Killed while the command ran (Working) or after (Deferred): the record keeps its
+    wait and the scrubber, which would continue (pushed) or scrub (pulled) a Working
+    record, does not see it; a record without the wait is still scrubbed as before."""
+    from taskfleet.agent import state as st
+    from taskfleet.agent.scrub import plan
+
+    folder = tmp_path / "state"
+    state = st.LocalState(folder)
+    state.receive([st.NewOperation(op, op, "restart", "{}", pushed) for op in (1, 2, 3)], [], 3)
+    for op in (1, 2, 3):
+        state.start(op)
+    state.expect_restart(1, AWAITING)  # the command was running
+    state.expect_restart(2, AWAITING)
+    state.await_restart(2, AWAITING, {"type": "operation-status", "op": 2})  # it ran
+    state.close()
+
+    state = st.LocalState(folder)  # the agent starts again
+    one, two = state.operation(1), state.operation(2)
+    assert one is not None and one.awaiting == AWAITING and one.status == st.WORKING
+    assert two is not None and two.awaiting == AWAITING and two.status == st.DEFERRED
+    assert two.next_run_at == AWAITING["until"]
+    decided, ops = plan(state, folder, executor_running=False, max_attempts=3)
+    assert set(ops) == {3}  # only the restart whose command never started
+    assert [d.action.value for _, d in decided.decisions] == ["continue" if pushed else "scrub"]
+    state.expect_restart(1, None)  # a command that failed: an ordinary record again
+    assert {o.op for o in state.unfinished() if o.awaiting is None} == {1, 3}
