@@ -41,6 +41,12 @@ Contract:
   second terminate does nothing more. A cancel of a job stops its command at
   once, then ends it as a terminate does.
 
+Why one class of about 700 lines: a script, a typed activity (its restart wait
+included) and a job share what makes a run truthful — the executor lock, the
+processes a cancel or a stop must reach, and one way to record an end (``_ended``)
+— so they live together; the checks before a run are in ``agent/checks.py``, a
+job's phases in ``agent/jobs.py``, a typed activity's work in ``agent/actions/``.
+
 The agent (``agent/main.py``) owns the event loop, the exchange and the
 scrubber; it hands this class its local state, the trigger, its policy, and,
 once enrolled, its identity and the server's signature verifier (``bind``).
@@ -60,15 +66,16 @@ from typing import Any
 from taskfleet.agent import jobs
 from taskfleet.agent import state as st
 from taskfleet.agent.actions import ActionEnv
-from taskfleet.agent.actions.runner import Action, check_action, run_action
+from taskfleet.agent.actions.runner import Action, run_action
 from taskfleet.agent.actions.system import current_boot_id, restart_verdict
+from taskfleet.agent.checks import check_operation
 from taskfleet.agent.scrub import executor_lock, process_start
 from taskfleet.domain.actions import ACTION_TYPES
 from taskfleet.domain.actions.system import RESTART
 from taskfleet.domain.jobs import JOB, JobSpec
 from taskfleet.domain.policy import Interval, Mode, RunWindow, validate_policy
-from taskfleet.domain.results import REFUSED_PREFIX, describe_script_outcome, result_line
-from taskfleet.domain.scripts import EXECUTE_SCRIPT, policy_refusal, validate_script_params
+from taskfleet.domain.results import describe_script_outcome, result_line
+from taskfleet.domain.scripts import EXECUTE_SCRIPT
 from taskfleet.domain.scrubber import after_failure
 from taskfleet.process import RunningScript, ScriptSpec, start_script
 from taskfleet.protocol.exchange import (
@@ -83,8 +90,8 @@ from taskfleet.protocol.exchange import (
     refused_message,
 )
 from taskfleet.protocol.orders import CANCEL, OPERATION, TERMINATE, Refusal, open_order
-from taskfleet.protocol.signing import SignatureError, Verifier
-from taskfleet.settings import OUTPUT_CAP, OUTPUT_CAP_MAX, RECURRING_EVERY
+from taskfleet.protocol.signing import Verifier
+from taskfleet.settings import RECURRING_EVERY
 
 log = logging.getLogger("taskfleet.agent")
 
@@ -345,7 +352,15 @@ class Operations:
         if op.awaiting is not None:
             self._restart_check(op)  # its command ran (or may have): never again
             return
-        refusal, spec, timeout, job = self._check(op)
+        assert self.identity is not None and self.verifier is not None
+        refusal, spec, timeout, job = check_operation(
+            op,
+            self.verifier,
+            self.identity,
+            self.policy,
+            own_user=self.own_user,
+            state_dir=self.state_dir,
+        )
         action = spec if isinstance(spec, Action) else None
         # A job ends a cancel or terminate that came before it started itself: its
         # steps are reported Skipped.
@@ -665,70 +680,6 @@ class Operations:
     def _job_process_ended(self, op_id: int) -> None:
         self.running.pop(op_id, None)
         self.state.running(op_id, None, None)
-
-    def _check(
-        self, op: st.Operation
-    ) -> tuple[str | None, ScriptSpec | Action | None, float, JobSpec | None]:
-        """(refusal, script or typed activity, its timeout, job): what ``op`` runs, or
-        why it does not."""
-        assert self.identity is not None and self.verifier is not None
-        try:
-            m = json.loads(op.body)
-            self.verifier.verify(m["body"], m["sig"])
-            payload = json.loads(m["body"])
-        except (SignatureError, KeyError, ValueError, TypeError):
-            return f"{REFUSED_PREFIX}: the payload signature does not verify", None, 0, None
-        if payload.get("computer") != self.identity.computer_id or payload.get("op") != op.op:
-            return f"{REFUSED_PREFIX}: the payload is meant for another computer", None, 0, None
-        if payload.get("type") == JOB:
-            why, job = jobs.check_job(payload, self.policy)
-            return (f"{REFUSED_PREFIX}: {why}" if why else None), None, 0, job
-        if payload.get("type") in ACTION_TYPES:
-            why, action = check_action(payload, self.policy)
-            return (f"{REFUSED_PREFIX}: {why}" if why else None), action, 0, None
-        refusal, spec, timeout = self._check_script(op, payload)
-        return refusal, spec, timeout, None
-
-    def _check_script(
-        self, op: st.Operation, payload: dict[str, Any]
-    ) -> tuple[str | None, ScriptSpec | None, float]:
-        assert self.identity is not None
-        if payload.get("type") != EXECUTE_SCRIPT:
-            return (
-                f"{REFUSED_PREFIX}: activity type {payload.get('type')!r} is not enabled",
-                None,
-                0,
-            )
-        try:
-            params = validate_script_params(
-                payload.get("params"), default_cap=OUTPUT_CAP, max_cap=OUTPUT_CAP_MAX
-            )
-            timeout = float(payload["timeout"])
-        except (ValueError, KeyError, TypeError) as exc:
-            return f"{REFUSED_PREFIX}: invalid parameters ({exc})", None, 0
-        why = policy_refusal(self.policy, params)
-        if why:
-            return f"{REFUSED_PREFIX}: {why}", None, timeout
-        user = params.get("user")
-        try:
-            spec = ScriptSpec(
-                argv=params.get("argv"),
-                script=params.get("script"),
-                interpreter=params.get("interpreter") or "/bin/sh",
-                env={
-                    **params.get("env", {}),
-                    "TASKFLEET_COMPUTER_ID": str(self.identity.computer_id),
-                    "TASKFLEET_OPERATION_ID": str(op.op),
-                },
-                cwd=params.get("cwd"),
-                timeout=timeout,
-                output_cap=params["output_cap"],
-                user=None if user in (None, self.own_user) else user,
-                tmp_dir=str(self.state_dir),
-            )
-        except ValueError as exc:
-            return f"{REFUSED_PREFIX}: invalid parameters ({exc})", None, timeout
-        return None, spec, timeout
 
 
 def _local_type(kind: Any) -> str:
