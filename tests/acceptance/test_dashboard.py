@@ -123,6 +123,7 @@ def test_admin_runs_a_script_on_a_group_from_the_form_and_watches_it_finish_live
     expect(page.locator("#counts")).to_contain_text("3/3 finished, done")
     expect(page.locator("#activities")).to_contain_text("finished on")
     expect(page.locator("#stream-state")).to_have_text("done")
+    expect(page.locator("#cancel")).to_have_count(0)  # the buttons follow the state too
     assert page.evaluate("window.__sameDocument") is True
     ids = [int(x) for x in page.locator("#events li").evaluate_all("e => e.map(x => x.dataset.id)")]
     assert ids, "no event came over the stream"
@@ -171,6 +172,32 @@ def test_admin_cancels_a_running_request(server, start_agent, page):
     expect(page.locator("#activities tr[data-state=canceled]")).to_have_count(1)
     expect(page.locator("#cancel")).to_have_count(0)
     assert get_request(server, req["id"])["progress"]["counts"] == {"canceled": 1}
+
+
+def test_admin_reruns_only_the_failed_computers(server, start_agent, page):
+    token = enroll_token(server)
+    agents = [start_agent(server, token) for _ in range(2)]
+    ids = sorted(a.computer_id for a in agents)
+    with server.api() as api:
+        r = api.post(
+            "/requests",
+            json={"target": "all", "params": {"script": "exit $((TASKFLEET_COMPUTER_ID % 2))"}},
+        )
+        first = r.json()
+    request_done(server, first["id"])
+    login(page, server, server.admin_token)
+    page.goto(f"{server.url}/ui/requests/{first['id']}")
+    expect(page.locator("#activities tr[data-state=failed]")).to_have_count(1)
+    page.click("#rerun")
+    expect(page).to_have_url(re.compile(r"/ui/requests/\d+$"))
+    again = request_id_of(page)
+    assert again != first["id"]
+    expect(page.locator("h1")).to_contain_text(f"failed of request {first['id']}")
+    expect(page.locator("#activities tr[data-state=failed]")).to_have_count(1)
+    expect(page.locator("#activities tbody tr")).to_have_count(1)
+    with server.api() as api:
+        acts = api.get("/activities", params={"request_id": again}).json()
+    assert [a["computer_id"] for a in acts] == [i for i in ids if i % 2]
 
 
 def test_a_viewer_sees_no_buttons_and_its_forged_posts_are_refused(server, start_agent, page):

@@ -354,8 +354,11 @@ async def _live_values(ctx: Ctx, rid: int) -> dict[str, Any]:
             with_output=True,
         ),
     )
+    approvals = await _approvals(ctx)
     return {
         "req": req,
+        "approvals": approvals,
+        "awaiting_approval": any(a.get("request_id") == rid for a in approvals),
         "acts": sorted(acts, key=lambda a: a["computer_id"] or 0),
         "poll": DASHBOARD_POLL_EVERY,
         "rows_max": DASHBOARD_ROWS,
@@ -367,17 +370,7 @@ async def request_page(request: Request, ctx: Ctx) -> Response:
     rid = _id(request, "request_id")
     # The stream starts after the last event this page shows: no gap between the two.
     after = await read(ctx.rt, lambda c: activities.last_request_event(c, ctx.p, rid))
-    values = await _live_values(ctx, rid)
-    approvals = await _approvals(ctx)
-    waiting = any(a.get("request_id") == rid for a in approvals)
-    return await _page(
-        ctx,
-        "request.html",
-        approvals=approvals,
-        awaiting_approval=waiting,
-        after=after,
-        **values,
-    )
+    return await _page(ctx, "request.html", after=after, **await _live_values(ctx, rid))
 
 
 @_route("/requests/{request_id}/live")
