@@ -162,6 +162,19 @@ def test_admin_approves_a_blocked_request_from_the_approvals_queue(server, start
     assert req["progress"]["succeeded"] == 1
 
 
+def test_the_requests_list_refreshes_its_counts_by_itself(server, start_agent, page):
+    agent = start_agent(server, enroll_token(server))
+    req = create(server, f"computer:{agent.computer_id}", ["true"], approval={})
+    login(page, server, server.admin_token)
+    page.click("header a[href='/ui/requests']")
+    expect(page.locator("#requests")).to_contain_text("blocked 1")
+    page.evaluate("window.__sameDocument = true")
+    with server.api() as api:
+        assert api.post(f"/requests/{req['id']}/approve").status_code == 200
+    expect(page.locator("#requests")).to_contain_text("succeeded 1")  # polled every 5 s
+    assert page.evaluate("window.__sameDocument") is True
+
+
 def test_admin_cancels_a_running_request(server, start_agent, page):
     agent = start_agent(server, enroll_token(server))
     req = create(server, f"computer:{agent.computer_id}", ["sleep", "60"])
