@@ -140,6 +140,22 @@ def test_admin_runs_a_script_on_a_group_from_the_form_and_watches_it_finish_live
     shot(page, "computer")
 
 
+def test_where_the_event_stream_is_blocked_the_request_page_polls(server, start_agent, page):
+    agent = start_agent(server, enroll_token(server))
+    req = create(server, f"computer:{agent.computer_id}", ["true"], approval={})
+    page.route("**/events*", lambda route: route.abort())  # a proxy that refuses streams
+    login(page, server, server.admin_token)
+    page.goto(f"{server.url}/ui/requests/{req['id']}")
+    expect(page.locator("#activities tr[data-state=blocked]")).to_have_count(1)
+    page.evaluate("window.__sameDocument = true")
+    with server.api() as api:
+        assert api.post(f"/requests/{req['id']}/approve").status_code == 200
+    expect(page.locator("#activities tr[data-state=succeeded]")).to_have_count(1)
+    expect(page.locator("#stream-state")).to_have_text("done")
+    assert page.evaluate("window.__sameDocument") is True
+    expect(page.locator("#events li")).to_have_count(0)  # it was polling, not streaming
+
+
 def test_admin_approves_a_blocked_request_from_the_approvals_queue(server, start_agent, page):
     agent = start_agent(server, enroll_token(server))
     login(page, server, server.admin_token)
