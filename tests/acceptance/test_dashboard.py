@@ -431,3 +431,22 @@ def test_pages_need_a_session_and_a_post_without_one_is_refused(server):
         assert r.status_code == 403
     with server.api() as api:
         assert api.get("/requests").json() == []
+
+
+def test_an_event_stream_ends_with_its_session(server, start_agent):
+    agent = start_agent(server, enroll_token(server))
+    req = create(server, f"computer:{agent.computer_id}", ["sleep", "60"])
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert _post_login(client, server.admin_token).status_code == 303
+        csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/ui/fleet").text)
+        assert csrf
+        with client.stream("GET", f"/ui/requests/{req['id']}/events") as stream:
+            lines = stream.iter_lines()
+            assert next(lines) == "retry: 2000"
+            with httpx.Client(base_url=server.url, cookies=client.cookies, timeout=30) as other:
+                r = other.post("/ui/logout", data={"csrf": csrf.group(1)})
+                assert r.status_code == 303
+            rest = list(lines)  # the server closes the stream: the iteration ends
+        assert not any(line.startswith("event: done") for line in rest)
+        r = client.get(f"/ui/requests/{req['id']}/events")
+        assert r.status_code == 303 and r.headers["location"] == "/ui/login"

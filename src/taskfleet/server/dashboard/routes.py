@@ -170,6 +170,8 @@ def _route(path: str, method: str = "GET") -> Callable[[Handler], Handler]:
             except _LoginNeeded:
                 if method == "POST":
                     return _render("error.html", 403, message="log in first")
+                if request.headers.get("hx-request"):  # htmx: the whole page goes to login
+                    return Response(status_code=204, headers={"HX-Redirect": f"{PREFIX}/login"})
                 return RedirectResponse(f"{PREFIX}/login", 303)
             ctx = Ctx(request.app.state.rt, p, s)
             if method == "POST":
@@ -395,10 +397,12 @@ async def request_events(request: Request, ctx: Ctx) -> Response:
 
 async def _event_stream(request: Request, ctx: Ctx, rid: int, after: int) -> AsyncIterator[str]:
     rt, p = ctx.rt, ctx.p
+    sessions: SessionStore = request.app.state.dashboard.sessions
     started = time.monotonic()
     idle_since = started
     yield "retry: 2000\n\n"
-    while time.monotonic() - started < DASHBOARD_SSE_MAX_AGE:
+    # The stream ends with its session (logout, expiry): the reconnect must log in again.
+    while time.monotonic() - started < DASHBOARD_SSE_MAX_AGE and sessions.get(ctx.session.id):
         rows = await read(
             rt, partial(activities.request_events, p=p, request_id=rid, after=after, limit=500)
         )
