@@ -1,5 +1,5 @@
 """The dashboard's session, CSRF and login-limit rules (server/dashboard/sessions.py),
-on a fake clock."""
+on a fake clock; and the role each dashboard action needs (the API route's own)."""
 
 from __future__ import annotations
 
@@ -85,3 +85,20 @@ def test_a_successful_login_clears_the_failures_of_its_address() -> None:
     limit.succeeded("a")
     limit.failed("a")
     assert limit.allowed("a")
+
+
+def test_each_dashboard_action_needs_the_role_of_the_api_route_it_calls() -> None:
+    from taskfleet.server.api import approvals, requests
+    from taskfleet.server.api.deps import needed_role
+    from taskfleet.server.dashboard.routes import NEEDS
+
+    assert needed_role(requests.create_request) == "operator"
+    assert needed_role(requests.list_requests) == "viewer"
+    assert needed_role(approvals.approve) == "admin"
+    assert NEEDS == {
+        "run": "operator",
+        "cancel": "operator",
+        "rerun": "operator",
+        "approve": "admin",
+        "reject": "admin",
+    }

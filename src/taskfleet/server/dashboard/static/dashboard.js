@@ -1,7 +1,8 @@
 // taskfleet dashboard: a request page follows its activity events over server-sent
 // events (one event per state change, its id the event's sequence number, so the
 // browser's reconnect resumes from Last-Event-ID) and refreshes its table through htmx.
-// Where SSE is blocked or broken, it polls the same fragment every data-poll seconds.
+// Whenever the stream is not open (blocked, refused, reconnecting), the page polls the
+// same fragment every data-poll seconds instead.
 (function () {
   "use strict";
   var stream = document.getElementById("stream");
@@ -25,19 +26,16 @@
   }
   function show(text) { if (state) state.textContent = text; document.body.dataset.stream = text; }
 
-  var polling = null;
-  function poll() {
-    if (polling) return;
-    show("polling every " + every / 1000 + " s");
-    polling = setInterval(function () {
-      if (done()) { clearInterval(polling); show("done"); return; }
-      refresh();
-    }, every);
-  }
-
   if (stream.dataset.done === "yes") { show("done"); return; }
-  if (!window.EventSource) { poll(); return; }
-  var es = new EventSource(stream.dataset.events);
+  var es = window.EventSource ? new EventSource(stream.dataset.events) : null;
+  var timer = setInterval(function () {
+    if (done()) { clearInterval(timer); show("done"); return; }
+    if (!es || es.readyState !== EventSource.OPEN) {
+      show("polling every " + every / 1000 + " s");
+      refresh();
+    }
+  }, every);
+  if (!es) return;
   es.addEventListener("open", function () { show("live"); });
   es.addEventListener("change", function (ev) {
     var e = JSON.parse(ev.data);
@@ -48,8 +46,10 @@
     log.appendChild(li);
     refresh();
   });
-  es.addEventListener("done", function () { es.close(); show("done"); refresh(); });
-  es.addEventListener("error", function () {
-    if (es.readyState === EventSource.CLOSED) { poll(); }  // refused: fall back for good
+  es.addEventListener("done", function () {
+    es.close();
+    clearInterval(timer);
+    show("done");
+    refresh();
   });
 })();
