@@ -348,6 +348,13 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
             "127.0.0.1",
             "--hostname",
             name,
+            # Never the machine's own shutdown(8): a test that enables the system types
+            # and posts a restart must not reboot the machine (a test's own command,
+            # given in ``extra``, comes later and wins).
+            "--restart-command",
+            "false",
+            "--shutdown-command",
+            "false",
             *extra,
         ]
         if enroll_token:

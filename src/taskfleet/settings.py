@@ -199,6 +199,10 @@ INVENTORY_TOOL_OUTPUT = 16 * 1024 * 1024
 # unattended upgrade) before it fails saying so: long enough for a nightly upgrade's usual
 # run, short enough that a stuck lock is reported the same hour.
 AGENT_PACKAGE_LOCK_TIMEOUT = 300.0
+# A restart is Succeeded when the agent comes back on a new boot; after the restart's own
+# delay plus this grace with the same boot it is Failed ("did not restart"). A normal boot
+# takes a few minutes; a slow firmware or fsck can take ten.
+AGENT_RESTART_GRACE = 15 * 60.0
 
 # -- the web dashboard (issue 14; docs/dashboard.md) -----------------------------------------
 # A dashboard session ends this long after login, used or not: a working day, so a

@@ -58,10 +58,11 @@ def test_resync_sends_the_whole_inventory_again_before_its_result(
     def wholes() -> int:
         return len(re.findall(r"inventory queued as message \d+ \(whole", agent.proc.text()))
 
-    before = wait_until(wholes, 30, "the whole inventory sent at start")
+    # Generous deadlines: a collection runs apt's simulation, slow on a loaded machine.
+    before = wait_until(wholes, 120, "the whole inventory sent at start")
     r = post_action(server, "resync", f"computer:{agent.computer_id}")
     assert r.status_code == 201, r.text
-    req = request_done(server, r.json()["id"])
+    req = request_done(server, r.json()["id"], timeout=120)
     (act,) = activities_of(server, req["id"])
     assert act["state"] == "succeeded", act
     assert "Resynchronize" in act["result_line"] and "whole inventory" in act["result_line"]
@@ -115,7 +116,7 @@ def test_a_typed_activity_goes_through_the_lifecycle_approval_and_schedule(
     assert act["state"] == "blocked", act
     out = tf(server, "request", "approve", str(rid)).stdout
     assert f"request {rid} approved" in out
-    req = request_done(server, rid)
+    req = request_done(server, rid, timeout=120)
     assert activities_of(server, req["id"])[0]["state"] == "succeeded"
     with server.api() as api:
         ok = api.post(
@@ -134,3 +135,23 @@ def test_a_typed_activity_goes_through_the_lifecycle_approval_and_schedule(
             },
         )
         assert bad.status_code == 400 and "unknown parameter(s): x" in bad.json()["error"]
+
+
+def test_a_type_an_agent_has_not_enabled_is_refused_up_front_naming_it(
+    server: Server, start_agent: Callable[..., Agent]
+) -> None:
+    token = enroll_token(server)
+    plain = start_agent(server, token, name="plain")
+    enabled = start_agent(server, token, "--allow-type", "system", name="enabled")
+    r = post_action(server, "signal-process", "all", {"process": "nosuchproc"})
+    assert r.status_code == 409, r.text
+    detail = r.json()["error"]
+    assert "1 of 2 target computers would refuse this signal-process" in detail
+    assert f"{plain.computer_id} (plain): activity type 'signal-process' is not enabled" in detail
+    assert "(enabled)" not in detail
+    with server.api() as api:
+        assert api.get("/requests").json() == [] or all(
+            q["type"] != "signal-process" for q in api.get("/requests").json()
+        )
+    ok = post_action(server, "signal-process", f"computer:{enabled.computer_id}", {"pid": 4194304})
+    assert ok.status_code == 201, ok.text

@@ -312,3 +312,9 @@ def test_cli_computer_remove_asks_for_yes_then_removes(server):
     assert listed.returncode == 0 and " a " not in listed.stdout and " b " in listed.stdout
     out = tf(server, "computer", "remove", str(a), "--yes")
     assert out.returncode == 2 and "already removed" in out.stderr
+    # The archive: removed computers are listed apart, their records kept.
+    archived = tf(server, "computer", "list", "--removed")
+    assert archived.returncode == 0 and "removed computers" in archived.stdout
+    assert " a " in archived.stdout and " b " not in archived.stdout
+    assert [c["id"] for c in get(server, "/computers", removed="true")] == [a]
+    assert get(server, "/computers", removed="true")[0]["removed_at"] is not None

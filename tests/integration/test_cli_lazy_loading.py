@@ -38,6 +38,7 @@ HELPERS = {
     "taskfleet.cli.lifecycle",
     "taskfleet.cli.options",
     "taskfleet.cli.output",
+    "taskfleet.cli.typed",
 }
 
 

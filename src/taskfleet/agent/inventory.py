@@ -310,13 +310,18 @@ def _dpkg_database(admindir: Path) -> None:
         raise SourceError(f"no dpkg database at {admindir} (not a Debian system?)")
 
 
-def packages(root: Path, admindir: Path) -> dict[str, dict[str, Any]]:
-    _dpkg_database(admindir)
+def dpkg_query_argv(root: Path, admindir: Path) -> list[str]:
+    """The ``dpkg-query`` command whose output :func:`parse_dpkg_query` reads."""
     fmt = "${Package}\\t${Version}\\t${Architecture}\\t${Status}\\n"
     argv = ["dpkg-query", f"--admindir={admindir}", "-W", f"-f={fmt}"]
     if root != Path("/"):
         argv.insert(1, f"--root={root}")
-    return parse_dpkg_query(run_tool(argv))
+    return argv
+
+
+def packages(root: Path, admindir: Path) -> dict[str, dict[str, Any]]:
+    _dpkg_database(admindir)
+    return parse_dpkg_query(run_tool(dpkg_query_argv(root, admindir)))
 
 
 def upgrades(root: Path, admindir: Path) -> dict[str, dict[str, Any]]:

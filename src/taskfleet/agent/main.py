@@ -34,7 +34,9 @@ Contract (see ``protocol/exchange.py`` for the wire protocol):
   server asks for the whole of it and every ``inventory_interval``
   (``agent/inventory_reports.py``: deltas, at most once a minute).
 * An operation found unfinished at start (the agent died while it ran) is
-  reported Failed with a result line saying so.
+  reported Failed with a result line saying so. A restart that waits for the computer
+  to come back is not: at start it is Succeeded if the boot id changed, else it
+  waits out its delay plus the grace (``agent/operations.py``).
 * A failed run of a pulled, Required, Once operation with attempts left is not
   final (SPEC 5): it is Failed locally, the server is told "failed, will retry
   (attempt k of N)" and the scrubber's next run continues it. Only the last
@@ -143,6 +145,7 @@ class AgentConfig:
     restart_command: tuple[str, ...] | None = None  # None: ActionEnv's default
     shutdown_command: tuple[str, ...] | None = None
     boot_id_file: Path | None = None
+    restart_grace: float | None = None  # None: ActionEnv's default (AGENT_RESTART_GRACE)
     package_lock_timeout: float = AGENT_PACKAGE_LOCK_TIMEOUT
     apt_options: tuple[str, ...] = ()
 
@@ -164,6 +167,8 @@ def action_env(config: AgentConfig, own_user: str) -> ActionEnv:
         env = dataclasses.replace(env, shutdown_command=config.shutdown_command)
     if config.boot_id_file is not None:
         env = dataclasses.replace(env, boot_id_file=config.boot_id_file)
+    if config.restart_grace is not None:
+        env = dataclasses.replace(env, restart_grace=config.restart_grace)
     return env
 
 
@@ -380,8 +385,10 @@ class Agent:
         # SPEC 5: scrub at start, before anything runs; then resume pending work.
         self._scrub(executor_running=False)
         for op in self.state.unfinished():
-            if op.cancel_requested or op.status == st.UNKNOWN:
-                self.ops.spawn(op)  # received and never started (or continued): run it now
+            if op.cancel_requested or op.status == st.UNKNOWN or op.awaiting is not None:
+                # Received and never started (or continued): run it now; a restart
+                # awaiting the computer: is it back (a new boot id)?
+                self.ops.spawn(op)
             elif op.next_run_at is not None:
                 self.ops.spawn(op, max(0.0, op.next_run_at - time.time()))
 

@@ -26,6 +26,12 @@ Contract:
   operation with attempts left is Failed locally and left for the scrubber.
 * Every result is written to local state (and its outbox) before the agent's
   exchange loop, woken through ``trigger``, sends it.
+* A restart (``agent/actions/system.py``) is marked ``awaiting`` in local state
+  before its command runs; once the command exits 0 it is Deferred locally and the
+  server is told it is working ("restart initiated, waiting for the computer to come
+  back"). It is never run again nor scrubbed: each time it is looked at (the agent's
+  start, the end of its wait) it is Succeeded if the boot id changed, else waits
+  until its delay plus the grace has passed, then Failed. A cancel ends the wait.
 * A job operation (type ``job``) is checked (``jobs.check_job``: its params and
   every command against the policy) and run by ``agent/jobs.py``. A ``terminate``
   order is opened like a cancel and stored with the reply; a terminate for an
@@ -55,8 +61,10 @@ from taskfleet.agent import jobs
 from taskfleet.agent import state as st
 from taskfleet.agent.actions import ActionEnv
 from taskfleet.agent.actions.runner import Action, check_action, run_action
+from taskfleet.agent.actions.system import current_boot_id, restart_verdict
 from taskfleet.agent.scrub import executor_lock, process_start
 from taskfleet.domain.actions import ACTION_TYPES
+from taskfleet.domain.actions.system import RESTART
 from taskfleet.domain.jobs import JOB, JobSpec
 from taskfleet.domain.policy import Interval, Mode, RunWindow, validate_policy
 from taskfleet.domain.results import REFUSED_PREFIX, describe_script_outcome, result_line
@@ -265,7 +273,10 @@ class Operations:
         if op is not None and timer is not None:
             # Waiting for its window or its next recurring run: it ends here.
             timer.cancel()
-            line = result_line("Waiting", "Canceled", "Canceled before its next run", None)
+            why = "Canceled before its next run"
+            if op.awaiting is not None:
+                why = "Canceled while waiting for the computer to restart (already initiated)"
+            line = result_line("Waiting", "Canceled", why, None)
             self.state.finish(op_id, st.CANCELED, operation_result(op_id, "canceled", line))
             self.trigger.set()
         elif op is not None and not op.finished and op.status == st.FAILED:
@@ -331,6 +342,9 @@ class Operations:
 
     async def _run(self, op: st.Operation) -> None:
         op = self.state.operation(op.op) or op  # the orders stored since it was spawned
+        if op.awaiting is not None:
+            self._restart_check(op)  # its command ran (or may have): never again
+            return
         refusal, spec, timeout, job = self._check(op)
         action = spec if isinstance(spec, Action) else None
         # A job ends a cancel or terminate that came before it started itself: its
@@ -377,8 +391,8 @@ class Operations:
             await self._run_job(op.op, job)
             return
         if action is not None:
-            message = await self._run_action(op, action)
-            self._ended(op, attempt, message["status"], message, message["result_line"], None)
+            message, awaiting = await self._run_action(op, action)
+            self._action_ended(op, attempt, message, awaiting)
             return
         assert isinstance(spec, ScriptSpec)
         checkpoint = op.checkpoint_path(self.state_dir)
@@ -482,8 +496,11 @@ class Operations:
             log.info("operation %d %s: %s", op.op, status, line)
         self.trigger.set()
 
-    async def _run_action(self, op: st.Operation, action: Action) -> dict[str, Any]:
-        """Run a typed activity (``agent/actions``); its result message."""
+    async def _run_action(
+        self, op: st.Operation, action: Action
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Run a typed activity (``agent/actions``); its result message, and what a
+        restart that was initiated waits for."""
 
         async def start(spec: ScriptSpec) -> RunningScript:
             running = await start_script(spec)
@@ -504,11 +521,75 @@ class Operations:
                 ended=lambda: self._job_process_ended(op.op),
                 canceled=lambda: bool((o := self.state.operation(op.op)) and o.cancel_requested),
                 resync=self.resync,
+                expect_restart=lambda awaiting: self.state.expect_restart(op.op, awaiting),
             )
         finally:
             self.running.pop(op.op, None)
             if not self.running and not self.jobs:
                 self.exec_lock.release()
+
+    def _action_ended(
+        self,
+        op: st.Operation,
+        attempt: int,
+        message: dict[str, Any],
+        awaiting: dict[str, Any] | None,
+    ) -> None:
+        if awaiting is not None:
+            self._await_restart(op, attempt, awaiting, message)
+            return
+        if op.type == RESTART:
+            if self.shutting_down:
+                return  # stopped mid-command (the computer going down?): the boot id decides
+            self.state.expect_restart(op.op, None)  # its command did not start it
+        self._ended(op, attempt, message["status"], message, message["result_line"], None)
+
+    def _await_restart(
+        self, op: st.Operation, attempt: int, awaiting: dict[str, Any], message: dict[str, Any]
+    ) -> None:
+        """The restart command ran: wait for the computer to come back (module docstring);
+        the command's output is kept for the final result."""
+        keep = ("exit_code", "stdout", "stderr", "started_at")
+        awaiting = {**awaiting, "ran": {k: message.get(k) for k in keep}}
+        why = "restart initiated, waiting for the computer to come back"
+        self.state.await_restart(
+            op.op, awaiting, operation_status(op.op, "working", attempt, awaiting["until"], why)
+        )
+        log.info(
+            "operation %d: %s (until %.0fs from now)", op.op, why, awaiting["until"] - time.time()
+        )
+        self.spawn(op, max(awaiting["until"] - time.time(), 0.001))
+        self.trigger.set()
+
+    def _restart_check(self, op: st.Operation) -> None:
+        """A restart's end, if it is due: Succeeded on another boot, Failed after its wait."""
+        assert op.awaiting is not None
+        verdict = restart_verdict(op.awaiting, current_boot_id(self.action_env), time.time())
+        if op.cancel_requested:
+            verdict = dataclasses.replace(
+                verdict,
+                status="canceled",
+                line="Canceled while waiting for the computer to restart (already initiated)",
+            )
+        elif verdict.status == "waiting":
+            log.info("operation %d: waiting %.0fs more for the restart", op.op, verdict.wait)
+            self.spawn(op, verdict.wait)
+            return
+        ran = op.awaiting.get("ran") or {}
+        message = operation_result(
+            op.op,
+            verdict.status,
+            result_line(ACTION_TYPES[RESTART].title, verdict.status.title(), verdict.line, None),
+            exit_code=ran.get("exit_code"),
+            stdout=ran.get("stdout") or "",
+            stderr=ran.get("stderr") or "",
+            started_at=ran.get("started_at"),
+            ended_at=time.time(),
+        )
+        code = {"succeeded": st.SUCCESS, "canceled": st.CANCELED}.get(verdict.status, st.FAILED)
+        self.state.finish(op.op, code, message)
+        log.info("operation %d (restart) %s: %s", op.op, verdict.status, verdict.line)
+        self.trigger.set()
 
     async def _run_job(self, op_id: int, spec: JobSpec) -> None:
         """Run (or resume) a job operation (``agent/jobs.py``) and record its end."""

@@ -9,6 +9,8 @@ a leftover process was killed or nothing was running. Continuing is the
 agent's job (it reruns the operation under the same id, counting an attempt).
 Scrubbing a job's record removes its staging folder and reports its steps
 (``jobs.scrubbed_reports``).
+A restart awaiting the computer's return (``Operation.awaiting``) is no candidate:
+the agent ends it by the boot id (``agent/operations.py``), it is never re-run.
 Before either, ``kill_leftover`` stops a process group the old attempt left
 running, if it is still the same process.
 """
@@ -86,8 +88,13 @@ def as_record(op: st.Operation, folder: Path) -> Record:
 
 def candidates(state: st.LocalState) -> list[st.Operation]:
     # Received-but-never-started operations (Unknown, no attempt) are pending
-    # work, not leftovers: the agent simply runs them.
-    return [o for o in state.unfinished() if not (o.status == st.UNKNOWN and o.attempts == 0)]
+    # work, not leftovers: the agent simply runs them. A restart whose command may
+    # have run waits for the computer to come back: continuing it would restart again.
+    return [
+        o
+        for o in state.unfinished()
+        if not (o.status == st.UNKNOWN and o.attempts == 0) and o.awaiting is None
+    ]
 
 
 def plan(

@@ -9,7 +9,9 @@ same transaction that marks it finished, before it is sent (then ``on_finish``
 is called: the inventory may have changed); a server message
 the agent refuses is acknowledged in the same transaction that queues its
 ``refused`` message; a job's terminate order is recorded (``terminate_requested``)
-in the transaction that acknowledges it. A job's step reports (``job_phase``,
+in the transaction that acknowledges it. A restart is marked ``awaiting`` before
+its command runs, and Deferred with its status message once the command ran (see
+``agent/operations.py``). A job's step reports (``job_phase``,
 ``queue``, and those ``finish`` takes with its result) are queued in the
 transaction that changes its status, or on their own. Outbox messages
 stay until the server acknowledges their sequence number. A folder that is
@@ -52,6 +54,7 @@ CREATE TABLE IF NOT EXISTS operations (
     next_run_at REAL,                        -- deferred or recurring: when to run next
     pgid INTEGER,                            -- process group of the running attempt
     pstart TEXT,                             -- its start time in /proc, to recognise it
+    awaiting TEXT,                           -- a restart's wait for the computer (JSON)
     result TEXT                      -- the final operation-result message once finished
 );
 CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, message TEXT NOT NULL);
@@ -60,6 +63,7 @@ CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, message TEXT NOT NUL
 _ADDED_COLUMNS = {
     "terminate_requested": "ALTER TABLE operations ADD COLUMN "
     "terminate_requested INTEGER NOT NULL DEFAULT 0",
+    "awaiting": "ALTER TABLE operations ADD COLUMN awaiting TEXT",
 }
 
 
@@ -131,6 +135,9 @@ class Operation:
     ended_at: float | None
     finished: bool = False  # its final result is queued (or sent): nothing more to do
     terminate_requested: bool = False  # a job's terminate order arrived (SPEC 6)
+    # A restart that waits for the computer to come back (boot_id, since, until, ...):
+    # never run again, never scrubbed; it ends when the agent sees another boot.
+    awaiting: dict[str, Any] | None = None
 
     def checkpoint_path(self, folder: Path) -> Path:
         return folder / "checkpoints" / str(self.op)
@@ -277,7 +284,7 @@ class LocalState:
     _COLS = (
         "op, seq, type, body, status, cancel_requested, attempts, pushed, mode, interval, "
         "every, next_run_at, pgid, pstart, received_at, started_at, ended_at, "
-        "result IS NOT NULL, terminate_requested"
+        "result IS NOT NULL, terminate_requested, awaiting"
     )
 
     def _op(self, row: tuple[Any, ...]) -> Operation:
@@ -301,6 +308,7 @@ class LocalState:
             ended_at=row[16],
             finished=bool(row[17]),
             terminate_requested=bool(row[18]),
+            awaiting=json.loads(row[19]) if row[19] else None,
         )
 
     def receive(
@@ -381,6 +389,21 @@ class LocalState:
             if message is not None:
                 self._queue(db, {**message, "attempt": attempts})
         return attempts
+
+    def expect_restart(self, op: int, awaiting: dict[str, Any] | None) -> None:
+        """Mark ``op`` as a restart whose command may have run (None: it did not)."""
+        text = None if awaiting is None else json.dumps(awaiting)
+        self.db.execute("UPDATE operations SET awaiting=? WHERE op=?", (text, op))
+
+    def await_restart(self, op: int, awaiting: dict[str, Any], message: dict[str, Any]) -> None:
+        """The restart command ran: ``op`` waits (Deferred locally, until ``awaiting``'s
+        ``until``) for the computer to come back; ``message`` tells the server."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE operations SET status=?, next_run_at=?, awaiting=?, pgid=NULL WHERE op=?",
+                (DEFERRED, awaiting["until"], json.dumps(awaiting), op),
+            )
+            self._queue(db, message)
 
     def running(self, op: int, pgid: int | None, pstart: str | None) -> None:
         self.db.execute("UPDATE operations SET pgid=?, pstart=? WHERE op=?", (pgid, pstart, op))
@@ -504,7 +527,8 @@ class LocalState:
         cur = self.db.execute(
             "SELECT op, seq, type, status, received_at, started_at, ended_at, attempts, "
             "cancel_requested, terminate_requested, pushed, mode, interval, every, next_run_at, "
-            "pgid, result IS NOT NULL FROM operations ORDER BY op"
+            "pgid, awaiting IS NOT NULL AS awaiting_restart, result IS NOT NULL FROM operations "
+            "ORDER BY op"
         )
         names = [d[0] for d in cur.description]
         names[-1] = "finished"

@@ -16,7 +16,8 @@ import click
 
 from taskfleet import __version__
 
-# Command name -> the module under taskfleet.cli that defines it under that name.
+# Command name -> the module under taskfleet.cli that defines it under that name
+# ("-" spelled "_": ``unix-group`` is ``unix_group``).
 COMMANDS = {
     "activity": "activities",
     "agent": "agent",
@@ -26,13 +27,21 @@ COMMANDS = {
     "demo": "demo",
     "group": "groups",
     "job": "jobs",
+    "packages": "packages",
     "relay": "relays",
     "request": "requests",
+    "restart": "system",
+    "resync": "system",
     "run": "requests",
     "schedule": "schedules",
     "server": "server",
+    "shutdown": "system",
+    "signal": "system",
+    "snap": "snaps",
     "task": "tasks",
     "token": "tokens",
+    "unix-group": "accounts",
+    "user": "accounts",
     "worker": "worker",
 }
 
@@ -45,7 +54,8 @@ class _Commands(click.Group):
         module = COMMANDS.get(cmd_name)
         if module is None:
             return None
-        command = getattr(importlib.import_module(f"taskfleet.cli.{module}"), cmd_name)
+        loaded = importlib.import_module(f"taskfleet.cli.{module}")
+        command = getattr(loaded, cmd_name.replace("-", "_"))
         assert isinstance(command, click.Command)
         return command
 

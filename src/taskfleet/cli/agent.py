@@ -193,6 +193,12 @@ from taskfleet.settings import (
     hidden=True,  # tests: what tells a restart happened [default: the kernel's boot_id]
 )
 @click.option(
+    "--restart-grace",
+    type=FINITE_FLOAT,
+    default=None,
+    hidden=True,  # tests: seconds after a restart's delay before it is Failed [15 min]
+)
+@click.option(
     "--package-lock-timeout",
     type=FINITE_FLOAT,
     default=AGENT_PACKAGE_LOCK_TIMEOUT,
@@ -238,6 +244,7 @@ def agent(
     restart_command: str | None,
     shutdown_command: str | None,
     boot_id_file: Path | None,
+    restart_grace: float | None,
     package_lock_timeout: float,
     apt_option: tuple[str, ...],
     log_format: str,
@@ -257,6 +264,8 @@ def agent(
         fail("--scrub-interval must be positive")
     if inventory_interval <= 0 or inventory_min_interval < 0:
         fail("--inventory-interval must be positive")
+    if restart_grace is not None and not 0 <= restart_grace <= 86400:
+        fail("--restart-grace must be 0..86400 seconds")
     actions = _action_options(
         allow_type, restart_command, shutdown_command, package_lock_timeout, apt_option
     )
@@ -304,6 +313,7 @@ def agent(
         inventory_interval=inventory_interval,
         inventory_min_interval=inventory_min_interval,
         boot_id_file=boot_id_file,
+        restart_grace=restart_grace,
         **actions,
     )
     if hostname:
@@ -393,7 +403,8 @@ def agent_status(ctx: click.Context, as_json: bool) -> None:
                 [
                     r["op"],
                     r["type"],
-                    f"{r['status']} {names[r['status']]}",
+                    f"{r['status']} {names[r['status']]}"
+                    + (" (awaiting restart)" if r.get("awaiting_restart") else ""),
                     r["attempts"],
                     when(r["received_at"]),
                     when(r["ended_at"]),

@@ -163,19 +163,38 @@ def results_table(
     if as_json:
         click.echo(json.dumps({"request": req, "activities": rows}, indent=2, default=str))
         return rows
+    script = req["type"] == "execute-script"
     print_table(
         f"request {req['id']}: {req['type']} on {req['target']}",
-        ["activity", "computer", "status", "exit", "output (first line)", "duration"],
+        [
+            "activity",
+            "computer",
+            "status",
+            "exit",
+            "output (first line)" if script else "result",
+            "duration",
+        ],
         [
             [
                 a["id"],
                 f"{a['computer_id']} {a.get('hostname') or ''}".strip(),
                 state_label(a["state"]),
                 a["exit_code"],
-                first_line(a.get("stdout")) or first_line(a.get("result_line")),
+                first_line(a.get("stdout")) or first_line(a.get("result_line"))
+                if script
+                else result_part(a.get("result_line")) or a.get("reason"),
                 duration(a),
             ]
             for a in rows
         ],
     )
     return rows
+
+
+def result_part(line: str | None) -> str:
+    """What a result line says happened (its ``Result:`` part), for typed activities and
+    jobs, whose first line of output is a tool's chatter."""
+    if not line:
+        return ""
+    _, sep, rest = line.partition("Result: ")
+    return rest.rsplit(", Return code: ", 1)[0] if sep else first_line(line)

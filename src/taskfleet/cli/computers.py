@@ -34,21 +34,32 @@ def computer() -> None:
 
 
 @computer.command("list")
+@click.option(
+    "--removed", is_flag=True, help="The removed computers instead (records and history kept)."
+)
 @client_options
-def computer_list(server: str | None, token: str | None, as_json: bool) -> None:
-    """List enrolled computers."""
-    rows = Api(server, token).get("/computers")
+def computer_list(removed: bool, server: str | None, token: str | None, as_json: bool) -> None:
+    """List enrolled computers (or, with --removed, those taken off the fleet)."""
+    rows = Api(server, token).get("/computers", **({"removed": "true"} if removed else {}))
     emit(
         rows,
         as_json,
         lambda rs: print_table(
-            "computers",
-            ["id", "hostname", "last seen", "address", "scripts", "groups", "tags"],
+            "removed computers" if removed else "computers",
+            [
+                "id",
+                "hostname",
+                "removed" if removed else "last seen",
+                "address",
+                "scripts",
+                "groups",
+                "tags",
+            ],
             [
                 [
                     c["id"],
                     c["hostname"],
-                    when(c["last_seen_at"]),
+                    when(c["removed_at"] if removed else c["last_seen_at"]),
                     c["address"],
                     "yes" if (c["policy"] or {}).get("scripts") else "no",
                     ",".join(c["groups"]),

@@ -14,9 +14,10 @@ from typing import Any
 import click
 
 from taskfleet.cli.client import Api, client_options, results_table, wait_for_request
-from taskfleet.cli.lifecycle import after_arg, lifecycle_fields, lifecycle_options, schedule
+from taskfleet.cli.lifecycle import after_arg, lifecycle_fields, lifecycle_options
 from taskfleet.cli.options import FINITE_FLOAT
 from taskfleet.cli.output import echo, emit, fail, print_table, state_label, when
+from taskfleet.cli.typed import create_and_follow
 from taskfleet.settings import OUTPUT_CAP, SCRIPT_INTERPRETER, SCRIPT_TIMEOUT
 
 
@@ -118,25 +119,7 @@ def run(
         "policy": policy,
         **lifecycle_fields(**lifecycle),
     }
-    if cron is not None:
-        if wait:
-            fail("--wait does not end for a schedule; follow it with taskfleet schedule show")
-        schedule(api, cron, body, as_json)
-        return
-    req = api.post("/requests", body)
-    if not wait:
-        emit(
-            req,
-            as_json,
-            lambda r: echo(
-                f"request {r['id']} created: {r['total']} computers; "
-                f"follow it with: taskfleet request show {r['id']}"
-            ),
-        )
-        return
-    req = wait_for_request(api, req["id"], show_progress=not as_json)
-    rows = results_table(api, req, as_json, waited=True)
-    sys.exit(0 if all(a["state"] == "succeeded" for a in rows) else 1)
+    create_and_follow(api, body, cron=cron, wait=wait, as_json=as_json)
 
 
 @click.group()

@@ -73,6 +73,14 @@ def submit(
         "policy": {"mode": "optional" if optional else "required"},
         **lifecycle_fields(**lifecycle),
     }
+    create_and_follow(api, body, cron=cron, wait=wait, as_json=as_json, what=f" ({type})")
+
+
+def create_and_follow(
+    api: Api, body: dict[str, Any], *, cron: str | None, wait: bool, as_json: bool, what: str = ""
+) -> None:
+    """Post ``body`` as a request (or, with ``cron``, a schedule), say what was created,
+    and with ``wait`` follow it to the end: exit 0 only if every computer succeeded."""
     if cron is not None:
         if wait:
             fail("--wait does not end for a schedule; follow it with taskfleet schedule show")
@@ -84,7 +92,7 @@ def submit(
             req,
             as_json,
             lambda r: echo(
-                f"request {r['id']} ({type}) created: {r['total']} computers; "
+                f"request {r['id']}{what} created: {r['total']} computers; "
                 f"follow it with: taskfleet request show {r['id']}"
             ),
         )

@@ -575,7 +575,8 @@ class Exchange:
         # while it waits for its window.
         if m.status == "working":
             deadline: float | None = now + timeout + self.lost_grace
-            reason = f"running on the computer (attempt {m.attempt})"
+            # An agent may say what the run waits for (a restart: the computer's return).
+            reason = m.reason or f"running on the computer (attempt {m.attempt})"
         elif m.status == "failed":
             # The retry starts at the agent's next scrubber run (``until``); it is
             # lost only if no run starts by then plus the time limit and grace.

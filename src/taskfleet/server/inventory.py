@@ -303,10 +303,17 @@ _EMPTY_IS_400 = (TargetKind.ALL, TargetKind.GROUP)
 
 
 async def list_computers(
-    conn: AsyncConnection, p: Principal, *, only: int | None = None
+    conn: AsyncConnection, p: Principal, *, only: int | None = None, removed: bool = False
 ) -> list[dict[str, Any]]:
-    """The tenant's computers; removed ones only when asked for by id (``only``)."""
-    where = [computers.c.removed_at.is_(None)] if only is None else [computers.c.id == only]
+    """The tenant's computers under management; with ``removed``, those removed (their
+    records and history kept: the archive); removed ones also when asked for by id
+    (``only``)."""
+    if only is not None:
+        where = [computers.c.id == only]
+    elif removed:
+        where = [computers.c.removed_at.is_not(None)]
+    else:
+        where = [computers.c.removed_at.is_(None)]
     rows = (
         await conn.execute(
             sa.select(

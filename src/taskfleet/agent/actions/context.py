@@ -12,6 +12,10 @@ says canceled). ``deadline`` is the operation's time limit (monotonic): a
 command gets at most what is left of it. A handler returns an
 :class:`ActionOutcome`: ``succeeded`` or ``failed`` with the result line that
 says what changed (or why not), and the last command's output for the record.
+A restart's outcome carries ``awaiting`` (the boot id it started from, when it
+started, until when it may take): the operation then ends only when the agent
+sees the computer back (``agent/operations.py``); ``expect_restart`` records it
+before the command runs.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from taskfleet.process import RunningScript, ScriptSpec
-from taskfleet.settings import AGENT_PACKAGE_LOCK_TIMEOUT, OUTPUT_CAP
+from taskfleet.settings import AGENT_PACKAGE_LOCK_TIMEOUT, AGENT_RESTART_GRACE, OUTPUT_CAP
 
 
 class ActionCanceled(Exception):
@@ -41,6 +45,8 @@ class ActionEnv:
     restart_command: tuple[str, ...] = ("shutdown", "-r", "+{minutes}", "{message}")
     shutdown_command: tuple[str, ...] = ("shutdown", "-h", "+{minutes}", "{message}")
     boot_id_file: Path = Path("/proc/sys/kernel/random/boot_id")
+    # A restart not seen (a new boot id) this long after its delay is Failed.
+    restart_grace: float = AGENT_RESTART_GRACE
     lock_timeout: float = AGENT_PACKAGE_LOCK_TIMEOUT  # seconds apt/dpkg locks are waited for
     # Extra apt-get "-o" settings (a test's local repository); each "NAME=VALUE".
     apt_options: tuple[str, ...] = ()
@@ -126,6 +132,7 @@ class ActionContext:
         ended: Callable[[], None] = lambda: None,
         canceled: Callable[[], bool] = lambda: False,
         resync: Callable[[], Awaitable[None]] | None = None,
+        expect_restart: Callable[[dict[str, Any] | None], None] = lambda awaiting: None,
     ) -> None:
         self.env = env
         self.op = op
@@ -135,6 +142,7 @@ class ActionContext:
         self._ended = ended
         self._canceled = canceled
         self._resync = resync
+        self._expect_restart = expect_restart
 
     def left(self) -> float:
         return max(self.deadline - time.monotonic(), 0.001)
@@ -175,6 +183,12 @@ class ActionContext:
         if self._resync is None:
             raise RuntimeError("inventory reporting is off on this agent")
         await self._resync()
+
+    def expect_restart(self, awaiting: dict[str, Any] | None) -> None:
+        """Record, durably and before the restart command runs, that this operation ends
+        when the computer comes back (``awaiting``, as ``ActionOutcome.awaiting``): an agent
+        killed from then on never runs the command again (None: forget it)."""
+        self._expect_restart(awaiting)
 
 
 def _supported(env: ActionEnv) -> str | None:

@@ -6,7 +6,9 @@ type must be one this agent runs (its policy's ``types``: enabled in its
 configuration and supported here) and its parameters valid by
 ``domain/actions``. ``run_action`` runs it through its handler and returns the
 ``operation-result`` message: a handler's exception never escapes (it is the
-activity's failure, said in the result line), a cancel ends it Canceled.
+activity's failure, said in the result line), a cancel ends it Canceled; and the
+outcome's ``awaiting`` (a restart that succeeded: the operation ends when the
+computer is back), which ``expect_restart`` recorded before its command ran.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ async def run_action(
     ended: Callable[[], None],
     canceled: Callable[[], bool],
     resync: Callable[[], Awaitable[None]] | None,
-) -> dict[str, Any]:
+    expect_restart: Callable[[dict[str, Any] | None], None] = lambda awaiting: None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     ctx = ActionContext(
         env,
         op=op,
@@ -75,6 +78,7 @@ async def run_action(
         ended=ended,
         canceled=canceled,
         resync=resync,
+        expect_restart=expect_restart,
     )
     started = time.time()
     try:
@@ -87,8 +91,8 @@ async def run_action(
     if outcome.status == "failed" and canceled():
         outcome.status = "canceled"
     title = ACTION_TYPES[action.type].title
-    line = result_line(title, outcome.status.title(), outcome.line, None)
-    return operation_result(
+    line = result_line(title, outcome.status.title(), outcome.line, outcome.exit_code)
+    message = operation_result(
         op,
         outcome.status,
         line,
@@ -98,3 +102,4 @@ async def run_action(
         started_at=started,
         ended_at=time.time(),
     )
+    return message, outcome.awaiting if outcome.status == "succeeded" else None

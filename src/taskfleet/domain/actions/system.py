@@ -5,7 +5,8 @@ runs it); the others change the system and run only where enabled.
 * ``resync``: no parameters; the agent reports its whole inventory again.
 * ``restart`` / ``shutdown``: ``delay`` seconds before the computer goes down (0..1
   day, default 60, rounded up to whole minutes by ``shutdown``), ``message`` an
-  optional text for logged-in users. A restart is Succeeded only when the agent
+  optional printable text for logged-in users, at most 256 characters, not starting
+  with ``-`` (``shutdown`` would read it as an option). A restart is Succeeded only when the agent
   comes back after it; a shutdown when the agent reports it initiated.
 * ``signal-process``: exactly one of ``pid`` (an integer above 1) or ``process`` (an
   exact process name, as ``/proc/PID/comm`` shows it: at most 15 characters), and
@@ -19,12 +20,12 @@ import re
 from typing import Any
 
 from taskfleet.domain.actions.base import (
+    MAX_TEXT,
     ActionType,
     check_name,
     integer,
     number,
     params_object,
-    text,
 )
 
 RESYNC = "resync"
@@ -51,16 +52,29 @@ def validate_power(raw: Any) -> dict[str, Any]:
     p = params_object(raw, {"delay", "message"})
     return {
         "delay": number(p, "delay", minimum=0, maximum=MAX_DELAY, default=DEFAULT_DELAY),
-        "message": text(p, "message"),
+        "message": _message(p.get("message")),
     }
+
+
+def _message(value: Any) -> str | None:
+    """The wall message: one argv word of ``shutdown`` after the time, never an option."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_TEXT or not value.isprintable():
+        raise ValueError(f"message must be a printable text of at most {MAX_TEXT} characters")
+    if value.startswith("-"):
+        raise ValueError("message must not start with '-' (shutdown would read it as an option)")
+    return value
 
 
 def validate_signal(raw: Any) -> dict[str, Any]:
     p = params_object(raw, {"pid", "process", "signal"})
-    if ("pid" in p) == ("process" in p):
+    # Normalised parameters (the agent checks what the server stored) say null for the other.
+    has_pid, has_process = p.get("pid") is not None, p.get("process") is not None
+    if has_pid == has_process:
         raise ValueError("give exactly one of pid or process")
-    pid = integer(p, "pid", minimum=2, maximum=MAX_PID) if "pid" in p else None
-    process = check_name(p["process"], _COMM, "process name", "process") if "process" in p else None
+    pid = integer(p, "pid", minimum=2, maximum=MAX_PID) if has_pid else None
+    process = check_name(p["process"], _COMM, "process name", "process") if has_process else None
     signal = p.get("signal", "TERM")
     if isinstance(signal, str) and signal.upper().removeprefix("SIG") in SIGNALS:
         signal = signal.upper().removeprefix("SIG")
@@ -80,7 +94,12 @@ _POWER_SCHEMA: dict[str, Any] = {
             "default": DEFAULT_DELAY,
             "description": "seconds before the computer goes down (whole minutes)",
         },
-        "message": {"type": "string", "maxLength": 256, "description": "told to users"},
+        "message": {
+            "type": "string",
+            "maxLength": MAX_TEXT,
+            "pattern": "^[^-]",
+            "description": "told to logged-in users (not starting with '-')",
+        },
     },
 }
 

@@ -32,8 +32,10 @@ class TagIn(BaseModel):
 
 
 @router.get("/api/v1/computers", tags=["computers"])
-async def list_computers(rt: Rt, p: Viewer) -> list[dict[str, Any]]:
-    out = await read(rt, lambda c: inventory.list_computers(c, p))
+async def list_computers(rt: Rt, p: Viewer, removed: bool = False) -> list[dict[str, Any]]:
+    """The computers under management; ``removed=true``: the removed ones (the archive:
+    each record and its history kept)."""
+    out = await read(rt, lambda c: inventory.list_computers(c, p, removed=removed))
     return [live(rt, c) for c in out]
 
 
