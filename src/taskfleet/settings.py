@@ -203,3 +203,24 @@ AGENT_PACKAGE_LOCK_TIMEOUT = 300.0
 # delay plus this grace with the same boot it is Failed ("did not restart"). A normal boot
 # takes a few minutes; a slow firmware or fsck can take ten.
 AGENT_RESTART_GRACE = 15 * 60.0
+
+# -- the web dashboard (issue 14; docs/dashboard.md) -----------------------------------------
+# A dashboard session ends this long after login, used or not: a working day, so a
+# browser left open overnight asks for the token again.
+DASHBOARD_SESSION_TTL = 8 * 3600.0
+# Failed logins one client address may make within the window before every login from
+# it is refused (429) until the window has passed: a person mistypes a few times; a
+# script guessing tokens gets 10 guesses per 5 minutes.
+DASHBOARD_LOGIN_LIMIT = 10
+DASHBOARD_LOGIN_WINDOW = 300.0
+# A computer is shown offline when its last exchange is older than this: an idle agent
+# with wake-ups exchanges every POLL_INTERVAL, so one missed poll plus five minutes.
+DASHBOARD_OFFLINE_AFTER = POLL_INTERVAL + 300.0
+# How often a request page's event stream looks for new activity events, and how long
+# one stream lasts before the browser reconnects (resuming from Last-Event-ID).
+DASHBOARD_SSE_POLL = 0.5
+DASHBOARD_SSE_MAX_AGE = 600.0
+# The polling fallback where server-sent events are blocked (issue 14: 5 s).
+DASHBOARD_POLL_EVERY = 5
+# The most activities one request page lists (the counts cover them all).
+DASHBOARD_ROWS = 500

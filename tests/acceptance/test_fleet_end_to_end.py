@@ -281,6 +281,7 @@ def test_demo_command_runs_a_real_fleet(tmp_path):
     assert "3/3 succeeded" in out.stdout
     assert "hello from computer" in out.stdout
     assert "/api/v1" in out.stdout
+    assert "dashboard: http://127.0.0.1:" in out.stdout and "/ui/  (log in with" in out.stdout
 
 
 def test_rerun_runs_again_only_where_it_failed(server, start_agent):

@@ -131,6 +131,7 @@ def run_demo(n_agents: int, workdir: Path, stay: bool) -> int:
         click.echo(
             f"API:       {url}/api/v1  (OpenAPI: {url}/openapi.json, metrics: {url}/metrics)"
         )
+        click.echo(f"dashboard: {url}/ui/  (log in with the admin token: cat {token_file})")
         click.echo(f"admin token file: {token_file}")
         click.echo(f"logs:      {workdir}/*.log")
         # The quick start installs into .venv: name the command so it works as printed.

@@ -95,3 +95,47 @@ async def get_activity(conn: AsyncConnection, p: Principal, activity_id: int) ->
         )
     ]
     return out
+
+
+async def request_events(
+    conn: AsyncConnection, p: Principal, request_id: int, after: int, limit: int
+) -> list[dict[str, Any]]:
+    """The state changes of a request's activities with an event id above ``after``, in
+    id order: what the dashboard's event stream sends, the event id as its sequence.
+    The single writer commits events in id order, so a reader that saw id N has seen
+    every id below it: resuming above N misses nothing and repeats nothing."""
+    e = activity_events.c
+    rows = await conn.execute(
+        sa.select(
+            e.id,
+            e.activity_id,
+            activities.c.computer_id,
+            e.from_state,
+            e.to_state,
+            e.cause,
+            e.at,
+            e.reason,
+        )
+        .join(activities, activities.c.id == e.activity_id)
+        .where(
+            activities.c.request_id == request_id,
+            activities.c.tenant_id == p.tenant_id,
+            e.id > after,
+        )
+        .order_by(e.id)
+        .limit(limit)
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+async def last_request_event(conn: AsyncConnection, p: Principal, request_id: int) -> int:
+    """The highest event id of the request's activities (0: none yet)."""
+    e = activity_events.c
+    found = (
+        await conn.execute(
+            sa.select(sa.func.max(e.id))
+            .join(activities, activities.c.id == e.activity_id)
+            .where(activities.c.request_id == request_id, activities.c.tenant_id == p.tenant_id)
+        )
+    ).scalar()
+    return int(found or 0)

@@ -51,6 +51,7 @@ from taskfleet.server.api import (
     workers,
 )
 from taskfleet.server.api.deps import ERROR_RESPONSES, JsonRoute
+from taskfleet.server.dashboard import routes as dashboard
 from taskfleet.server.kernel import ApiError
 from taskfleet.server.runtime import ServerConfig, start, stop
 from taskfleet.settings import API_BODY_MAX, CONTENT_MAX_BYTES, ENROLL_BODY_MAX, MAX_ID
@@ -456,4 +457,5 @@ def create_app(config: ServerConfig) -> FastAPI:
         # its own scope bookkeeping, which cost ~60 us per API request here. Ours
         # have no prefix, tags or dependencies at router level, so nothing is lost.
         app.router.routes.extend(module.router.routes)
+    dashboard.install(app)  # /ui/: the web dashboard (docs/dashboard.md), not in OpenAPI
     return app

@@ -65,10 +65,15 @@ async def bootstrap(conn: AsyncConnection, now: float) -> tuple[dict[str, bytes]
 
 
 async def resolve_token(conn: AsyncConnection, token: str, now: float) -> Principal | None:
+    return await resolve_token_hash(conn, token_hash(token), now)
+
+
+async def resolve_token_hash(conn: AsyncConnection, digest: str, now: float) -> Principal | None:
+    """The caller an API token's SHA-256 names (a dashboard session keeps only that)."""
     row = (
         await conn.execute(
             sa.select(api_tokens).where(
-                api_tokens.c.token_hash == token_hash(token), api_tokens.c.kind == "admin"
+                api_tokens.c.token_hash == digest, api_tokens.c.kind == "admin"
             )
         )
     ).first()

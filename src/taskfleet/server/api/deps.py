@@ -10,7 +10,7 @@ like an exchange (``loads_body``).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_type_hints
 
 from fastapi import APIRouter, Depends, Request, Security
 from fastapi.routing import APIRoute
@@ -66,11 +66,28 @@ def role(needed: str) -> Callable[..., Awaitable[Principal]]:
             p = await tokens.resolve_token(conn, token.strip(), rt.now())
         if p is None:
             raise ApiError(401, "invalid, expired or revoked token")
-        if not p.allows(needed):
-            raise ApiError(403, f"this needs the {needed} role; the token has {p.role}")
-        return p
+        return require(p, needed)
 
+    dep.needed = needed  # type: ignore[attr-defined]  # the dashboard reads a route's role
     return dep
+
+
+def require(p: Principal, needed: str) -> Principal:
+    """``p`` if its role allows ``needed``; else the API's 403 (the dashboard's too)."""
+    if not p.allows(needed):
+        raise ApiError(403, f"this needs the {needed} role; the token has {p.role}")
+    return p
+
+
+def needed_role(route: Callable[..., Any]) -> str:
+    """The role an API route function asks of its caller (its ``Viewer``, ``Operator``
+    or ``Admin`` parameter), so the dashboard shows and allows exactly what the API does."""
+    for hint in get_type_hints(route, include_extras=True).values():
+        for meta in getattr(hint, "__metadata__", ()):
+            needed = getattr(getattr(meta, "dependency", None), "needed", None)
+            if isinstance(needed, str):
+                return needed
+    raise ValueError(f"{route.__qualname__} takes no Viewer, Operator or Admin")
 
 
 Viewer = Annotated[Principal, Depends(role("viewer"))]
