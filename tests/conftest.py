@@ -50,10 +50,28 @@ def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "con
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+# Under pytest-xdist each worker takes only its own share of the ports (``_my_port``):
+# bind(0) picks a random free port and the test closes it before the process that
+# uses it binds it, so two workers asking at the same moment could be handed the
+# same one (3000 bind(0) calls here give only ~2700 distinct ports).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+
+
+def _my_port(port: int) -> bool:
+    # TCP bind(0) hands out odd ports only (connect() takes even ones), so the share
+    # goes by port // 2: every port pair belongs to exactly one worker.
+    return (port // 2) % _WORKERS == _WORKER
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, and that no other xdist worker is handed."""
+    while True:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if _my_port(port):
+            return port
 
 
 def _service_missing(message: str) -> None:
