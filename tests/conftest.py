@@ -118,12 +118,52 @@ def amqp_url() -> Iterator[str]:
         asyncio.run(drop())
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that needs PostgreSQL or RabbitMQ with ``services``."""
+LONGEST = {
+    "tests/faults/test_api_fuzz_schemathesis.py",  # one schemathesis run over the whole API
+    "tests/faults/test_random_operations_keep_the_state_table.py",  # a hypothesis machine
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--database-tests-only",
+        action="store_true",
+        help="run only the tests marked `database` (what TASKFLEET_TEST_DB changes); "
+        "scripts/test's PostgreSQL pass, since the rest already ran on SQLite",
+    )
+
+
+def _uses_database(item: pytest.Item) -> bool:
+    """Whether ``TASKFLEET_TEST_DB`` can change what this test does: it uses the
+    ``database_url`` fixture (directly or through ``start_server``, ``rabbit_fleet``...),
+    or its module takes ``fresh_database`` or ``BACKEND`` from here."""
+    if "database_url" in getattr(item, "fixturenames", ()):
+        return True
+    module = getattr(item, "module", None)
+    return any(
+        getattr(module, name, None) is obj
+        for name, obj in (("fresh_database", fresh_database), ("BACKEND", BACKEND))
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs PostgreSQL or RabbitMQ with ``services``, and every
+    test of the selected database with ``database``."""
     needs = {"amqp_url"} | ({"database_url"} if BACKEND == "postgresql" else set())
     for item in items:
         if needs & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.services)
+        if _uses_database(item):
+            item.add_marker(pytest.mark.database)
+    # The longest tests first, so that xdist (`--dist load` hands tests out in this
+    # order) does not start them last and wait for them alone at the end.
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONGEST)
+    if config.getoption("--database-tests-only"):
+        keep = [item for item in items if item.get_closest_marker("database")]
+        config.hook.pytest_deselected(
+            items=[i for i in items if not i.get_closest_marker("database")]
+        )
+        items[:] = keep
 
 
 def _pg_admin(sql: str) -> None:
