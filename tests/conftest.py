@@ -31,6 +31,14 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Hypothesis's timing checks (a 200 ms deadline per example, "input generation is
+# slow") measure the machine's load, not the property: scripts/test runs the suite on
+# several xdist workers beside real server and agent processes. Tests that set their
+# own settings still override these.
+settings.register_profile("taskfleet", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("taskfleet")
 
 AMQP = os.environ.get("TASKFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PG_URL = os.environ.get("TASKFLEET_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -50,10 +58,28 @@ def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "con
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+# Under pytest-xdist each worker takes only its own share of the ports (``_my_port``):
+# bind(0) picks a random free port and the test closes it before the process that
+# uses it binds it, so two workers asking at the same moment could be handed the
+# same one (3000 bind(0) calls here give only ~2700 distinct ports).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+
+
+def _my_port(port: int) -> bool:
+    # TCP bind(0) hands out odd ports only (connect() takes even ones), so the share
+    # goes by port // 2: every port pair belongs to exactly one worker.
+    return (port // 2) % _WORKERS == _WORKER
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on now, and that no other xdist worker is handed."""
+    while True:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if _my_port(port):
+            return port
 
 
 def _service_missing(message: str) -> None:
@@ -92,12 +118,52 @@ def amqp_url() -> Iterator[str]:
         asyncio.run(drop())
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that needs PostgreSQL or RabbitMQ with ``services``."""
+LONGEST = {
+    "tests/faults/test_api_fuzz_schemathesis.py",  # one schemathesis run over the whole API
+    "tests/faults/test_random_operations_keep_the_state_table.py",  # a hypothesis machine
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--database-tests-only",
+        action="store_true",
+        help="run only the tests marked `database` (what TASKFLEET_TEST_DB changes); "
+        "scripts/test's PostgreSQL pass, since the rest already ran on SQLite",
+    )
+
+
+def _uses_database(item: pytest.Item) -> bool:
+    """Whether ``TASKFLEET_TEST_DB`` can change what this test does: it uses the
+    ``database_url`` fixture (directly or through ``start_server``, ``rabbit_fleet``...),
+    or its module takes ``fresh_database`` or ``BACKEND`` from here."""
+    if "database_url" in getattr(item, "fixturenames", ()):
+        return True
+    module = getattr(item, "module", None)
+    return any(
+        getattr(module, name, None) is obj
+        for name, obj in (("fresh_database", fresh_database), ("BACKEND", BACKEND))
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs PostgreSQL or RabbitMQ with ``services``, and every
+    test of the selected database with ``database``."""
     needs = {"amqp_url"} | ({"database_url"} if BACKEND == "postgresql" else set())
     for item in items:
         if needs & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.services)
+        if _uses_database(item):
+            item.add_marker(pytest.mark.database)
+    # The longest tests first, so that xdist (`--dist load` hands tests out in this
+    # order) does not start them last and wait for them alone at the end.
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONGEST)
+    if config.getoption("--database-tests-only"):
+        keep = [item for item in items if item.get_closest_marker("database")]
+        config.hook.pytest_deselected(
+            items=[i for i in items if not i.get_closest_marker("database")]
+        )
+        items[:] = keep
 
 
 def _pg_admin(sql: str) -> None:
