@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import wait_until
 from tests.server_tasks import (
     CALLABLES,
@@ -59,6 +61,7 @@ def cli(server, *args):
     return out.stdout
 
 
+@pytest.mark.serial  # timing-sensitive: one at a time (scripts/test)
 def test_cancel_kills_the_process_group_and_the_next_task_waits_until_it_is_gone(
     start_server, tmp_path
 ):

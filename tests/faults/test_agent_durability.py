@@ -337,6 +337,7 @@ def _retry_events(activity):
     return [h for h in activity["history"] if h["cause"] == "agent-status"]
 
 
+@pytest.mark.serial  # timing-sensitive: one at a time (scripts/test)
 def test_a_failed_pulled_required_once_operation_is_retried_and_succeeds(
     start_server, start_agent, tmp_path
 ):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from taskfleet.agent import state as st
 from taskfleet.protocol.exchange import operation_message, parse_server_reply
 from taskfleet.protocol.orders import operation_body
@@ -58,6 +60,7 @@ def _deferred(h: Harness, op: int) -> list[dict[str, Any]]:
     ]
 
 
+@pytest.mark.serial  # timing-sensitive: one at a time (scripts/test)
 async def test_the_install_waits_for_the_window_and_the_scrubber_does_not_count_the_wait(
     h: Harness,
 ) -> None:
