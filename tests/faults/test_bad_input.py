@@ -595,7 +595,7 @@ def test_request_with_a_bad_target_params_timeout_or_type_is_refused_and_creates
         (
             {"target": me, "params": ok, "type": "reboot"},
             400,
-            "unknown activity type 'reboot' (known: execute-script, job)",
+            "unknown activity type 'reboot' (known: execute-script, job, user-create",
         ),
         (
             {"target": me, "params": {**ok, "user": "someone-else"}},
