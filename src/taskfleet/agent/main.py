@@ -41,6 +41,12 @@ Contract (see ``protocol/exchange.py`` for the wire protocol):
   final (SPEC 5): it is Failed locally, the server is told "failed, will retry
   (attempt k of N)" and the scrubber's next run continues it. Only the last
   attempt's failure is reported as the final Failed.
+
+Why one module of about 700 lines: it is the agent process's one loop — start,
+enrollment, the exchange with its peer (relay or server, failover and return),
+wake-ups and the scrubber's schedule — and each of those steers the others'
+timing; the rules live elsewhere (``domain/peers.py``, ``domain/scrubber.py``),
+as do operation runs (``agent/operations.py``) and the inventory.
 """
 
 from __future__ import annotations
