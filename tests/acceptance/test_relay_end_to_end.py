@@ -163,7 +163,7 @@ def test_kill_9_of_the_relay_under_load_records_every_result_exactly_once(
         rows = activities_of(server, r)
         assert len(rows) == 3
         for a in rows:
-            assert a["state"] == "succeeded", a
+            assert a["state"] == "succeeded", (a, history(server, a["id"]))
             ends = [h for h in history(server, a["id"]) if h[1] in ("succeeded", "failed")]
             assert len(ends) == 1, history(server, a["id"])
     for agent in agents:  # each operation ran once on its computer

@@ -23,6 +23,7 @@ from tests.conftest import Agent, Server, _cli, enroll_token, free_port, wait_un
 from tests.relay_proc import (
     HttpForwarder,
     Relay,
+    done_activity,
     ended_once,
     enroll_through,
     forwarder,
@@ -127,6 +128,27 @@ def test_kill_9_of_the_relay_with_a_full_spool_loses_nothing(
         a = wait_until(lambda req=req: ended_once(server, req), 60, "the results at the server")
         assert a["state"] == "succeeded"
     assert relay.shown()["generation"] == 1  # enrolled once
+
+
+def test_work_cached_but_not_yet_tickled_when_the_relay_dies_is_tickled_at_its_restart(
+    start_server: Callable[..., Server],
+    start_relay: Callable[..., Relay],
+    start_agent: Callable[..., Agent],
+) -> None:
+    # One tickle per computer per ten minutes: the second piece of work waits at the
+    # relay for the agent's poll (half an hour) unless the restarted relay wakes it.
+    server = start_server("--tickle-min-interval", "600")
+    relay = start_relay(server, "--poll-interval", "1")
+    agent = start_agent(relay.url, enroll_token(server))
+    first = queue_script(server, agent.computer_id, ["true"])
+    wait_until(lambda: done_activity(server, first), 30, "the first result")
+    second = queue_script(server, agent.computer_id, ["echo", "second"])
+    wait_until(lambda: relay.metric("taskfleet_relay_cached_messages") == 1, 30, "work cached")
+    assert done_activity(server, second) is None
+    relay.proc.kill9()
+    relay.restart()
+    a = wait_until(lambda: done_activity(server, second), 30, "the cached work to run")
+    assert a["state"] == "succeeded" and a["stdout"] == "second\n"
 
 
 def _op_at(relay: Relay, cid: int, secret: str) -> tuple[int, int]:

@@ -154,6 +154,10 @@ class Relay:
         )
         http = asyncio.create_task(server.serve(sockets=[tcp]), name="http")
         self.tickler.start()
+        # Work cached before a crash (or a stop) may never have been tickled: the agent
+        # would wait for its fallback poll (half an hour by default) while the server's
+        # time limit runs out. Wake those agents now.
+        self.tickler.wake({c.id for c in self.spool.computers.values() if c.work_waiting})
         upstream = asyncio.create_task(self._upstream(udp), name="upstream")
         stop = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait({http, upstream, stop}, return_when=asyncio.FIRST_COMPLETED)

@@ -145,6 +145,11 @@ class Computer:
         return max(self.down_top, self.agent_ack)
 
     @property
+    def work_waiting(self) -> bool:
+        """Cached server messages the agent has not acknowledged yet."""
+        return self.in_roster and self.down_top > self.agent_ack
+
+    @property
     def has_news(self) -> bool:
         """Something to tell the server: spooled messages, a new ack, address or info."""
         return bool(
