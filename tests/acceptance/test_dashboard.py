@@ -12,63 +12,17 @@ Without it the browser tests skip (fail under TASKFLEET_REQUIRE_SERVICES=1).
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from taskfleet.settings import DASHBOARD_LOGIN_LIMIT
-from tests.conftest import Server, _service_missing, enroll_token, request_done
+from tests.browser import browser, csrf_of, login, page, shot
+from tests.conftest import Server, enroll_token, request_done
 
-os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")  # never fetch a browser
-
-CHROMIUM = os.environ.get("TASKFLEET_CHROMIUM", "/usr/bin/chromium")
-SHOTS = os.environ.get("TASKFLEET_SCREENSHOTS") == "1"
-IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
-expect.set_options(timeout=30_000)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        _service_missing(f"no chromium at {CHROMIUM} (scripts/bootstrap installs it)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 760})
-    context.set_default_timeout(30_000)
-    pg = context.new_page()
-    yield pg
-    context.close()
-
-
-def shot(page: Page, name: str) -> None:
-    if SHOTS:
-        IMG.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(IMG / f"dashboard-{name}.png"), full_page=True)
-
-
-def login(page: Page, server: Server, token: str) -> None:
-    page.goto(server.url + "/ui/login")
-    page.fill("#token", token)
-    page.click("button[type=submit]")
-    expect(page).to_have_url(re.compile(r"/ui/fleet$"))
-
-
-def csrf_of(page: Page) -> str:
-    value = page.locator("header input[name=csrf]").get_attribute("value")
-    assert value
-    return value
+__all__ = ["browser", "page"]  # the fixtures, used by name
 
 
 def make_group(server: Server, name: str, ids: list[int]) -> None:
