@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from taskfleet.agent.actions import HANDLERS, capabilities
 from taskfleet.agent.actions.context import ActionContext, ActionEnv, ActionOutcome
+from taskfleet.agent.actions.registry import capabilities, handler
 from taskfleet.domain.actions import validate_action
 from taskfleet.process import RunningScript, ScriptSpec, start_script
 from tests.accounts_root import host_accounts, line_of, make_root
@@ -70,7 +70,7 @@ async def act(
         timeout=60,
         start=_only_under(root),
     )
-    return await HANDLERS[type_].run(ctx)
+    return await _handler(type_).run(ctx)
 
 
 async def test_create_a_user_in_groups(root: Path) -> None:
@@ -342,9 +342,15 @@ async def test_argv_with_root_only_for_a_managed_root_never_a_shell(
     params = validate_action("group-create", {"name": name, "gid": 1234})
     ctx = ActionContext(env, op=1, params=params, timeout=60, start=start)
     with pytest.raises(_Stop):
-        await HANDLERS["group-create"].run(ctx)
+        await _handler("group-create").run(ctx)
     (spec,) = seen
     assert spec.script is None and spec.argv is not None
     root_args = ["--root", str(root.resolve())] if chrooted else []
     assert spec.argv[1:] == [*root_args, "--gid=1234", "--", name]
     assert spec.argv[0].endswith("/groupadd") and spec.env == {"LC_ALL": "C"}
+
+
+def _handler(name: str) -> Any:
+    found = handler(name)
+    assert found is not None, name
+    return found

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from taskfleet.agent.actions import HANDLERS, ActionContext, ActionEnv, ActionOutcome
 from taskfleet.agent.actions import packages as handlers
+from taskfleet.agent.actions.context import ActionContext, ActionEnv, ActionOutcome
+from taskfleet.agent.actions.registry import handler
 from taskfleet.domain.actions import validate_action
 from taskfleet.process import start_script
 from tests import debrepo
@@ -49,7 +50,7 @@ def run(env: ActionEnv, type_: str, params: dict[str, Any], timeout: float = 120
     ctx = ActionContext(
         env, op=1, params=validate_action(type_, params), timeout=timeout, start=start_script
     )
-    return asyncio.run(HANDLERS[type_].run(ctx))
+    return asyncio.run(_handler(type_).run(ctx))
 
 
 def ok(env: ActionEnv, type_: str, params: dict[str, Any]) -> str:
@@ -219,3 +220,9 @@ def test_a_failed_list_refresh_is_said_and_the_old_lists_used(root: Path) -> Non
     line = ok(env, "change-packages", {"install": ["tf-hello"]})
     assert line.startswith("installed tf-hello 2.0-1 (apt-get update failed, the package lists")
     assert "E: Some index files failed to download" in line, line
+
+
+def _handler(name: str) -> Any:
+    found = handler(name)
+    assert found is not None, name
+    return found

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
-from taskfleet.agent.actions import HANDLERS, ActionContext, ActionEnv, ActionOutcome, capabilities
 from taskfleet.agent.actions import snaps as handlers
+from taskfleet.agent.actions.context import ActionContext, ActionEnv, ActionOutcome
+from taskfleet.agent.actions.registry import capabilities, handler
 from taskfleet.domain.actions import ACTION_TYPES, allowed_types, validate_action
 from taskfleet.process import start_script
 
@@ -179,7 +180,7 @@ def run(type_: str, params: dict[str, Any]) -> ActionOutcome:
     ctx = ActionContext(
         ActionEnv(), op=1, params=validate_action(type_, params), timeout=30, start=start_script
     )
-    return asyncio.run(HANDLERS[type_].run(ctx))
+    return asyncio.run(_handler(type_).run(ctx))
 
 
 def argvs(log: Path) -> list[list[str]]:
@@ -245,3 +246,9 @@ def test_the_schemas_patterns_are_plain_ecma_regexes() -> None:
     """JSON Schema patterns are ECMA-262: no Python-only syntax such as ``\\Z``."""
     text = json.dumps([ACTION_TYPES[t].schema for t in SNAP_TYPES])
     assert "\\\\Z" not in text and "(?P<" not in text
+
+
+def _handler(name: str) -> Any:
+    found = handler(name)
+    assert found is not None, name
+    return found

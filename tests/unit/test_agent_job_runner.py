@@ -23,8 +23,9 @@ from taskfleet.agent.job_files import (
     content_path,
     item_folder,
     staging_root,
+    sweep_staging,
 )
-from taskfleet.agent.jobs import check_job, scrubbed_reports, summary_line, sweep_staging
+from taskfleet.agent.jobs import check_job, scrubbed_reports, summary_line
 from taskfleet.domain.jobs import Outcome, validate_job_spec
 
 SHA = "cd" * 32

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from taskfleet.agent import jobs
 from taskfleet.agent import state as st
-from taskfleet.agent.actions.runner import Action, check_action
 from taskfleet.domain.actions import ACTION_TYPES
-from taskfleet.domain.jobs import JOB, JobSpec
+from taskfleet.domain.kinds import JOB
 from taskfleet.domain.results import REFUSED_PREFIX
 from taskfleet.domain.scripts import EXECUTE_SCRIPT, policy_refusal, validate_script_params
 from taskfleet.process import ScriptSpec
 from taskfleet.protocol.signing import SignatureError, Verifier
 from taskfleet.settings import OUTPUT_CAP, OUTPUT_CAP_MAX
+
+if TYPE_CHECKING:
+    from taskfleet.agent.actions.runner import Action
+    from taskfleet.domain.jobs import JobSpec
 
 
 def check_operation(
@@ -46,10 +48,15 @@ def check_operation(
         return f"{REFUSED_PREFIX}: the payload signature does not verify", None, 0, None
     if payload.get("computer") != identity.computer_id or payload.get("op") != op.op:
         return f"{REFUSED_PREFIX}: the payload is meant for another computer", None, 0, None
+    # Jobs and typed activities load their code only when one arrives (agent memory).
     if payload.get("type") == JOB:
-        why, job = jobs.check_job(payload, policy)
+        from taskfleet.agent.jobs import check_job
+
+        why, job = check_job(payload, policy)
         return (f"{REFUSED_PREFIX}: {why}" if why else None), None, 0, job
     if payload.get("type") in ACTION_TYPES:
+        from taskfleet.agent.actions.runner import check_action
+
         why, action = check_action(payload, policy)
         return (f"{REFUSED_PREFIX}: {why}" if why else None), action, 0, None
     refusal, spec, timeout = _check_script(

@@ -28,7 +28,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from taskfleet.domain.jobs import JobSpecError, Step, validate_content_name
+from taskfleet.agent import state as st
+from taskfleet.domain.jobs import JOB, JobSpecError, Step, validate_content_name
 
 JOBS_FOLDER = "jobs"
 
@@ -136,3 +137,22 @@ class Checkpoint:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def sweep_staging(state: st.LocalState, state_dir: Path) -> list[int]:
+    """Remove what finished jobs left (staging folders, checkpoints) after a crash
+    between their end and the cleanup; returns the operations swept."""
+    swept = []
+    for folder in (JOBS_FOLDER, "checkpoints"):
+        try:
+            names = [e.name for e in os.scandir(state_dir / folder) if e.name.isdigit()]
+        except FileNotFoundError:
+            continue
+        for name in names:
+            op = state.operation(int(name))
+            if folder == JOBS_FOLDER and (op is None or op.finished):
+                remove_staging(state_dir, int(name))
+                swept.append(int(name))
+            elif op is not None and op.finished and op.type == JOB:
+                op.checkpoint_path(state_dir).unlink(missing_ok=True)
+    return swept

@@ -58,7 +58,6 @@ import asyncio
 import errno
 import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -68,7 +67,6 @@ from typing import Any, Protocol
 from taskfleet.agent import state as st
 from taskfleet.agent.content import ContentError, download
 from taskfleet.agent.job_files import (
-    JOBS_FOLDER,
     Checkpoint,
     StagingError,
     content_path,
@@ -80,7 +78,6 @@ from taskfleet.domain.jobs import (
     ANALYZE,
     DOWNLOAD,
     FAILED,
-    JOB,
     SKIPPED,
     STARTED,
     SUCCEEDED,
@@ -168,28 +165,6 @@ def order_windows(op: st.Operation) -> tuple[MaintenanceWindow, ...]:
         return parse_windows(json.loads(json.loads(op.body)["body"]).get("windows"))
     except (JobSpecError, ValueError, KeyError, TypeError):
         return ()
-
-
-# -- staging ----------------------------------------------------------------------
-
-
-def sweep_staging(state: st.LocalState, state_dir: Path) -> list[int]:
-    """Remove what finished jobs left (staging folders, checkpoints) after a crash
-    between their end and the cleanup; returns the operations swept."""
-    swept = []
-    for folder in (JOBS_FOLDER, "checkpoints"):
-        try:
-            names = [e.name for e in os.scandir(state_dir / folder) if e.name.isdigit()]
-        except FileNotFoundError:
-            continue
-        for name in names:
-            op = state.operation(int(name))
-            if folder == JOBS_FOLDER and (op is None or op.finished):
-                remove_staging(state_dir, int(name))
-                swept.append(int(name))
-            elif op is not None and op.finished and op.type == JOB:
-                op.checkpoint_path(state_dir).unlink(missing_ok=True)
-    return swept
 
 
 # -- the run ----------------------------------------------------------------------

@@ -68,19 +68,20 @@ from pathlib import Path
 from typing import Any
 
 from taskfleet import __version__
+from taskfleet.agent import memory
 from taskfleet.agent import state as st
-from taskfleet.agent.actions import ActionEnv, capabilities
+from taskfleet.agent.actions.context import ActionEnv
+from taskfleet.agent.actions.registry import capabilities
 from taskfleet.agent.enroll import enroll
 from taskfleet.agent.http import Connection, HttpError, error_text
 from taskfleet.agent.inventory_reports import InventoryReports
-from taskfleet.agent.jobs import sweep_staging
 from taskfleet.agent.operations import Operations
 from taskfleet.agent.scrub import agent_lock, kill_leftover
 from taskfleet.agent.scrub import plan as scrub_plan
 from taskfleet.agent.scrub import scrub as scrub_record
 from taskfleet.agent.wakeups import bind_tickle_port, listen
 from taskfleet.domain.actions import allowed_types
-from taskfleet.domain.jobs import JOB
+from taskfleet.domain.kinds import JOB
 from taskfleet.domain.peers import Failover, Peer, PeerAcks, Switch, reassigned
 from taskfleet.domain.policy import RunWindow
 from taskfleet.domain.scripts import EXECUTE_SCRIPT
@@ -385,9 +386,13 @@ class Agent:
         return self.server_url
 
     def _startup(self) -> None:
-        # What a finished job left behind (a crash between its end and its cleanup).
-        for swept in sweep_staging(self.state, self.config.state_dir):
-            log.info("operation %d: removed the staging folder its job left", swept)
+        # What a finished job left behind (a crash between its end and its cleanup); the
+        # job code loads only where a job ever ran (agent memory).
+        if any((self.config.state_dir / f).exists() for f in ("jobs", "checkpoints")):
+            from taskfleet.agent.job_files import sweep_staging
+
+            for swept in sweep_staging(self.state, self.config.state_dir):
+                log.info("operation %d: removed the staging folder its job left", swept)
         # SPEC 5: scrub at start, before anything runs; then resume pending work.
         self._scrub(executor_running=False)
         for op in self.state.unfinished():
@@ -470,6 +475,8 @@ class Agent:
         delay = AGENT_RETRY_MIN
         while True:
             long_poll = not self.config.tickle_port
+            if not self.trigger.is_set() and self.ops.idle():
+                memory.release()  # going idle: hand back what the last burst freed
             if not long_poll:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.trigger.wait(), self._idle_wait())

@@ -61,18 +61,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from taskfleet.agent import jobs
 from taskfleet.agent import state as st
-from taskfleet.agent.actions import ActionEnv
-from taskfleet.agent.actions.runner import Action, run_action
-from taskfleet.agent.actions.system import current_boot_id, restart_verdict
+from taskfleet.agent.actions.context import ActionEnv
 from taskfleet.agent.checks import check_operation
 from taskfleet.agent.scrub import executor_lock, process_start
 from taskfleet.domain.actions import ACTION_TYPES
 from taskfleet.domain.actions.system import RESTART
-from taskfleet.domain.jobs import JOB, JobSpec
+from taskfleet.domain.kinds import JOB
 from taskfleet.domain.policy import Interval, Mode, RunWindow, validate_policy
 from taskfleet.domain.results import describe_script_outcome, result_line
 from taskfleet.domain.scripts import EXECUTE_SCRIPT
@@ -92,6 +89,11 @@ from taskfleet.protocol.exchange import (
 from taskfleet.protocol.orders import CANCEL, OPERATION, TERMINATE, Refusal, open_order
 from taskfleet.protocol.signing import Verifier
 from taskfleet.settings import RECURRING_EVERY
+
+if TYPE_CHECKING:  # loaded when a job or typed activity arrives (agent memory)
+    from taskfleet.agent import jobs
+    from taskfleet.agent.actions.runner import Action
+    from taskfleet.domain.jobs import JobSpec
 
 log = logging.getLogger("taskfleet.agent")
 
@@ -131,7 +133,7 @@ class Operations:
         self.exec_lock = executor_lock(state_dir)
         # Jobs: where content comes from (the peer the agent exchanges with), how.
         self.content_base = content_base or (lambda: "")
-        self.fetch = fetch or jobs.default_fetch()
+        self._fetch = fetch
         self.jobs: dict[int, jobs.JobRun] = {}  # the running ones
         self.shutting_down = False
         # Typed activities (``agent/actions``): how they run here, and the inventory hook.
@@ -361,7 +363,7 @@ class Operations:
             own_user=self.own_user,
             state_dir=self.state_dir,
         )
-        action = spec if isinstance(spec, Action) else None
+        action = None if spec is None or isinstance(spec, ScriptSpec) else spec
         # A job ends a cancel or terminate that came before it started itself: its
         # steps are reported Skipped.
         stopped = job is not None and (op.cancel_requested or op.terminate_requested)
@@ -525,6 +527,8 @@ class Operations:
                 running.cancel()  # the cancel arrived while the process was starting
             return running
 
+        from taskfleet.agent.actions.runner import run_action
+
         if self.exec_lock.fd is None:
             self.exec_lock.acquire()
         try:
@@ -578,6 +582,8 @@ class Operations:
 
     def _restart_check(self, op: st.Operation) -> None:
         """A restart's end, if it is due: Succeeded on another boot, Failed after its wait."""
+        from taskfleet.agent.actions.system import current_boot_id, restart_verdict
+
         assert op.awaiting is not None
         verdict = restart_verdict(op.awaiting, current_boot_id(self.action_env), time.time())
         if op.cancel_requested:
@@ -610,6 +616,8 @@ class Operations:
         """Run (or resume) a job operation (``agent/jobs.py``) and record its end."""
         op = self.state.operation(op_id)
         assert op is not None and self.identity is not None
+        from taskfleet.agent import jobs
+
         run = jobs.JobRun(self._job_host(), op, spec, jobs.order_windows(op))
         self.jobs[op_id] = run  # before any await: a terminate from now on reaches it
         if self.exec_lock.fd is None:
@@ -634,7 +642,26 @@ class Operations:
         )
         self.trigger.set()
 
+    def idle(self) -> bool:
+        """No operation is running or about to run."""
+        return not self.owned
+
+    @property
+    def fetch(self) -> jobs.Fetch:
+        """How job content is downloaded (``agent/content.py`` unless a test sets one)."""
+        if self._fetch is None:
+            from taskfleet.agent import jobs
+
+            self._fetch = jobs.default_fetch()
+        return self._fetch
+
+    @fetch.setter
+    def fetch(self, fetch: jobs.Fetch) -> None:
+        self._fetch = fetch
+
     def _job_host(self) -> jobs.JobHost:
+        from taskfleet.agent import jobs
+
         assert self.identity is not None
         return jobs.JobHost(
             state=self.state,

@@ -22,10 +22,10 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 from taskfleet.agent import state as st
-from taskfleet.agent.jobs import scrubbed_reports
-from taskfleet.domain.jobs import JOB
+from taskfleet.domain.kinds import JOB
 from taskfleet.domain.policy import Interval, Mode
 from taskfleet.domain.results import result_line
 from taskfleet.domain.scrubber import Decision, LocalStatus, Plan, Record, plan_scrub
@@ -178,6 +178,10 @@ def scrub(
         f"Scrubbed: local status was {old.name.title()} ({int(old)}) {found} ({decision.rule})",
         None,
     )
-    steps = scrubbed_reports(op, folder) if folder is not None and op.type == JOB else []
+    steps: list[dict[str, Any]] = []
+    if folder is not None and op.type == JOB:
+        from taskfleet.agent.jobs import scrubbed_reports  # job code loads only when needed
+
+        steps = scrubbed_reports(op, folder)
     state.finish(op.op, st.FAILED, operation_result(op.op, "failed", line), before=steps)
     log.warning("operation %d scrubbed: old status %s (%d)", op.op, old.name.title(), int(old))

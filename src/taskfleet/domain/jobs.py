@@ -38,6 +38,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from taskfleet.domain.kinds import JOB as JOB
 from taskfleet.domain.lifecycle import (
     MAX_TZ_OFFSET_MINUTES,
     RuleError,
@@ -49,8 +50,6 @@ from taskfleet.domain.policy import RunWindow
 from taskfleet.domain.scripts import validate_script_params, validate_timeout
 from taskfleet.domain.states import FINAL_STATES, State
 from taskfleet.settings import OUTPUT_CAP, OUTPUT_CAP_MAX
-
-JOB = "job"  # the activity (and operation) type of a job
 
 ANALYZE, DOWNLOAD = "analyze", "download"
 ACTIONS = ("install", "uninstall", "remediate")  # the last phase: one of these

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from taskfleet.domain.kinds import EXECUTE_SCRIPT as EXECUTE_SCRIPT
 from taskfleet.settings import MAX_SCRIPT_TIMEOUT
 
-EXECUTE_SCRIPT = "execute-script"
 MAX_SCRIPT_CHARS = 1024 * 1024
 # argv as a whole (a command instead of a script): the same bound as a script.
 MAX_ARGV_CHARS = MAX_SCRIPT_CHARS

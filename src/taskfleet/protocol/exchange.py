@@ -77,7 +77,7 @@ import json
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from taskfleet.domain.policy import validate_agent_policy
 from taskfleet.protocol.fields import NUL_SYMBOL as NUL_SYMBOL
@@ -87,11 +87,13 @@ from taskfleet.protocol.fields import int_field as _int
 from taskfleet.protocol.fields import num_field as _num
 from taskfleet.protocol.fields import str_field as _str
 from taskfleet.protocol.inventory import InventoryReport, parse_inventory
-from taskfleet.protocol.jobs import JobStep, parse_job_step
 
 # BIGINT columns (sequence numbers, operation ids) and INTEGER columns (exit
 # code, attempt; dropped counts are capped at INT32_MAX).
 from taskfleet.settings import AGENT_MAX_RESPONSE, INT32_MAX, INT32_MIN, INT64_MAX, RELAY_URL_MAX
+
+if TYPE_CHECKING:
+    from taskfleet.protocol.jobs import JobStep
 
 EXCHANGE_PATH = "/agent/v1/exchange"
 ENROLL_PATH = "/agent/v1/enroll"
@@ -151,7 +153,9 @@ class RefusedMessage:
     text: str
 
 
-AgentMessage = OperationResult | OperationStatus | RefusedMessage | JobStep | InventoryReport
+AgentMessage: TypeAlias = (
+    "OperationResult | OperationStatus | RefusedMessage | JobStep | InventoryReport"
+)
 
 
 @dataclass(frozen=True)
@@ -312,11 +316,18 @@ def _parse_refused(msg: dict[str, Any]) -> RefusedMessage:
     )
 
 
+def _parse_job_step(m: dict[str, Any]) -> JobStep:
+    # The job rules load with the first job step (an agent never parses one: memory).
+    from taskfleet.protocol.jobs import parse_job_step
+
+    return parse_job_step(m)
+
+
 _AGENT_PARSERS: dict[str, Callable[[dict[str, Any]], AgentMessage]] = {
     "operation-result": _parse_result,
     "operation-status": _parse_status,
     "refused": _parse_refused,
-    "job-step": parse_job_step,
+    "job-step": _parse_job_step,
     "inventory": parse_inventory,
 }
 

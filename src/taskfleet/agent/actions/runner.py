@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from taskfleet.agent.actions import HANDLERS
 from taskfleet.agent.actions.context import (
     ActionCanceled,
     ActionContext,
@@ -27,6 +26,7 @@ from taskfleet.agent.actions.context import (
     ActionOutcome,
     Starter,
 )
+from taskfleet.agent.actions.registry import handler
 from taskfleet.domain.actions import ACTION_TYPES, action_refusal
 from taskfleet.domain.results import result_line
 from taskfleet.protocol.exchange import operation_result
@@ -82,7 +82,9 @@ async def run_action(
     )
     started = time.time()
     try:
-        outcome = await HANDLERS[action.type].run(ctx)
+        found = handler(action.type)
+        assert found is not None  # the policy has no type without one (capabilities)
+        outcome = await found.run(ctx)
     except ActionCanceled:
         outcome = ActionOutcome("canceled", "Canceled before its next step")
     except Exception as exc:  # a handler's bug or a tool we could not read: this run fails
