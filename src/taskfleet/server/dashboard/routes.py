@@ -492,3 +492,7 @@ async def reject(request: Request, ctx: Ctx) -> Response:
     require(ctx.p, NEEDS["reject"])
     await api_approvals.reject(ctx.rt, rid, ctx.p, None)
     return _see_other(f"/requests/{rid}")
+
+
+# The operations pages (tasks, jobs, schedules, relays) add their routes to ``router``.
+from taskfleet.server.dashboard import ops  # noqa: E402, F401
