@@ -170,6 +170,13 @@ def test_the_jobs_page_follows_a_running_job_and_terminate_stops_it(
     assert [c["state"] for c in job["computers"]] == ["canceled", "canceled"]
     assert page.evaluate("window.__pwned === undefined")
     shot(page, "job")
+    # The job's request page and its computers' pages lead to the job's page.
+    page.goto(f"{server.url}/ui/requests/{job_id}")
+    page.click("#as-job")
+    expect(page.locator("#job-name")).to_have_text(EVIL)
+    page.goto(f"{server.url}/ui/computers/{agents[0].computer_id}")
+    page.click(f"a[href='/ui/jobs/{job_id}']")
+    expect(page).to_have_url(re.compile(rf"/ui/jobs/{job_id}$"))
     # Terminate again: the API's answer (the same job, nothing more sent).
     r = post(page, server, f"/ui/jobs/{job_id}/terminate")
     assert r.status == 303

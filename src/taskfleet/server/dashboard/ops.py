@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
@@ -28,36 +29,24 @@ from taskfleet.server.api import jobs as api_jobs
 from taskfleet.server.api import schedules as api_schedules
 from taskfleet.server.api import tasks as api_tasks
 from taskfleet.server.api.deps import CancelIn, needed_role, read, require
-from taskfleet.server.dashboard.routes import (
-    ACTIONS,
-    NEEDS,
-    Ctx,
-    _env,
-    _id,
-    _page,
-    _render,
-    _route,
-    _see_other,
-)
+from taskfleet.server.dashboard.routes import Ctx, page, path_id, render, route, see_other
 from taskfleet.server.kernel import ApiError
 from taskfleet.settings import DASHBOARD_POLL_EVERY, DASHBOARD_ROWS
 from taskfleet.store.tasks import reads as task_reads
 
-OPS_ACTIONS: dict[str, Callable[..., Any]] = {
+# Each action is the API route it calls: the role it needs is that route's.
+ACTIONS: dict[str, Callable[..., Any]] = {
     "task_cancel": api_tasks.cancel_task,
     "job_terminate": api_jobs.terminate_job,
     "schedule_cancel": api_schedules.cancel_schedule,
     "window_set": api_groups.set_window,
     "window_clear": api_groups.clear_window,
 }
-ACTIONS.update(OPS_ACTIONS)
-NEEDS.update({name: needed_role(fn) for name, fn in OPS_ACTIONS.items()})
-
+NEEDS = {name: needed_role(fn) for name, fn in ACTIONS.items()}
 _FINAL = {s.value for s in FINAL_STATES}
 # A job in one of these no longer changes: its page stops refreshing, and a job that
 # is neither these nor Terminating offers Terminate.
 _ENDED = {s.value for s in JobState} - {JobState.PENDING, JobState.RUNNING, JobState.TERMINATING}
-_env.filters["pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True, default=str)
 
 
 def _age(now: float, ts: float | None) -> str:
@@ -74,6 +63,20 @@ def _age(now: float, ts: float | None) -> str:
     return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
+async def _show(ctx: Ctx, name: str, **values: Any) -> Response:
+    """A full page; its buttons follow this module's actions (``can``)."""
+    return await page(ctx, name, can=partial(_can, ctx), **values)
+
+
+def _fragment(ctx: Ctx, name: str, **values: Any) -> Response:
+    """The refreshed part of a page (htmx), its buttons as on the page."""
+    return render(name, ctx=ctx, can=partial(_can, ctx), **values)
+
+
+def _can(ctx: Ctx, action: str) -> bool:
+    return ctx.p.allows(NEEDS[action])
+
+
 def _filter(request: Request, name: str) -> str | None:
     value = request.query_params.get(name, "").strip()
     return value or None
@@ -82,7 +85,7 @@ def _filter(request: Request, name: str) -> str | None:
 # -- server tasks and workers -----------------------------------------------------------
 
 
-@_route("/tasks")
+@route("/tasks")
 async def tasks_page(request: Request, ctx: Ctx) -> Response:
     tm = ctx.rt.task_manager
     state, type_ = _filter(request, "state"), _filter(request, "type")
@@ -94,7 +97,7 @@ async def tasks_page(request: Request, ctx: Ctx) -> Response:
         w["age"] = _age(now, w["heartbeat_at"])
         # The workers table's own status: lost once the reaper declared it so.
         w["alive"] = w["status"] not in ("lost", "stopped")
-    return await _page(
+    return await _show(
         ctx,
         "tasks.html",
         rows=rows,
@@ -109,20 +112,21 @@ async def tasks_page(request: Request, ctx: Ctx) -> Response:
     )
 
 
-@_route("/tasks/{task_id}")
+@route("/tasks/{task_id}")
 async def task_page(request: Request, ctx: Ctx) -> Response:
-    tid = _id(request, "task_id")
+    tid = path_id(request, "task_id")
     task = await ctx.rt.task_manager.get(ctx.p, tid)
-    return await _page(ctx, "task.html", t=task, final=_FINAL)
+    task["params_json"] = json.dumps(task["params"], indent=2, sort_keys=True, default=str)
+    return await _show(ctx, "task.html", t=task, final=_FINAL)
 
 
-@_route("/tasks/{task_id}/cancel", "POST")
+@route("/tasks/{task_id}/cancel", "POST")
 async def task_cancel(request: Request, ctx: Ctx) -> Response:
-    tid = _id(request, "task_id")
+    tid = path_id(request, "task_id")
     require(ctx.p, NEEDS["task_cancel"])
     reason = ctx.form.get("reason", "").strip()
     await api_tasks.cancel_task(ctx.rt, tid, ctx.p, CancelIn(reason=reason))
-    return _see_other(f"/tasks/{tid}")
+    return see_other(f"/tasks/{tid}")
 
 
 # -- jobs -------------------------------------------------------------------------------
@@ -135,52 +139,52 @@ def _progress(job: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
-@_route("/jobs")
+@route("/jobs")
 async def jobs_page(request: Request, ctx: Ctx) -> Response:
     rows = [_progress(j) for j in await read(ctx.rt, lambda c: jobs.list_jobs(c, ctx.p, 100))]
     if request.headers.get("hx-request"):  # the refresh of the table alone
-        return _render("jobs_table.html", ctx=ctx, rows=rows, poll=DASHBOARD_POLL_EVERY)
-    return await _page(ctx, "jobs.html", rows=rows, poll=DASHBOARD_POLL_EVERY)
+        return _fragment(ctx, "jobs_table.html", rows=rows, poll=DASHBOARD_POLL_EVERY)
+    return await _show(ctx, "jobs.html", rows=rows, poll=DASHBOARD_POLL_EVERY)
 
 
-@_route("/jobs/{job_id}")
+@route("/jobs/{job_id}")
 async def job_page(request: Request, ctx: Ctx) -> Response:
-    jid = _id(request, "job_id")
+    jid = path_id(request, "job_id")
     job = _progress(await read(ctx.rt, lambda c: jobs.get_job(c, ctx.p, jid)))
     values: dict[str, Any] = {"job": job, "poll": DASHBOARD_POLL_EVERY}
     if request.headers.get("hx-request"):
-        return _render("job_live.html", ctx=ctx, **values)
-    return await _page(ctx, "job.html", **values)
+        return _fragment(ctx, "job_live.html", **values)
+    return await _show(ctx, "job.html", **values)
 
 
-@_route("/jobs/{job_id}/terminate", "POST")
+@route("/jobs/{job_id}/terminate", "POST")
 async def job_terminate(request: Request, ctx: Ctx) -> Response:
-    jid = _id(request, "job_id")
+    jid = path_id(request, "job_id")
     require(ctx.p, NEEDS["job_terminate"])
     body = api_jobs.TerminateIn(reason=ctx.form.get("reason", "").strip(), wait=None)
     await api_jobs.terminate_job(ctx.rt, jid, ctx.p, body)
-    return _see_other(f"/jobs/{jid}")
+    return see_other(f"/jobs/{jid}")
 
 
 # -- schedules and maintenance windows --------------------------------------------------
 
 
-@_route("/schedules")
+@route("/schedules")
 async def schedules_page(request: Request, ctx: Ctx) -> Response:
     rows = await read(ctx.rt, lambda c: schedules.list_schedules(c, ctx.p))
     windows = await read(ctx.rt, lambda c: lc.list_windows(c, ctx.p, ctx.rt.now()))
-    return await _page(ctx, "schedules.html", schedules=rows, windows=windows)
+    return await _show(ctx, "schedules.html", schedules=rows, windows=windows)
 
 
-@_route("/schedules/{schedule_id}/cancel", "POST")
+@route("/schedules/{schedule_id}/cancel", "POST")
 async def schedule_cancel(request: Request, ctx: Ctx) -> Response:
-    sid = _id(request, "schedule_id")
+    sid = path_id(request, "schedule_id")
     require(ctx.p, NEEDS["schedule_cancel"])
     await api_schedules.cancel_schedule(ctx.rt, sid, ctx.p)
-    return _see_other("/schedules")
+    return see_other("/schedules")
 
 
-@_route("/groups/{name}/window", "POST")
+@route("/groups/{name}/window", "POST")
 async def window_set(request: Request, ctx: Ctx) -> Response:
     name = str(request.path_params["name"])
     require(ctx.p, NEEDS["window_set"])
@@ -192,21 +196,21 @@ async def window_set(request: Request, ctx: Ctx) -> Response:
     except ValidationError as exc:
         raise ApiError(400, f"invalid form: {exc}") from None
     await api_groups.set_window(ctx.rt, name, body, ctx.p)
-    return _see_other("/schedules")
+    return see_other("/schedules")
 
 
-@_route("/groups/{name}/window/clear", "POST")
+@route("/groups/{name}/window/clear", "POST")
 async def window_clear(request: Request, ctx: Ctx) -> Response:
     name = str(request.path_params["name"])
     require(ctx.p, NEEDS["window_clear"])
     await api_groups.clear_window(ctx.rt, name, ctx.p)
-    return _see_other("/schedules")
+    return see_other("/schedules")
 
 
 # -- relays -----------------------------------------------------------------------------
 
 
-@_route("/relays")
+@route("/relays")
 async def relays_page(request: Request, ctx: Ctx) -> Response:
     rows = await read(ctx.rt, lambda c: relays.list_relays(c, ctx.p))
-    return await _page(ctx, "relays.html", relays=[relays.live(ctx.rt.fleet, r) for r in rows])
+    return await _show(ctx, "relays.html", relays=[relays.live(ctx.rt.fleet, r) for r in rows])

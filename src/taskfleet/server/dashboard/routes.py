@@ -494,5 +494,6 @@ async def reject(request: Request, ctx: Ctx) -> Response:
     return _see_other(f"/requests/{rid}")
 
 
-# The operations pages (tasks, jobs, schedules, relays) add their routes to ``router``.
-from taskfleet.server.dashboard import ops  # noqa: E402, F401
+# -- what the pages in modules of their own (ops.py, ...) build on ------------------------
+# (public names: no module imports another's ``_`` names; the package imports those pages)
+route, render, page, path_id, see_other = _route, _render, _page, _id, _see_other
