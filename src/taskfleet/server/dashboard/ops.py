@@ -5,8 +5,9 @@ Contract: as ``routes.py``. Pages read through the service layer (``server/tasks
 ``server/jobs.py``, ``server/schedules.py``, ``server/lifecycle/windows.py``,
 ``server/relays.py``); each action calls the API's own route function after the role
 check that route declares (its entry in ``ACTIONS``), so a button is shown exactly when
-the API would allow it, and a forged POST is refused (403) the same way. Imported by
-``routes.py``, whose ``router`` these pages join.
+the API would allow it, and a forged POST is refused (403) the same way. Built on
+``routes.py`` (its session, CSRF and error handling); the dashboard package imports this
+module, so its routes join ``routes.router`` before ``install`` adds them to the app.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def _progress(job: dict[str, Any]) -> dict[str, Any]:
 
 @route("/jobs")
 async def jobs_page(request: Request, ctx: Ctx) -> Response:
-    rows = [_progress(j) for j in await read(ctx.rt, lambda c: jobs.list_jobs(c, ctx.p, 100))]
+    found = await read(ctx.rt, lambda c: jobs.list_jobs(c, ctx.p, DASHBOARD_ROWS))
+    rows = [_progress(j) for j in found]
     if request.headers.get("hx-request"):  # the refresh of the table alone
         return _fragment(ctx, "jobs_table.html", rows=rows, poll=DASHBOARD_POLL_EVERY)
     return await _show(ctx, "jobs.html", rows=rows, poll=DASHBOARD_POLL_EVERY)
