@@ -387,6 +387,11 @@ class TaskManager(TaskHolds):
             rows = await reads.list_tasks(conn, p.tenant_id, state=state, type_=type_, limit=limit)
         return [self._describe(r) for r in rows]
 
+    async def count_tasks(self, p: Principal, type_: str | None = None) -> dict[str, int]:
+        """The caller's tenant's server tasks per state."""
+        async with self.read.connect() as conn:
+            return await reads.count_tasks(conn, p.tenant_id, type_=type_)
+
     def _describe(self, task: dict[str, Any]) -> dict[str, Any]:
         task = dict(task)
         task["name"] = store.label(task["type"], task["id"])

@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import sqlalchemy as sa
-
 from taskfleet.server.api.deps import (
     Rt,
     Viewer,
     router_for,
 )
-from taskfleet.store.schema import workers as workers_table
+from taskfleet.store.tasks import reads
 
 log = logging.getLogger("taskfleet.server")
 router = router_for()
@@ -21,5 +19,4 @@ router = router_for()
 @router.get("/api/v1/workers", tags=["tasks"])
 async def list_workers(rt: Rt, p: Viewer) -> list[dict[str, Any]]:
     async with rt.read.connect() as conn:
-        rows = await conn.execute(sa.select(workers_table).order_by(workers_table.c.started_at))
-        return [dict(r._mapping) for r in rows]
+        return await reads.list_workers(conn)

@@ -5,3 +5,7 @@ login-limit rules; ``templates/`` the Jinja2 pages and ``static/`` the CSS, our 
 the one vendored file (htmx). No rule lives here: pages read through the service layer
 and actions call the API's own route functions.
 """
+
+# Pages in modules of their own (ops.py: tasks, jobs, schedules, relays) add their routes
+# to ``routes.router`` when imported.
+from taskfleet.server.dashboard import ops  # noqa: F401

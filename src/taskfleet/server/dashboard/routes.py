@@ -492,3 +492,8 @@ async def reject(request: Request, ctx: Ctx) -> Response:
     require(ctx.p, NEEDS["reject"])
     await api_approvals.reject(ctx.rt, rid, ctx.p, None)
     return _see_other(f"/requests/{rid}")
+
+
+# -- what the pages in modules of their own (ops.py, ...) build on ------------------------
+# (public names: no module imports another's ``_`` names; the package imports those pages)
+route, render, page, path_id, see_other = _route, _render, _page, _id, _see_other

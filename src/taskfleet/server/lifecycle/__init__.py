@@ -42,6 +42,7 @@ from taskfleet.server.lifecycle.options import (
 )
 from taskfleet.server.lifecycle.windows import (
     closed_windows,
+    list_windows,
     load_windows,
     parse_offset,
     set_window,
@@ -62,6 +63,7 @@ __all__ = [
     "expire_approval",
     "iso",
     "list_approvals",
+    "list_windows",
     "load_windows",
     "parse_offset",
     "parse_options",

@@ -9,7 +9,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taskfleet.domain.lifecycle import RuleError, validate_window, window_allows
+from taskfleet.domain.lifecycle import (
+    RuleError,
+    next_window_open,
+    validate_window,
+    window_allows,
+)
 from taskfleet.domain.policy import RunWindow
 from taskfleet.server.inventory import group_id
 from taskfleet.server.kernel import ApiError, Principal, audit
@@ -55,6 +60,33 @@ async def set_window(
     )
     await audit(conn, p, "group.window", now, name=group, window=text, utc_offset=offset)
     return {"group": group, "window": text, "utc_offset": offset}
+
+
+def format_offset(minutes: int) -> str:
+    """Minutes east of UTC -> ``+HH:MM`` (the form ``parse_offset`` reads)."""
+    sign = "-" if minutes < 0 else "+"
+    return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+async def list_windows(conn: AsyncConnection, p: Principal, now: float) -> list[dict[str, Any]]:
+    """Each of the tenant's groups with its maintenance window (None: no window, work
+    goes out at any time), whether it is open now and when it next opens."""
+    out = []
+    for r in await conn.execute(
+        sa.select(groups.c.name, groups.c.window, groups.c.utc_offset)
+        .where(groups.c.tenant_id == p.tenant_id)
+        .order_by(groups.c.name)
+    ):
+        offset = int(r.utc_offset or 0)
+        row: dict[str, Any] = {"group": r.name, "window": r.window, "utc_offset": None}
+        row.update(open_now=True, next_open=None)
+        if r.window is not None:
+            window = RunWindow.parse(r.window)
+            row["utc_offset"] = format_offset(offset)
+            row["open_now"] = window_allows(window, (now / 60 + offset) % 1440)
+            row["next_open"] = None if row["open_now"] else next_window_open(window, now, offset)
+        out.append(row)
+    return out
 
 
 async def load_windows(conn: AsyncConnection) -> dict[int, list[tuple[RunWindow, int, int]]]:

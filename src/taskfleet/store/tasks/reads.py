@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.states import State
-from taskfleet.store.schema import activities, server_tasks
+from taskfleet.store.schema import activities, server_tasks, workers
 from taskfleet.store.tasks import SERVER
 
 
@@ -69,6 +69,27 @@ async def list_tasks(
     if type_ is not None:
         q = q.where(server_tasks.c.type == type_)
     rows = await conn.execute(q.order_by(activities.c.id.desc()).limit(limit))
+    return [dict(r._mapping) for r in rows]
+
+
+async def count_tasks(
+    conn: AsyncConnection, tenant_id: int, *, type_: str | None = None
+) -> dict[str, int]:
+    """The tenant's server tasks per state (of one type, or all)."""
+    q = (
+        sa.select(activities.c.state, sa.func.count().label("n"))
+        .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
+        .where(activities.c.tenant_id == tenant_id, activities.c.kind == SERVER.value)
+    )
+    if type_ is not None:
+        q = q.where(server_tasks.c.type == type_)
+    rows = await conn.execute(q.group_by(activities.c.state))
+    return {r.state: int(r.n) for r in rows}
+
+
+async def list_workers(conn: AsyncConnection) -> list[dict[str, Any]]:
+    """Every worker that ran server tasks, oldest first (their heartbeats, status)."""
+    rows = await conn.execute(sa.select(workers).order_by(workers.c.started_at))
     return [dict(r._mapping) for r in rows]
 
 
