@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -276,12 +277,14 @@ class Server:
     proc: Proc
     admin_token: str = ""
     args: list[str] = field(default_factory=list)
+    ca: str | None = None  # an https:// server's CA file (tests/tls)
 
     def api(self, token: str | None = None) -> httpx.Client:
         return httpx.Client(
             base_url=self.url + "/api/v1",
             headers={"Authorization": f"Bearer {token or self.admin_token}"},
             timeout=30,
+            verify=_verify(self.ca),
         )
 
     def restart(self) -> None:
@@ -297,9 +300,13 @@ class Server:
         return 0.0
 
 
-def _healthy(url: str) -> bool:
+def _verify(ca: str | None) -> ssl.SSLContext | bool:
+    return ssl.create_default_context(cafile=ca) if ca else True
+
+
+def _healthy(url: str, ca: str | None = None) -> bool:
     try:
-        return httpx.get(url + "/healthz", timeout=2).status_code == 200
+        return httpx.get(url + "/healthz", timeout=2, verify=_verify(ca)).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -322,7 +329,7 @@ def _start_server_proc(s: Server) -> Proc:
     def up() -> bool:
         if proc.popen.poll() is not None:
             raise AssertionError(f"server exited:\n{proc.text()[-3000:]}")
-        return _healthy(s.url)
+        return _healthy(s.url, s.ca)
 
     wait_until(up, 60, "server to start")
     return proc
@@ -332,15 +339,17 @@ def _start_server_proc(s: Server) -> Proc:
 def start_server(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
-    def start(*args: str, port: int | None = None) -> Server:
+    def start(*args: str, port: int | None = None, ca: str | None = None) -> Server:
+        """``ca``: the server serves HTTPS (``args`` name its certificate and key)."""
         port = port or free_port()
         s = Server(
-            url=f"http://127.0.0.1:{port}",
+            url=f"{'https' if ca else 'http'}://127.0.0.1:{port}",
             port=port,
             data_dir=tmp_path / "server",
             database_url=database_url,
             proc=None,  # type: ignore[arg-type]
             args=list(args),
+            ca=ca,
         )
         s.proc = _start_server_proc(s)
         token_file = s.data_dir / "admin-token"

@@ -7,7 +7,10 @@ poll is abandoned when a result is ready), which a thread-bound
 ``http.client`` call is not. Scope: POST of a JSON body, one keep-alive
 connection, responses framed by Content-Length or by connection close; and
 ``stream_get``, a GET on a connection of its own whose body is read piece by
-piece (content downloads: never held whole in memory).
+piece (content downloads: never held whole in memory). HTTPS verifies the
+server's certificate and name against the system's CAs, or only against the CA
+file ``trust`` was given (``--ca-file``, pinned at enrollment: ``taskfleet/tls.py``);
+one TLS context per process, made at the first HTTPS connection.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from taskfleet.settings import AGENT_MAX_RESPONSE
 
@@ -31,6 +35,23 @@ class HttpError(Exception):
 
 
 MAX_RESPONSE = AGENT_MAX_RESPONSE
+
+_ca_file: Path | None = None  # None: the system's CAs
+_context: ssl.SSLContext | None = None
+
+
+def trust(ca_file: Path | None) -> None:
+    """Verify every server this process talks to over HTTPS with ``ca_file`` (PEM)
+    instead of the system's CAs (None: the system's again)."""
+    global _ca_file, _context
+    _ca_file, _context = ca_file, None
+
+
+def _tls() -> ssl.SSLContext:
+    global _context
+    if _context is None:  # loading the CAs costs time and memory: once, and only for HTTPS
+        _context = ssl.create_default_context(cafile=None if _ca_file is None else str(_ca_file))
+    return _context
 
 
 def error_text(exc: HttpError) -> str:
@@ -100,7 +121,7 @@ class Connection:
         for attempt in (1, 2):
             fresh = self._writer is None
             if fresh:
-                ctx = ssl.create_default_context() if self.tls else None
+                ctx = _tls() if self.tls else None
                 self._reader, self._writer = await asyncio.open_connection(
                     self.host, self.port, ssl=ctx
                 )
@@ -245,7 +266,7 @@ async def stream_get(
     flow). Raises OSError, TimeoutError or ConnectionError when the server cannot be
     reached or answers something that is not HTTP; ValueError for a bad URL."""
     host, port, tls, prefix = _split_url(base_url)
-    ctx = ssl.create_default_context() if tls else None
+    ctx = _tls() if tls else None
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), timeout)
     try:
         head = [

@@ -73,7 +73,7 @@ from taskfleet.agent import state as st
 from taskfleet.agent.actions.context import ActionEnv
 from taskfleet.agent.actions.registry import capabilities
 from taskfleet.agent.enroll import enroll
-from taskfleet.agent.http import Connection, HttpError, error_text
+from taskfleet.agent.http import Connection, HttpError, error_text, trust
 from taskfleet.agent.inventory_reports import InventoryReports
 from taskfleet.agent.operations import Operations
 from taskfleet.agent.scrub import agent_lock, kill_leftover
@@ -130,6 +130,7 @@ class AgentConfig:
     machine_id: str | None = None
     tickle_port: int = AGENT_TICKLE_PORT  # 0: no UDP, hold a long poll instead
     tickle_bind: str = AGENT_TICKLE_BIND
+    ca_file: Path | None = None  # verify the server with this CA only (tls.pin_ca)
     poll_interval: float | None = None  # None: what the server says (default 30 min)
     allow_scripts: bool = False
     script_users: tuple[str, ...] = ()
@@ -192,6 +193,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.state = st.LocalState(config.state_dir)  # raises StateError: refuse to start
+        trust(config.ca_file)  # HTTPS: the pinned CA, else the system's
         self.ident: st.Identity | None = None
         self.conn = Connection(config.server, timeout=EXCHANGE_HTTP_TIMEOUT)
         self.server_url = config.server  # the server this agent talks to (its enrollment's)

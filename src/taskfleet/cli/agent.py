@@ -108,6 +108,13 @@ from taskfleet.settings import (
 )
 @click.option("--hostname", default=None, help="Name shown for this computer.")
 @click.option(
+    "--ca-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Verify an https:// server with this CA (PEM) instead of the system's; kept in "
+    "the state folder, so later starts need not give it again.",
+)
+@click.option(
     "--machine-id",
     default=None,
     help="Stable identity [default: from /etc/machine-id and the state folder].",
@@ -224,6 +231,7 @@ def agent(
     enroll_token: str | None,
     enroll_token_file: Path | None,
     state_dir: Path,
+    ca_file: Path | None,
     tickle_port: int,
     tickle_bind: str,
     poll_interval: float | None,
@@ -289,9 +297,16 @@ def agent(
     if not 0 <= tickle_port < 65536:
         fail("--tickle-port must be 0..65535")
     logs.setup(log_format)
+    from taskfleet.tls import pin_ca
+
+    try:
+        ca_file = pin_ca(state_dir, ca_file)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
     config = AgentConfig(
         server=server_url,
         state_dir=state_dir,
+        ca_file=ca_file,
         enroll_token=enroll_token,
         tickle_port=tickle_port,
         tickle_bind=tickle_bind,

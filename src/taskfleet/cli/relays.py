@@ -105,6 +105,13 @@ from taskfleet.settings import (
 )
 @click.option("--name", default=None, help="This relay's name at the server [default: hostname].")
 @click.option(
+    "--ca-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Verify an https:// server with this CA (PEM) instead of the system's; kept in "
+    "the state folder, so later starts need not give it again.",
+)
+@click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
 )
 @click.pass_context
@@ -114,6 +121,7 @@ def relay(
     enroll_token: str | None,
     enroll_token_file: Path | None,
     state_dir: Path,
+    ca_file: Path | None,
     listen: str,
     advertise: str | None,
     tickle_port: int,
@@ -157,9 +165,16 @@ def relay(
     from taskfleet.relay.upstream import EnrollRefused
 
     logs.setup(log_format)
+    from taskfleet.tls import pin_ca
+
+    try:
+        ca_file = pin_ca(state_dir, ca_file)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
     config = RelayConfig(
         server=server_url,
         state_dir=state_dir,
+        ca_file=ca_file,
         host=host.strip("[]") or RELAY_LISTEN.rpartition(":")[0],
         port=int(port),
         enroll_token=enroll_token,

@@ -8,10 +8,12 @@ here alone and no other command pays for loading it.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import click
 
+from taskfleet import tls
 from taskfleet.cli.client import Api, client_options  # light: httpx loads with an Api
 from taskfleet.cli.options import FINITE_FLOAT
 from taskfleet.cli.output import echo, fail
@@ -117,6 +119,18 @@ def _listen(value: str) -> tuple[str, int]:
     help="Send UDP wake-ups (off: agents rely on polls and long polls).",
 )
 @click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="PEM certificate (chain) to serve HTTPS with; needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="PEM private key of --tls-cert (not readable by every user).",
+)
+@click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
 )
 @click.pass_context
@@ -135,6 +149,8 @@ def server(
     workers: int,
     heartbeat_timeout: float,
     tickles: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     log_format: str,
 ) -> None:
     """Run the server: API, agent exchanges, tickles (one process, SQLite by default).
@@ -152,6 +168,14 @@ def server(
 
     host, port = _listen(listen)
     logs.setup(log_format)
+    if (tls_cert is None) != (tls_key is None):
+        fail("give --tls-cert and --tls-key together (or neither: plain HTTP)")
+    if tls_cert is not None and tls_key is not None:
+        problem = tls.check_server_files(tls_cert, tls_key)
+        if problem:
+            fail(f"refusing to start: {problem}")
+    elif warning := tls.plain_http_warning(host):
+        logging.getLogger("taskfleet.server").warning(warning)
     database_url = database or _default_database(data_dir)
     try:
         # Checked here too (the server's start-up checks again) for a clean message.
@@ -162,7 +186,7 @@ def server(
     config = ServerConfig(
         database_url=database_url,
         data_dir=data_dir.resolve(),
-        public_url=f"http://{host}:{port}",
+        public_url=f"{'https' if tls_cert else 'http'}://{host}:{port}",
         tickles=tickles,
         task_types=task_types,
         queue=queue,
@@ -198,6 +222,8 @@ def server(
             log_config=None,
             access_log=False,
             timeout_keep_alive=SERVER_KEEP_ALIVE,
+            ssl_certfile=tls_cert,
+            ssl_keyfile=tls_key,
         )
     ).run(sockets=[sock])
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import uvicorn
 
+from taskfleet.agent.http import trust
 from taskfleet.listen import bind_tcp
 from taskfleet.relay.content import ContentCache
 from taskfleet.relay.http import AgentApp
@@ -54,6 +55,7 @@ class RelayConfig:
     host: str
     port: int
     enroll_token: str | None = None
+    ca_file: Path | None = None  # verify the server with this CA only (tls.pin_ca)
     name: str = field(default_factory=socket.gethostname)
     advertise: str | None = None
     tickle_port: int = 0  # 0: no UDP from the server, long-poll instead
@@ -88,6 +90,7 @@ class Relay:
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self.spool = Spool(config.state_dir)  # raises SpoolError: refuse to start
+        trust(config.ca_file)  # HTTPS to the server: the pinned CA, else the system's
         self.upstream = Upstream(
             self.spool,
             UpstreamConfig(
