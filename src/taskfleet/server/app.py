@@ -50,7 +50,7 @@ from taskfleet.server.api import (
     tokens,
     workers,
 )
-from taskfleet.server.api.deps import ERROR_RESPONSES, JsonRoute
+from taskfleet.server.api.deps import ERROR_RESPONSES, JsonRoute, unauthenticated
 from taskfleet.server.dashboard import routes as dashboard
 from taskfleet.server.kernel import ApiError
 from taskfleet.server.runtime import ServerConfig, start, stop
@@ -458,4 +458,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         # have no prefix, tags or dependencies at router level, so nothing is lost.
         app.router.routes.extend(module.router.routes)
     dashboard.install(app)  # /ui/: the web dashboard (docs/dashboard.md), not in OpenAPI
+    if open_routes := unauthenticated(app.router.routes):
+        raise RuntimeError(
+            "routes without authentication (add a Viewer/Operator/Admin caller, or list "
+            f"them in api/deps.PUBLIC with what authenticates them): {open_routes}"
+        )
     return app

@@ -90,6 +90,56 @@ def needed_role(route: Callable[..., Any]) -> str:
     raise ValueError(f"{route.__qualname__} takes no Viewer, Operator or Admin")
 
 
+# -- deny by default (issue 15) -------------------------------------------------
+# A route answers only a caller with a role (a Viewer/Operator/Admin parameter), or a
+# dashboard session (its endpoint is marked ``session_required`` by dashboard/routes.py),
+# or it is listed here with what authenticates it instead. The server refuses to start
+# with a route that is none of these: a forgotten check cannot ship (Salt's
+# CVE-2020-11651 was a method reachable without one).
+PUBLIC: dict[str, str] = {
+    "GET /healthz": "liveness for load balancers: no data",
+    "GET /metrics": "the Prometheus scrape: fleet-wide counters, no names, no tenant's data",
+    "GET /openapi.json": "the API's description (public documentation)",
+    "GET /docs": "the API's description (public documentation)",
+    "GET /docs/oauth2-redirect": "part of the /docs page",
+    "GET /redoc": "the API's description (public documentation)",
+    "POST /agent/v1/enroll": "authenticated by its enrollment token (uses, expiry, tenant)",
+    "POST /agent/v1/exchange": "authenticated by the computer's id and secret",
+    "GET /agent/v1/content/{sha256}": "authenticated by the computer's id and secret",
+    "POST /relay/v1/enroll": "authenticated by its relay token",
+    "POST /relay/v1/enroll-computer": "authenticated by the relay's id and secret",
+    "POST /relay/v1/exchange": "authenticated by the relay's id and secret",
+    "GET /relay/v1/content/{sha256}": "authenticated by the relay's id and secret",
+    "GET /ui/": "redirects to the login page or the fleet",
+    "GET /ui/login": "the login form",
+    "POST /ui/login": "checks the credentials it is sent (rate limited)",
+    "POST /ui/logout": "ends the session it is sent, if any",
+}
+
+
+def _has_role(dependant: Any) -> bool:
+    return any(
+        getattr(d.call, "needed", None) is not None or _has_role(d)
+        for d in dependant.dependencies
+    )
+
+
+def unauthenticated(routes: list[Any]) -> list[str]:
+    """The routes (``METHOD PATH``) that would answer anyone and are not in ``PUBLIC``."""
+    out = []
+    for route in routes:
+        methods = sorted(set(getattr(route, "methods", None) or ()) - {"HEAD"})
+        path = getattr(route, "path", "")
+        if not methods or path.startswith("/ui/static"):
+            continue  # mounts: the dashboard's CSS and scripts
+        if isinstance(route, APIRoute) and _has_role(route.dependant):
+            continue
+        if getattr(getattr(route, "endpoint", None), "session_required", False):
+            continue
+        out += [f"{m} {path}" for m in methods if f"{m} {path}" not in PUBLIC]
+    return out
+
+
 Viewer = Annotated[Principal, Depends(role("viewer"))]
 Operator = Annotated[Principal, Depends(role("operator"))]
 Admin = Annotated[Principal, Depends(role("admin"))]

@@ -190,6 +190,7 @@ def _route(path: str, method: str = "GET") -> Callable[[Handler], Handler]:
                 return _render("error.html", exc.status, ctx, message=exc.message)
 
         endpoint.__name__ = f"ui_{fn.__name__}"
+        endpoint.session_required = True  # type: ignore[attr-defined]  # api/deps.PUBLIC
         router.add_api_route(PREFIX + path, endpoint, methods=[method], include_in_schema=False)
         return fn
 
