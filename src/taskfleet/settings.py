@@ -211,6 +211,12 @@ DASHBOARD_SESSION_TTL = 8 * 3600.0
 # Failed logins one client address may make within the window before every login from
 # it is refused (429) until the window has passed: a person mistypes a few times; a
 # script guessing tokens gets 10 guesses per 5 minutes.
+# Failed API tokens and enrollments per source address (server/abuse.py): past the
+# limit within the window, the address gets 429 until its oldest failure ages out.
+AUTH_FAILURE_LIMIT = 30
+ENROLL_FAILURE_LIMIT = 20
+AUTH_FAILURE_WINDOW = 300.0
+AUTH_FAILURE_ADDRESSES = 100_000  # addresses tracked at most (a flood evicts the oldest)
 DASHBOARD_LOGIN_LIMIT = 10
 DASHBOARD_LOGIN_WINDOW = 300.0
 # A computer is shown offline when its last exchange is older than this: an idle agent

@@ -11,10 +11,12 @@ the server refuses to start with any other (tests/unit/test_deny_by_default.py).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi.routing import APIRoute
 
 from taskfleet.server.api.deps import PUBLIC, needed_role
@@ -22,6 +24,14 @@ from taskfleet.server.app import create_app
 from taskfleet.server.kernel import ROLES
 from taskfleet.server.runtime import ServerConfig
 from tests.conftest import Server
+
+
+@pytest.fixture
+def server(start_server: Callable[..., Server]) -> Server:
+    # The walk guesses hundreds of tokens from one address: above the brute-force limit
+    # (tests/acceptance/test_auth_limits.py), which would answer 429 instead of 401.
+    return start_server("--auth-failure-limit", "1000000")
+
 
 _SAMPLE = {"sha256": "0" * 64, "name": "web", "key": "env"}
 

@@ -18,6 +18,9 @@ from taskfleet.cli.client import Api, client_options  # light: httpx loads with 
 from taskfleet.cli.options import FINITE_FLOAT
 from taskfleet.cli.output import echo, fail
 from taskfleet.settings import (
+    AUTH_FAILURE_LIMIT,
+    AUTH_FAILURE_WINDOW,
+    ENROLL_FAILURE_LIMIT,
     LOST_GRACE,
     POLL_INTERVAL,
     REAPER_INTERVAL,
@@ -119,6 +122,14 @@ def _listen(value: str) -> tuple[str, int]:
     help="Send UDP wake-ups (off: agents rely on polls and long polls).",
 )
 @click.option(
+    "--auth-failure-limit",
+    type=click.IntRange(1, 1_000_000),
+    default=None,
+    help=f"Failed API tokens (and, separately, enrollments) from one address within "
+    f"{AUTH_FAILURE_WINDOW:g} s before it gets 429 until they age out "
+    f"[default: {AUTH_FAILURE_LIMIT} and {ENROLL_FAILURE_LIMIT}].",
+)
+@click.option(
     "--tls-cert",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
@@ -149,6 +160,7 @@ def server(
     workers: int,
     heartbeat_timeout: float,
     tickles: bool,
+    auth_failure_limit: int | None,
     tls_cert: Path | None,
     tls_key: Path | None,
     log_format: str,
@@ -193,6 +205,8 @@ def server(
         workers=workers,
         heartbeat_timeout=heartbeat_timeout,
     )
+    if auth_failure_limit is not None:
+        config.auth_failure_limit = config.enroll_failure_limit = auth_failure_limit
     if heartbeat_timeout <= 0:
         raise click.BadParameter("--heartbeat-timeout must be positive")
     if queue != "embedded" and not queue.startswith(("amqp://", "amqps://")):

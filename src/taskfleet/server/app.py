@@ -32,6 +32,7 @@ from taskfleet.protocol.relay import (
     RELAY_ENROLL_PATH,
     RELAY_EXCHANGE_PATH,
 )
+from taskfleet.server.abuse import Guards
 from taskfleet.server.api import (
     activities,
     agent,
@@ -199,7 +200,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message)
+        return _error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -457,6 +458,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         # its own scope bookkeeping, which cost ~60 us per API request here. Ours
         # have no prefix, tags or dependencies at router level, so nothing is lost.
         app.router.routes.extend(module.router.routes)
+    # Failed credentials per address (server/abuse.py).
+    app.state.guards = Guards(config.auth_failure_limit, config.enroll_failure_limit)
     dashboard.install(app)  # /ui/: the web dashboard (docs/dashboard.md), not in OpenAPI
     if open_routes := unauthenticated(app.router.routes):
         raise RuntimeError(

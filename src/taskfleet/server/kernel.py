@@ -25,10 +25,11 @@ DEFAULT_TENANT = "default"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers  # e.g. Retry-After with a 429
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,21 @@ CONTENT_SERVED = Counter(
 )
 CONTENT_TO_AGENTS = CONTENT_SERVED.labels("agent")
 CONTENT_TO_RELAYS = CONTENT_SERVED.labels("relay")
+AUTH_FAILURES = Counter(
+    "taskfleet_auth_failures_total",
+    "Failed API tokens and enrollments (server/abuse.py), by kind",
+    ["kind"],
+    registry=REGISTRY,
+)
+AUTH_REFUSED = Counter(
+    "taskfleet_auth_refused_total",
+    "Attempts refused (429) from an address past its failure limit, by kind",
+    ["kind"],
+    registry=REGISTRY,
+)
+for _kind in ("token", "enroll"):
+    AUTH_FAILURES.labels(_kind)
+    AUTH_REFUSED.labels(_kind)
 AGENT_REFUSALS = Counter(
     "taskfleet_agent_refusals_total",
     "Server messages agents refused as not genuinely theirs (server/refusals.py), by reason",

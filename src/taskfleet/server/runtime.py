@@ -38,6 +38,8 @@ from taskfleet.server.tickler import Tickler
 from taskfleet.server.timeouts import reap_expired, reap_lost
 from taskfleet.server.writer import Writer
 from taskfleet.settings import (
+    AUTH_FAILURE_LIMIT,
+    ENROLL_FAILURE_LIMIT,
     LAST_SEEN_FLUSH,
     LOST_GRACE,
     POLL_INTERVAL,
@@ -81,6 +83,9 @@ class ServerConfig:
     clock: Callable[[], float] = time.time
     lifecycle_interval: float = 1.0  # seconds between lifecycle passes at most
     relay_poll_interval: float = RELAY_POLL_INTERVAL  # relays exchange at least this often
+    # Failed tokens / enrollments per address within AUTH_FAILURE_WINDOW (server/abuse.py).
+    auth_failure_limit: int = AUTH_FAILURE_LIMIT
+    enroll_failure_limit: int = ENROLL_FAILURE_LIMIT
 
 
 @dataclass

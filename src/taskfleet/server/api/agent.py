@@ -25,6 +25,8 @@ from taskfleet.protocol.tickle import derive_tickle_key
 from taskfleet.server import enrollment, metrics
 from taskfleet.server.api.deps import (
     Rt,
+    client_address,
+    guarded,
     router_for,
 )
 from taskfleet.server.exchange import ExchangeJob
@@ -46,24 +48,29 @@ class EnrollIn(BaseModel):
 
 @router.post(ENROLL_PATH, tags=["agent"], status_code=201)
 async def enroll(rt: Rt, body: EnrollIn, request: Request) -> dict[str, Any]:
-    address = request.client.host if request.client else None
+    address = client_address(request)
 
     def after(res: enrollment.Enrolled) -> None:
         enrolled(rt, res, via_relay=False)
 
-    res = await rt.writer.run(
-        lambda c: enrollment.enroll(
-            c,
-            rt.now(),
-            token=body.token,
-            hostname=body.hostname,
-            machine_id=body.machine_id,
-            tickle_port=body.tickle_port,
-            version=body.version,
-            policy=body.policy,
-            address=address,
+    res = await guarded(
+        request.app.state.guards,
+        "enroll",
+        address,
+        rt.writer.run(
+            lambda c: enrollment.enroll(
+                c,
+                rt.now(),
+                token=body.token,
+                hostname=body.hostname,
+                machine_id=body.machine_id,
+                tickle_port=body.tickle_port,
+                version=body.version,
+                policy=body.policy,
+                address=address,
+            ),
+            after=after,
         ),
-        after=after,
     )
     return enrollment_reply(rt, res, body.hostname)
 

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from taskfleet.protocol.exchange import loads_body
 from taskfleet.server import lifecycle as lc
 from taskfleet.server import tokens
+from taskfleet.server.abuse import Guards
 from taskfleet.server.kernel import ApiError, Principal
 from taskfleet.server.runtime import Runtime
 from taskfleet.settings import DURATION_MAX, MAX_ID, TIME_MAX, TIME_MIN
@@ -62,14 +63,40 @@ def role(needed: str) -> Callable[..., Awaitable[Principal]]:
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "missing bearer token (Authorization: Bearer TOKEN)")
         rt: Runtime = request.app.state.rt
+        guards: Guards = request.app.state.guards
+        address = client_address(request)
+        guards.check("token", address)
         async with rt.read.connect() as conn:
             p = await tokens.resolve_token(conn, token.strip(), rt.now())
         if p is None:
+            guards.failed("token", address)
             raise ApiError(401, "invalid, expired or revoked token")
         return require(p, needed)
 
     dep.needed = needed  # type: ignore[attr-defined]  # the dashboard reads a route's role
     return dep
+
+
+def client_address(request: Request) -> str:
+    """The caller's address as the server sees it (a proxy's, behind one)."""
+    return request.client.host if request.client else "unknown"
+
+
+async def guarded(guards: Guards, kind: str, address: str, fn: Awaitable[T]) -> T:
+    """``await fn``, counting a 401 or 403 it raises as a failed attempt of ``address``;
+    429 at once while the address is refused (server/abuse.py)."""
+    try:
+        guards.check(kind, address)
+    except ApiError:
+        if isinstance(fn, Coroutine):
+            fn.close()  # never awaited: no "coroutine was never awaited" warning
+        raise
+    try:
+        return await fn
+    except ApiError as exc:
+        if exc.status in (401, 403):
+            guards.failed(kind, address)
+        raise
 
 
 def require(p: Principal, needed: str) -> Principal:
@@ -119,8 +146,7 @@ PUBLIC: dict[str, str] = {
 
 def _has_role(dependant: Any) -> bool:
     return any(
-        getattr(d.call, "needed", None) is not None or _has_role(d)
-        for d in dependant.dependencies
+        getattr(d.call, "needed", None) is not None or _has_role(d) for d in dependant.dependencies
     )
 
 
@@ -201,8 +227,9 @@ class ApiErrorBody(BaseModel):
 
 # Every route may answer these (documented on each route, so the OpenAPI document
 # lists them: the app adds the routes themselves, not included routers).
+# 429: an address past its limit of failed credentials (server/abuse.py).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ApiErrorBody} for status in (400, 401, 403, 404, 409)
+    status: {"model": ApiErrorBody} for status in (400, 401, 403, 404, 409, 429)
 }
 
 

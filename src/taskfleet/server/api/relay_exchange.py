@@ -33,7 +33,7 @@ from taskfleet.protocol.relay import (
 from taskfleet.protocol.tickle import derive_relay_tickle_key
 from taskfleet.server import enrollment, metrics, relays
 from taskfleet.server.api.agent import EnrollIn, enrolled, enrollment_reply, read_body
-from taskfleet.server.api.deps import Rt, router_for
+from taskfleet.server.api.deps import Rt, client_address, guarded, router_for
 from taskfleet.server.fleet import RelayState
 from taskfleet.server.kernel import ApiError
 from taskfleet.server.runtime import Runtime
@@ -67,24 +67,29 @@ def authenticate(rt: Runtime, request: Request) -> RelayState | None:
 @router.post(RELAY_ENROLL_PATH, tags=["relay"], status_code=201)
 async def enroll(rt: Rt, body: RelayEnrollIn, request: Request) -> dict[str, Any]:
     """Enroll a relay with a relay enrollment token; its secret is shown once."""
-    address = request.client.host if request.client else None
+    address = client_address(request)
 
     def after(res: relays.RelayEnrolled) -> None:
         rt.fleet.put_relay(res.state)
         metrics.RELAYS.set(sum(1 for r in rt.fleet.relays.values() if not r.revoked))
 
-    res = await rt.writer.run(
-        lambda c: relays.enroll_relay(
-            c,
-            rt.now(),
-            token=body.token,
-            name=body.name,
-            url=body.url or "",
-            tickle_port=body.tickle_port,
-            version=body.version,
-            address=address,
+    res = await guarded(
+        request.app.state.guards,
+        "enroll",
+        address,
+        rt.writer.run(
+            lambda c: relays.enroll_relay(
+                c,
+                rt.now(),
+                token=body.token,
+                name=body.name,
+                url=body.url or "",
+                tickle_port=body.tickle_port,
+                version=body.version,
+                address=address,
+            ),
+            after=after,
         ),
-        after=after,
     )
     rs = res.state
     log.info("relay %d %s (%s)", rs.id, "re-enrolled" if res.reenrolled else "enrolled", rs.name)
