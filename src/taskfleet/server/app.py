@@ -33,6 +33,7 @@ from taskfleet.protocol.relay import (
     RELAY_EXCHANGE_PATH,
 )
 from taskfleet.server.api import (
+    accounts,
     activities,
     agent,
     approvals,
@@ -47,6 +48,7 @@ from taskfleet.server.api import (
     requests,
     schedules,
     tasks,
+    tenants,
     tokens,
     workers,
 )
@@ -59,6 +61,8 @@ from taskfleet.settings import API_BODY_MAX, CONTENT_MAX_BYTES, ENROLL_BODY_MAX,
 # The routers, in the order their routes are matched and documented.
 ROUTERS = (
     tokens,
+    tenants,
+    accounts,
     computers,
     groups,
     requests,

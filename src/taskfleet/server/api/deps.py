@@ -20,10 +20,10 @@ from starlette.responses import Response
 
 from taskfleet.protocol.exchange import loads_body
 from taskfleet.server import lifecycle as lc
-from taskfleet.server import tokens
+from taskfleet.server import tenants, tokens
 from taskfleet.server.kernel import ApiError, Principal
 from taskfleet.server.runtime import Runtime
-from taskfleet.settings import DURATION_MAX, MAX_ID, TIME_MAX, TIME_MIN
+from taskfleet.settings import DURATION_MAX, MAX_ID, TENANT_HEADER, TIME_MAX, TIME_MIN
 
 T = TypeVar("T")
 
@@ -64,8 +64,10 @@ def role(needed: str) -> Callable[..., Awaitable[Principal]]:
         rt: Runtime = request.app.state.rt
         async with rt.read.connect() as conn:
             p = await tokens.resolve_token(conn, token.strip(), rt.now())
-        if p is None:
-            raise ApiError(401, "invalid, expired or revoked token")
+            if p is None:
+                raise ApiError(401, "invalid, expired or revoked token")
+            # A disabled tenant's tokens are refused; a super-admin may act in another.
+            p = await tenants.admit(conn, p, request.headers.get(TENANT_HEADER))
         return require(p, needed)
 
     dep.needed = needed  # type: ignore[attr-defined]  # the dashboard reads a route's role
