@@ -1,8 +1,10 @@
 """The web dashboard's pages and actions under ``/ui/`` (docs/dashboard.md).
 
-Contract: every page needs a session (``/ui/login`` opens one with an API
-token; the cookie holds only a random session id, ``sessions.py``); the
-session's token is checked again on every request, so a revoked token ends
+Contract: every page needs a session (``/ui/login`` opens one with a user name
+and password or an API token, ``/ui/login/link`` with a one-time code,
+``login_accounts.py``; the cookie holds only a random session id,
+``sessions.py``); the session's token or account and its tenant are checked
+again on every request, so a revoked token, a disabled account or tenant ends
 its sessions at once. Every POST carries the session's CSRF token or is
 refused (403) before anything is read or written. Pages read through the
 service layer (``server/inventory.py``, ``server/requests.py``, ...); actions
