@@ -30,8 +30,7 @@ class Api:
             fail("no token given: use --token TOKEN or set TASKFLEET_TOKEN")
         self.server = server.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"}
-        ctx = click.get_current_context(silent=True)
-        tenant = ctx.meta.get(_TENANT_KEY) if ctx is not None else None
+        tenant = acting_tenant()
         if tenant:  # the super-admin acts in this tenant (docs/tenants.md)
             headers[TENANT_HEADER] = tenant
         self.http = httpx.Client(
@@ -117,6 +116,13 @@ _TENANT_KEY = "taskfleet.tenant"
 def _remember_tenant(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     if value:
         ctx.meta[_TENANT_KEY] = value
+
+
+def acting_tenant() -> str | None:
+    """The tenant named with --tenant (or TASKFLEET_TENANT), if any."""
+    ctx = click.get_current_context(silent=True)
+    value = ctx.meta.get(_TENANT_KEY) if ctx is not None else None
+    return str(value) if value else None
 
 
 def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
