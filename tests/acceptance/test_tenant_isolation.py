@@ -4,8 +4,8 @@ nothing of A (docs/tenants.md).
 
 Tenant A gets real objects: a computer enrolled by a real agent (tagged, in a
 group), a request that ran with output, a request waiting for approval, a
-schedule, a server task, content, a relay enrolled with A's relay token, a login
-account, audit rows. Then, as B's admin, every API route (every method of every
+schedule, a server task, content, a job using it, a relay enrolled with A's
+relay token, a login account, audit rows. Then, as B's admin, every API route (every method of every
 path of ``GET /openapi.json``) and every dashboard route (``app.routes``' ``/ui``
 ones, from the server's own list: see ``_ui_routes``) is called with A's ids in
 its path parameters: by-id routes answer 404 exactly like a missing id, lists
@@ -32,6 +32,7 @@ SECRET_RELAY = "acme-secret-relay"
 SECRET_ACCOUNT = "acme-secret-account"
 SECRET_TAG = "acmesecrettag"
 SECRET_TOKEN = "acme-secret-token"
+SECRET_JOB = "acme-secret-job"
 
 
 def make_tenant(server: Server, name: str) -> str:
@@ -121,6 +122,19 @@ def populate_a(server: Server, token_a: str, start_agent: Any) -> dict[str, Any]
             "/content", params={"name": SECRET_CONTENT}, content=b"acme secret bytes " * 100
         )
         ids["sha256"] = _ok(up, 201)["sha256"]
+        job = {
+            "name": SECRET_JOB,
+            "target": f"computer:{cid}",
+            "phases": ["download", "install"],
+            "items": [
+                {
+                    "name": "acme-pkg",
+                    "content": [{"sha256": ids["sha256"]}],
+                    "install": {"argv": ["true"]},
+                }
+            ],
+        }
+        ids["job_id"] = _ok(api.post("/jobs", json=job), 201)["id"]
         _ok(
             api.post(
                 "/accounts",
@@ -150,6 +164,7 @@ SECRETS = (
     SECRET_ACCOUNT,
     SECRET_TAG,
     SECRET_TOKEN,
+    SECRET_JOB,
     "acme-needs-approval",
     "acme-nightly",
     "acme-enroll",
@@ -171,7 +186,7 @@ def fill(path: str, ids: dict[str, Any]) -> str:
         "task_id": ids["task_id"],
         "token_id": ids["token_id"],
         "relay_id": ids["relay_id"],
-        "job_id": ids["request_id"],  # a job's id is its request's: a non-job of A
+        "job_id": ids["job_id"],
         "sha256": ids["sha256"],
         "key": SECRET_TAG,
     }
@@ -242,6 +257,7 @@ def snapshot(server: Server, token_a: str, ids: dict[str, Any]) -> dict[str, Any
             "tokens": [(t["id"], t["revoked"]) for t in _ok(api.get("/tokens"))],
             "content": [c["sha256"] for c in _ok(api.get("/content"))],
             "relays": [(r["id"], r["revoked_at"]) for r in _ok(api.get("/relays"))],
+            "jobs": [(j["id"], j["terminate"]) for j in _ok(api.get("/jobs"))],
             "accounts": [(a["name"], a["disabled"]) for a in _ok(api.get("/accounts"))],
             "audit": len(_ok(api.get("/audit", params={"limit": 1000}))),
         }
@@ -400,15 +416,27 @@ def test_the_super_admin_sees_a_tenant_only_when_it_acts_in_it(server, start_age
         assert [t["name"] for t in root.get("/tenants").json()] == ["default", "acme"]
 
 
-def test_a_disabled_tenant_is_refused_and_enabled_again(server, start_agent):
+def test_a_disabled_tenant_is_refused_and_enabled_again(server, start_agent, tmp_path):
     token_a = make_tenant(server, "acme")
     with server.api(token_a) as api:
         enroll = _ok(api.post("/tokens", json={"kind": "enroll", "name": "e"}), 201)["token"]
         relay_token = _ok(api.post("/tokens", json={"kind": "relay", "name": "r"}), 201)["token"]
     agent = start_agent(server, enroll, name="acme-1")
+    # Work handed out before the tenant is disabled ends while it is, and is recorded.
+    gate = tmp_path / "gate"
+    script = f"while [ ! -e {gate} ]; do sleep 0.05; done; echo finished-while-disabled"
+    with server.api(token_a) as api:
+        body = {"type": "execute-script", "target": "all", "params": {"script": script}}
+        rid = _ok(api.post("/requests", json=body), 201)["id"]
+    results = server.metric("taskfleet_results_recorded_total")
     with server.api() as root:
         d = _ok(root.post("/tenants/acme/disable"))
         assert d["disabled"] is True
+    gate.touch()
+    wait_until(
+        lambda: server.metric("taskfleet_results_recorded_total") > results, 30, "the result"
+    )
+    with server.api() as root:
         assert root.post("/tenants/default/disable").status_code == 409
     with server.api(token_a) as api:
         r = api.get("/computers")
@@ -432,6 +460,9 @@ def test_a_disabled_tenant_is_refused_and_enabled_again(server, start_agent):
     with server.api(token_a) as api:
         [c] = _ok(api.get("/computers"))
         assert c["id"] == agent.computer_id
+        [act] = _ok(api.get("/activities", params={"request_id": rid}))
+        assert act["state"] == "succeeded"
+        assert "finished-while-disabled" in api.get(f"/activities/{act['id']}").text
 
 
 @pytest.mark.parametrize(
