@@ -393,6 +393,11 @@ def test_the_super_admin_sees_a_tenant_only_when_it_acts_in_it(server, start_age
         assert root.get("/computers").json() == []  # its own (default) tenant's only
         assert root.get("/audit").json()[0]["action"] == "tenant.create"
         acting = {"X-Taskfleet-Tenant": "acme"}
+        me = _ok(root.get("/whoami"))
+        assert me["super_admin"] is True and me["acting_as"] is None
+        me_there = _ok(root.get("/whoami", headers=acting))
+        assert me_there["tenant_id"] != me["tenant_id"]
+        assert me_there["acting_as"] == f"superadmin:{me['token_id']}"
         [c] = _ok(root.get("/computers", headers=acting))
         assert c["hostname"] == SECRET_HOST
         # What it does there is that tenant's, recorded as the super-admin's.

@@ -146,6 +146,7 @@ async def list_tokens(conn: AsyncConnection, p: Principal) -> list[dict[str, Any
             api_tokens.c.uses_left,
             api_tokens.c.group_name,
             api_tokens.c.revoked,
+            api_tokens.c.super_admin,
         )
         .where(api_tokens.c.tenant_id == p.tenant_id)
         .order_by(api_tokens.c.id)
