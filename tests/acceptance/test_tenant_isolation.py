@@ -582,3 +582,24 @@ def test_password_sessions_end_when_the_account_or_tenant_is_disabled(server):
             _ok(root.post("/tenants/acme/disable"))
         assert c.get("/ui/fleet").status_code == 303
         assert login("a long enough password").status_code == 401
+
+
+def test_password_logins_are_rate_limited_like_tokens(server):
+    with server.api() as root:
+        body = {"name": "ann", "role": "viewer", "password": "a long enough password"}
+        _ok(root.post("/accounts", json=body), 201)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+
+        def login(name: str, password: str) -> httpx.Response:
+            page = c.get("/ui/login")
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+            assert csrf
+            return c.post(
+                "/ui/login", data={"csrf": csrf.group(1), "name": name, "password": password}
+            )
+
+        answers = [login("ann" if i % 2 else "nobody", f"wrong password {i}") for i in range(10)]
+        assert {a.status_code for a in answers} == {401}
+        limited = login("ann", "a long enough password")
+        assert limited.status_code == 429 and "too many failed logins" in limited.text
+        assert "tf_session" not in c.cookies
