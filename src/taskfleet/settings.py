@@ -230,3 +230,11 @@ DASHBOARD_SSE_MAX_AGE = 600.0
 DASHBOARD_POLL_EVERY = 5
 # The most activities one request page lists (the counts cover them all).
 DASHBOARD_ROWS = 500
+
+# Tenants and login accounts (docs/tenants.md).
+TENANT_NAME_MAX = 64  # characters: letters, digits, '.', '_', '-' (used in CLI options, headers)
+ACCOUNT_NAME_MAX = 64  # characters of a login account's name (unique server-wide)
+ACCOUNT_PASSWORD_MIN = 12  # characters: NIST SP 800-63B asks 8 at least; admins get more
+ACCOUNT_PASSWORD_MAX = 1024  # characters: argon2 takes any length, a megabyte is an attack
+LOGIN_LINK_TTL = 10 * 60.0  # seconds a one-time login link (the demo's) stays usable
+TENANT_HEADER = "X-Taskfleet-Tenant"  # the super-admin acts in the tenant it names

@@ -221,6 +221,9 @@ def test_a_viewer_sees_no_ops_buttons_and_its_forged_posts_are_refused(
     page.goto(f"{server.url}/ui/jobs/{job_id}")
     expect(page.locator("#job-state")).to_have_text("running")
     expect(page.locator("#terminate")).to_have_count(0)
+    page.goto(f"{server.url}/ui/tasks")  # workers serve every tenant: super-admin only
+    expect(page.locator("#workers-hidden")).to_be_visible()
+    expect(page.locator("#workers")).to_have_count(0)
     page.goto(f"{server.url}/ui/tasks/{task_id}")
     expect(page.locator("#task-state")).not_to_have_text("canceled")
     expect(page.locator("#cancel-task")).to_have_count(0)

@@ -282,6 +282,8 @@ def test_demo_command_runs_a_real_fleet(tmp_path):
     assert "hello from computer" in out.stdout
     assert "/api/v1" in out.stdout
     assert "dashboard: http://127.0.0.1:" in out.stdout and "/ui/  (log in with" in out.stdout
+    assert "one-time login link (valid 10 min, once): http://127.0.0.1:" in out.stdout
+    assert "/ui/login/link?code=" in out.stdout
 
 
 def test_rerun_runs_again_only_where_it_failed(server, start_agent):

@@ -10,8 +10,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from tests.acceptance.test_cli import tf
 from tests.conftest import (
     Agent,
@@ -198,9 +196,23 @@ def test_a_relay_whose_token_is_revoked_is_refused_and_answers_its_agents_503(
     assert relay.metric("taskfleet_relay_upstream_failures_total", 'reason="revoked"') >= 1
 
 
-def test_an_agent_of_another_tenant_cannot_enroll_through_a_relay() -> None:
-    pytest.skip(
-        "tenants cannot be created in this build (no API or CLI for it); the refusal "
-        "is covered on the server side by tests/integration/test_relay_server.py::"
-        "test_a_token_of_another_tenant_is_refused_at_enroll_computer"
-    )
+def test_an_agent_of_another_tenant_cannot_enroll_through_a_relay(
+    server: Server, start_relay: Callable[..., Relay], start_agent: Callable[..., Agent]
+) -> None:
+    relay = start_relay(server)  # the default tenant's relay
+    out = json.loads(tf(server, "tenant", "create", "other", "--json").stdout)
+    other = out["token"]
+    foreign = json.loads(
+        tf(server, "token", "create", "--name", "e", "--enroll", "--json", token=other).stdout
+    )["token"]
+    agent = start_agent(relay.url, foreign, name="intruder", wait_enrolled=False)
+    wait_until(lambda: not agent.proc.alive(), 30, "the agent to give up")
+    assert "enrollment refused" in agent.proc.text()
+    assert "another tenant than this relay" in agent.proc.text()
+    # Neither tenant has it: the relay's nor the token's.
+    assert json.loads(tf(server, "computer", "list", "--json").stdout) == []
+    assert json.loads(tf(server, "computer", "list", "--json", token=other).stdout) == []
+    # The same token enrolls directly with the server, in its own tenant.
+    start_agent(server, foreign, name="direct")
+    [c] = json.loads(tf(server, "computer", "list", "--json", token=other).stdout)
+    assert c["hostname"] == "direct"

@@ -19,6 +19,7 @@ from taskfleet import __version__
 # Command name -> the module under taskfleet.cli that defines it under that name
 # ("-" spelled "_": ``unix-group`` is ``unix_group``).
 COMMANDS = {
+    "account": "login_accounts",
     "activity": "activities",
     "agent": "agent",
     "approval": "requests",
@@ -27,6 +28,7 @@ COMMANDS = {
     "demo": "demo",
     "group": "groups",
     "job": "jobs",
+    "login-link": "login_accounts",
     "packages": "packages",
     "relay": "relays",
     "request": "requests",
@@ -39,6 +41,7 @@ COMMANDS = {
     "signal": "system",
     "snap": "snaps",
     "task": "tasks",
+    "tenant": "tenants",
     "token": "tokens",
     "unix-group": "accounts",
     "user": "accounts",

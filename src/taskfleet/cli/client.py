@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from taskfleet.cli.output import clean, duration, fail, first_line, print_table, state_label
-from taskfleet.settings import CLI_HTTP_TIMEOUT, CLI_POLL_INTERVAL
+from taskfleet.settings import CLI_HTTP_TIMEOUT, CLI_POLL_INTERVAL, TENANT_HEADER
 
 
 class Api:
@@ -29,9 +29,13 @@ class Api:
         if not token:
             fail("no token given: use --token TOKEN or set TASKFLEET_TOKEN")
         self.server = server.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"}
+        tenant = acting_tenant()
+        if tenant:  # the super-admin acts in this tenant (docs/tenants.md)
+            headers[TENANT_HEADER] = tenant
         self.http = httpx.Client(
             base_url=self.server,
-            headers={"Authorization": f"Bearer {token}"},
+            headers=headers,
             timeout=CLI_HTTP_TIMEOUT,
         )
 
@@ -106,8 +110,30 @@ def _pydantic_detail(detail: Any) -> str:
     return str(detail)
 
 
+_TENANT_KEY = "taskfleet.tenant"
+
+
+def _remember_tenant(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta[_TENANT_KEY] = value
+
+
+def acting_tenant() -> str | None:
+    """The tenant named with --tenant (or TASKFLEET_TENANT), if any."""
+    ctx = click.get_current_context(silent=True)
+    value = ctx.meta.get(_TENANT_KEY) if ctx is not None else None
+    return str(value) if value else None
+
+
 def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
+    fn = click.option(
+        "--tenant",
+        envvar="TASKFLEET_TENANT",
+        expose_value=False,
+        callback=_remember_tenant,
+        help="Act in this tenant (the super-admin only; docs/tenants.md) [env: TASKFLEET_TENANT].",
+    )(fn)
     fn = click.option(
         "--token", envvar="TASKFLEET_TOKEN", help="API token [env: TASKFLEET_TOKEN]."
     )(fn)

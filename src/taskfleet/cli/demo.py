@@ -22,6 +22,7 @@ import click
 
 from taskfleet.cli.client import Api, results_table, wait_for_request
 from taskfleet.cli.output import print_table
+from taskfleet.settings import LOGIN_LINK_TTL
 
 DEMO_SCRIPT = """\
 echo "hello from computer $TASKFLEET_COMPUTER_ID on $(uname -n), pid $$"
@@ -131,7 +132,11 @@ def run_demo(n_agents: int, workdir: Path, stay: bool) -> int:
         click.echo(
             f"API:       {url}/api/v1  (OpenAPI: {url}/openapi.json, metrics: {url}/metrics)"
         )
+        link = api.post("/login-links")
         click.echo(f"dashboard: {url}/ui/  (log in with the admin token: cat {token_file})")
+        click.echo(
+            f"one-time login link (valid {LOGIN_LINK_TTL / 60:g} min, once): {url}{link['path']}"
+        )
         click.echo(f"admin token file: {token_file}")
         click.echo(f"logs:      {workdir}/*.log")
         # The quick start installs into .venv: name the command so it works as printed.

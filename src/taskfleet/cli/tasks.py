@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from taskfleet.cli.client import Api, client_options
+from taskfleet.cli.client import Api, acting_tenant, client_options
 from taskfleet.cli.options import seconds_arg, when_arg
 from taskfleet.cli.output import echo, emit, fail, print_fields, print_table, state_label, when
 
@@ -41,7 +41,6 @@ def _task_row(t: dict[str, Any]) -> list[Any]:
 
 @task.command("submit")
 @click.argument("type_name", metavar="TYPE")
-@click.option("--tenant", default=None)
 @click.option("--group", default=None)
 @click.option("--param", "params", multiple=True, help="K=V (repeatable).")
 @click.option("--not-before", default=None, help="Epoch seconds, ISO time or +DURATION.")
@@ -58,7 +57,6 @@ def _task_row(t: dict[str, Any]) -> list[Any]:
 @client_options
 def task_submit(
     type_name: str,
-    tenant: str | None,
     group: str | None,
     params: tuple[str, ...],
     not_before: str | None,
@@ -82,7 +80,8 @@ def task_submit(
         "/tasks",
         {
             "type": type_name,
-            "tenant": tenant,
+            # A tenant-scoped type's tenant: --tenant (client_options), the caller's own.
+            "tenant": acting_tenant(),
             "group": group,
             "params": values,
             "not_before": when_arg(not_before),

@@ -34,6 +34,7 @@ from taskfleet.protocol.relay import (
 )
 from taskfleet.server.abuse import Guards
 from taskfleet.server.api import (
+    accounts,
     activities,
     agent,
     approvals,
@@ -48,6 +49,7 @@ from taskfleet.server.api import (
     requests,
     schedules,
     tasks,
+    tenants,
     tokens,
     workers,
 )
@@ -60,6 +62,8 @@ from taskfleet.settings import API_BODY_MAX, CONTENT_MAX_BYTES, ENROLL_BODY_MAX,
 # The routers, in the order their routes are matched and documented.
 ROUTERS = (
     tokens,
+    tenants,
+    accounts,
     computers,
     groups,
     requests,

@@ -22,7 +22,7 @@ from taskfleet.domain.policy import validate_agent_policy
 from taskfleet.protocol.exchange import MAX_VERSION_CHARS, clean_json, clean_text
 from taskfleet.server.fleet import ComputerState, hash_secret
 from taskfleet.server.inventory import cancel_open_work
-from taskfleet.server.kernel import ApiError, token_hash
+from taskfleet.server.kernel import ApiError, tenant_disabled, token_hash
 from taskfleet.store.schema import api_tokens, audit_log, computers, group_members, groups, outbox
 
 
@@ -43,19 +43,8 @@ class Via:
     tenant_id: int
 
 
-async def enroll(
-    conn: AsyncConnection,
-    now: float,
-    *,
-    token: str,
-    hostname: str,
-    machine_id: str,
-    tickle_port: int | None,
-    version: str,
-    policy: dict[str, Any],
-    address: str | None,
-    relay: Via | None = None,
-) -> Enrolled:
+async def _enroll_token(conn: AsyncConnection, token: str, now: float, relay: Via | None) -> Any:
+    """The enrollment token's row if it may enroll a computer now; else the refusal."""
     row = (
         await conn.execute(
             sa.select(api_tokens).where(
@@ -71,6 +60,25 @@ async def enroll(
         raise ApiError(401, "enrollment token used up")
     if relay is not None and row.tenant_id != relay.tenant_id:
         raise ApiError(403, "the enrollment token is of another tenant than this relay")
+    if await tenant_disabled(conn, row.tenant_id):
+        raise ApiError(403, "the enrollment token's tenant is disabled")
+    return row
+
+
+async def enroll(
+    conn: AsyncConnection,
+    now: float,
+    *,
+    token: str,
+    hostname: str,
+    machine_id: str,
+    tickle_port: int | None,
+    version: str,
+    policy: dict[str, Any],
+    address: str | None,
+    relay: Via | None = None,
+) -> Enrolled:
+    row = await _enroll_token(conn, token, now, relay)
     if not hostname or len(hostname) > 255 or not machine_id or len(machine_id) > 128:
         raise ApiError(400, "hostname (1..255) and machine_id (1..128) are required")
     # Remote text as every database can store it (protocol/exchange.py). The

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.states import State
-from taskfleet.store.schema import activities, audit_log
+from taskfleet.store.schema import activities, audit_log, tenants
 
 ROLES = ("viewer", "operator", "admin")
 DEFAULT_TENANT = "default"
@@ -39,10 +39,16 @@ class Principal:
     role: str
     name: str
     via: str | None = None  # acting for the token, e.g. "schedule:4" (a cron run)
+    super_admin: bool = False  # manages tenants; may act in any (docs/tenants.md)
+    account_id: int | None = None  # a dashboard login account's (token_id is 0 then)
 
     @property
     def actor(self) -> str:
-        return self.via or f"token:{self.token_id}"
+        if self.via:
+            return self.via
+        if self.account_id is not None:
+            return f"account:{self.account_id}"
+        return f"token:{self.token_id}"
 
     def allows(self, role: str) -> bool:
         return ROLES.index(self.role) >= ROLES.index(role)
@@ -83,6 +89,15 @@ async def write_audit(conn: AsyncConnection, entries: list[AuditEntry]) -> None:
                 for e in entries
             ],
         )
+
+
+async def tenant_disabled(conn: AsyncConnection, tenant_id: int) -> bool:
+    """True if the tenant is disabled (docs/tenants.md): no new work, logins or enrollments."""
+    return bool(
+        (
+            await conn.execute(sa.select(tenants.c.disabled).where(tenants.c.id == tenant_id))
+        ).scalar()
+    )
 
 
 async def state_counts(conn: AsyncConnection, *where: Any) -> dict[State, int]:

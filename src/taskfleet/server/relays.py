@@ -48,7 +48,7 @@ from taskfleet.server import enrollment, metrics
 from taskfleet.server.exchange import Exchange, ExchangeJob, ReplyBudget
 from taskfleet.server.fleet import Fleet, RelayState, hash_secret
 from taskfleet.server.inventory import group_id
-from taskfleet.server.kernel import ApiError, Principal, audit, token_hash
+from taskfleet.server.kernel import ApiError, Principal, audit, tenant_disabled, token_hash
 from taskfleet.settings import RELAY_NAME_MAX, RELAY_REPLY_MAX_BYTES, RELAY_URL_MAX
 from taskfleet.store.schema import api_tokens, audit_log, computers, group_members, relays
 
@@ -103,6 +103,8 @@ async def enroll_relay(
         raise ApiError(401, "invalid relay enrollment token")
     if row.expires_at is not None and row.expires_at < now:
         raise ApiError(401, "relay enrollment token expired")
+    if await tenant_disabled(conn, row.tenant_id):
+        raise ApiError(403, "the relay enrollment token's tenant is disabled")
     _check_relay_fields(name, url, tickle_port, version)
     url, version = clean_text(url), clean_text(version)
     secret = "tfrs_" + secrets.token_urlsafe(32)

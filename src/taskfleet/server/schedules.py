@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.lifecycle import RuleError, next_cron, validate_cron
 from taskfleet.server import requests
-from taskfleet.server.kernel import ApiError, Principal, audit
+from taskfleet.server.kernel import ApiError, Principal, audit, tenant_disabled
 from taskfleet.server.lifecycle import parse_options
 from taskfleet.store.schema import schedules
 
@@ -109,6 +109,8 @@ async def fire_schedule(
     error = None
     savepoint = await conn.begin_nested()
     try:
+        if await tenant_disabled(conn, row.tenant_id):
+            raise ApiError(403, "the tenant is disabled: no new work (docs/tenants.md)")
         opts = parse_options(now, approval=t.get("approval"), rollout=t.get("rollout"))
         created = await requests.create_request(
             conn,

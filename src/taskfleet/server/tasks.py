@@ -128,11 +128,11 @@ class TaskManager(TaskHolds):
 
     # -- submit and cancel ---------------------------------------------------------
 
-    async def _tenant_id(self, conn: Any, name: str) -> int:
-        tid = (await conn.execute(sa.select(tenants.c.id).where(tenants.c.name == name))).scalar()
-        if tid is None:
-            raise ApiError(404, f"unknown tenant {name!r}")
-        return int(tid)
+    async def _tenant_name(self, conn: Any, tenant_id: int) -> str | None:
+        name = (
+            await conn.execute(sa.select(tenants.c.name).where(tenants.c.id == tenant_id))
+        ).scalar()
+        return None if name is None else str(name)
 
     def _check(
         self,
@@ -199,11 +199,10 @@ class TaskManager(TaskHolds):
     ) -> tuple[int | None, str | None]:
         scope_tenant = None
         if self.specs[type_].scope == "tenant":
-            # Single-tenant mode: the submitter's own tenant.
-            scope_tenant = (
-                await self._tenant_id(conn, tenant) if tenant is not None else p.tenant_id
-            )
-            if scope_tenant != p.tenant_id:
+            # The submitter's own tenant: naming another is refused alike whether it
+            # exists or not (a tenant's existence is not for others to learn).
+            scope_tenant = p.tenant_id
+            if tenant is not None and tenant != await self._tenant_name(conn, p.tenant_id):
                 raise ApiError(403, "a token may only submit tasks for its own tenant")
         if group is not None:
             found = (

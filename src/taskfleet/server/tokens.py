@@ -59,6 +59,7 @@ async def bootstrap(conn: AsyncConnection, now: float) -> tuple[dict[str, bytes]
                 token_hash=token_hash(token),
                 created_at=now,
                 revoked=False,
+                super_admin=True,  # the bootstrap token manages tenants (docs/tenants.md)
             )
         )
     return keys, token
@@ -79,7 +80,7 @@ async def resolve_token_hash(conn: AsyncConnection, digest: str, now: float) -> 
     ).first()
     if row is None or row.revoked or (row.expires_at is not None and row.expires_at < now):
         return None
-    return Principal(row.id, row.tenant_id, row.role, row.name)
+    return Principal(row.id, row.tenant_id, row.role, row.name, super_admin=row.super_admin)
 
 
 async def create_token(
@@ -145,6 +146,7 @@ async def list_tokens(conn: AsyncConnection, p: Principal) -> list[dict[str, Any
             api_tokens.c.uses_left,
             api_tokens.c.group_name,
             api_tokens.c.revoked,
+            api_tokens.c.super_admin,
         )
         .where(api_tokens.c.tenant_id == p.tenant_id)
         .order_by(api_tokens.c.id)
@@ -235,6 +237,9 @@ async def mint_admin_token(
                 token_hash=token_hash(token),
                 created_at=now,
                 revoked=False,
+                # Whoever holds the data folder owns the server: the default tenant's
+                # minted token is the super-admin again (the way back in).
+                super_admin=tenant == DEFAULT_TENANT,
             )
             .returning(api_tokens.c.id)
         )

@@ -29,6 +29,8 @@ tenants = sa.Table(
     sa.Column("id", BigId, primary_key=True),
     sa.Column("name", sa.String(64), nullable=False, unique=True),
     sa.Column("created_at", sa.Float, nullable=False),
+    # A disabled tenant's tokens, accounts and enrollments are refused (docs/tenants.md).
+    sa.Column("disabled", sa.Boolean, nullable=False, default=False),
 )
 
 server_secrets = sa.Table(
@@ -52,6 +54,37 @@ api_tokens = sa.Table(
     sa.Column("uses_left", sa.Integer, nullable=True),  # enroll tokens: None = unlimited
     sa.Column("group_name", sa.String(64), nullable=True),  # enroll tokens: join this group
     sa.Column("revoked", sa.Boolean, nullable=False, default=False),
+    # Manages tenants and may act in any of them (X-Taskfleet-Tenant); the bootstrap token.
+    sa.Column("super_admin", sa.Boolean, nullable=False, default=False),
+)
+
+# Login accounts of the dashboard (docs/tenants.md): a name and an argon2id password hash.
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("id", BigId, primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),  # unique server-wide
+    sa.Column("password_hash", sa.String(256), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),  # viewer | operator | admin
+    sa.Column("disabled", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("last_login_at", sa.Float, nullable=True),
+)
+
+# One-time login links (``taskfleet login-link``, the demo): the code's SHA-256, whose
+# session it opens (an API token's or an account's), until when, and when it was used.
+login_codes = sa.Table(
+    "login_codes",
+    metadata,
+    sa.Column("id", BigId, primary_key=True),
+    sa.Column("tenant_id", sa.BigInteger, sa.ForeignKey("tenants.id"), nullable=False),
+    sa.Column("code_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("token_id", sa.BigInteger, sa.ForeignKey("api_tokens.id"), nullable=True),
+    sa.Column("account_id", sa.BigInteger, sa.ForeignKey("accounts.id"), nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("used_at", sa.Float, nullable=True),
 )
 
 computers = sa.Table(

@@ -20,11 +20,11 @@ from starlette.responses import Response
 
 from taskfleet.protocol.exchange import loads_body
 from taskfleet.server import lifecycle as lc
-from taskfleet.server import tokens
+from taskfleet.server import tenants, tokens
 from taskfleet.server.abuse import Guards
 from taskfleet.server.kernel import ApiError, Principal
 from taskfleet.server.runtime import Runtime
-from taskfleet.settings import DURATION_MAX, MAX_ID, TIME_MAX, TIME_MIN
+from taskfleet.settings import DURATION_MAX, MAX_ID, TENANT_HEADER, TIME_MAX, TIME_MIN
 
 T = TypeVar("T")
 
@@ -68,9 +68,11 @@ def role(needed: str) -> Callable[..., Awaitable[Principal]]:
         guards.check("token", address)
         async with rt.read.connect() as conn:
             p = await tokens.resolve_token(conn, token.strip(), rt.now())
-        if p is None:
-            guards.failed("token", address)
-            raise ApiError(401, "invalid, expired or revoked token")
+            if p is None:
+                guards.failed("token", address)
+                raise ApiError(401, "invalid, expired or revoked token")
+            # A disabled tenant's tokens are refused; a super-admin may act in another.
+            p = await tenants.admit(conn, p, request.headers.get(TENANT_HEADER))
         return require(p, needed)
 
     dep.needed = needed  # type: ignore[attr-defined]  # the dashboard reads a route's role
@@ -140,6 +142,7 @@ PUBLIC: dict[str, str] = {
     "GET /ui/": "redirects to the login page or the fleet",
     "GET /ui/login": "the login form",
     "POST /ui/login": "checks the credentials it is sent (rate limited)",
+    "GET /ui/login/link": "redeems the one-time login code it carries (hashed, single use)",
     "POST /ui/logout": "ends the session it is sent, if any",
 }
 

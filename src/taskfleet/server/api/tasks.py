@@ -24,7 +24,7 @@ router = router_for()
 
 class TaskIn(BaseModel):
     type: str
-    tenant: str | None = Field(None, description="tenant-scoped types (single-tenant: omit)")
+    tenant: str | None = Field(None, description="tenant-scoped types: the caller's own (omit)")
     group: str | None = Field(None, description="group-scoped types")
     params: dict[str, Any] = {}
     not_before: EpochTime | None = Field(None, description="epoch seconds: not earlier than")

@@ -37,7 +37,14 @@ class TokenIn(BaseModel):
 
 @router.get("/api/v1/whoami", tags=["auth"])
 async def whoami(p: Viewer) -> dict[str, Any]:
-    return {"token_id": p.token_id, "name": p.name, "role": p.role, "tenant_id": p.tenant_id}
+    return {
+        "token_id": p.token_id,
+        "name": p.name,
+        "role": p.role,
+        "tenant_id": p.tenant_id,
+        "super_admin": p.super_admin,
+        "acting_as": p.via,  # "superadmin:ID" while the super-admin acts in a tenant
+    }
 
 
 @router.post("/api/v1/tokens", status_code=201, tags=["auth"])

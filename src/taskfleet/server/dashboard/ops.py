@@ -23,7 +23,7 @@ from starlette.responses import Response
 
 from taskfleet.domain.jobs import JobState
 from taskfleet.domain.states import FINAL_STATES, State
-from taskfleet.server import jobs, relays, schedules
+from taskfleet.server import jobs, relays, schedules, tenants
 from taskfleet.server import lifecycle as lc
 from taskfleet.server.api import groups as api_groups
 from taskfleet.server.api import jobs as api_jobs
@@ -93,7 +93,8 @@ async def tasks_page(request: Request, ctx: Ctx) -> Response:
     rows = await tm.list_tasks(ctx.p, state, type_, DASHBOARD_ROWS)
     counts = await tm.count_tasks(ctx.p, type_)
     now = ctx.rt.now()
-    workers = await read(ctx.rt, task_reads.list_workers)
+    shown = tenants.sees_workers(ctx.p)
+    workers = await read(ctx.rt, task_reads.list_workers) if shown else []
     for w in workers:
         w["age"] = _age(now, w["heartbeat_at"])
         # The workers table's own status: lost once the reaper declared it so.
@@ -108,6 +109,7 @@ async def tasks_page(request: Request, ctx: Ctx) -> Response:
         state=state or "",
         type=type_ or "",
         workers=workers,
+        workers_shown=shown,
         final=_FINAL,
         rows_max=DASHBOARD_ROWS,
     )

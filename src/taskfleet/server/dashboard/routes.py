@@ -1,8 +1,10 @@
 """The web dashboard's pages and actions under ``/ui/`` (docs/dashboard.md).
 
-Contract: every page needs a session (``/ui/login`` opens one with an API
-token; the cookie holds only a random session id, ``sessions.py``); the
-session's token is checked again on every request, so a revoked token ends
+Contract: every page needs a session (``/ui/login`` opens one with a user name
+and password or an API token, ``/ui/login/link`` with a one-time code,
+``login_accounts.py``; the cookie holds only a random session id,
+``sessions.py``); the session's token or account and its tenant are checked
+again on every request, so a revoked token, a disabled account or tenant ends
 its sessions at once. Every POST carries the session's CSRF token or is
 refused (403) before anything is read or written. Pages read through the
 service layer (``server/inventory.py``, ``server/requests.py``, ...); actions
@@ -33,13 +35,14 @@ from pydantic import ValidationError
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
 
-from taskfleet.server import activities, inventory, requests, tokens
+from taskfleet.server import activities, inventory, requests
 from taskfleet.server import lifecycle as lc
 from taskfleet.server.api import approvals as api_approvals
 from taskfleet.server.api import requests as api_requests
 from taskfleet.server.api.deps import live, needed_role, read, require
+from taskfleet.server.dashboard import login_accounts
 from taskfleet.server.dashboard.sessions import LoginLimiter, Session, SessionStore, csrf_ok
-from taskfleet.server.kernel import ApiError, Principal, audit, token_hash
+from taskfleet.server.kernel import ApiError, Principal
 from taskfleet.server.runtime import Runtime
 from taskfleet.settings import (
     DASHBOARD_LOGIN_LIMIT,
@@ -149,8 +152,8 @@ async def _caller(request: Request) -> tuple[Principal, Session]:
     s = ui.sessions.get(request.cookies.get(SESSION_COOKIE))
     if s is None:
         raise _LoginNeeded
-    p = await read(rt, lambda c: tokens.resolve_token_hash(c, s.token_hash, rt.now()))
-    if p is None:  # revoked or expired since login
+    p = await login_accounts.session_caller(rt, s)
+    if p is None:  # token revoked or expired, account or tenant disabled since login
         ui.sessions.close(s.id)
         raise _LoginNeeded
     return p, s
@@ -263,16 +266,23 @@ async def login(request: Request) -> Response:
         return _login_page(
             request, 429, "too many failed logins from your address: wait a few minutes"
         )
-    token = form.get("token", "").strip()
-    p = await read(rt, lambda c: tokens.resolve_token(c, token, rt.now())) if token else None
-    if p is None:
+    who = await login_accounts.authenticate(rt, form)
+    if who is None:
         ui.logins.failed(address)
-        # One answer for a wrong, unknown, revoked or expired token: nothing to learn.
-        return _login_page(request, 401, "that token is not valid")
+        # One answer for a wrong password, an unknown name, a wrong, revoked or expired
+        # token, a disabled account or tenant: nothing to learn.
+        return _login_page(request, 401, "wrong user name, password or token")
     ui.logins.succeeded(address)
-    s = ui.sessions.open(token_hash(token))
-    principal = p
-    await rt.writer.run(lambda c: audit(c, principal, "dashboard.login", rt.now(), address=address))
+    return await open_session(request, who, address)
+
+
+async def open_session(
+    request: Request, who: login_accounts.LoggedIn, address: str
+) -> RedirectResponse:
+    """A new session for ``who``, its cookie set, on to the fleet page."""
+    ui: Dashboard = request.app.state.dashboard
+    s = ui.sessions.open(who.token_hash, who.account_id)
+    await login_accounts.logged_in(request.app.state.rt, who, address)
     resp = _see_other("/fleet")
     resp.set_cookie(
         SESSION_COOKIE,
@@ -285,6 +295,26 @@ async def login(request: Request) -> Response:
     )
     resp.delete_cookie(LOGIN_COOKIE, path=f"{PREFIX}/login")
     return resp
+
+
+@router.get(f"{PREFIX}/login/link", include_in_schema=False)
+async def login_link(request: Request) -> Response:
+    """Open a session with a one-time code (``taskfleet login-link``, the demo's link)."""
+    ui: Dashboard = request.app.state.dashboard
+    address = _client(request)
+    if not ui.logins.allowed(address):
+        return _login_page(
+            request, 429, "too many failed logins from your address: wait a few minutes"
+        )
+    code = request.query_params.get("code", "")
+    who = await login_accounts.redeem_link(request.app.state.rt, code)
+    if who is None:
+        ui.logins.failed(address)
+        return _login_page(
+            request, 401, "this login link is not valid: it was used, has expired or is unknown"
+        )
+    ui.logins.succeeded(address)
+    return await open_session(request, who, address)
 
 
 @_route("/logout", "POST")
@@ -422,6 +452,8 @@ async def _event_stream(request: Request, ctx: Ctx, rid: int, after: int) -> Asy
             idle_since = time.monotonic()
         if await request.is_disconnected():
             return
+        if await login_accounts.session_caller(rt, ctx.session) is None:
+            return  # its token, account or tenant is no longer valid
         await asyncio.sleep(DASHBOARD_SSE_POLL)
 
 

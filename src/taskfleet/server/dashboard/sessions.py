@@ -26,6 +26,7 @@ class Session:
     token_hash: str  # SHA-256 of the API token it was opened with (re-checked every request)
     csrf: str  # every form of this session carries it; every POST must send it back
     expires_at: float  # on the store's clock
+    account_id: int | None = None  # a login account's session (token_hash is "" then)
 
 
 class SessionStore:
@@ -36,13 +37,14 @@ class SessionStore:
         self._ttl = ttl
         self._by_id: dict[str, Session] = {}
 
-    def open(self, token_hash: str) -> Session:
+    def open(self, token_hash: str, account_id: int | None = None) -> Session:
         self._sweep()
         s = Session(
             id=secrets.token_urlsafe(32),
             token_hash=token_hash,
             csrf=secrets.token_urlsafe(32),
             expires_at=self._clock() + self._ttl,
+            account_id=account_id,
         )
         self._by_id[s.id] = s
         return s
