@@ -224,3 +224,20 @@ DASHBOARD_SSE_MAX_AGE = 600.0
 DASHBOARD_POLL_EVERY = 5
 # The most activities one request page lists (the counts cover them all).
 DASHBOARD_ROWS = 500
+
+# -- the audit log (docs/audit.md) ------------------------------------------------
+# One page of GET /api/v1/audit: the default and the most a caller may ask for (an
+# export, format=csv|jsonl, streams every matching row in batches of AUDIT_EXPORT_BATCH).
+AUDIT_PAGE_DEFAULT = 100
+AUDIT_PAGE_MAX = 10_000
+AUDIT_EXPORT_BATCH = 1000
+# The longest filter value (actor, action, object) the API takes.
+AUDIT_FILTER_MAX = 200
+# Refused calls by no known caller (a bad or missing token, a dashboard form without a
+# session) are audited as actor "unknown" at most this many times per window across the
+# server; past it they are counted and the next entry written says how many were not:
+# a flood of bad tokens cannot fill the disk, and is still seen.
+AUDIT_UNKNOWN_LIMIT = 60
+AUDIT_UNKNOWN_WINDOW = 60.0
+# Rows per page of the dashboard's audit page.
+DASHBOARD_AUDIT_ROWS = 50

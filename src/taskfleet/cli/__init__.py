@@ -22,6 +22,7 @@ COMMANDS = {
     "activity": "activities",
     "agent": "agent",
     "approval": "requests",
+    "audit": "audit",
     "computer": "computers",
     "content": "content",
     "demo": "demo",

@@ -5,3 +5,6 @@ login-limit rules; ``templates/`` the Jinja2 pages and ``static/`` the CSS, our 
 the one vendored file (htmx). No rule lives here: pages read through the service layer
 and actions call the API's own route functions.
 """
+
+# Pages in modules of their own add their routes to ``routes.router`` when imported.
+from taskfleet.server.dashboard import audit  # noqa: F401

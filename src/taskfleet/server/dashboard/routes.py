@@ -22,7 +22,7 @@ import secrets
 import shlex
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
@@ -36,8 +36,9 @@ from starlette.staticfiles import StaticFiles
 from taskfleet.server import activities, inventory, requests, tokens
 from taskfleet.server import lifecycle as lc
 from taskfleet.server.api import approvals as api_approvals
+from taskfleet.server.api import audit as api_audit
 from taskfleet.server.api import requests as api_requests
-from taskfleet.server.api.deps import live, needed_role, read, require
+from taskfleet.server.api.deps import client_address, live, mark, needed_role, read, require, seen
 from taskfleet.server.dashboard.sessions import LoginLimiter, Session, SessionStore, csrf_ok
 from taskfleet.server.kernel import ApiError, Principal, audit, token_hash
 from taskfleet.server.runtime import Runtime
@@ -72,6 +73,7 @@ ACTIONS: dict[str, Callable[..., Any]] = {
     "rerun": api_requests.rerun_failed,
     "approve": api_approvals.approve,
     "reject": api_approvals.reject,
+    "audit": api_audit.list_audit,  # the audit page (dashboard/audit.py)
 }
 NEEDS = {name: needed_role(fn) for name, fn in ACTIONS.items()}
 
@@ -153,7 +155,7 @@ async def _caller(request: Request) -> tuple[Principal, Session]:
     if p is None:  # revoked or expired since login
         ui.sessions.close(s.id)
         raise _LoginNeeded
-    return p, s
+    return seen(request, p), s
 
 
 Handler = Callable[[Request, Ctx], Awaitable[Response]]
@@ -169,6 +171,7 @@ def _route(path: str, method: str = "GET") -> Callable[[Handler], Handler]:
                 p, s = await _caller(request)
             except _LoginNeeded:
                 if method == "POST":
+                    mark(request, message="log in first")
                     return _render("error.html", 403, message="log in first")
                 if request.headers.get("hx-request"):  # htmx: the whole page goes to login
                     return Response(status_code=204, headers={"HX-Redirect": f"{PREFIX}/login"})
@@ -177,6 +180,7 @@ def _route(path: str, method: str = "GET") -> Callable[[Handler], Handler]:
             if method == "POST":
                 ctx.form = await _form(request)
                 if not csrf_ok(s.csrf, ctx.form.get("csrf")):
+                    mark(request, message="CSRF token missing or wrong")
                     return _render(
                         "error.html",
                         403,
@@ -187,6 +191,7 @@ def _route(path: str, method: str = "GET") -> Callable[[Handler], Handler]:
             try:
                 return await fn(request, ctx)
             except ApiError as exc:
+                mark(request, message=exc.message)
                 return _render("error.html", exc.status, ctx, message=exc.message)
 
         endpoint.__name__ = f"ui_{fn.__name__}"
@@ -250,15 +255,19 @@ async def login_form(request: Request) -> Response:
         return _login_page(request)
 
 
-@router.post(f"{PREFIX}/login", include_in_schema=False)
+@router.post(f"{PREFIX}/login", include_in_schema=False, name="dashboard.login")
 async def login(request: Request) -> Response:
+    """Open a session; a refused login is audited by api/audit.py (actor unknown, the
+    address, never the token), an accepted one here."""
     ui: Dashboard = request.app.state.dashboard
     rt: Runtime = request.app.state.rt
     form = await _form(request)
     if not csrf_ok(request.cookies.get(LOGIN_COOKIE), form.get("csrf")):
+        mark(request, message="stale login form (CSRF)")
         return _login_page(request, 403, "the login form was stale: try again")
     address = _client(request)
     if not ui.logins.allowed(address):
+        mark(request, message="too many failed logins from this address")
         return _login_page(
             request, 429, "too many failed logins from your address: wait a few minutes"
         )
@@ -266,12 +275,14 @@ async def login(request: Request) -> Response:
     p = await read(rt, lambda c: tokens.resolve_token(c, token, rt.now())) if token else None
     if p is None:
         ui.logins.failed(address)
+        mark(request, message="wrong, unknown, revoked or expired token")
         # One answer for a wrong, unknown, revoked or expired token: nothing to learn.
         return _login_page(request, 401, "that token is not valid")
     ui.logins.succeeded(address)
     s = ui.sessions.open(token_hash(token))
-    principal = p
-    await rt.writer.run(lambda c: audit(c, principal, "dashboard.login", rt.now(), address=address))
+    principal = replace(p, address=client_address(request.scope))
+    what = f"token:{principal.token_id}"
+    await rt.writer.run(lambda c: audit(c, principal, "dashboard.login", rt.now(), what))
     resp = _see_other("/fleet")
     resp.set_cookie(
         SESSION_COOKIE,
@@ -289,6 +300,9 @@ async def login(request: Request) -> Response:
 @_route("/logout", "POST")
 async def logout(request: Request, ctx: Ctx) -> Response:
     request.app.state.dashboard.sessions.close(ctx.session.id)
+    await ctx.rt.writer.run(
+        lambda c: audit(c, ctx.p, "dashboard.logout", ctx.rt.now(), f"token:{ctx.p.token_id}")
+    )
     resp = _see_other("/login")
     resp.delete_cookie(SESSION_COOKIE, path=PREFIX)
     return resp
@@ -492,3 +506,8 @@ async def reject(request: Request, ctx: Ctx) -> Response:
     require(ctx.p, NEEDS["reject"])
     await api_approvals.reject(ctx.rt, rid, ctx.p, None)
     return _see_other(f"/requests/{rid}")
+
+
+# -- what the pages in modules of their own (ops.py, ...) build on ------------------------
+# (public names: no module imports another's ``_`` names; the package imports those pages)
+route, render, page, path_id, see_other = _route, _render, _page, _id, _see_other
