@@ -23,7 +23,7 @@ os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")  # never fetch a 
 
 CHROMIUM = os.environ.get("TASKFLEET_CHROMIUM", "/usr/bin/chromium")
 SHOTS = os.environ.get("TASKFLEET_SCREENSHOTS") == "1"
-IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 expect.set_options(timeout=30_000)
 
 

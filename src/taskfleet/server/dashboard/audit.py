@@ -11,6 +11,7 @@ the same filters and stream every matching entry.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import urlencode
 
@@ -56,6 +57,8 @@ async def audit_page(request: Request, ctx: Ctx) -> Response:
     rows = await read(ctx.rt, lambda c: audit.list_audit(c, ctx.p, f, DASHBOARD_AUDIT_ROWS + 1))
     more = len(rows) > DASHBOARD_AUDIT_ROWS
     rows = rows[:DASHBOARD_AUDIT_ROWS]
+    for e in rows:  # shown as text (the template escapes it)
+        e["detail_text"] = json.dumps(e["detail"], ensure_ascii=False, sort_keys=True)
     return await page(
         ctx,
         "audit.html",
