@@ -4,8 +4,9 @@ Contract: the error every server function raises for bad input
 (:class:`ApiError`, an HTTP status and a message saying what is wrong), the
 authenticated caller (:class:`Principal`) and its roles, how API tokens are
 hashed for storage, the audit log's writer (``server/audit.py`` reads it), and
-the per-state count of activities. Nothing here imports from ``taskfleet.server``; every other
-server module may import from here, so the server's imports form no cycle.
+the per-state count of activities. Nothing here imports from
+``taskfleet.server``; every other server module may import from here, so the
+server's imports form no cycle.
 """
 
 from __future__ import annotations
