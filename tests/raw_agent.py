@@ -90,7 +90,7 @@ def snapshot(server: Server) -> dict[str, Any]:
         "activities": get(server, "/activities", limit=10000),
         "groups": get(server, "/groups"),
         "tokens": get(server, "/tokens"),
-        "audit": get(server, "/audit", limit=10000),
+        "audit": get(server, "/audit", limit=10000, outcome="ok"),  # refusals are audited
         "computers": [
             {k: v for k, v in c.items() if k not in ("last_seen_at", "address")}
             for c in get(server, "/computers")

@@ -238,3 +238,20 @@ ACCOUNT_PASSWORD_MIN = 12  # characters: NIST SP 800-63B asks 8 at least; admins
 ACCOUNT_PASSWORD_MAX = 1024  # characters: argon2 takes any length, a megabyte is an attack
 LOGIN_LINK_TTL = 10 * 60.0  # seconds a one-time login link (the demo's) stays usable
 TENANT_HEADER = "X-Taskfleet-Tenant"  # the super-admin acts in the tenant it names
+
+# -- the audit log (docs/audit.md) ------------------------------------------------
+# One page of GET /api/v1/audit: the default and the most a caller may ask for (an
+# export, format=csv|jsonl, streams every matching row in batches of AUDIT_EXPORT_BATCH).
+AUDIT_PAGE_DEFAULT = 100
+AUDIT_PAGE_MAX = 10_000
+AUDIT_EXPORT_BATCH = 1000
+# The longest filter value (actor, action, object) the API takes.
+AUDIT_FILTER_MAX = 200
+# Refused calls by no known caller (a bad or missing token, a dashboard form without a
+# session) are audited as actor "unknown" at most this many times per window across the
+# server; past it they are counted and the next entry written says how many were not:
+# a flood of bad tokens cannot fill the disk, and is still seen.
+AUDIT_UNKNOWN_LIMIT = 60
+AUDIT_UNKNOWN_WINDOW = 60.0
+# Rows per page of the dashboard's audit page.
+DASHBOARD_AUDIT_ROWS = 50

@@ -26,7 +26,7 @@ def tokens(server: Server, token: str | None = None) -> list[dict]:
 
 def audit(server: Server, token: str | None = None) -> list[dict]:
     with server.api(token) as api:
-        r = api.get("/audit", params={"limit": 1000})
+        r = api.get("/audit", params={"limit": 1000, "outcome": "ok"})  # refusals: audited too
     assert r.status_code == 200, r.text
     return r.json()
 

@@ -46,7 +46,7 @@ async def _state(h: Harness) -> Any:
             {k: v for k, v in r.items() if k not in ("last_seen_at", "stats")}
             for r in await h.ok("GET", "/relays")
         ],
-        "audit": await h.ok("GET", "/audit?limit=1000"),
+        "audit": await h.ok("GET", "/audit?limit=1000&outcome=ok"),
     }
 
 

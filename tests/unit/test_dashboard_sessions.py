@@ -101,4 +101,5 @@ def test_each_dashboard_action_needs_the_role_of_the_api_route_it_calls() -> Non
         "rerun": "operator",
         "approve": "admin",
         "reject": "admin",
+        "audit": "admin",  # the audit page: GET /api/v1/audit's role
     }

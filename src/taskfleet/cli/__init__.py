@@ -23,6 +23,7 @@ COMMANDS = {
     "activity": "activities",
     "agent": "agent",
     "approval": "requests",
+    "audit": "audit",
     "computer": "computers",
     "content": "content",
     "demo": "demo",

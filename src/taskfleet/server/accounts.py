@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -203,7 +204,8 @@ async def logged_in(conn: AsyncConnection, p: Principal, now: float, address: st
         await conn.execute(
             accounts.update().where(accounts.c.id == p.account_id).values(last_login_at=now)
         )
-    await audit(conn, p, "dashboard.login", now, address=address)
+    # What logged in: the account, or the token (never the password or token itself).
+    await audit(conn, replace(p, address=address), "dashboard.login", now, p.actor)
 
 
 # -- one-time login links -----------------------------------------------------------------

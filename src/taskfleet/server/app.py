@@ -53,7 +53,8 @@ from taskfleet.server.api import (
     tokens,
     workers,
 )
-from taskfleet.server.api.deps import ERROR_RESPONSES, JsonRoute, unauthenticated
+from taskfleet.server.api.audit import AuditRefusals
+from taskfleet.server.api.deps import ERROR_RESPONSES, JsonRoute, mark, unauthenticated
 from taskfleet.server.dashboard import routes as dashboard
 from taskfleet.server.kernel import ApiError
 from taskfleet.server.runtime import ServerConfig, start, stop
@@ -203,7 +204,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     """Every error is {"error": "..."} (docs/guide.md), whatever raised it."""
 
     @app.exception_handler(ApiError)
-    async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(req: Request, exc: ApiError) -> JSONResponse:
+        mark(req, message=exc.message)
         return _error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -215,7 +217,10 @@ def _install_error_handlers(app: FastAPI) -> None:
                 # An id that cannot exist (not a number, 0, beyond 64 bits) names nothing.
                 name = str(loc[1])
                 raw = request.path_params.get(name, "")
-                return _error(404, f"no {name.removesuffix('_id')} {raw!r}: {e.get('msg')}")
+                message = f"no {name.removesuffix('_id')} {raw!r}: {e.get('msg')}"
+                mark(request, message=message)
+                return _error(404, message)
+        mark(request, message=_validation_message(errors))
         return _error(400, _validation_message(errors))
 
     @app.exception_handler(HTTPException)
@@ -233,6 +238,7 @@ def _install_error_handlers(app: FastAPI) -> None:
                     allowed |= getattr(route, "methods", None) or set()
             if allowed:
                 headers["Allow"] = ", ".join(sorted(allowed))
+        mark(request, message=message)
         return _error(exc.status_code, message, headers)
 
     @app.exception_handler(Exception)
@@ -455,6 +461,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     # Before any route is added: every route parses its JSON with orjson.
     app.router.route_class = JsonRoute
     app.add_middleware(_BodyLimit)
+    # Outside the body limit: a refused oversized body (413) is audited too.
+    app.add_middleware(AuditRefusals, exempt=_ENROLL_PATHS)
     _install_error_handlers(app)
     for module in ROUTERS:
         # The routes themselves, not ``include_router``: FastAPI (0.16x) keeps an

@@ -173,6 +173,7 @@ async def enroll(
             at=now,
             actor=f"enroll-token:{row.id}",
             action="computer.reenroll" if existing is not None else "computer.enroll",
+            object=f"computer:{computer_id}",
             detail={
                 "computer_id": computer_id,
                 "hostname": hostname,

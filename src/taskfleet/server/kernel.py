@@ -3,9 +3,10 @@
 Contract: the error every server function raises for bad input
 (:class:`ApiError`, an HTTP status and a message saying what is wrong), the
 authenticated caller (:class:`Principal`) and its roles, how API tokens are
-hashed for storage, the audit log's writer and reader, and the per-state count
-of activities. Nothing here imports from ``taskfleet.server``; every other
-server module may import from here, so the server's imports form no cycle.
+hashed for storage, the audit log's writer (``server/audit.py`` reads it), and
+the per-state count of activities. Nothing here imports from
+``taskfleet.server``; every other server module may import from here, so the
+server's imports form no cycle.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Principal:
     via: str | None = None  # acting for the token, e.g. "schedule:4" (a cron run)
     super_admin: bool = False  # manages tenants; may act in any (docs/tenants.md)
     account_id: int | None = None  # a dashboard login account's (token_id is 0 then)
+    address: str | None = None  # the caller's network address (API, dashboard); audited
 
     @property
     def actor(self) -> str:
@@ -58,19 +60,57 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-async def audit(conn: AsyncConnection, p: Principal, action: str, at: float, **detail: Any) -> None:
-    await write_audit(conn, [AuditEntry(p.tenant_id, p.actor, action, at, detail)])
+async def audit(
+    conn: AsyncConnection,
+    p: Principal,
+    action: str,
+    at: float,
+    obj: str | None = None,
+    /,
+    **detail: Any,
+) -> None:
+    """Append one "ok" entry by ``p`` (its actor and address); ``obj`` is what it acted
+    on ("token:5"), derived from the action and detail when not given
+    (:func:`audit_object`)."""
+    await write_audit(
+        conn, [AuditEntry(p.tenant_id, p.actor, action, at, detail, p.address, obj=obj)]
+    )
 
 
 @dataclass(frozen=True)
 class AuditEntry:
-    """One audit log row, for actors that are not an API caller (``computer:ID``)."""
+    """One audit log row (also for actors that are not an API caller: ``computer:ID``)."""
 
     tenant_id: int
     actor: str
     action: str
     at: float
     detail: dict[str, Any]
+    address: str | None = None  # None: an internal actor (schedule, computer, server)
+    outcome: str = "ok"  # "ok" | "refused" | "failed"
+    obj: str | None = None  # "request:12"; None: derived by audit_object
+
+
+AUDIT_OBJECT_MAX = 128  # the columns' widths (store/schema.py)
+AUDIT_ADDRESS_MAX = 64
+# The noun an action's object is, when it is not the action's own first word.
+_OBJECT_NOUN = {"bulk": "request", "rollout": "request", "agent": "computer", "tag": "computer"}
+# Detail keys that name the object, in the order they are looked for.
+_OBJECT_KEYS = ("id", "{noun}_id", "{noun}", "name", "sha256")
+
+
+def audit_object(action: str, detail: dict[str, Any]) -> str | None:
+    """What an entry acted on, from its action and detail: ``request.cancel`` with
+    ``id=12`` is ``request:12``, ``group.create`` with ``name=web`` is ``group:web``,
+    ``tag.set`` with ``computer=3`` is ``computer:3``; None when the detail names none."""
+    first = action.split(".", 1)[0]
+    noun = _OBJECT_NOUN.get(first, first)
+    for key in _OBJECT_KEYS:
+        value = detail.get(key.format(noun=noun))
+        if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
+            continue
+        return f"{noun}:{value}"[:AUDIT_OBJECT_MAX]
+    return None
 
 
 async def write_audit(conn: AsyncConnection, entries: list[AuditEntry]) -> None:
@@ -82,9 +122,13 @@ async def write_audit(conn: AsyncConnection, entries: list[AuditEntry]) -> None:
                 {
                     "tenant_id": e.tenant_id,
                     "at": e.at,
-                    "actor": e.actor,
-                    "action": e.action,
+                    "actor": e.actor[:64],
+                    "action": e.action[:64],
                     "detail": e.detail,
+                    "address": e.address[:AUDIT_ADDRESS_MAX] if e.address else None,
+                    "outcome": e.outcome,
+                    "object": (e.obj or audit_object(e.action, e.detail) or "")[:AUDIT_OBJECT_MAX]
+                    or None,
                 }
                 for e in entries
             ],
@@ -110,19 +154,3 @@ async def state_counts(conn: AsyncConnection, *where: Any) -> dict[State, int]:
             .group_by(activities.c.state)
         )
     }
-
-
-async def list_audit(conn: AsyncConnection, p: Principal, limit: int) -> list[dict[str, Any]]:
-    rows = await conn.execute(
-        sa.select(
-            audit_log.c.id,
-            audit_log.c.at,
-            audit_log.c.actor,
-            audit_log.c.action,
-            audit_log.c.detail,
-        )
-        .where(audit_log.c.tenant_id == p.tenant_id)
-        .order_by(audit_log.c.id.desc())
-        .limit(limit)
-    )
-    return [dict(r._mapping) for r in rows]

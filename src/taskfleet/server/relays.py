@@ -146,6 +146,7 @@ async def enroll_relay(
             at=now,
             actor=f"relay-token:{row.id}",
             action="relay.reenroll" if existing is not None else "relay.enroll",
+            object=f"relay:{relay_id}",
             detail={"relay_id": relay_id, "name": name, "generation": generation},
         )
     )

@@ -250,6 +250,7 @@ async def mint_admin_token(
             at=now,
             actor=actor,
             action="token.mint",
+            object=f"token:{token_id}",
             detail={"id": token_id, "kind": "admin", "role": "admin", "name": "minted"},
         )
     )

@@ -280,6 +280,13 @@ audit_log = sa.Table(
     sa.Column("actor", sa.String(64), nullable=False),
     sa.Column("action", sa.String(64), nullable=False),
     sa.Column("detail", sa.JSON, nullable=False),
+    # Issue 14 (docs/audit.md): the caller's address (none for internal actors such as
+    # schedules and computers), "ok" | "refused" | "failed", what it acted on
+    # ("request:12"). Rows are append-only: triggers (migration 0012) refuse changes.
+    sa.Column("address", sa.String(64), nullable=True),
+    sa.Column("outcome", sa.String(16), nullable=False, server_default="ok"),
+    sa.Column("object", sa.String(128), nullable=True),
+    sa.Index(None, "tenant_id", "at"),
 )
 
 # Server tasks (SPEC 4): the activity row holds the state; this row the rest.

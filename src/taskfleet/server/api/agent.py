@@ -48,7 +48,7 @@ class EnrollIn(BaseModel):
 
 @router.post(ENROLL_PATH, tags=["agent"], status_code=201)
 async def enroll(rt: Rt, body: EnrollIn, request: Request) -> dict[str, Any]:
-    address = client_address(request)
+    address = client_address(request.scope)
 
     def after(res: enrollment.Enrolled) -> None:
         enrolled(rt, res, via_relay=False)
@@ -56,7 +56,7 @@ async def enroll(rt: Rt, body: EnrollIn, request: Request) -> dict[str, Any]:
     res = await guarded(
         request.app.state.guards,
         "enroll",
-        address,
+        address or "unknown",
         rt.writer.run(
             lambda c: enrollment.enroll(
                 c,

@@ -10,6 +10,7 @@ like an exchange (``loads_body``).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from typing import Annotated, Any, TypeVar, get_type_hints
 
 from fastapi import APIRouter, Depends, Request, Security
@@ -17,6 +18,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.responses import Response
+from starlette.types import Scope
 
 from taskfleet.protocol.exchange import loads_body
 from taskfleet.server import lifecycle as lc
@@ -64,7 +66,7 @@ def role(needed: str) -> Callable[..., Awaitable[Principal]]:
             raise ApiError(401, "missing bearer token (Authorization: Bearer TOKEN)")
         rt: Runtime = request.app.state.rt
         guards: Guards = request.app.state.guards
-        address = client_address(request)
+        address = client_address(request.scope) or "unknown"
         guards.check("token", address)
         async with rt.read.connect() as conn:
             p = await tokens.resolve_token(conn, token.strip(), rt.now())
@@ -73,15 +75,10 @@ def role(needed: str) -> Callable[..., Awaitable[Principal]]:
                 raise ApiError(401, "invalid, expired or revoked token")
             # A disabled tenant's tokens are refused; a super-admin may act in another.
             p = await tenants.admit(conn, p, request.headers.get(TENANT_HEADER))
-        return require(p, needed)
+        return require(seen(request, p), needed)
 
     dep.needed = needed  # type: ignore[attr-defined]  # the dashboard reads a route's role
     return dep
-
-
-def client_address(request: Request) -> str:
-    """The caller's address as the server sees it (a proxy's, behind one)."""
-    return request.client.host if request.client else "unknown"
 
 
 async def guarded(guards: Guards, kind: str, address: str, fn: Awaitable[T]) -> T:
@@ -106,6 +103,33 @@ def require(p: Principal, needed: str) -> Principal:
     if not p.allows(needed):
         raise ApiError(403, f"this needs the {needed} role; the token has {p.role}")
     return p
+
+
+# What the audit of a refused call (api/audit.py) reads from the request's state.
+PRINCIPAL = "audit_principal"
+MESSAGE = "audit_message"
+
+
+def mark(request: Request, p: Principal | None = None, message: str | None = None) -> None:
+    """Tell the audit of a refused call who called (``p``) and what was wrong."""
+    if p is not None:
+        setattr(request.state, PRINCIPAL, p)
+    if message is not None:
+        setattr(request.state, MESSAGE, message)
+
+
+def seen(request: Request, p: Principal) -> Principal:
+    """``p`` with the caller's address (every entry it audits records it), marked as the
+    caller of this request for the audit of a refusal."""
+    p = replace(p, address=client_address(request.scope))
+    mark(request, p)
+    return p
+
+
+def client_address(scope: Scope) -> str | None:
+    """The caller's address as the ASGI server saw it (docs/audit.md: proxies)."""
+    client = scope.get("client")
+    return str(client[0]) if client else None
 
 
 def needed_role(route: Callable[..., Any]) -> str:

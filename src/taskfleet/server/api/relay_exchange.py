@@ -67,7 +67,7 @@ def authenticate(rt: Runtime, request: Request) -> RelayState | None:
 @router.post(RELAY_ENROLL_PATH, tags=["relay"], status_code=201)
 async def enroll(rt: Rt, body: RelayEnrollIn, request: Request) -> dict[str, Any]:
     """Enroll a relay with a relay enrollment token; its secret is shown once."""
-    address = client_address(request)
+    address = client_address(request.scope)
 
     def after(res: relays.RelayEnrolled) -> None:
         rt.fleet.put_relay(res.state)
@@ -76,7 +76,7 @@ async def enroll(rt: Rt, body: RelayEnrollIn, request: Request) -> dict[str, Any
     res = await guarded(
         request.app.state.guards,
         "enroll",
-        address,
+        address or "unknown",
         rt.writer.run(
             lambda c: relays.enroll_relay(
                 c,

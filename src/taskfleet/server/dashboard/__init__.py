@@ -6,6 +6,6 @@ the one vendored file (htmx). No rule lives here: pages read through the service
 and actions call the API's own route functions.
 """
 
-# Pages in modules of their own (ops.py: tasks, jobs, schedules, relays) add their routes
-# to ``routes.router`` when imported.
-from taskfleet.server.dashboard import ops  # noqa: F401
+# Pages in modules of their own (ops.py: tasks, jobs, schedules, relays; audit.py) add
+# their routes to ``routes.router`` when imported.
+from taskfleet.server.dashboard import audit, ops  # noqa: F401

@@ -75,7 +75,8 @@ def _fragment(ctx: Ctx, name: str, **values: Any) -> Response:
 
 
 def _can(ctx: Ctx, action: str) -> bool:
-    return ctx.p.allows(NEEDS[action])
+    # This module's actions, else the shared ones (the header's links use those too).
+    return ctx.p.allows(NEEDS[action]) if action in NEEDS else ctx.can(action)
 
 
 def _filter(request: Request, name: str) -> str | None:

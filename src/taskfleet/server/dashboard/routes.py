@@ -38,11 +38,12 @@ from starlette.staticfiles import StaticFiles
 from taskfleet.server import activities, inventory, requests
 from taskfleet.server import lifecycle as lc
 from taskfleet.server.api import approvals as api_approvals
+from taskfleet.server.api import audit as api_audit
 from taskfleet.server.api import requests as api_requests
-from taskfleet.server.api.deps import live, needed_role, read, require
+from taskfleet.server.api.deps import live, mark, needed_role, read, require, seen
 from taskfleet.server.dashboard import login_accounts
 from taskfleet.server.dashboard.sessions import LoginLimiter, Session, SessionStore, csrf_ok
-from taskfleet.server.kernel import ApiError, Principal
+from taskfleet.server.kernel import ApiError, Principal, audit
 from taskfleet.server.runtime import Runtime
 from taskfleet.settings import (
     DASHBOARD_LOGIN_LIMIT,
@@ -75,6 +76,7 @@ ACTIONS: dict[str, Callable[..., Any]] = {
     "rerun": api_requests.rerun_failed,
     "approve": api_approvals.approve,
     "reject": api_approvals.reject,
+    "audit": api_audit.list_audit,  # the audit page (dashboard/audit.py)
 }
 NEEDS = {name: needed_role(fn) for name, fn in ACTIONS.items()}
 
@@ -156,7 +158,7 @@ async def _caller(request: Request) -> tuple[Principal, Session]:
     if p is None:  # token revoked or expired, account or tenant disabled since login
         ui.sessions.close(s.id)
         raise _LoginNeeded
-    return p, s
+    return seen(request, p), s
 
 
 Handler = Callable[[Request, Ctx], Awaitable[Response]]
@@ -172,6 +174,7 @@ def _route(path: str, method: str = "GET") -> Callable[[Handler], Handler]:
                 p, s = await _caller(request)
             except _LoginNeeded:
                 if method == "POST":
+                    mark(request, message="log in first")
                     return _render("error.html", 403, message="log in first")
                 if request.headers.get("hx-request"):  # htmx: the whole page goes to login
                     return Response(status_code=204, headers={"HX-Redirect": f"{PREFIX}/login"})
@@ -180,6 +183,7 @@ def _route(path: str, method: str = "GET") -> Callable[[Handler], Handler]:
             if method == "POST":
                 ctx.form = await _form(request)
                 if not csrf_ok(s.csrf, ctx.form.get("csrf")):
+                    mark(request, message="CSRF token missing or wrong")
                     return _render(
                         "error.html",
                         403,
@@ -190,6 +194,7 @@ def _route(path: str, method: str = "GET") -> Callable[[Handler], Handler]:
             try:
                 return await fn(request, ctx)
             except ApiError as exc:
+                mark(request, message=exc.message)
                 return _render("error.html", exc.status, ctx, message=exc.message)
 
         endpoint.__name__ = f"ui_{fn.__name__}"
@@ -254,21 +259,26 @@ async def login_form(request: Request) -> Response:
         return _login_page(request)
 
 
-@router.post(f"{PREFIX}/login", include_in_schema=False)
+@router.post(f"{PREFIX}/login", include_in_schema=False, name="dashboard.login")
 async def login(request: Request) -> Response:
+    """Open a session; a refused login is audited by api/audit.py (actor unknown, the
+    address, never the token), an accepted one here."""
     ui: Dashboard = request.app.state.dashboard
     rt: Runtime = request.app.state.rt
     form = await _form(request)
     if not csrf_ok(request.cookies.get(LOGIN_COOKIE), form.get("csrf")):
+        mark(request, message="stale login form (CSRF)")
         return _login_page(request, 403, "the login form was stale: try again")
     address = _client(request)
     if not ui.logins.allowed(address):
+        mark(request, message="too many failed logins from this address")
         return _login_page(
             request, 429, "too many failed logins from your address: wait a few minutes"
         )
     who = await login_accounts.authenticate(rt, form)
     if who is None:
         ui.logins.failed(address)
+        mark(request, message="wrong user name, password or token")
         # One answer for a wrong password, an unknown name, a wrong, revoked or expired
         # token, a disabled account or tenant: nothing to learn.
         return _login_page(request, 401, "wrong user name, password or token")
@@ -320,6 +330,9 @@ async def login_link(request: Request) -> Response:
 @_route("/logout", "POST")
 async def logout(request: Request, ctx: Ctx) -> Response:
     request.app.state.dashboard.sessions.close(ctx.session.id)
+    await ctx.rt.writer.run(
+        lambda c: audit(c, ctx.p, "dashboard.logout", ctx.rt.now(), ctx.p.actor)
+    )
     resp = _see_other("/login")
     resp.delete_cookie(SESSION_COOKIE, path=PREFIX)
     return resp
