@@ -3,7 +3,8 @@ on a fake clock; and the role each dashboard action needs (the API route's own).
 
 from __future__ import annotations
 
-from taskfleet.server.dashboard.sessions import LoginLimiter, SessionStore, csrf_ok
+from taskfleet.server.abuse import FailureLimiter as LoginLimiter
+from taskfleet.server.dashboard.sessions import SessionStore, csrf_ok
 
 
 class Clock:

@@ -37,12 +37,13 @@ from starlette.staticfiles import StaticFiles
 
 from taskfleet.server import activities, inventory, requests
 from taskfleet.server import lifecycle as lc
+from taskfleet.server.abuse import FailureLimiter
 from taskfleet.server.api import approvals as api_approvals
 from taskfleet.server.api import audit as api_audit
 from taskfleet.server.api import requests as api_requests
 from taskfleet.server.api.deps import live, mark, needed_role, read, require, seen
 from taskfleet.server.dashboard import login_accounts
-from taskfleet.server.dashboard.sessions import LoginLimiter, Session, SessionStore, csrf_ok
+from taskfleet.server.dashboard.sessions import Session, SessionStore, csrf_ok
 from taskfleet.server.kernel import ApiError, Principal, audit
 from taskfleet.server.runtime import Runtime
 from taskfleet.settings import (
@@ -97,7 +98,7 @@ class Dashboard:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.sessions = SessionStore(clock, DASHBOARD_SESSION_TTL)
-        self.logins = LoginLimiter(clock, DASHBOARD_LOGIN_LIMIT, DASHBOARD_LOGIN_WINDOW)
+        self.logins = FailureLimiter(clock, DASHBOARD_LOGIN_LIMIT, DASHBOARD_LOGIN_WINDOW)
 
 
 def install(app: FastAPI) -> None:

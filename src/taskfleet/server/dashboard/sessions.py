@@ -1,13 +1,13 @@
-"""The dashboard's sessions, CSRF tokens and login rate limit: pure, on a clock it is given.
+"""The dashboard's sessions and CSRF tokens: pure, on a clock it is given.
 
 Contract: a session is a random id (the cookie's value) naming a server-side
 entry that holds the SHA-256 of the API token it was opened with (never the
 token itself: the cookie carries only the id), its own CSRF token and when it
 ends. ``SessionStore.get`` answers None for an unknown or expired id and
-forgets expired ones. ``csrf_ok`` compares in constant time. ``LoginLimiter``
-counts failed logins per client address in a sliding window; past its limit a
-login is refused without looking at the token, so guessing is bounded whatever
-the token is. Nothing here does I/O; the clock is a parameter (tests fake it).
+forgets expired ones. ``csrf_ok`` compares in constant time. Failed logins are
+counted per client address by ``server/abuse.FailureLimiter`` (the API's limiter):
+past its limit a login is refused without looking at what it sends, so guessing is
+bounded. Nothing here does I/O; the clock is a parameter (tests fake it).
 Sessions live in the server process's memory: a restart logs everyone out.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,35 +77,3 @@ def csrf_ok(expected: str | None, sent: str | None) -> bool:
     if not expected or not sent:
         return False
     return hmac.compare_digest(expected.encode(), sent.encode())
-
-
-class LoginLimiter:
-    """At most ``limit`` failed logins per address within ``window`` seconds."""
-
-    def __init__(self, clock: Callable[[], float], limit: int, window: float) -> None:
-        self._clock = clock
-        self._limit = limit
-        self._window = window
-        self._failures: dict[str, deque[float]] = {}
-
-    def allowed(self, address: str) -> bool:
-        recent = self._recent(address)
-        return recent is None or len(recent) < self._limit
-
-    def failed(self, address: str) -> None:
-        self._failures.setdefault(address, deque()).append(self._clock())
-
-    def succeeded(self, address: str) -> None:
-        self._failures.pop(address, None)
-
-    def _recent(self, address: str) -> deque[float] | None:
-        q = self._failures.get(address)
-        if q is None:
-            return None
-        cutoff = self._clock() - self._window
-        while q and q[0] <= cutoff:
-            q.popleft()
-        if not q:
-            del self._failures[address]
-            return None
-        return q
