@@ -122,6 +122,7 @@ def amqp_url() -> Iterator[str]:
 LONGEST = {
     "tests/faults/test_api_fuzz_schemathesis.py",  # one schemathesis run over the whole API
     "tests/faults/test_random_operations_keep_the_state_table.py",  # a hypothesis machine
+    "tests/faults/test_chaos.py",  # kill -9s under a steady load, then every request checked
 }
 
 
