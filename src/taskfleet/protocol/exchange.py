@@ -82,6 +82,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from taskfleet.domain.policy import validate_agent_policy
 from taskfleet.protocol.fields import NUL_SYMBOL as NUL_SYMBOL
 from taskfleet.protocol.fields import ProtocolError as ProtocolError
+from taskfleet.protocol.fields import choice_field
 from taskfleet.protocol.fields import clean_text as clean_text
 from taskfleet.protocol.fields import int_field as _int
 from taskfleet.protocol.fields import num_field as _num
@@ -265,9 +266,7 @@ def loads_body(body: bytes) -> Any:
 
 
 def _parse_result(msg: dict[str, Any]) -> OperationResult:
-    status = msg.get("status")
-    if status not in RESULT_STATUSES:
-        raise ProtocolError(f"'status' must be one of {sorted(RESULT_STATUSES)}")
+    status = choice_field(msg, "status", RESULT_STATUSES)
     exit_code = msg.get("exit_code")
     if exit_code is not None and type(exit_code) is not int:
         raise ProtocolError("'exit_code' must be an integer or null")
@@ -290,9 +289,7 @@ def _parse_result(msg: dict[str, Any]) -> OperationResult:
 
 
 def _parse_status(msg: dict[str, Any]) -> OperationStatus:
-    status = msg.get("status")
-    if status not in PROGRESS_STATUSES:
-        raise ProtocolError(f"'status' must be one of {sorted(PROGRESS_STATUSES)}")
+    status = choice_field(msg, "status", PROGRESS_STATUSES)
     return OperationStatus(
         seq=_int(msg, "seq", minimum=1) or 0,
         op=_int(msg, "op", minimum=1) or 0,
@@ -304,9 +301,7 @@ def _parse_status(msg: dict[str, Any]) -> OperationStatus:
 
 
 def _parse_refused(msg: dict[str, Any]) -> RefusedMessage:
-    reason = msg.get("reason")
-    if reason not in REFUSAL_REASONS:
-        raise ProtocolError(f"'reason' must be one of {sorted(REFUSAL_REASONS)}")
+    reason = choice_field(msg, "reason", REFUSAL_REASONS)
     return RefusedMessage(
         seq=_int(msg, "seq", minimum=1) or 0,
         server_seq=_int(msg, "server_seq", minimum=1) or 0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 from typing import Any
 
 from taskfleet.settings import INT64_MAX
@@ -63,6 +64,15 @@ def num_field(obj: dict[str, Any], key: str) -> float | None:
     if not math.isfinite(number):
         raise ProtocolError(f"{key!r} must be a finite number")
     return number
+
+
+def choice_field(obj: dict[str, Any], key: str, allowed: Collection[str]) -> str:
+    """A text that must be one of ``allowed`` (any other value, a list or an object
+    included, is refused: a set lookup of an unhashable value would raise TypeError)."""
+    value = obj.get(key)
+    if not isinstance(value, str) or value not in allowed:
+        raise ProtocolError(f"{key!r} must be one of {sorted(allowed)}")
+    return value
 
 
 def str_field(obj: dict[str, Any], key: str, limit: int, *, clean: bool = True) -> str:
