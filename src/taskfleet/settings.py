@@ -255,3 +255,14 @@ AUDIT_UNKNOWN_LIMIT = 60
 AUDIT_UNKNOWN_WINDOW = 60.0
 # Rows per page of the dashboard's audit page.
 DASHBOARD_AUDIT_ROWS = 50
+
+# -- server processes and the leader (server/cluster.py, issue 16) ------------------
+# Each process beats this often; the leader is found within one beat of the last one's
+# death (PostgreSQL drops a dead session's advisory lock at once).
+SERVER_HEARTBEAT = 5.0
+# A process silent for this many beats is shown as lost.
+SERVER_LOST_AFTER_BEATS = 3
+# Rows of processes stopped or lost longer ago than this are pruned by the leader.
+SERVER_PROCESS_KEEP = 86_400.0
+# The PostgreSQL advisory lock key the leader holds (any constant 64-bit number).
+LEADER_LOCK_KEY = 0x7461736B666C6565  # "taskflee"

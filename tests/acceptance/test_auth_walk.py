@@ -34,7 +34,7 @@ def server(start_server: Callable[..., Server]) -> Server:
 
 
 # Routes only the super-admin may use, whatever the role (docs/tenants.md).
-SUPER_ADMIN = ("/api/v1/tenants", "/api/v1/workers")
+SUPER_ADMIN = ("/api/v1/tenants", "/api/v1/workers", "/api/v1/servers")
 _SAMPLE = {"sha256": "0" * 64, "name": "web", "key": "env"}
 
 

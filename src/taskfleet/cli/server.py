@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import click
 
 from taskfleet import tls
 from taskfleet.cli.client import Api, client_options  # light: httpx loads with an Api
 from taskfleet.cli.options import FINITE_FLOAT
-from taskfleet.cli.output import echo, fail
+from taskfleet.cli.output import echo, emit, fail, print_table, when
 from taskfleet.settings import (
     AUTH_FAILURE_LIMIT,
     AUTH_FAILURE_WINDOW,
@@ -130,6 +131,12 @@ def _listen(value: str) -> tuple[str, int]:
     f"[default: {AUTH_FAILURE_LIMIT} and {ENROLL_FAILURE_LIMIT}].",
 )
 @click.option(
+    "--cluster-heartbeat",
+    type=FINITE_FLOAT,
+    default=None,
+    hidden=True,  # tests: a faster handover (server/cluster.py)
+)
+@click.option(
     "--tls-cert",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
@@ -161,6 +168,7 @@ def server(
     heartbeat_timeout: float,
     tickles: bool,
     auth_failure_limit: int | None,
+    cluster_heartbeat: float | None,
     tls_cert: Path | None,
     tls_key: Path | None,
     log_format: str,
@@ -217,6 +225,7 @@ def server(
         ("poll_interval", poll_interval),
         ("lost_grace", lost_grace),
         ("reaper_interval", reaper_interval),
+        ("cluster_heartbeat", cluster_heartbeat),
     ):
         if value is not None:
             if value <= 0:
@@ -256,6 +265,38 @@ def server_key(server: str | None, token: str | None, as_json: bool) -> None:
         echo(json.dumps(about))
     else:
         echo(about["public_key"])
+
+
+@server.command("status")
+@client_options
+def server_status(server: str | None, token: str | None, as_json: bool) -> None:
+    """The server processes on this database (running, stopped, lost) and which one
+    leads, since when (the super-admin's; docs/scale-out.md)."""
+    data = Api(server, token).get("/servers")
+
+    def table(d: dict[str, Any]) -> None:
+        lead = d["leader"]
+        if lead:
+            echo(f"leader: {lead['id']} since {when(lead['since'])} (epoch {lead['epoch']})")
+        print_table(
+            "server processes",
+            ["id", "host", "pid", "url", "state", "leads", "started", "last heartbeat"],
+            [
+                [
+                    p["id"],
+                    p["host"],
+                    p["pid"],
+                    p["url"],
+                    p["state"],
+                    "yes" if p["leader"] else "",
+                    when(p["started_at"]),
+                    when(p["heartbeat_at"]),
+                ]
+                for p in d["processes"]
+            ],
+        )
+
+    emit(data, as_json, table)
 
 
 @server.command("mint-admin-token")

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from taskfleet.dispatch import open_queue
 from taskfleet.protocol.signing import Signer
 from taskfleet.server import jobs, metrics, relays, requests, schedules, tokens
+from taskfleet.server.cluster import Cluster
 from taskfleet.server.content import ContentStore
 from taskfleet.server.exchange import Exchange
 from taskfleet.server.fleet import ComputerState, Fleet
@@ -45,6 +46,7 @@ from taskfleet.settings import (
     POLL_INTERVAL,
     REAPER_INTERVAL,
     RELAY_POLL_INTERVAL,
+    SERVER_HEARTBEAT,
     TICKLE_MIN_INTERVAL,
     TICKLE_RATE,
     WORKER_CONCURRENCY,
@@ -86,6 +88,7 @@ class ServerConfig:
     # Failed tokens / enrollments per address within AUTH_FAILURE_WINDOW (server/abuse.py).
     auth_failure_limit: int = AUTH_FAILURE_LIMIT
     enroll_failure_limit: int = ENROLL_FAILURE_LIMIT
+    cluster_heartbeat: float = SERVER_HEARTBEAT  # server processes' beat (server/cluster.py)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class Runtime:
     lifecycle: Lifecycle | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     content: ContentStore | None = None  # content by hash under the data folder
+    cluster: Cluster | None = None  # the server processes on this database, the leader
 
     def now(self) -> float:
         """The server's clock (``ServerConfig.clock``): every route and loop reads it."""
@@ -218,6 +222,16 @@ async def start(config: ServerConfig) -> Runtime:
     rt.lifecycle.start()
     rt.tasks.append(asyncio.create_task(_reaper(rt), name="reaper"))
     rt.tasks.append(asyncio.create_task(_flush_seen(rt), name="last-seen"))
+    rt.cluster = Cluster(
+        writer,
+        read_engine,
+        None if db.is_sqlite(config.database_url) else db.create_engine(config.database_url),
+        url=config.public_url,
+        clock=config.clock,
+        heartbeat=config.cluster_heartbeat,
+    )
+    await rt.cluster.start()
+    rt.tasks.append(asyncio.create_task(rt.cluster.run(), name="cluster"))
     await _start_tasks(rt, config)
     log.info(
         "server ready: %d computers, database %s",
@@ -305,6 +319,8 @@ async def stop(rt: Runtime) -> None:
             await task
     # Each part stops on its own: one failing to stop must not leave the writer running.
     parts = [rt.tickler.stop]
+    if rt.cluster is not None:
+        parts.append(rt.cluster.stop)
     if rt.lifecycle is not None:
         parts.append(rt.lifecycle.stop)
     if rt.manager is not None:

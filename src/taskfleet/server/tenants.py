@@ -42,9 +42,10 @@ def check_name(name: str) -> str:
     return name
 
 
-def sees_workers(p: Principal) -> bool:
-    """Workers serve every tenant (no tenant's): only the super-admin, in its own
-    tenant, sees them (the API's /workers and the dashboard's tasks page)."""
+def sees_infrastructure(p: Principal) -> bool:
+    """Workers and server processes serve every tenant (no tenant's): only the
+    super-admin, in its own tenant, sees them (the API's /workers and /servers, the
+    dashboard's tasks page)."""
     return p.super_admin and p.via is None
 
 

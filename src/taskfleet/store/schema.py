@@ -40,6 +40,30 @@ server_secrets = sa.Table(
     sa.Column("value", sa.LargeBinary, nullable=False),
 )
 
+# The server processes on this database and the one that leads (server/cluster.py).
+server_processes = sa.Table(
+    "server_processes",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),  # random, per process start
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("stopped_at", sa.Float, nullable=True),
+)
+
+leadership = sa.Table(
+    "leadership",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True),  # "leader"
+    sa.Column("holder", sa.String(32), nullable=False),  # server_processes.id
+    sa.Column("epoch", sa.BigInteger, nullable=False),  # +1 at each change of leader
+    sa.Column("since", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+)
+
 api_tokens = sa.Table(
     "api_tokens",
     metadata,

@@ -21,7 +21,7 @@ router = router_for()
 @router.get("/api/v1/workers", tags=["tasks"])
 async def list_workers(rt: Rt, p: Viewer) -> list[dict[str, Any]]:
     """Workers are process-wide (no tenant's): only the super-admin sees them."""
-    if not tenants.sees_workers(p):
+    if not tenants.sees_infrastructure(p):
         raise ApiError(403, "workers serve every tenant: only the super-admin sees them")
     async with rt.read.connect() as conn:
         return await reads.list_workers(conn)

@@ -94,7 +94,7 @@ async def tasks_page(request: Request, ctx: Ctx) -> Response:
     rows = await tm.list_tasks(ctx.p, state, type_, DASHBOARD_ROWS)
     counts = await tm.count_tasks(ctx.p, type_)
     now = ctx.rt.now()
-    shown = tenants.sees_workers(ctx.p)
+    shown = tenants.sees_infrastructure(ctx.p)
     workers = await read(ctx.rt, task_reads.list_workers) if shown else []
     for w in workers:
         w["age"] = _age(now, w["heartbeat_at"])
