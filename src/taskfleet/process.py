@@ -410,15 +410,19 @@ def _base_env(account: pwd.struct_passwd | None) -> dict[str, str]:
 def _write_script(
     text: str, tmp_dir: str | None, account: pwd.struct_passwd | None
 ) -> tuple[str, str]:
-    """Write ``text`` into a fresh private directory; returns (directory, file path)."""
-    directory = tempfile.mkdtemp(prefix="taskfleet-script-", dir=tmp_dir)
+    """Write ``text`` into a fresh private directory; returns (directory, file path).
+
+    A script run as another user goes in the system's temporary folder, not ``tmp_dir``:
+    the agent's ``tmp_dir`` is its 0700 state folder, which that user cannot enter."""
+    other_user = account is not None and account.pw_uid != os.geteuid()
+    directory = tempfile.mkdtemp(prefix="taskfleet-script-", dir=None if other_user else tmp_dir)
     try:
         path = os.path.join(directory, "script")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), 0o700)  # umask must not widen or narrow it
             fh.write(text.encode("utf-8"))
-        if account is not None and account.pw_uid != os.geteuid():
+        if account is not None and other_user:
             # The interpreter runs as that user and must be able to read the file.
             os.chown(directory, account.pw_uid, account.pw_gid)
             os.chown(path, account.pw_uid, account.pw_gid)

@@ -15,6 +15,9 @@ import asyncio
 import errno
 import json
 import os
+import pwd
+import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -367,6 +370,43 @@ async def test_a_job_the_agent_cannot_run_is_refused_before_anything_runs(
     assert res["status"] == "failed" and reason in res["result_line"]
     assert res["result_line"].startswith("Stage: Starting, Status: Failed, Result: Refused by")
     assert h.runs() == [] and h.steps(11) == [] and h.store.report()["requests"] == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+async def test_a_command_run_as_another_user_gets_its_own_copy_of_the_staged_content(
+    tmp_path: Path, store: tuple[ContentStore, str]
+) -> None:
+    # The state folder (and so the staging folder in it) is 0700 and root's: before the
+    # copy, a command run as nobody could not even start in it.
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no 'nobody' user")
+    agent = _agent(tmp_path, store[1], script_users=("nobody",))
+    h = Harness(agent, store[0], tmp_path)
+    before = set(Path(tempfile.gettempdir()).glob("taskfleet-job-*"))
+    try:
+        item = h.item("a", b"payload", detect=None)
+        item["install"] = {
+            "script": (
+                f'test "$(id -u)" = {nobody.pw_uid} || exit 92\n'
+                'test "$(pwd)" = "$TASKFLEET_STAGING" || exit 90\n'
+                'test "$(cat a)" = payload || exit 91\n'
+                'touch "$TASKFLEET_STAGING/written-by-nobody" || exit 93\n'
+            ),
+            "timeout": 60,
+            "user": "nobody",
+        }
+        h.job(12, job(item, phases=("download", "install")))
+        res = await h.result(12)
+        assert h.final_steps(12)[("install", 0)] == ("succeeded", "exit code 0"), res
+        assert res["status"] == "succeeded"
+        assert stat.S_IMODE(agent.config.state_dir.stat().st_mode) == 0o700
+        # the copy went with the command
+        assert set(Path(tempfile.gettempdir()).glob("taskfleet-job-*")) == before
+    finally:
+        agent.ops.stop()
+        agent.state.close()
 
 
 async def test_a_job_is_refused_when_scripts_are_disabled(

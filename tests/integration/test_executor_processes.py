@@ -315,6 +315,21 @@ async def test_runs_as_other_user_with_its_groups(tmp_path: Path) -> None:
     assert home_user == f"{nobody.pw_dir} nobody"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+async def test_a_script_of_another_user_runs_though_the_tmp_dir_is_private(tmp_path: Path) -> None:
+    # The agent's tmp_dir is its 0700 state folder: that user cannot enter it.
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no 'nobody' user")
+    private = tmp_path / "state"
+    private.mkdir(mode=0o700)
+    result = await run(ScriptSpec(script="id -un", user="nobody", tmp_dir=str(private)))
+    assert result.succeeded, result
+    assert result.stdout == "nobody\n"
+    assert list(private.iterdir()) == []  # nothing left behind, nothing put there
+
+
 # --- script file --------------------------------------------------------------------------
 
 

@@ -10,6 +10,11 @@ Contract:
   real one (created as needed), and neither the file nor its ``.part`` is a
   symlink; otherwise ``StagingError``. (A process of the agent's own user racing
   the check can still swap a folder in between: the staging tree is 0700.)
+* ``copy_for_user`` gives a command run as another user its own copy of the item's
+  folder: the state folder is 0700 and the agent's, so that user cannot enter the item's
+  folder. The copy is a fresh 0700 folder in the system's temporary folder, owned by that
+  user with everything in it; the caller removes it when the command ends (what the
+  command leaves there is not kept for the item's later steps).
 * ``remove_staging`` removes a job's staging folder (a symlink in its place is
   unlinked, never followed).
 * ``Checkpoint`` is a job's resume checkpoint: which items Analyze found
@@ -23,8 +28,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import stat
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +85,23 @@ def content_path(folder: Path, name: str) -> Path:
     if not dest.resolve().is_relative_to(folder.resolve()):
         raise StagingError(f"content name {name!r} leaves the staging folder")
     return dest
+
+
+def copy_for_user(folder: Path, user: str) -> Path:
+    """A private copy of ``folder`` that ``user`` owns (``KeyError``: no such user)."""
+    account = pwd.getpwnam(user)
+    run = Path(tempfile.mkdtemp(prefix="taskfleet-job-"))
+    try:
+        # Staging holds no symlinks (content_path refuses them); never follow one anyway.
+        shutil.copytree(folder, run, symlinks=True, dirs_exist_ok=True)
+        for root, dirs, files in os.walk(run):
+            os.lchown(root, account.pw_uid, account.pw_gid)
+            for name in (*dirs, *files):
+                os.lchown(os.path.join(root, name), account.pw_uid, account.pw_gid)
+    except BaseException:
+        shutil.rmtree(run, ignore_errors=True)
+        raise
+    return run
 
 
 def remove_staging(state_dir: Path, op: int) -> None:

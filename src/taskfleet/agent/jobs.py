@@ -21,7 +21,9 @@ Contract:
   folder and skips the rest.
   The action runs the item's command with cwd the item's staging folder (unless
   the command names its own) and ``TASKFLEET_STAGING`` set to it, through
-  ``taskfleet.process.start_script`` like a script (time limit, output cap, user).
+  ``taskfleet.process.start_script`` like a script (time limit, output cap, user). A
+  command run as another user gets that user's own copy of the folder instead
+  (``job_files.copy_for_user``), removed when the command ends.
 * The checkpoint (``job_files.Checkpoint`` at ``Operation.checkpoint_path``: what the
   scrubber calls "a resume checkpoint") holds the items' applicability, every finished step with its
   status and detail, and whether a terminate arrived; it is written atomically
@@ -55,9 +57,11 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -70,6 +74,7 @@ from taskfleet.agent.job_files import (
     Checkpoint,
     StagingError,
     content_path,
+    copy_for_user,
     item_folder,
     remove_staging,
 )
@@ -383,6 +388,26 @@ class JobRun:
         except ValueError as exc:  # what the process runner itself refuses (a NUL, ...)
             now = time.time()
             return ScriptResult(None, None, False, False, "", "", 0, 0, now, now, error=str(exc))
+        own_copy = None
+        if spec.user is not None and folder is not None and spec.cwd == str(folder):
+            try:
+                own_copy = copy_for_user(folder, spec.user)
+            except KeyError:
+                pass  # an unknown user: start_script says so
+            except OSError as exc:
+                now = time.time()
+                why = f"cannot copy the staging folder for user {spec.user!r}: {exc}"
+                return ScriptResult(None, None, False, False, "", "", 0, 0, now, now, error=why)
+            else:
+                env["TASKFLEET_STAGING"] = str(own_copy)
+                spec = dataclasses.replace(spec, cwd=str(own_copy), env={**(spec.env or {}), **env})
+        try:
+            return await self._run(spec)
+        finally:
+            if own_copy is not None:
+                shutil.rmtree(own_copy, ignore_errors=True)
+
+    async def _run(self, spec: ScriptSpec) -> ScriptResult:
         running = await start_script(spec)
         self.host.started(self.op, running)
         if self._cancel.is_set() or self.host.shutting_down():
