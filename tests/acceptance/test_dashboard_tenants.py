@@ -99,7 +99,9 @@ def test_a_one_time_login_link_works_once_in_the_browser(server: Server, page: P
     with server.api() as root:
         link = root.post("/login-links").json()
     page.goto(server.url + link["path"])
+    page.get_by_role("button", name="Log in with this link").click()
     expect(page).to_have_url(re.compile(r"/ui/fleet$"))
     page.context.clear_cookies()
     page.goto(server.url + link["path"])
+    page.get_by_role("button", name="Log in with this link").click()
     expect(page.locator("p.error")).to_contain_text("this login link is not valid")

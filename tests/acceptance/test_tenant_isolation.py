@@ -529,21 +529,39 @@ def test_bad_accounts_are_refused_and_nothing_changes(server):
         assert api.get("/accounts").status_code == 403
 
 
+def _use_link(c: httpx.Client, path: str) -> httpx.Response:
+    """Open the link's page (which spends nothing), then press its button."""
+    page = c.get(path)
+    assert page.status_code == 200, page.text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    code = re.search(r'name="code" value="([^"]+)"', page.text)
+    assert csrf and code
+    return c.post("/ui/login/link", data={"csrf": csrf.group(1), "code": code.group(1)})
+
+
 def test_a_one_time_login_link_opens_one_session_once(server):
     with server.api() as root:
         link = _ok(root.post("/login-links"), 201)
     assert link["expires_at"] - time.time() <= 600 + 5
     with httpx.Client(base_url=server.url, timeout=30) as c:
-        r = c.get(link["path"])
+        # A link preview or a mail scanner fetching it spends nothing.
+        for _ in range(3):
+            r = c.get(link["path"])
+            assert r.status_code == 200 and "tf_session" not in r.cookies
+        r = _use_link(c, link["path"])
         assert r.status_code == 303 and r.headers["location"].endswith("/ui/fleet")
         assert "tf_session" in r.cookies
         assert c.get("/ui/fleet").status_code == 200
     with httpx.Client(base_url=server.url, timeout=30) as c:
-        r = c.get(link["path"])
+        r = _use_link(c, link["path"])
         assert r.status_code == 401 and "used, has expired or is unknown" in r.text
         assert "tf_session" not in r.cookies
-        r = c.get("/ui/login/link", params={"code": "made-up"})
+        r = _use_link(c, "/ui/login/link?code=made-up")
         assert r.status_code == 401
+        # No CSRF token from the link's page: refused, the code not looked at.
+        r = c.post("/ui/login/link", data={"code": "made-up"})
+        assert r.status_code == 403
+        assert c.get("/ui/login/link").status_code == 400  # no code at all
         assert c.get("/ui/fleet", follow_redirects=False).status_code == 303
 
 

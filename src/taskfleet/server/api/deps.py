@@ -166,7 +166,8 @@ PUBLIC: dict[str, str] = {
     "GET /ui/": "redirects to the login page or the fleet",
     "GET /ui/login": "the login form",
     "POST /ui/login": "checks the credentials it is sent (rate limited)",
-    "GET /ui/login/link": "redeems the one-time login code it carries (hashed, single use)",
+    "GET /ui/login/link": "the one-time link's page: a button, nothing spent",
+    "POST /ui/login/link": "redeems the one-time login code it is sent (hashed, single use)",
     "POST /ui/logout": "ends the session it is sent, if any",
 }
 

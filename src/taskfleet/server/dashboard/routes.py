@@ -236,10 +236,13 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def _login_page(request: Request, status: int = 200, error: str = "") -> HTMLResponse:
-    # A fresh token for the login form, also set as a cookie only /ui/login gets back.
+def _login_page(
+    request: Request, status: int = 200, error: str = "", link_code: str = ""
+) -> HTMLResponse:
+    # A fresh token for the login form, also set as a cookie only /ui/login (and
+    # /ui/login/link, below it) gets back.
     nonce = secrets.token_urlsafe(32)
-    resp = _render("login.html", status, login_csrf=nonce, error=error)
+    resp = _render("login.html", status, login_csrf=nonce, error=error, link_code=link_code)
     resp.set_cookie(
         LOGIN_COOKIE,
         nonce,
@@ -309,18 +312,33 @@ async def open_session(
 
 
 @router.get(f"{PREFIX}/login/link", include_in_schema=False)
+async def login_link_form(request: Request) -> Response:
+    """The one-time link's page: a button that spends it. A GET spends nothing, so a mail
+    scanner or a chat's link preview that fetches the link cannot use it up."""
+    code = request.query_params.get("code", "")
+    if not code:
+        return _login_page(request, 400, "this login link has no code")
+    return _login_page(request, link_code=code[:512])
+
+
+@router.post(f"{PREFIX}/login/link", include_in_schema=False)
 async def login_link(request: Request) -> Response:
     """Open a session with a one-time code (``taskfleet login-link``, the demo's link)."""
     ui: Dashboard = request.app.state.dashboard
+    form = await _form(request)
+    if not csrf_ok(request.cookies.get(LOGIN_COOKIE), form.get("csrf")):
+        mark(request, message="stale login form (CSRF)")
+        return _login_page(request, 403, "the login form was stale: open the link again")
     address = _client(request)
     if not ui.logins.allowed(address):
+        mark(request, message="too many failed logins from this address")
         return _login_page(
             request, 429, "too many failed logins from your address: wait a few minutes"
         )
-    code = request.query_params.get("code", "")
-    who = await login_accounts.redeem_link(request.app.state.rt, code)
+    who = await login_accounts.redeem_link(request.app.state.rt, form.get("code", ""))
     if who is None:
         ui.logins.failed(address)
+        mark(request, message="login link not valid")
         return _login_page(
             request, 401, "this login link is not valid: it was used, has expired or is unknown"
         )
