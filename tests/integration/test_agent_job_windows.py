@@ -91,6 +91,9 @@ async def test_the_install_waits_for_the_window_and_the_scrubber_does_not_count_
     record = h.agent.state.operation(40)
     assert record is not None and record.status == st.DEFERRED and record.attempts == 1
     assert [r for r in h.runs() if r.startswith("detect")] == ["detect a", "detect b"]
+    # Resuming only to wait again sends no finished step's report a second time.
+    finals = [(p, i) for p, i, s, _ in h.steps(40) if s != "started"]
+    assert len(finals) == len(set(finals)) == 4
 
     h.terminate(40)
     res = await h.result(40)

@@ -19,8 +19,9 @@ Contract:
   unlinked, never followed).
 * ``Checkpoint`` is a job's resume checkpoint: which items Analyze found
   applicable, the finished steps with status and detail, whether a terminate
-  arrived. ``save`` writes it atomically (temp file, fsync, rename, fsync of the
-  folder), 0600; ``load`` gives None for a missing or unreadable one.
+  arrived, whether every finished step's report is known to be queued. ``save``
+  writes it atomically (temp file, fsync, rename, fsync of the folder), 0600;
+  ``load`` gives None for a missing or unreadable one.
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ class Checkpoint:
     applicable: dict[int, bool] = field(default_factory=dict)
     done: dict[Step, tuple[str, str]] = field(default_factory=dict)  # step -> status, detail
     terminate: bool = False
+    # Every finished step's report is queued (set when the run waits for a window): a
+    # resume then has nothing to report again. A crash can only come between a
+    # checkpoint and its report while a step is recorded, which clears it.
+    reported: bool = False
 
     @property
     def statuses(self) -> dict[Step, str]:
@@ -133,6 +138,7 @@ class Checkpoint:
                 {int(k): bool(v) for k, v in d["applicable"].items()},
                 {(p, int(i)): (s, str(t)) for p, i, s, t in d["done"]},
                 bool(d["terminate"]),
+                bool(d.get("reported", False)),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -145,6 +151,7 @@ class Checkpoint:
                 "applicable": {str(k): v for k, v in self.applicable.items()},
                 "done": [[p, i, s, t] for (p, i), (s, t) in self.done.items()],
                 "terminate": self.terminate,
+                "reported": self.reported,
             }
         ).encode()
         path.parent.mkdir(mode=0o700, exist_ok=True)

@@ -29,7 +29,8 @@ Contract:
   status and detail, and whether a terminate arrived; it is written atomically
   (temp file, fsync, rename, fsync of the folder) after each step, BEFORE the
   step's final report is queued. A resumed run (scrubber continue, agent restart)
-  queues again the final report of every finished step (a report may come more
+  queues again the final report of every finished step, unless the checkpoint says
+  they were all queued before a wait for a window (a report may come more
   than once; the last wins), never runs a finished step again, and runs the step
   that was in flight again (a download resumes from its ``.part``). So no crash
   loses a report or repeats a finished step.
@@ -275,7 +276,8 @@ class JobRun:
         if cp is not None:
             self.cp = cp
             self.terminating |= cp.terminate
-            self._report_again()
+            if not cp.reported:
+                self._report_again()
         why = "canceled" if self.canceled else "terminated"
         if self.terminating and not self.cp.done:
             return self._end(f"{why} before it started")
@@ -307,6 +309,11 @@ class JobRun:
             f"{len(self.cp.done)} step(s) done"
         )
         log.info("operation %d: %s, for %.0fs", self.op, reason, until - now)
+        if not self.cp.reported:
+            # Each finished step's report is queued by now: the hourly scrubber pass and
+            # the window's opening resume the run without sending them all again.
+            self.cp.reported = True
+            self.cp.save(self.path)
         return JobWait(until, reason, self.ran)
 
     def _report_again(self) -> None:
@@ -323,6 +330,7 @@ class JobRun:
         for step, status, detail in results:
             self.cp.done[step] = (status, detail)
         self.cp.terminate = self.terminating
+        self.cp.reported = False
         self.cp.save(self.path)  # before the reports: a resumed run sends them again
         self.host.state.queue([self._report(s, status, d) for s, status, d in results])
         self.host.notify()
