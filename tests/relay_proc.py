@@ -154,8 +154,9 @@ def start_relay(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
             state_dir.name,
             *extra,
         ]
+        scheme = "https" if "--tls-cert" in extra else "http"
         r = Relay(
-            f"http://127.0.0.1:{port}",
+            f"{scheme}://127.0.0.1:{port}",
             port,
             tickle_port,
             state_dir,

@@ -6,6 +6,8 @@ Contract:
   returns None, or a sentence saying why it cannot be used (missing, unreadable,
   not PEM, key not matching the certificate, key readable by every user). The
   server refuses to start with that sentence: never half up on a broken pair.
+* ``listener_problem(cert, key, host)``: both checks above for a server's or a
+  relay's ``--tls-cert``/``--tls-key`` (given together, usable), or the warning.
 * ``plain_http_warning(host)``: the loud warning for a server that listens on
   a non-loopback address without TLS (None on loopback: a TLS proxy in front, or
   a single machine).
@@ -23,6 +25,19 @@ import stat
 from pathlib import Path
 
 PINNED_CA = "server-ca.pem"
+
+
+def listener_problem(
+    cert: Path | None, key: Path | None, host: str
+) -> tuple[str | None, str | None]:
+    """A listener's (server's or relay's) TLS options, checked: (why it must not start,
+    the warning to log). Both None: start, on HTTPS or on plain loopback HTTP."""
+    if (cert is None) != (key is None):
+        return "give --tls-cert and --tls-key together (or neither: plain HTTP)", None
+    if cert is not None and key is not None:
+        problem = check_server_files(cert, key)
+        return (None if problem is None else f"refusing to start: {problem}"), None
+    return None, plain_http_warning(host)
 
 
 def check_server_files(cert: Path, key: Path) -> str | None:

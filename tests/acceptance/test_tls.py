@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import trustme
 
@@ -112,6 +113,63 @@ def test_a_relay_with_the_pinned_ca_serves_its_agents_from_an_https_server(
     start_agent(relay.url, enroll_token(https_server))
     [a] = _ran(https_server, ["echo", "through the relay"])
     assert a["state"] == "succeeded" and a["stdout"] == "through the relay\n"
+
+
+def test_a_relay_serves_its_agents_https_and_an_agent_that_does_not_trust_it_gets_nothing(
+    https_server: Server,
+    pki: Pki,
+    start_relay: Callable[..., Relay],
+    start_agent: Callable[..., Agent],
+) -> None:
+    # The relay's own pair, from the CA the agents pin (an organisation's CA).
+    relay = start_relay(
+        https_server,
+        "--ca-file",
+        pki.ca,
+        "--poll-interval",
+        "1",
+        "--tls-cert",
+        pki.cert,
+        "--tls-key",
+        pki.key,
+    )
+    assert relay.url.startswith("https://")
+    token = enroll_token(https_server)
+    wrong = start_agent(relay.url, token, "--ca-file", pki.other_ca, wait_enrolled=False)
+    start_agent(relay.url, token, "--ca-file", pki.ca)
+    wait_until(
+        lambda: "CERTIFICATE_VERIFY_FAILED" in wrong.proc.text(), 30, "the relay's cert refused"
+    )
+    [a] = _ran(https_server, ["echo", "tls both ways"])  # only the trusting agent enrolled
+    assert a["state"] == "succeeded" and a["stdout"] == "tls both ways\n"
+    # Plain HTTP to an HTTPS relay gets nothing either.
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(
+            relay.url.replace("https://", "http://") + "/metrics", timeout=5
+        ).raise_for_status()
+
+
+def test_a_relay_refuses_a_tls_pair_it_cannot_use(tmp_path: Path, pki: Pki) -> None:
+    out = subprocess.run(
+        _cli(
+            "relay",
+            "--server",
+            "http://127.0.0.1:9",
+            "--state-dir",
+            str(tmp_path / "r"),
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--tls-cert",
+            pki.cert,
+            "--tls-key",
+            pki.ca,  # not the certificate's key
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0 and "refusing to start: cannot use --tls-cert" in out.stderr
+    assert not (tmp_path / "r").exists()  # nothing enrolled, nothing made
 
 
 def _server_refuses(tmp_path: Path, *args: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from taskfleet.cli.options import FINITE_FLOAT
+from taskfleet.cli.options import FINITE_FLOAT, read_token_file
 from taskfleet.cli.output import emit, fail, print_fields, print_table, when
 from taskfleet.settings import (
     AGENT_INVENTORY_INTERVAL,
@@ -284,7 +284,7 @@ def agent(
                 "give the enrollment token once: --enroll-token (or TASKFLEET_ENROLL_TOKEN) "
                 "or --enroll-token-file"
             )
-        enroll_token = _read_token_file(enroll_token_file)
+        enroll_token = read_token_file(enroll_token_file)
     from taskfleet import logs
     from taskfleet.agent.main import AgentConfig, run_agent
     from taskfleet.agent.state import StateError
@@ -357,17 +357,6 @@ def _relay_options(
     if len(key) != 64 or any(ch not in "0123456789abcdef" for ch in key):
         fail("--server-key must be the server's Ed25519 public key: 64 hex digits")
     return key
-
-
-def _read_token_file(path: Path) -> str:
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        fail(f"cannot read --enroll-token-file {path}: {exc}")
-    token = lines[0].strip() if lines else ""
-    if not token:
-        fail(f"--enroll-token-file {path} is empty")
-    return token
 
 
 @agent.command("status")

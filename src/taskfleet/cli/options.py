@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -79,3 +80,15 @@ def seconds_arg(value: str, option: str) -> float:
     if not 0 < seconds < math.inf:
         fail(f"{option} must be a positive, finite duration, got {value!r}")
     return seconds
+
+
+def read_token_file(path: Path) -> str:
+    """The enrollment token in ``--enroll-token-file`` (its first line), or a clear exit."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read --enroll-token-file {path}: {exc}")
+    token = lines[0].strip() if lines else ""
+    if not token:
+        fail(f"--enroll-token-file {path} is empty")
+    return token

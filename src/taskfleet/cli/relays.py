@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from taskfleet.cli.client import Api, client_options  # light: httpx loads with an Api
-from taskfleet.cli.options import FINITE_FLOAT
+from taskfleet.cli.options import FINITE_FLOAT, read_token_file
 from taskfleet.cli.output import echo, emit, fail, print_fields, print_table, when
 from taskfleet.protocol.relay import STAT_CACHED, STAT_LAG, STAT_SPOOL
 from taskfleet.settings import (
@@ -112,6 +112,18 @@ from taskfleet.settings import (
     "the state folder, so later starts need not give it again.",
 )
 @click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="PEM certificate (chain) to serve agents HTTPS with; needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="PEM private key of --tls-cert (not readable by every user).",
+)
+@click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
 )
 @click.pass_context
@@ -131,6 +143,8 @@ def relay(
     retry_max: float,
     content_cache_mb: int,
     name: str | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     log_format: str,
 ) -> None:
     """Run a relay near a group of agents (enrolls on first start), or manage relays."""
@@ -141,13 +155,7 @@ def relay(
     if enroll_token_file is not None:
         if enroll_token:
             fail("give the enrollment token once: --enroll-token or --enroll-token-file")
-        try:
-            lines = enroll_token_file.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            fail(f"cannot read --enroll-token-file {enroll_token_file}: {exc}")
-        enroll_token = lines[0].strip() if lines else ""
-        if not enroll_token:
-            fail(f"--enroll-token-file {enroll_token_file} is empty")
+        enroll_token = read_token_file(enroll_token_file)
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         fail(f"--listen {listen!r}: expected HOST:PORT")
@@ -157,6 +165,12 @@ def relay(
         fail("--poll-interval must be positive")
     if not 0 < retry_min <= retry_max:
         fail("--retry-min and --retry-max must be positive, the minimum not above the maximum")
+    from taskfleet import tls
+
+    problem, warning = tls.listener_problem(tls_cert, tls_key, host.strip("[]"))
+    if problem:
+        fail(problem)
+    import logging
     import socket
 
     from taskfleet import logs
@@ -165,10 +179,10 @@ def relay(
     from taskfleet.relay.upstream import EnrollRefused
 
     logs.setup(log_format)
-    from taskfleet.tls import pin_ca
-
+    if warning:  # the agents' secrets would cross the network in the clear
+        logging.getLogger("taskfleet.relay").warning("%s", warning)
     try:
-        ca_file = pin_ca(state_dir, ca_file)
+        ca_file = tls.pin_ca(state_dir, ca_file)
     except (ValueError, OSError) as exc:
         fail(str(exc))
     config = RelayConfig(
@@ -186,6 +200,8 @@ def relay(
         retry_min=retry_min,
         retry_max=retry_max,
         content_cache_bytes=content_cache_mb * 1024 * 1024,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     try:
         run_relay(config)

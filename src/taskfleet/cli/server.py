@@ -188,13 +188,10 @@ def server(
 
     host, port = _listen(listen)
     logs.setup(log_format)
-    if (tls_cert is None) != (tls_key is None):
-        fail("give --tls-cert and --tls-key together (or neither: plain HTTP)")
-    if tls_cert is not None and tls_key is not None:
-        problem = tls.check_server_files(tls_cert, tls_key)
-        if problem:
-            fail(f"refusing to start: {problem}")
-    elif warning := tls.plain_http_warning(host):
+    problem, warning = tls.listener_problem(tls_cert, tls_key, host)
+    if problem:
+        fail(problem)
+    if warning:
         logging.getLogger("taskfleet.server").warning(warning)
     database_url = database or _default_database(data_dir)
     try:

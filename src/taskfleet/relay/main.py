@@ -64,6 +64,8 @@ class RelayConfig:
     retry_min: float = RELAY_RETRY_MIN
     retry_max: float = RELAY_RETRY_MAX
     content_cache_bytes: int = RELAY_CONTENT_CACHE_BYTES  # LRU cap of relay/content.py
+    tls_cert: Path | None = None  # serve agents HTTPS with this pair (tls.check_server_files)
+    tls_key: Path | None = None
 
 
 class _Uvicorn(uvicorn.Server):
@@ -153,6 +155,8 @@ class Relay:
                 access_log=False,
                 timeout_keep_alive=SERVER_KEEP_ALIVE,
                 timeout_graceful_shutdown=int(RELAY_SHUTDOWN_GRACE),
+                ssl_certfile=cfg.tls_cert,
+                ssl_keyfile=cfg.tls_key,
             )
         )
         http = asyncio.create_task(server.serve(sockets=[tcp]), name="http")
