@@ -156,3 +156,38 @@ def test_an_agent_restarted_while_its_job_waits_waits_again_without_redoing_a_st
     [computer] = done["computers"]
     assert computer["state"] == "canceled"
     assert not (marks / "installed").exists()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("window", "web", "--clear"),
+        ("window", "web", "OPEN-NOW", "--utc-offset", "+00:00"),
+        ("remove", "web", "COMPUTER"),
+    ],
+    ids=["window cleared", "window widened", "computer left the group"],
+)
+def test_a_window_changed_while_a_job_waits_reaches_the_computer_and_it_installs(
+    server: Server, start_agent: Callable[..., Agent], tmp_path: Path, change: tuple[str, ...]
+) -> None:
+    # The window was two hours away when the job was handed out; the administrator
+    # opens it (or takes the computer out of the group) without touching the job.
+    agent, items, marks = _setup(server, start_agent, tmp_path, time.time() + 2 * 3600)
+    job_id = _create(server, items)
+    wait_until(lambda: _waiting(server, agent, job_id), 60, "the job to wait")
+    now = time.time()
+    fill = {
+        "COMPUTER": str(agent.computer_id),
+        "OPEN-NOW": f"{_hhmm(now - 3600)}-{_hhmm(now + 7200)}",
+    }
+    tf(server, "group", *(fill.get(a, a) for a in change))
+    done = wait_until(
+        lambda: (j := _job(server, job_id))["state"] == "succeeded" and j,
+        30,
+        "the job to install with the new window",
+    )
+    [computer] = done["computers"]
+    steps = {(s["phase"], s["item"]): s["status"] for s in computer["steps"]}
+    assert steps[("install", 0)] == "succeeded", steps
+    assert (marks / "installed").exists()
+    assert (marks / "detected").read_text() == "run\n"  # nothing ran twice

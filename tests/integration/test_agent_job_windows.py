@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from taskfleet.agent import state as st
-from taskfleet.protocol.exchange import operation_message, parse_server_reply
-from taskfleet.protocol.orders import operation_body
+from taskfleet.protocol.exchange import operation_message, parse_server_reply, windows_message
+from taskfleet.protocol.orders import operation_body, windows_body
 from tests.integration.test_agent_jobs import (
     COMPUTER,
     GENERATION,
@@ -103,3 +103,39 @@ async def test_the_install_waits_for_the_window_and_the_scrubber_does_not_count_
     assert not [r for r in h.runs() if r.startswith("install")]
     assert not _staging(h, 40).exists()
     assert 40 not in h.agent.ops.timers
+
+
+def _windows_order(h: Harness, op: int, windows: list[dict[str, Any]], issued_at: float) -> None:
+    body = windows_body(
+        computer=COMPUTER, generation=GENERATION, op=op, windows=windows, issued_at=issued_at
+    )
+    message = windows_message(h._next(), op, body, SERVER.sign(body))
+    h.agent.ops.receive(parse_server_reply({"ack": 0, "messages": [message]}).messages, True)
+
+
+async def test_a_windows_order_moves_a_waiting_job_and_an_older_one_changes_nothing(
+    h: Harness,
+) -> None:
+    opens = (time.time() // 60 + 120) * 60
+    _windowed(h, 41, job(h.item("a")), opens)
+    await until(lambda: (o := h.agent.state.operation(41)) and o.status == st.DEFERRED)
+    # The window moved an hour later: the job looks again at once and waits for it.
+    later = opens + 3600
+    moved = [{"window": f"{_hhmm(later)}-{_hhmm(later + 3600)}", "utc_offset": 0}]
+    _windows_order(h, 41, moved, issued_at=time.time())
+    await until(lambda: [d["until"] for d in _deferred(h, 41)] == [opens, later])
+    # An older order (a replay) changes nothing; one for an operation it does not
+    # have is refused.
+    _windows_order(h, 41, [], issued_at=time.time() - 600)
+    _windows_order(h, 999, [], issued_at=time.time())
+    refused = [m for m in h.outbox() if m["type"] == "refused"]
+    assert [(m["op"], m["reason"]) for m in refused] == [(999, "malformed")]
+    record = h.agent.state.operation(41)
+    assert record is not None and record.windows_order is not None
+    assert record.windows_order["windows"] == moved and record.status == st.DEFERRED
+    assert not [r for r in h.runs() if r.startswith("install")]
+    # No windows any more: it installs now.
+    _windows_order(h, 41, [], issued_at=time.time())
+    res = await h.result(41)
+    assert res["status"] == "succeeded"
+    assert [r.split()[0] for r in h.runs()] == ["detect", "install"]

@@ -166,8 +166,11 @@ def check_job(payload: dict[str, Any], policy: dict[str, Any]) -> tuple[str | No
 
 
 def order_windows(op: st.Operation) -> tuple[MaintenanceWindow, ...]:
-    """The maintenance windows a job operation was sent with (checked by ``check_job``)."""
+    """The job's maintenance windows: those of its latest windows order (checked when
+    it arrived), else those it was sent with (checked by ``check_job``)."""
     try:
+        if op.windows_order is not None:
+            return parse_windows(op.windows_order["windows"])
         return parse_windows(json.loads(json.loads(op.body)["body"]).get("windows"))
     except (JobSpecError, ValueError, KeyError, TypeError):
         return ()

@@ -39,7 +39,10 @@ Contract:
   (``malformed``). The running job then finishes its step and stops; a job not
   started (deferred, or not yet running) ends at once, every step Skipped. A
   second terminate does nothing more. A cancel of a job stops its command at
-  once, then ends it as a terminate does.
+  once, then ends it as a terminate does. A ``windows`` order (a job's
+  maintenance windows changed after hand-out) is checked and stored the same way
+  (the latest by ``issued_at`` wins); a job waiting for its windows looks again at
+  once, a running one checks the new windows before its next action step.
 
 Why one class of about 700 lines: a script, a typed activity (its restart wait
 included) and a job share what makes a run truthful — the executor lock, the
@@ -58,6 +61,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -80,13 +84,22 @@ from taskfleet.protocol.exchange import (
     MalformedMessage,
     OperationMessage,
     ServerMessage,
+    SignedOrder,
     TerminateMessage,
+    WindowsMessage,
     operation_message,
     operation_result,
     operation_status,
     refused_message,
 )
-from taskfleet.protocol.orders import CANCEL, OPERATION, TERMINATE, Refusal, open_order
+from taskfleet.protocol.orders import (
+    CANCEL,
+    OPERATION,
+    TERMINATE,
+    WINDOWS,
+    Refusal,
+    open_order,
+)
 from taskfleet.protocol.signing import Verifier
 from taskfleet.settings import RECURRING_EVERY
 
@@ -96,6 +109,17 @@ if TYPE_CHECKING:  # loaded when a job or typed activity arrives (agent memory)
     from taskfleet.domain.jobs import JobSpec
 
 log = logging.getLogger("taskfleet.agent")
+
+
+@dataclasses.dataclass
+class _Received:
+    """What one reply's new messages ask for, gathered before one transaction stores it."""
+
+    ops: list[st.NewOperation] = dataclasses.field(default_factory=list)
+    taken: set[int] = dataclasses.field(default_factory=set)
+    cancels: list[int] = dataclasses.field(default_factory=list)
+    terminates: list[int] = dataclasses.field(default_factory=list)
+    windows: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 class Operations:
@@ -159,10 +183,7 @@ class Operations:
     def receive(self, messages: list[ServerMessage], pushed: bool) -> None:
         """Store what a reply brought, then act on it (module docstring)."""
         last = self.state.server_seq
-        ops: list[st.NewOperation] = []
-        taken: set[int] = set()
-        cancels: list[int] = []
-        terminates: list[int] = []
+        got = _Received()
         refusals: list[dict[str, Any]] = []
         top = last
         for m in messages:
@@ -170,18 +191,7 @@ class Operations:
                 continue  # already stored: a resend
             top = max(top, m.seq)
             try:
-                if isinstance(m, MalformedMessage):
-                    raise Refusal("malformed", m.error)
-                if isinstance(m, TerminateMessage):
-                    self._open(m, TERMINATE)
-                    self._job_to_terminate(m.op, ops)
-                    terminates.append(m.op)
-                elif isinstance(m, CancelMessage):
-                    self._open(m, CANCEL)
-                    cancels.append(m.op)
-                else:
-                    ops.append(self._operation(m, self._open(m, OPERATION), taken, pushed))
-                    taken.add(m.op)
+                self._take(m, got, pushed)
             except Refusal as refusal:
                 log.warning(
                     "server message %d%s refused, %s",
@@ -192,26 +202,85 @@ class Operations:
                 refusals.append(refused_message(m.seq, m.op, refusal.reason, refusal.text))
         if top == last:
             return
-        new = self.state.receive(ops, cancels, top, refusals, terminates)
+        new = self.state.receive(got.ops, got.cancels, top, refusals, got.terminates, got.windows)
         if refusals:
             self.trigger.set()
-        for op_id in cancels:
+        for op_id in got.cancels:
             self._cancel(op_id)
         for op_id in new:
             op = self.state.operation(op_id)
             if op is not None:
                 self.spawn(op)
-        for op_id in terminates:
+        for op_id in got.terminates:
             self._terminate(op_id)
+        for op_id in got.windows:
+            if op_id not in new:  # a job new in this reply starts with them anyway
+                self._windows_changed(op_id)
 
-    def _job_to_terminate(self, op_id: int, new: list[st.NewOperation]) -> None:
-        """A terminate names a job operation this computer has (or gets in this reply)."""
+    def _take(self, m: ServerMessage, got: _Received, pushed: bool) -> None:
+        """Open one new server message into ``got``; :class:`Refusal` if it is not
+        genuinely for this computer or makes no sense here."""
+        if isinstance(m, MalformedMessage):
+            raise Refusal("malformed", m.error)
+        if isinstance(m, TerminateMessage):
+            self._open(m, TERMINATE)
+            self._job_named(m.op, got.ops, "a terminate")
+            got.terminates.append(m.op)
+        elif isinstance(m, WindowsMessage):
+            order = self._windows_order(self._open(m, WINDOWS))
+            self._job_named(m.op, got.ops, "a windows order")
+            kept = got.windows.get(m.op)
+            if kept is None or kept["issued_at"] <= order["issued_at"]:
+                got.windows[m.op] = order
+        elif isinstance(m, CancelMessage):
+            self._open(m, CANCEL)
+            got.cancels.append(m.op)
+        else:
+            got.ops.append(self._operation(m, self._open(m, OPERATION), got.taken, pushed))
+            got.taken.add(m.op)
+
+    def _job_named(self, op_id: int, new: list[st.NewOperation], what: str) -> None:
+        """``what`` names a job operation this computer has (or gets in this reply)."""
         have = self.state.operation(op_id)
         kind = have.type if have is not None else next((o.type for o in new if o.op == op_id), None)
         if kind is None:
-            raise Refusal("malformed", f"a terminate for operation {op_id}, which it does not have")
+            raise Refusal("malformed", f"{what} for operation {op_id}, which it does not have")
         if kind != JOB:
-            raise Refusal("malformed", f"a terminate for operation {op_id}, which is not a job")
+            raise Refusal("malformed", f"{what} for operation {op_id}, which is not a job")
+
+    @staticmethod
+    def _windows_order(payload: dict[str, Any]) -> dict[str, Any]:
+        """The checked content of a signed windows order; ``malformed`` otherwise."""
+        issued_at = payload.get("issued_at")
+        if not isinstance(issued_at, int | float) or not math.isfinite(issued_at):
+            raise Refusal("malformed", "a windows order without a finite issued_at")
+        from taskfleet.domain.jobs import JobSpecError, parse_windows
+
+        try:
+            parse_windows(payload.get("windows"))
+        except JobSpecError as exc:
+            raise Refusal("malformed", f"a windows order: {exc}") from None
+        return {"windows": payload.get("windows") or [], "issued_at": issued_at}
+
+    def _windows_changed(self, op_id: int) -> None:
+        """A job's windows changed: a run in hand checks the new ones before its next
+        action step; a job waiting for its old windows looks again now (it runs, or
+        waits for the new ones). A finished job ignores them."""
+        op = self.state.operation(op_id)
+        if op is None or op.finished:
+            return
+        from taskfleet.agent import jobs
+
+        run = self.jobs.get(op_id)
+        if run is not None:
+            run.windows = jobs.order_windows(op)
+            log.info("operation %d: its maintenance windows changed", op_id)
+            return
+        timer = self.timers.pop(op_id, None)
+        if timer is not None:
+            timer.cancel()
+            log.info("operation %d: its maintenance windows changed: looking again", op_id)
+            self.spawn_now(op_id)
 
     def _operation(
         self,
@@ -247,9 +316,7 @@ class Operations:
             policy["every"],
         )
 
-    def _open(
-        self, m: OperationMessage | CancelMessage | TerminateMessage, kind: str
-    ) -> dict[str, Any]:
+    def _open(self, m: SignedOrder, kind: str) -> dict[str, Any]:
         """The signed payload of ``m``, if it is genuinely for this computer (``open_order``)."""
         assert self.identity is not None and self.verifier is not None
         return open_order(

@@ -9,9 +9,10 @@ same transaction that marks it finished, before it is sent (then ``on_finish``
 is called: the inventory may have changed); a server message
 the agent refuses is acknowledged in the same transaction that queues its
 ``refused`` message; a job's terminate order is recorded (``terminate_requested``)
-in the transaction that acknowledges it. A restart is marked ``awaiting`` before
-its command runs, and Deferred with its status message once the command ran (see
-``agent/operations.py``). A job's step reports (``job_phase``,
+in the transaction that acknowledges it, and so is its latest windows order
+(``windows``: one issued later replaces it, an older one changes nothing). A
+restart is marked ``awaiting`` before its command runs, and Deferred with its status
+message once the command ran (see ``agent/operations.py``). A job's step reports (``job_phase``,
 ``queue``, and those ``finish`` takes with its result) are queued in the
 transaction that changes its status, or on their own. Outbox messages
 stay until the server acknowledges their sequence number. A folder that is
@@ -55,6 +56,7 @@ CREATE TABLE IF NOT EXISTS operations (
     pgid INTEGER,                            -- process group of the running attempt
     pstart TEXT,                             -- its start time in /proc, to recognise it
     awaiting TEXT,                           -- a restart's wait for the computer (JSON)
+    windows TEXT,                            -- a job's latest windows order (JSON)
     result TEXT                      -- the final operation-result message once finished
 );
 CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, message TEXT NOT NULL);
@@ -64,6 +66,7 @@ _ADDED_COLUMNS = {
     "terminate_requested": "ALTER TABLE operations ADD COLUMN "
     "terminate_requested INTEGER NOT NULL DEFAULT 0",
     "awaiting": "ALTER TABLE operations ADD COLUMN awaiting TEXT",
+    "windows": "ALTER TABLE operations ADD COLUMN windows TEXT",
 }
 
 
@@ -138,6 +141,9 @@ class Operation:
     # A restart that waits for the computer to come back (boot_id, since, until, ...):
     # never run again, never scrubbed; it ends when the agent sees another boot.
     awaiting: dict[str, Any] | None = None
+    # A job's maintenance windows changed after hand-out: the latest signed order's
+    # payload ({"windows": [...], "issued_at": t}); it replaces the body's windows.
+    windows_order: dict[str, Any] | None = None
 
     def checkpoint_path(self, folder: Path) -> Path:
         return folder / "checkpoints" / str(self.op)
@@ -284,7 +290,7 @@ class LocalState:
     _COLS = (
         "op, seq, type, body, status, cancel_requested, attempts, pushed, mode, interval, "
         "every, next_run_at, pgid, pstart, received_at, started_at, ended_at, "
-        "result IS NOT NULL, terminate_requested, awaiting"
+        "result IS NOT NULL, terminate_requested, awaiting, windows"
     )
 
     def _op(self, row: tuple[Any, ...]) -> Operation:
@@ -309,6 +315,7 @@ class LocalState:
             finished=bool(row[17]),
             terminate_requested=bool(row[18]),
             awaiting=json.loads(row[19]) if row[19] else None,
+            windows_order=json.loads(row[20]) if row[20] else None,
         )
 
     def receive(
@@ -318,8 +325,9 @@ class LocalState:
         last_seq: int,
         refusals: list[dict[str, Any]] | None = None,
         terminates: list[int] | None = None,
+        windows: dict[int, dict[str, Any]] | None = None,
     ) -> list[int]:
-        """Record new operations, cancel and terminate orders, queue the ``refused``
+        """Record new operations, cancel, terminate and windows orders, queue the ``refused``
         messages for the server messages that were not acted on, then the new server
         ack, atomically.
 
@@ -352,6 +360,15 @@ class LocalState:
                 db.execute("UPDATE operations SET cancel_requested=1 WHERE op=?", (op,))
             for op in terminates or ():
                 db.execute("UPDATE operations SET terminate_requested=1 WHERE op=?", (op,))
+            for op, order in (windows or {}).items():
+                # A later order (or one of the same time, sent after it) replaces the one kept:
+                # a replayed older one changes nothing.
+                row = db.execute("SELECT windows FROM operations WHERE op=?", (op,)).fetchone()
+                kept = json.loads(row[0]) if row is not None and row[0] else None
+                if kept is None or kept["issued_at"] <= order["issued_at"]:
+                    db.execute(
+                        "UPDATE operations SET windows=? WHERE op=?", (json.dumps(order), op)
+                    )
             for message in refusals or ():
                 self._queue(db, message)
             if last_seq > self.server_seq:

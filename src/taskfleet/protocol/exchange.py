@@ -34,7 +34,8 @@ same scheme, borrowed from landscape-client:
 * A job (``protocol/jobs.py``) adds ``job-step`` (agent -> server: one step's
   status) and ``terminate`` (server -> agent: finish the current step, skip the rest).
 * Server -> agent messages: ``operation`` (run operation ``op``),
-  ``cancel`` (stop operation ``op``) and ``terminate``. All are signed orders
+  ``cancel`` (stop operation ``op``), ``terminate`` and ``windows`` (a job's
+  computer's maintenance windows changed after hand-out). All are signed orders
   (``protocol/orders.py``): a canonical JSON text in ``body``, signed with the
   server's Ed25519 key in ``sig``, naming the computer, its generation and the
   operation, so a relay cannot invent, alter, redirect or replay one; the agent
@@ -203,6 +204,10 @@ class TerminateMessage(SignedOrder):
     """Server -> agent: terminate job operation ``op`` (``protocol/jobs.py``)."""
 
 
+class WindowsMessage(SignedOrder):
+    """Server -> agent: job operation ``op``'s maintenance windows changed."""
+
+
 @dataclass(frozen=True)
 class MalformedMessage:
     """A numbered server message the agent cannot read; it is acknowledged, never acted on."""
@@ -212,7 +217,9 @@ class MalformedMessage:
     error: str
 
 
-ServerMessage = OperationMessage | CancelMessage | TerminateMessage | MalformedMessage
+ServerMessage = (
+    OperationMessage | CancelMessage | TerminateMessage | WindowsMessage | MalformedMessage
+)
 
 
 @dataclass(frozen=True)
@@ -464,11 +471,13 @@ def parse_settings(obj: Any) -> ServerSettings:
 
 
 _SERVER_MESSAGES: dict[
-    str, type[OperationMessage] | type[CancelMessage] | type[TerminateMessage]
+    str,
+    type[OperationMessage] | type[CancelMessage] | type[TerminateMessage] | type[WindowsMessage],
 ] = {
     "operation": OperationMessage,
     "cancel": CancelMessage,
     "terminate": TerminateMessage,
+    "windows": WindowsMessage,
 }
 
 
@@ -515,6 +524,12 @@ def terminate_message(seq: int, op: int, body: str, sig: str) -> dict[str, Any]:
     """Server -> agent: terminate job operation ``op`` (``body`` from
     ``orders.terminate_body``)."""
     return {"seq": seq, "type": "terminate", "op": op, "body": body, "sig": sig}
+
+
+def windows_message(seq: int, op: int, body: str, sig: str) -> dict[str, Any]:
+    """Server -> agent: job operation ``op``'s new maintenance windows (``body`` from
+    ``orders.windows_body``)."""
+    return {"seq": seq, "type": "windows", "op": op, "body": body, "sig": sig}
 
 
 def operation_status(

@@ -2,7 +2,8 @@
 
 Contract:
 * Every order the server gives an agent (an ``operation`` to run, a ``cancel``
-  to stop one, a ``terminate`` to wind a job down) carries a canonical JSON text (``body``, from
+  to stop one, a ``terminate`` to wind a job down, a job's new ``windows``)
+  carries a canonical JSON text (``body``, from
   :func:`operation_body` or :func:`cancel_body`) signed with the server's
   Ed25519 key (``sig``). The text names the computer, its enrollment
   generation and the operation id; a cancel or terminate also names its kind
@@ -30,6 +31,7 @@ from taskfleet.protocol.signing import SignatureError, Verifier
 OPERATION = "operation"
 CANCEL = "cancel"
 TERMINATE = "terminate"
+WINDOWS = "windows"
 
 
 class Refusal(ValueError):
@@ -81,6 +83,25 @@ def terminate_body(*, computer: int, generation: int, op: int) -> str:
     """A terminate order (``protocol/jobs.py``) as the exact text the server signs; its
     kind differs from a cancel's, so neither can pass for the other."""
     return canonical({"computer": computer, "generation": generation, "op": op, "order": TERMINATE})
+
+
+def windows_body(
+    *, computer: int, generation: int, op: int, windows: list[dict[str, Any]], issued_at: float
+) -> str:
+    """A job's computer's maintenance windows changed after hand-out: the whole new list
+    (empty: none any more) as the exact text the server signs. ``issued_at`` orders
+    them: the agent keeps the latest it saw, so a relay replaying an older one cannot
+    bring old windows back."""
+    return canonical(
+        {
+            "computer": computer,
+            "generation": generation,
+            "op": op,
+            "order": WINDOWS,
+            "windows": windows,
+            "issued_at": issued_at,
+        }
+    )
 
 
 def open_order(

@@ -19,6 +19,11 @@ that tenant's rows; those that write run in the single writer.
   terminating job still In Progress past its deadline are Canceled, "unreachable at
   termination"; a terminating job whose activities are all final gets its
   ``terminated_at`` (the last one's end). Reads derive it before the reaper stores it.
+* :func:`send_windows`: computers whose maintenance windows changed (a group's
+  window set or cleared, a computer joining or leaving a group) get, for each job
+  activity they run (In Progress), a signed ``windows`` order with the whole new list
+  (``orders.windows_body``): a job waiting for its window goes by the new one. Those
+  not handed out yet get the windows of the moment they are.
 * Reads (:func:`list_jobs`, :func:`get_job`) cost one query per table, whatever the
   number of computers; the state is ``domain.jobs.job_state``.
 """
@@ -41,8 +46,8 @@ from taskfleet.domain.states import (
     State,
     transition,
 )
-from taskfleet.protocol.exchange import terminate_message
-from taskfleet.protocol.orders import terminate_body
+from taskfleet.protocol.exchange import terminate_message, windows_message
+from taskfleet.protocol.orders import terminate_body, windows_body
 from taskfleet.protocol.signing import Signer
 from taskfleet.server import requests
 from taskfleet.server.kernel import ApiError, Principal, audit
@@ -88,6 +93,53 @@ async def create_job(
         expires_in=expires_in,
         options=options,
     )
+
+
+# -- windows changed after hand-out ----------------------------------------------
+
+
+async def send_windows(
+    conn: AsyncConnection,
+    now: float,
+    seq_of: Callable[[int], int],
+    signer: Signer,
+    windows_of: Callable[[int], list[dict[str, Any]] | None],
+    computer_ids: set[int],
+) -> dict[int, int]:
+    """Queue a ``windows`` order for every In Progress job activity of ``computer_ids``
+    (module docstring); computer id -> messages appended, for the caller to apply to
+    the in-memory fleet after the commit and to tickle."""
+    if not computer_ids:
+        return {}
+    rows = await conn.execute(
+        sa.select(
+            activities.c.id,
+            activities.c.computer_id,
+            activities.c.tenant_id,
+            computers.c.generation,
+        )
+        .join_from(activities, computers, computers.c.id == activities.c.computer_id)
+        .where(
+            activities.c.computer_id.in_(sorted(computer_ids)),
+            activities.c.type == JOB,
+            activities.c.state == State.IN_PROGRESS.value,
+        )
+        .order_by(activities.c.id)
+    )
+    box = Outbox(seq_of)
+    for r in rows:
+        op, cid = r.id, r.computer_id
+        body = windows_body(
+            computer=cid,
+            generation=r.generation,
+            op=op,
+            windows=windows_of(cid) or [],
+            issued_at=now,
+        )
+        sig = signer.sign(body)
+        box.append(cid, r.tenant_id, lambda seq: windows_message(seq, op, body, sig))  # noqa: B023
+    await box.write(conn, counters=True)
+    return box.appended()
 
 
 # -- terminate -----------------------------------------------------------------

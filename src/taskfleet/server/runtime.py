@@ -135,6 +135,31 @@ def wake_targets(rt: Runtime, created: requests.Created) -> None:
     rt.lifecycle_engine.watch(created.request)
 
 
+def queued_orders(rt: Runtime, appended: dict[int, int]) -> None:
+    """After a transaction that queued orders commits: the computers' counters move
+    on by what it appended, and they are woken."""
+    for cid, n in appended.items():
+        cs = rt.fleet.get(cid)
+        if cs is not None:
+            cs.out_seq += n
+    rt.tickler.wake(rt.fleet.mark_work(appended))
+
+
+async def send_job_windows(rt: Runtime, computer_ids: set[int]) -> None:
+    """These computers' maintenance windows changed: tell their running jobs."""
+
+    def seq_of(cid: int) -> int:
+        cs = rt.fleet.get(cid)
+        return cs.out_seq if cs is not None else 0
+
+    await rt.writer.run(
+        lambda c: jobs.send_windows(
+            c, rt.now(), seq_of, rt.signer, rt.lifecycle_engine.job_windows, computer_ids
+        ),
+        after=lambda appended: queued_orders(rt, appended),
+    )
+
+
 async def start(config: ServerConfig) -> Runtime:
     """Migrate, bootstrap, load the fleet into memory, start the writer and every loop."""
     db.secure_data_dir(config.data_dir)
@@ -218,6 +243,7 @@ async def start(config: ServerConfig) -> Runtime:
     writer.on_finished = rt.lifecycle.on_finished
     exchange.window_closed = rt.lifecycle.window_closed
     exchange.job_windows = rt.lifecycle.job_windows
+    rt.lifecycle.windows_changed = lambda cids: send_job_windows(rt, cids)
     await rt.lifecycle.load()
     rt.lifecycle.start()
     rt.tasks.append(asyncio.create_task(_reaper(rt), name="reaper"))

@@ -11,7 +11,7 @@ import contextlib
 import heapq
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -64,6 +64,9 @@ class Lifecycle:
         self._pass_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.passes = 0
+        # Set by the runtime: computers whose windows a reload changed (their running
+        # jobs are told: ``jobs.send_windows``).
+        self.windows_changed: Callable[[set[int]], Awaitable[None]] | None = None
 
     # -- memory ------------------------------------------------------------------
 
@@ -168,11 +171,22 @@ class Lifecycle:
                 )
             ):
                 self._at(row.next_at, "cron", row.id)
-        await self.reload_windows()
+        await self.reload_windows(tell=False)
 
-    async def reload_windows(self) -> None:
+    async def reload_windows(self, *, tell: bool = True) -> None:
+        """Load every computer's windows again; with ``tell``, the computers whose
+        windows changed go to ``windows_changed`` (at start there is nothing to tell:
+        what each running job got is what the database said)."""
+        before = {cid: self.job_windows(cid) for cid in self.windows}
         async with self.read.connect() as conn:
             self.windows = await load_windows(conn)
+        changed = {
+            cid
+            for cid in before.keys() | self.windows.keys()
+            if before.get(cid) != self.job_windows(cid)
+        }
+        if tell and changed and self.windows_changed is not None:
+            await self.windows_changed(changed)
         now = self.clock()
         seen: dict[int, tuple[RunWindow, int]] = {}
         for ws in self.windows.values():
