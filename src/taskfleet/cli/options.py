@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -92,3 +93,27 @@ def read_token_file(path: Path) -> str:
     if not token:
         fail(f"--enroll-token-file {path} is empty")
     return token
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def tls_listener_options(serves: str) -> Callable[[F], F]:
+    """``--tls-cert`` and ``--tls-key`` of a process that listens (the server, a relay);
+    checked by ``tls.listener_problem``."""
+
+    def add(f: F) -> F:
+        f = click.option(
+            "--tls-key",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=None,
+            help="PEM private key of --tls-cert (not readable by every user).",
+        )(f)
+        return click.option(
+            "--tls-cert",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=None,
+            help=f"PEM certificate (chain) to serve {serves} HTTPS with; needs --tls-key.",
+        )(f)
+
+    return add

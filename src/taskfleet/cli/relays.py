@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from taskfleet.cli.client import Api, client_options  # light: httpx loads with an Api
-from taskfleet.cli.options import FINITE_FLOAT, read_token_file
+from taskfleet.cli.options import FINITE_FLOAT, read_token_file, tls_listener_options
 from taskfleet.cli.output import echo, emit, fail, print_fields, print_table, when
 from taskfleet.protocol.relay import STAT_CACHED, STAT_LAG, STAT_SPOOL
 from taskfleet.settings import (
@@ -111,18 +111,7 @@ from taskfleet.settings import (
     help="Verify an https:// server with this CA (PEM) instead of the system's; kept in "
     "the state folder, so later starts need not give it again.",
 )
-@click.option(
-    "--tls-cert",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="PEM certificate (chain) to serve agents HTTPS with; needs --tls-key.",
-)
-@click.option(
-    "--tls-key",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="PEM private key of --tls-cert (not readable by every user).",
-)
+@tls_listener_options("agents")
 @click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
 )

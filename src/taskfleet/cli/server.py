@@ -16,7 +16,7 @@ import click
 
 from taskfleet import tls
 from taskfleet.cli.client import Api, client_options  # light: httpx loads with an Api
-from taskfleet.cli.options import FINITE_FLOAT
+from taskfleet.cli.options import FINITE_FLOAT, tls_listener_options
 from taskfleet.cli.output import echo, emit, fail, print_table, when
 from taskfleet.settings import (
     AUTH_FAILURE_LIMIT,
@@ -136,18 +136,7 @@ def _listen(value: str) -> tuple[str, int]:
     default=None,
     hidden=True,  # tests: a faster handover (server/cluster.py)
 )
-@click.option(
-    "--tls-cert",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="PEM certificate (chain) to serve HTTPS with; needs --tls-key.",
-)
-@click.option(
-    "--tls-key",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="PEM private key of --tls-cert (not readable by every user).",
-)
+@tls_listener_options("the API, the dashboard and agents")
 @click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
 )
