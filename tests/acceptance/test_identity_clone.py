@@ -7,6 +7,7 @@ regains rights."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,18 @@ def _cli(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         env={**os.environ, "TASKFLEET_TOKEN": server.admin_token},
     )
+
+
+def _dashboard_page(server: Server, path: str) -> str:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        form = client.get("/ui/login").text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form)
+        assert csrf
+        r = client.post("/ui/login", data={"csrf": csrf.group(1), "token": server.admin_token})
+        assert r.status_code == 303, r.text
+        page = client.get(path)
+        assert page.status_code == 200, page.text
+        return page.text
 
 
 def test_a_copied_state_folder_is_caught_and_gets_no_work_until_reset(
@@ -76,6 +89,7 @@ def test_a_copied_state_folder_is_caught_and_gets_no_work_until_reset(
     assert listed[cid]["identity_conflict"]["at"] == flagged["at"]
     out = _cli(server, "computer", "show", str(cid))
     assert "IDENTITY CONFLICT" in out.stdout, out.stderr
+    assert 'id="identity-conflict"' in _dashboard_page(server, f"/ui/computers/{cid}")
 
     # Work for it is not handed to either: it stays Queued (truthfully not delivered)
     # while both are refused.
@@ -92,6 +106,7 @@ def test_a_copied_state_folder_is_caught_and_gets_no_work_until_reset(
     assert out.returncode == 0 and "identity reset" in out.stdout, out.stdout + out.stderr
     assert request_done(server, held["id"])["progress"]["succeeded"] == 1
     assert _computer(server, cid)["identity_conflict"] is None
+    assert 'id="identity-conflict"' not in _dashboard_page(server, f"/ui/computers/{cid}")
     with server.api() as api:
         audit = api.get("/audit", params={"object": f"computer:{cid}"}).json()
     actions = {e["action"] for e in audit}

@@ -181,9 +181,14 @@ def test_an_agent_without_nonces_keeps_working() -> None:
     s = Server()
     s.state = Nonces()
     old = Agent(None)
+    offers = []
     for _ in range(5):
+        before = s.state.offered
         assert old.exchange(s, lose_reply=True) is Verdict.ACCEPT
+        offers.append(s.state.offered != before)
         s.now += GRACE
+    assert offers == [True, False, False, False, False]  # not a write per grace for it
+    s.now += 86400
     new = Agent(None)  # an upgraded agent: takes the next offer and starts its lineage
     new.exchange(s)
     assert new.nonce is not None

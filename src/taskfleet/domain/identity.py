@@ -35,7 +35,8 @@ copy that stays behind at the latest ``grace`` after the other's confirmation.
 
 ``confirmed`` None is the lineage of an agent that never held a nonce (enrolled
 before this rule, or an agent that does not speak it): presenting none is
-accepted, offers are made (a new agent takes them and starts its lineage).
+accepted, offers are made (a new agent takes them and starts its lineage; one
+that does not is offered again only after ``legacy``).
 ``confirmed`` ``OPEN`` is the state an administrator's reset leaves: the next
 nonce presented is accepted, whatever it is, and the next offer confirmed starts
 a new lineage.
@@ -50,6 +51,7 @@ from enum import Enum
 
 OPEN = "*"  # confirmed after an administrator's reset: any nonce starts a new lineage
 SUPERSEDED_KEPT = 8  # superseded offers remembered (only to say why a conflict is one)
+LEGACY_REOFFER = 86400.0  # an offer an agent presenting no nonce never took: replaced daily
 
 
 def hash_nonce(nonce: str) -> str:
@@ -92,10 +94,18 @@ def _same(a: str | None, b: str | None) -> bool:
 
 
 def decide(
-    state: Nonces, presented: str | None, now: float, *, rotate: float, grace: float
+    state: Nonces,
+    presented: str | None,
+    now: float,
+    *,
+    rotate: float,
+    grace: float,
+    legacy: float = LEGACY_REOFFER,
 ) -> Decision:
     """What to do with an exchange presenting the nonce whose hash is ``presented``
-    (None: it presents none)."""
+    (None: it presents none). An offer to an agent presenting none is replaced only
+    when ``legacy`` old: an agent that does not speak nonces never takes it, and a
+    write per ``grace`` for each would be wasted."""
     if state.conflict_at is not None:
         return Decision(Verdict.CONFLICT, state, reason=state.conflict_reason or "")
     if state.offered is not None and presented is not None and _same(presented, state.offered):
@@ -114,7 +124,7 @@ def decide(
         return _accept(state, now, offer=fresh, supersede=state.offered is not None and fresh)
     if _same(presented, state.confirmed):
         if state.offered is not None:
-            late = _old(state.offered_at, now, grace)
+            late = _old(state.offered_at, now, grace if presented is not None else legacy)
             return _accept(state, now, offer=late, supersede=late)
         return _accept(state, now, offer=_old(state.confirmed_at, now, rotate))
     if (
