@@ -13,6 +13,11 @@ TICKLE_MIN_INTERVAL = 1.0  # at most one tickle per computer per second: no ampl
 TICKLE_MAX_SKEW = 120.0  # seconds a tickle's timestamp may differ from the agent's clock
 
 SCRIPT_TIMEOUT = 300.0  # default time limit of a script on the agent
+# Identities that cannot be cloned (domain/identity.py): an agent's identity nonce is
+# replaced when the confirmed one is this old (0: at every exchange), and a request
+# presenting the one before it is accepted for this long (it was delayed on its way).
+IDENTITY_ROTATE = 60.0
+IDENTITY_GRACE = 120.0
 LOST_GRACE = 60.0  # SPEC 9: the server waits this much longer than the agent's limit
 OUTPUT_CAP = 64 * 1024  # bytes per stream kept from a script (stated in every result)
 OUTPUT_CAP_MAX = 1024 * 1024  # the most a request may ask for

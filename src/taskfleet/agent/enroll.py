@@ -20,7 +20,12 @@ from dataclasses import dataclass
 
 from taskfleet.agent.http import Connection, HttpError, error_text
 from taskfleet.agent.state import Identity
-from taskfleet.protocol.exchange import ENROLL_PATH, ServerSettings, parse_settings
+from taskfleet.protocol.exchange import (
+    ENROLL_PATH,
+    ServerSettings,
+    identity_field,
+    parse_settings,
+)
 from taskfleet.settings import AGENT_RETRY_MAX, AGENT_RETRY_MIN
 
 log = logging.getLogger("taskfleet.agent")
@@ -31,6 +36,7 @@ class Enrolled:
     identity: Identity
     settings: ServerSettings
     reenrolled: bool
+    nonce: str | None = None  # the first identity nonce (an older server sends none)
 
 
 async def enroll(
@@ -75,13 +81,14 @@ async def enroll(
             str(d["server_public_key"]),
         )
         settings = parse_settings(d.get("settings", {}))
+        nonce = identity_field(d)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise SystemExit(
             f"the {peer} {url} sent an enrollment answer this agent cannot read ({exc!r}); "
             "nothing was saved"
         ) from None
     check_server_key(ident.server_public_key, pinned_key, peer, url)
-    return Enrolled(ident, settings, d.get("reenrolled") is True)
+    return Enrolled(ident, settings, d.get("reenrolled") is True, nonce)
 
 
 def check_server_key(key: str, pinned: str | None, peer: str, url: str) -> None:

@@ -220,6 +220,9 @@ class Agent:
         }
         self.stopping = asyncio.Event()
         self.tickled = False
+        # Set by a tickle: a computer refused for an identity conflict retries at once
+        # (an administrator's reset wakes it), not after its backoff.
+        self.tickle_event = asyncio.Event()
         self.woken = False
         self.agent_lock = agent_lock(config.state_dir)
         if not self.agent_lock.acquire():
@@ -347,7 +350,7 @@ class Agent:
             sleep=self._sleep,
         )
         ident = done.identity
-        self.state.save_identity(ident)
+        self.state.save_identity(ident, done.nonce)
         self.info_sent = True  # enrollment carried our info
         self._apply_settings(done.settings)
         log.info(
@@ -379,6 +382,7 @@ class Agent:
     def _woken(self) -> None:
         self.tickled = True
         self.trigger.set()
+        self.tickle_event.set()
 
     def content_base(self) -> str:
         """Where a job's content comes from: the peer the agent exchanges with (its
@@ -492,7 +496,13 @@ class Agent:
                     continue
                 pause = self._failed(peer, exc, delay) * random.uniform(0.8, 1.2)
                 due = self._relay_due()
-                await asyncio.sleep(pause if due is None else min(pause, due))
+                pause = pause if due is None else min(pause, due)
+                if _identity_conflict(exc):
+                    self.tickle_event.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.tickle_event.wait(), pause)
+                else:
+                    await asyncio.sleep(pause)
                 delay = min(delay * 2, AGENT_RETRY_MAX)
                 self.trigger.set()
                 continue
@@ -563,7 +573,18 @@ class Agent:
         """Say why an exchange failed; returns the backoff before the next one."""
         url = self.relay_url if peer is Peer.RELAY else self.config.server
         if isinstance(exc, HttpError):
-            if exc.status == 401:
+            if _identity_conflict(exc):
+                log.error(
+                    "IDENTITY CONFLICT: %s %s refuses this computer: %s. Another agent "
+                    "uses this computer's identity (a copied state folder?). No work "
+                    "will run here until an administrator resets the identity "
+                    "(taskfleet computer identity-reset %d) or removes the computer.",
+                    peer,
+                    url,
+                    error_text(exc),
+                    self.ident.computer_id if self.ident else 0,
+                )
+            elif exc.status == 401:
                 log.error(
                     "%s refused this computer's credentials (%s); re-enroll "
                     "with --enroll-token TOKEN --reenroll",
@@ -604,20 +625,7 @@ class Agent:
         due = self._relay_due()
         if wait and due is not None:
             wait = min(wait, max(1.0, due))  # back in time for a check, failover or probe
-        body: dict[str, Any] = {"ack": self.state.server_seq}
-        if messages:
-            body["messages"] = "@@"
-        # A probe says who it is: the relay forwards that at once, so the server knows
-        # this computer is behind its relay again (and wakes it through the relay).
-        probe = peer is Peer.RELAY and self.failover is not None and self.failover.direct
-        if not self.info_sent or probe:
-            body["agent"] = {
-                "tickle_port": self.config.tickle_port or None,
-                "version": __version__,
-                "policy": self.policy,
-            }
-        if wait:
-            body["wait"] = wait
+        body = self._request_body(peer, bool(messages), wait)
         raw = json.dumps(body, separators=(",", ":")).encode()
         if messages:  # splice the stored JSON texts in as they are
             raw = raw.replace(b'"@@"', ("[" + ",".join(messages) + "]").encode(), 1)
@@ -645,6 +653,9 @@ class Agent:
         if reply.ack > top or (server_ack or 0) > top:
             # It would drop results that were never sent.
             raise ProtocolError(f"ack {reply.ack} is beyond the last message sent")
+        if reply.identity is not None and peer is Peer.SERVER:
+            # Kept before anything of this reply is acted on or acknowledged.
+            self.state.save_identity_nonce(reply.identity)
         self.exchanges += 1
         if "agent" in body:
             self.info_sent = True
@@ -665,6 +676,28 @@ class Agent:
         moved = reassigned(peer, self.relay_url, reply.relay)
         if moved is not None:
             await self._move_to_relay(moved)
+
+    def _request_body(self, peer: Peer, messages: bool, wait: float) -> dict[str, Any]:
+        """An exchange's body; ``"messages": "@@"`` marks where the stored texts go."""
+        body: dict[str, Any] = {"ack": self.state.server_seq}
+        if messages:
+            body["messages"] = "@@"
+        # A probe says who it is: the relay forwards that at once, so the server knows
+        # this computer is behind its relay again (and wakes it through the relay).
+        probe = peer is Peer.RELAY and self.failover is not None and self.failover.direct
+        if not self.info_sent or probe:
+            body["agent"] = {
+                "tickle_port": self.config.tickle_port or None,
+                "version": __version__,
+                "policy": self.policy,
+            }
+        if wait:
+            body["wait"] = wait
+        nonce = self.state.identity_nonce
+        if peer is Peer.SERVER and nonce is not None:
+            # Which copy of this identity speaks (domain/identity.py); never to a relay.
+            body["identity"] = nonce
+        return body
 
     def _use_relay(self, url: str) -> None:
         """Exchange through the relay at ``url`` from now on (behind it, not failed over)."""
@@ -692,6 +725,11 @@ class Agent:
     def _apply_settings(self, settings: ServerSettings) -> None:
         if self.config.poll_interval is None and settings.poll_interval is not None:
             self.poll_interval = settings.poll_interval
+
+
+def _identity_conflict(exc: Exception) -> bool:
+    """The server refused this computer: two agents use its identity (server/identity.py)."""
+    return isinstance(exc, HttpError) and exc.status == 409 and b"identity-conflict" in exc.body
 
 
 def _own_user() -> str:

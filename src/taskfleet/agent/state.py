@@ -217,8 +217,9 @@ class LocalState:
             d["server_public_key"],
         )
 
-    def save_identity(self, ident: Identity) -> None:
-        """A new identity starts a fresh conversation: forget the old one's messages."""
+    def save_identity(self, ident: Identity, nonce: str | None = None) -> None:
+        """A new identity starts a fresh conversation: forget the old one's messages;
+        ``nonce``: its first identity nonce (the enrollment's answer), if any."""
         value = json.dumps(
             {
                 "server": ident.server,
@@ -231,6 +232,9 @@ class LocalState:
         )
         with self._tx():
             self._set("identity", value)
+            self.db.execute("DELETE FROM meta WHERE key='identity_nonce'")
+            if nonce is not None:
+                self._set("identity_nonce", nonce)
             self._set("server_seq", "0")
             self._set("next_seq", "1")
             self.db.execute("DELETE FROM outbox")
@@ -240,6 +244,18 @@ class LocalState:
                 "DELETE FROM operations WHERE status NOT IN (?, ?, ?)", (SUCCESS, FAILED, CANCELED)
             )
         os.chmod(self.folder / "state.db", 0o600)
+
+    @property
+    def identity_nonce(self) -> str | None:
+        """The identity nonce the server last offered (None: none yet); presented in
+        every direct exchange (domain/identity.py)."""
+        return self.get("identity_nonce")
+
+    def save_identity_nonce(self, nonce: str) -> None:
+        # Durable (synchronous=FULL: the commit is fsynced, in the 0600 state file)
+        # before anything of the reply that carried it is acted on or acknowledged:
+        # the server has already replaced the nonce it confirmed with this one.
+        self._set("identity_nonce", nonce)
 
     @property
     def relay_assignment(self) -> str | None:

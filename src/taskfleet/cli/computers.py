@@ -1,4 +1,4 @@
-"""``taskfleet computer``: enrolled computers (list, show, remove).
+"""``taskfleet computer``: enrolled computers (list, show, remove, identity-reset).
 
 Contract: talks to the admin API only (``/computers``); removing asks (or wants
 --yes) first. ``show`` prints the computer's inventory (OS, kernel, CPU, memory,
@@ -54,6 +54,7 @@ def computer_list(removed: bool, server: str | None, token: str | None, as_json:
                 "scripts",
                 "groups",
                 "tags",
+                "identity",
             ],
             [
                 [
@@ -64,6 +65,7 @@ def computer_list(removed: bool, server: str | None, token: str | None, as_json:
                     "yes" if (c["policy"] or {}).get("scripts") else "no",
                     ",".join(c["groups"]),
                     ",".join(f"{k}={v}" for k, v in c["tags"].items()),
+                    "CONFLICT" if c.get("identity_conflict") else "ok",
                 ]
                 for c in rs
             ],
@@ -96,6 +98,7 @@ def computer_show(
                 ("agent", c["agent_version"]),
                 ("generation", c["generation"]),
                 ("removed", when(c["removed_at"]) if c.get("removed_at") else None),
+                *_conflict_fields(c.get("identity_conflict")),
                 *_policy_fields(c.get("policy")),
                 ("groups", ", ".join(c["groups"])),
                 ("tags", ", ".join(f"{k}={v}" for k, v in c["tags"].items())),
@@ -127,6 +130,16 @@ def computer_show(
             )
 
     emit(c, as_json, table)
+
+
+def _conflict_fields(conflict: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    if not conflict:
+        return []
+    return [
+        ("IDENTITY CONFLICT", when(conflict["at"])),
+        ("why", conflict["reason"]),
+        ("no work runs", "until: taskfleet computer identity-reset ID (or remove it)"),
+    ]
 
 
 def _policy_fields(policy: Any) -> list[tuple[str, Any]]:
@@ -243,5 +256,39 @@ def computer_remove(
         lambda d: echo(
             f"computer {d['id']} ({clean(d['hostname'])}) removed; "
             f"{len(d['canceled'])} open activities canceled"
+        ),
+    )
+
+
+@computer.command("identity-reset")
+@click.argument("computer_id", type=int)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@client_options
+def computer_identity_reset(
+    computer_id: int, yes: bool, server: str | None, token: str | None, as_json: bool
+) -> None:
+    """Reset a computer's identity (admin) after two agents used it (a copied state
+    folder): the flag is cleared and the next agent that exchanges with its secret
+    starts a new lineage. Stop the copy first: if it still runs, it is caught again.
+
+    Removing the computer (and enrolling the machine again) is the other way."""
+    api = Api(server, token)
+    c = api.get(f"/computers/{computer_id}")
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"this resets the identity of computer {computer_id}; add --yes to do it")
+        flagged = "flagged" if c.get("identity_conflict") else "not flagged"
+        click.confirm(
+            f"reset the identity of computer {computer_id} ({clean(c['hostname'])}, {flagged})?",
+            abort=True,
+        )
+    out = api.post(f"/computers/{computer_id}/identity", {"decision": "reset"})
+    emit(
+        out,
+        as_json,
+        lambda d: echo(
+            f"computer {d['id']}: identity reset"
+            + ("" if d["was_flagged"] else " (it was not flagged)")
+            + "; the next agent to exchange with its secret carries on"
         ),
     )

@@ -22,6 +22,7 @@ from taskfleet.settings import (
     AUTH_FAILURE_LIMIT,
     AUTH_FAILURE_WINDOW,
     ENROLL_FAILURE_LIMIT,
+    IDENTITY_ROTATE,
     LOST_GRACE,
     POLL_INTERVAL,
     REAPER_INTERVAL,
@@ -40,6 +41,12 @@ def _listen(value: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise click.BadParameter(f"expected HOST:PORT, got {value!r}")
     return host, int(port)
+
+
+def _identity_rotate(value: float | None, default: float) -> float:
+    if value is not None and value < 0:
+        raise click.BadParameter("--identity-rotate must be 0 or more seconds")
+    return default if value is None else value
 
 
 @click.group(invoke_without_command=True)
@@ -76,6 +83,14 @@ def _listen(value: str) -> tuple[str, int]:
     type=FINITE_FLOAT,
     default=None,
     help=f"Seconds between agents' fallback exchanges [default: {POLL_INTERVAL:g}].",
+)
+@click.option(
+    "--identity-rotate",
+    type=FINITE_FLOAT,
+    default=None,
+    help="Seconds an agent's identity nonce is kept before the server replaces it: two "
+    "agents with one computer's identity are caught within a few rotations "
+    f"(0: at every exchange) [default: {IDENTITY_ROTATE:g}].",
 )
 @click.option(
     "--lost-grace",
@@ -150,6 +165,7 @@ def server(
     tickle_min_interval: float | None,
     poll_interval: float | None,
     lost_grace: float | None,
+    identity_rotate: float | None,
     reaper_interval: float | None,
     task_types: Path | None,
     queue: str,
@@ -199,6 +215,7 @@ def server(
         workers=workers,
         heartbeat_timeout=heartbeat_timeout,
     )
+    config.identity_rotate = _identity_rotate(identity_rotate, config.identity_rotate)
     if auth_failure_limit is not None:
         config.auth_failure_limit = config.enroll_failure_limit = auth_failure_limit
     if heartbeat_timeout <= 0:

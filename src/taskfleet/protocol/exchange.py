@@ -54,6 +54,14 @@ same scheme, borrowed from landscape-client:
   computer is assigned to (``relay assign``), when that relay advertised one:
   an agent talking to the server directly moves behind it (``relay_field``
   builds it, ``parse_server_reply`` checks it).
+* Identities that cannot be cloned (``domain/identity.py``): a direct request
+  carries ``"identity": NONCE`` (32 hex digits; absent: the agent holds none yet),
+  and a direct reply may carry a fresh ``"identity": NONCE`` that the agent keeps
+  durably before it acts on anything else of that reply and presents next time
+  (the enrollment's answer carries the first). Two agents presenting this
+  computer's secret with diverging nonces are refused with 409 and
+  ``"code": "identity-conflict"`` until an administrator decides. Relays neither
+  see nor forward nonces.
 
 Limits (``MAX_*`` below) are checked before anything is applied; a body that
 breaks one is refused whole with a clear error and nothing changes. Every
@@ -75,6 +83,7 @@ and the agent exchanges again at once.
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -173,6 +182,7 @@ class AgentRequest:
     messages: list[AgentMessage] = field(default_factory=list)
     agent: AgentInfo | None = None
     wait: float = 0.0
+    identity: str | None = None  # the agent's identity nonce (None: it holds none)
 
     @property
     def max_seq(self) -> int:
@@ -237,6 +247,7 @@ class ServerReply:
     server_ack: int | None = None  # a relay's reply: what the server acknowledged
     relay: str | None = None  # the server's reply: the relay this computer is assigned to
     inventory: str | None = None  # "full": the server wants the whole inventory
+    identity: str | None = None  # the server's reply: a fresh identity nonce to keep
 
 
 def clean_json(value: Any) -> Any:
@@ -376,7 +387,22 @@ def parse_agent_request(obj: Any) -> AgentRequest:
     wait = _num(obj, "wait") or 0.0
     if not 0.0 <= wait <= MAX_LONG_POLL:
         raise ProtocolError(f"'wait' must be 0..{MAX_LONG_POLL:g} seconds")
-    return AgentRequest(ack=ack, messages=messages, agent=agent, wait=wait)
+    return AgentRequest(
+        ack=ack, messages=messages, agent=agent, wait=wait, identity=identity_field(obj)
+    )
+
+
+_NONCE = re.compile("[0-9a-f]{32}")
+
+
+def identity_field(obj: dict[str, Any]) -> str | None:
+    """An ``identity`` nonce (request or reply): 32 lowercase hex digits, or absent."""
+    value = obj.get("identity")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _NONCE.fullmatch(value):
+        raise ProtocolError("'identity' must be 32 lowercase hexadecimal digits")
+    return value
 
 
 def loads_reply(raw: bytes) -> Any:
@@ -443,7 +469,15 @@ def parse_server_reply(obj: Any) -> ServerReply:
     # An ask this agent does not know (a newer server's) is ignored, like unknown fields.
     inventory = "full" if obj.get("inventory") == "full" else None
     return ServerReply(
-        ack, messages, _num(obj, "server_time"), settings, more, server_ack, relay, inventory
+        ack,
+        messages,
+        _num(obj, "server_time"),
+        settings,
+        more,
+        server_ack,
+        relay,
+        inventory,
+        identity_field(obj),
     )
 
 

@@ -7,6 +7,8 @@ machine never runs stale work); the caller puts the returned state into the
 in-memory fleet after the commit. Enrolled through a relay (``relay``), the
 computer is put behind it, and the token must be of the relay's tenant (403,
 nothing written); enrolled directly again, a computer stays behind its relay.
+Each enrollment starts a new identity lineage: a first identity nonce (offered,
+``server/identity.py``), the old lineage's nonces and clone flag cleared.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.policy import validate_agent_policy
 from taskfleet.protocol.exchange import MAX_VERSION_CHARS, clean_json, clean_text
+from taskfleet.server import identity
 from taskfleet.server.fleet import ComputerState, hash_secret
 from taskfleet.server.inventory import cancel_open_work
 from taskfleet.server.kernel import ApiError, tenant_disabled, token_hash
@@ -33,6 +36,7 @@ class Enrolled:
     reenrolled: bool
     canceled: int
     relay_id: int | None = None  # the relay it is behind
+    nonce: str = ""  # its first identity nonce (server/identity.py)
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,10 @@ async def enroll(
             )
         )
     ).first()
+    # A new identity lineage: the old one's nonces and flag go with its secret.
+    nonce, nonces = identity.first(now)
     values = {
+        **identity.values(nonces),
         "hostname": hostname,
         "secret_hash": hash_secret(secret),
         "enrolled_at": now,
@@ -192,4 +199,5 @@ async def enroll(
         last_seen=now,
     )
     state.has_work = False
-    return Enrolled(state, secret, existing is not None, canceled, relay_id)
+    state.identity = nonces
+    return Enrolled(state, secret, existing is not None, canceled, relay_id, nonce)

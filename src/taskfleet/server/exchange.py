@@ -76,7 +76,7 @@ from taskfleet.protocol.inventory import InventoryReport
 from taskfleet.protocol.jobs import JobStep
 from taskfleet.protocol.orders import operation_body
 from taskfleet.protocol.signing import Signer
-from taskfleet.server import computer_inventory, metrics, refusals
+from taskfleet.server import computer_inventory, identity, metrics, refusals
 from taskfleet.server.fleet import ComputerState, Fleet
 from taskfleet.server.outbox import Outbox
 from taskfleet.server.writer import Writer
@@ -314,8 +314,11 @@ class Exchange:
                 else:
                     p.more = True
 
-        # New work goes after the resends, in what is left of the budget.
-        await self._hand_out(conn, [j for j in jobs if j.cs.has_work], pending, now)
+        # New work goes after the resends, in what is left of the budget; none to a
+        # computer flagged for a cloned identity (server/identity.py): it stays Queued.
+        await self._hand_out(
+            conn, [j for j in jobs if j.cs.has_work and not identity.blocked(j.cs)], pending, now
+        )
 
         await conn.execute(
             computers.update()

@@ -25,6 +25,7 @@ import hmac
 from collections.abc import Iterable
 from typing import Any
 
+from taskfleet.domain.identity import Nonces
 from taskfleet.protocol.exchange import relay_field
 
 
@@ -41,6 +42,7 @@ class ComputerState:
         "generation",
         "has_work",
         "id",
+        "identity",
         "in_acked",
         "inventory_full",
         "last_seen",
@@ -85,6 +87,8 @@ class ComputerState:
         # Its inventory report could not be applied: replies ask for the whole one
         # (memory only: after a restart, the next delta that does not apply asks again).
         self.inventory_full = False
+        # Its identity nonces (server/identity.py); None: not read from its row yet.
+        self.identity: Nonces | None = None
 
     def check_secret(self, secret: str) -> bool:
         digest = hashlib.sha256(secret.encode()).digest()

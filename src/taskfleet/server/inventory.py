@@ -327,6 +327,8 @@ async def list_computers(
                 computers.c.generation,
                 computers.c.policy,
                 computers.c.removed_at,
+                computers.c.identity_conflict_at,
+                computers.c.identity_conflict_reason,
             )
             .where(computers.c.tenant_id == p.tenant_id, *where)
             .order_by(computers.c.id)
@@ -348,10 +350,14 @@ async def list_computers(
     member: dict[int, list[str]] = {}
     for m in await conn.execute(member_q):
         member.setdefault(m.computer_id, []).append(m.name)
-    return [
-        {**dict(r._mapping), "tags": tags.get(r.id, {}), "groups": sorted(member.get(r.id, []))}
-        for r in rows
-    ]
+    out = []
+    for r in rows:
+        c = dict(r._mapping)
+        # Two agents used its identity (server/identity.py): when, and why; None: not.
+        at, why = c.pop("identity_conflict_at"), c.pop("identity_conflict_reason")
+        c["identity_conflict"] = None if at is None else {"at": at, "reason": why or ""}
+        out.append({**c, "tags": tags.get(r.id, {}), "groups": sorted(member.get(r.id, []))})
+    return out
 
 
 async def get_computer(conn: AsyncConnection, p: Principal, computer_id: int) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from taskfleet.protocol.relay import (
     roster_entry,
 )
 from taskfleet.protocol.tickle import derive_tickle_key
-from taskfleet.server import enrollment, metrics
+from taskfleet.server import enrollment, identity, metrics
 from taskfleet.server.exchange import Exchange, ExchangeJob, ReplyBudget
 from taskfleet.server.fleet import Fleet, RelayState, hash_secret
 from taskfleet.server.inventory import group_id
@@ -400,7 +400,7 @@ def _extra_jobs(
     """The relay's other computers for which the server holds messages the relay lacks."""
     jobs = []
     for cid, cs in rs.computers.items():
-        if cid in skip:
+        if cid in skip or identity.blocked(cs):  # flagged: no work for it (server/identity.py)
             continue
         have = rs.have.get(cid, 0)
         if cs.has_work or cs.out_seq > max(cs.out_acked, have):

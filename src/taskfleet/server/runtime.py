@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from taskfleet.dispatch import open_queue
 from taskfleet.protocol.signing import Signer
-from taskfleet.server import jobs, metrics, relays, requests, schedules, tokens
+from taskfleet.server import identity, jobs, metrics, relays, requests, schedules, tokens
 from taskfleet.server.cluster import Cluster
 from taskfleet.server.content import ContentStore
 from taskfleet.server.exchange import Exchange
@@ -41,6 +41,8 @@ from taskfleet.server.writer import Writer
 from taskfleet.settings import (
     AUTH_FAILURE_LIMIT,
     ENROLL_FAILURE_LIMIT,
+    IDENTITY_GRACE,
+    IDENTITY_ROTATE,
     LAST_SEEN_FLUSH,
     LOST_GRACE,
     POLL_INTERVAL,
@@ -69,6 +71,9 @@ class ServerConfig:
     tickle_rate: float = TICKLE_RATE
     tickle_min_interval: float = TICKLE_MIN_INTERVAL
     lost_grace: float = LOST_GRACE
+    # Identity nonces (domain/identity.py): rotated when this old (0: every exchange).
+    identity_rotate: float = IDENTITY_ROTATE
+    identity_grace: float = IDENTITY_GRACE
     poll_interval: float = POLL_INTERVAL
     reaper_interval: float = REAPER_INTERVAL
     public_url: str = ""  # shown to humans; set by the CLI
@@ -195,6 +200,7 @@ async def start(config: ServerConfig) -> Runtime:
                 ),
                 row.relay_id,
             )
+        await identity.load(conn, fleet)  # the flagged ones get no work from the start
     metrics.COMPUTERS.set(len(fleet.computers))
     metrics.RELAYS.set(sum(1 for rs in fleet.relays.values() if not rs.revoked))
     signer = Signer(keys["signing_seed"])

@@ -135,6 +135,18 @@ computers = sa.Table(
     # The relay this computer is behind (issue 11): the relay's roster holds it and
     # the relay's entries for it are accepted; None: it talks to the server only.
     sa.Column("relay_id", sa.BigInteger, sa.ForeignKey("relays.id"), nullable=True),
+    # The rotating identity nonce (issue 15, domain/identity.py): SHA-256 hashes of
+    # the confirmed, the previous confirmed and the offered nonce ("*" confirmed: reset
+    # by an administrator), superseded offers (a JSON list of hashes), and the flag
+    # set when two agents use this computer's identity.
+    sa.Column("identity_confirmed", sa.String(64), nullable=True),
+    sa.Column("identity_confirmed_at", sa.Float, nullable=True),
+    sa.Column("identity_previous", sa.String(64), nullable=True),
+    sa.Column("identity_offered", sa.String(64), nullable=True),
+    sa.Column("identity_offered_at", sa.Float, nullable=True),
+    sa.Column("identity_superseded", sa.JSON, nullable=True),
+    sa.Column("identity_conflict_at", sa.Float, nullable=True),
+    sa.Column("identity_conflict_reason", sa.String(500), nullable=True),
     sa.UniqueConstraint("tenant_id", "machine_id"),
     sa.Index(None, "relay_id"),
 )

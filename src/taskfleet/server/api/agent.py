@@ -22,7 +22,7 @@ from taskfleet.protocol.exchange import (
     parse_agent_request,
 )
 from taskfleet.protocol.tickle import derive_tickle_key
-from taskfleet.server import enrollment, metrics
+from taskfleet.server import enrollment, identity, metrics
 from taskfleet.server.api.deps import (
     Rt,
     client_address,
@@ -102,6 +102,7 @@ def enrollment_reply(rt: Runtime, res: enrollment.Enrolled, hostname: str) -> di
         "server_public_key": rt.signer.public_key_hex,
         "settings": orjson.loads(rt.settings_json),
         "reenrolled": res.reenrolled,
+        "identity": res.nonce,
     }
 
 
@@ -131,6 +132,33 @@ async def exchange(rt: Runtime, request: Request) -> Response:
         return req
     address = request.client.host if request.client else None
     now = rt.config.clock()
+    try:
+        checked = await identity.check(
+            rt.writer,
+            cs,
+            req.identity,
+            now,
+            rotate=rt.config.identity_rotate,
+            grace=rt.config.identity_grace,
+        )
+    except Exception:
+        log.exception("identity check of computer %d failed", cs.id)
+        return _refuse("server", 500, "the server could not check this identity; retry later")
+    if checked.conflict is not None:
+        metrics.EXCHANGE_ERRORS.labels(identity.REFUSAL_CODE).inc()
+        return Response(
+            orjson.dumps(
+                {
+                    "error": f"computer {cs.id} refused: {checked.conflict}; an administrator "
+                    "must decide (taskfleet computer identity-reset, or remove it)",
+                    "code": identity.REFUSAL_CODE,
+                }
+            ),
+            status_code=409,
+            media_type="application/json",
+        )
+    # A fresh nonce (stored before this reply): the agent keeps it and presents it next.
+    offer = b"" if checked.offer is None else b',"identity":"%s"' % checked.offer.encode()
     cs.last_seen = now
     cs.dirty = True
     if req.agent is None:
@@ -144,7 +172,7 @@ async def exchange(rt: Runtime, request: Request) -> Response:
             and req.max_seq <= cs.in_acked
         )
 
-    if quiet() and req.wait > 0:
+    if quiet() and req.wait > 0 and not offer:  # an offer is answered at once
         cs.waiter = asyncio.Event()
         try:
             await asyncio.wait_for(cs.waiter.wait(), req.wait)
@@ -160,8 +188,15 @@ async def exchange(rt: Runtime, request: Request) -> Response:
     if quiet():
         metrics.FAST_EXCHANGES.inc()
         return Response(
-            b'{"ack":%d,"messages":[],"server_time":%.3f,"settings":%s%s%s}'
-            % (cs.in_acked, rt.config.clock(), rt.settings_json, relay, _ask_inventory(cs)),
+            b'{"ack":%d,"messages":[],"server_time":%.3f,"settings":%s%s%s%s}'
+            % (
+                cs.in_acked,
+                rt.config.clock(),
+                rt.settings_json,
+                relay,
+                _ask_inventory(cs),
+                offer,
+            ),
             media_type="application/json",
         )
     metrics.SLOW_EXCHANGES.inc()
@@ -175,7 +210,7 @@ async def exchange(rt: Runtime, request: Request) -> Response:
         log.exception("exchange of computer %d failed", cs.id)
         return _refuse("server", 500, "the server could not apply this exchange; retry later")
     return Response(
-        b'{"ack":%d,"messages":[%s],"server_time":%.3f,"settings":%s%s%s%s}'
+        b'{"ack":%d,"messages":[%s],"server_time":%.3f,"settings":%s%s%s%s%s}'
         % (
             out["ack"],
             ",".join(out["messages"]).encode(),
@@ -184,6 +219,7 @@ async def exchange(rt: Runtime, request: Request) -> Response:
             b',"more":true' if out.get("more") else b"",
             b"" if cs.relay is None else cs.relay.reply_field,
             _ask_inventory(cs),
+            offer,
         ),
         media_type="application/json",
     )

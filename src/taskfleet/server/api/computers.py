@@ -1,15 +1,16 @@
 """Computers: list, show (with the inventory), remove, tag (``server/inventory.py``); one
-computer's packages, paged (``server/computer_inventory.py``)."""
+computer's packages, paged (``server/computer_inventory.py``); an administrator's decision
+on a flagged identity (``server/identity.py``)."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Response
 from pydantic import BaseModel
 
-from taskfleet.server import computer_inventory, inventory, metrics
+from taskfleet.server import computer_inventory, identity, inventory, metrics
 from taskfleet.server.api.deps import (
     Admin,
     Id,
@@ -97,6 +98,37 @@ async def remove_computer(rt: Rt, computer_id: Id, p: Admin) -> dict[str, Any]:
         "removed_at": res.removed_at,
         "canceled": res.canceled,
     }
+
+
+class IdentityIn(BaseModel):
+    decision: Literal["reset"]
+
+
+@router.post("/api/v1/computers/{computer_id}/identity", tags=["computers"])
+async def decide_identity(rt: Rt, computer_id: Id, body: IdentityIn, p: Admin) -> dict[str, Any]:
+    """An administrator's decision on a computer flagged because two agents used its
+    identity (``identity_conflict``): ``reset`` clears the flag and its identity nonces;
+    the next exchange presenting its secret starts a new lineage (a copy that still
+    runs is caught again). Removing the computer is the other decision."""
+
+    def after(res: identity.Reset) -> None:
+        cs = rt.fleet.get(res.computer_id)
+        if cs is not None:
+            cs.identity = res.state
+            # Its queued work is handed out at its next exchange: wake it.
+            rt.tickler.wake(rt.fleet.mark_work([cs.id]))
+
+    res = await rt.writer.run(
+        lambda c: identity.reset_identity(c, p, computer_id, rt.now()), after=after
+    )
+    log.warning(
+        "computer %d (%s): identity reset by %s%s",
+        res.computer_id,
+        res.hostname,
+        p.actor,
+        "" if res.was_flagged else " (it was not flagged)",
+    )
+    return {"id": res.computer_id, "decision": body.decision, "was_flagged": res.was_flagged}
 
 
 @router.put("/api/v1/computers/{computer_id}/tags", tags=["computers"])
