@@ -403,14 +403,19 @@ class Operations:
         if op is None or op.finished or op_id in self.owned:
             return
         self.owned.add(op_id)
-        task = asyncio.create_task(self._run(op))
+        task = asyncio.create_task(self._owned_run(op))
         self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
-        def done(t: asyncio.Task[None]) -> None:
-            self.tasks.discard(t)
-            self.owned.discard(op_id)
-
-        task.add_done_callback(done)
+    async def _owned_run(self, op: st.Operation) -> None:
+        try:
+            await self._run(op)
+        finally:
+            # Released by the run itself, in the step that records how it ended (a
+            # wait's timer included), not by a done-callback a loop turn later: a
+            # spawn_now in between (a windows order, the scrubber) would find the op
+            # still owned, cancel the wait's timer and start nothing.
+            self.owned.discard(op.op)
 
     def _minute_of_day(self) -> float:
         t = time.localtime()
