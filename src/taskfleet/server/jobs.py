@@ -99,7 +99,7 @@ class Terminated:
     already: bool
     canceled: list[int] = field(default_factory=list)  # activities Canceled at once
     ordered: list[int] = field(default_factory=list)  # activities sent a terminate order
-    notify: dict[int, int] = field(default_factory=dict)  # computer id -> messages appended
+    notify: dict[int, int] = field(default_factory=dict)  # computer id -> last seq appended
 
 
 async def terminate(
@@ -158,6 +158,8 @@ async def terminate(
     out = Terminated(job_id, already=False)
     changes: list[Change] = []
     box = Outbox(seq_of)
+    # PostgreSQL: number from the stored counters, locked (server/outbox.py).
+    await box.lock(conn, (r.computer_id for r in rows if r.computer_id is not None))
     for r in rows:
         current = State(r.state)
         if current in NOT_STARTED:
@@ -182,7 +184,7 @@ async def terminate(
             out.ordered.append(op)
     await apply_changes(conn, changes)
     await box.write(conn, counters=True)
-    out.notify = box.appended()
+    out.notify = box.last()
     deadline = now + (JOB_TERMINATE_WAIT if wait is None else wait)
     await conn.execute(
         jobs.update()

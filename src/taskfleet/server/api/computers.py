@@ -21,6 +21,7 @@ from taskfleet.server.api.deps import (
     router_for,
 )
 from taskfleet.server.kernel import ApiError
+from taskfleet.server.runtime import fleet_changed
 
 log = logging.getLogger("taskfleet.server")
 router = router_for()
@@ -79,6 +80,7 @@ async def remove_computer(rt: Rt, computer_id: Id, p: Admin) -> dict[str, Any]:
 
     def after(res: inventory.Removed) -> None:
         rt.fleet.remove(res.computer_id)
+        fleet_changed(rt, computer_ids=[res.computer_id])
         metrics.COMPUTERS.set(len(rt.fleet.computers))
 
     res = await rt.writer.run(

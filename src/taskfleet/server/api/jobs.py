@@ -113,10 +113,10 @@ async def terminate_job(
     wait = body.wait if body else None
 
     def after(res: jobs.Terminated) -> None:
-        for cid, n in res.notify.items():
+        for cid, seq in res.notify.items():
             cs = rt.fleet.get(cid)
             if cs is not None:
-                cs.out_seq += n
+                cs.out_seq = max(cs.out_seq, seq)
         rt.tickler.wake(rt.fleet.mark_work(res.notify))
 
     async def fn(conn: Any) -> jobs.Terminated:

@@ -189,10 +189,10 @@ async def cancel(
     reason: str = "",
 ) -> list[int]:
     def after(res: requests.Canceled) -> None:
-        for cid, n in res.notify.items():
+        for cid, seq in res.notify.items():
             cs = rt.fleet.get(cid)
             if cs is not None:
-                cs.out_seq += n
+                cs.out_seq = max(cs.out_seq, seq)
         rt.tickler.wake(rt.fleet.mark_work(res.notify))
 
     async def fn(conn: Any) -> requests.Canceled:
