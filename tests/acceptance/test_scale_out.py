@@ -3,14 +3,16 @@
 (server/outbox.py, server/exchange.py), a computer enrolled through one process is
 loaded by another on its first exchange (server/fleet_load.py), and work created on
 one process wakes an agent long-polling another (server/hints.py), also after the
-hints listener's session was killed. The agent here is the raw one
-(tests/raw_agent.py): it points each exchange at one server or the other."""
+hints listener's session was killed. The agent is mostly the raw one
+(tests/raw_agent.py), pointing each exchange at one server or the other; a real
+``taskfleet agent`` talks to one, then (restarted) to the other."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +20,17 @@ import psycopg
 import pytest
 
 from taskfleet.settings import HINTS_APPLICATION
-from tests.conftest import BACKEND, Server, free_port, wait_until
+from tests.conftest import (
+    BACKEND,
+    Agent,
+    Server,
+    activities_of,
+    enroll_token,
+    free_port,
+    request_done,
+    run_request,
+    wait_until,
+)
 from tests.raw_agent import activity, enrolled, exchange, queued_request_for, result_msg
 
 pytestmark = pytest.mark.skipif(
@@ -202,3 +214,29 @@ def test_a_killed_hints_listener_reconnects_and_work_still_wakes_the_agent(
     assert again != first
     assert exchange(b, cid, secret, {"ack": 1}).status_code == 200
     _woken_by_work_on(a, b, cid, secret, ack=1)  # and the new session hears hints
+
+
+def test_a_real_agent_runs_work_created_on_either_server_whichever_it_talks_to(
+    start_server: Callable[..., Server],
+    start_agent: Callable[..., Agent],
+    tmp_path: Path,
+) -> None:
+    a, b = _two(start_server)
+    state = tmp_path / "agent-state"
+    agent = start_agent(a, enroll_token(a), state_dir=state)
+    target = f"computer:{agent.computer_id}"
+
+    def runs_once(server: Server, line: str) -> None:
+        start = time.monotonic()
+        req = run_request(server, target, {"script": f"echo {line}"})
+        request_done(server, req["id"])
+        # Woken by the other process's hint (its long poll, its tickle), not a poll.
+        assert time.monotonic() - start < 10
+        [act] = activities_of(server, req["id"])
+        assert act["state"] == "succeeded" and line in act["stdout"], act
+        assert _causes(server, act["id"]).count("agent-report") == 1
+
+    runs_once(b, "made-on-b")  # the agent talks to A
+    agent.proc.stop()
+    start_agent(b, state_dir=state)  # the same computer, now talking to B
+    runs_once(a, "made-on-a")

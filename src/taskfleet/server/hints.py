@@ -127,9 +127,8 @@ class PgHints(Hints):
         url = db.database_url(database_url)
         app = {"server_settings": {"application_name": f"{HINTS_APPLICATION} {os.getpid()}"}}
         self._listen_engine = create_async_engine(url, poolclass=NullPool, connect_args=app)
-        self._send_engine: AsyncEngine = create_async_engine(
-            url, pool_size=1, max_overflow=0, pool_pre_ping=True
-        )
+        # No pre-ping: a NOTIFY that fails is sent again on a new connection.
+        self._send_engine: AsyncEngine = create_async_engine(url, pool_size=1, max_overflow=0)
         self._ids: dict[str, set[int]] = {}  # topic -> ids to send
         self._all: set[str] = set()  # topics to send as "all"
         self._out: list[tuple[str, str]] = []

@@ -77,10 +77,12 @@ async def enroll(rt: Rt, body: EnrollIn, request: Request) -> dict[str, Any]:
 
 
 def enrolled(rt: Runtime, res: enrollment.Enrolled, *, via_relay: bool) -> None:
-    """After an enrollment commits (directly or through a relay): into the fleet (and
-    the other server processes reload it)."""
+    """After an enrollment commits (directly or through a relay): into the fleet."""
     rt.fleet.put(res.state, res.relay_id)
-    fleet_changed(rt, computer_ids=[res.state.id])
+    if res.reenrolled:
+        # The other server processes drop the old secret now. A new computer needs no
+        # hint: a process loads it at its first exchange there (server/fleet_load.py).
+        fleet_changed(rt, computer_ids=[res.state.id])
     res.state.via_relay = via_relay and res.state.relay is not None
     metrics.COMPUTERS.set(len(rt.fleet.computers))
     if rt.lifecycle_engine.has_windows:  # it may have joined a windowed group
