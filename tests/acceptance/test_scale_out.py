@@ -32,6 +32,9 @@ from tests.conftest import (
     wait_until,
 )
 from tests.raw_agent import activity, enrolled, exchange, queued_request_for, result_msg
+from tests.relay_proc import Relay, start_relay
+
+__all__ = ["start_relay"]  # the fixture, used by name
 
 pytestmark = pytest.mark.skipif(
     BACKEND != "postgresql", reason="several servers share PostgreSQL only"
@@ -240,3 +243,20 @@ def test_a_real_agent_runs_work_created_on_either_server_whichever_it_talks_to(
     agent.proc.stop()
     start_agent(b, state_dir=state)  # the same computer, now talking to B
     runs_once(a, "made-on-a")
+
+
+def test_an_agent_behind_a_relay_of_one_server_runs_work_created_on_the_other(
+    start_server: Callable[..., Server],
+    start_agent: Callable[..., Agent],
+    start_relay: Callable[..., Relay],
+) -> None:
+    a, b = _two(start_server)
+    relay = start_relay(a, via=b.url)  # its token made on A; it enrolls and exchanges on B
+    agent = start_agent(relay.url, enroll_token(a))  # enrolled through it: on B
+    start = time.monotonic()
+    req = run_request(a, f"computer:{agent.computer_id}", {"script": "echo via-b"})
+    request_done(a, req["id"])
+    assert time.monotonic() - start < 10  # B heard A's hint and woke its relay
+    [act] = activities_of(a, req["id"])
+    assert act["state"] == "succeeded" and "via-b" in act["stdout"], act
+    assert _causes(a, act["id"]).count("agent-report") == 1

@@ -10,7 +10,8 @@ Contract:
   revoked relay is marked so; one unchanged is left as it is, with its has-work and
   long poll). The exchange calls it on a miss (an unknown id or a wrong secret:
   ``miss``, at most once per ``FLEET_RELOAD_MIN_INTERVAL`` per id, so a stream of
-  bad credentials costs little database time); the has-work hints
+  bad credentials costs little database time), a relay exchange for the computers
+  of its entries not behind it here (``misses``); the has-work hints
   (``server/hints.py``) call it when another process says a computer or relay changed.
 * A reloaded computer is marked has-work (its first exchange looks once, as at load).
 """
@@ -90,18 +91,23 @@ class FleetLoader:
         """An exchange from computer (``kind`` "computer") or relay ``id`` that memory
         refused: reload it, unless that was done less than ``min_interval`` ago.
         Whether it was reloaded (then authenticate again)."""
+        return bool(await self.misses(kind, [id]))
+
+    async def misses(self, kind: str, ids: Iterable[int]) -> list[int]:
+        """``miss`` for several ids at once (one query): those reloaded."""
         now = time.monotonic()
-        key = (kind, id)
-        if now - self._missed.get(key, -1e9) < self.min_interval:
-            return False
-        if len(self._missed) >= _MISSES_KEPT:
+        due = [i for i in set(ids) if now - self._missed.get((kind, i), -1e9) >= self.min_interval]
+        if not due:
+            return []
+        if len(self._missed) + len(due) >= _MISSES_KEPT:
             self._missed.clear()
-        self._missed[key] = now
+        for i in due:
+            self._missed[(kind, i)] = now
         if kind == "computer":
-            await self.computers([id])
+            await self.computers(due)
         else:
-            await self.relays([id])
-        return True
+            await self.relays(due)
+        return due
 
     async def computers(self, ids: Iterable[int]) -> None:
         wanted = sorted(set(ids))

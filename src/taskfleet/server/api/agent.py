@@ -79,9 +79,10 @@ async def enroll(rt: Rt, body: EnrollIn, request: Request) -> dict[str, Any]:
 def enrolled(rt: Runtime, res: enrollment.Enrolled, *, via_relay: bool) -> None:
     """After an enrollment commits (directly or through a relay): into the fleet."""
     rt.fleet.put(res.state, res.relay_id)
-    if res.reenrolled:
-        # The other server processes drop the old secret now. A new computer needs no
-        # hint: a process loads it at its first exchange there (server/fleet_load.py).
+    if res.reenrolled or res.relay_id is not None:
+        # The other server processes drop the old secret now, and put it in its relay's
+        # roster (the relay may exchange with any of them). A new direct computer needs
+        # no hint: a process loads it at its first exchange there (server/fleet_load.py).
         fleet_changed(rt, computer_ids=[res.state.id])
     res.state.via_relay = via_relay and res.state.relay is not None
     metrics.COMPUTERS.set(len(rt.fleet.computers))

@@ -174,6 +174,12 @@ async def exchange(rt: Runtime, request: Request) -> Response:
     rs.dirty = True
     if req.stats:
         rs.stats = {**req.stats, "reported_at": now}
+    if rt.loader is not None:
+        # Computers enrolled through it via another server process, or assigned to it
+        # there: loaded before its entries are refused as "not behind this relay".
+        unknown = [e.id for e in req.entries if _not_behind(rt, rs, e.id)]
+        if unknown:
+            await rt.loader.misses("computer", unknown)
     if relays.quiet(rs, req) and req.wait > 0:
         rs.waiter = asyncio.Event()
         try:
@@ -190,6 +196,11 @@ async def exchange(rt: Runtime, request: Request) -> Response:
     metrics.SLOW_RELAY_EXCHANGES.inc()
     out = await relays.exchange(rt.exchange, rt.fleet, rs, req)
     return _reply(rt, rs, req, out)
+
+
+def _not_behind(rt: Runtime, rs: RelayState, computer_id: int) -> bool:
+    cs = rt.fleet.get(computer_id)
+    return cs is None or cs.relay is not rs
 
 
 def _reply(rt: Runtime, rs: RelayState, req: RelayRequest, out: relays.Outcome) -> Response:
