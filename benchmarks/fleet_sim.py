@@ -37,6 +37,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -774,6 +775,33 @@ async def settle_rss(pid: int, seconds: float = 1.0) -> int:
     return rss(pid)
 
 
+_CREATED: list[tuple[str, str]] = []  # (server URL, database) made by --database
+
+
+def _database(opts: argparse.Namespace, workdir: Path, n: int) -> str | None:
+    """None (embedded SQLite in ``workdir``), or a fresh PostgreSQL database (--database)."""
+    if opts.database is None:
+        return None
+    import psycopg
+
+    name = f"tfsim_{n}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(opts.database + "/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    _CREATED.append((opts.database, name))
+    return f"{opts.database}/{name}"
+
+
+def _drop_databases() -> None:
+    import psycopg
+
+    for server, name in _CREATED:
+        try:
+            with psycopg.connect(server + "/postgres", autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        except Exception as exc:
+            print(f"warning: could not drop database {name}: {exc!r}", file=sys.stderr)
+
+
 async def run_n(n: int, opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n, "pool_connections": opts.pool, "simulator_processes": 1}
     log = lambda msg: print(f"[fleet n={n}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
@@ -782,7 +810,13 @@ async def run_n(n: int, opts: argparse.Namespace, workdir: Path) -> dict[str, An
         return opts.profile_dir / f"n{n}-{phase}.txt" if opts.profile_dir else None
 
     # ---- server 1: tickles on -------------------------------------------------------------
-    s1 = common.start_server(workdir, "--poll-interval", "1800", launcher=opts.server_cmd)
+    s1 = common.start_server(
+        workdir,
+        "--poll-interval",
+        "1800",
+        launcher=opts.server_cmd,
+        database=_database(opts, workdir, n),
+    )
     sampler = common.RssSampler(s1.pid).start()
     sim = Sim(s1.port, opts.pool)
     admin = Admin(s1.port, s1.admin_token)
@@ -879,7 +913,12 @@ async def run_n(n: int, opts: argparse.Namespace, workdir: Path) -> dict[str, An
     # ---- server 2: same database, --no-tickles, agents poll every 5 s ---------------------
     log("restarting the server with --no-tickles; agents poll every 5 s ...")
     s2 = common.start_server(
-        workdir, "--no-tickles", "--poll-interval", "1800", launcher=opts.server_cmd
+        workdir,
+        "--no-tickles",
+        "--poll-interval",
+        "1800",
+        launcher=opts.server_cmd,
+        database=s1.database,
     )
     sampler2 = common.RssSampler(s2.pid).start()
     old = sim.agents
@@ -973,6 +1012,12 @@ def main() -> int:
         help="script run instead of -m taskfleet (e.g. benchmarks/experiments/patched_server.py)",
     )
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (logs, database)")
+    ap.add_argument(
+        "--database",
+        default=None,
+        help="a PostgreSQL server URL (postgresql://USER@HOST:PORT): a fresh database "
+        "is created on it per run (default: embedded SQLite)",
+    )
     opts = ap.parse_args()
     opts.n = opts.n or ([2000] if opts.quick else [1000, 10_000])
     if opts.hammer_seconds is None:
@@ -1004,6 +1049,7 @@ def main() -> int:
             results["runs"].append(asyncio.run(run_n(n, opts, workdir)))
     finally:
         common.stop_all()
+        _drop_databases()
         if opts.keep:
             print(f"kept {base}", file=sys.stderr)
         else:

@@ -271,3 +271,22 @@ SERVER_LOST_AFTER_BEATS = 3
 SERVER_PROCESS_KEEP = 86_400.0
 # The PostgreSQL advisory lock key the leader holds (any constant 64-bit number).
 LEADER_LOCK_KEY = 0x7461736B666C6565  # "taskflee"
+
+# -- several server processes on PostgreSQL (server/hints.py, server/fleet_load.py) --
+# A process refused an exchange from a computer or relay it does not know (or whose
+# secret it does not match) reloads that row at most this often per id.
+FLEET_RELOAD_MIN_INTERVAL = 1.0
+# The LISTEN/NOTIFY channel of has-work and fleet-change hints between processes.
+HINTS_CHANNEL = "taskfleet_hints"
+# The hints listener's connection is checked this often (a NOTIFY to itself) ...
+HINTS_CHECK_INTERVAL = 10.0
+# ... and reconnected when that is not heard back within this many seconds.
+HINTS_CHECK_TIMEOUT = 3.0
+# Waits between attempts to reconnect the listener (doubling up to the second).
+HINTS_RETRY = (0.5, 10.0)
+# NOTIFY payloads are limited to 8000 bytes: ids are split into payloads of at most this.
+HINTS_PAYLOAD_MAX = 7000
+# More computers than this in one flush: the hint says "all" (every process looks once).
+HINTS_ALL_OVER = 20_000
+# The application_name of the listener's session (pg_stat_activity), with the pid.
+HINTS_APPLICATION = "taskfleet-hints"

@@ -108,13 +108,14 @@ async def enroll(
         )
     tenant_id = row.tenant_id
     secret = "tfc_" + secrets.token_urlsafe(32)
-    existing = (
-        await conn.execute(
-            sa.select(computers.c.id, computers.c.generation, computers.c.relay_id).where(
-                computers.c.tenant_id == tenant_id, computers.c.machine_id == machine_id
-            )
-        )
-    ).first()
+    find = sa.select(computers.c.id, computers.c.generation, computers.c.relay_id).where(
+        computers.c.tenant_id == tenant_id, computers.c.machine_id == machine_id
+    )
+    if conn.dialect.name == "postgresql":
+        # Locked before its activities are touched, as an exchange on another server
+        # process locks it (server/outbox.py): the same order, no deadlock.
+        find = find.with_for_update()
+    existing = (await conn.execute(find)).first()
     # A new identity lineage: the old one's nonces and flag go with its secret.
     nonce, nonces = identity.first(now)
     values = {

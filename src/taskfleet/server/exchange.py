@@ -32,6 +32,11 @@ Contract:
   set after the commit, which makes its replies ask for the whole inventory
   until one is stored.
 * In-memory fleet counters change only after the commit that persisted them.
+* PostgreSQL (several server processes may serve one computer): the batch first
+  locks its computers' rows in id order and takes their counters from there, not
+  from memory (``_locked_counters``); an ack beyond the stored ``out_seq`` is bad
+  input, and a computer removed or enrolled again meanwhile fails alone with
+  ``ComputerGone`` (the route answers 401). SQLite: memory is the truth.
 
 Longer than ~600 lines on purpose: applying results, acks, resends and the
 hand-out are one set-wise transaction over one ``Pending`` per computer;
@@ -78,7 +83,7 @@ from taskfleet.protocol.orders import operation_body
 from taskfleet.protocol.signing import Signer
 from taskfleet.server import computer_inventory, identity, metrics, refusals
 from taskfleet.server.fleet import ComputerState, Fleet
-from taskfleet.server.outbox import Outbox
+from taskfleet.server.outbox import Outbox, lock_counters
 from taskfleet.server.writer import Writer
 from taskfleet.settings import INT32_MAX, REPLY_MAX_BYTES
 from taskfleet.store.activities import Change, apply_changes, insert_events
@@ -275,9 +280,22 @@ class Exchange:
 
     async def _apply(self, conn: AsyncConnection, jobs: list[ExchangeJob]) -> dict[int, Pending]:
         now = self.clock()
-        pending = {
-            j.cs.id: Pending(j.cs.in_acked, j.cs.out_seq, j.cs.out_acked, j.budget) for j in jobs
-        }
+        if self.writer.pg:
+            pending = await self._locked_counters(conn, jobs)
+        else:  # one process: memory is the truth
+            pending = {
+                j.cs.id: Pending(j.cs.in_acked, j.cs.out_seq, j.cs.out_acked, j.budget)
+                for j in jobs
+            }
+        for j in jobs:
+            if j.req.ack > pending[j.cs.id].out_seq:
+                raise _BadJob(
+                    j,
+                    ProtocolError(
+                        f"ack {j.req.ack} is beyond the last message sent "
+                        f"({pending[j.cs.id].out_seq})"
+                    ),
+                )
         await self._apply_results(conn, jobs, pending, now)
 
         # Acknowledgements of server messages: forget what the agent stored.
@@ -363,6 +381,22 @@ class Exchange:
                     if j.req.agent is not None
                 ],
             )
+        return pending
+
+    async def _locked_counters(
+        self, conn: AsyncConnection, jobs: list[ExchangeJob]
+    ) -> dict[int, Pending]:
+        """PostgreSQL: the computers' counters as stored, their rows locked (in id
+        order) until the commit: another server process may have moved them (its
+        own exchange of this computer, a cancel). Memory takes them after the commit.
+        A computer removed or enrolled again meanwhile (by any process) is refused."""
+        rows = await lock_counters(conn, (j.cs.id for j in jobs))
+        pending: dict[int, Pending] = {}
+        for j in jobs:
+            row = rows.get(j.cs.id)
+            if row is None or row.removed_at is not None or row.generation != j.cs.generation:
+                raise _BadJob(j, ComputerGone(j.cs.id))
+            pending[j.cs.id] = Pending(row.in_acked, row.out_seq, row.out_acked, j.budget)
         return pending
 
     async def _apply_results(
@@ -714,8 +748,9 @@ def _fresh_messages(
     steps: list[tuple[int, JobStep]] = []
     for job in jobs:
         p = pending[job.cs.id]
+        applied = p.in_acked  # as stored (PostgreSQL) or in memory (SQLite)
         for m in job.req.messages:
-            if m.seq <= job.cs.in_acked:
+            if m.seq <= applied:
                 continue
             p.in_acked = m.seq
             if isinstance(m, RefusedMessage):
@@ -754,6 +789,15 @@ def _restore_has_work(jobs: list[ExchangeJob], had_work: list[bool]) -> None:
     for job, had in zip(jobs, had_work, strict=True):
         if had:
             job.cs.has_work = True
+
+
+class ComputerGone(ProtocolError):
+    """The computer was removed, or enrolled again, by another server process: its
+    exchange is refused as an unknown computer's (401)."""
+
+    def __init__(self, computer_id: int) -> None:
+        super().__init__(f"computer {computer_id} was removed or enrolled again")
+        self.computer_id = computer_id
 
 
 class _BadJob(Exception):

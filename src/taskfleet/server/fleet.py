@@ -15,6 +15,15 @@ computers (``reply_field``: its advertised URL, nothing once revoked), built onc
 when the relay is enrolled or loaded: assigning a computer only relinks it.
 ``assign`` says whom to wake so the agents learn of it soon (docs/relays.md
 "Moving computers to another relay").
+
+Several server processes (PostgreSQL): memory is then a cache, not the truth. The
+counters are read from the ``computers`` rows under a lock by every transaction that
+moves them (``server/exchange.py``, ``server/outbox.py``) and memory takes the stored
+values after the commit; ``mark_work`` also tells the other processes
+(``on_work``: ``server/hints.py``), whose hints come back here through
+``mark_work(..., hint=False)`` and ``look_all``; computers and relays changed by
+another process are reloaded by ``server/fleet_load.py``. On SQLite (one process)
+memory stays the truth and nothing of this runs.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from taskfleet.domain.identity import Nonces
@@ -181,6 +190,9 @@ class Fleet:
     def __init__(self) -> None:
         self.computers: dict[int, ComputerState] = {}
         self.relays: dict[int, RelayState] = {}
+        # Told the ids ``mark_work`` is given (PostgreSQL: the has-work hint to the
+        # other server processes, server/hints.py); None: one process, nobody to tell.
+        self.on_work: Callable[[list[int]], None] | None = None
 
     def get(self, computer_id: int) -> ComputerState | None:
         return self.computers.get(computer_id)
@@ -281,14 +293,29 @@ class Fleet:
             if rs.waiter is not None:
                 rs.waiter.set()
 
-    def mark_work(self, computer_ids: Iterable[int]) -> list[ComputerState]:
+    def mark_work(self, computer_ids: Iterable[int], *, hint: bool = True) -> list[ComputerState]:
+        """After a commit that gave these computers work: wake them here (the ones
+        known), and (``hint``) tell the other server processes (``on_work``)."""
+        ids = list(computer_ids)
+        if hint and self.on_work is not None:
+            self.on_work(ids)
         woken = []
-        for cid in computer_ids:
+        for cid in ids:
             cs = self.computers.get(cid)
             if cs is not None:
                 cs.wake()
                 woken.append(cs)
         return woken
+
+    def look_all(self) -> None:
+        """Every computer and relay looks once at its next exchange, and long polls end
+        now (hints may have been missed: the catch-up after the listener reconnects)."""
+        for cs in self.computers.values():
+            cs.has_work = True
+            if cs.waiter is not None:
+                cs.waiter.set()
+        for rs in self.relays.values():
+            rs.wake()
 
     def take_dirty(self) -> list[ComputerState]:
         out = [cs for cs in self.computers.values() if cs.dirty]

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.identity import Nonces, Verdict, decide, hash_nonce, reset, with_offer
-from taskfleet.server.fleet import ComputerState, Fleet
+from taskfleet.server.fleet import ComputerState
 from taskfleet.server.kernel import ApiError, AuditEntry, Principal, audit, write_audit
 from taskfleet.server.writer import Writer
 from taskfleet.store.schema import computers
@@ -58,6 +58,7 @@ class Checked:
 
     conflict: str | None = None
     offer: str | None = None
+    flagged: bool = False  # this check raised the flag (the other processes are told)
 
 
 def new_nonce() -> str:
@@ -96,20 +97,6 @@ def first(now: float) -> tuple[str, Nonces]:
     offered, nothing confirmed yet."""
     nonce = new_nonce()
     return nonce, Nonces(offered=hash_nonce(nonce), offered_at=now)
-
-
-async def load(conn: AsyncConnection, fleet: Fleet) -> None:
-    """At start: the flagged computers' state (they get no work, even through a relay,
-    before their agents speak); the others' is read at their first direct exchange."""
-    rows = await conn.execute(
-        sa.select(computers.c.id, *_COLUMNS).where(
-            computers.c.identity_conflict_at.is_not(None), computers.c.removed_at.is_(None)
-        )
-    )
-    for row in rows:
-        cs = fleet.get(row.id)
-        if cs is not None:
-            cs.identity = from_row(row)
 
 
 def blocked(cs: ComputerState) -> bool:
@@ -168,7 +155,7 @@ async def check(
                 ],
             )
         conflict = (d.reason or "identity conflict") if d.verdict is Verdict.CONFLICT else None
-        return new, Checked(conflict, offer), flagged
+        return new, Checked(conflict, offer, flagged), flagged
 
     try:
         new, checked, flagged = await writer.run(apply)

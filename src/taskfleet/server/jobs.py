@@ -107,8 +107,8 @@ async def send_windows(
     computer_ids: set[int],
 ) -> dict[int, int]:
     """Queue a ``windows`` order for every In Progress job activity of ``computer_ids``
-    (module docstring); computer id -> messages appended, for the caller to apply to
-    the in-memory fleet after the commit and to tickle."""
+    (module docstring); computer id -> the last seq used, for the caller to apply to
+    the in-memory fleet after the commit (``runtime.queued_orders``) and to tickle."""
     if not computer_ids:
         return {}
     rows = await conn.execute(
@@ -126,8 +126,11 @@ async def send_windows(
         )
         .order_by(activities.c.id)
     )
+    found = list(rows)
     box = Outbox(seq_of)
-    for r in rows:
+    # PostgreSQL: number from the stored counters, locked (server/outbox.py).
+    await box.lock(conn, (r.computer_id for r in found))
+    for r in found:
         op, cid = r.id, r.computer_id
         body = windows_body(
             computer=cid,
@@ -139,7 +142,7 @@ async def send_windows(
         sig = signer.sign(body)
         box.append(cid, r.tenant_id, lambda seq: windows_message(seq, op, body, sig))  # noqa: B023
     await box.write(conn, counters=True)
-    return box.appended()
+    return box.last()
 
 
 # -- terminate -----------------------------------------------------------------
@@ -151,7 +154,7 @@ class Terminated:
     already: bool
     canceled: list[int] = field(default_factory=list)  # activities Canceled at once
     ordered: list[int] = field(default_factory=list)  # activities sent a terminate order
-    notify: dict[int, int] = field(default_factory=dict)  # computer id -> messages appended
+    notify: dict[int, int] = field(default_factory=dict)  # computer id -> last seq appended
 
 
 async def terminate(
@@ -210,6 +213,8 @@ async def terminate(
     out = Terminated(job_id, already=False)
     changes: list[Change] = []
     box = Outbox(seq_of)
+    # PostgreSQL: number from the stored counters, locked (server/outbox.py).
+    await box.lock(conn, (r.computer_id for r in rows if r.computer_id is not None))
     for r in rows:
         current = State(r.state)
         if current in NOT_STARTED:
@@ -234,7 +239,7 @@ async def terminate(
             out.ordered.append(op)
     await apply_changes(conn, changes)
     await box.write(conn, counters=True)
-    out.notify = box.appended()
+    out.notify = box.last()
     deadline = now + (JOB_TERMINATE_WAIT if wait is None else wait)
     await conn.execute(
         jobs.update()

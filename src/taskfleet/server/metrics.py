@@ -48,6 +48,9 @@ TICKLES_SKIPPED = Counter(
     registry=REGISTRY,
 )
 COMPUTERS = Gauge("taskfleet_computers", "Enrolled computers", registry=REGISTRY)
+LONG_POLLS = Gauge(
+    "taskfleet_long_polls", "Agent exchanges held open now (long polls)", registry=REGISTRY
+)
 REQUESTS = Counter(
     "taskfleet_requests_created_total", "Requests created (parents)", registry=REGISTRY
 )

@@ -281,25 +281,6 @@ def live(fleet: Fleet, d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-async def load(conn: AsyncConnection, fleet: Fleet) -> None:
-    """Every relay into memory (revoked ones too: their computers stay behind them)."""
-    for row in await conn.execute(sa.select(relays)):
-        fleet.put_relay(
-            RelayState(
-                row.id,
-                row.tenant_id,
-                row.name,
-                row.secret_hash,
-                row.generation,
-                address=row.address,
-                tickle_port=row.tickle_port,
-                last_seen=row.last_seen_at,
-                revoked=row.revoked_at is not None,
-                url=row.url,
-            )
-        )
-
-
 async def flush_seen(conn: AsyncConnection, dirty: list[RelayState]) -> None:
     """Store relays' last contact and address (kept in memory between flushes)."""
     await conn.execute(

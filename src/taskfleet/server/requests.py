@@ -441,7 +441,8 @@ def bulk_query(p: Principal, f: BulkFilter, now: float) -> sa.Select[Any]:
 @dataclass
 class Canceled:
     ids: list[int]
-    # computer id -> cancel messages to send; appended to the outbox already
+    # computer id -> the last seq of the cancel messages appended for it (already in
+    # the outbox); memory takes it after the commit
     notify: dict[int, int]
 
 
@@ -459,10 +460,11 @@ async def cancel(
 ) -> Canceled:
     """Cancel one activity (illegal from a final state) or every open child of a request.
 
-    ``seq_of(computer_id)`` gives the last server seq used; the caller applies
-    the returned counts to the in-memory fleet after the commit. A cancel order
-    to an agent is signed with ``signer`` for the computer's current generation
-    (its open work belongs to it: enrolling again cancels the old one's).
+    ``seq_of(computer_id)`` gives the last server seq used (memory's; on PostgreSQL
+    the stored one is locked and used, ``server/outbox.py``); the caller applies
+    ``notify`` (each computer's last seq) to the in-memory fleet after the commit.
+    A cancel order to an agent is signed with ``signer`` for the computer's current
+    generation (its open work belongs to it: enrolling again cancels the old one's).
     """
     q = _with_generation(
         sa.select(activities.c.id, activities.c.state, activities.c.computer_id).where(
@@ -485,6 +487,9 @@ async def cancel(
     why = reason or "canceled by administrator"
     changes: list[Change] = []
     box = Outbox(seq_of)
+    # PostgreSQL: number from the stored counters, locked (server/outbox.py); a row
+    # another process changed since it was read fails the whole cancel (ConcurrentChange).
+    await box.lock(conn, (r.computer_id for r in rows if r.computer_id is not None))
     for r in rows:
         try:
             t = transition(
@@ -515,7 +520,7 @@ async def cancel(
         id=activity_id or request_id,
         canceled=len(changes),
     )
-    return Canceled([r.id for r in rows], box.appended())
+    return Canceled([r.id for r in rows], box.last())
 
 
 def _with_generation(q: sa.Select[Any]) -> sa.Select[Any]:

@@ -5,7 +5,11 @@ tenant, keys and first admin token, loads the fleet (computers and relays) into
 memory and starts the single writer, the tickler, the lifecycle engine, the server-task manager (and
 the embedded worker), the timeout reaper (lost work, expiry, a terminated job's deadline) and the
 last-seen flusher;
-``stop(rt)`` stops each on its own, the writer last. Every time the server
+``stop(rt)`` stops each on its own, the writer last. On PostgreSQL it also starts
+the hints between server processes (``server/hints.py``): work hinted by another
+process marks those computers has-work and tickles them, a changed computer or
+relay is reloaded (``server/fleet_load.py``), and every listener (re)connect makes
+every computer look once. Every time the server
 reads comes from ``ServerConfig.clock`` (``Runtime.now``): tests inject a
 fake clock and move it instead of sleeping.
 """
@@ -17,7 +21,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +31,13 @@ import sqlalchemy as sa
 
 from taskfleet.dispatch import open_queue
 from taskfleet.protocol.signing import Signer
-from taskfleet.server import identity, jobs, metrics, relays, requests, schedules, tokens
+from taskfleet.server import fleet_load, jobs, metrics, relays, requests, schedules, tokens
 from taskfleet.server.cluster import Cluster
 from taskfleet.server.content import ContentStore
 from taskfleet.server.exchange import Exchange
-from taskfleet.server.fleet import ComputerState, Fleet
+from taskfleet.server.fleet import Fleet
+from taskfleet.server.fleet_load import FleetLoader
+from taskfleet.server.hints import WORK, Hints, PgHints, parse_ids
 from taskfleet.server.kernel import token_hash
 from taskfleet.server.lifecycle import Lifecycle
 from taskfleet.server.tasks import TaskManager
@@ -112,6 +118,10 @@ class Runtime:
     lifecycle: Lifecycle | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     content: ContentStore | None = None  # content by hash under the data folder
+    # Hints to and from the other server processes (PostgreSQL; server/hints.py) and
+    # what reloads what they changed (server/fleet_load.py; None on SQLite).
+    hints: Hints = field(default_factory=Hints)
+    loader: FleetLoader | None = None
     cluster: Cluster | None = None  # the server processes on this database, the leader
 
     def now(self) -> float:
@@ -140,14 +150,14 @@ def wake_targets(rt: Runtime, created: requests.Created) -> None:
     rt.lifecycle_engine.watch(created.request)
 
 
-def queued_orders(rt: Runtime, appended: dict[int, int]) -> None:
-    """After a transaction that queued orders commits: the computers' counters move
-    on by what it appended, and they are woken."""
-    for cid, n in appended.items():
+def queued_orders(rt: Runtime, last: dict[int, int]) -> None:
+    """After a transaction that queued orders commits (``Outbox.last()``: computer id ->
+    the last seq it used): memory takes those counters, and the computers are woken."""
+    for cid, seq in last.items():
         cs = rt.fleet.get(cid)
         if cs is not None:
-            cs.out_seq += n
-    rt.tickler.wake(rt.fleet.mark_work(appended))
+            cs.out_seq = max(cs.out_seq, seq)
+    rt.tickler.wake(rt.fleet.mark_work(last))
 
 
 async def send_job_windows(rt: Runtime, computer_ids: set[int]) -> None:
@@ -183,24 +193,7 @@ async def start(config: ServerConfig) -> Runtime:
         log.warning("bootstrap admin token written to %s (readable by this user only)", path)
     fleet = Fleet()
     async with read_engine.connect() as conn:
-        await relays.load(conn, fleet)
-        for row in await conn.execute(sa.select(computers).where(computers.c.removed_at.is_(None))):
-            fleet.put(
-                ComputerState(
-                    row.id,
-                    row.tenant_id,
-                    row.secret_hash,
-                    row.generation,
-                    row.in_acked,
-                    row.out_seq,
-                    row.out_acked,
-                    row.address,
-                    row.tickle_port,
-                    row.last_seen_at,
-                ),
-                row.relay_id,
-            )
-        await identity.load(conn, fleet)  # the flagged ones get no work from the start
+        await fleet_load.load_all(conn, fleet)  # the flagged identities too
     metrics.COMPUTERS.set(len(fleet.computers))
     metrics.RELAYS.set(sum(1 for rs in fleet.relays.values() if not rs.revoked))
     signer = Signer(keys["signing_seed"])
@@ -236,6 +229,7 @@ async def start(config: ServerConfig) -> Runtime:
             }
         ),
     )
+    await _start_hints(rt)
     rt.content = ContentStore(config.data_dir)
     rt.content.prepare()
     rt.lifecycle = Lifecycle(
@@ -271,6 +265,45 @@ async def start(config: ServerConfig) -> Runtime:
         db.database_url(config.database_url).split("@")[-1],
     )
     return rt
+
+
+async def _start_hints(rt: Runtime) -> None:
+    """PostgreSQL: hints to and from the other server processes (server/hints.py);
+    what another process changed is reloaded (server/fleet_load.py)."""
+    if db.is_sqlite(rt.config.database_url):
+        return  # one process: memory is the truth, nobody to tell
+    fleet, tickler = rt.fleet, rt.tickler
+    hints = rt.hints = PgHints(rt.config.database_url)
+    loader = rt.loader = FleetLoader(rt.read, fleet)
+
+    def work(body: str) -> None:
+        ids = parse_ids(body)
+        if ids is None:
+            fleet.look_all()
+        else:  # the process that hears it tickles too (tickles are idempotent, paced)
+            tickler.wake(fleet.mark_work(ids, hint=False))
+
+    async def changed_computers(body: str) -> None:
+        await loader.computers(parse_ids(body) or [])
+
+    async def changed_relays(body: str) -> None:
+        await loader.relays(parse_ids(body) or [])
+
+    hints.subscribe(WORK, work)
+    hints.subscribe("computers", changed_computers)
+    hints.subscribe("relays", changed_relays)
+    hints.on_connect(fleet.look_all)
+    fleet.on_work = hints.work
+    await hints.start()
+
+
+def fleet_changed(
+    rt: Runtime, computer_ids: Iterable[int] = (), relay_ids: Iterable[int] = ()
+) -> None:
+    """After a commit that enrolled, removed, revoked or moved computers or relays: the
+    other server processes reload them (PostgreSQL; nothing on SQLite)."""
+    rt.hints.publish_ids("computers", computer_ids)
+    rt.hints.publish_ids("relays", relay_ids)
 
 
 def write_token_file(data_dir: Path, token: str) -> Path:
@@ -350,7 +383,7 @@ async def stop(rt: Runtime) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     # Each part stops on its own: one failing to stop must not leave the writer running.
-    parts = [rt.tickler.stop]
+    parts = [rt.tickler.stop, rt.hints.stop]
     if rt.cluster is not None:
         parts.append(rt.cluster.stop)
     if rt.lifecycle is not None:

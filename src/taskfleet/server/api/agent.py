@@ -29,9 +29,10 @@ from taskfleet.server.api.deps import (
     guarded,
     router_for,
 )
-from taskfleet.server.exchange import ExchangeJob
+from taskfleet.server.exchange import ComputerGone, ExchangeJob
 from taskfleet.server.fleet import ComputerState
-from taskfleet.server.runtime import Runtime
+from taskfleet.server.runtime import Runtime, fleet_changed
+from taskfleet.settings import INT64_MAX
 
 log = logging.getLogger("taskfleet.server")
 router = router_for()
@@ -44,6 +45,43 @@ class EnrollIn(BaseModel):
     tickle_port: int | None = None
     version: str = ""
     policy: dict[str, Any] = {}
+
+
+async def _identity(
+    rt: Runtime, cs: ComputerState, presented: str | None, now: float
+) -> bytes | Response:
+    """The identity check of a direct exchange (``server/identity.py``): the refusal to
+    send, or the reply's ``"identity"`` field (a fresh nonce, stored before this
+    reply; empty: none offered)."""
+    try:
+        checked = await identity.check(
+            rt.writer,
+            cs,
+            presented,
+            now,
+            rotate=rt.config.identity_rotate,
+            grace=rt.config.identity_grace,
+        )
+    except Exception:
+        log.exception("identity check of computer %d failed", cs.id)
+        return _refuse("server", 500, "the server could not check this identity; retry later")
+    if checked.conflict is not None:
+        if checked.flagged:  # no process hands it work any more, its relay's included
+            fleet_changed(rt, computer_ids=[cs.id])
+        metrics.EXCHANGE_ERRORS.labels(identity.REFUSAL_CODE).inc()
+        return Response(
+            orjson.dumps(
+                {
+                    "error": f"computer {cs.id} refused: {checked.conflict}; an administrator "
+                    "must decide (taskfleet computer identity-reset, or remove it)",
+                    "code": identity.REFUSAL_CODE,
+                }
+            ),
+            status_code=409,
+            media_type="application/json",
+        )
+    # The agent keeps it and presents it next.
+    return b"" if checked.offer is None else b',"identity":"%s"' % checked.offer.encode()
 
 
 @router.post(ENROLL_PATH, tags=["agent"], status_code=201)
@@ -78,6 +116,11 @@ async def enroll(rt: Rt, body: EnrollIn, request: Request) -> dict[str, Any]:
 def enrolled(rt: Runtime, res: enrollment.Enrolled, *, via_relay: bool) -> None:
     """After an enrollment commits (directly or through a relay): into the fleet."""
     rt.fleet.put(res.state, res.relay_id)
+    if res.reenrolled or res.relay_id is not None:
+        # The other server processes drop the old secret now, and put it in its relay's
+        # roster (the relay may exchange with any of them). A new direct computer needs
+        # no hint: a process loads it at its first exchange there (server/fleet_load.py).
+        fleet_changed(rt, computer_ids=[res.state.id])
     res.state.via_relay = via_relay and res.state.relay is not None
     metrics.COMPUTERS.set(len(rt.fleet.computers))
     if rt.lifecycle_engine.has_windows:  # it may have joined a windowed group
@@ -119,7 +162,7 @@ router.add_route(EXCHANGE_PATH, _exchange_route, methods=["POST"], include_in_sc
 
 async def exchange(rt: Runtime, request: Request) -> Response:
     """The exchange hot path: answered from memory when there is nothing to do."""
-    cs = authenticate(rt, request)
+    cs = await _authenticate_or_load(rt, request)
     if isinstance(cs, str):
         return _refuse("auth", 401, cs)
     computer_id = cs.id
@@ -127,38 +170,16 @@ async def exchange(rt: Runtime, request: Request) -> Response:
     body = await read_body(request, MAX_BODY_BYTES)
     if body is None:
         return _refuse("too-large", 413, f"exchange body over {MAX_BODY_BYTES} bytes")
-    req = _parse_request(body, cs.out_seq)
+    # Several processes (PostgreSQL): memory's out_seq may be behind what another
+    # process sent; the exchange checks the ack against the stored one.
+    req = _parse_request(body, cs.out_seq if rt.loader is None else INT64_MAX)
     if isinstance(req, Response):
         return req
     address = request.client.host if request.client else None
     now = rt.config.clock()
-    try:
-        checked = await identity.check(
-            rt.writer,
-            cs,
-            req.identity,
-            now,
-            rotate=rt.config.identity_rotate,
-            grace=rt.config.identity_grace,
-        )
-    except Exception:
-        log.exception("identity check of computer %d failed", cs.id)
-        return _refuse("server", 500, "the server could not check this identity; retry later")
-    if checked.conflict is not None:
-        metrics.EXCHANGE_ERRORS.labels(identity.REFUSAL_CODE).inc()
-        return Response(
-            orjson.dumps(
-                {
-                    "error": f"computer {cs.id} refused: {checked.conflict}; an administrator "
-                    "must decide (taskfleet computer identity-reset, or remove it)",
-                    "code": identity.REFUSAL_CODE,
-                }
-            ),
-            status_code=409,
-            media_type="application/json",
-        )
-    # A fresh nonce (stored before this reply): the agent keeps it and presents it next.
-    offer = b"" if checked.offer is None else b',"identity":"%s"' % checked.offer.encode()
+    offer = await _identity(rt, cs, req.identity, now)
+    if isinstance(offer, Response):
+        return offer
     cs.last_seen = now
     cs.dirty = True
     if req.agent is None:
@@ -174,12 +195,14 @@ async def exchange(rt: Runtime, request: Request) -> Response:
 
     if quiet() and req.wait > 0 and not offer:  # an offer is answered at once
         cs.waiter = asyncio.Event()
+        metrics.LONG_POLLS.inc()
         try:
             await asyncio.wait_for(cs.waiter.wait(), req.wait)
         except TimeoutError:
             pass
         finally:
             cs.waiter = None
+            metrics.LONG_POLLS.dec()
         if rt.fleet.get(computer_id) is not cs:  # removed (or re-enrolled) while it waited
             return _refuse("auth", 401, "unknown computer or wrong secret")
     # The relay it is assigned to (``relay assign``): the agent moves behind it; and
@@ -202,6 +225,10 @@ async def exchange(rt: Runtime, request: Request) -> Response:
     metrics.SLOW_EXCHANGES.inc()
     try:
         out = await rt.exchange.exchange(ExchangeJob(cs, req, address))
+    except ComputerGone:
+        if rt.loader is not None:  # removed or enrolled again by another process
+            await rt.loader.computers([computer_id])
+        return _refuse("auth", 401, "unknown computer or wrong secret")
     except ProtocolError as exc:
         return _refuse("invalid", 400, f"bad exchange: {exc}")
     except Exception:
@@ -229,13 +256,29 @@ def _ask_inventory(cs: ComputerState) -> bytes:
     return b',"inventory":"full"' if cs.inventory_full else b""
 
 
+async def _authenticate_or_load(rt: Runtime, request: Request) -> ComputerState | str:
+    cs = authenticate(rt, request)
+    if isinstance(cs, str) and rt.loader is not None:
+        # Enrolled (again) through another server process: load it, then try again.
+        cid = computer_id_of(request)
+        if cid is not None and await rt.loader.miss("computer", cid):
+            cs = authenticate(rt, request)
+    return cs
+
+
+def computer_id_of(request: Request) -> int | None:
+    try:
+        return int(request.headers.get("x-taskfleet-computer", ""))
+    except ValueError:
+        return None
+
+
 def authenticate(rt: Runtime, request: Request) -> ComputerState | str:
     """The computer a request comes from (``X-Taskfleet-Computer: ID`` and
     ``Authorization: Bearer SECRET``, as the exchange and content fetches use), or why
     it is refused (a 401)."""
-    try:
-        computer_id = int(request.headers.get("x-taskfleet-computer", ""))
-    except ValueError:
+    computer_id = computer_id_of(request)
+    if computer_id is None:
         return "missing or malformed X-Taskfleet-Computer header"
     auth = request.headers.get("authorization", "")
     cs = rt.fleet.get(computer_id)

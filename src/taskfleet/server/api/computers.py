@@ -22,6 +22,7 @@ from taskfleet.server.api.deps import (
     router_for,
 )
 from taskfleet.server.kernel import ApiError
+from taskfleet.server.runtime import fleet_changed
 
 log = logging.getLogger("taskfleet.server")
 router = router_for()
@@ -80,6 +81,7 @@ async def remove_computer(rt: Rt, computer_id: Id, p: Admin) -> dict[str, Any]:
 
     def after(res: inventory.Removed) -> None:
         rt.fleet.remove(res.computer_id)
+        fleet_changed(rt, computer_ids=[res.computer_id])
         metrics.COMPUTERS.set(len(rt.fleet.computers))
 
     res = await rt.writer.run(
@@ -117,6 +119,7 @@ async def decide_identity(rt: Rt, computer_id: Id, body: IdentityIn, p: Admin) -
             cs.identity = res.state
             # Its queued work is handed out at its next exchange: wake it.
             rt.tickler.wake(rt.fleet.mark_work([cs.id]))
+        fleet_changed(rt, computer_ids=[res.computer_id])  # the other processes too
 
     res = await rt.writer.run(
         lambda c: identity.reset_identity(c, p, computer_id, rt.now()), after=after

@@ -26,7 +26,7 @@ from taskfleet.server.api.deps import (
     read,
     router_for,
 )
-from taskfleet.server.runtime import wake_targets
+from taskfleet.server.runtime import queued_orders, wake_targets
 
 log = logging.getLogger("taskfleet.server")
 router = router_for()
@@ -113,11 +113,7 @@ async def terminate_job(
     wait = body.wait if body else None
 
     def after(res: jobs.Terminated) -> None:
-        for cid, n in res.notify.items():
-            cs = rt.fleet.get(cid)
-            if cs is not None:
-                cs.out_seq += n
-        rt.tickler.wake(rt.fleet.mark_work(res.notify))
+        queued_orders(rt, res.notify)
 
     async def fn(conn: Any) -> jobs.Terminated:
         def seq_of(cid: int) -> int:

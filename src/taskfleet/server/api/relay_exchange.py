@@ -36,7 +36,7 @@ from taskfleet.server.api.agent import EnrollIn, enrolled, enrollment_reply, rea
 from taskfleet.server.api.deps import Rt, client_address, guarded, router_for
 from taskfleet.server.fleet import RelayState
 from taskfleet.server.kernel import ApiError
-from taskfleet.server.runtime import Runtime
+from taskfleet.server.runtime import Runtime, fleet_changed
 from taskfleet.settings import RELAY_MOVED_WAKE_DELAY
 
 log = logging.getLogger("taskfleet.server")
@@ -51,11 +51,17 @@ class RelayEnrollIn(BaseModel):
     version: str = ""
 
 
+def relay_id_of(request: Request) -> int | None:
+    try:
+        return int(request.headers.get("x-taskfleet-relay", ""))
+    except ValueError:
+        return None
+
+
 def authenticate(rt: Runtime, request: Request) -> RelayState | None:
     """The relay a request comes from, or None (unknown, wrong secret, revoked)."""
-    try:
-        relay_id = int(request.headers.get("x-taskfleet-relay", ""))
-    except ValueError:
+    relay_id = relay_id_of(request)
+    if relay_id is None:
         return None
     auth = request.headers.get("authorization", "")
     rs = rt.fleet.relays.get(relay_id)
@@ -71,6 +77,7 @@ async def enroll(rt: Rt, body: RelayEnrollIn, request: Request) -> dict[str, Any
 
     def after(res: relays.RelayEnrolled) -> None:
         rt.fleet.put_relay(res.state)
+        fleet_changed(rt, relay_ids=[res.state.id])
         metrics.RELAYS.set(sum(1 for r in rt.fleet.relays.values() if not r.revoked))
 
     res = await guarded(
@@ -146,6 +153,11 @@ router.add_route(RELAY_EXCHANGE_PATH, _exchange_route, methods=["POST"], include
 async def exchange(rt: Runtime, request: Request) -> Response:
     """One relay exchange: from memory when quiet, else through ``relays.exchange``."""
     rs = authenticate(rt, request)
+    if rs is None and rt.loader is not None:
+        # Enrolled (again) through another server process: load it, then try again.
+        rid = relay_id_of(request)
+        if rid is not None and await rt.loader.miss("relay", rid):
+            rs = authenticate(rt, request)
     if rs is None:
         return _refuse("auth", 401, "unknown relay, wrong secret or revoked")
     body = await read_body(request, MAX_RELAY_BODY_BYTES)
@@ -162,6 +174,12 @@ async def exchange(rt: Runtime, request: Request) -> Response:
     rs.dirty = True
     if req.stats:
         rs.stats = {**req.stats, "reported_at": now}
+    if rt.loader is not None:
+        # Computers enrolled through it via another server process, or assigned to it
+        # there: loaded before its entries are refused as "not behind this relay".
+        unknown = [e.id for e in req.entries if _not_behind(rt, rs, e.id)]
+        if unknown:
+            await rt.loader.misses("computer", unknown)
     if relays.quiet(rs, req) and req.wait > 0:
         rs.waiter = asyncio.Event()
         try:
@@ -178,6 +196,11 @@ async def exchange(rt: Runtime, request: Request) -> Response:
     metrics.SLOW_RELAY_EXCHANGES.inc()
     out = await relays.exchange(rt.exchange, rt.fleet, rs, req)
     return _reply(rt, rs, req, out)
+
+
+def _not_behind(rt: Runtime, rs: RelayState, computer_id: int) -> bool:
+    cs = rt.fleet.get(computer_id)
+    return cs is None or cs.relay is not rs
 
 
 def _reply(rt: Runtime, rs: RelayState, req: RelayRequest, out: relays.Outcome) -> Response:

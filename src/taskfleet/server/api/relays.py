@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from taskfleet.server import relays
 from taskfleet.server.api.deps import Admin, Id, Rt, Viewer, read, router_for
+from taskfleet.server.runtime import fleet_changed
 
 log = logging.getLogger("taskfleet.server")
 router = router_for()
@@ -38,6 +39,7 @@ async def assign(rt: Rt, relay_id: Id, body: AssignIn, p: Admin) -> dict[str, An
         # to the server directly are woken so their next reply names their relay; those
         # behind another relay are woken once it has its new roster (relay_exchange.py).
         direct, changed = rt.fleet.assign(ids, relay_id)
+        fleet_changed(rt, computer_ids=ids)
         rt.tickler.wake_relays(changed)
         rt.tickler.wake(direct)
 

@@ -27,7 +27,7 @@ from taskfleet.server.api.deps import (
     router_for,
 )
 from taskfleet.server.kernel import Principal
-from taskfleet.server.runtime import Runtime, wake_targets
+from taskfleet.server.runtime import Runtime, queued_orders, wake_targets
 from taskfleet.settings import SCRIPT_TIMEOUT
 
 log = logging.getLogger("taskfleet.server")
@@ -189,11 +189,7 @@ async def cancel(
     reason: str = "",
 ) -> list[int]:
     def after(res: requests.Canceled) -> None:
-        for cid, n in res.notify.items():
-            cs = rt.fleet.get(cid)
-            if cs is not None:
-                cs.out_seq += n
-        rt.tickler.wake(rt.fleet.mark_work(res.notify))
+        queued_orders(rt, res.notify)
 
     async def fn(conn: Any) -> requests.Canceled:
         def seq_of(cid: int) -> int:

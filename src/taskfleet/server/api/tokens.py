@@ -18,6 +18,7 @@ from taskfleet.server.api.deps import (
     read,
     router_for,
 )
+from taskfleet.server.runtime import fleet_changed
 
 log = logging.getLogger("taskfleet.server")
 router = router_for()
@@ -72,8 +73,12 @@ async def list_tokens(rt: Rt, p: Admin) -> list[dict[str, Any]]:
 @router.delete("/api/v1/tokens/{token_id}", status_code=204, tags=["auth"])
 async def revoke_token(rt: Rt, token_id: Id, p: Admin) -> Response:
     # A relay token's relays are refused from the commit on (their agents fail over).
+    def revoked_relays(ids: list[int]) -> None:
+        rt.fleet.revoke_relays(ids)
+        fleet_changed(rt, relay_ids=ids)
+
     revoked = await rt.writer.run(
-        lambda c: tokens.revoke_token(c, p, token_id, rt.now()), after=rt.fleet.revoke_relays
+        lambda c: tokens.revoke_token(c, p, token_id, rt.now()), after=revoked_relays
     )
     if revoked:
         metrics.RELAYS.set(sum(1 for rs in rt.fleet.relays.values() if not rs.revoked))
