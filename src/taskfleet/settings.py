@@ -266,3 +266,9 @@ SERVER_LOST_AFTER_BEATS = 3
 SERVER_PROCESS_KEEP = 86_400.0
 # The PostgreSQL advisory lock key the leader holds (any constant 64-bit number).
 LEADER_LOCK_KEY = 0x7461736B666C6565  # "taskflee"
+# While it leads, the leader scans the database this often for work other processes
+# persisted (requests with a lifecycle, schedules, server tasks): server/cluster.py.
+LEADER_CATCH_UP = 1.0
+# The catch-up scan looks back this far past its last scan (commit order is not id
+# order, and the hosts' clocks differ a little).
+LEADER_CATCH_UP_OVERLAP = 60.0
