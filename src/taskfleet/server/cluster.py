@@ -290,6 +290,9 @@ class Cluster:
         conn, self._lock_conn = self._lock_conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
+                # Invalidate, not just close: a pooled session would keep the lock.
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
                 await conn.close()
 
     async def stop(self) -> None:
