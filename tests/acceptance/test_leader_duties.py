@@ -14,7 +14,16 @@ import psycopg
 import pytest
 
 from tests.acceptance.test_servers import _running, _status
-from tests.conftest import BACKEND, Agent, Server, enroll_token, free_port, wait_until
+from tests.conftest import (
+    BACKEND,
+    Agent,
+    Server,
+    activities_of,
+    enroll_token,
+    free_port,
+    request_done,
+    wait_until,
+)
 from tests.server_tasks import TYPES, finished, submit
 
 DUTIES = ["lifecycle", "reaper", "scheduler"]
@@ -36,18 +45,23 @@ def _leader_and_other(a: Server, b: Server) -> tuple[Server, Server]:
     return (a, b) if lead["me"] else (b, a)
 
 
+def _two(start_server: Callable[..., Server], tmp_path: Path) -> tuple[Server, Server]:
+    """Two server processes on one database: (the leader, the other)."""
+    types = tmp_path / "types.toml"
+    types.write_text(TYPES)
+    args = ("--cluster-heartbeat", "0.5", "--task-types", str(types), "--reaper-interval", "0.2")
+    a = start_server(*args)
+    b = start_server(*args, port=free_port())
+    return _leader_and_other(a, b)
+
+
 @pytest.mark.skipif(BACKEND != "postgresql", reason="several servers share PostgreSQL only")
-def test_the_leader_alone_runs_the_duties_and_a_kill_9_hands_them_over_firing_nothing_twice(
+def test_the_leader_alone_runs_the_duties_and_does_the_work_the_other_accepted(
     start_server: Callable[..., Server],
     start_agent: Callable[..., Agent],
     tmp_path: Path,
 ) -> None:
-    types = tmp_path / "types.toml"
-    types.write_text(TYPES)
-    args = ("--cluster-heartbeat", "0.5", "--task-types", str(types))
-    a = start_server(*args)
-    b = start_server(*args, port=free_port())
-    leader, other = _leader_and_other(a, b)
+    leader, other = _two(start_server, tmp_path)
     assert _status(leader)["duties"] == DUTIES
     assert _status(other)["duties"] == []  # it answers the API, but schedules nothing
 
@@ -55,21 +69,49 @@ def test_the_leader_alone_runs_the_duties_and_a_kill_9_hands_them_over_firing_no
     task = submit(other, "echo", params={"msg": "hello"})
     assert finished(other, task["task"]["id"])["state"] == "succeeded"
 
-    start_agent(leader, enroll_token(leader))
+    agent = start_agent(leader, enroll_token(leader))
+    cid = agent.computer_id
+    agent.proc.stop()  # its work stays queued
+    # Created in the process that does not lead; expired by the leader's reaper, once.
+    with other.api() as api:
+        r = api.post(
+            "/requests",
+            json={"target": f"computer:{cid}", "expires_in": 0.5, "params": {"argv": ["true"]}},
+        )
+        assert r.status_code == 201, r.text
+    req = request_done(other, r.json()["id"], timeout=20)
+    (act,) = activities_of(other, req["id"])
+    assert act["state"] == "canceled" and act["reason"] == "expired"
+    expired = [
+        line
+        for line in leader.proc.lines()
+        if line["msg"].endswith(f"queued activities expired: [{act['id']}]")
+    ]
+    assert len(expired) == 1, expired  # both processes write this log: one reaped it
+
+
+@pytest.mark.skipif(BACKEND != "postgresql", reason="several servers share PostgreSQL only")
+def test_a_kill_9_of_the_leader_hands_the_duties_over_and_no_schedule_fires_twice(
+    start_server: Callable[..., Server],
+    start_agent: Callable[..., Agent],
+    tmp_path: Path,
+) -> None:
+    leader, other = _two(start_server, tmp_path)
+    start_agent(leader, enroll_token(leader))  # the schedules' runs target it
     body = {"cron": YEARLY, "request": {"target": "all", "params": {"argv": ["true"]}}}
     sids = []
     with other.api() as api:
-        for _ in range(10):
+        for _ in range(8):
             r = api.post("/schedules", json=body)
             assert r.status_code == 201, r.text
             sids.append(r.json()["id"])
     # Cron is minute-grained: the test moves each schedule's next firing into the
-    # coming seconds (as time passing would), one every 0.8 s; the leader's catch-up
+    # coming seconds (as time passing would), one every 0.6 s; the leader's catch-up
     # reads the new times.
     now = time.time()
     with psycopg.connect(other.database_url, autocommit=True) as conn:
         for i, sid in enumerate(sids):
-            at = now + 2 + i * 0.8
+            at = now + 1.5 + i * 0.6
             conn.execute("UPDATE schedules SET next_at = %s WHERE id = %s", (at, sid))
 
     def runs() -> dict[int, int]:
