@@ -567,7 +567,7 @@ class TaskManager(TaskHolds):
             await asyncio.sleep(self.reap_interval)
             try:
                 reaped, released = await self.writer.run(self._reap_once)
-                expired = await self.writer.run(self.expire_approvals)
+                expired = await self.writer.run(self._expire_approvals_fenced)
             except Deposed:
                 raise
             except Exception:
@@ -601,6 +601,10 @@ class TaskManager(TaskHolds):
                 await self._retry(r)
         if reaped:
             self._wake.set()
+
+    async def _expire_approvals_fenced(self, conn: Any) -> list[int]:
+        await self._fenced(conn)
+        return await self.expire_approvals(conn)
 
     async def _reap_once(self, conn: Any) -> tuple[list[heartbeats.Reaped], list[stops.Released]]:
         await self._fenced(conn)
