@@ -102,7 +102,15 @@ class TaskManager(TaskHolds):
             if self.watch_remote:
                 loops.append(self._watch_finished())
             self._wake.set()
-            await asyncio.gather(*loops)
+            tasks = [asyncio.create_task(loop) for loop in loops]
+            try:  # one failing (Deposed, say) ends them all: none may outlive the lead
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             self.leading = False
 

@@ -68,6 +68,7 @@ class Lifecycle:
         self._timer_set: set[tuple[float, str, int]] = set()  # a catch-up adds no twin
         self.catch_up_every = catch_up_every
         self._caught_up_at: float | None = None  # the clock at the last catch-up's start
+        self._reported: dict[int, float] = {}  # finished activity -> when, seen by catch-up
         # Only the leader indexes timers and waiters: a non-leader would never act on
         # them (the leader's catch-up finds what this process persisted).
         self.leading = False
@@ -171,6 +172,7 @@ class Lifecycle:
         self._timer_set.clear()
         self._window_next.clear()
         self._finished.clear()
+        self._reported.clear()
 
     async def load(self) -> None:
         self._caught_up_at = self.clock()
@@ -270,31 +272,27 @@ class Lifecycle:
             on_activity = [i for k, i in self.waiters if k == "activity"]
             on_request = {i for k, i in self.waiters if k == "request"} | self.rollouts
             final = [s.value for s in FINAL_STATES]
-            done: set[int] = set()
+            found: list[Any] = []
+            finished = sa.select(activities.c.id, activities.c.finished_at)
             if on_activity:
-                done |= set(
-                    (
-                        await conn.execute(
-                            sa.select(activities.c.id).where(
-                                activities.c.id.in_(on_activity), activities.c.state.in_(final)
-                            )
-                        )
-                    ).scalars()
+                found += await conn.execute(
+                    finished.where(activities.c.id.in_(on_activity), activities.c.state.in_(final))
                 )
             if on_request:
-                done |= set(
-                    (
-                        await conn.execute(
-                            sa.select(activities.c.id).where(
-                                activities.c.request_id.in_(list(on_request)),
-                                activities.c.state.in_(final),
-                                activities.c.finished_at >= since,
-                            )
-                        )
-                    ).scalars()
+                found += await conn.execute(
+                    finished.where(
+                        activities.c.request_id.in_(list(on_request)),
+                        activities.c.state.in_(final),
+                        activities.c.finished_at >= since,
+                    )
                 )
+        # Each finish is reported once (a waiter or a rollout re-evaluated is a write).
+        done = {int(r.id) for r in found if r.id not in self._reported}
+        self._reported.update({int(r.id): r.finished_at or now for r in found})
+        for aid in [a for a, at in self._reported.items() if at < since]:
+            del self._reported[aid]
         if done:
-            self.on_finished(done)  # re-evaluating a waiter or a rollout twice is a no-op
+            self.on_finished(done)
 
     def add_schedule(self, sid: int, next_at: float) -> None:
         self._at(next_at, "cron", sid)
