@@ -58,6 +58,7 @@ from taskfleet.store.schema import leadership, server_processes
 
 log = logging.getLogger("taskfleet.server")
 LEADER = "leader"
+STOPPING = "it stops"  # a clean stop gives up the lead: not worth a warning
 
 # A duty: called with ``ready``, which it calls once it has loaded its state.
 Duty = Callable[[Callable[[], None]], Coroutine[Any, Any, None]]
@@ -132,7 +133,8 @@ class Cluster:
     def _lose(self, why: str) -> None:
         if not self.is_leader:
             return
-        log.warning("server %s no longer leads (%s): its duties stop", self.id, why)
+        level = logging.INFO if why == STOPPING else logging.WARNING
+        log.log(level, "server %s no longer leads (%s): its duties stop", self.id, why)
         self.is_leader, self.epoch = False, None
         running, self._running = self._running, {}
         for task in running.values():
@@ -309,7 +311,7 @@ class Cluster:
         with contextlib.suppress(Exception):
             await self.writer.run(write)
         running = list(self._running.values())
-        self._lose("it stops")
+        self._lose(STOPPING)
         for task in running:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
