@@ -290,3 +290,10 @@ HINTS_PAYLOAD_MAX = 7000
 HINTS_ALL_OVER = 20_000
 # The application_name of the listener's session (pg_stat_activity), with the pid.
 HINTS_APPLICATION = "taskfleet-hints"
+
+# While it leads, the leader scans the database this often for work other processes
+# persisted (requests with a lifecycle, schedules, server tasks): server/cluster.py.
+LEADER_CATCH_UP = 1.0
+# The catch-up scan looks back this far past its last scan (commit order is not id
+# order, and the hosts' clocks differ a little).
+LEADER_CATCH_UP_OVERLAP = 60.0

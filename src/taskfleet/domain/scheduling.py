@@ -197,6 +197,13 @@ class Scheduler:
         """Tasks dispatched or running, as counted against limits and exclusions."""
         return list(self._running)
 
+    def pending_ids(self) -> list[int]:
+        return list(self._pending)
+
+    def knows(self, task_id: int) -> bool:
+        """Pending or counted as running."""
+        return task_id in self._pending or task_id in self._running
+
     def add(self, task: Pending) -> None:
         self._check_new(task)
         nb = task.not_before

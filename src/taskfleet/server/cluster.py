@@ -16,9 +16,20 @@ Contract:
 * ``is_leader`` is what this process believes now; ``status`` what the database says
   (``GET /api/v1/servers``, ``taskfleet server status``).
 
-Not yet (the next slice of issue 16): what leading gates. Today every process still
-runs the batch scheduler, the lifecycle timers, the reaper and the tickler, so several
-server processes on one database are not supported yet (docs/scale-out.md).
+* Leading gates the **duties** (second slice): each is registered with ``duty(name,
+  run)``, a coroutine function started as a task when this process gains the lead
+  (after the epoch is stamped) and canceled when it loses it. A duty that fails is
+  logged and started again a beat later. On SQLite the one process gains the lead in
+  ``start`` and keeps it, so its duties run from start as before.
+* **Epoch fencing**: ``fence(conn)``, called inside a leader's write transaction,
+  updates the leadership row only where ``holder`` is this process and ``epoch`` is
+  this process's epoch; any other outcome raises :class:`Deposed`, which rolls the
+  write back. A duty that meets ``Deposed`` (or a beat that finds the row no longer
+  ours) steps down: its duties are canceled, the lock connection is closed at the
+  next beat, and the refused write is logged. So a deposed leader's late write never
+  lands: a cron schedule never fires twice across a handover.
+
+Not yet: the tickler still runs in every process (docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import sqlalchemy as sa
@@ -47,6 +58,14 @@ from taskfleet.store.schema import leadership, server_processes
 
 log = logging.getLogger("taskfleet.server")
 LEADER = "leader"
+STOPPING = "it stops"  # a clean stop gives up the lead: not worth a warning
+
+# A duty: called with ``ready``, which it calls once it has loaded its state.
+Duty = Callable[[Callable[[], None]], Coroutine[Any, Any, None]]
+
+
+class Deposed(Exception):
+    """This process no longer leads (by the database): its fenced write was refused."""
 
 
 class Cluster:
@@ -65,7 +84,101 @@ class Cluster:
         self.lock_engine = lock_engine  # None: SQLite, one process, always the leader
         self.url, self.clock, self.heartbeat = url, clock, heartbeat
         self.is_leader = False
+        self.epoch: int | None = None  # the epoch this process leads in, while it leads
         self._lock_conn: AsyncConnection | None = None
+        self._lock_stale = False  # stepped down: close the lock connection at the next beat
+        self._duties: dict[str, Duty] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._ready: dict[str, asyncio.Event] = {}
+        self.refused = 0  # fenced writes refused (a deposed leader's late writes)
+
+    # -- duties ----------------------------------------------------------------------
+
+    def duty(self, name: str, run: Duty) -> None:
+        """Run ``run(ready)`` as a task while this process leads (from now, if it leads)."""
+        self._duties[name] = run
+        if self.is_leader:
+            self._start_duty(name)
+
+    @property
+    def duties_running(self) -> list[str]:
+        return sorted(n for n, t in self._running.items() if not t.done())
+
+    def _start_duty(self, name: str) -> None:
+        self._ready[name] = asyncio.Event()
+        self._running[name] = asyncio.get_running_loop().create_task(
+            self._run_duty(name), name=f"duty:{name}"
+        )
+
+    async def _run_duty(self, name: str) -> None:
+        while True:
+            try:
+                await self._duties[name](self._ready[name].set)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Deposed as exc:
+                self.step_down(str(exc))
+                return
+            except Exception:
+                log.exception("leader duty %s failed; starting it again", name)
+                await asyncio.sleep(self.heartbeat)
+
+    def _gain(self, epoch: int) -> None:
+        self.is_leader, self.epoch = True, epoch
+        log.info("server %s leads (epoch %s): starting %s", self.id, epoch, sorted(self._duties))
+        for name in self._duties:
+            self._start_duty(name)
+
+    def _lose(self, why: str) -> None:
+        if not self.is_leader:
+            return
+        level = logging.INFO if why == STOPPING else logging.WARNING
+        log.log(level, "server %s no longer leads (%s): its duties stop", self.id, why)
+        self.is_leader, self.epoch = False, None
+        running, self._running = self._running, {}
+        for task in running.values():
+            task.cancel()  # not awaited: the caller may be one of them
+
+    def step_down(self, why: str) -> None:
+        """The database says another process leads: stop the duties, drop the lock."""
+        self._lose(why)
+        self._lock_stale = True
+
+    def fenced(self, run: Callable[..., Any]) -> Callable[..., Any]:
+        """``Writer.run`` whose every write is fenced (the lifecycle engine's)."""
+
+        async def fenced_run(fn: Callable[[AsyncConnection], Any], **kw: Any) -> Any:
+            async def inner(conn: AsyncConnection) -> Any:
+                await self.fence(conn)
+                return await fn(conn)
+
+            return await run(inner, **kw)
+
+        return fenced_run
+
+    async def fence(self, conn: AsyncConnection) -> None:
+        """Inside a leader's write transaction: raise :class:`Deposed` (the write rolls
+        back) unless the leadership row still names this process at its epoch."""
+        if self.is_leader and self.epoch is not None:
+            res = await conn.execute(
+                leadership.update()
+                .where(
+                    leadership.c.name == LEADER,
+                    leadership.c.holder == self.id,
+                    leadership.c.epoch == self.epoch,
+                )
+                .values(epoch=self.epoch)
+            )
+            if res.rowcount == 1:
+                return
+        self.refused += 1
+        log.warning(
+            "server %s: a leader's write refused: it does not lead at epoch %s",
+            self.id,
+            self.epoch,
+        )
+        raise Deposed(f"not the leader at epoch {self.epoch}")
 
     async def start(self) -> None:
         now = self.clock()
@@ -85,6 +198,12 @@ class Cluster:
 
         await self.writer.run(register)
         await self.beat()
+        # Leading from start (always on SQLite): the duties have loaded their state
+        # before the server answers, as when there was one process only.
+        for name, task in list(self._running.items()):
+            ready = asyncio.ensure_future(self._ready[name].wait())
+            await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
 
     async def run(self) -> None:
         while True:
@@ -98,11 +217,14 @@ class Cluster:
 
     async def beat(self) -> None:
         """One heartbeat: try to lead (or keep leading), then write down that we live."""
+        if self._lock_stale:
+            self._lock_stale = False
+            await self._drop_lock_conn()
         leading = await self._hold_lock()
-        gained = leading and not self.is_leader
         if self.is_leader and not leading:
-            log.warning("server %s no longer leads (its lock connection failed)", self.id)
-        self.is_leader = leading
+            self._lose("its lock connection failed")
+        gained = leading and not self.is_leader
+        epoch = self.epoch
         now = self.clock()
 
         async def write(conn: AsyncConnection) -> int | None:
@@ -115,11 +237,17 @@ class Cluster:
                 return None
             if gained:
                 return await _take_lead(conn, self.id, now)
-            await conn.execute(
+            res = await conn.execute(
                 leadership.update()
-                .where(leadership.c.name == LEADER, leadership.c.holder == self.id)
+                .where(
+                    leadership.c.name == LEADER,
+                    leadership.c.holder == self.id,
+                    leadership.c.epoch == epoch,
+                )
                 .values(heartbeat_at=now)
             )
+            if res.rowcount != 1:
+                return -1  # the row names another leader: we were deposed
             await conn.execute(  # the leader keeps the list short
                 server_processes.delete().where(
                     server_processes.c.heartbeat_at < now - SERVER_PROCESS_KEEP
@@ -127,9 +255,16 @@ class Cluster:
             )
             return None
 
-        epoch = await self.writer.run(write)
-        if gained:
-            log.info("server %s leads (epoch %s)", self.id, epoch)
+        try:
+            stamped = await self.writer.run(write)
+        except Exception:
+            if gained:  # the lead is not ours until the row says so: try again next beat
+                await self._drop_lock_conn()
+            raise
+        if stamped == -1:
+            self.step_down("the leadership row names another process")
+        elif gained and stamped is not None:
+            self._gain(stamped)
 
     async def _hold_lock(self) -> bool:
         if self.lock_engine is None:
@@ -157,6 +292,9 @@ class Cluster:
         conn, self._lock_conn = self._lock_conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
+                # Invalidate, not just close: a pooled session would keep the lock.
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
                 await conn.close()
 
     async def stop(self) -> None:
@@ -172,7 +310,11 @@ class Cluster:
 
         with contextlib.suppress(Exception):
             await self.writer.run(write)
-        self.is_leader = False
+        running = list(self._running.values())
+        self._lose(STOPPING)
+        for task in running:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await self._drop_lock_conn()  # closing the session releases the lock
         if self.lock_engine is not None:
             await self.lock_engine.dispose()
@@ -216,7 +358,7 @@ class Cluster:
                 "since": lead.since,
                 "heartbeat_at": lead.heartbeat_at,
             }
-        return {"processes": processes, "leader": leader}
+        return {"processes": processes, "leader": leader, "duties": self.duties_running}
 
 
 async def _take_lead(conn: AsyncConnection, me: str, now: float) -> int:

@@ -52,6 +52,7 @@ from taskfleet.store import db
 log = logging.getLogger("taskfleet.server")
 Handler = Callable[[str], Awaitable[None] | None]
 WORK = "work"
+WINDOWS = "windows"  # a group's maintenance window or membership changed: reload
 ALL = "all"
 _PING = "ping"
 

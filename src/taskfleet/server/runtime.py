@@ -4,7 +4,8 @@ Contract: ``start(config)`` migrates the database, bootstraps the default
 tenant, keys and first admin token, loads the fleet (computers and relays) into
 memory and starts the single writer, the tickler, the lifecycle engine, the server-task manager (and
 the embedded worker), the timeout reaper (lost work, expiry, a terminated job's deadline) and the
-last-seen flusher;
+last-seen flusher; the cluster runs the lifecycle timers, the server-task scheduler and the
+reaper only while this process leads (on SQLite from start), their writes fenced by the epoch;
 ``stop(rt)`` stops each on its own, the writer last. On PostgreSQL it also starts
 the hints between server processes (``server/hints.py``): work hinted by another
 process marks those computers has-work and tickles them, a changed computer or
@@ -32,12 +33,12 @@ import sqlalchemy as sa
 from taskfleet.dispatch import open_queue
 from taskfleet.protocol.signing import Signer
 from taskfleet.server import fleet_load, jobs, metrics, relays, requests, schedules, tokens
-from taskfleet.server.cluster import Cluster
+from taskfleet.server.cluster import Cluster, Deposed
 from taskfleet.server.content import ContentStore
 from taskfleet.server.exchange import Exchange
 from taskfleet.server.fleet import Fleet
 from taskfleet.server.fleet_load import FleetLoader
-from taskfleet.server.hints import WORK, Hints, PgHints, parse_ids
+from taskfleet.server.hints import WINDOWS, WORK, Hints, PgHints, parse_ids
 from taskfleet.server.kernel import token_hash
 from taskfleet.server.lifecycle import Lifecycle
 from taskfleet.server.tasks import TaskManager
@@ -160,6 +161,13 @@ def queued_orders(rt: Runtime, last: dict[int, int]) -> None:
     rt.tickler.wake(rt.fleet.mark_work(last))
 
 
+async def windows_changed(rt: Runtime, computer_ids: set[int]) -> None:
+    """A reload here found these computers' maintenance windows changed: the other
+    server processes reload theirs (PostgreSQL), the running jobs are told."""
+    rt.hints.publish(WINDOWS, "")
+    await send_job_windows(rt, computer_ids)
+
+
 async def send_job_windows(rt: Runtime, computer_ids: set[int]) -> None:
     """These computers' maintenance windows changed: tell their running jobs."""
 
@@ -232,8 +240,16 @@ async def start(config: ServerConfig) -> Runtime:
     await _start_hints(rt)
     rt.content = ContentStore(config.data_dir)
     rt.content.prepare()
+    rt.cluster = Cluster(
+        writer,
+        read_engine,
+        None if db.is_sqlite(config.database_url) else db.create_engine(config.database_url),
+        url=config.public_url,
+        clock=config.clock,
+        heartbeat=config.cluster_heartbeat,
+    )
     rt.lifecycle = Lifecycle(
-        writer.run,
+        rt.cluster.fenced(writer.run),
         read_engine,
         lambda cids: tickler.wake(fleet.mark_work(cids)),
         clock=config.clock,
@@ -243,22 +259,18 @@ async def start(config: ServerConfig) -> Runtime:
     writer.on_finished = rt.lifecycle.on_finished
     exchange.window_closed = rt.lifecycle.window_closed
     exchange.job_windows = rt.lifecycle.job_windows
-    rt.lifecycle.windows_changed = lambda cids: send_job_windows(rt, cids)
-    await rt.lifecycle.load()
-    rt.lifecycle.start()
-    rt.tasks.append(asyncio.create_task(_reaper(rt), name="reaper"))
+    rt.lifecycle.windows_changed = lambda cids: windows_changed(rt, cids)
+    await rt.lifecycle.reload_windows(tell=False)  # every process's exchanges read them
     rt.tasks.append(asyncio.create_task(_flush_seen(rt), name="last-seen"))
-    rt.cluster = Cluster(
-        writer,
-        read_engine,
-        None if db.is_sqlite(config.database_url) else db.create_engine(config.database_url),
-        url=config.public_url,
-        clock=config.clock,
-        heartbeat=config.cluster_heartbeat,
-    )
+    await _start_tasks(rt, config)
+    # The leader's duties (issue 16): started when this process gains the lead (on
+    # SQLite at once, in cluster.start), canceled when it loses it.
+    rt.cluster.duty("lifecycle", rt.lifecycle.lead)
+    rt.cluster.duty("scheduler", rt.task_manager.lead)
+    rt.cluster.duty("reaper", lambda ready: _reaper(rt, ready))
     await rt.cluster.start()
     rt.tasks.append(asyncio.create_task(rt.cluster.run(), name="cluster"))
-    await _start_tasks(rt, config)
+    _start_embedded_worker(rt, config)
     log.info(
         "server ready: %d computers, database %s",
         len(fleet.computers),
@@ -289,10 +301,22 @@ async def _start_hints(rt: Runtime) -> None:
     async def changed_relays(body: str) -> None:
         await loader.relays(parse_ids(body) or [])
 
+    async def changed_windows(_body: str) -> None:
+        # The process that changed them told the running jobs (send_job_windows);
+        # here the exchanges (and the leader's window timers) read them again.
+        if rt.lifecycle is not None:
+            await rt.lifecycle.reload_windows(tell=False)
+
+    def reconnected() -> None:
+        fleet.look_all()
+        # (a windows hint may have been missed too; keep a reference: tasks are weak)
+        rt.tasks.append(asyncio.get_running_loop().create_task(changed_windows("")))
+
     hints.subscribe(WORK, work)
     hints.subscribe("computers", changed_computers)
     hints.subscribe("relays", changed_relays)
-    hints.on_connect(fleet.look_all)
+    hints.subscribe(WINDOWS, changed_windows)
+    hints.on_connect(reconnected)
     fleet.on_work = hints.work
     await hints.start()
 
@@ -348,7 +372,6 @@ async def mint_admin_token(
 async def _start_tasks(rt: Runtime, config: ServerConfig) -> None:
     specs = load_task_types(config.task_types, builtins=BUILTINS)
     queue = open_queue(config.queue)
-    pg = not db.is_sqlite(config.database_url)
     rt.manager = TaskManager(
         rt.writer,
         rt.read,
@@ -359,8 +382,17 @@ async def _start_tasks(rt: Runtime, config: ServerConfig) -> None:
         # In-process workers report through on_finished; only remote ones need watching.
         watch_remote=config.queue != "embedded",
         clock=config.clock,
+        fence=rt.cluster.fence if rt.cluster is not None else None,
     )
     await rt.manager.start()
+
+
+def _start_embedded_worker(rt: Runtime, config: ServerConfig) -> None:
+    """After the lead is settled: a lead gained at start reaps the embedded workers
+    of earlier processes first, and this one's must not be among them."""
+    queue, specs = rt.task_manager.queue, rt.task_manager.specs
+    pg = not db.is_sqlite(config.database_url)
+    rt.task_manager.embedded_started = True
     if config.queue == "embedded" and config.workers > 0:
         worker = Worker(
             queue=queue,
@@ -369,7 +401,7 @@ async def _start_tasks(rt: Runtime, config: ServerConfig) -> None:
             pg=pg,
             concurrency=config.workers,
             heartbeat_interval=config.worker_heartbeat,
-            on_finished=rt.manager.finished,
+            on_finished=rt.task_manager.finished,
             context={"run_tx": rt.writer.run},
             name="embedded",
         )
@@ -407,6 +439,8 @@ async def fire_schedule(rt: Runtime, sid: int) -> float | None:
     """A cron schedule is due: create its run (a request of its own); the next time or None."""
 
     async def fn(conn: Any) -> tuple[requests.Created | None, float | None]:
+        if rt.cluster is not None:  # refused unless this process leads at its epoch
+            await rt.cluster.fence(conn)
         return await schedules.fire_schedule(conn, rt.now(), sid)
 
     def after(res: tuple[requests.Created | None, float | None]) -> None:
@@ -423,9 +457,10 @@ async def fire_schedule(rt: Runtime, sid: int) -> float | None:
 async def reap_once(rt: Runtime) -> None:
     """One pass of the timeout reaper: lost activities fail, expired work is canceled,
     computers a terminated job waited for past its deadline are "unreachable"."""
-    lost = await rt.writer.run(lambda c: reap_lost(c, rt.now()))
-    expired = await rt.writer.run(lambda c: reap_expired(c, rt.now()))
-    unreachable = await rt.writer.run(lambda c: jobs.reap_terminations(c, rt.now()))
+    run = rt.writer.run if rt.cluster is None else rt.cluster.fenced(rt.writer.run)
+    lost = await run(lambda c: reap_lost(c, rt.now()))
+    expired = await run(lambda c: reap_expired(c, rt.now()))
+    unreachable = await run(lambda c: jobs.reap_terminations(c, rt.now()))
     if unreachable:
         log.warning(
             "%d job activities canceled, unreachable at termination: %s",
@@ -439,11 +474,14 @@ async def reap_once(rt: Runtime) -> None:
         log.info("%d queued activities expired: %s", len(expired), expired[:20])
 
 
-async def _reaper(rt: Runtime) -> None:
+async def _reaper(rt: Runtime, ready: Callable[[], None]) -> None:
+    ready()  # it keeps no state: the database is its state
     while True:
         await asyncio.sleep(rt.config.reaper_interval)
         try:
             await reap_once(rt)
+        except Deposed:
+            raise
         except Exception:
             log.exception("lost-activity reaper failed; retrying next interval")
 

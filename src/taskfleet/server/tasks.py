@@ -16,6 +16,13 @@ told over the dispatch port to stop it, but it keeps counting as running (its
 type's limit and exclusions) until the worker's report says it stopped (or it
 had finished), or the reaper finds its worker gone. The worker's report never
 changes the Canceled state; it is recorded on the task.
+
+Only the leader schedules (issue 16): ``start`` connects the dispatch port in every
+process (so every process accepts submissions and cancels, persisted before they
+answer); ``lead()`` is the cluster duty: it loads the open tasks, then runs the
+scheduler, the worker reaper and ``catch_up()`` every ``catch_up_every`` seconds
+(tasks other processes submitted or canceled). Its dispatch and reap writes go
+through ``fence`` (the cluster's epoch check).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,9 +41,11 @@ from taskfleet.dispatch import DispatchQueue
 from taskfleet.domain.scheduling import Pending, Scheduler, TaskType, from_specs
 from taskfleet.domain.states import State
 from taskfleet.domain.task_types import TaskTypeSpec, validate_params
+from taskfleet.server.cluster import Deposed
 from taskfleet.server.kernel import ApiError, Principal
 from taskfleet.server.task_holds import TaskHolds, parse_hold
 from taskfleet.server.writer import Writer
+from taskfleet.settings import LEADER_CATCH_UP
 from taskfleet.store import tasks as store
 from taskfleet.store.schema import groups, tenants
 from taskfleet.store.tasks import dispatching, heartbeats, holds, reads, stops, submission
@@ -54,7 +63,14 @@ class TaskManager(TaskHolds):
     reap_interval: float = 5.0
     watch_remote: bool = True  # workers in other processes: learn their results by polling
     clock: Callable[[], float] = time.time
+    # The cluster's epoch check inside a leader's write (server/cluster.py); None: none.
+    fence: Callable[[Any], Awaitable[None]] | None = None
+    catch_up_every: float = LEADER_CATCH_UP
+    leading: bool = field(init=False, default=False)
+    # This process's embedded worker runs (set by the runtime once the lead is settled).
+    embedded_started: bool = field(init=False, default=False)
     scheduler: Scheduler = field(init=False)
+    _seen: set[int] = field(init=False, default_factory=set)  # ids the scheduler was given
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
     _types: dict[str, TaskType] = field(init=False)
@@ -69,7 +85,40 @@ class TaskManager(TaskHolds):
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        """Every process: connect the dispatch port (scheduling waits for the lead)."""
         await self.queue.connect()
+
+    async def lead(self, ready: Callable[[], None] = lambda: None) -> None:
+        """The leader's duty: load the open tasks (then ``ready()``), then schedule,
+        reap and catch up until canceled (the lead is lost) or deposed."""
+        self.scheduler = Scheduler(self._types)
+        self._task_waiters.clear()
+        self._seen.clear()
+        self.leading = True
+        try:
+            await self._load()
+            ready()
+            loops = [self._loop(), self._reaper(), self._catch_up_loop()]
+            if self.watch_remote:
+                loops.append(self._watch_finished())
+            self._wake.set()
+            tasks = [asyncio.create_task(loop) for loop in loops]
+            try:  # one failing (Deposed, say) ends them all: none may outlive the lead
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self.leading = False
+
+    async def _fenced(self, conn: Any) -> None:
+        if self.fence is not None:
+            await self.fence(conn)
+
+    async def _load(self) -> None:
         async with self.read.connect() as conn:
             open_tasks = await dispatching.load_open(conn)
         republish = []
@@ -83,6 +132,7 @@ class TaskManager(TaskHolds):
             p = Pending(t.id, t.type, t.tenant, t.group, t.not_before)
             if t.state in (State.BLOCKED, State.WAITING):
                 continue  # held: enters the scheduler when released
+            self._seen.add(t.id)
             if t.state is State.IN_PROGRESS or t.dispatched:
                 self.scheduler.restore_running(p)
                 if t.state is State.QUEUED:
@@ -94,13 +144,18 @@ class TaskManager(TaskHolds):
                 self.track(row.id, State(row.state), row.hold)
         # A dependency may have ended while the server was down.
         self.dependency_finished(list(self._task_waiters))
-        if not self.watch_remote:  # embedded: this process's worker is not started yet
+        # Embedded, and this process's worker is not started yet: the lead gained at
+        # start. A lead gained later reaps a dead leader's worker by its heartbeat.
+        if not self.watch_remote and not self.embedded_started:
             now = self.clock()
-            gone = await self.writer.run(
-                lambda c: heartbeats.reap_workers(
+
+            async def reap(c: Any) -> list[heartbeats.Reaped]:
+                await self._fenced(c)
+                return await heartbeats.reap_workers(
                     c, self.heartbeat_timeout, now, embedded_gone=True
                 )
-            )
+
+            gone = await self.writer.run(reap)
             await self._reaped(gone, "its server process ended")
         if republish:
             # The embedded queue died with the process; RabbitMQ may hold them
@@ -112,11 +167,50 @@ class TaskManager(TaskHolds):
             self.scheduler.pending_count,
             self.scheduler.running_count,
         )
-        self._tasks.append(asyncio.create_task(self._loop(), name="scheduler"))
-        self._tasks.append(asyncio.create_task(self._reaper(), name="worker-reaper"))
-        if self.watch_remote:
-            self._tasks.append(asyncio.create_task(self._watch_finished(), name="task-watch"))
-        self._wake.set()
+
+    async def catch_up(self) -> None:
+        """Tasks other processes submitted (new to this scheduler) or canceled (still
+        pending here), in one short scan. Read and applied in the writer's order, so a
+        submission of this process is never taken for one canceled elsewhere. The
+        leader may also call it on a hint."""
+
+        async def read(conn: Any) -> tuple[list[dispatching.OpenTask], list[Any]]:
+            return await dispatching.load_open(conn), list(await holds.held(conn))
+
+        await self.writer.run(read, after=self._caught_up)
+
+    def _caught_up(self, found: tuple[list[dispatching.OpenTask], list[Any]]) -> None:
+        open_tasks, held = found
+        open_ids = {t.id for t in open_tasks}
+        gone = [tid for tid in self.scheduler.pending_ids() if tid not in open_ids]
+        for tid in gone:
+            self.scheduler.cancel(tid)
+        added = 0
+        for t in open_tasks:
+            if t.id in self._seen or self.scheduler.knows(t.id) or t.type not in self._types:
+                continue
+            if t.state in (State.BLOCKED, State.WAITING):
+                continue  # held: the leader's catch-up adds it once released
+            self._seen.add(t.id)
+            p = Pending(t.id, t.type, t.tenant, t.group, t.not_before)
+            if t.state is State.IN_PROGRESS or t.dispatched:
+                self.scheduler.restore_running(p)
+            else:
+                self.scheduler.add(p)
+                added += 1
+        for row in held:
+            self.track(row.id, State(row.state), row.hold)
+        if added or gone:
+            log.info("caught up: %d tasks submitted, %d canceled elsewhere", added, len(gone))
+            self._wake.set()
+
+    async def _catch_up_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.catch_up_every)
+            try:
+                await self.catch_up()
+            except Exception:
+                log.exception("scheduler catch-up failed; retrying")
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -221,6 +315,9 @@ class TaskManager(TaskHolds):
             hold = self._new_holds.pop(sub.id, None)
             if sub.duplicate_of is not None:
                 continue
+            if not self.leading:
+                continue  # the leader's catch-up finds it in the database
+            self._seen.add(sub.id)
             if sub.state in (State.BLOCKED, State.WAITING):
                 self.track(sub.id, sub.state, hold)
             else:
@@ -418,6 +515,8 @@ class TaskManager(TaskHolds):
             self._wake.clear()
             try:
                 await self._pass()
+            except Deposed:
+                raise
             except Exception:
                 log.exception("scheduler pass failed; retrying")
                 await asyncio.sleep(1.0)
@@ -428,7 +527,12 @@ class TaskManager(TaskHolds):
         if not batch:
             return
         ids = [t.id for t in batch]
-        await self.writer.run(lambda c: dispatching.mark_dispatched(c, ids, self.clock()))
+
+        async def mark(c: Any) -> None:
+            await self._fenced(c)
+            await dispatching.mark_dispatched(c, ids, self.clock())
+
+        await self.writer.run(mark)
         try:
             await self.queue.publish(ids)
         except Exception as exc:
@@ -471,7 +575,9 @@ class TaskManager(TaskHolds):
             await asyncio.sleep(self.reap_interval)
             try:
                 reaped, released = await self.writer.run(self._reap_once)
-                expired = await self.writer.run(self.expire_approvals)
+                expired = await self.writer.run(self._expire_approvals_fenced)
+            except Deposed:
+                raise
             except Exception:
                 log.exception("worker reaper failed")
                 continue
@@ -504,7 +610,12 @@ class TaskManager(TaskHolds):
         if reaped:
             self._wake.set()
 
+    async def _expire_approvals_fenced(self, conn: Any) -> list[int]:
+        await self._fenced(conn)
+        return await self.expire_approvals(conn)
+
     async def _reap_once(self, conn: Any) -> tuple[list[heartbeats.Reaped], list[stops.Released]]:
+        await self._fenced(conn)
         now = self.clock()
         reaped = await heartbeats.reap_workers(conn, self.heartbeat_timeout, now)
         return reaped, await stops.release_lost_stops(conn, now)
@@ -526,10 +637,11 @@ class TaskManager(TaskHolds):
                 retry_of=r.task_id,
             )
 
-        sub = await self.writer.run(
-            fn,
-            after=lambda s: self.scheduler.add(Pending(s.id, r.type, r.scope_tenant, r.group)),
-        )
+        def after(s: submission.Submitted) -> None:
+            self._seen.add(s.id)
+            self.scheduler.add(Pending(s.id, r.type, r.scope_tenant, r.group))
+
+        sub = await self.writer.run(fn, after=after)
         log.info(
             "%s submitted again as %s: its type is retry-safe",
             store.label(r.type, r.task_id),

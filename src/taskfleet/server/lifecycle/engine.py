@@ -2,6 +2,13 @@
 what, open rollouts, a timer heap, windows per computer) so a pass costs what
 changed: a finished activity looks only at its waiters, time pops only due timers.
 It never sleeps past a timer and reads the time from an injectable clock.
+
+Its timers run only in the leader (issue 16): ``lead()`` is the cluster duty. It
+clears the indexes, loads them from the database, then runs the pass loop and, every
+``catch_up_every`` seconds, ``catch_up()``: requests and schedules other processes
+persisted, and activities they finished. Every process keeps the windows (its
+exchanges hold work in a closed window) and indexes what its own API creates, which a
+non-leader never acts on. A write that meets :class:`Deposed` ends the duty.
 """
 
 from __future__ import annotations
@@ -18,11 +25,13 @@ import sqlalchemy as sa
 
 from taskfleet.domain.lifecycle import next_window_open
 from taskfleet.domain.policy import RunWindow
-from taskfleet.domain.states import State
+from taskfleet.domain.states import FINAL_STATES, State
+from taskfleet.server.cluster import Deposed
 from taskfleet.server.lifecycle.approvals import expire_approval
 from taskfleet.server.lifecycle.moves import Moved, evaluate_rollout, evaluate_waiter
 from taskfleet.server.lifecycle.options import iso
 from taskfleet.server.lifecycle.windows import closed_windows, load_windows
+from taskfleet.settings import LEADER_CATCH_UP, LEADER_CATCH_UP_OVERLAP
 from taskfleet.store.schema import activities, requests, schedules
 
 log = logging.getLogger("taskfleet.lifecycle")
@@ -43,6 +52,7 @@ class Lifecycle:
         clock: Callable[[], float] = time.time,
         interval: float = 1.0,
         fire: Callable[[int], Any] | None = None,  # schedule id -> awaitable (creates a run)
+        catch_up_every: float = LEADER_CATCH_UP,
     ) -> None:
         self.run = run
         self.read = read
@@ -55,6 +65,13 @@ class Lifecycle:
         self._waits_on: dict[int, tuple[str, int]] = {}  # the reverse: O(1) forget
         self.rollouts: set[int] = set()
         self.timers: list[tuple[float, str, int]] = []
+        self._timer_set: set[tuple[float, str, int]] = set()  # a catch-up adds no twin
+        self.catch_up_every = catch_up_every
+        self._caught_up_at: float | None = None  # the clock at the last catch-up's start
+        self._reported: dict[int, float] = {}  # finished activity -> when, seen by catch-up
+        # Only the leader indexes timers and waiters: a non-leader would never act on
+        # them (the leader's catch-up finds what this process persisted).
+        self.leading = False
         self.windows: dict[int, list[tuple[RunWindow, int, int]]] = {}
         self._window_next: dict[int, float] = {}  # group id -> its pending opening timer
         self._finished: set[int] = set()
@@ -72,6 +89,8 @@ class Lifecycle:
 
     def watch(self, req: dict[str, Any]) -> None:
         """Index one request's pending lifecycle (after creation, approval, at start)."""
+        if not self.leading:
+            return
         now = self.clock()
         rid = int(req["id"])
         if req.get("not_before") is not None and req["not_before"] > now:
@@ -89,7 +108,12 @@ class Lifecycle:
         self.poke()
 
     def _at(self, when: float, kind: str, ident: int) -> None:
-        heapq.heappush(self.timers, (when, kind, ident))
+        if not self.leading:
+            return
+        key = (when, kind, ident)
+        if key not in self._timer_set:
+            self._timer_set.add(key)
+            heapq.heappush(self.timers, key)
 
     def forget(self, request_ids: Iterable[int], *, rollouts: bool = False) -> None:
         gone = set(request_ids)
@@ -104,7 +128,7 @@ class Lifecycle:
 
     def on_finished(self, activity_ids: set[int]) -> None:
         """Writer hook (after commit): these activities reached a final state."""
-        if self.waiters or self.rollouts:
+        if self.leading and (self.waiters or self.rollouts):
             self._finished |= activity_ids
             self._event.set()
 
@@ -139,7 +163,19 @@ class Lifecycle:
 
     # -- loading -------------------------------------------------------------------
 
+    def reset(self) -> None:
+        """Forget every pending index (not the windows): a new lead loads them afresh."""
+        self.waiters.clear()
+        self._waits_on.clear()
+        self.rollouts.clear()
+        self.timers.clear()
+        self._timer_set.clear()
+        self._window_next.clear()
+        self._finished.clear()
+        self._reported.clear()
+
     async def load(self) -> None:
+        self._caught_up_at = self.clock()
         async with self.read.connect() as conn:
             pending = sa.select(activities.c.request_id).where(
                 activities.c.state.in_(
@@ -202,6 +238,62 @@ class Lifecycle:
             del self._window_next[gid]  # window cleared or group gone: its timer is stale
         self.poke()
 
+    async def catch_up(self) -> None:
+        """What other processes persisted since the last scan: requests with a
+        lifecycle, schedules, and finished activities that waiters or rollouts await.
+        One short scan; the leader may also call it on a hint."""
+        now = self.clock()
+        since = (self._caught_up_at or now) - LEADER_CATCH_UP_OVERLAP
+        self._caught_up_at = now
+        async with self.read.connect() as conn:
+            pending = sa.select(activities.c.request_id).where(
+                activities.c.state.notin_([s.value for s in FINAL_STATES]),
+                activities.c.request_id == requests.c.id,
+            )
+            for row in await conn.execute(
+                sa.select(requests).where(
+                    requests.c.created_at >= since,
+                    sa.or_(
+                        requests.c.not_before.is_not(None),
+                        requests.c.depends_on.is_not(None),
+                        requests.c.approval.is_not(None),
+                        requests.c.rollout.is_not(None),
+                    ),
+                    sa.exists(pending),
+                )
+            ):
+                self.watch(dict(row._mapping))
+            for row in await conn.execute(
+                sa.select(schedules.c.id, schedules.c.next_at).where(
+                    schedules.c.next_at.is_not(None)
+                )
+            ):
+                self._at(row.next_at, "cron", row.id)
+            on_activity = [i for k, i in self.waiters if k == "activity"]
+            on_request = {i for k, i in self.waiters if k == "request"} | self.rollouts
+            final = [s.value for s in FINAL_STATES]
+            found: list[Any] = []
+            finished = sa.select(activities.c.id, activities.c.finished_at)
+            if on_activity:
+                found += await conn.execute(
+                    finished.where(activities.c.id.in_(on_activity), activities.c.state.in_(final))
+                )
+            if on_request:
+                found += await conn.execute(
+                    finished.where(
+                        activities.c.request_id.in_(list(on_request)),
+                        activities.c.state.in_(final),
+                        activities.c.finished_at >= since,
+                    )
+                )
+        # Each finish is reported once (a waiter or a rollout re-evaluated is a write).
+        done = {int(r.id) for r in found if r.id not in self._reported}
+        self._reported.update({int(r.id): r.finished_at or now for r in found})
+        for aid in [a for a, at in self._reported.items() if at < since]:
+            del self._reported[aid]
+        if done:
+            self.on_finished(done)
+
     def add_schedule(self, sid: int, next_at: float) -> None:
         self._at(next_at, "cron", sid)
         self.poke()
@@ -209,6 +301,8 @@ class Lifecycle:
     # -- the loop ------------------------------------------------------------------
 
     def start(self) -> None:
+        """Run the loop without a cluster (the indexes loaded by ``load``)."""
+        self.leading = True
         self._task = asyncio.create_task(self._loop(), name="lifecycle")
 
     async def stop(self) -> None:
@@ -216,6 +310,19 @@ class Lifecycle:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    async def lead(self, ready: Callable[[], None] = lambda: None) -> None:
+        """The leader's duty: load the indexes from the database (then ``ready()``),
+        then run the passes and the catch-up scans until canceled (the lead is lost)
+        or deposed."""
+        self.reset()
+        self.leading = True
+        try:
+            await self.load()
+            ready()
+            await self._loop()
+        finally:
+            self.leading = False
 
     async def _loop(self) -> None:
         while True:
@@ -226,7 +333,14 @@ class Lifecycle:
                 await asyncio.wait_for(self._event.wait(), timeout)
             self._event.clear()
             try:
+                if (
+                    self._caught_up_at is not None
+                    and self.clock() - self._caught_up_at >= self.catch_up_every
+                ):
+                    await self.catch_up()
                 await self.run_pass()
+            except Deposed:
+                raise
             except Exception:
                 log.exception("lifecycle pass failed; retrying")
                 await asyncio.sleep(self.interval)
@@ -242,6 +356,7 @@ class Lifecycle:
         now = self.clock()
         while self.timers and self.timers[0][0] <= now:
             when, kind, ident = heapq.heappop(self.timers)
+            self._timer_set.discard((when, kind, ident))
             await self._timer(kind, ident, now, when)
         if self._finished:
             ids, self._finished = self._finished, set()

@@ -1,0 +1,146 @@
+"""Only the leader runs the leader's duties (issue 16, second slice; server/cluster.py):
+the lifecycle timers, the server-task scheduler and the reaper run in the leading
+process alone; work persisted by another process is picked up by the leader; a kill -9
+of the leader hands the duties over and no cron schedule fires twice."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.acceptance.test_servers import _running, _status
+from tests.conftest import (
+    BACKEND,
+    Agent,
+    Server,
+    activities_of,
+    enroll_token,
+    free_port,
+    request_done,
+    wait_until,
+)
+from tests.server_tasks import TYPES, finished, submit
+
+DUTIES = ["lifecycle", "reaper", "scheduler"]
+YEARLY = "0 0 1 1 *"  # fires once in the test: its next firing is months away
+
+
+def test_the_one_sqlite_or_postgresql_server_runs_every_duty(server: Server) -> None:
+    assert _status(server)["duties"] == DUTIES
+
+
+def _leader_and_other(a: Server, b: Server) -> tuple[Server, Server]:
+    def both() -> dict[str, Any] | None:
+        s = _status(a)
+        leads = [p for p in s["processes"] if p["leader"] and p["state"] == "running"]
+        return s if len(_running(s)) == 2 and len(leads) == 1 else None
+
+    status = wait_until(both, 20, "both processes running, one leading")
+    [lead] = [p for p in status["processes"] if p["leader"]]
+    return (a, b) if lead["me"] else (b, a)
+
+
+def _two(start_server: Callable[..., Server], tmp_path: Path) -> tuple[Server, Server]:
+    """Two server processes on one database: (the leader, the other)."""
+    types = tmp_path / "types.toml"
+    types.write_text(TYPES)
+    args = ("--cluster-heartbeat", "0.5", "--task-types", str(types), "--reaper-interval", "0.2")
+    a = start_server(*args)
+    b = start_server(*args, port=free_port())
+    return _leader_and_other(a, b)
+
+
+@pytest.mark.skipif(BACKEND != "postgresql", reason="several servers share PostgreSQL only")
+def test_the_leader_alone_runs_the_duties_and_does_the_work_the_other_accepted(
+    start_server: Callable[..., Server],
+    start_agent: Callable[..., Agent],
+    tmp_path: Path,
+) -> None:
+    leader, other = _two(start_server, tmp_path)
+    assert _status(leader)["duties"] == DUTIES
+    assert _status(other)["duties"] == []  # it answers the API, but schedules nothing
+
+    # Submitted to the process that does not lead: the leader's catch-up dispatches it.
+    task = submit(other, "echo", params={"msg": "hello"})
+    assert finished(other, task["task"]["id"])["state"] == "succeeded"
+
+    agent = start_agent(leader, enroll_token(leader))
+    cid = agent.computer_id
+    agent.proc.stop()  # its work stays queued
+    # Created in the process that does not lead; expired by the leader's reaper, once.
+    with other.api() as api:
+        r = api.post(
+            "/requests",
+            json={"target": f"computer:{cid}", "expires_in": 0.5, "params": {"argv": ["true"]}},
+        )
+        assert r.status_code == 201, r.text
+    req = request_done(other, r.json()["id"], timeout=20)
+    (act,) = activities_of(other, req["id"])
+    assert act["state"] == "canceled" and act["reason"] == "expired"
+    expired = [
+        line
+        for line in leader.proc.lines()
+        if line["msg"].endswith(f"queued activities expired: [{act['id']}]")
+    ]
+    assert len(expired) == 1, expired  # both processes write this log: one reaped it
+
+
+@pytest.mark.skipif(BACKEND != "postgresql", reason="several servers share PostgreSQL only")
+def test_a_kill_9_of_the_leader_hands_the_duties_over_and_no_schedule_fires_twice(
+    start_server: Callable[..., Server],
+    start_agent: Callable[..., Agent],
+    tmp_path: Path,
+) -> None:
+    leader, other = _two(start_server, tmp_path)
+    start_agent(leader, enroll_token(leader))  # the schedules' runs target it
+    body = {"cron": YEARLY, "request": {"target": "all", "params": {"argv": ["true"]}}}
+    sids = []
+    with other.api() as api:
+        for _ in range(8):
+            r = api.post("/schedules", json=body)
+            assert r.status_code == 201, r.text
+            sids.append(r.json()["id"])
+    # Cron is minute-grained: the test moves each schedule's next firing into the
+    # coming seconds (as time passing would), one every 0.6 s; the leader's catch-up
+    # reads the new times.
+    now = time.time()
+    with psycopg.connect(other.database_url, autocommit=True) as conn:
+        for i, sid in enumerate(sids):
+            at = now + 1.5 + i * 0.6
+            conn.execute("UPDATE schedules SET next_at = %s WHERE id = %s", (at, sid))
+
+    def runs() -> dict[int, int]:
+        with psycopg.connect(other.database_url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT id, runs FROM schedules WHERE id = ANY(%s)", (sids,)
+            ).fetchall()
+        return {int(r[0]): int(r[1]) for r in rows}
+
+    wait_until(lambda: sum(runs().values()) >= 2, 20, "the first schedules to fire")
+    leader.proc.kill9()
+
+    def took_over() -> bool:
+        s = _status(other)
+        return any(p["me"] and p["leader"] for p in s["processes"]) and s["duties"] == DUTIES
+
+    wait_until(took_over, 10, "the other process to lead and run the duties")
+    done = wait_until(
+        lambda: (r := runs()) and all(n >= 1 for n in r.values()) and r, 30, "every schedule"
+    )
+    assert set(done.values()) == {1}, done  # none fired twice
+    with psycopg.connect(other.database_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT schedule_id, count(*) FROM requests WHERE schedule_id = ANY(%s)"
+            " GROUP BY schedule_id",
+            (sids,),
+        ).fetchall()
+    assert {int(s): int(n) for s, n in rows} == dict.fromkeys(sids, 1)
+
+    # The new leader dispatches what is submitted to it, as the old one did.
+    again = submit(other, "echo", params={"msg": "again"})
+    assert finished(other, again["task"]["id"])["state"] == "succeeded"
