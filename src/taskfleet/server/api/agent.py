@@ -32,6 +32,7 @@ from taskfleet.server.api.deps import (
 from taskfleet.server.exchange import ExchangeJob
 from taskfleet.server.fleet import ComputerState
 from taskfleet.server.runtime import Runtime
+from taskfleet.store.unavailable import unavailable
 
 log = logging.getLogger("taskfleet.server")
 router = router_for()
@@ -169,9 +170,13 @@ async def exchange(rt: Runtime, request: Request) -> Response:
         out = await rt.exchange.exchange(ExchangeJob(cs, req, address))
     except ProtocolError as exc:
         return _refuse("invalid", 400, f"bad exchange: {exc}")
-    except Exception:
+    except Exception as exc:
         # The writer already failed this exchange alone (the others of its batch
         # went on); nothing of it was applied, the agent retries it.
+        problem = unavailable(exc)
+        if problem is not None:  # the database is full or down: not a bug, say so
+            log.warning("exchange of computer %d refused: %s (%s)", cs.id, problem, exc)
+            return _refuse("unavailable", 503, problem)
         log.exception("exchange of computer %d failed", cs.id)
         return _refuse("server", 500, "the server could not apply this exchange; retry later")
     return Response(
