@@ -27,11 +27,37 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import Agent, Server, activities_of, wait_until
+from tests.conftest import (
+    Agent,
+    Server,
+    _start_server_proc,
+    free_port,
+    wait_until,
+)
 
 SCRIPT = ["sh", "-c", "sleep 0.3; echo ran"]
 SUCCESS = 4  # agent/state.py: the agent's record of a run that succeeded
 ENDS = ("succeeded", "failed", "canceled")
+
+
+def start_server_on(data_dir: Path, database_url: str, *args: str) -> Server:
+    """A server process on ``database_url`` (a database of the test's own making:
+    a private PostgreSQL, a file on a small disk); the caller stops ``proc``."""
+    port = free_port()
+    server = Server(
+        url=f"http://127.0.0.1:{port}",
+        port=port,
+        data_dir=data_dir,
+        database_url=database_url,
+        proc=None,  # type: ignore[arg-type]
+        args=list(args),
+    )
+    server.proc = _start_server_proc(server)
+    token_file = data_dir / "admin-token"
+    server.admin_token = wait_until(
+        lambda: token_file.exists() and token_file.read_text().strip(), 10, "admin token"
+    )
+    return server
 
 
 class _Load:
@@ -115,9 +141,11 @@ class TaskLoad(_Load):
         return tid
 
 
-def _history(server: Server, aid: int) -> list[dict[str, Any]]:
-    with server.api() as api:
-        return list(api.get(f"/activities/{aid}").json()["history"])
+def _history(server: Server, aid: int, api: httpx.Client | None = None) -> list[dict[str, Any]]:
+    if api is None:
+        with server.api() as api:
+            return _history(server, aid, api)
+    return list(api.get(f"/activities/{aid}").json()["history"])
 
 
 def check_chain(aid: int, history: list[dict[str, Any]]) -> None:
@@ -149,11 +177,17 @@ def check_requests(
         ops = [r["op"] for r in records]
         assert len(ops) == len(set(ops)), f"an operation ran twice on {agent.state_dir.name}"
         ran.update({r["op"]: r["status"] for r in records if r["finished"]})
+    with server.api() as api:  # one client: a new one per call costs a TLS context
+        rows = api.get("/activities", params={"output": True, "limit": 10000}).json()
+        by_request: dict[int, list[dict[str, Any]]] = {}
+        for a in rows:
+            by_request.setdefault(a["request_id"], []).append(a)
+        histories = {a["id"]: _history(server, a["id"], api) for a in rows}
     for rid in ids:
-        rows = activities_of(server, rid)
+        rows = by_request.get(rid, [])
         assert len(rows) == len(agents), (rid, rows)
         for a in rows:
-            check_chain(a["id"], _history(server, a["id"]))
+            check_chain(a["id"], histories[a["id"]])
             if a["state"] == "succeeded":
                 assert ran.get(a["id"]) == SUCCESS, (a, ran.get(a["id"]))
                 assert a["stdout"] == "ran\n"
@@ -234,9 +268,11 @@ def check_tasks(
     if not retry_safe:
         twice = {n: c for n, c in runs.items() if c > 1}
         assert not twice, f"tasks ran more than once: {twice}"
+    with server.api() as api:
+        histories = {tid: _history(server, tid, api) for tid in ended}
     for tid, t in ended.items():
         n = load.numbers[tid]
-        check_chain(tid, _history(server, tid))
+        check_chain(tid, histories[tid])
         if t["state"] == "succeeded":
             assert runs[n] >= 1, (t, "succeeded but never ran")
         else:

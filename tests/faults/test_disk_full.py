@@ -19,8 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Agent, Server, _start_server_proc, enroll_token, free_port, wait_until
-from tests.fault_checks import RequestLoad, check_requests, check_sequences, wait_requests_end
+from tests.conftest import Agent, enroll_token, wait_until
+from tests.fault_checks import (
+    RequestLoad,
+    check_requests,
+    check_sequences,
+    start_server_on,
+    wait_requests_end,
+)
 
 SIZE = "8m"
 
@@ -57,21 +63,12 @@ def fill(path: Path) -> None:
 def test_a_full_disk_refuses_writes_clearly_and_the_server_recovers_by_itself(
     small_disk: Path, tmp_path: Path, start_agent: Callable[..., Agent]
 ) -> None:
-    port = free_port()
-    server = Server(
-        url=f"http://127.0.0.1:{port}",
-        port=port,
-        data_dir=tmp_path / "server",
-        database_url=f"sqlite:///{small_disk / 'taskfleet.sqlite3'}",
-        proc=None,  # type: ignore[arg-type]
-        args=["--lost-grace", "2", "--reaper-interval", "0.2"],
+    server = start_server_on(
+        tmp_path / "server",
+        f"sqlite:///{small_disk / 'taskfleet.sqlite3'}",
+        *("--lost-grace", "2", "--reaper-interval", "0.2"),
     )
-    server.proc = _start_server_proc(server)
     try:
-        token_file = server.data_dir / "admin-token"
-        server.admin_token = wait_until(
-            lambda: token_file.exists() and token_file.read_text().strip(), 10, "admin token"
-        )
         token = enroll_token(server)
         agents = [start_agent(server, token, name=f"full-{i}") for i in range(2)]
         filler = small_disk / "filler"
