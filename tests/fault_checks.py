@@ -21,7 +21,6 @@ import contextlib
 import itertools
 import threading
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,17 +122,23 @@ class RequestLoad(_Load):
 
 
 class TaskLoad(_Load):
-    """A server task of ``type_`` (the ``mark`` type by default: params ``n``, counted)."""
+    """Server tasks of ``types`` in turn (``mark`` by default), the n-th with params
+    ``{"n": n}``: a type that appends n to a marks file counts its runs."""
 
     path = "/tasks"
 
-    def __init__(self, server: Server, type_: str = "mark", every: float = 0.2) -> None:
+    def __init__(
+        self, server: Server, types: tuple[str, ...] = ("mark",), every: float = 0.2
+    ) -> None:
         super().__init__(server, every)
-        self.type = type_
+        self.types = types
         self.numbers: dict[int, int] = {}  # task id -> its n
 
+    def type_of(self, n: int) -> str:
+        return self.types[n % len(self.types)]
+
     def body(self) -> dict[str, Any]:
-        return {"type": self.type, "params": {"n": self.n}}
+        return {"type": self.type_of(self.n), "params": {"n": self.n}}
 
     def acknowledged_id(self, reply: dict[str, Any]) -> int:
         tid = int(reply["task"]["id"])
@@ -257,24 +262,40 @@ def check_tasks(
     load: TaskLoad,
     marks: Path,
     *,
-    retry_safe: bool = False,
-    may_fail: Callable[[dict], bool] = lambda t: False,
+    retry_safe: frozenset[str] = frozenset(),
+    lost_ok: bool = False,
 ) -> dict[int, dict]:
-    """Every acknowledged task ended once; Succeeded exactly when its command left its
-    mark; none ran twice (unless ``retry_safe``); a failed one only as ``may_fail``
-    allows (e.g. "worker heartbeat lost" for a worker killed under it)."""
+    """Every acknowledged task ended once, each history one chain; Succeeded exactly
+    when its command left its mark; none of a type not in ``retry_safe`` ran twice.
+    With ``lost_ok`` (workers were killed) a task may have failed with "worker
+    heartbeat lost": then, of a retry-safe type, it was submitted again and that retry
+    ended (succeeded, unless its worker was killed too); of another type, it was not.
+    Returns the ended tasks (retries included) by id."""
     ended = wait_tasks_end(server, load.acknowledged)
-    runs = Counter(int(x) for x in marks.read_text().split()) if marks.exists() else Counter()
-    if not retry_safe:
-        twice = {n: c for n, c in runs.items() if c > 1}
-        assert not twice, f"tasks ran more than once: {twice}"
     with server.api() as api:
-        histories = {tid: _history(server, tid, api) for tid in ended}
-    for tid, t in ended.items():
+        everything = api.get("/tasks", params={"limit": 10000}).json()
+        retries = {t["retry_of"]: t["id"] for t in everything if t.get("retry_of")}
+        more = wait_tasks_end(server, list(retries.values()))
+        histories = {tid: _history(server, tid, api) for tid in [*ended, *more]}
+    runs = Counter(int(x) for x in marks.read_text().split()) if marks.exists() else Counter()
+    for tid in ended:
         n = load.numbers[tid]
-        check_chain(tid, histories[tid])
-        if t["state"] == "succeeded":
-            assert runs[n] >= 1, (t, "succeeded but never ran")
+        safe = load.type_of(n) in retry_safe
+        assert runs[n] <= 1 or safe, f"task {tid} (n={n}, not retry-safe) ran {runs[n]} times"
+        chain = [tid]
+        while chain[-1] in retries:
+            chain.append(retries[chain[-1]])
+        for one in chain:
+            check_chain(one, histories[one])
+        if len(chain) > 1:
+            assert safe, f"task {tid} of a type not retry-safe was submitted again: {chain}"
+        final = more.get(chain[-1]) or ended[chain[-1]]
+        for one in chain[:-1]:
+            lost = more.get(one) or ended[one]
+            assert (lost["state"], lost["result_line"]) == ("failed", "worker heartbeat lost")
+        if final["state"] == "succeeded":
+            assert runs[n] >= 1, (final, "succeeded but never ran")
         else:
-            assert may_fail(t), t
-    return ended
+            assert lost_ok and final["result_line"] == "worker heartbeat lost", final
+            assert not safe, (final, "a retry-safe task lost and not submitted again")
+    return {**ended, **more}
