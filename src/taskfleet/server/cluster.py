@@ -10,9 +10,10 @@ Contract:
   lock (``LEADER_LOCK_KEY``) on a connection of its own: the database drops a dead
   process's lock with its session, so another process takes the lead at its next
   beat. On SQLite the one process there is leads. A process that gains the lead
-  stamps the ``leadership`` row (holder, epoch + 1, since); the leader refreshes its
-  heartbeat there at each beat. A leader whose lock connection fails stops leading
-  at once and tries again at its next beat.
+  stamps the ``leadership`` row (holder, epoch + 1, since), and believes it leads
+  only once that is committed (else it gains it again at its next beat); the
+  leader refreshes its heartbeat there at each beat. A leader whose lock
+  connection fails stops leading at once and tries again at its next beat.
 * ``is_leader`` is what this process believes now; ``status`` what the database says
   (``GET /api/v1/servers``, ``taskfleet server status``).
 
@@ -102,7 +103,7 @@ class Cluster:
         gained = leading and not self.is_leader
         if self.is_leader and not leading:
             log.warning("server %s no longer leads (its lock connection failed)", self.id)
-        self.is_leader = leading
+            self.is_leader = False  # at once: another process may take the lead now
         now = self.clock()
 
         async def write(conn: AsyncConnection) -> int | None:
@@ -128,6 +129,9 @@ class Cluster:
             return None
 
         epoch = await self.writer.run(write)
+        # Only once the database says so: a lead gained in a beat whose write failed
+        # is gained again (and stamped) at the next beat.
+        self.is_leader = leading
         if gained:
             log.info("server %s leads (epoch %s)", self.id, epoch)
 
