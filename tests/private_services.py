@@ -143,8 +143,9 @@ def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
 
 class PrivateRabbit:
     """A RabbitMQ node of the test's own (``tf<random>@localhost`` on free ports, its
-    data in the test's folder): ``url``, ``stop()``, ``start()`` on the same data, so
-    durable queues and their messages survive."""
+    data in a folder of the test's): ``url``; ``stop()`` and ``start()`` the whole node,
+    ``stop_app()`` and ``start_app()`` the broker in it; on the same data either way,
+    so durable queues and their messages survive."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -213,6 +214,27 @@ class PrivateRabbit:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait(10)
         wait_until(lambda: not _listening(self.port), 20, "the private node to stop")
+
+    def _ctl(self, *args: str) -> None:
+        out = subprocess.run(
+            ["rabbitmqctl", "-n", self.node, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {out.stderr[-2000:]}")
+
+    def stop_app(self) -> None:
+        """Stop the broker (every connection closed, the port shut) but not its Erlang
+        node: starting it again (``start_app``) takes seconds, not a whole boot."""
+        self._ctl("stop_app")
+        wait_until(lambda: not _listening(self.port), 20, "the broker to stop")
+
+    def start_app(self) -> None:
+        self._ctl("start_app")
+        wait_until(lambda: _listening(self.port), 60, "the broker to start")
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

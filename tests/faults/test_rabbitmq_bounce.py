@@ -4,9 +4,11 @@ tasks submitted while the broker is down are acknowledged (they wait in the data
 and dispatched once it is back, and every acknowledged task ends once, succeeded,
 none run twice (tests/fault_checks.py).
 
-A private RabbitMQ node of the test's own (tests/private_services.py), stopped with
-``rabbitmqctl stop`` and started again on the same data folder, so durable queues and
-their messages survive: the machine's shared broker is never stopped.
+A private RabbitMQ node of the test's own (tests/private_services.py): the broker in
+it is stopped (``rabbitmqctl stop_app``: every connection closed, the port shut) and
+started again on the same data, so durable queues and their messages survive. Not the
+whole node: its boot takes 15-30 s on a loaded test machine, the broker's seconds. The
+machine's shared broker is never stopped.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ def test_a_broker_bounce_under_load_loses_nothing_and_runs_nothing_twice(
             workers.append(spawn_worker(queue, database_url, types, tmp_path / f"worker-{i}.log"))
         with TaskLoad(server, types=("once",), every=0.15) as load:
             wait_until(lambda: marks.exists() and len(marks.read_text().split()) >= 5, 20, "runs")
-            rabbit.stop()
+            rabbit.stop_app()
             n = len(load.acknowledged)
             wait_until(lambda: len(load.acknowledged) >= n + 3, 10, "submits while it is down")
-            rabbit.start()
+            rabbit.start_app()
             ran = len(marks.read_text().split())
             wait_until(lambda: len(marks.read_text().split()) >= ran + 5, 30, "runs again")
         assert not load.refused, load.refused  # a submit needs the database only
