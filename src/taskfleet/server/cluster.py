@@ -45,6 +45,7 @@ from taskfleet.settings import (
     SERVER_PROCESS_KEEP,
 )
 from taskfleet.store.schema import leadership, server_processes
+from taskfleet.store.unavailable import log_failure
 
 log = logging.getLogger("taskfleet.server")
 LEADER = "leader"
@@ -94,8 +95,8 @@ class Cluster:
                 await self.beat()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("server heartbeat failed; trying again")
+            except Exception as exc:
+                log_failure(log, exc, "server heartbeat failed; trying again")
 
     async def beat(self) -> None:
         """One heartbeat: try to lead (or keep leading), then write down that we live."""

@@ -40,6 +40,7 @@ from taskfleet.server.writer import Writer
 from taskfleet.store import tasks as store
 from taskfleet.store.schema import groups, tenants
 from taskfleet.store.tasks import dispatching, heartbeats, holds, reads, stops, submission
+from taskfleet.store.unavailable import log_failure
 
 log = logging.getLogger("taskfleet.scheduler")
 
@@ -418,8 +419,8 @@ class TaskManager(TaskHolds):
             self._wake.clear()
             try:
                 await self._pass()
-            except Exception:
-                log.exception("scheduler pass failed; retrying")
+            except Exception as exc:
+                log_failure(log, exc, "scheduler pass failed; retrying")
                 await asyncio.sleep(1.0)
                 self._wake.set()
 
@@ -472,8 +473,8 @@ class TaskManager(TaskHolds):
             try:
                 reaped, released = await self.writer.run(self._reap_once)
                 expired = await self.writer.run(self.expire_approvals)
-            except Exception:
-                log.exception("worker reaper failed")
+            except Exception as exc:
+                log_failure(log, exc, "worker reaper failed")
                 continue
             for rel in released:
                 log.warning(

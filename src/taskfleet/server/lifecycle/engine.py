@@ -24,6 +24,7 @@ from taskfleet.server.lifecycle.moves import Moved, evaluate_rollout, evaluate_w
 from taskfleet.server.lifecycle.options import iso
 from taskfleet.server.lifecycle.windows import closed_windows, load_windows
 from taskfleet.store.schema import activities, requests, schedules
+from taskfleet.store.unavailable import log_failure
 
 log = logging.getLogger("taskfleet.lifecycle")
 
@@ -227,8 +228,8 @@ class Lifecycle:
             self._event.clear()
             try:
                 await self.run_pass()
-            except Exception:
-                log.exception("lifecycle pass failed; retrying")
+            except Exception as exc:
+                log_failure(log, exc, "lifecycle pass failed; retrying")
                 await asyncio.sleep(self.interval)
 
     async def run_pass(self) -> None:
