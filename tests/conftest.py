@@ -123,6 +123,9 @@ LONGEST = {
     "tests/faults/test_api_fuzz_schemathesis.py",  # one schemathesis run over the whole API
     "tests/faults/test_random_operations_keep_the_state_table.py",  # a hypothesis machine
     "tests/faults/test_chaos.py",  # kill -9s under a steady load, then every request checked
+    "tests/faults/test_rabbitmq_bounce.py",  # a private RabbitMQ node started twice
+    "tests/faults/test_worker_chaos.py",  # worker kill -9s under a steady load of tasks
+    "tests/faults/test_postgres_restart.py",  # a private PostgreSQL, restarted twice
 }
 
 

@@ -33,6 +33,8 @@ JOB_TERMINATE_WAIT = 24 * 3600.0
 
 AGENT_RETRY_MIN = 1.0  # agent backoff when the server is down...
 AGENT_RETRY_MAX = 60.0  # ...doubling up to this
+# Retry-After (seconds) of a 503 when the database is full or unreachable (store/unavailable.py)
+UNAVAILABLE_RETRY_AFTER = 2
 EXCHANGE_HTTP_TIMEOUT = 30.0  # seconds an agent waits for an ordinary exchange
 # Bytes of messages in one exchange reply (one larger message still goes alone).
 # A quarter of the agent's 64 MiB response cap (AGENT_MAX_RESPONSE), so

@@ -14,58 +14,18 @@ direct. Bounded: ``KILLS`` kills at most, the whole test within a few minutes.
 
 from __future__ import annotations
 
-import itertools
 import random
-import threading
 import time
 from collections.abc import Callable
 
-import httpx
-
-from tests.conftest import Agent, Server, activities_of, enroll_token, wait_until
+from tests.conftest import Agent, Server, enroll_token
+from tests.fault_checks import RequestLoad, check_requests, wait_requests_end
 from tests.relay_proc import Relay, start_relay, start_server_again
 
 __all__ = ["start_relay"]  # the fixture, used by name
 
 SEED = 20261130
 KILLS = 6
-SCRIPT = ["sh", "-c", "sleep 0.3; echo ran"]
-SUCCESS = 4  # agent/state.py: the agent's record of a run that succeeded
-
-
-def _history(server: Server, aid: int) -> list[dict]:
-    with server.api() as api:
-        return list(api.get(f"/activities/{aid}").json()["history"])
-
-
-class Load:
-    """Requests for every computer, one every ``every`` seconds, from a thread; only
-    those the server acknowledged (201) are kept."""
-
-    def __init__(self, server: Server, every: float = 0.4) -> None:
-        self.server, self.every = server, every
-        self.acknowledged: list[int] = []
-        self.refused = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        body = {"type": "execute-script", "target": "all", "params": {"argv": SCRIPT}}
-        while not self.stop.is_set():
-            try:
-                r = httpx.post(
-                    self.server.url + "/api/v1/requests",
-                    json={**body, "timeout": 60},
-                    headers={"Authorization": f"Bearer {self.server.admin_token}"},
-                    timeout=10,
-                )
-                if r.status_code == 201:
-                    self.acknowledged.append(int(r.json()["id"]))
-                else:
-                    self.refused += 1
-            except httpx.HTTPError:
-                self.refused += 1  # the server is down: not acknowledged, nothing owed
-            self.stop.wait(self.every)
 
 
 def test_random_kill_9s_under_load_keep_every_acknowledged_request_true(
@@ -80,7 +40,7 @@ def test_random_kill_9s_under_load_keep_every_acknowledged_request_true(
     agents += [start_agent(server, token, name=f"direct-{i}") for i in range(2)]
     urls = [relay.url, relay.url, server.url, server.url]
     restarts = iter(range(1000))
-    load = Load(server)
+    load = RequestLoad(server)
     load.thread.start()
     try:
         for _ in range(KILLS):
@@ -103,35 +63,7 @@ def test_random_kill_9s_under_load_keep_every_acknowledged_request_true(
         load.stop.set()
         load.thread.join(30)
     assert len(load.acknowledged) >= 10, "the load did not get through"
-
-    def all_ended() -> bool:
-        with server.api() as api:
-            return all(
-                api.get(f"/requests/{rid}").json()["progress"]["done"] for rid in load.acknowledged
-            )
-
-    wait_until(all_ended, 180, "every acknowledged request to end")
-    ran: dict[int, int] = {}  # operation -> the agent's status of it
-    for agent in agents:
-        records = agent.status()["records"]
-        ops = [r["op"] for r in records]
-        assert len(ops) == len(set(ops)), f"an operation ran twice on {agent.state_dir.name}"
-        ran.update({r["op"]: r["status"] for r in records if r["finished"]})
-    for rid in load.acknowledged:
-        rows = activities_of(server, rid)
-        assert len(rows) == len(agents), (rid, rows)
-        for a in rows:
-            history = _history(server, a["id"])
-            ends = [h for h in history if h["to_state"] in ("succeeded", "failed", "canceled")]
-            assert len(ends) == 1, (a["id"], history)
-            # One chain through the state table: each move starts where the last ended.
-            assert history[0]["from_state"] is None, history
-            for before, after in itertools.pairwise(history):
-                assert after["from_state"] == before["to_state"], (a["id"], history)
-                assert after["at"] >= before["at"], (a["id"], history)
-            if a["state"] == "succeeded":
-                assert ran.get(a["id"]) == SUCCESS, (a, ran.get(a["id"]))
-                assert a["stdout"] == "ran\n"
-            elif ran.get(a["id"]) == SUCCESS:
-                # The agent succeeded: the server must have been told (it was up at the end).
-                raise AssertionError(f"activity {a['id']} succeeded on its computer: {a}")
+    wait_requests_end(server, load.acknowledged)
+    check_requests(server, load.acknowledged, agents)
+    # Not check_sequences yet: an agent behind the relay restarted (on a new tickle port)
+    # around a kill of the relay was seen never woken again (docs/reliability.md).

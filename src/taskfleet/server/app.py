@@ -12,9 +12,12 @@ middleware and router, from memory whenever there is nothing to do.
 from __future__ import annotations
 
 import contextlib
+import logging
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -59,7 +62,16 @@ from taskfleet.server.api.deps import ERROR_RESPONSES, JsonRoute, mark, unauthen
 from taskfleet.server.dashboard import routes as dashboard
 from taskfleet.server.kernel import ApiError
 from taskfleet.server.runtime import ServerConfig, start, stop
-from taskfleet.settings import API_BODY_MAX, CONTENT_MAX_BYTES, ENROLL_BODY_MAX, MAX_ID
+from taskfleet.settings import (
+    API_BODY_MAX,
+    CONTENT_MAX_BYTES,
+    ENROLL_BODY_MAX,
+    MAX_ID,
+    UNAVAILABLE_RETRY_AFTER,
+)
+from taskfleet.store.unavailable import unavailable
+
+log = logging.getLogger("taskfleet.server")
 
 # The routers, in the order their routes are matched and documented.
 ROUTERS = (
@@ -202,6 +214,32 @@ def _validation_message(errors: Any) -> str:
     return "; ".join(out) + (f" (and {more} more)" if more > 0 else "")
 
 
+def _install_unavailable_handlers(app: FastAPI) -> None:
+    """A database that is full or down (store/unavailable.py) is answered 503."""
+
+    async def _database_error(req: Request, exc: Exception) -> JSONResponse:
+        # Handled here (inside the stack) a refusal is answered without the traceback
+        # Starlette logs for what reaches the catch-all.
+        answer = _refused(req, exc)
+        if answer is None:
+            raise exc
+        return answer
+
+    for kind in (sa.exc.DBAPIError, sqlite3.Error, OSError):
+        app.add_exception_handler(kind, _database_error)
+
+
+def _refused(req: Request, exc: Exception) -> JSONResponse | None:
+    problem = unavailable(exc)
+    if problem is None:
+        return None
+    # The database is full or down: nothing was written, the caller retries; not a
+    # crash, so one line, no traceback.
+    log.warning("%s %s refused: %s (%s)", req.method, req.url.path, problem, exc)
+    mark(req, message=problem)
+    return _error(503, problem, {"Retry-After": str(UNAVAILABLE_RETRY_AFTER)})
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     """Every error is {"error": "..."} (docs/guide.md), whatever raised it."""
 
@@ -243,8 +281,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         mark(request, message=message)
         return _error(exc.status_code, message, headers)
 
+    _install_unavailable_handlers(app)
+
     @app.exception_handler(Exception)
-    async def _crash(_req: Request, exc: Exception) -> JSONResponse:
+    async def _crash(req: Request, exc: Exception) -> JSONResponse:
+        answer = _refused(req, exc)  # e.g. a driver's own error, not wrapped
+        if answer is not None:
+            return answer
         # Starlette logs the traceback after this answers.
         return _error(500, f"internal server error ({type(exc).__name__}); see the server log")
 

@@ -10,9 +10,10 @@ Contract:
   lock (``LEADER_LOCK_KEY``) on a connection of its own: the database drops a dead
   process's lock with its session, so another process takes the lead at its next
   beat. On SQLite the one process there is leads. A process that gains the lead
-  stamps the ``leadership`` row (holder, epoch + 1, since); the leader refreshes its
-  heartbeat there at each beat. A leader whose lock connection fails stops leading
-  at once and tries again at its next beat.
+  stamps the ``leadership`` row (holder, epoch + 1, since), and believes it leads
+  only once that is committed (else it gains it again at its next beat); the
+  leader refreshes its heartbeat there at each beat. A leader whose lock
+  connection fails stops leading at once and tries again at its next beat.
 * ``is_leader`` is what this process believes now; ``status`` what the database says
   (``GET /api/v1/servers``, ``taskfleet server status``).
 
@@ -55,6 +56,7 @@ from taskfleet.settings import (
     SERVER_PROCESS_KEEP,
 )
 from taskfleet.store.schema import leadership, server_processes
+from taskfleet.store.unavailable import log_failure
 
 log = logging.getLogger("taskfleet.server")
 LEADER = "leader"
@@ -212,8 +214,8 @@ class Cluster:
                 await self.beat()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("server heartbeat failed; trying again")
+            except Exception as exc:
+                log_failure(log, exc, "server heartbeat failed; trying again")
 
     async def beat(self) -> None:
         """One heartbeat: try to lead (or keep leading), then write down that we live."""

@@ -89,6 +89,7 @@ from taskfleet.settings import INT32_MAX, REPLY_MAX_BYTES
 from taskfleet.store.activities import Change, apply_changes, insert_events
 from taskfleet.store.job_steps import upsert_steps
 from taskfleet.store.schema import activities, computers, outbox, requests
+from taskfleet.store.unavailable import log_failure
 
 log = logging.getLogger("taskfleet.writer")  # its messages kept their logger
 
@@ -249,7 +250,7 @@ class Exchange:
                     await self._exchange_batch(jobs[:half])
                     await self._exchange_batch(jobs[half:])
                     return
-                log.exception("exchange batch of %d failed", len(jobs))
+                log_failure(log, exc, "exchange batch of %d failed", len(jobs))
                 for job in jobs:
                     _fail(job, exc)
                 return

@@ -64,6 +64,7 @@ from taskfleet.settings import (
 )
 from taskfleet.store import db
 from taskfleet.store.schema import api_tokens, computers
+from taskfleet.store.unavailable import log_failure
 from taskfleet.task_type_file import load_task_types
 from taskfleet.worker.builtin import BUILTINS
 from taskfleet.worker.runner import Worker
@@ -482,8 +483,8 @@ async def _reaper(rt: Runtime, ready: Callable[[], None]) -> None:
             await reap_once(rt)
         except Deposed:
             raise
-        except Exception:
-            log.exception("lost-activity reaper failed; retrying next interval")
+        except Exception as exc:
+            log_failure(log, exc, "lost-activity reaper failed; retrying next interval")
 
 
 async def _flush_once(rt: Runtime) -> None:
@@ -517,5 +518,5 @@ async def _flush_seen(rt: Runtime) -> None:
         await asyncio.sleep(LAST_SEEN_FLUSH)
         try:
             await _flush_once(rt)
-        except Exception:
-            log.exception("last-seen flush failed")
+        except Exception as exc:
+            log_failure(log, exc, "last-seen flush failed")

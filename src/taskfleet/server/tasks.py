@@ -49,6 +49,7 @@ from taskfleet.settings import LEADER_CATCH_UP
 from taskfleet.store import tasks as store
 from taskfleet.store.schema import groups, tenants
 from taskfleet.store.tasks import dispatching, heartbeats, holds, reads, stops, submission
+from taskfleet.store.unavailable import log_failure
 
 log = logging.getLogger("taskfleet.scheduler")
 
@@ -517,8 +518,8 @@ class TaskManager(TaskHolds):
                 await self._pass()
             except Deposed:
                 raise
-            except Exception:
-                log.exception("scheduler pass failed; retrying")
+            except Exception as exc:
+                log_failure(log, exc, "scheduler pass failed; retrying")
                 await asyncio.sleep(1.0)
                 self._wake.set()
 
@@ -578,8 +579,8 @@ class TaskManager(TaskHolds):
                 expired = await self.writer.run(self._expire_approvals_fenced)
             except Deposed:
                 raise
-            except Exception:
-                log.exception("worker reaper failed")
+            except Exception as exc:
+                log_failure(log, exc, "worker reaper failed")
                 continue
             for rel in released:
                 log.warning(

@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from taskfleet.settings import WRITE_BATCH_MAX
 from taskfleet.store.activities import FINISHED
+from taskfleet.store.unavailable import log_failure
 
 log = logging.getLogger("taskfleet.writer")
 _STOP = object()  # put by stop(): the loop ends after the jobs queued before it
@@ -164,7 +165,7 @@ class Writer:
                         await savepoint.commit()
                         outcomes.append((True, result))
         except Exception as exc:
-            log.exception("write batch of %d jobs failed at commit", len(jobs))
+            log_failure(log, exc, "write batch of %d jobs failed at commit", len(jobs))
             for job in jobs:
                 if not job.fut.done():
                     job.fut.set_exception(exc)
@@ -180,7 +181,7 @@ class Writer:
                 ran = True
         except Exception as exc:
             if ran:
-                log.exception("write batch of 1 job failed at commit")
+                log_failure(log, exc, "write batch of 1 job failed at commit")
             if not job.fut.done():
                 job.fut.set_exception(exc)
             return

@@ -33,6 +33,7 @@ from taskfleet.server.exchange import ComputerGone, ExchangeJob
 from taskfleet.server.fleet import ComputerState
 from taskfleet.server.runtime import Runtime, fleet_changed
 from taskfleet.settings import INT64_MAX
+from taskfleet.store.unavailable import unavailable
 
 log = logging.getLogger("taskfleet.server")
 router = router_for()
@@ -160,6 +161,29 @@ router.add_route(EXCHANGE_PATH, _exchange_route, methods=["POST"], include_in_sc
 # -- the exchange hot path ------------------------------------------------------
 
 
+async def _apply(
+    rt: Runtime, cs: ComputerState, req: AgentRequest, address: str | None
+) -> dict[str, Any] | Response:
+    """The exchange through the writer (``server/exchange.py``), or the refusal."""
+    try:
+        return await rt.exchange.exchange(ExchangeJob(cs, req, address))
+    except ComputerGone:
+        if rt.loader is not None:  # removed or enrolled again by another process
+            await rt.loader.computers([cs.id])
+        return _refuse("auth", 401, "unknown computer or wrong secret")
+    except ProtocolError as exc:
+        return _refuse("invalid", 400, f"bad exchange: {exc}")
+    except Exception as exc:
+        # The writer already failed this exchange alone (the others of its batch
+        # went on); nothing of it was applied, the agent retries it.
+        problem = unavailable(exc)
+        if problem is not None:  # the database is full or down: not a bug, say so
+            log.warning("exchange of computer %d refused: %s (%s)", cs.id, problem, exc)
+            return _refuse("unavailable", 503, problem)
+        log.exception("exchange of computer %d failed", cs.id)
+        return _refuse("server", 500, "the server could not apply this exchange; retry later")
+
+
 async def exchange(rt: Runtime, request: Request) -> Response:
     """The exchange hot path: answered from memory when there is nothing to do."""
     cs = await _authenticate_or_load(rt, request)
@@ -223,19 +247,9 @@ async def exchange(rt: Runtime, request: Request) -> Response:
             media_type="application/json",
         )
     metrics.SLOW_EXCHANGES.inc()
-    try:
-        out = await rt.exchange.exchange(ExchangeJob(cs, req, address))
-    except ComputerGone:
-        if rt.loader is not None:  # removed or enrolled again by another process
-            await rt.loader.computers([computer_id])
-        return _refuse("auth", 401, "unknown computer or wrong secret")
-    except ProtocolError as exc:
-        return _refuse("invalid", 400, f"bad exchange: {exc}")
-    except Exception:
-        # The writer already failed this exchange alone (the others of its batch
-        # went on); nothing of it was applied, the agent retries it.
-        log.exception("exchange of computer %d failed", cs.id)
-        return _refuse("server", 500, "the server could not apply this exchange; retry later")
+    out = await _apply(rt, cs, req, address)
+    if isinstance(out, Response):
+        return out
     return Response(
         b'{"ack":%d,"messages":[%s],"server_time":%.3f,"settings":%s%s%s%s%s}'
         % (

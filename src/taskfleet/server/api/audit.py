@@ -42,6 +42,7 @@ from taskfleet.settings import (
     TIME_MAX,
     TIME_MIN,
 )
+from taskfleet.store.unavailable import log_failure
 
 log = logging.getLogger("taskfleet.server")
 router = router_for()
@@ -214,5 +215,7 @@ class AuditRefusals:
             return
         try:
             await rt.writer.run(lambda c: self.recorder.write(c, entry))
-        except Exception:  # the answer goes out anyway; the log says what was lost
-            log.exception("could not audit the refused call %s %s", scope["method"], scope["path"])
+        except Exception as exc:  # the answer goes out anyway; the log says what was lost
+            log_failure(
+                log, exc, "could not audit the refused call %s %s", scope["method"], scope["path"]
+            )

@@ -256,8 +256,9 @@ class ApiErrorBody(BaseModel):
 # Every route may answer these (documented on each route, so the OpenAPI document
 # lists them: the app adds the routes themselves, not included routers).
 # 429: an address past its limit of failed credentials (server/abuse.py).
+# 503: the database is full or unreachable; nothing was written (store/unavailable.py).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ApiErrorBody} for status in (400, 401, 403, 404, 409, 429)
+    status: {"model": ApiErrorBody} for status in (400, 401, 403, 404, 409, 429, 503)
 }
 
 

@@ -38,6 +38,7 @@ from taskfleet.server.fleet import RelayState
 from taskfleet.server.kernel import ApiError
 from taskfleet.server.runtime import Runtime, fleet_changed
 from taskfleet.settings import RELAY_MOVED_WAKE_DELAY
+from taskfleet.store.unavailable import unavailable
 
 log = logging.getLogger("taskfleet.server")
 router = router_for()
@@ -194,7 +195,16 @@ async def exchange(rt: Runtime, request: Request) -> Response:
         metrics.FAST_RELAY_EXCHANGES.inc()
         return _reply(rt, rs, req, relays.Outcome([], [], False))
     metrics.SLOW_RELAY_EXCHANGES.inc()
-    out = await relays.exchange(rt.exchange, rt.fleet, rs, req)
+    try:
+        out = await relays.exchange(rt.exchange, rt.fleet, rs, req)
+    except Exception as exc:
+        problem = unavailable(exc)
+        if problem is None:
+            raise
+        # The database is full or down: nothing of it was applied, the relay keeps
+        # its spool and retries (store/unavailable.py).
+        log.warning("exchange of relay %d refused: %s (%s)", rs.id, problem, exc)
+        return _refuse("unavailable", 503, problem)
     return _reply(rt, rs, req, out)
 
 

@@ -33,6 +33,7 @@ from taskfleet.server.lifecycle.options import iso
 from taskfleet.server.lifecycle.windows import closed_windows, load_windows
 from taskfleet.settings import LEADER_CATCH_UP, LEADER_CATCH_UP_OVERLAP
 from taskfleet.store.schema import activities, requests, schedules
+from taskfleet.store.unavailable import log_failure
 
 log = logging.getLogger("taskfleet.lifecycle")
 
@@ -341,8 +342,8 @@ class Lifecycle:
                 await self.run_pass()
             except Deposed:
                 raise
-            except Exception:
-                log.exception("lifecycle pass failed; retrying")
+            except Exception as exc:
+                log_failure(log, exc, "lifecycle pass failed; retrying")
                 await asyncio.sleep(self.interval)
 
     async def run_pass(self) -> None:
