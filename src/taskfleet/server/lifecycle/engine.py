@@ -178,37 +178,33 @@ class Lifecycle:
     async def load(self) -> None:
         self._caught_up_at = self.clock()
         async with self.read.connect() as conn:
-            pending = sa.select(activities.c.request_id).where(
-                activities.c.state.in_(
-                    [
-                        State.SCHEDULED.value,
-                        State.WAITING.value,
-                        State.BLOCKED.value,
-                        State.QUEUED.value,
-                        State.IN_PROGRESS.value,
-                    ]
-                ),
-                activities.c.request_id == requests.c.id,
-            )
-            for row in await conn.execute(
-                sa.select(requests).where(
-                    sa.or_(
-                        requests.c.not_before.is_not(None),
-                        requests.c.depends_on.is_not(None),
-                        requests.c.approval.is_not(None),
-                        requests.c.rollout.is_not(None),
-                    ),
-                    sa.exists(pending),
-                )
-            ):
-                self.watch(dict(row._mapping))
-            for row in await conn.execute(
-                sa.select(schedules.c.id, schedules.c.next_at).where(
-                    schedules.c.next_at.is_not(None)
-                )
-            ):
-                self._at(row.next_at, "cron", row.id)
+            await self._watch_pending(conn, None)
         await self.reload_windows(tell=False)
+
+    async def _watch_pending(self, conn: Any, since: float | None) -> None:
+        """Index the requests with a lifecycle that still have unfinished activities
+        (created since ``since``; None: all) and every schedule's next firing."""
+        pending = sa.select(activities.c.request_id).where(
+            activities.c.state.notin_([s.value for s in FINAL_STATES]),
+            activities.c.request_id == requests.c.id,
+        )
+        query = sa.select(requests).where(
+            sa.or_(
+                requests.c.not_before.is_not(None),
+                requests.c.depends_on.is_not(None),
+                requests.c.approval.is_not(None),
+                requests.c.rollout.is_not(None),
+            ),
+            sa.exists(pending),
+        )
+        if since is not None:
+            query = query.where(requests.c.created_at >= since)
+        for row in await conn.execute(query):
+            self.watch(dict(row._mapping))
+        for row in await conn.execute(
+            sa.select(schedules.c.id, schedules.c.next_at).where(schedules.c.next_at.is_not(None))
+        ):
+            self._at(row.next_at, "cron", row.id)
 
     async def reload_windows(self, *, tell: bool = True) -> None:
         """Load every computer's windows again; with ``tell``, the computers whose
@@ -247,29 +243,7 @@ class Lifecycle:
         since = (self._caught_up_at or now) - LEADER_CATCH_UP_OVERLAP
         self._caught_up_at = now
         async with self.read.connect() as conn:
-            pending = sa.select(activities.c.request_id).where(
-                activities.c.state.notin_([s.value for s in FINAL_STATES]),
-                activities.c.request_id == requests.c.id,
-            )
-            for row in await conn.execute(
-                sa.select(requests).where(
-                    requests.c.created_at >= since,
-                    sa.or_(
-                        requests.c.not_before.is_not(None),
-                        requests.c.depends_on.is_not(None),
-                        requests.c.approval.is_not(None),
-                        requests.c.rollout.is_not(None),
-                    ),
-                    sa.exists(pending),
-                )
-            ):
-                self.watch(dict(row._mapping))
-            for row in await conn.execute(
-                sa.select(schedules.c.id, schedules.c.next_at).where(
-                    schedules.c.next_at.is_not(None)
-                )
-            ):
-                self._at(row.next_at, "cron", row.id)
+            await self._watch_pending(conn, since)
             on_activity = [i for k, i in self.waiters if k == "activity"]
             on_request = {i for k, i in self.waiters if k == "request"} | self.rollouts
             final = [s.value for s in FINAL_STATES]
