@@ -38,6 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from taskfleet.aio import wait_set
 from taskfleet.settings import (
     HINTS_ALL_OVER,
     HINTS_APPLICATION,
@@ -271,13 +272,10 @@ class PgHints(Hints):
                 await raw.execute(
                     "SELECT pg_notify($1, $2)", HINTS_CHANNEL, f"{self.origin} {_PING} {self._ping}"
                 )
-                try:
-                    await asyncio.wait_for(self._pong.wait(), self.check_timeout)
-                except TimeoutError:
+                if not await wait_set(self._pong, self.check_timeout):
                     log.warning("hints listener did not hear itself; reconnecting")
                     return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lost.wait(), self.check_interval)
+                await wait_set(lost, self.check_interval)
             log.warning("hints listener connection closed; reconnecting")
         finally:
             with contextlib.suppress(Exception):

@@ -37,6 +37,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from taskfleet.aio import wait_set
 from taskfleet.dispatch import DispatchQueue
 from taskfleet.domain.scheduling import Pending, Scheduler, TaskType, from_specs
 from taskfleet.domain.states import State
@@ -511,8 +512,7 @@ class TaskManager(TaskHolds):
         while True:
             wakeup = self.scheduler.next_wakeup()
             timeout = None if wakeup is None else max(0.0, wakeup - self.clock())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await wait_set(self._wake, timeout)
             self._wake.clear()
             try:
                 await self._pass()

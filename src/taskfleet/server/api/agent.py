@@ -12,6 +12,7 @@ import orjson
 from fastapi import Request, Response
 from pydantic import BaseModel
 
+from taskfleet.aio import wait_set
 from taskfleet.protocol.exchange import (
     ENROLL_PATH,
     EXCHANGE_PATH,
@@ -221,9 +222,7 @@ async def exchange(rt: Runtime, request: Request) -> Response:
         cs.waiter = asyncio.Event()
         metrics.LONG_POLLS.inc()
         try:
-            await asyncio.wait_for(cs.waiter.wait(), req.wait)
-        except TimeoutError:
-            pass
+            await wait_set(cs.waiter, req.wait)
         finally:
             cs.waiter = None
             metrics.LONG_POLLS.dec()

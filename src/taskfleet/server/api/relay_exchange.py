@@ -20,6 +20,7 @@ import orjson
 from fastapi import Request, Response
 from pydantic import BaseModel
 
+from taskfleet.aio import wait_set
 from taskfleet.protocol.exchange import ProtocolError, loads_body
 from taskfleet.protocol.relay import (
     MAX_RELAY_BODY_BYTES,
@@ -184,9 +185,7 @@ async def exchange(rt: Runtime, request: Request) -> Response:
     if relays.quiet(rs, req) and req.wait > 0:
         rs.waiter = asyncio.Event()
         try:
-            await asyncio.wait_for(rs.waiter.wait(), req.wait)
-        except TimeoutError:
-            pass
+            await wait_set(rs.waiter, req.wait)
         finally:
             rs.waiter = None
         if rt.fleet.relays.get(rs.id) is not rs or rs.revoked:  # revoked or re-enrolled

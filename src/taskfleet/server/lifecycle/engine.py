@@ -23,6 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from taskfleet.aio import wait_set
 from taskfleet.domain.lifecycle import next_window_open
 from taskfleet.domain.policy import RunWindow
 from taskfleet.domain.states import FINAL_STATES, State
@@ -304,8 +305,7 @@ class Lifecycle:
             timeout = self.interval
             if self.timers:
                 timeout = max(0.0, min(timeout, self.timers[0][0] - self.clock()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), timeout)
+            await wait_set(self._event, timeout)
             self._event.clear()
             try:
                 if (
