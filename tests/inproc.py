@@ -174,6 +174,20 @@ class Harness:
         await self.rt.lifecycle.run_pass()
 
 
+async def manual_lifecycle(h: Harness) -> None:
+    """Stop the lifecycle engine's own loop (the leader's duty) but keep it leading, so
+    its passes run only when the test calls ``tick``: a background pass or catch-up
+    would otherwise land in what the test counts."""
+    assert h.rt.cluster is not None and h.rt.lifecycle is not None
+    task = h.rt.cluster._running.pop("lifecycle", None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await h.rt.lifecycle.stop()
+    h.rt.lifecycle.leading = True  # its timers and waiters are still indexed
+
+
 @contextlib.asynccontextmanager
 async def inproc_server(
     database_url: str, data_dir: Path, clock: FakeClock | None = None, **config: Any

@@ -28,7 +28,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from taskfleet.domain.policy import RunWindow
 from taskfleet.domain.states import CLIENT_TRANSITIONS, State
 from tests.conftest import fresh_database
-from tests.inproc import FakeClock, Harness, SimAgent, inproc_server
+from tests.inproc import FakeClock, Harness, SimAgent, inproc_server, manual_lifecycle
 
 KINDS = ["plain", "at", "after", "approval", "approval+after", "rollout", "separation"]
 
@@ -60,7 +60,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         # background reaper once failed an activity between the two reads of a
         # check, and the shrinker could not replay it).
         assert self.h.rt.lifecycle is not None
-        self._await(self.h.rt.lifecycle.stop())
+        self._await(manual_lifecycle(self.h))
         self.agents: list[SimAgent] = self._await(self.h.enroll(2))
         self._await(self.h.ok("POST", "/groups", {"name": "night"}))
         self.agents += self._await(self.h.enroll(2, group="night"))

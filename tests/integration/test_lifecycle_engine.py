@@ -14,7 +14,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from taskfleet.domain.states import CLIENT_TRANSITIONS, State
-from tests.inproc import START, Harness, eventually, inproc_server
+from tests.inproc import START, Harness, eventually, inproc_server, manual_lifecycle
 
 
 async def _history_is_legal(h: Harness, request_id: int) -> None:
@@ -485,7 +485,7 @@ async def test_lifecycle_pass_costs_what_changed_not_what_waits(
         ) as h:
             # Passes run only when the test says, so each one is counted whole.
             assert h.rt.lifecycle is not None
-            await h.rt.lifecycle.stop()
+            await manual_lifecycle(h)
             a, b = await h.enroll(2)
             unrelated = await h.run(f"computer:{b.computer_id}")
             for _ in range(pending):
