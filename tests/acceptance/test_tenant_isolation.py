@@ -215,6 +215,7 @@ def body_for(method: str, path: str, ids: dict[str, Any]) -> dict[str, Any] | No
         ("POST", "/api/v1/groups/{name}/members/remove"): {"computer_ids": [cid]},
         ("PUT", "/api/v1/groups/{name}/window"): {"window": "01:00-02:00"},
         ("PUT", "/api/v1/computers/{computer_id}/tags"): {"key": "k", "value": "v"},
+        ("POST", "/api/v1/computers/{computer_id}/identity"): {"decision": "reset"},
         ("PUT", "/api/v1/requests/{request_id}/after"): {"after": {"request": ids["request_id"]}},
         ("POST", "/api/v1/relays/{relay_id}/assign"): {"group": SECRET_GROUP},
         ("POST", "/api/v1/activities/cancel"): {"request_id": ids["blocked_id"], "dry_run": True},
