@@ -1,4 +1,4 @@
-"""asyncio helpers the server's loops share.
+"""asyncio helpers every long-running loop shares (server, agent, relay).
 
 Contract: ``wait_set(event, timeout)`` waits until ``event`` is set or ``timeout``
 seconds pass (None: no limit) and says whether it was set. Unlike

@@ -200,6 +200,9 @@ AGENT_INVENTORY_MIN_INTERVAL = 60.0
 INVENTORY_TOOL_TIMEOUT = 120.0
 # The most read from one tool or file (dpkg-query on a desktop writes about 0.5 MB).
 INVENTORY_TOOL_OUTPUT = 16 * 1024 * 1024
+# apt's answers kept in the cache (one per dpkg database and lists state): agents of one
+# machine share them; more than a few are states that passed.
+INVENTORY_CACHE_ENTRIES = 8
 
 # -- typed activities (issue 13; docs/activity-types.md) -------------------------------------
 # How long a package activity waits for apt's or dpkg's lock held by another process (an

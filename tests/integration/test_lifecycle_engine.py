@@ -539,14 +539,17 @@ async def test_a_restart_keeps_every_pending_rule(database_url: str, tmp_path: P
         a.h = h2
         await a.report(op)  # finishing the dependency after the restart releases the waiter
         await eventually(lambda: _all(h2, chained["id"], "queued"), what="waiter after restart")
-        clock.advance(600)
-        await eventually(lambda: _has_work(h2, b.computer_id), what="scheduled after restart")
-        got = await b.exchange()
-        assert len(got) == 2  # the scheduled one and the released one
-        assert await h2.states(later["id"]) == {b.computer_id: "in_progress"}
+        clock.advance(600)  # past the schedule's firing (START + 400) and the `at` time
+        fired = await eventually(lambda: _runs(h2, sched["id"], 1), what="schedule kept")
+        # Handed out: the scheduled one (due now), the released one and the cron's run.
+        assert len(await b.exchange()) == 3
+        for rid in (later["id"], chained["id"]):
+            assert await h2.states(rid) == {b.computer_id: "in_progress"}
+        run = await h2.states(fired["last_request_id"])
+        assert run == {a.computer_id: "queued", b.computer_id: "in_progress"}
         clock.advance(300)
         await eventually(lambda: _all(h2, expiring["id"], "canceled"), what="expiry kept")
-        await eventually(lambda: _runs(h2, sched["id"], 1), what="schedule kept")
+        assert (await h2.ok("GET", f"/schedules/{sched['id']}"))["runs"] == 1  # next: +1600
 
 
 async def test_a_changed_window_wakes_at_its_new_opening(database_url: str, tmp_path: Path) -> None:

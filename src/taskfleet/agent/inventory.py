@@ -47,7 +47,11 @@ from typing import Any
 
 from taskfleet.domain import inventory as inv
 from taskfleet.protocol.inventory import MAX_INVENTORY_BYTES, inventory_message
-from taskfleet.settings import INVENTORY_TOOL_OUTPUT, INVENTORY_TOOL_TIMEOUT
+from taskfleet.settings import (
+    INVENTORY_CACHE_ENTRIES,
+    INVENTORY_TOOL_OUTPUT,
+    INVENTORY_TOOL_TIMEOUT,
+)
 
 REAL_FILESYSTEMS = frozenset(
     {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "vfat", "exfat", "ntfs", "ntfs3", "f2fs"}
@@ -360,19 +364,30 @@ def _cached(argv: list[str], key: str) -> str:
     if folder is None:
         return run_tool(argv)
     entry = folder / f"{key[:32]}.out"
-    with open(folder / "lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one agent runs it, the others read its answer
+    # One lock per answer: the agents that want the same one wait for one run and read it,
+    # and those that want another (another dpkg database) do not wait for this one.
+    with open(entry.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         with contextlib.suppress(OSError):
             return entry.read_text()
         text = run_tool(argv)
-        tmp = entry.with_suffix(".tmp")
+        tmp = entry.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
         os.replace(tmp, entry)
-    for old in folder.glob("*.out"):  # one entry per dpkg status and lists state is enough
-        if old != entry:
-            with contextlib.suppress(OSError):
-                old.unlink()
+    _prune(folder)
     return text
+
+
+def _prune(folder: Path) -> None:
+    """Keep the newest answers only (a machine's dpkg state changes; old ones are dead)."""
+    entries = []
+    for path in folder.glob("*.out"):
+        with contextlib.suppress(OSError):
+            entries.append((path.stat().st_mtime, path))
+    for _, old in sorted(entries, reverse=True)[INVENTORY_CACHE_ENTRIES:]:
+        for stale in (old, old.with_suffix(".lock")):
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 def collect(root: Path = Path("/"), admindir: Path | None = None) -> inv.Snapshot:

@@ -19,8 +19,9 @@ Contract:
   is what the server holds once it has them; if a crash separates the two
   steps, the server finds that the next delta's ``base`` is not what it holds
   and asks for the whole inventory.
-* While a whole inventory is queued and not yet acknowledged, the server's ask
-  for one makes no second one.
+* While a whole inventory is being collected, or queued and not yet acknowledged,
+  the server's ask for one (it asks in every reply until it has one) makes no
+  second one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 
 from taskfleet.agent.state import LocalState
+from taskfleet.aio import wait_set
 from taskfleet.protocol.inventory import ASK_FULL, MAX_INVENTORY_BYTES
 from taskfleet.settings import (
     AGENT_INVENTORY_INTERVAL,
@@ -66,6 +68,7 @@ class InventoryReports:
         self.due = asyncio.Event()
         self.full = False
         self.full_seq: int | None = None  # a whole inventory queued, maybe not acked yet
+        self.collecting_full = False  # a whole inventory is being collected now
         self.last = -float("inf")  # monotonic time of the last collection
         self.collections = 0
         self.resyncs: list[asyncio.Future[None]] = []  # Resynchronize: the next whole one
@@ -73,8 +76,10 @@ class InventoryReports:
     def want(self, *, full: bool = False) -> None:
         """Collect (at the next allowed time); ``full``: send the whole inventory."""
         if full:
-            if self.full_seq is not None and self.state.is_queued(self.full_seq):
-                return  # one is on its way
+            if self.collecting_full or (
+                self.full_seq is not None and self.state.is_queued(self.full_seq)
+            ):
+                return  # one is on its way (the server asks in each reply until it has it)
             self.full = True
         self.due.set()
 
@@ -100,8 +105,7 @@ class InventoryReports:
     async def run(self) -> None:
         self.due.set()  # at start
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.due.wait(), self.interval)
+            await wait_set(self.due, self.interval)
             wait = self.last + self.min_interval - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -116,13 +120,16 @@ class InventoryReports:
         """One collection; the sequence number of the message queued, None if none."""
         full, self.full = self.full, False
         waiting, self.resyncs = (self.resyncs, []) if full else ([], self.resyncs)
+        self.collecting_full = full
         try:
             seq = await self._collect(full)
         except BaseException as exc:
+            self.collecting_full = False
             for w in waiting:
                 if not w.done():
                     w.set_exception(exc if isinstance(exc, Exception) else OSError("stopped"))
             raise
+        self.collecting_full = False
         for w in waiting:
             if not w.done():
                 w.set_result(None)

@@ -80,6 +80,7 @@ from taskfleet.agent.scrub import agent_lock, kill_leftover
 from taskfleet.agent.scrub import plan as scrub_plan
 from taskfleet.agent.scrub import scrub as scrub_record
 from taskfleet.agent.wakeups import bind_tickle_port, listen
+from taskfleet.aio import wait_set
 from taskfleet.domain.actions import allowed_types
 from taskfleet.domain.kinds import JOB
 from taskfleet.domain.peers import Failover, Peer, PeerAcks, Switch, reassigned
@@ -361,8 +362,7 @@ class Agent:
         return ident
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+        await wait_set(self.stopping, seconds)
         if self.stopping.is_set():
             raise SystemExit(0)
 
@@ -484,8 +484,7 @@ class Agent:
             if not self.trigger.is_set() and self.ops.idle():
                 memory.release()  # going idle: hand back what the last burst freed
             if not long_poll:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.trigger.wait(), self._idle_wait())
+                await wait_set(self.trigger, self._idle_wait())
             self.trigger.clear()
             peer = self._choose_peer()
             try:
@@ -499,8 +498,7 @@ class Agent:
                 pause = pause if due is None else min(pause, due)
                 if _identity_conflict(exc):
                     self.tickle_event.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self.tickle_event.wait(), pause)
+                    await wait_set(self.tickle_event, pause)
                 else:
                     await asyncio.sleep(pause)
                 delay = min(delay * 2, AGENT_RETRY_MAX)

@@ -37,7 +37,6 @@ Contract: a raw ASGI app (served by uvicorn, like the server's exchange fast pat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -49,6 +48,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from taskfleet.agent.http import HttpError
+from taskfleet.aio import wait_set
 from taskfleet.protocol.content import span, valid_sha256
 from taskfleet.protocol.exchange import (
     ENROLL_PATH,
@@ -300,8 +300,7 @@ class AgentApp:
         if waiter is None:
             waiter = self.waiters[cid] = asyncio.Event()
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), wait)
+            await wait_set(waiter, wait)
         finally:
             if self.waiters.get(cid) is waiter:
                 del self.waiters[cid]

@@ -47,6 +47,7 @@ import orjson
 
 from taskfleet import __version__
 from taskfleet.agent.http import Connection, HttpError, Streamed, stream_get
+from taskfleet.aio import wait_set
 from taskfleet.protocol.exchange import MAX_MESSAGES, ProtocolError
 from taskfleet.protocol.jobs import RELAY_CONTENT_PATH
 from taskfleet.protocol.relay import (
@@ -230,8 +231,7 @@ class Upstream:
                     exc or type(exc).__name__,
                     delay,
                 )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), delay)
+            await wait_set(stopping, delay)
             if stopping.is_set():
                 return None
             delay = min(delay * 2, cfg.retry_max)
@@ -322,8 +322,7 @@ class Upstream:
             else:
                 timeout = self.poll_interval
             if timeout:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.trigger.wait(), timeout)
+                await wait_set(self.trigger, timeout)
             self.trigger.clear()
             self.tickled.clear()
             try:
