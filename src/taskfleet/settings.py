@@ -272,6 +272,10 @@ DASHBOARD_AUDIT_ROWS = 50
 SERVER_HEARTBEAT = 5.0
 # A process silent for this many beats is shown as lost.
 SERVER_LOST_AFTER_BEATS = 3
+# ... and after this many it is gone: the tasks its embedded worker ran fail (that worker
+# died with it) instead of waiting out WORKER_HEARTBEAT_TIMEOUT. Twice the "lost" mark, so
+# a process whose beats were only slowed (a busy database) is not taken for dead.
+SERVER_GONE_AFTER_BEATS = 6
 # Rows of processes stopped or lost longer ago than this are pruned by the leader.
 SERVER_PROCESS_KEEP = 86_400.0
 # The PostgreSQL advisory lock key the leader holds (any constant 64-bit number).

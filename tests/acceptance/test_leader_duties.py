@@ -24,7 +24,7 @@ from tests.conftest import (
     request_done,
     wait_until,
 )
-from tests.server_tasks import TYPES, finished, submit
+from tests.server_tasks import TYPES, confirmed, finished, submit, task
 
 DUTIES = ["lifecycle", "reaper", "scheduler"]
 YEARLY = "0 0 1 1 *"  # fires once in the test: its next firing is months away
@@ -45,11 +45,12 @@ def _leader_and_other(a: Server, b: Server) -> tuple[Server, Server]:
     return (a, b) if lead["me"] else (b, a)
 
 
-def _two(start_server: Callable[..., Server], tmp_path: Path) -> tuple[Server, Server]:
+def _two(start_server: Callable[..., Server], tmp_path: Path, *extra: str) -> tuple[Server, Server]:
     """Two server processes on one database: (the leader, the other)."""
     types = tmp_path / "types.toml"
     types.write_text(TYPES)
     args = ("--cluster-heartbeat", "0.5", "--task-types", str(types), "--reaper-interval", "0.2")
+    args += extra
     a = start_server(*args)
     b = start_server(*args, port=free_port())
     return _leader_and_other(a, b)
@@ -144,3 +145,56 @@ def test_a_kill_9_of_the_leader_hands_the_duties_over_and_no_schedule_fires_twic
     # The new leader dispatches what is submitted to it, as the old one did.
     again = submit(other, "echo", params={"msg": "again"})
     assert finished(other, again["task"]["id"])["state"] == "succeeded"
+
+
+@pytest.mark.skipif(BACKEND != "postgresql", reason="several servers share PostgreSQL only")
+def test_a_task_running_in_a_dead_leaders_embedded_worker_fails_within_seconds(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    """The embedded worker dies with its server process: the new leader fails the task
+    it ran once that process is gone (SERVER_GONE_AFTER_BEATS beats), not after the
+    workers' heartbeat timeout (5 hours)."""
+    leader, other = _two(start_server, tmp_path)
+    gate = tmp_path / "gate"
+    try:
+        tid = submit(other, "gate", params={"path": str(gate)})["task"]["id"]
+        running = wait_until(
+            lambda: (t := task(other, tid))["state"] == "in_progress" and t, 20, "the task to run"
+        )
+        assert running["claimed_by"].startswith("embedded-")  # the leader's own worker
+        leader.proc.kill9()
+        # 6 beats of 0.5 s after the last one, then the next reaper pass (0.2 s).
+        done = finished(other, tid, timeout=20)
+        assert done["state"] == "failed" and done["result_line"] == "worker heartbeat lost"
+        assert any(
+            "its server process ended" in line["msg"] or "(worker embedded-" in line["msg"]
+            for line in other.proc.lines()
+        )
+    finally:
+        gate.touch()  # the command outlives the killed process (its own session): end it
+
+
+@pytest.mark.skipif(BACKEND != "postgresql", reason="several servers share PostgreSQL only")
+def test_a_cancel_through_the_other_process_stops_the_task_in_the_leaders_worker(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    """With the embedded queue the task runs in the leader's worker; the cancel reached
+    the other process, whose hint tells the leader's worker at once. (Its heartbeat,
+    which also reads cancels from the database, is set to 10 minutes here: only the
+    hint can stop the task within the test's time.)"""
+    leader, other = _two(start_server, tmp_path, "--worker-heartbeat", "600")
+    gate = tmp_path / "gate"
+    try:
+        tid = submit(other, "gate", params={"path": str(gate)})["task"]["id"]
+        wait_until(lambda: task(other, tid)["state"] == "in_progress", 20, "the task to run")
+        with other.api() as api:
+            r = api.post(f"/tasks/{tid}/cancel", json={})
+            assert r.status_code == 200, r.text
+        stopped = confirmed(other, tid, timeout=20)
+        assert stopped["state"] == "canceled"
+        assert any(
+            line["msg"] == f"task[{tid}] cancel received: stopping its handler"
+            for line in leader.proc.lines()
+        )
+    finally:
+        gate.touch()

@@ -32,6 +32,7 @@ from taskfleet.settings import (
     TICKLE_MIN_INTERVAL,
     TICKLE_RATE,
     WORKER_CONCURRENCY,
+    WORKER_HEARTBEAT_INTERVAL,
     WORKER_HEARTBEAT_TIMEOUT,
 )
 
@@ -132,6 +133,13 @@ def _identity_rotate(value: float | None, default: float) -> float:
     help="Seconds without a worker heartbeat before its tasks fail.",
 )
 @click.option(
+    "--worker-heartbeat",
+    type=FINITE_FLOAT,
+    default=None,
+    help="Embedded queue: seconds between its worker's heartbeats "
+    f"[default: {WORKER_HEARTBEAT_INTERVAL:g}].",
+)
+@click.option(
     "--tickles/--no-tickles",
     default=True,
     show_default=True,
@@ -171,6 +179,7 @@ def server(
     queue: str,
     workers: int,
     heartbeat_timeout: float,
+    worker_heartbeat: float | None,
     tickles: bool,
     auth_failure_limit: int | None,
     cluster_heartbeat: float | None,
@@ -229,6 +238,7 @@ def server(
         ("lost_grace", lost_grace),
         ("reaper_interval", reaper_interval),
         ("cluster_heartbeat", cluster_heartbeat),
+        ("worker_heartbeat", worker_heartbeat),
     ):
         if value is not None:
             if value <= 0:

@@ -51,6 +51,7 @@ from taskfleet import __version__
 from taskfleet.server.writer import Writer
 from taskfleet.settings import (
     LEADER_LOCK_KEY,
+    SERVER_GONE_AFTER_BEATS,
     SERVER_HEARTBEAT,
     SERVER_LOST_AFTER_BEATS,
     SERVER_PROCESS_KEEP,
@@ -320,6 +321,20 @@ class Cluster:
         await self._drop_lock_conn()  # closing the session releases the lock
         if self.lock_engine is not None:
             await self.lock_engine.dispose()
+
+    async def alive(self, conn: AsyncConnection) -> set[str]:
+        """The ids of the server processes still running: not stopped, and heard from
+        within ``SERVER_GONE_AFTER_BEATS`` beats. On SQLite only this one (one process
+        uses the file: any other recorded there has ended)."""
+        if self.lock_engine is None:
+            return {self.id}
+        since = self.clock() - SERVER_GONE_AFTER_BEATS * self.heartbeat
+        rows = await conn.execute(
+            sa.select(server_processes.c.id).where(
+                server_processes.c.stopped_at.is_(None), server_processes.c.heartbeat_at >= since
+            )
+        )
+        return {str(r) for r in rows.scalars()} | {self.id}
 
     async def status(self) -> dict[str, Any]:
         """The processes (running, stopped or lost) and the leader, as the database says."""

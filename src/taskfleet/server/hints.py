@@ -15,7 +15,9 @@ Contract:
 * ``subscribe(topic, handler)``: ``handler(body)`` is called for each hint of that topic
   from ANOTHER process (a process's own hints are not echoed to it: it acted on them
   already); it may be a coroutine function. Topics used here: ``work`` (ids, or
-  "all"), ``computers`` and ``relays`` (ids to reload, ``server/fleet_load.py``).
+  "all"), ``computers`` and ``relays`` (ids to reload, ``server/fleet_load.py``),
+  ``windows`` (reload the maintenance windows), ``task-cancel`` (server task ids
+  canceled while running: the embedded worker that runs one stops it).
 * Hints are hints: one may be lost (a listener reconnecting, a process starting).
   After every (re)connect of the listener each ``on_connect`` callback runs (the
   fleet's catch-up: every computer looks once, as at load), and every
@@ -54,6 +56,7 @@ log = logging.getLogger("taskfleet.server")
 Handler = Callable[[str], Awaitable[None] | None]
 WORK = "work"
 WINDOWS = "windows"  # a group's maintenance window or membership changed: reload
+TASK_CANCEL = "task-cancel"  # server tasks canceled while running: stop them if here
 ALL = "all"
 _PING = "ping"
 

@@ -38,7 +38,7 @@ from taskfleet.server.content import ContentStore
 from taskfleet.server.exchange import Exchange
 from taskfleet.server.fleet import Fleet
 from taskfleet.server.fleet_load import FleetLoader
-from taskfleet.server.hints import WINDOWS, WORK, Hints, PgHints, parse_ids
+from taskfleet.server.hints import TASK_CANCEL, WINDOWS, WORK, Hints, PgHints, parse_ids
 from taskfleet.server.kernel import token_hash
 from taskfleet.server.lifecycle import Lifecycle
 from taskfleet.server.tasks import TaskManager
@@ -64,6 +64,7 @@ from taskfleet.settings import (
 )
 from taskfleet.store import db
 from taskfleet.store.schema import api_tokens, computers
+from taskfleet.store.tasks.heartbeats import embedded_id
 from taskfleet.store.unavailable import log_failure
 from taskfleet.task_type_file import load_task_types
 from taskfleet.worker.builtin import BUILTINS
@@ -308,6 +309,12 @@ async def _start_hints(rt: Runtime) -> None:
         if rt.lifecycle is not None:
             await rt.lifecycle.reload_windows(tell=False)
 
+    async def task_cancel(body: str) -> None:
+        # Only an embedded worker needs this: RabbitMQ carries cancels to every worker.
+        ids = parse_ids(body)
+        if ids and rt.config.queue == "embedded" and rt.manager is not None:
+            await rt.manager.queue.cancel(ids)
+
     def reconnected() -> None:
         fleet.look_all()
         # (a windows hint may have been missed too; keep a reference: tasks are weak)
@@ -317,6 +324,7 @@ async def _start_hints(rt: Runtime) -> None:
     hints.subscribe("computers", changed_computers)
     hints.subscribe("relays", changed_relays)
     hints.subscribe(WINDOWS, changed_windows)
+    hints.subscribe(TASK_CANCEL, task_cancel)
     hints.on_connect(reconnected)
     fleet.on_work = hints.work
     await hints.start()
@@ -384,7 +392,9 @@ async def _start_tasks(rt: Runtime, config: ServerConfig) -> None:
         watch_remote=config.queue != "embedded",
         clock=config.clock,
         fence=rt.cluster.fence if rt.cluster is not None else None,
+        alive=rt.cluster.alive if rt.cluster is not None else None,
     )
+    rt.manager.tell_cancel = lambda ids: rt.hints.publish_ids(TASK_CANCEL, ids)
     await rt.manager.start()
 
 
@@ -405,6 +415,8 @@ def _start_embedded_worker(rt: Runtime, config: ServerConfig) -> None:
             on_finished=rt.task_manager.finished,
             context={"run_tx": rt.writer.run},
             name="embedded",
+            # Tied to this process: the leader fails its tasks once the process is gone.
+            worker_id=embedded_id(rt.cluster.id) if rt.cluster is not None else None,
         )
         rt.tasks.append(asyncio.create_task(worker.run(), name="embedded-worker"))
 

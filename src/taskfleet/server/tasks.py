@@ -67,6 +67,13 @@ class TaskManager(TaskHolds):
     clock: Callable[[], float] = time.time
     # The cluster's epoch check inside a leader's write (server/cluster.py); None: none.
     fence: Callable[[Any], Awaitable[None]] | None = None
+    # The server processes still running (Cluster.alive): the embedded workers of the
+    # others died with them. None: no cluster (every earlier embedded worker is gone).
+    alive: Callable[[Any], Awaitable[set[str]]] | None = None
+    # Tell the other server processes of a running task's cancel (PostgreSQL hints):
+    # with the embedded queue the worker that runs it is in the leader, which may be
+    # another process than the one the cancel reached.
+    tell_cancel: Callable[[list[int]], None] = lambda ids: None
     catch_up_every: float = LEADER_CATCH_UP
     leading: bool = field(init=False, default=False)
     # This process's embedded worker runs (set by the runtime once the lead is settled).
@@ -146,15 +153,15 @@ class TaskManager(TaskHolds):
                 self.track(row.id, State(row.state), row.hold)
         # A dependency may have ended while the server was down.
         self.dependency_finished(list(self._task_waiters))
-        # Embedded, and this process's worker is not started yet: the lead gained at
-        # start. A lead gained later reaps a dead leader's worker by its heartbeat.
-        if not self.watch_remote and not self.embedded_started:
+        # Embedded: the workers of server processes that are gone died with them (a
+        # dead leader's above all): their tasks fail now, not after the heartbeat timeout.
+        if not self.watch_remote:
             now = self.clock()
 
             async def reap(c: Any) -> list[heartbeats.Reaped]:
                 await self._fenced(c)
                 return await heartbeats.reap_workers(
-                    c, self.heartbeat_timeout, now, embedded_gone=True
+                    c, self.heartbeat_timeout, now, servers_alive=await self._alive(c)
                 )
 
             gone = await self.writer.run(reap)
@@ -458,6 +465,7 @@ class TaskManager(TaskHolds):
         return await self.get(p, task_id)
 
     async def _send_cancel(self, task_id: int) -> None:
+        self.tell_cancel([task_id])
         try:
             await self.queue.cancel([task_id])
         except Exception as exc:
@@ -618,8 +626,19 @@ class TaskManager(TaskHolds):
     async def _reap_once(self, conn: Any) -> tuple[list[heartbeats.Reaped], list[stops.Released]]:
         await self._fenced(conn)
         now = self.clock()
-        reaped = await heartbeats.reap_workers(conn, self.heartbeat_timeout, now)
+        alive = await self.alive(conn) if self.alive is not None else None
+        reaped = await heartbeats.reap_workers(
+            conn, self.heartbeat_timeout, now, servers_alive=alive
+        )
         return reaped, await stops.release_lost_stops(conn, now)
+
+    async def _alive(self, conn: Any) -> set[str] | None:
+        """At the lead's start: the live server processes. Without a cluster: none
+        before this process's own worker starts (every recorded one is an earlier
+        process's), and no embedded reap after."""
+        if self.alive is not None:
+            return await self.alive(conn)
+        return None if self.embedded_started else set()
 
     async def _retry(self, r: heartbeats.Reaped) -> None:
         now = self.clock()

@@ -161,8 +161,9 @@ class Worker:
         on_finished: Callable[[int], None] | None = None,
         context: dict[str, Any] | None = None,
         name: str | None = None,
+        worker_id: str | None = None,
     ) -> None:
-        self.id = uuid.uuid4().hex[:16]
+        self.id = worker_id or uuid.uuid4().hex[:16]
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.queue = queue
         self.types = types

@@ -1,13 +1,15 @@
 """Workers' heartbeats, and reaping the tasks of silent workers (SPEC 4.6).
 
 Contract: ``heartbeat`` records (or first registers) a worker. ``reap_workers`` fails
-every task In Progress on a worker silent for longer than the timeout (or, at a server's
-start, on an embedded worker of an earlier process) with reason ``HEARTBEAT_LOST`` and
+every task In Progress on a worker silent for longer than the timeout, or on an
+embedded worker whose server process is gone (its id is ``embedded_id(server id)``,
+and that server is not among ``servers_alive``), with reason ``HEARTBEAT_LOST`` and
 marks the worker lost.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,12 @@ from taskfleet.store.schema import activities, server_tasks, workers
 from taskfleet.store.tasks import SERVER
 
 HEARTBEAT_LOST = "worker heartbeat lost"
+EMBEDDED = "embedded"  # the queue name of the worker inside a server process
+
+
+def embedded_id(server_id: str) -> str:
+    """The worker id of the embedded worker of server process ``server_id``."""
+    return f"{EMBEDDED}-{server_id}"
 
 
 async def heartbeat(
@@ -65,18 +73,27 @@ class Reaped:
 
 
 async def reap_workers(
-    conn: AsyncConnection, timeout: float, now: float, *, embedded_gone: bool = False
+    conn: AsyncConnection,
+    timeout: float,
+    now: float,
+    *,
+    servers_alive: Collection[str] | None = None,
 ) -> list[Reaped]:
     """SPEC 4.6: fail every task a silent worker holds, with reason "worker heartbeat lost".
 
-    ``embedded_gone``: reap every embedded worker still recorded as running,
-    whatever its last heartbeat. Embedded workers live inside their server's
-    process, so when a server starts, those recorded before it died with an
-    earlier process: waiting out the heartbeat timeout would list them as idle
-    and leave their tasks In Progress for hours."""
-    silent_when = (
-        workers.c.queue == "embedded" if embedded_gone else workers.c.heartbeat_at < now - timeout
-    )
+    ``servers_alive``: the server processes still running. An embedded worker lives
+    inside its server's process and dies with it, so one whose process is not among
+    them is reaped whatever its last heartbeat: waiting out the heartbeat timeout
+    (hours) would leave its tasks In Progress long after the process is gone."""
+    silent_when = workers.c.heartbeat_at < now - timeout
+    if servers_alive is not None:
+        silent_when = sa.or_(
+            silent_when,
+            sa.and_(
+                workers.c.queue == EMBEDDED,
+                workers.c.id.notin_([embedded_id(s) for s in servers_alive]),
+            ),
+        )
     silent = list(
         (
             await conn.execute(
