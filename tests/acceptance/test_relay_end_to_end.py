@@ -216,3 +216,30 @@ def test_an_agent_of_another_tenant_cannot_enroll_through_a_relay(
     start_agent(server, foreign, name="direct")
     [c] = json.loads(tf(server, "computer", "list", "--json", token=other).stdout)
     assert c["hostname"] == "direct"
+
+
+def test_an_agent_back_on_a_new_tickle_port_is_woken_there_after_the_relay_restarts(
+    server: Server, start_relay: Callable[..., Relay], start_agent: Callable[..., Agent]
+) -> None:
+    """The relay tickles an agent at the port the agent last told it, kept across the
+    relay's restart (the agent tells it only when it starts). Agents poll every 30
+    minutes here: only a tickle at the right port brings the work within the test."""
+    relay = start_relay(server)
+    agent = start_agent(relay.url, enroll_token(server))
+    cid = agent.computer_id
+    request_done(server, run_request(server, f"computer:{cid}", {"argv": ["true"]})["id"])
+    agent.proc.stop()
+    again = start_agent(relay.url, state_dir=agent.state_dir, name="again")  # a new port
+    assert again.tickle_port != agent.tickle_port
+    # The server has the new port (the relay passed the agent's news on) ...
+    wait_until(
+        lambda: _computer(server, cid)["tickle_port"] == again.tickle_port, 30, "the new port"
+    )
+    relay.restart()  # ... and the relay, which forgot what the agent told it, too
+    req = run_request(server, f"computer:{cid}", {"argv": ["true"]})
+    assert request_done(server, req["id"], timeout=30)["progress"]["succeeded"] == 1
+
+
+def _computer(server: Server, cid: int) -> dict:
+    with server.api() as api:
+        return dict(api.get(f"/computers/{cid}").json())

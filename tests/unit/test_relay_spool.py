@@ -339,3 +339,55 @@ async def test_a_computer_absent_from_a_stale_roster_is_asked_to_retry_not_sent_
     assert await exchange() == 410  # ... that still omits it: it left this relay
     spool.apply(_reply(roster=Roster("v2", [RosterEntry(7, 1, _hash("secret-7"), KEY, 1)])), {})
     assert await exchange() == 200
+
+
+def test_the_agents_own_tickle_port_is_kept_across_a_reopen_and_wins_over_the_rosters(
+    tmp_path: Path,
+) -> None:
+    from taskfleet.relay.tickles import _tickle_port
+
+    spool = _spool(tmp_path, 7)
+    assert _tickle_port(spool.computers[7]) == 50124  # only the roster's so far
+    info = json.dumps({"version": "1", "tickle_port": 40001})
+    spool.receive(
+        7, ack=0, messages=[], agent_info=info, address="10.0.0.7", now=1.0, agent_port=40001
+    )
+    spool.close()
+    again = Spool(tmp_path / "relay")
+    assert _tickle_port(again.computers[7]) == 40001
+    # The roster is applied again with the server's older record: the agent's word stays.
+    again.enrolled(7, 1, _hash("secret-7"), bytes.fromhex(KEY), 50124)
+    assert _tickle_port(again.computers[7]) == 40001
+    # It starts again with no UDP port (long poll): it is not tickled at the old one.
+    again.receive(
+        7,
+        ack=0,
+        messages=[],
+        agent_info=json.dumps({"version": "1"}),
+        address="10.0.0.7",
+        now=2.0,
+        agent_port=None,
+    )
+    assert _tickle_port(again.computers[7]) is None
+    # An exchange without its "agent" object changes nothing.
+    again.receive(7, ack=0, messages=[_result(1)], agent_info=None, address="10.0.0.7", now=3.0)
+    assert _tickle_port(again.computers[7]) is None
+
+
+def test_a_state_file_of_an_earlier_version_gets_the_agent_port_column(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, 7)
+    spool.close()
+    db = sqlite3.connect(tmp_path / "relay" / "relay.db")
+    old = [r[1] for r in db.execute("PRAGMA table_info(computers)") if r[1] != "agent_port"]
+    db.executescript(
+        f"CREATE TABLE old AS SELECT {', '.join(old)} FROM computers;"
+        "DROP TABLE computers; ALTER TABLE old RENAME TO computers;"
+    )
+    db.close()
+    again = Spool(tmp_path / "relay")
+    assert again.computers[7].agent_port is None
+    again.receive(
+        7, ack=0, messages=[], agent_info="{}", address="10.0.0.7", now=1.0, agent_port=40002
+    )
+    again.close()
+    assert Spool(tmp_path / "relay").computers[7].agent_port == 40002

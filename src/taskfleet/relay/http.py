@@ -89,7 +89,6 @@ class AgentApp:
         self.refused_at: dict[int, float] = {}  # computer -> when its secret was first refused
         self.left_at: dict[int, float] = {}  # computer -> when it was first found off the roster
         self._commits_reported = 0
-        self.on_agent_port: Callable[[int, int | None], None] = lambda cid, port: None
         self.content: ContentCache | None = None  # relay/content.py, set by relay/main.py
 
     def wake(self, ids: set[int]) -> None:
@@ -175,8 +174,6 @@ class AgentApp:
             return _refuse("invalid", 400, f"bad exchange: {exc}")
         messages = [(m["seq"], encode(m)) for m in obj.get("messages", [])]
         info = None if req.agent is None else encode(obj["agent"])
-        if req.agent is not None:
-            self.on_agent_port(cid, req.agent.tickle_port)
         client = scope.get("client")
         before = (c.agent_ack, c.agent_info, c.address)
         new = self.spool.receive(
@@ -186,6 +183,7 @@ class AgentApp:
             agent_info=info,
             address=client[0] if client else None,
             now=time.time(),
+            agent_port=None if req.agent is None else req.agent.tickle_port,
         )
         try:
             await self.spool.durable()

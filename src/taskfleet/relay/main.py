@@ -146,7 +146,6 @@ class Relay:
                 "or --tickle-port 0 to long-poll instead. Nothing was enrolled or changed."
             ) from None
         self.upstream.on_news = self._news
-        self.app.on_agent_port = lambda cid, port: self.tickler.ports.__setitem__(cid, port)
         server = _Uvicorn(
             uvicorn.Config(
                 self.app,

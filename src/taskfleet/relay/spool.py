@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS computers (
     server_ack INTEGER NOT NULL DEFAULT 0,
     up_top INTEGER NOT NULL DEFAULT 0,
     down_top INTEGER NOT NULL DEFAULT 0,
-    agent_info TEXT                   -- the agent's "agent" object, until the server has it
+    agent_info TEXT,                  -- the agent's "agent" object, until the server has it
+    agent_port INTEGER                -- the tickle port the agent last told us (see _tickle_port)
 );
 CREATE TABLE IF NOT EXISTS up (
     computer INTEGER NOT NULL,
@@ -91,7 +92,8 @@ CREATE TABLE IF NOT EXISTS down (
 
 _COLUMNS = (
     "id, generation, secret_hash, tickle_key, tickle_port, in_roster, address, "
-    "reported_address, agent_ack, reported_ack, server_ack, up_top, down_top, agent_info"
+    "reported_address, agent_ack, reported_ack, server_ack, up_top, down_top, agent_info, "
+    "agent_port"
 )
 
 
@@ -127,6 +129,9 @@ class Computer:
     up_top: int = 0
     down_top: int = 0
     agent_info: str | None = None
+    # The agent's own word on its tickle port (0: it told us it has none), kept across
+    # restarts: it says so only when it starts, and the roster's may be older.
+    agent_port: int | None = None
     spooled: int = 0  # up rows (memory only, counted at start)
     cached: int = 0  # down rows (memory only, counted at start)
     seen: float | None = None  # memory only: sent to the server with the next entry
@@ -235,6 +240,9 @@ class Spool:
             if result != "ok":
                 raise sqlite3.DatabaseError(result)
             self.db.executescript(_SCHEMA)
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(computers)")}
+            if "agent_port" not in columns:  # a state file of an earlier version
+                self.db.execute("ALTER TABLE computers ADD COLUMN agent_port INTEGER")
         except sqlite3.DatabaseError as exc:
             raise SpoolError(
                 f"state file {self.path} is corrupt or unreadable ({exc}); move it away and "
@@ -412,6 +420,7 @@ class Spool:
         agent_info: str | None,
         address: str | None,
         now: float,
+        agent_port: int | None = None,
     ) -> int:
         """One agent exchange: spool its new messages (seq above ``up_top``; resends are
         ignored), note its ack, info and address. Durable when it returns, or on a running
@@ -421,6 +430,8 @@ class Spool:
         c.seen = now
         new = [(seq, text) for seq, text in messages if seq > c.ack_for_agent]
         ack_changed = ack != c.agent_ack
+        # With its "agent" object the agent tells its tickle port (None: it has none).
+        port = c.agent_port if agent_info is None else (agent_port or 0)
         if not (new or ack_changed or agent_info is not None or address != c.address):
             return 0
         up_top = max(c.up_top, new[-1][0]) if new else c.up_top
@@ -436,10 +447,10 @@ class Spool:
                 ).rowcount
             db.execute(
                 "UPDATE computers SET up_top=?, agent_ack=?, address=?, "
-                "agent_info=coalesce(?, agent_info) WHERE id=?",
-                (up_top, ack, address, agent_info, cid),
+                "agent_info=coalesce(?, agent_info), agent_port=? WHERE id=?",
+                (up_top, ack, address, agent_info, port, cid),
             )
-        c.up_top, c.agent_ack, c.address = up_top, ack, address
+        c.up_top, c.agent_ack, c.address, c.agent_port = up_top, ack, address, port
         c.spooled += len(new)
         c.cached -= dropped
         if agent_info is not None:

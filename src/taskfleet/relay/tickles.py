@@ -34,7 +34,7 @@ from taskfleet.protocol.tickle import (
     encode_tickle,
 )
 from taskfleet.relay import metrics
-from taskfleet.relay.spool import Spool
+from taskfleet.relay.spool import Computer, Spool
 from taskfleet.settings import TICKLE_MAX_SKEW, TICKLE_MIN_INTERVAL, TICKLE_RATE
 
 log = logging.getLogger("taskfleet.relay")
@@ -99,7 +99,6 @@ class AgentTickler:
         self.pacer = TicklePacer(rate)
         self.limiter = PerComputerLimiter(min_interval)
         self.min_interval = min_interval
-        self.ports: dict[int, int | None] = {}  # the agent's own word on its tickle port
         self._pending: deque[int] = deque()
         self._queued: set[int] = set()
         self._deferred: set[int] = set()
@@ -169,7 +168,7 @@ class AgentTickler:
                 cid = self._pending.popleft()
                 self._queued.discard(cid)
                 c = self.spool.computers.get(cid)
-                port = self.ports.get(cid) or (c.tickle_port if c else None)
+                port = _tickle_port(c) if c else None
                 if c is None or not c.in_roster or not c.address or not port:
                     continue  # its own poll (or long poll) fetches the work
                 now = time.monotonic()
@@ -188,3 +187,12 @@ class AgentTickler:
                     await asyncio.sleep(0.001)  # buffer full; the agent's poll covers it
                 except (OSError, OverflowError, ValueError) as exc:
                     log.warning("tickle to computer %d at %s failed: %s", cid, c.address, exc)
+
+
+def _tickle_port(c: Computer) -> int | None:
+    """Where the agent listens: its own word (kept by the spool), else the roster's
+    (the server's record, which may be older: the roster is not sent again for a
+    new port)."""
+    if c.agent_port is not None:
+        return c.agent_port or None  # 0: it told us it has no UDP port (long poll)
+    return c.tickle_port
