@@ -127,7 +127,7 @@ def test_users_and_groups_through_the_api_and_the_cli(
         users = (inv or {}).get("users", {})
         return inv if "bob" in users and "alice" in users else None
 
-    inv = wait_until(shows_them, 60, "the new users in the computer's inventory")
+    inv = wait_until(shows_them, 120, "the new users in the computer's inventory")
     assert inv["users"]["alice"]["uid"] == 1000 and inv["users"]["alice"]["home"] == "/home/alice"
     assert inv["groups"]["docker"] == {"gid": 2000, "members": ["alice", "bob"]}
     assert inv["groups"]["ops"]["members"] == ["bob"]

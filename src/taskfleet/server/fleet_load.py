@@ -155,6 +155,8 @@ class FleetLoader:
             ):
                 self.fleet.link(old, row.relay_id)  # assigned to another relay meanwhile
                 _flag(old, row)  # flagged or reset on another process
+                # Where its agent listens, as the process that served it last stored it.
+                old.tickle_port, old.address = row.tickle_port, row.address
                 continue
             self.fleet.put(computer_state(row), row.relay_id)
         _update_metrics(self.fleet)
