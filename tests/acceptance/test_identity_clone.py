@@ -148,6 +148,17 @@ def test_lost_replies_never_flag_an_agent(start_server: Callable[..., Server]) -
     # A nonce this computer's agent never held is caught.
     stranger = exchange(server, cid, secret, {"ack": 0, "identity": "0" * 32})
     assert stranger.status_code == 409 and stranger.json()["code"] == "identity-conflict"
+    # Flagged, it gets no content either (a job's Download phase), not even its tenant's.
+    with server.api() as api:
+        up = api.post("/content", params={"name": "payload"}, content=b"secret payload")
+        assert up.status_code == 201, up.text
+    fetch = httpx.get(
+        f"{server.url}/agent/v1/content/{up.json()['sha256']}",
+        headers={"x-taskfleet-computer": str(cid), "authorization": f"Bearer {secret}"},
+        timeout=30,
+    )
+    assert fetch.status_code == 409 and "flagged" in fetch.text, fetch.text
+    assert b"secret payload" not in fetch.content
 
 
 def test_an_old_identity_never_regains_rights(start_server: Callable[..., Server]) -> None:

@@ -21,6 +21,7 @@ Contract:
   ``Range: bytes=N-`` with 206 (``protocol/content.py``); bytes sent are counted in
   ``taskfleet_content_served_bytes_total{to="agent"|"relay"}``.
 * A hash that is not 64 hex digits, or that the tenant has no content for, is 404.
+  A computer whose identity is flagged (``server/identity.py``) is refused with 409.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from starlette.requests import ClientDisconnect
 
 from taskfleet.protocol.content import SHA256_HEADER, span, valid_sha256
 from taskfleet.protocol.jobs import CONTENT_PATH, RELAY_CONTENT_PATH
-from taskfleet.server import content, metrics
+from taskfleet.server import content, identity, metrics
 from taskfleet.server.api import agent, relay_exchange
 from taskfleet.server.api.deps import Operator, Rt, Viewer, read, router_for
 from taskfleet.server.kernel import ApiError
@@ -180,6 +181,12 @@ async def agent_fetch(rt: Rt, sha256: str, request: Request) -> Response:
     cs = agent.authenticate(rt, request)
     if isinstance(cs, str):
         raise ApiError(401, cs)
+    if identity.blocked(cs):  # two agents hold this identity: neither gets anything
+        raise ApiError(
+            409,
+            f"computer {cs.id} refused: its identity is flagged (two agents use it); an "
+            "administrator must decide (taskfleet computer identity-reset, or remove it)",
+        )
     return await _serve(rt, cs.tenant_id, sha256, request, metrics.CONTENT_TO_AGENTS)
 
 
