@@ -92,6 +92,12 @@ def test_the_tasks_page_shows_a_live_worker_a_task_finishing_and_cancels_one(
     expect(worker).to_have_count(1)
     expect(worker).to_contain_text("alive")
     expect(worker).to_contain_text("ago")
+    # The server process itself, leading (one process: SQLite, or PostgreSQL alone).
+    me = page.locator("#servers tbody tr[data-leader=yes]")
+    expect(me).to_have_count(1)
+    expect(me).to_have_attribute("data-state", "running")
+    expect(me).to_contain_text("(this one)")
+    expect(me).to_contain_text("leader since")
     gate.touch()
     wait_until(lambda: api_get(server, f"/tasks/{running}")["state"] == "succeeded", 30)
     page.reload()
@@ -224,6 +230,7 @@ def test_a_viewer_sees_no_ops_buttons_and_its_forged_posts_are_refused(
     page.goto(f"{server.url}/ui/tasks")  # workers serve every tenant: super-admin only
     expect(page.locator("#workers-hidden")).to_be_visible()
     expect(page.locator("#workers")).to_have_count(0)
+    expect(page.locator("#servers")).to_have_count(0)
     page.goto(f"{server.url}/ui/tasks/{task_id}")
     expect(page.locator("#task-state")).not_to_have_text("canceled")
     expect(page.locator("#cancel-task")).to_have_count(0)

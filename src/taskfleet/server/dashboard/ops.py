@@ -100,6 +100,10 @@ async def tasks_page(request: Request, ctx: Ctx) -> Response:
         w["age"] = _age(now, w["heartbeat_at"])
         # The workers table's own status: lost once the reaper declared it so.
         w["alive"] = w["status"] not in ("lost", "stopped")
+    # The server processes on this database and the leader (GET /servers's answer).
+    servers = await ctx.rt.cluster.status() if shown and ctx.rt.cluster is not None else None
+    for sp in (servers or {}).get("processes", []):
+        sp["age"] = _age(now, sp["heartbeat_at"])
     return await _show(
         ctx,
         "tasks.html",
@@ -111,6 +115,7 @@ async def tasks_page(request: Request, ctx: Ctx) -> Response:
         type=type_ or "",
         workers=workers,
         workers_shown=shown,
+        servers=servers,
         final=_FINAL,
         rows_max=DASHBOARD_ROWS,
     )
