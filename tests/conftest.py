@@ -126,6 +126,7 @@ LONGEST = {
     "tests/faults/test_rabbitmq_bounce.py",  # a private RabbitMQ node started twice
     "tests/faults/test_worker_chaos.py",  # worker kill -9s under a steady load of tasks
     "tests/faults/test_postgres_restart.py",  # a private PostgreSQL, restarted twice
+    "tests/faults/test_scale_out_faults.py",  # two servers, workers, relay: six faults
 }
 
 
