@@ -265,7 +265,8 @@ class Config:
             size = min(self.opts.task_batch, count - len(ids))
             batch = [{"type": "noop", "params": {"n": self.seq + j}} for j in range(size)]
             self.seq += size
-            url = self.servers[i % self.k].url + "/api/v1/tasks/batch"
+            via = 0 if self.opts.tasks_via_leader else i % self.k
+            url = self.servers[via].url + "/api/v1/tasks/batch"
             r = self.client.post(url, json={"tasks": batch})
             r.raise_for_status()
             body = r.json()
@@ -443,6 +444,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--worker-concurrency", type=int, default=16)
     ap.add_argument("--task-batch", type=int, default=250, help="tasks per POST")
     ap.add_argument("--request-timeout", type=float, default=120.0)
+    ap.add_argument(
+        "--tasks-via-leader",
+        action="store_true",
+        help="submit every task through the first process (the leader) instead of alternating",
+    )
     opts = ap.parse_args(argv)
     quick = opts.quick
     opts.agents = opts.agents or (100 if quick else 1000)
