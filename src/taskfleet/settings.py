@@ -303,6 +303,9 @@ HINTS_APPLICATION = "taskfleet-hints"
 # While it leads, the leader scans the database this often for work other processes
 # persisted (requests with a lifecycle, schedules, server tasks): server/cluster.py.
 LEADER_CATCH_UP = 1.0
+# ... and at once when another process tells it it persisted server tasks (a hint),
+# but not more often than this: each catch-up reads every open task.
+LEADER_HINT_GAP = 0.2
 # The catch-up scan looks back this far past its last scan (commit order is not id
 # order, and the hosts' clocks differ a little).
 LEADER_CATCH_UP_OVERLAP = 60.0

@@ -198,3 +198,16 @@ def test_a_cancel_through_the_other_process_stops_the_task_in_the_leaders_worker
         )
     finally:
         gate.touch()
+
+
+@pytest.mark.skipif(BACKEND != "postgresql", reason="several servers share PostgreSQL only")
+def test_tasks_submitted_through_the_other_process_are_dispatched_on_its_hint(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    """The process that does not lead tells the leader of the tasks it took: the leader
+    catches up at once. (Its own periodic catch-up is set to 10 minutes here: only the
+    hint can start them within the test's time.)"""
+    leader, other = _two(start_server, tmp_path, "--leader-catch-up", "600")
+    ids = [submit(other, "echo", params={"msg": f"m{i}"})["task"]["id"] for i in range(3)]
+    for tid in ids:
+        assert finished(other, tid, timeout=20)["state"] == "succeeded"

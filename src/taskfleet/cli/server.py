@@ -159,6 +159,12 @@ def _identity_rotate(value: float | None, default: float) -> float:
     default=None,
     hidden=True,  # tests: a faster handover (server/cluster.py)
 )
+@click.option(
+    "--leader-catch-up",
+    type=FINITE_FLOAT,
+    default=None,
+    hidden=True,  # tests: how often the leader scans for work other processes persisted
+)
 @tls_listener_options("the API, the dashboard and agents")
 @click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
@@ -183,6 +189,7 @@ def server(
     tickles: bool,
     auth_failure_limit: int | None,
     cluster_heartbeat: float | None,
+    leader_catch_up: float | None,
     tls_cert: Path | None,
     tls_key: Path | None,
     log_format: str,
@@ -238,6 +245,7 @@ def server(
         ("lost_grace", lost_grace),
         ("reaper_interval", reaper_interval),
         ("cluster_heartbeat", cluster_heartbeat),
+        ("leader_catch_up", leader_catch_up),
         ("worker_heartbeat", worker_heartbeat),
     ):
         if value is not None:

@@ -17,7 +17,8 @@ Contract:
   already); it may be a coroutine function. Topics used here: ``work`` (ids, or
   "all"), ``computers`` and ``relays`` (ids to reload, ``server/fleet_load.py``),
   ``windows`` (reload the maintenance windows), ``task-cancel`` (server task ids
-  canceled while running: the embedded worker that runs one stops it).
+  canceled while running: the embedded worker that runs one stops it), ``tasks``
+  (server tasks submitted elsewhere: the leader's scheduler catches up at once).
 * Hints are hints: one may be lost (a listener reconnecting, a process starting).
   After every (re)connect of the listener each ``on_connect`` callback runs (the
   fleet's catch-up: every computer looks once, as at load), and every
@@ -57,6 +58,7 @@ Handler = Callable[[str], Awaitable[None] | None]
 WORK = "work"
 WINDOWS = "windows"  # a group's maintenance window or membership changed: reload
 TASK_CANCEL = "task-cancel"  # server tasks canceled while running: stop them if here
+TASKS = "tasks"  # server tasks submitted by a process that does not lead: catch up now
 ALL = "all"
 _PING = "ping"
 

@@ -38,7 +38,15 @@ from taskfleet.server.content import ContentStore
 from taskfleet.server.exchange import Exchange
 from taskfleet.server.fleet import Fleet
 from taskfleet.server.fleet_load import FleetLoader
-from taskfleet.server.hints import TASK_CANCEL, WINDOWS, WORK, Hints, PgHints, parse_ids
+from taskfleet.server.hints import (
+    TASK_CANCEL,
+    TASKS,
+    WINDOWS,
+    WORK,
+    Hints,
+    PgHints,
+    parse_ids,
+)
 from taskfleet.server.kernel import token_hash
 from taskfleet.server.lifecycle import Lifecycle
 from taskfleet.server.tasks import TaskManager
@@ -51,6 +59,7 @@ from taskfleet.settings import (
     IDENTITY_GRACE,
     IDENTITY_ROTATE,
     LAST_SEEN_FLUSH,
+    LEADER_CATCH_UP,
     LOST_GRACE,
     POLL_INTERVAL,
     REAPER_INTERVAL,
@@ -103,6 +112,7 @@ class ServerConfig:
     auth_failure_limit: int = AUTH_FAILURE_LIMIT
     enroll_failure_limit: int = ENROLL_FAILURE_LIMIT
     cluster_heartbeat: float = SERVER_HEARTBEAT  # server processes' beat (server/cluster.py)
+    leader_catch_up: float = LEADER_CATCH_UP  # the leader's scan for others' work
 
 
 @dataclass
@@ -257,6 +267,7 @@ async def start(config: ServerConfig) -> Runtime:
         clock=config.clock,
         interval=config.lifecycle_interval,
         fire=lambda sid: fire_schedule(rt, sid),
+        catch_up_every=config.leader_catch_up,
     )
     writer.on_finished = rt.lifecycle.on_finished
     exchange.window_closed = rt.lifecycle.window_closed
@@ -325,6 +336,7 @@ async def _start_hints(rt: Runtime) -> None:
     hints.subscribe("relays", changed_relays)
     hints.subscribe(WINDOWS, changed_windows)
     hints.subscribe(TASK_CANCEL, task_cancel)
+    hints.subscribe(TASKS, lambda _body: rt.manager.hinted() if rt.manager else None)
     hints.on_connect(reconnected)
     fleet.on_work = hints.work
     await hints.start()
@@ -393,8 +405,10 @@ async def _start_tasks(rt: Runtime, config: ServerConfig) -> None:
         clock=config.clock,
         fence=rt.cluster.fence if rt.cluster is not None else None,
         alive=rt.cluster.alive if rt.cluster is not None else None,
+        catch_up_every=config.leader_catch_up,
     )
     rt.manager.tell_cancel = lambda ids: rt.hints.publish_ids(TASK_CANCEL, ids)
+    rt.manager.tell_leader = lambda: rt.hints.publish(TASKS, "")
     await rt.manager.start()
 
 

@@ -46,7 +46,7 @@ from taskfleet.server.cluster import Deposed
 from taskfleet.server.kernel import ApiError, Principal
 from taskfleet.server.task_holds import TaskHolds, parse_hold
 from taskfleet.server.writer import Writer
-from taskfleet.settings import LEADER_CATCH_UP
+from taskfleet.settings import LEADER_CATCH_UP, LEADER_HINT_GAP
 from taskfleet.store import tasks as store
 from taskfleet.store.schema import groups, tenants
 from taskfleet.store.tasks import dispatching, heartbeats, holds, reads, stops, submission
@@ -74,6 +74,10 @@ class TaskManager(TaskHolds):
     # with the embedded queue the worker that runs it is in the leader, which may be
     # another process than the one the cancel reached.
     tell_cancel: Callable[[list[int]], None] = lambda ids: None
+    # Tell the leader that tasks were submitted here (PostgreSQL hints): it catches up
+    # at once instead of at its next catch_up_every (a burst through a process that
+    # does not lead waited up to a second to start: benchmarks/bench_scale_out.py).
+    tell_leader: Callable[[], None] = lambda: None
     catch_up_every: float = LEADER_CATCH_UP
     leading: bool = field(init=False, default=False)
     # This process's embedded worker runs (set by the runtime once the lead is settled).
@@ -86,6 +90,7 @@ class TaskManager(TaskHolds):
     _task_waiters: dict[int, set[int]] = field(init=False, default_factory=dict)
     _new_holds: dict[int, dict[str, Any]] = field(init=False, default_factory=dict)
     _settling: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    _catch_up_now: asyncio.Event = field(init=False, default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self._types = from_specs(self.specs)
@@ -213,13 +218,21 @@ class TaskManager(TaskHolds):
             log.info("caught up: %d tasks submitted, %d canceled elsewhere", added, len(gone))
             self._wake.set()
 
+    def hinted(self) -> None:
+        """Another process submitted tasks: the leader catches up now (coalesced: hints
+        that come during a catch-up make one more)."""
+        self._catch_up_now.set()
+
     async def _catch_up_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.catch_up_every)
+            await wait_set(self._catch_up_now, self.catch_up_every)
+            self._catch_up_now.clear()
             try:
                 await self.catch_up()
             except Exception:
                 log.exception("scheduler catch-up failed; retrying")
+            # A burst of hints makes a scan at most every LEADER_HINT_GAP, not one each.
+            await asyncio.sleep(LEADER_HINT_GAP)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -320,12 +333,17 @@ class TaskManager(TaskHolds):
         return scope_tenant, group
 
     def _accepted(self, results: list[tuple[submission.Submitted, Pending]]) -> None:
+        told = False
         for sub, pending in results:
             hold = self._new_holds.pop(sub.id, None)
             if sub.duplicate_of is not None:
                 continue
             if not self.leading:
-                continue  # the leader's catch-up finds it in the database
+                # The leader's catch-up finds it in the database; told, at once.
+                if not told:
+                    self.tell_leader()
+                    told = True
+                continue
             self._seen.add(sub.id)
             if sub.state in (State.BLOCKED, State.WAITING):
                 self.track(sub.id, sub.state, hold)
