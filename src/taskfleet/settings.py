@@ -218,6 +218,9 @@ AGENT_RESTART_GRACE = 15 * 60.0
 # A dashboard session ends this long after login, used or not: a working day, so a
 # browser left open overnight asks for the token again.
 DASHBOARD_SESSION_TTL = 8 * 3600.0
+# On PostgreSQL a session's last_seen_at is written at most this often (not on every
+# page view).
+DASHBOARD_SESSION_TOUCH_EVERY = 60.0
 # Failed logins one client address may make within the window before every login from
 # it is refused (429) until the window has passed: a person mistypes a few times; a
 # script guessing tokens gets 10 guesses per 5 minutes.
@@ -227,6 +230,9 @@ AUTH_FAILURE_LIMIT = 30
 ENROLL_FAILURE_LIMIT = 20
 AUTH_FAILURE_WINDOW = 300.0
 AUTH_FAILURE_ADDRESSES = 100_000  # addresses tracked at most (a flood evicts the oldest)
+# On PostgreSQL (the auth_failures table) each process prunes expired rows and trims
+# to AUTH_FAILURE_ADDRESSES on its first failure and every this many after.
+AUTH_FAILURE_PRUNE_EVERY = 64
 DASHBOARD_LOGIN_LIMIT = 10
 DASHBOARD_LOGIN_WINDOW = 300.0
 # A computer is shown offline when its last exchange is older than this: an idle agent

@@ -5,10 +5,15 @@ loaded by another on its first exchange (server/fleet_load.py), and work created
 one process wakes an agent long-polling another (server/hints.py), also after the
 hints listener's session was killed. The agent is mostly the raw one
 (tests/raw_agent.py), pointing each exchange at one server or the other; a real
-``taskfleet agent`` talks to one, then (restarted) to the other."""
+``taskfleet agent`` talks to one, then (restarted) to the other. Dashboard sessions
+and the limits on failed credentials are the database's: a session opened on one
+process is valid on the other until logged out or revoked on either, and failures
+seen by both count towards one limit."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +24,7 @@ import httpx
 import psycopg
 import pytest
 
-from taskfleet.settings import HINTS_APPLICATION
+from taskfleet.settings import DASHBOARD_LOGIN_LIMIT, HINTS_APPLICATION
 from tests.conftest import (
     BACKEND,
     Agent,
@@ -260,3 +265,105 @@ def test_an_agent_behind_a_relay_of_one_server_runs_work_created_on_the_other(
     [act] = activities_of(a, req["id"])
     assert act["state"] == "succeeded" and "via-b" in act["stdout"], act
     assert _causes(a, act["id"]).count("agent-report") == 1
+
+
+# -- dashboard sessions and failure limits, shared by the processes -----------------------
+
+
+def _login(server: Server, token: str) -> httpx.Response:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        form = client.get("/ui/login")
+        m = re.search(r'name="csrf" value="([^"]+)"', form.text)
+        assert form.status_code == 200 and m
+        return client.post("/ui/login", data={"csrf": m.group(1), "token": token})
+
+
+def _session_of(r: httpx.Response) -> str:
+    assert r.status_code == 303, r.text
+    return str(r.cookies["tf_session"])
+
+
+def _ui(server: Server, sid: str) -> httpx.Client:
+    client = httpx.Client(base_url=server.url, timeout=30)
+    client.cookies.set("tf_session", sid, path="/ui")
+    return client
+
+
+def _logged_in(server: Server, sid: str) -> bool:
+    with _ui(server, sid) as client:
+        r = client.get("/ui/fleet")
+    assert r.status_code in (200, 303), r.text
+    return r.status_code == 200
+
+
+def _session_rows(database_url: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(database_url.replace("+asyncpg", ""), autocommit=True) as conn:
+        return conn.execute("SELECT * FROM dashboard_sessions").fetchall()
+
+
+def test_a_dashboard_session_opened_on_one_server_is_valid_on_the_other_until_logged_out(
+    start_server: Callable[..., Server], database_url: str
+) -> None:
+    a, b = _two(start_server)
+    sid = _session_of(_login(a, a.admin_token))
+    assert _logged_in(b, sid) and _logged_in(a, sid)
+    # The database holds the session id's hash, never the id (the cookie's secret).
+    rows = _session_rows(database_url)
+    assert len(rows) == 1
+    assert hashlib.sha256(sid.encode()).hexdigest() in rows[0]
+    assert not any(sid in str(v) for v in rows[0])
+
+    with _ui(b, sid) as client:
+        m = re.search(r'name="csrf" value="([^"]+)"', client.get("/ui/fleet").text)
+        assert m
+        assert client.post("/ui/logout", data={"csrf": m.group(1)}).status_code == 303
+    assert not _logged_in(a, sid) and not _logged_in(b, sid)
+    assert _session_rows(database_url) == []
+
+
+def test_a_revoked_tokens_session_ends_on_both_servers(
+    start_server: Callable[..., Server], database_url: str
+) -> None:
+    a, b = _two(start_server)
+    with a.api() as api:
+        r = api.post("/tokens", json={"kind": "admin", "name": "ui", "role": "viewer"})
+        assert r.status_code == 201, r.text
+        made = r.json()
+    sid = _session_of(_login(a, made["token"]))
+    assert _logged_in(b, sid) and _logged_in(a, sid)
+    with b.api() as api:
+        assert api.delete(f"/tokens/{made['id']}").status_code in (200, 204)
+    assert not _logged_in(a, sid) and not _logged_in(b, sid)
+    assert _session_rows(database_url) == []  # closed, not only refused
+
+
+def test_failed_credentials_on_both_servers_count_towards_one_limit(
+    start_server: Callable[..., Server],
+) -> None:
+    limit = 4
+    a = start_server("--auth-failure-limit", str(limit))
+    b = start_server("--auth-failure-limit", str(limit), port=free_port())
+    wrong = a.admin_token[:-4] + ("aaaa" if not a.admin_token.endswith("aaaa") else "bbbb")
+
+    # Bearer tokens: half the limit on each server, then both refuse, the right one too.
+    for s in (a, b):
+        for _ in range(limit // 2):
+            with s.api(wrong) as api:
+                assert api.get("/computers").status_code == 401
+    for s in (a, b):
+        refused = s.metric("taskfleet_auth_refused_total", 'kind="token"')
+        with s.api() as api:
+            r = api.get("/computers")
+        assert r.status_code == 429, r.text
+        assert int(r.headers["retry-after"]) > 0
+        assert s.metric("taskfleet_auth_refused_total", 'kind="token"') == refused + 1
+    assert sum(s.metric("taskfleet_auth_failures_total", 'kind="token"') for s in (a, b)) == limit
+
+    # Dashboard logins: their own limit, also counted once for both.
+    for s in (a, b):
+        for _ in range(DASHBOARD_LOGIN_LIMIT // 2):
+            assert _login(s, wrong).status_code == 401
+    for s in (a, b):
+        r = _login(s, a.admin_token)
+        assert r.status_code == 429 and "too many failed logins" in r.text
+        assert "tf_session" not in r.cookies

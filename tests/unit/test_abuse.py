@@ -65,4 +65,4 @@ def test_guards_answer_429_with_retry_after_and_count_only_credential_failures()
     with pytest.raises(ApiError) as exc:
         asyncio.run(guarded(guards, "enroll", "10.0.0.9", refused()))
     assert exc.value.status == 429 and exc.value.headers == {"Retry-After": "301"}
-    guards.check("token", "10.0.0.9")  # the other kind is not affected
+    asyncio.run(guards.check("token", "10.0.0.9"))  # the other kind is not affected

@@ -69,6 +69,7 @@ from taskfleet.settings import (
     MAX_ID,
     UNAVAILABLE_RETRY_AFTER,
 )
+from taskfleet.store import db
 from taskfleet.store.unavailable import unavailable
 
 log = logging.getLogger("taskfleet.server")
@@ -491,6 +492,11 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = await start(config)
         app.state.rt = rt
+        if not db.is_sqlite(config.database_url):
+            # Several server processes may share this database: their failure counts
+            # and dashboard sessions live in it (docs/scale-out.md).
+            app.state.guards = Guards(config.auth_failure_limit, config.enroll_failure_limit, rt=rt)
+            app.state.dashboard = dashboard.Dashboard(rt=rt)
         try:
             yield
         finally:
@@ -515,7 +521,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         # its own scope bookkeeping, which cost ~60 us per API request here. Ours
         # have no prefix, tags or dependencies at router level, so nothing is lost.
         app.router.routes.extend(module.router.routes)
-    # Failed credentials per address (server/abuse.py).
+    # Failed credentials per address (server/abuse.py); in memory on SQLite (one
+    # process), replaced by the database's at start on PostgreSQL (lifespan above).
     app.state.guards = Guards(config.auth_failure_limit, config.enroll_failure_limit)
     dashboard.install(app)  # /ui/: the web dashboard (docs/dashboard.md), not in OpenAPI
     if open_routes := unauthenticated(app.router.routes):

@@ -450,3 +450,34 @@ computer_packages = sa.Table(
     sa.Column("security", sa.Boolean, nullable=False, default=False),
     sa.Index(None, "tenant_id", "name"),  # package:NAME targets
 )
+
+# -- what every server process on one PostgreSQL database shares (docs/scale-out.md) ------
+# (SQLite runs one process: it keeps these in memory and leaves the tables empty.)
+
+# Dashboard sessions (server/dashboard/shared.py): the SHA-256 of the session id, never
+# the id itself (the cookie's value is the secret).
+dashboard_sessions = sa.Table(
+    "dashboard_sessions",
+    metadata,
+    sa.Column("id_hash", sa.String(64), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False),  # "" for an account's session
+    sa.Column("account_id", sa.BigInteger, nullable=True),
+    sa.Column("tenant_id", sa.BigInteger, nullable=True),
+    sa.Column("csrf", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("last_seen_at", sa.Float, nullable=False),  # bumped at most once a minute
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Index(None, "expires_at"),
+)
+
+# Failed credentials per (kind, source address) within a window (server/abuse.py).
+auth_failures = sa.Table(
+    "auth_failures",
+    metadata,
+    sa.Column("kind", sa.String(16), primary_key=True),  # token, enroll, login
+    sa.Column("address", sa.String(64), primary_key=True),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("first_at", sa.Float, nullable=False),  # the window starts here
+    sa.Column("last_at", sa.Float, nullable=False),
+    sa.Index(None, "kind", "last_at"),
+)

@@ -67,11 +67,11 @@ def role(needed: str) -> Callable[..., Awaitable[Principal]]:
         rt: Runtime = request.app.state.rt
         guards: Guards = request.app.state.guards
         address = client_address(request.scope) or "unknown"
-        guards.check("token", address)
+        await guards.check("token", address)
         async with rt.read.connect() as conn:
             p = await tokens.resolve_token(conn, token.strip(), rt.now())
             if p is None:
-                guards.failed("token", address)
+                await guards.failed("token", address)
                 raise ApiError(401, "invalid, expired or revoked token")
             # A disabled tenant's tokens are refused; a super-admin may act in another.
             p = await tenants.admit(conn, p, request.headers.get(TENANT_HEADER))
@@ -85,7 +85,7 @@ async def guarded(guards: Guards, kind: str, address: str, fn: Awaitable[T]) -> 
     """``await fn``, counting a 401 or 403 it raises as a failed attempt of ``address``;
     429 at once while the address is refused (server/abuse.py)."""
     try:
-        guards.check(kind, address)
+        await guards.check(kind, address)
     except ApiError:
         if isinstance(fn, Coroutine):
             fn.close()  # never awaited: no "coroutine was never awaited" warning
@@ -94,7 +94,7 @@ async def guarded(guards: Guards, kind: str, address: str, fn: Awaitable[T]) -> 
         return await fn
     except ApiError as exc:
         if exc.status in (401, 403):
-            guards.failed(kind, address)
+            await guards.failed(kind, address)
         raise
 
 

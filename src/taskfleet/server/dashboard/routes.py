@@ -3,17 +3,18 @@
 Contract: every page needs a session (``/ui/login`` opens one with a user name
 and password or an API token, ``/ui/login/link`` with a one-time code,
 ``login_accounts.py``; the cookie holds only a random session id,
-``sessions.py``); the session's token or account and its tenant are checked
-again on every request, so a revoked token, a disabled account or tenant ends
-its sessions at once. Every POST carries the session's CSRF token or is
-refused (403) before anything is read or written. Pages read through the
-service layer (``server/inventory.py``, ``server/requests.py``, ...); actions
-call the API's own route functions with the session's caller, after the role
-check those routes make (``deps.needed_role``), so the dashboard allows, refuses
-and does exactly what the API does, and shows only the buttons its caller may
-use. A request's page follows its activity events over server-sent events (the
-event id is the activity event's id: a reconnect resumes from Last-Event-ID)
-and falls back to polling every ``DASHBOARD_POLL_EVERY`` seconds.
+``sessions.py``, kept in memory or, with several server processes on PostgreSQL, in
+the database so that every process sees it, ``session_stores.py``); the session's
+token or account and its tenant are checked again on every request, so a revoked
+token, a disabled account or tenant ends its sessions at once, in every process.
+Every POST carries the session's CSRF token or is refused (403) before anything is
+read or written. Pages read through the service layer (``server/inventory.py``,
+``server/requests.py``, ...); actions call the API's own route functions with the
+session's caller, after the role check those routes make (``deps.needed_role``), so
+the dashboard allows, refuses and does exactly what the API does, and shows only the
+buttons its caller may use. A request's page follows its activity events over
+server-sent events (the event id is the activity event's id: a reconnect resumes from
+Last-Event-ID) and falls back to polling every ``DASHBOARD_POLL_EVERY`` seconds.
 """
 
 from __future__ import annotations
@@ -37,12 +38,17 @@ from starlette.staticfiles import StaticFiles
 
 from taskfleet.server import activities, inventory, requests
 from taskfleet.server import lifecycle as lc
-from taskfleet.server.abuse import FailureLimiter
+from taskfleet.server.abuse import FailureLimiter, Failures, LocalFailures, SharedFailures
 from taskfleet.server.api import approvals as api_approvals
 from taskfleet.server.api import audit as api_audit
 from taskfleet.server.api import requests as api_requests
 from taskfleet.server.api.deps import live, mark, needed_role, read, require, seen
 from taskfleet.server.dashboard import login_accounts
+from taskfleet.server.dashboard.session_stores import (
+    LocalSessions,
+    Sessions,
+    SharedSessions,
+)
 from taskfleet.server.dashboard.sessions import Session, SessionStore, csrf_ok
 from taskfleet.server.kernel import ApiError, Principal, audit
 from taskfleet.server.runtime import Runtime
@@ -94,11 +100,21 @@ router = APIRouter(include_in_schema=False)
 
 
 class Dashboard:
-    """The dashboard's state in the server process: sessions and the login limiter."""
+    """The dashboard's sessions and login limiter: in this process's memory on
+    ``clock``, or shared through the database of the runtime ``rt`` (PostgreSQL,
+    several server processes: ``session_stores.py``, ``server/abuse.py``)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.sessions = SessionStore(clock, DASHBOARD_SESSION_TTL)
-        self.logins = FailureLimiter(clock, DASHBOARD_LOGIN_LIMIT, DASHBOARD_LOGIN_WINDOW)
+    def __init__(self, clock: Callable[[], float] = time.monotonic, rt: Any = None) -> None:
+        self.sessions: Sessions
+        self.logins: Failures
+        if rt is None:
+            self.sessions = LocalSessions(SessionStore(clock, DASHBOARD_SESSION_TTL))
+            self.logins = LocalFailures(
+                FailureLimiter(clock, DASHBOARD_LOGIN_LIMIT, DASHBOARD_LOGIN_WINDOW)
+            )
+        else:
+            self.sessions = SharedSessions(rt, DASHBOARD_SESSION_TTL)
+            self.logins = SharedFailures(rt, "login", DASHBOARD_LOGIN_LIMIT, DASHBOARD_LOGIN_WINDOW)
 
 
 def install(app: FastAPI) -> None:
@@ -152,12 +168,12 @@ async def _form(request: Request) -> dict[str, str]:
 async def _caller(request: Request) -> tuple[Principal, Session]:
     ui: Dashboard = request.app.state.dashboard
     rt: Runtime = request.app.state.rt
-    s = ui.sessions.get(request.cookies.get(SESSION_COOKIE))
+    s = await ui.sessions.get(request.cookies.get(SESSION_COOKIE))
     if s is None:
         raise _LoginNeeded
     p = await login_accounts.session_caller(rt, s)
     if p is None:  # token revoked or expired, account or tenant disabled since login
-        ui.sessions.close(s.id)
+        await ui.sessions.close(s.id)
         raise _LoginNeeded
     return seen(request, p), s
 
@@ -274,19 +290,21 @@ async def login(request: Request) -> Response:
         mark(request, message="stale login form (CSRF)")
         return _login_page(request, 403, "the login form was stale: try again")
     address = _client(request)
-    if not ui.logins.allowed(address):
+    standing = await ui.logins.standing(address)
+    if standing.wait:
         mark(request, message="too many failed logins from this address")
         return _login_page(
             request, 429, "too many failed logins from your address: wait a few minutes"
         )
     who = await login_accounts.authenticate(rt, form)
     if who is None:
-        ui.logins.failed(address)
+        await ui.logins.failed(address)
         mark(request, message="wrong user name, password or token")
         # One answer for a wrong password, an unknown name, a wrong, revoked or expired
         # token, a disabled account or tenant: nothing to learn.
         return _login_page(request, 401, "wrong user name, password or token")
-    ui.logins.succeeded(address)
+    if standing.failures:  # no write for an address that never failed
+        await ui.logins.succeeded(address)
     return await open_session(request, who, address)
 
 
@@ -295,7 +313,7 @@ async def open_session(
 ) -> RedirectResponse:
     """A new session for ``who``, its cookie set, on to the fleet page."""
     ui: Dashboard = request.app.state.dashboard
-    s = ui.sessions.open(who.token_hash, who.account_id)
+    s = await ui.sessions.open(who.token_hash, who.account_id, who.p.tenant_id)
     await login_accounts.logged_in(request.app.state.rt, who, address)
     resp = _see_other("/fleet")
     resp.set_cookie(
@@ -330,25 +348,27 @@ async def login_link(request: Request) -> Response:
         mark(request, message="stale login form (CSRF)")
         return _login_page(request, 403, "the login form was stale: open the link again")
     address = _client(request)
-    if not ui.logins.allowed(address):
+    standing = await ui.logins.standing(address)
+    if standing.wait:
         mark(request, message="too many failed logins from this address")
         return _login_page(
             request, 429, "too many failed logins from your address: wait a few minutes"
         )
     who = await login_accounts.redeem_link(request.app.state.rt, form.get("code", ""))
     if who is None:
-        ui.logins.failed(address)
+        await ui.logins.failed(address)
         mark(request, message="login link not valid")
         return _login_page(
             request, 401, "this login link is not valid: it was used, has expired or is unknown"
         )
-    ui.logins.succeeded(address)
+    if standing.failures:  # no write for an address that never failed
+        await ui.logins.succeeded(address)
     return await open_session(request, who, address)
 
 
 @_route("/logout", "POST")
 async def logout(request: Request, ctx: Ctx) -> Response:
-    request.app.state.dashboard.sessions.close(ctx.session.id)
+    await request.app.state.dashboard.sessions.close(ctx.session.id)
     await ctx.rt.writer.run(
         lambda c: audit(c, ctx.p, "dashboard.logout", ctx.rt.now(), ctx.p.actor)
     )
@@ -460,12 +480,12 @@ async def request_events(request: Request, ctx: Ctx) -> Response:
 
 async def _event_stream(request: Request, ctx: Ctx, rid: int, after: int) -> AsyncIterator[str]:
     rt, p = ctx.rt, ctx.p
-    sessions: SessionStore = request.app.state.dashboard.sessions
+    sessions: Sessions = request.app.state.dashboard.sessions
     started = time.monotonic()
     idle_since = started
     yield "retry: 2000\n\n"
     # The stream ends with its session (logout, expiry): the reconnect must log in again.
-    while time.monotonic() - started < DASHBOARD_SSE_MAX_AGE and sessions.get(ctx.session.id):
+    while time.monotonic() - started < DASHBOARD_SSE_MAX_AGE and await sessions.get(ctx.session.id):
         rows = await read(
             rt, partial(activities.request_events, p=p, request_id=rid, after=after, limit=500)
         )

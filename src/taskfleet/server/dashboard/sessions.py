@@ -5,10 +5,12 @@ entry that holds the SHA-256 of the API token it was opened with (never the
 token itself: the cookie carries only the id), its own CSRF token and when it
 ends. ``SessionStore.get`` answers None for an unknown or expired id and
 forgets expired ones. ``csrf_ok`` compares in constant time. Failed logins are
-counted per client address by ``server/abuse.FailureLimiter`` (the API's limiter):
-past its limit a login is refused without looking at what it sends, so guessing is
-bounded. Nothing here does I/O; the clock is a parameter (tests fake it).
-Sessions live in the server process's memory: a restart logs everyone out.
+counted per client address by ``server/abuse.py`` (the API's limiter, shared by
+every server process on PostgreSQL): past its limit a login is refused without
+looking at what it sends, so guessing is bounded. Nothing here does I/O; the clock
+is a parameter (tests fake it). ``SessionStore`` is the in-memory store of one
+server process (SQLite); ``session_stores.py`` holds the port it is one adapter of,
+and the database's adapter that several server processes share.
 """
 
 from __future__ import annotations
