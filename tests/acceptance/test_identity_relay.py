@@ -6,12 +6,18 @@ agent that fails over relay -> server -> relay is never flagged."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import Callable
+from typing import Any
+
+import httpx
 
 from tests.acceptance.test_identity_clone import _cli, _computer
 from tests.conftest import Agent, Server, enroll_token, request_done, run_request, wait_until
-from tests.relay_fleet import RealRelay, relay_agent, start_real_relay
+from tests.raw_agent import enrolled
+from tests.raw_relay import enrolled_relay, entry
+from tests.relay_fleet import RealRelay, relay_agent, relay_token, start_real_relay
 
 __all__ = ["start_real_relay"]  # the fixture
 
@@ -110,3 +116,31 @@ def test_an_agent_failing_over_relay_server_relay_is_never_flagged(
     assert relay.metric("taskfleet_relay_identity_offers_total") >= 1
     assert _computer(server, cid)["identity_conflict"] is None
     assert "IDENTITY CONFLICT" not in a.proc.text()
+
+
+def test_a_relay_can_report_a_conflict_only_for_its_own_computers(server: Server) -> None:
+    """A relay is semi-trusted: its report flags a computer behind it (the roster then
+    says so), never one behind another relay or one talking to the server directly."""
+    agents = enroll_token(server, max_uses=5)
+
+    async def run() -> tuple[int, int, int, dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            mine = await enrolled_relay(client, relay_token(server, "mine"), "mine")
+            other = await enrolled_relay(client, relay_token(server, "other"), "other")
+            own, _ = await mine.computer(agents, "own")
+            theirs, _ = await other.computer(agents, "theirs")
+            direct, _ = enrolled(server, agents, "direct")
+            why = "two agents use this computer's identity (a copied state folder?): test"
+            reply = await mine.exchange([entry(c, conflict=why) for c in (own, theirs, direct)])
+            await mine.exchange()  # the roster, with the flag
+            [row] = [r for r in mine.roster_entries if r["id"] == own]
+            return own, theirs, direct, {"reply": reply, "row": row}
+
+    own, theirs, direct, got = asyncio.run(run())
+    refused = {e["id"]: e["status"] for e in got["reply"]["errors"]}
+    assert refused == {theirs: 403, direct: 403}
+    assert got["row"].get("flagged") is True
+    flag = _computer(server, own)["identity_conflict"]
+    assert flag is not None and "relay" in flag["reason"]
+    for cid in (theirs, direct):
+        assert _computer(server, cid)["identity_conflict"] is None
