@@ -551,6 +551,10 @@ class Agent:
             return False
         if isinstance(exc, HttpError) and exc.status in (401, 403):
             return False
+        if _identity_conflict(exc):
+            # The relay caught two copies of this identity and reported it: the server
+            # refuses this computer too (no failover to get round it).
+            return False
         if isinstance(exc, HttpError) and exc.status == 410:
             # Moved to another relay (or off relays): the server's reply says where.
             log.warning(
@@ -651,9 +655,12 @@ class Agent:
         if reply.ack > top or (server_ack or 0) > top:
             # It would drop results that were never sent.
             raise ProtocolError(f"ack {reply.ack} is beyond the last message sent")
-        if reply.identity is not None and peer is Peer.SERVER:
+        if reply.identity is not None:
             # Kept before anything of this reply is acted on or acknowledged.
-            self.state.save_identity_nonce(reply.identity)
+            if peer is Peer.SERVER:
+                self.state.save_identity_nonce(reply.identity)
+            else:
+                self.state.save_relay_identity_nonce(reply.identity)
         self.exchanges += 1
         if "agent" in body:
             self.info_sent = True
@@ -691,9 +698,13 @@ class Agent:
             }
         if wait:
             body["wait"] = wait
-        nonce = self.state.identity_nonce
-        if peer is Peer.SERVER and nonce is not None:
-            # Which copy of this identity speaks (domain/identity.py); never to a relay.
+        # Which copy of this identity speaks (domain/identity.py). The server and the
+        # relay each keep a lineage of their own: each is shown only its own nonce.
+        if peer is Peer.SERVER:
+            nonce = self.state.identity_nonce
+        else:
+            nonce = self.state.relay_identity_nonce
+        if nonce is not None:
             body["identity"] = nonce
         return body
 

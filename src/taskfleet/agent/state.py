@@ -233,6 +233,7 @@ class LocalState:
         with self._tx():
             self._set("identity", value)
             self.db.execute("DELETE FROM meta WHERE key='identity_nonce'")
+            self.db.execute("DELETE FROM meta WHERE key='relay_identity_nonce'")
             if nonce is not None:
                 self._set("identity_nonce", nonce)
             self._set("server_seq", "0")
@@ -256,6 +257,18 @@ class LocalState:
         # before anything of the reply that carried it is acted on or acknowledged:
         # the server has already replaced the nonce it confirmed with this one.
         self._set("identity_nonce", nonce)
+
+    @property
+    def relay_identity_nonce(self) -> str | None:
+        """The identity nonce this computer's relay last offered (None: none yet);
+        presented in every exchange through a relay. A lineage apart from the
+        server's: moving between the relay and the server never mixes them up
+        (docs/relays.md "Copies behind a relay")."""
+        return self.get("relay_identity_nonce")
+
+    def save_relay_identity_nonce(self, nonce: str) -> None:
+        # Durable before the reply that carried it is acted on, as the server's.
+        self._set("relay_identity_nonce", nonce)
 
     @property
     def relay_assignment(self) -> str | None:

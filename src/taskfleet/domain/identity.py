@@ -147,6 +147,11 @@ def decide(
     return Decision(Verdict.CONFLICT, flagged, changed=True, reason=reason)
 
 
+def flag(state: Nonces, reason: str, now: float) -> Nonces:
+    """``state`` flagged for ``reason`` (a conflict found elsewhere: by a relay)."""
+    return replace(state, conflict_at=now, conflict_reason=reason)
+
+
 def with_offer(state: Nonces, offered: str, now: float) -> Nonces:
     """``state`` with the fresh offer whose hash is ``offered`` outstanding."""
     return replace(state, offered=offered, offered_at=now)

@@ -60,8 +60,10 @@ same scheme, borrowed from landscape-client:
   durably before it acts on anything else of that reply and presents next time
   (the enrollment's answer carries the first). Two agents presenting this
   computer's secret with diverging nonces are refused with 409 and
-  ``"code": "identity-conflict"`` until an administrator decides. Relays neither
-  see nor forward nonces.
+  ``"code": "identity-conflict"`` until an administrator decides. A relay keeps a
+  lineage of its own for the computers behind it (docs/relays.md "Copies behind
+  a relay"): the agent presents its relay nonce to the relay, its server nonce to
+  the server, and keeps each reply's offer as the nonce of the peer that made it.
 
 Limits (``MAX_*`` below) are checked before anything is applied; a body that
 breaks one is refused whole with a clear error and nothing changes. Every

@@ -23,13 +23,16 @@ Contract:
        "stats": {...},               # spool depth, cached messages, lag (relay show)
        "computers": [                # only computers with something to say
          {"id": 12, "ack": 7, "have": 9, "address": "10.0.0.5", "seen": 1764480000.0,
-          "messages": [...], "agent": {...}}]}
+          "messages": [...], "agent": {...}, "conflict": "..."}]}
 
   ``ack``, ``messages`` and ``agent`` are the agent's own, verbatim (the relay
   forwards agent messages with the agent's sequence numbers, so a replay from the
   relay records nothing twice); ``have`` is the highest server message the relay
   holds for the computer (the server does not send those again); ``address`` and
-  ``seen`` are where and when the relay last heard the agent. ``stats`` are
+  ``seen`` are where and when the relay last heard the agent; ``conflict`` (only
+  while the relay has not seen the server flag it) says the relay caught two agents
+  using this computer's identity, and why: the server flags the computer (only a
+  computer behind this relay: any other is refused 403). ``stats`` are
   numbers the server shows as they are; ``relay list`` shows ``spool`` (agent
   messages not yet acked by the server), ``cached`` (server messages held for
   agents) and ``lag`` (seconds the oldest spooled message has waited), built by
@@ -40,7 +43,7 @@ Contract:
                       "inventory": "full"}],
        "errors": [{"id": 13, "status": 403, "error": "..."}],
        "roster": {"version": "...", "computers": [{"id", "generation",
-                  "secret_hash", "tickle_key", "tickle_port"}]} | null,
+                  "secret_hash", "tickle_key", "tickle_port", "flagged"}]} | null,
        "server_time": 1764480000.0, "settings": {...}, "relay_settings": {...},
        "more": false}
 
@@ -59,7 +62,10 @@ Contract:
   the SHA-256 of the agent's secret: it lets the relay check a secret, not present
   one) and to tickle them (``tickle_key``). It holds nothing that lets the relay
   run code on an agent: operations and cancels stay signed by the server and
-  verified by the agent against the key it pinned at enrollment.
+  verified by the agent against the key it pinned at enrollment. ``flagged``
+  (absent: false): the server flags the computer's identity; the relay refuses its
+  agent (409 ``identity-conflict``), and when a later roster clears it (an
+  administrator's reset) starts the computer's relay lineage afresh.
 * Agent replies from a relay carry ``server_ack`` beside ``ack`` (``ack``: what
   the relay's spool holds durably; ``server_ack``: what the server acknowledged).
 * Limits are checked before anything is applied; bodies that break them are
@@ -89,6 +95,7 @@ MAX_RELAY_COMPUTERS = 20_000  # entries in one relay request; a relay sends more
 MAX_ROSTER_VERSION_CHARS = 64
 MAX_ADDRESS_CHARS = 64  # an IPv6 text address with zone fits
 MAX_STATS = 16  # numeric fields in ``stats``
+MAX_CONFLICT_CHARS = 500  # why a relay reports an identity conflict
 _HASH = re.compile(r"[0-9a-f]{64}")
 
 
@@ -101,6 +108,9 @@ class RelayEntry:
     have: int  # highest server message the relay holds for this computer
     address: str | None
     seen: float | None
+    # The relay found two agents using this computer's identity (why): the server
+    # flags it, as for a direct conflict (docs/relays.md "Copies behind a relay").
+    conflict: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,7 @@ class RosterEntry:
     secret_hash: str  # hex SHA-256 of the agent's secret
     tickle_key: str  # hex
     tickle_port: int | None
+    flagged: bool = False  # the server flags its identity: the relay refuses its agent
 
 
 @dataclass(frozen=True)
@@ -196,9 +207,14 @@ def _entry(raw: Any) -> RelayEntry:
             raise ProtocolError(f"'address' must be a text of 1..{MAX_ADDRESS_CHARS} characters")
         seen = raw.get("seen")
         seen_at = None if seen is None else _finite(seen, "'seen'")
+        conflict = raw.get("conflict")
+        if conflict is not None and (
+            not isinstance(conflict, str) or not 0 < len(conflict) <= MAX_CONFLICT_CHARS
+        ):
+            raise ProtocolError(f"'conflict' must be a text of 1..{MAX_CONFLICT_CHARS} characters")
     except ProtocolError as exc:
         raise _EntryProblem(cid, str(exc)) from None
-    return RelayEntry(cid, request, have, address, seen_at)
+    return RelayEntry(cid, request, have, address, seen_at, conflict)
 
 
 class _EntryProblem(ProtocolError):
@@ -277,6 +293,9 @@ def _roster(raw: Any) -> Roster:
         port = item.get("tickle_port")
         if port is not None and (type(port) is not int or not 0 < port < 65536):
             raise ProtocolError("'tickle_port' must be 1..65535 or null")
+        flagged = item.get("flagged", False)
+        if type(flagged) is not bool:
+            raise ProtocolError("'flagged' must be true or false")
         out.append(
             RosterEntry(
                 _id(item.get("id"), "roster 'id'"),
@@ -284,6 +303,7 @@ def _roster(raw: Any) -> Roster:
                 secret_hash,
                 tickle_key,
                 port,
+                flagged,
             )
         )
     return Roster(version, out)
@@ -369,6 +389,7 @@ def relay_entry(
     agent: Any = None,
     address: str | None = None,
     seen: float | None = None,
+    conflict: str | None = None,
 ) -> dict[str, Any]:
     """One computer's part of a relay request (the relay's side). ``messages`` and
     ``agent`` are the agent's own: decoded objects, or their spooled JSON texts as
@@ -380,6 +401,8 @@ def relay_entry(
         entry["address"] = address
     if seen is not None:
         entry["seen"] = seen
+    if conflict is not None:
+        entry["conflict"] = conflict[:MAX_CONFLICT_CHARS]
     return entry
 
 
@@ -416,16 +439,24 @@ def relay_request(
 
 
 def roster_entry(
-    computer_id: int, generation: int, secret_hash: str, tickle_key: str, tickle_port: int | None
+    computer_id: int,
+    generation: int,
+    secret_hash: str,
+    tickle_key: str,
+    tickle_port: int | None,
+    flagged: bool = False,
 ) -> dict[str, Any]:
     """One computer of a relay's roster (the server's side)."""
-    return {
+    entry: dict[str, Any] = {
         "id": computer_id,
         "generation": generation,
         "secret_hash": secret_hash,
         "tickle_key": tickle_key,
         "tickle_port": tickle_port,
     }
+    if flagged:
+        entry["flagged"] = True
+    return entry
 
 
 def roster_body(version: str, entries: list[dict[str, Any]]) -> dict[str, Any]:

@@ -22,6 +22,12 @@ Contract: a raw ASGI app (served by uvicorn, like the server's exchange fast pat
   A quiet request with ``wait`` is held until server messages for it arrive or the
   wait ends. A relay not enrolled yet, or refused by its server (revoked), answers
   503 so agents fail over to the server.
+* Identity (docs/relays.md "Copies behind a relay"): before anything of an exchange
+  is spooled, the agent's ``identity`` nonce is checked against the computer's relay
+  lineage (``Spool.check_identity``, the rule of ``domain/identity.py``); a conflict,
+  or a computer the server flags (roster), is answered 409 with ``"code":
+  "identity-conflict"`` (the server's body) and the conflict is reported upstream;
+  a fresh offer rides in the reply's ``identity``, durable before it is sent.
 * ``POST /agent/v1/enroll`` is forwarded to the server's ``/relay/v1/enroll-computer``;
   the server's answer (or refusal) is passed through; 503 if it cannot be reached.
 * ``GET /agent/v1/content/SHA256``: the content, authenticated exactly as the exchange
@@ -63,9 +69,18 @@ from taskfleet.relay import metrics
 from taskfleet.relay.content import ContentCache, FetchError
 from taskfleet.relay.spool import Spool, SpoolError, encode
 from taskfleet.relay.upstream import Upstream
-from taskfleet.settings import CONTENT_CHUNK, ENROLL_BODY_MAX, INT64_MAX, REPLY_MAX_BYTES
+from taskfleet.settings import (
+    CONTENT_CHUNK,
+    ENROLL_BODY_MAX,
+    IDENTITY_GRACE,
+    IDENTITY_ROTATE,
+    INT64_MAX,
+    REPLY_MAX_BYTES,
+)
 
 log = logging.getLogger("taskfleet.relay")
+
+REFUSAL_CODE = "identity-conflict"  # as the server's (server/identity.py)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -172,6 +187,28 @@ class AgentApp:
             return _refuse("too-large", 413, f"exchange body over {MAX_BODY_BYTES} bytes")
         except (orjson.JSONDecodeError, ProtocolError) as exc:
             return _refuse("invalid", 400, f"bad exchange: {exc}")
+        rs = self.spool.relay_settings
+        refused, offer = self.spool.check_identity(
+            cid,
+            req.identity,
+            time.time(),
+            rotate=float(rs.get("identity_rotate", IDENTITY_ROTATE)),
+            grace=float(rs.get("identity_grace", IDENTITY_GRACE)),
+        )
+        if refused is not None:
+            try:
+                await self.spool.durable()  # the conflict is kept before it is told
+            except SpoolError as exc:
+                return _refuse("spool", 500, f"the relay could not store this exchange ({exc})")
+            if c.identity_report is not None:
+                self.upstream.forward()  # the server flags it at once
+            return _refuse(
+                REFUSAL_CODE,
+                409,
+                f"computer {cid} refused: {refused}; an administrator must decide "
+                "(taskfleet computer identity-reset, or remove it)",
+                code=REFUSAL_CODE,
+            )
         messages = [(m["seq"], encode(m)) for m in obj.get("messages", [])]
         info = None if req.agent is None else encode(obj["agent"])
         client = scope.get("client")
@@ -200,6 +237,8 @@ class AgentApp:
         if not out and req.wait > 0 and not new and req.agent is None:
             out, more = await self._long_poll(cid, req.ack, req.wait)
         c = self.spool.computers.get(cid) or c
+        if offer is not None:
+            metrics.IDENTITY_OFFERS.inc()
         return 200, _reply(
             c.ack_for_agent,
             c.server_ack,
@@ -208,6 +247,7 @@ class AgentApp:
             self.spool.settings_json,
             more,
             c.inventory_full,
+            offer,
         )
 
     def authenticate(self, headers: dict[bytes, bytes]) -> int | tuple[int, bytes]:
@@ -354,8 +394,9 @@ def _reply(
     settings: str,
     more: bool,
     inventory_full: bool = False,
+    offer: str | None = None,
 ) -> bytes:
-    return b'{"ack":%d,"server_ack":%d,"messages":[%s],"server_time":%.3f,"settings":%s%s%s}' % (
+    return b'{"ack":%d,"server_ack":%d,"messages":[%s],"server_time":%.3f,"settings":%s%s%s%s}' % (
         ack,
         server_ack,
         ",".join(messages).encode(),
@@ -363,16 +404,18 @@ def _reply(
         settings.encode(),
         b',"more":true' if more else b"",
         b',"inventory":"full"' if inventory_full else b"",
+        b',"identity":"%s"' % offer.encode() if offer else b"",
     )
 
 
-def _error(status: int, message: str) -> tuple[int, bytes]:
-    return status, orjson.dumps({"error": message})
+def _error(status: int, message: str, code: str | None = None) -> tuple[int, bytes]:
+    body = {"error": message} if code is None else {"error": message, "code": code}
+    return status, orjson.dumps(body)
 
 
-def _refuse(reason: str, status: int, message: str) -> tuple[int, bytes]:
+def _refuse(reason: str, status: int, message: str, code: str | None = None) -> tuple[int, bytes]:
     metrics.REFUSED.labels(reason).inc()
-    return _error(status, message)
+    return _error(status, message, code)
 
 
 def _no_method() -> tuple[int, bytes]:

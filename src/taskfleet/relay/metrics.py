@@ -49,6 +49,11 @@ SPOOL_COMMITS = Counter(
 AGENT_EXCHANGES = Counter(
     "taskfleet_relay_agent_exchanges_total", "Agent exchanges answered", registry=REGISTRY
 )
+IDENTITY_OFFERS = Counter(
+    "taskfleet_relay_identity_offers_total",
+    'Fresh identity nonces offered to agents (docs/relays.md "Copies behind a relay")',
+    registry=REGISTRY,
+)
 REFUSED = Counter(
     "taskfleet_relay_refused_total",
     "Agent requests refused, by reason",

@@ -33,6 +33,16 @@ Contract:
   cache are dropped, since the server numbers the new generation's messages from 1.
   A computer that leaves the roster keeps its spool (the server refuses it per entry,
   then it is dropped) and loses its cache.
+* Identity (docs/relays.md "Copies behind a relay"): per computer, the relay's own
+  lineage of its agent's identity nonces (``domain/identity.py``; hashes only) in the
+  ``identity`` table, with ``server_flagged`` (the last roster's ``flagged``).
+  ``check_identity`` applies the rule to an agent exchange inside the group commit:
+  a fresh offer is durable before the reply carrying it is sent. A computer the
+  relay holds no lineage for starts one open (the first nonce presented is taken: a
+  computer new to this relay, or back to it); its lineage is dropped when it leaves
+  the roster or is re-enrolled, and opened afresh when a roster clears a flag the
+  relay had seen (an administrator's reset). Tables are created if missing: a spool
+  from before this feature just gains the table.
 * Everything is mirrored in memory (``computers``); the database is written first.
   Methods are synchronous and meant for one thread (the relay's event loop).
 """
@@ -44,7 +54,9 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +64,7 @@ from typing import Any
 
 import orjson
 
+from taskfleet.domain.identity import Nonces, Verdict, decide, hash_nonce, reset, with_offer
 from taskfleet.protocol.relay import RelayReply, Roster
 
 log = logging.getLogger("taskfleet.relay")
@@ -82,6 +95,11 @@ CREATE TABLE IF NOT EXISTS up (
     spooled_at REAL NOT NULL,
     PRIMARY KEY (computer, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS identity (
+    computer INTEGER PRIMARY KEY,
+    state TEXT NOT NULL,              -- domain/identity.py Nonces as JSON (hashes only)
+    server_flagged INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS down (
     computer INTEGER NOT NULL,
     seq INTEGER NOT NULL,
@@ -138,6 +156,16 @@ class Computer:
     # Memory only: the server wants the agent's whole inventory (its last reply said so);
     # lost with a restart, the server says it again at the agent's next report.
     inventory_full: bool = False
+    nonces: Nonces | None = None  # its relay lineage (None: none yet, the next opens one)
+    server_flagged: bool = False  # the last roster said the server flags it
+
+    @property
+    def identity_report(self) -> str | None:
+        """A conflict this relay caught that the server does not show yet: reported."""
+        n = self.nonces
+        if n is None or n.conflict_at is None or self.server_flagged:
+            return None
+        return n.conflict_reason or "identity conflict"
 
     @property
     def ack_for_agent(self) -> int:
@@ -162,6 +190,7 @@ class Computer:
             or self.agent_ack != self.reported_ack
             or (self.address is not None and self.address != self.reported_address)
             or self.agent_info is not None
+            or self.identity_report is not None
         )
 
 
@@ -193,6 +222,26 @@ class SpoolStats:
     spooled: int
     cached: int
     oldest: float | None  # when the oldest spooled message arrived
+
+
+def _state(n: Nonces) -> str:
+    return json.dumps(
+        {
+            "confirmed": n.confirmed,
+            "confirmed_at": n.confirmed_at,
+            "previous": n.previous,
+            "offered": n.offered,
+            "offered_at": n.offered_at,
+            "superseded": list(n.superseded),
+            "conflict_at": n.conflict_at,
+            "conflict_reason": n.conflict_reason,
+        }
+    )
+
+
+def _nonces(text: str) -> Nonces:
+    d = json.loads(text)
+    return Nonces(**{**d, "superseded": tuple(d.get("superseded") or ())})
 
 
 def encode(obj: Any) -> str:
@@ -328,6 +377,12 @@ class Spool:
                 row[0], row[1], row[2], bytes.fromhex(row[3]), row[4], bool(row[5]), *row[6:]
             )
             self.computers[c.id] = c
+        for cid, state, flagged in self.db.execute(
+            "SELECT computer, state, server_flagged FROM identity"
+        ):
+            if cid in self.computers:
+                c = self.computers[cid]
+                c.nonces, c.server_flagged = _nonces(state), bool(flagged)
         for table, attr in (("up", "spooled"), ("down", "cached")):
             for cid, n in self.db.execute(f"SELECT computer, count(*) FROM {table} GROUP BY 1"):
                 if cid in self.computers:
@@ -457,6 +512,47 @@ class Spool:
             c.agent_info = agent_info
         return len(new)
 
+    def check_identity(
+        self, cid: int, presented: str | None, now: float, *, rotate: float, grace: float
+    ) -> tuple[str | None, str | None]:
+        """The identity rule on an agent exchange of ``cid`` presenting ``presented``
+        (the plain nonce; None: none): (why it is refused, None) or (None, the fresh
+        nonce to send, if one is offered). Written in the group commit: the caller
+        answers only after ``durable()``. A computer the server flags is refused."""
+        c = self.computers[cid]
+        if c.server_flagged:
+            why = c.nonces.conflict_reason if c.nonces and c.nonces.conflict_at else None
+            return why or "the server flags this computer's identity", None
+        state = c.nonces if c.nonces is not None else reset(now)
+        h = None if presented is None else hash_nonce(presented)
+        d = decide(state, h, now, rotate=rotate, grace=grace)
+        new, offer = d.state, None
+        if d.offer:
+            offer = secrets.token_hex(16)  # 128 random bits, as the server's
+            new = with_offer(new, hash_nonce(offer), now)
+        if new != c.nonces:
+            with self._group_tx() as db:
+                self._save_nonces(db, c, new)
+        if d.verdict is Verdict.CONFLICT:
+            if d.changed:
+                log.error(
+                    "computer %d: %s; refused, and reported to the server (which flags it)",
+                    cid,
+                    d.reason,
+                )
+            return d.reason or "identity conflict", None
+        return None, offer
+
+    def _save_nonces(self, db: sqlite3.Connection, c: Computer, new: Nonces | None) -> None:
+        if new is None:
+            db.execute("DELETE FROM identity WHERE computer=?", (c.id,))
+        else:
+            db.execute(
+                "INSERT OR REPLACE INTO identity(computer, state, server_flagged) VALUES (?,?,?)",
+                (c.id, _state(new), int(c.server_flagged)),
+            )
+        c.nonces = new
+
     def up_messages(
         self, cid: int, limit: int, budget: int, *, at_least_one: bool = True
     ) -> list[str]:
@@ -516,6 +612,7 @@ class Spool:
             return False
         self.db.execute("DELETE FROM up WHERE computer=?", (cid,))
         self.db.execute("DELETE FROM down WHERE computer=?", (cid,))
+        self.db.execute("DELETE FROM identity WHERE computer=?", (cid,))  # a new lineage
         self.db.execute(
             "INSERT OR REPLACE INTO computers(id, generation, secret_hash, tickle_key, "
             "tickle_port) VALUES (?,?,?,?,?)",
@@ -576,18 +673,42 @@ class Spool:
 
     def _replace_roster(self, roster: Roster) -> bool:
         ids = set()
+        now = time.time()
         for r in roster.computers:
             ids.add(r.id)
             self._put(r.id, r.generation, r.secret_hash, bytes.fromhex(r.tickle_key), r.tickle_port)
+            self._server_flag(self.computers[r.id], r.flagged, now)
         for c in self.computers.values():
             if c.id not in ids and c.in_roster:
                 c.in_roster = False
                 self.db.execute("UPDATE computers SET in_roster=0 WHERE id=?", (c.id,))
                 self.db.execute("DELETE FROM down WHERE computer=?", (c.id,))
                 c.cached = 0
+                c.server_flagged = False
+                self._save_nonces(self.db, c, None)  # back one day: a new lineage
         changed = roster.version != self.roster_version
         self._set("roster_version", roster.version)
         return changed
+
+    def _server_flag(self, c: Computer, flagged: bool, now: float) -> None:
+        """The roster says whether the server flags ``c``. A flag cleared after the
+        relay saw it set is an administrator's reset: the lineage starts afresh. A
+        flag the relay raised is cleared only that way (never by a roster built
+        before its report arrived: that roster never showed it set)."""
+        if flagged == c.server_flagged:
+            return
+        was, c.server_flagged = c.server_flagged, flagged
+        new = reset(now) if was and not flagged else c.nonces
+        if new is None:
+            self.db.execute(
+                "INSERT OR REPLACE INTO identity(computer, state, server_flagged) VALUES (?,?,?)",
+                (c.id, _state(reset(now)), int(flagged)),
+            )
+            c.nonces = reset(now)
+        else:
+            self._save_nonces(self.db, c, new)
+        if was and not flagged:
+            log.warning("computer %d: its identity was reset on the server: a new lineage", c.id)
 
     def _server_acked(self, c: Computer, ack: int) -> int:
         if ack <= c.server_ack:

@@ -487,6 +487,7 @@ class Upstream:
                 agent=orjson.Fragment(c.agent_info) if c.agent_info else None,
                 address=c.address,
                 seen=c.seen,
+                conflict=c.identity_report,  # until a roster shows the server flags it
             )
             encoded = orjson.dumps(entry)
             entries.append(encoded)

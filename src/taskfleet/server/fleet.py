@@ -171,13 +171,16 @@ class RelayState:
 
     @property
     def roster_version(self) -> str:
-        """A digest of the roster (ids, generations, secret hashes): equal rosters have
-        equal versions, across restarts too, so a relay never keeps a stale one."""
+        """A digest of the roster (ids, generations, secret hashes, identity flags):
+        equal rosters have equal versions, across restarts too, so a relay never keeps
+        a stale one."""
         if self._version is None:
             digest = hashlib.sha256(b"%d|%d" % (self.id, self.generation))
             for cid in sorted(self.computers):
                 cs = self.computers[cid]
                 digest.update(b"|%d:%d:" % (cid, cs.generation) + cs.secret_hash)
+                if cs.identity is not None and cs.identity.conflict_at is not None:
+                    digest.update(b"!")  # flagged (server/identity.py): the relay refuses it
             self._version = digest.hexdigest()[:32]
         return self._version
 

@@ -15,7 +15,9 @@ Contract (the rule is ``domain/identity.py``; docs/reliability.md explains it):
   audit entry in the same transaction; the exchange and every later one is
   refused (409, ``identity-conflict``) and no work is handed to it, directly or
   through a relay (``blocked``), until an administrator resets it (``reset``,
-  audited) or removes it.
+  audited) or removes it. A relay's report (``report``: it caught two agents behind
+  it, docs/relays.md "Copies behind a relay") flags a computer behind that relay
+  the same way. A flag or a reset changes the relay's roster (``flagged``).
 * Nonces are secrets: only their hashes are stored, they are never logged.
 """
 
@@ -29,7 +31,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from taskfleet.domain.identity import Nonces, Verdict, decide, hash_nonce, reset, with_offer
+from taskfleet.domain.identity import (
+    Nonces,
+    Verdict,
+    decide,
+    flag,
+    hash_nonce,
+    reset,
+    with_offer,
+)
 from taskfleet.server.fleet import ComputerState
 from taskfleet.server.kernel import ApiError, AuditEntry, Principal, audit, write_audit
 from taskfleet.server.writer import Writer
@@ -164,6 +174,8 @@ async def check(
         raise
     cs.identity = new
     if flagged:
+        if cs.relay is not None:
+            cs.relay.roster_changed()  # its relay refuses the agent too
         log.error(
             "computer %d flagged: %s; it gets no work until an administrator resets its "
             "identity (taskfleet computer identity-reset %d) or removes it",
@@ -172,6 +184,60 @@ async def check(
             cs.id,
         )
     return checked
+
+
+async def report(writer: Writer, cs: ComputerState, relay_id: int, reason: str, now: float) -> bool:
+    """The relay ``relay_id``, which ``cs`` is behind (the caller checked), caught two
+    agents using its identity: the computer is flagged as by a direct conflict
+    (audited, with the relay named). Returns whether this flagged it (False: it
+    was already). The relay is semi-trusted: it can only flag its own computers,
+    which it could starve of work anyway."""
+    why = f"relay {relay_id}: {reason}"
+
+    async def apply(conn: AsyncConnection) -> tuple[Nonces, bool]:
+        query = sa.select(*_COLUMNS).where(computers.c.id == cs.id)
+        if writer.pg:
+            query = query.with_for_update()
+        row = (await conn.execute(query)).first()
+        if row is None:
+            raise ApiError(401, "unknown computer")
+        state = from_row(row)
+        if state.conflict_at is not None:
+            return state, False
+        new = flag(state, why, now)
+        await conn.execute(computers.update().where(computers.c.id == cs.id).values(**values(new)))
+        await write_audit(
+            conn,
+            [
+                AuditEntry(
+                    cs.tenant_id,
+                    f"relay:{relay_id}",
+                    "computer.identity_conflict",
+                    now,
+                    {"computer_id": cs.id, "reason": why, "relay_id": relay_id},
+                    obj=f"computer:{cs.id}",
+                )
+            ],
+        )
+        return new, True
+
+    try:
+        new, flagged = await writer.run(apply)
+    except Exception:
+        cs.identity = None
+        raise
+    cs.identity = new
+    if cs.relay is not None:
+        cs.relay.roster_changed()  # the relay sees the flag: it stops reporting it
+    if flagged:
+        log.error(
+            "computer %d flagged: %s; it gets no work until an administrator resets its "
+            "identity (taskfleet computer identity-reset %d) or removes it",
+            cs.id,
+            why,
+            cs.id,
+        )
+    return flagged
 
 
 @dataclass(frozen=True)

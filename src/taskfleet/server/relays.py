@@ -305,6 +305,7 @@ def roster(rs: RelayState, master_key: bytes) -> dict[str, Any]:
                 cs.secret_hash.hex(),
                 derive_tickle_key(master_key, cs.id, cs.generation).hex(),
                 cs.tickle_port,
+                identity.blocked(cs),
             )
             for cs in sorted(rs.computers.values(), key=lambda c: c.id)
         ],

@@ -246,6 +246,9 @@ async def start(config: ServerConfig) -> Runtime:
                 # How the relay paces the tickles it sends its agents: as the server does.
                 "tickle_rate": config.tickle_rate,
                 "tickle_min_interval": config.tickle_min_interval,
+                # Its agents' identity nonces rotate as the server's (docs/relays.md).
+                "identity_rotate": config.identity_rotate,
+                "identity_grace": config.identity_grace,
             }
         ),
     )

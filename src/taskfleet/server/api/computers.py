@@ -117,6 +117,8 @@ async def decide_identity(rt: Rt, computer_id: Id, body: IdentityIn, p: Admin) -
         cs = rt.fleet.get(res.computer_id)
         if cs is not None:
             cs.identity = res.state
+            if cs.relay is not None:
+                cs.relay.roster_changed()  # its relay stops refusing it, starts afresh
             # Its queued work is handed out at its next exchange: wake it.
             rt.tickler.wake(rt.fleet.mark_work([cs.id]))
         fleet_changed(rt, computer_ids=[res.computer_id])  # the other processes too

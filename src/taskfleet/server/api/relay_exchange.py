@@ -32,7 +32,7 @@ from taskfleet.protocol.relay import (
     relay_reply_body,
 )
 from taskfleet.protocol.tickle import derive_relay_tickle_key
-from taskfleet.server import enrollment, metrics, relays
+from taskfleet.server import enrollment, identity, metrics, relays
 from taskfleet.server.api.agent import EnrollIn, enrolled, enrollment_reply, read_body
 from taskfleet.server.api.deps import Rt, client_address, guarded, router_for
 from taskfleet.server.fleet import RelayState
@@ -195,6 +195,7 @@ async def exchange(rt: Runtime, request: Request) -> Response:
         return _reply(rt, rs, req, relays.Outcome([], [], False))
     metrics.SLOW_RELAY_EXCHANGES.inc()
     try:
+        await _conflicts(rt, rs, req, now)
         out = await relays.exchange(rt.exchange, rt.fleet, rs, req)
     except Exception as exc:
         problem = unavailable(exc)
@@ -205,6 +206,23 @@ async def exchange(rt: Runtime, request: Request) -> Response:
         log.warning("exchange of relay %d refused: %s (%s)", rs.id, problem, exc)
         return _refuse("unavailable", 503, problem)
     return _reply(rt, rs, req, out)
+
+
+async def _conflicts(rt: Runtime, rs: RelayState, req: RelayRequest, now: float) -> None:
+    """Identity conflicts the relay caught (``conflict`` on an entry): each computer
+    behind THIS relay is flagged (server/identity.py ``report``); an entry for any
+    other computer is refused 403 by ``relays.exchange`` and flags nothing."""
+    flagged = []
+    for e in req.entries:
+        if e.conflict is None or _not_behind(rt, rs, e.id):
+            continue
+        cs = rt.fleet.get(e.id)
+        if cs is None or identity.blocked(cs):
+            continue
+        if await identity.report(rt.writer, cs, rs.id, e.conflict, now):
+            flagged.append(cs.id)
+    if flagged:
+        fleet_changed(rt, computer_ids=flagged)  # no other process hands them work
 
 
 def _not_behind(rt: Runtime, rs: RelayState, computer_id: int) -> bool:
