@@ -207,7 +207,7 @@ def test_tasks_submitted_through_the_other_process_are_dispatched_on_its_hint(
     """The process that does not lead tells the leader of the tasks it took: the leader
     catches up at once. (Its own periodic catch-up is set to 10 minutes here: only the
     hint can start them within the test's time.)"""
-    leader, other = _two(start_server, tmp_path, "--leader-catch-up", "600")
+    _leader, other = _two(start_server, tmp_path, "--leader-catch-up", "600")
     ids = [submit(other, "echo", params={"msg": f"m{i}"})["task"]["id"] for i in range(3)]
     for tid in ids:
         assert finished(other, tid, timeout=20)["state"] == "succeeded"
