@@ -133,13 +133,7 @@ async def check(
             return Checked()
 
     async def apply(conn: AsyncConnection) -> tuple[Nonces, Checked, bool]:
-        query = sa.select(*_COLUMNS).where(computers.c.id == cs.id)
-        if writer.pg:
-            query = query.with_for_update()
-        row = (await conn.execute(query)).first()
-        if row is None:
-            raise ApiError(401, "unknown computer")
-        state = from_row(row)
+        state = await _locked(conn, writer, cs.id)
         d = decide(state, h, now, rotate=rotate, grace=grace)
         new, offer = d.state, None
         if d.offer:
@@ -151,19 +145,7 @@ async def check(
             )
         flagged = d.verdict is Verdict.CONFLICT and d.changed
         if flagged:
-            await write_audit(
-                conn,
-                [
-                    AuditEntry(
-                        cs.tenant_id,
-                        "server",
-                        "computer.identity_conflict",
-                        now,
-                        {"computer_id": cs.id, "reason": d.reason},
-                        obj=f"computer:{cs.id}",
-                    )
-                ],
-            )
+            await _audit_flag(conn, cs, "server", {"reason": d.reason}, now)
         conflict = (d.reason or "identity conflict") if d.verdict is Verdict.CONFLICT else None
         return new, Checked(conflict, offer, flagged), flagged
 
@@ -176,13 +158,7 @@ async def check(
     if flagged:
         if cs.relay is not None:
             cs.relay.roster_changed()  # its relay refuses the agent too
-        log.error(
-            "computer %d flagged: %s; it gets no work until an administrator resets its "
-            "identity (taskfleet computer identity-reset %d) or removes it",
-            cs.id,
-            checked.conflict,
-            cs.id,
-        )
+        _log_flag(cs.id, checked.conflict)
     return checked
 
 
@@ -195,30 +171,13 @@ async def report(writer: Writer, cs: ComputerState, relay_id: int, reason: str, 
     why = f"relay {relay_id}: {reason}"
 
     async def apply(conn: AsyncConnection) -> tuple[Nonces, bool]:
-        query = sa.select(*_COLUMNS).where(computers.c.id == cs.id)
-        if writer.pg:
-            query = query.with_for_update()
-        row = (await conn.execute(query)).first()
-        if row is None:
-            raise ApiError(401, "unknown computer")
-        state = from_row(row)
+        state = await _locked(conn, writer, cs.id)
         if state.conflict_at is not None:
             return state, False
         new = flag(state, why, now)
         await conn.execute(computers.update().where(computers.c.id == cs.id).values(**values(new)))
-        await write_audit(
-            conn,
-            [
-                AuditEntry(
-                    cs.tenant_id,
-                    f"relay:{relay_id}",
-                    "computer.identity_conflict",
-                    now,
-                    {"computer_id": cs.id, "reason": why, "relay_id": relay_id},
-                    obj=f"computer:{cs.id}",
-                )
-            ],
-        )
+        detail = {"reason": why, "relay_id": relay_id}
+        await _audit_flag(conn, cs, f"relay:{relay_id}", detail, now)
         return new, True
 
     try:
@@ -230,14 +189,43 @@ async def report(writer: Writer, cs: ComputerState, relay_id: int, reason: str, 
     if cs.relay is not None:
         cs.relay.roster_changed()  # the relay sees the flag: it stops reporting it
     if flagged:
-        log.error(
-            "computer %d flagged: %s; it gets no work until an administrator resets its "
-            "identity (taskfleet computer identity-reset %d) or removes it",
-            cs.id,
-            why,
-            cs.id,
-        )
+        _log_flag(cs.id, why)
     return flagged
+
+
+async def _locked(conn: AsyncConnection, writer: Writer, computer_id: int) -> Nonces:
+    """The computer's identity state, its row locked until the commit (PostgreSQL)."""
+    query = sa.select(*_COLUMNS).where(computers.c.id == computer_id)
+    if writer.pg:
+        query = query.with_for_update()
+    row = (await conn.execute(query)).first()
+    if row is None:
+        raise ApiError(401, "unknown computer")
+    return from_row(row)
+
+
+async def _audit_flag(
+    conn: AsyncConnection, cs: ComputerState, actor: str, detail: dict[str, Any], now: float
+) -> None:
+    entry = AuditEntry(
+        cs.tenant_id,
+        actor,
+        "computer.identity_conflict",
+        now,
+        {"computer_id": cs.id, **detail},
+        obj=f"computer:{cs.id}",
+    )
+    await write_audit(conn, [entry])
+
+
+def _log_flag(computer_id: int, why: str | None) -> None:
+    log.error(
+        "computer %d flagged: %s; it gets no work until an administrator resets its "
+        "identity (taskfleet computer identity-reset %d) or removes it",
+        computer_id,
+        why,
+        computer_id,
+    )
 
 
 @dataclass(frozen=True)
