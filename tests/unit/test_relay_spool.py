@@ -391,3 +391,29 @@ def test_a_state_file_of_an_earlier_version_gets_the_agent_port_column(tmp_path:
     )
     again.close()
     assert Spool(tmp_path / "relay").computers[7].agent_port == 40002
+
+
+def test_a_servers_ask_for_the_whole_inventory_made_before_it_had_the_agents_is_not_passed_on(
+    tmp_path: Path,
+) -> None:
+    spool = _spool(tmp_path, 7)
+    c = spool.computers[7]
+    spool.apply(_reply([ComputerReply(7, 0, [], inventory_full=True)]), {})
+    assert c.inventory_full  # asked: the relay says so to its agent
+    c.whole_at = 3  # the agent answered with its whole inventory as message 3 (http.py)
+    c.inventory_full = False
+    # A reply made before the server had message 3 still asks: not passed on again.
+    spool.apply(_reply([ComputerReply(7, 2, [], inventory_full=True)]), {})
+    assert not c.inventory_full
+    # The server has it and asks again (it did not apply): passed on.
+    spool.apply(_reply([ComputerReply(7, 3, [], inventory_full=True)]), {})
+    assert c.inventory_full
+
+
+def test_the_agents_whole_inventory_answers_the_ask_at_the_relay(tmp_path: Path) -> None:
+    from taskfleet.relay.http import _whole_inventory
+
+    assert _whole_inventory({"type": "inventory", "full": True, "seq": 3})
+    assert not _whole_inventory({"type": "inventory", "full": False, "seq": 3})
+    assert not _whole_inventory({"type": "result", "full": True, "seq": 3})
+    assert not _whole_inventory(["inventory"])

@@ -229,6 +229,12 @@ class AgentApp:
         metrics.AGENT_EXCHANGES.inc()
         if new:
             metrics.RECEIVED.inc(new)
+        wholes = [m["seq"] for m in obj.get("messages", []) if _whole_inventory(m)]
+        if wholes:
+            # The agent answered the server's ask: not asked again (the agent would send
+            # another whole one) unless the server asks after it has this one.
+            c.whole_at = max(c.whole_at, *wholes)
+            c.inventory_full = False
         # A new address too: the server tickles the agent there directly once it
         # fails over, or its relay is revoked.
         if new or before != (c.agent_ack, c.agent_info, c.address):
@@ -420,3 +426,12 @@ def _refuse(reason: str, status: int, message: str, code: str | None = None) -> 
 
 def _no_method() -> tuple[int, bytes]:
     return _error(405, "method not allowed")
+
+
+def _whole_inventory(message: Any) -> bool:
+    """An agent's message that carries its whole inventory (protocol/inventory.py)."""
+    return (
+        isinstance(message, dict)
+        and message.get("type") == "inventory"
+        and (message.get("full") is True)
+    )

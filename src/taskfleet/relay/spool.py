@@ -156,6 +156,9 @@ class Computer:
     # Memory only: the server wants the agent's whole inventory (its last reply said so);
     # lost with a restart, the server says it again at the agent's next report.
     inventory_full: bool = False
+    # Memory only: the agent's seq of the last whole inventory it sent us. A server ask
+    # in a reply whose ack is below it was made before the server had it: not passed on.
+    whole_at: int = 0
     nonces: Nonces | None = None  # its relay lineage (None: none yet, the next opens one)
     server_flagged: bool = False  # the last roster said the server flags it
 
@@ -637,9 +640,10 @@ class Spool:
                 if c is None or not c.in_roster:
                     continue  # not ours (any more): the roster in this reply says so
                 out.more |= cr.more
-                if cr.inventory_full and not c.inventory_full:
+                full = cr.inventory_full and cr.ack >= c.whole_at
+                if full and not c.inventory_full:
                     out.new_down.add(c.id)  # tickled: it hears the ask at once
-                c.inventory_full = cr.inventory_full
+                c.inventory_full = full
                 out.forwarded += self._server_acked(c, cr.ack)
                 if self._cache(c, cr.messages):
                     out.new_down.add(c.id)

@@ -23,6 +23,12 @@ EXCHANGE_ERRORS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+WRITER_QUEUED = Gauge(
+    "taskfleet_writer_queued",
+    "Writes waiting for the single writer (climbing steadily: the database is slower than "
+    "the load)",
+    registry=REGISTRY,
+)
 BATCH_SIZE = Histogram(
     "taskfleet_write_batch_exchanges",
     "Exchanges applied per database transaction",

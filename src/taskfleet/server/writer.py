@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from taskfleet.server import metrics
 from taskfleet.settings import WRITE_BATCH_MAX
 from taskfleet.store.activities import FINISHED
 from taskfleet.store.unavailable import log_failure
@@ -68,6 +69,7 @@ class Writer:
         self._handlers[kind] = handler
 
     def start(self) -> None:
+        metrics.WRITER_QUEUED.set_function(self._queue.qsize)
         self._task = asyncio.create_task(self._loop(), name="writer")
 
     @property
