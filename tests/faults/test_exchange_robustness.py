@@ -514,3 +514,31 @@ async def test_replies_are_bounded_by_bytes_resent_identically_and_the_rest_stay
         assert await states() == ["in_progress"] * 6
         r, nxt = await exchange(6)
         assert nxt == [] and "more" not in r.json()
+
+
+def test_an_id_header_out_of_64_bits_or_not_ascii_digits_is_a_401_on_every_agent_route(server):
+    """X-Taskfleet-Computer and X-Taskfleet-Relay name ids 1..2**63-1 in ASCII digits:
+    anything else is refused as unknown, never looked up (a bigint out of range made
+    PostgreSQL's driver raise: a 500, found by the schemathesis run)."""
+    token = enroll_token(server)
+    cid, secret = _enrolled(server, token, "real")
+    body = {"ack": 0, "messages": []}
+    for raw in (str(INT64), str(2**70), "0", "-1", "+1", "1_0", "\u00b2", "1e3", "0x1", ""):
+        for header, path, auth in (
+            ("x-taskfleet-computer", "/agent/v1/exchange", secret),
+            ("x-taskfleet-relay", "/relay/v1/exchange", "tfrs_x"),
+        ):
+            r = httpx.post(
+                server.url + path,
+                json=body if "agent" in path else {"computers": []},
+                headers={header: raw.encode("latin-1"), "authorization": f"Bearer {auth}"},
+                timeout=30,
+            )
+            assert r.status_code == 401, (header, raw, r.status_code, r.text)
+        r = httpx.get(
+            f"{server.url}/agent/v1/content/{'0' * 64}",
+            headers={"x-taskfleet-computer": raw.encode("latin-1"), "authorization": "Bearer x"},
+            timeout=30,
+        )
+        assert r.status_code == 401, (raw, r.text)
+    assert _exchange(server, cid, secret, body).status_code == 200  # the real one still works

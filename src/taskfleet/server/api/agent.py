@@ -28,6 +28,7 @@ from taskfleet.server.api.deps import (
     Rt,
     client_address,
     guarded,
+    header_id,
     router_for,
 )
 from taskfleet.server.exchange import ComputerGone, ExchangeJob
@@ -280,10 +281,7 @@ async def _authenticate_or_load(rt: Runtime, request: Request) -> ComputerState 
 
 
 def computer_id_of(request: Request) -> int | None:
-    try:
-        return int(request.headers.get("x-taskfleet-computer", ""))
-    except ValueError:
-        return None
+    return header_id(request, "x-taskfleet-computer")
 
 
 def authenticate(rt: Runtime, request: Request) -> ComputerState | str:

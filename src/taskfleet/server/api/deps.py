@@ -126,6 +126,17 @@ def seen(request: Request, p: Principal) -> Principal:
     return p
 
 
+def header_id(request: Request, name: str) -> int | None:
+    """The id an agent's or relay's ``X-Taskfleet-...`` header names: 1..MAX_ID, or None
+    (absent, not a number, out of range: a 401, never a number the database refuses)."""
+    raw = request.headers.get(name, "")
+    # ASCII digits only: no sign, spaces or "1_0", and no "²" (a digit to isdigit).
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
+        return None
+    value = int(raw)
+    return value if 1 <= value <= MAX_ID else None
+
+
 def client_address(scope: Scope) -> str | None:
     """The caller's address as the ASGI server saw it (docs/audit.md: proxies)."""
     client = scope.get("client")

@@ -34,7 +34,7 @@ from taskfleet.protocol.relay import (
 from taskfleet.protocol.tickle import derive_relay_tickle_key
 from taskfleet.server import enrollment, identity, metrics, relays
 from taskfleet.server.api.agent import EnrollIn, enrolled, enrollment_reply, read_body
-from taskfleet.server.api.deps import Rt, client_address, guarded, router_for
+from taskfleet.server.api.deps import Rt, client_address, guarded, header_id, router_for
 from taskfleet.server.fleet import RelayState
 from taskfleet.server.kernel import ApiError
 from taskfleet.server.runtime import Runtime, fleet_changed
@@ -54,10 +54,7 @@ class RelayEnrollIn(BaseModel):
 
 
 def relay_id_of(request: Request) -> int | None:
-    try:
-        return int(request.headers.get("x-taskfleet-relay", ""))
-    except ValueError:
-        return None
+    return header_id(request, "x-taskfleet-relay")
 
 
 def authenticate(rt: Runtime, request: Request) -> RelayState | None:
