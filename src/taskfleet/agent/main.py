@@ -42,7 +42,7 @@ Contract (see ``protocol/exchange.py`` for the wire protocol):
   (attempt k of N)" and the scrubber's next run continues it. Only the last
   attempt's failure is reported as the final Failed.
 
-Why one module of about 700 lines: it is the agent process's one loop — start,
+Why one module of about 750 lines: it is the agent process's one loop — start,
 enrollment, the exchange with its peer (relay or server, failover and return),
 wake-ups and the scrubber's schedule — and each of those steers the others'
 timing; the rules live elsewhere (``domain/peers.py``, ``domain/scrubber.py``),

@@ -45,6 +45,11 @@ Contract:
   from before this feature just gains the table.
 * Everything is mirrored in memory (``computers``); the database is written first.
   Methods are synchronous and meant for one thread (the relay's event loop).
+
+Why one module of about 750 lines: roster, spool, cache and identity lineages are rows
+of one file changed together in one transaction per agent exchange or server reply
+(a roster change drops a computer's spool, cache and lineage at once); split, each
+part would need the others' transaction and memory.
 """
 
 from __future__ import annotations
