@@ -34,6 +34,13 @@ def setup(fmt: str = "json", level: str = "INFO") -> None:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
+    # The logging HOWTO's "Optimization": no format here shows the caller's file and
+    # line, the thread or the process, and each costs a frame walk or calls per record
+    # (a worker logs two lines per task; measured ~8% of a worker's CPU before).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

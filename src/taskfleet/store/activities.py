@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.states import FINAL_STATES, Transition
+from taskfleet.store.bulk import TEXT_MATCH, insert_rows, update_rows
 from taskfleet.store.schema import activities, activity_events
 
 # A transaction that sets ``conn.info[FINISHED] = set()`` learns which
@@ -53,22 +54,17 @@ async def apply_changes(conn: AsyncConnection, changes: list[Change]) -> None:
             **ch.values,
         }
         by_columns.setdefault(tuple(sorted(params)), []).append(params)
-    for cols, rows in by_columns.items():
-        stmt = (
-            activities.update()
-            .where(activities.c.id == sa.bindparam("b_id"))
-            # ``state || ''``: the same test, but no index on state can serve it.
-            # PostgreSQL's generic plan for a prepared statement on a table without
-            # statistics was seen to pick the (state, ...) indexes over the primary
-            # key and read every Queued row per update (730 rows per claimed task
-            # against 25 with this; bench_tasks.py, 2026-11-22).
-            .where(activities.c.state.concat("") == sa.bindparam("b_from"))
-            .values({c: sa.bindparam(c) for c in cols if not c.startswith("b_")})
+    for rows in by_columns.values():
+        # ``state || ''``: the same test, but no index on state can serve it.
+        # PostgreSQL's generic plan for a prepared statement on a table without
+        # statistics was seen to pick the (state, ...) indexes over the primary
+        # key and read every Queued row per update (730 rows per claimed task
+        # against 25 with this; bench_tasks.py, 2026-11-22).
+        matched = await update_rows(
+            conn, activities, rows, {"b_id": "id", "b_from": "state" + TEXT_MATCH}
         )
-        result = await conn.execute(stmt, rows)
-        # Not every driver counts executemany rows; where it does, check it.
-        if result.rowcount not in (-1, None) and len(rows) > 0 and result.rowcount < len(rows):
-            raise ConcurrentChange(f"{len(rows) - result.rowcount} activities changed concurrently")
+        if matched < len(rows):
+            raise ConcurrentChange(f"{len(rows) - matched} activities changed concurrently")
     await insert_events(conn, [(ch.activity_id, ch.tenant_id, ch.transition) for ch in changes])
     finished = conn.info.get(FINISHED)
     if finished is not None:
@@ -78,8 +74,9 @@ async def apply_changes(conn: AsyncConnection, changes: list[Change]) -> None:
 async def insert_events(conn: AsyncConnection, rows: list[tuple[int, int, Transition]]) -> None:
     if not rows:
         return
-    await conn.execute(
-        activity_events.insert(),
+    await insert_rows(
+        conn,
+        activity_events,
         [
             {
                 "activity_id": aid,

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.states import FINAL_STATES, Cause, State, transition
 from taskfleet.store.activities import Change, apply_changes
+from taskfleet.store.bulk import id_in
 from taskfleet.store.schema import activities, server_tasks
 from taskfleet.store.tasks import SERVER
 from taskfleet.store.tasks.stops import stop_pending
@@ -69,7 +70,7 @@ async def mark_dispatched(conn: AsyncConnection, ids: list[int], now: float) -> 
     rows = (
         await conn.execute(
             sa.select(activities.c.id, activities.c.tenant_id, activities.c.state).where(
-                activities.c.id.in_(ids)
+                id_in(conn, activities.c.id, ids)
             )
         )
     ).all()
@@ -92,7 +93,9 @@ async def mark_dispatched(conn: AsyncConnection, ids: list[int], now: float) -> 
     ]
     await apply_changes(conn, changes)
     await conn.execute(
-        server_tasks.update().where(server_tasks.c.activity_id.in_(ids)).values(dispatched_at=now)
+        server_tasks.update()
+        .where(id_in(conn, server_tasks.c.activity_id, ids))
+        .values(dispatched_at=now)
     )
 
 
@@ -103,7 +106,8 @@ async def undispatch(conn: AsyncConnection, ids: list[int]) -> list[int]:
         (
             await conn.execute(
                 sa.select(server_tasks.c.activity_id).where(
-                    server_tasks.c.activity_id.in_(ids), server_tasks.c.claimed_by.is_(None)
+                    id_in(conn, server_tasks.c.activity_id, ids),
+                    server_tasks.c.claimed_by.is_(None),
                 )
             )
         ).scalars()
@@ -111,7 +115,7 @@ async def undispatch(conn: AsyncConnection, ids: list[int]) -> list[int]:
     if unclaimed:
         await conn.execute(
             server_tasks.update()
-            .where(server_tasks.c.activity_id.in_(unclaimed))
+            .where(id_in(conn, server_tasks.c.activity_id, unclaimed))
             .values(dispatched_at=None)
         )
     return unclaimed

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.states import State
+from taskfleet.store.bulk import id_in
 from taskfleet.store.schema import activities, server_tasks, workers
 from taskfleet.store.tasks import SERVER
 
@@ -20,13 +20,10 @@ from taskfleet.store.tasks import SERVER
 async def states_of(conn: AsyncConnection, ids: list[int]) -> dict[int, State]:
     if not ids:
         return {}
-    if conn.dialect.name == "postgresql":
-        # One array parameter: the server asks this about every running task twice
-        # a second, and an IN list of thousands of parameters costs far more to
-        # build and parse than the lookup itself.
-        match = activities.c.id == sa.any_(sa.bindparam("ids", ids, type_=ARRAY(sa.BigInteger)))
-    else:
-        match = activities.c.id.in_(ids)
+    # One array parameter on PostgreSQL (``bulk.id_in``): the server asks this about
+    # every running task twice a second, and an IN list of thousands of parameters
+    # costs far more to build and parse than the lookup itself.
+    match = id_in(conn, activities.c.id, ids)
     rows = await conn.execute(sa.select(activities.c.id, activities.c.state).where(match))
     return {r.id: State(r.state) for r in rows}
 

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.states import Cause, State, transition
 from taskfleet.store.activities import Change, apply_changes, insert_events
+from taskfleet.store.bulk import id_in, update_rows
 from taskfleet.store.schema import activities, server_tasks
 from taskfleet.store.tasks import SERVER
 from taskfleet.store.tasks.stops import canceled_note, stop_pending
@@ -48,7 +49,7 @@ async def claim_many(
             server_tasks.c.claimed_by,
         )
         .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
-        .where(activities.c.id.in_(task_ids), activities.c.kind == SERVER.value)
+        .where(id_in(conn, activities.c.id, task_ids), activities.c.kind == SERVER.value)
     )
     if pg:
         q = q.with_for_update(of=activities)
@@ -80,7 +81,7 @@ async def claim_many(
         # One statement for the batch: the same values for every claimed row.
         await conn.execute(
             server_tasks.update()
-            .where(server_tasks.c.activity_id.in_([ch.activity_id for ch in changes]))
+            .where(id_in(conn, server_tasks.c.activity_id, [ch.activity_id for ch in changes]))
             .values(claimed_by=worker_id, claimed_at=now)
         )
     return out
@@ -136,7 +137,7 @@ async def _confirm_stops(
         )
     await conn.execute(
         server_tasks.update()
-        .where(server_tasks.c.activity_id.in_([o.task_id for o, _ in confirmed]))
+        .where(id_in(conn, server_tasks.c.activity_id, [o.task_id for o, _ in confirmed]))
         .values(stopped_at=now)
     )
     await insert_events(
@@ -169,7 +170,7 @@ async def complete_many(
                 stop_pending().label("held"),
             )
             .join(server_tasks, server_tasks.c.activity_id == activities.c.id)
-            .where(activities.c.id.in_(ids))
+            .where(id_in(conn, activities.c.id, ids))
         )
     }
     changes: list[Change] = []
@@ -236,12 +237,9 @@ async def complete_many(
             .values(agent_report=sa.bindparam("report")),
             reports,
         )
-    lines = [{"b_id": o.task_id, "cmd": o.command_line} for o in outcomes if o.command_line]
+    lines = [
+        {"b_id": o.task_id, "command_line": o.command_line} for o in outcomes if o.command_line
+    ]
     if lines:
-        await conn.execute(
-            server_tasks.update()
-            .where(server_tasks.c.activity_id == sa.bindparam("b_id"))
-            .values(command_line=sa.bindparam("cmd")),
-            lines,
-        )
+        await update_rows(conn, server_tasks, lines, {"b_id": "activity_id"})
     return done

@@ -1,0 +1,98 @@
+"""Batch statements whose cost does not grow with the batch's shape on PostgreSQL.
+
+Contract:
+* ``id_in(conn, column, ids)``: ``column IN (...)`` on SQLite; ``column = ANY(:array)``
+  on PostgreSQL, one parameter whatever the count, so the statement text (and the
+  plan PostgreSQL prepares for it) is the same for 1 id or 5,000.
+* ``insert_rows(conn, table, rows)``: rows with the same keys, inserted.
+* ``update_rows(conn, table, rows, match)``: each row's ``b_*`` keys name the row to
+  change (``match`` says how: ``{"b_id": "id"}`` is ``table.id = b_id``, a column named
+  ``col || ''`` compares text and keeps indexes out of the guard), every other key a
+  column to set; returns how many rows matched.
+On PostgreSQL the last two are ONE statement over ``unnest`` of one array per column
+(the executemany they replace runs one statement per row: parse-free, but a
+statement's start, snapshot and end each time, on a worker's hot path). On SQLite they
+are one executemany, one call into the database thread. Tables with JSON columns in
+the rows take the executemany path on both: arrays of JSON do not round-trip through
+the driver.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+TEXT_MATCH = "||''"  # suffix in ``update_rows``'s ``match``: compare as text (see above)
+
+
+def _pg(conn: AsyncConnection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def id_in(conn: AsyncConnection, column: sa.ColumnElement[Any], ids: list[int]) -> Any:
+    if _pg(conn):
+        return column == sa.any_(sa.bindparam(None, list(ids), type_=ARRAY(sa.BigInteger)))
+    return column.in_(ids)
+
+
+def _arrayable(table: sa.Table, names: list[str]) -> bool:
+    return not any(isinstance(table.c[n].type, sa.JSON) for n in names)
+
+
+def _unnest(
+    table: sa.Table, names: list[str], types: dict[str, str], rows: list[dict[str, Any]]
+) -> Any:
+    arrays = [
+        sa.bindparam(None, [r[n] for r in rows], type_=ARRAY(_element(table.c[types.get(n, n)])))
+        for n in names
+    ]
+    return sa.func.unnest(*arrays).table_valued(*names).render_derived(name="v")
+
+
+def _element(column: sa.Column[Any]) -> Any:
+    # Text, not VARCHAR(n): an explicit cast to VARCHAR(n) truncates silently, while
+    # storing text in the VARCHAR(n) column refuses an over-long value, as before.
+    return sa.Text() if isinstance(column.type, sa.String) else column.type
+
+
+async def insert_rows(conn: AsyncConnection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    names = sorted(rows[0])
+    if not _pg(conn) or not _arrayable(table, names):
+        await conn.execute(table.insert(), rows)
+        return
+    v = _unnest(table, names, {}, rows)
+    await conn.execute(table.insert().from_select(names, sa.select(*[v.c[n] for n in names])))
+
+
+async def update_rows(
+    conn: AsyncConnection, table: sa.Table, rows: list[dict[str, Any]], match: dict[str, str]
+) -> int:
+    """Rows must share their keys. ``match`` maps each ``b_*`` key to its column."""
+    if not rows:
+        return 0
+    names = sorted(rows[0])
+    sets = [n for n in names if n not in match]
+    columns = {k: c.removesuffix(TEXT_MATCH) for k, c in match.items()}
+    if not _pg(conn) or not _arrayable(table, sets):
+        stmt = table.update().values({n: sa.bindparam(n) for n in sets})
+        for key, col in match.items():
+            stmt = stmt.where(_operand(table, col) == sa.bindparam(key))
+        result = await conn.execute(stmt, rows)
+        # Not every driver counts executemany rows: then trust the batch.
+        return len(rows) if result.rowcount in (-1, None) else int(result.rowcount)
+    v = _unnest(table, names, columns, rows)
+    stmt = table.update().values({n: v.c[n] for n in sets})
+    for key, col in match.items():
+        stmt = stmt.where(_operand(table, col) == v.c[key])
+    return int((await conn.execute(stmt)).rowcount)
+
+
+def _operand(table: sa.Table, col: str) -> Any:
+    if col.endswith(TEXT_MATCH):
+        return table.c[col.removesuffix(TEXT_MATCH)].concat("")
+    return table.c[col]
