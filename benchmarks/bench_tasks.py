@@ -38,11 +38,13 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -512,6 +514,11 @@ class CeleryRun:
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self.mod.app.pool.force_close_all()
+            # kombu keeps producer pools per broker URL process-wide: the next run's
+            # app (a repetition) must not get this run's closed one.
+            import kombu.pools
+
+            kombu.pools.reset()
         CLEAN.stop_procs(self.procs)
         CLEAN.drop_queue(self.queue)
 
@@ -691,6 +698,23 @@ def phase_verdicts(results: list[Phase]) -> dict[str, Any]:
     return verdicts
 
 
+def median_ratios(per_rep: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each same-run ratio over the repetitions (printed too)."""
+    out: dict[str, Any] = {}
+    print("\n-- median over the repetitions")
+    for phase in ("burn-down", "continuous"):
+        keys = sorted(
+            {k for v in per_rep for k in v.get(phase, {}) if k.endswith(("_tps", "fast", "safe"))}
+        )
+        out[phase] = {}
+        for k in keys:
+            values = [v[phase][k] for v in per_rep if k in v.get(phase, {})]
+            out[phase][k] = statistics.median(values)
+            each = ", ".join(f"{x:.2f}" for x in values)
+            print(f"[{phase}] {k}: median {out[phase][k]:.2f} of {each}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="N=2000 (a few minutes)")
@@ -701,6 +725,13 @@ def main() -> int:
     ap.add_argument("--celery-procs", type=int, default=2, help="celery solo workers [2]")
     ap.add_argument("--only", default="embedded,rabbitmq,celery-safe,celery-fast,scheduler")
     ap.add_argument("--phase-timeout", type=float, default=None, help="seconds per phase")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the setups this many times, the order reversed every other time, and "
+        "judge the same-run ratios by their median [1]",
+    )
     args = ap.parse_args()
     n = args.n or (2000 if args.quick else 20000)
     if not 1 <= n <= 200_000:
@@ -719,15 +750,24 @@ def main() -> int:
     started = time.time()
     results: list[Phase] = []
     sched: dict[str, Any] | None = None
+    setups: list[tuple[str, Callable[[Path], Any]]] = [
+        ("embedded", lambda w: TaskfleetRun(args, w, "embedded")),
+        ("rabbitmq", lambda w: TaskfleetRun(args, w, "rabbitmq")),
+        ("celery-safe", lambda w: CeleryRun(args, w, "safe")),
+        ("celery-fast", lambda w: CeleryRun(args, w, "fast")),
+    ]
+    reps: list[list[Phase]] = []
     try:
-        if "embedded" in only:
-            run_setup(TaskfleetRun(args, work, "embedded"), n, results)
-        if "rabbitmq" in only:
-            run_setup(TaskfleetRun(args, work, "rabbitmq"), n, results)
-        if "celery-safe" in only:
-            run_setup(CeleryRun(args, work, "safe"), n, results)
-        if "celery-fast" in only:
-            run_setup(CeleryRun(args, work, "fast"), n, results)
+        for rep in range(args.repeat):
+            # Alternate the order: a machine whose load drifts favours neither side.
+            order = setups if rep % 2 == 0 else setups[::-1]
+            reps.append([])
+            rep_work = work / f"rep{rep + 1}"  # each run's files apart (the logs are kept)
+            rep_work.mkdir()
+            for name, make in order:
+                if name in only:
+                    run_setup(make(rep_work), n, reps[-1])
+            results.extend(reps[-1])
         if "scheduler" in only and not args.quick:
             print("\n== benchmarks/bench_scheduler.py", flush=True)
             sched = scheduler_figure(300)
@@ -737,14 +777,21 @@ def main() -> int:
             CLEAN.stop_procs()
             shutil.rmtree(keep_logs, ignore_errors=True)
             keep_logs.mkdir()
-            for f in work.glob("*.log"):
-                shutil.copy(f, keep_logs / f.name)
+            for f in work.glob("**/*.log"):
+                shutil.copy(f, keep_logs / f"{f.parent.parent.name}-{f.parent.name}-{f.name}")
         CLEAN.all()
 
     duration = time.time() - started
     print("\n" + fmt_table(results))
 
-    verdicts = phase_verdicts(results)
+    if args.repeat == 1:
+        verdicts = phase_verdicts(results)
+    else:
+        per_rep = []
+        for i, rep_results in enumerate(reps, 1):
+            print(f"\n-- repetition {i}", end="")
+            per_rep.append(phase_verdicts(rep_results))
+        verdicts = {"repetitions": per_rep, "median": median_ratios(per_rep)}
     if sched is not None:
         print("\nbench_scheduler.py (pass over 100k pending):")
         for ln in sched.get("lines", [sched.get("error", "")]):

@@ -14,7 +14,7 @@ On PostgreSQL the last two are ONE statement over ``unnest`` of one array per co
 statement's start, snapshot and end each time, on a worker's hot path). On SQLite they
 are one executemany, one call into the database thread. Tables with JSON columns in
 the rows take the executemany path on both: arrays of JSON do not round-trip through
-the driver.
+the driver. Each statement object is built once per shape (table, keys) and reused.
 """
 
 from __future__ import annotations
@@ -42,31 +42,75 @@ def _arrayable(table: sa.Table, names: list[str]) -> bool:
     return not any(isinstance(table.c[n].type, sa.JSON) for n in names)
 
 
-def _unnest(
-    table: sa.Table, names: list[str], types: dict[str, str], rows: list[dict[str, Any]]
-) -> Any:
-    arrays = [
-        sa.bindparam(None, [r[n] for r in rows], type_=ARRAY(_element(table.c[types.get(n, n)])))
-        for n in names
-    ]
-    return sa.func.unnest(*arrays).table_valued(*names).render_derived(name="v")
-
-
 def _element(column: sa.Column[Any]) -> Any:
     # Text, not VARCHAR(n): an explicit cast to VARCHAR(n) truncates silently, while
     # storing text in the VARCHAR(n) column refuses an over-long value, as before.
     return sa.Text() if isinstance(column.type, sa.String) else column.type
 
 
+def _unnest(table: sa.Table, names: tuple[str, ...], columns: dict[str, str]) -> Any:
+    arrays = [
+        sa.bindparam(f"a_{n}", type_=ARRAY(_element(table.c[columns.get(n, n)]))) for n in names
+    ]
+    return sa.func.unnest(*arrays).table_valued(*names).render_derived(name="v")
+
+
+def _operand(table: sa.Table, col: str) -> Any:
+    if col.endswith(TEXT_MATCH):
+        return table.c[col.removesuffix(TEXT_MATCH)].concat("")
+    return table.c[col]
+
+
+# One statement object per shape: building it and its cache key per batch cost
+# more than the rest of the call (py-spy, bench_tasks.py, 2026-12-01).
+_STATEMENTS: dict[tuple[Any, ...], Any] = {}
+
+
+def _insert(table: sa.Table, names: tuple[str, ...]) -> Any:
+    key = ("insert", table.name, names)
+    stmt = _STATEMENTS.get(key)
+    if stmt is None:
+        v = _unnest(table, names, {})
+        stmt = table.insert().from_select(list(names), sa.select(*[v.c[n] for n in names]))
+        _STATEMENTS[key] = stmt
+    return stmt
+
+
+def _update(table: sa.Table, names: tuple[str, ...], match: dict[str, str]) -> Any:
+    key = ("update", table.name, names, tuple(sorted(match.items())))
+    stmt = _STATEMENTS.get(key)
+    if stmt is None:
+        v = _unnest(table, names, {k: c.removesuffix(TEXT_MATCH) for k, c in match.items()})
+        stmt = table.update().values({n: v.c[n] for n in names if n not in match})
+        for k, col in match.items():
+            stmt = stmt.where(_operand(table, col) == v.c[k])
+        _STATEMENTS[key] = stmt
+    return stmt
+
+
+def _update_each(table: sa.Table, names: tuple[str, ...], match: dict[str, str]) -> Any:
+    key = ("update-each", table.name, names, tuple(sorted(match.items())))
+    stmt = _STATEMENTS.get(key)
+    if stmt is None:
+        stmt = table.update().values({n: sa.bindparam(n) for n in names if n not in match})
+        for k, col in match.items():
+            stmt = stmt.where(_operand(table, col) == sa.bindparam(k))
+        _STATEMENTS[key] = stmt
+    return stmt
+
+
+def _arrays(names: tuple[str, ...], rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {f"a_{n}": [r[n] for r in rows] for n in names}
+
+
 async def insert_rows(conn: AsyncConnection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    names = sorted(rows[0])
-    if not _pg(conn) or not _arrayable(table, names):
+    names = tuple(sorted(rows[0]))
+    if not _pg(conn) or not _arrayable(table, list(names)):
         await conn.execute(table.insert(), rows)
         return
-    v = _unnest(table, names, {}, rows)
-    await conn.execute(table.insert().from_select(names, sa.select(*[v.c[n] for n in names])))
+    await conn.execute(_insert(table, names), _arrays(names, rows))
 
 
 async def update_rows(
@@ -75,24 +119,10 @@ async def update_rows(
     """Rows must share their keys. ``match`` maps each ``b_*`` key to its column."""
     if not rows:
         return 0
-    names = sorted(rows[0])
+    names = tuple(sorted(rows[0]))
     sets = [n for n in names if n not in match]
-    columns = {k: c.removesuffix(TEXT_MATCH) for k, c in match.items()}
     if not _pg(conn) or not _arrayable(table, sets):
-        stmt = table.update().values({n: sa.bindparam(n) for n in sets})
-        for key, col in match.items():
-            stmt = stmt.where(_operand(table, col) == sa.bindparam(key))
-        result = await conn.execute(stmt, rows)
+        result = await conn.execute(_update_each(table, names, match), rows)
         # Not every driver counts executemany rows: then trust the batch.
         return len(rows) if result.rowcount in (-1, None) else int(result.rowcount)
-    v = _unnest(table, names, columns, rows)
-    stmt = table.update().values({n: v.c[n] for n in sets})
-    for key, col in match.items():
-        stmt = stmt.where(_operand(table, col) == v.c[key])
-    return int((await conn.execute(stmt)).rowcount)
-
-
-def _operand(table: sa.Table, col: str) -> Any:
-    if col.endswith(TEXT_MATCH):
-        return table.c[col.removesuffix(TEXT_MATCH)].concat("")
-    return table.c[col]
+    return int((await conn.execute(_update(table, names, match), _arrays(names, rows))).rowcount)
