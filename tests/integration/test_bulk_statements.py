@@ -138,3 +138,24 @@ async def test_an_over_long_reason_is_refused_not_cut(engine):
             await conn.execute(sa.select(activities.c.state).where(activities.c.id == ids[0]))
         ).scalar_one()
         assert state == State.QUEUED.value
+
+
+async def test_a_json_column_in_a_batch_is_stored_as_json(engine):
+    async with engine.begin() as conn:
+        ids = await _setup(conn)
+        tenant = (await conn.execute(sa.select(tenants.c.id))).scalar_one()
+        changes = [_claim(a, tenant, 7.0) for a in ids[:3]]
+        for i, ch in enumerate(changes):
+            ch.values["agent_report"] = {"worker": "w", "n": i, "text": "é\u0000x"[:1] + "\u2028"}
+        await apply_changes(conn, changes)
+        rows = (
+            await conn.execute(
+                sa.select(activities.c.id, activities.c.agent_report).where(
+                    id_in(conn, activities.c.id, ids[:3])
+                )
+            )
+        ).all()
+    assert sorted((r.id, r.agent_report["n"]) for r in rows) == [
+        (a, i) for i, a in enumerate(ids[:3])
+    ]
+    assert {r.agent_report["text"] for r in rows} == {"é\u2028"}

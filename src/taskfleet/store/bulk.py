@@ -38,8 +38,17 @@ def id_in(conn: AsyncConnection, column: sa.ColumnElement[Any], ids: list[int]) 
     return column.in_(ids)
 
 
-def _arrayable(table: sa.Table, names: list[str]) -> bool:
-    return not any(isinstance(table.c[n].type, sa.JSON) for n in names)
+# Column types whose arrays the driver encodes as they are (JSON and decorated types
+# take the executemany path).
+_SCALARS = (sa.Integer, sa.Float, sa.String, sa.Boolean)
+
+
+def _arrayable(table: sa.Table, columns: list[str]) -> bool:
+    return all(_scalar(table.c[c.removesuffix(TEXT_MATCH)]) for c in columns)
+
+
+def _scalar(column: sa.Column[Any]) -> bool:
+    return isinstance(column.type, _SCALARS) and not isinstance(column.type, sa.TypeDecorator)
 
 
 def _element(column: sa.Column[Any]) -> Any:
@@ -67,7 +76,7 @@ _STATEMENTS: dict[tuple[Any, ...], Any] = {}
 
 
 def _insert(table: sa.Table, names: tuple[str, ...]) -> Any:
-    key = ("insert", table.name, names)
+    key = ("insert", table, names)
     stmt = _STATEMENTS.get(key)
     if stmt is None:
         v = _unnest(table, names, {})
@@ -77,7 +86,7 @@ def _insert(table: sa.Table, names: tuple[str, ...]) -> Any:
 
 
 def _update(table: sa.Table, names: tuple[str, ...], match: dict[str, str]) -> Any:
-    key = ("update", table.name, names, tuple(sorted(match.items())))
+    key = ("update", table, names, tuple(sorted(match.items())))
     stmt = _STATEMENTS.get(key)
     if stmt is None:
         v = _unnest(table, names, {k: c.removesuffix(TEXT_MATCH) for k, c in match.items()})
@@ -89,7 +98,7 @@ def _update(table: sa.Table, names: tuple[str, ...], match: dict[str, str]) -> A
 
 
 def _update_each(table: sa.Table, names: tuple[str, ...], match: dict[str, str]) -> Any:
-    key = ("update-each", table.name, names, tuple(sorted(match.items())))
+    key = ("update-each", table, names, tuple(sorted(match.items())))
     stmt = _STATEMENTS.get(key)
     if stmt is None:
         stmt = table.update().values({n: sa.bindparam(n) for n in names if n not in match})
@@ -120,8 +129,7 @@ async def update_rows(
     if not rows:
         return 0
     names = tuple(sorted(rows[0]))
-    sets = [n for n in names if n not in match]
-    if not _pg(conn) or not _arrayable(table, sets):
+    if not _pg(conn) or not _arrayable(table, [match.get(n, n) for n in names]):
         result = await conn.execute(_update_each(table, names, match), rows)
         # Not every driver counts executemany rows: then trust the batch.
         return len(rows) if result.rowcount in (-1, None) else int(result.rowcount)
