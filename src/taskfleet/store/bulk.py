@@ -85,25 +85,20 @@ def _insert(table: sa.Table, names: tuple[str, ...]) -> Any:
     return stmt
 
 
-def _update(table: sa.Table, names: tuple[str, ...], match: dict[str, str]) -> Any:
-    key = ("update", table, names, tuple(sorted(match.items())))
+def _update(table: sa.Table, names: tuple[str, ...], match: dict[str, str], each: bool) -> Any:
+    """The UPDATE for rows of these keys: over ``unnest`` (one statement), or with one
+    bound parameter per key for an executemany (``each``)."""
+    key = ("update", each, table, names, tuple(sorted(match.items())))
     stmt = _STATEMENTS.get(key)
     if stmt is None:
-        v = _unnest(table, names, {k: c.removesuffix(TEXT_MATCH) for k, c in match.items()})
-        stmt = table.update().values({n: v.c[n] for n in names if n not in match})
+        if each:
+            source: dict[str, Any] = {n: sa.bindparam(n) for n in names}
+        else:
+            v = _unnest(table, names, {k: c.removesuffix(TEXT_MATCH) for k, c in match.items()})
+            source = {n: v.c[n] for n in names}
+        stmt = table.update().values({n: source[n] for n in names if n not in match})
         for k, col in match.items():
-            stmt = stmt.where(_operand(table, col) == v.c[k])
-        _STATEMENTS[key] = stmt
-    return stmt
-
-
-def _update_each(table: sa.Table, names: tuple[str, ...], match: dict[str, str]) -> Any:
-    key = ("update-each", table, names, tuple(sorted(match.items())))
-    stmt = _STATEMENTS.get(key)
-    if stmt is None:
-        stmt = table.update().values({n: sa.bindparam(n) for n in names if n not in match})
-        for k, col in match.items():
-            stmt = stmt.where(_operand(table, col) == sa.bindparam(k))
+            stmt = stmt.where(_operand(table, col) == source[k])
         _STATEMENTS[key] = stmt
     return stmt
 
@@ -130,7 +125,11 @@ async def update_rows(
         return 0
     names = tuple(sorted(rows[0]))
     if not _pg(conn) or not _arrayable(table, [match.get(n, n) for n in names]):
-        result = await conn.execute(_update_each(table, names, match), rows)
+        result = await conn.execute(_update(table, names, match, each=True), rows)
         # Not every driver counts executemany rows: then trust the batch.
         return len(rows) if result.rowcount in (-1, None) else int(result.rowcount)
-    return int((await conn.execute(_update(table, names, match), _arrays(names, rows))).rowcount)
+    return int(
+        (
+            await conn.execute(_update(table, names, match, each=False), _arrays(names, rows))
+        ).rowcount
+    )
