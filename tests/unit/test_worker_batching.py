@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -104,3 +105,66 @@ def test_a_task_canceled_while_it_waits_for_a_run_slot_never_takes_one() -> None
     canceled, got, early, free = asyncio.run(main())
     assert (canceled, got, early) == (False, True, False)
     assert free == 0  # exactly one slot taken (by the second), none leaked
+
+
+def test_an_embedded_worker_claims_the_next_task_in_the_transaction_storing_a_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The slot a finished task frees takes the next delivery, and its claim goes in
+    the transaction that stores the result (not one transaction each): with one
+    slot, every batch after the first holds one result and one claim."""
+    from taskfleet.dispatch.embedded import EmbeddedQueue
+    from taskfleet.store.tasks import running
+    from taskfleet.worker.builtin import BUILTINS
+    from taskfleet.worker.runner import Worker, _Claim
+
+    ids = [1, 2, 3, 4]
+    batches: list[list[tuple[str, int]]] = []
+
+    async def run_tx(fn: Any) -> Any:
+        await asyncio.sleep(0)  # the writer's queue: a turn at least
+        return await fn(None)
+
+    async def main() -> None:
+        stored = asyncio.Event()
+
+        async def claim_and_complete(_w: Worker, _conn: Any, items: list[Any]) -> dict[Any, Any]:
+            out: dict[Any, Any] = {}
+            batch = []
+            for i in items:
+                if isinstance(i, _Claim):
+                    batch.append(("claim", i.task_id))
+                    out[("_Claim", i.task_id)] = running.Claimed(i.task_id, "noop", {}, None, None)
+                else:
+                    batch.append(("result", i.task_id))
+                    out[("Outcome", i.task_id)] = True
+            batches.append(sorted(batch))
+            if ("result", ids[-1]) in batch:
+                stored.set()
+            return out
+
+        async def no_heartbeat(_w: Worker) -> None:
+            return None
+
+        monkeypatch.setattr(Worker, "_claim_and_complete", claim_and_complete)
+        monkeypatch.setattr(Worker, "_heartbeat", no_heartbeat)
+        q = EmbeddedQueue()
+        types = {s.name: s for s in BUILTINS}
+        w = Worker(queue=q, types=types, run_tx=run_tx, pg=False, concurrency=1)
+        running_worker = asyncio.create_task(w.run())
+        try:
+            await q.publish(ids)
+            await asyncio.wait_for(stored.wait(), 10)
+        finally:
+            running_worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running_worker
+
+    asyncio.run(main())
+    assert batches == [
+        [("claim", 1)],
+        [("claim", 2), ("result", 1)],
+        [("claim", 3), ("result", 2)],
+        [("claim", 4), ("result", 3)],
+        [("result", 4)],
+    ]

@@ -4,12 +4,14 @@ Contract of every adapter:
 * ``publish(ids)`` returns only when the queue holds them durably (RabbitMQ:
   publisher confirms); if it raises, the caller treats them as not dispatched.
 * ``deliveries()`` yields :class:`Delivery` objects, at most ``prefetch``
-  unacknowledged at a time. A delivery carries one or more task ids (RabbitMQ
-  packs the tasks of a large dispatch into fewer messages); a worker acks it
-  only after the result of every task in it that it claimed is stored. A
-  delivery that is never acked comes back (RabbitMQ redelivers it when the
-  worker's connection dies); the database claim makes that harmless: a task
-  already claimed is dropped, one never claimed runs once.
+  unacknowledged at a time (embedded: twice that; its only consumer is the
+  worker of its process, whose own room bounds what it claims). A delivery
+  carries one or more task ids (RabbitMQ packs the tasks of a large dispatch
+  into fewer messages); a worker acks it only after the result of every task
+  in it that it claimed is stored. A delivery that is never acked comes back
+  (RabbitMQ redelivers it when the worker's connection dies); the database
+  claim makes that harmless: a task already claimed is dropped, one never
+  claimed runs once.
 * ``cancel(ids)`` tells every worker consuming the queue to stop those tasks
   if it runs them (a broadcast; the worker that holds one stops it and
   reports, the others ignore it). It is a prompt, not the record: the

@@ -2,7 +2,9 @@
 
 Durability comes from the database: a task is marked dispatched before it is
 put here, and at server start every dispatched-but-unclaimed task is published
-again, so a crash between the two loses nothing.
+again, so a crash between the two loses nothing. Its one consumer is this
+process's worker, so nothing it holds is held from another: ``deliveries``
+keeps up to twice ``prefetch`` unacknowledged (see there why).
 """
 
 from __future__ import annotations
@@ -49,7 +51,13 @@ class EmbeddedQueue:
             self._q.put_nowait(tid)
 
     async def deliveries(self, prefetch: int) -> AsyncIterator[_Delivery]:
-        self._inflight = asyncio.Semaphore(prefetch)
+        # Twice the prefetch: the worker's own room (``concurrency``) already bounds
+        # what it claims, and its tasks whose results are being stored keep their
+        # deliveries unacked. Held to ``prefetch``, those kept the next deliveries
+        # out until the results' transaction committed, so claims and results never
+        # shared one: a transaction more per task, and the single writer's rate is
+        # the embedded bound (benchmarks/experiments/embedded_writer_load.py).
+        self._inflight = asyncio.Semaphore(2 * prefetch)
         while True:
             await self._inflight.acquire()
             tid = await self._q.get()

@@ -39,6 +39,7 @@ from taskfleet.dispatch import Delivery, DispatchQueue
 from taskfleet.domain.results import result_line
 from taskfleet.domain.task_types import TaskTypeSpec, render_command
 from taskfleet.settings import (
+    BATCH_SETTLE_TURNS,
     CLAIM_RETRY_DELAY,
     EARLY_CANCEL_MEMORY,
     RESULT_RETRY_MAX,
@@ -60,7 +61,8 @@ class _Batcher:
     Claims and results of many small tasks would otherwise cost a transaction
     (and a few statements) each; this is what lets a worker keep up with
     thousands of no-op tasks a second. Claims and results share the batch
-    (one commit for both), and an item whose key is already in the batch gets
+    (one commit for both; a batch waits a few loop turns for what is about to
+    come, see ``_settle``), and an item whose key is already in the batch gets
     ``repeat(item)`` instead of sharing the first one's result: two deliveries
     of one task must not both get its claim. If a batch of several groups
     fails, each group is tried alone, so a bad result cannot hold up claims
@@ -102,6 +104,7 @@ class _Batcher:
     async def _loop(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            await self._settle()
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             groups: dict[Hashable, list[tuple[Any, asyncio.Future[Any]]]] = {}
@@ -118,6 +121,16 @@ class _Batcher:
                         await self._run(part)
                     except Exception as exc:
                         self._fail(part, exc)
+
+    async def _settle(self) -> None:
+        """Let what is about to arrive arrive (a few loop turns while each brings more):
+        a finished task's result comes a few turns before the claim of the delivery
+        that takes its slot, and without this they went in two transactions."""
+        for _ in range(BATCH_SETTLE_TURNS):
+            queued = self._queue.qsize()
+            await asyncio.sleep(0)
+            if self._queue.qsize() == queued:
+                return
 
     async def _run(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
         items = [item for item, _ in batch]
