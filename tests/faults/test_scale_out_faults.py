@@ -219,15 +219,18 @@ def test_kill_9s_a_broker_bounce_a_lost_listen_and_a_postgresql_restart_lose_not
         requests = RequestLoad(b, every=0.8)
         tasks = TaskLoad(a, types=("once", "again"), every=0.3)
 
+        def ran() -> int:
+            # The first task writes the file 0.8 s after it starts: none may exist yet.
+            return len(marks.read_text().split()) if marks.exists() else 0
+
         def progress(what: str) -> None:
             """Both loads acknowledged anew and tasks ran: the system works again."""
-            r, t = len(requests.acknowledged), len(tasks.acknowledged)
-            m = len(marks.read_text().split()) if marks.exists() else 0
+            r, t, m = len(requests.acknowledged), len(tasks.acknowledged), ran()
             wait_until(
                 lambda: (
                     len(requests.acknowledged) >= r + 2
                     and len(tasks.acknowledged) >= t + 3
-                    and len(marks.read_text().split()) >= m + 3
+                    and ran() >= m + 3
                 ),
                 40,
                 f"the loads to go on after {what}",
