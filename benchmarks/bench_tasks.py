@@ -762,6 +762,8 @@ def main() -> int:
         ap.error("--n must be 1..200000")
     if args.offer is not None and not 1 <= args.offer <= 100_000:
         ap.error("--offer must be 1..100000 tasks/s")
+    if not 1 <= args.repeat <= 20:
+        ap.error("--repeat must be 1..20")
     args.phase_timeout = args.phase_timeout or max(60.0, n / 50)
     only = set(args.only.split(","))
     OUT_DIR.mkdir(exist_ok=True)
@@ -804,7 +806,7 @@ def main() -> int:
             shutil.rmtree(keep_logs, ignore_errors=True)
             keep_logs.mkdir()
             for f in work.glob("**/*.log"):
-                shutil.copy(f, keep_logs / f"{f.parent.parent.name}-{f.parent.name}-{f.name}")
+                shutil.copy(f, keep_logs / f"{f.parent.name}-{f.name}")
         CLEAN.all()
 
     duration = time.time() - started
