@@ -159,3 +159,51 @@ async def test_a_json_column_in_a_batch_is_stored_as_json(engine):
         (a, i) for i, a in enumerate(ids[:3])
     ]
     assert {r.agent_report["text"] for r in rows} == {"é\u2028"}
+
+
+async def test_a_result_a_worker_can_no_longer_act_on_is_recorded_on_the_task(engine):
+    """complete_many: a task failed meanwhile (say, its worker was reported lost) keeps
+    its state, and the late report is stored on it (a JSON column: the executemany path)."""
+    from taskfleet.store.schema import server_tasks
+    from taskfleet.store.tasks.running import Outcome, complete_many
+
+    async with engine.begin() as conn:
+        ids = await _setup(conn)
+        tenant = (await conn.execute(sa.select(tenants.c.id))).scalar_one()
+        await conn.execute(
+            server_tasks.insert(),
+            [
+                {
+                    "activity_id": a,
+                    "tenant_id": tenant,
+                    "type": "noop",
+                    "params": {},
+                    "dedupe_key": f"k{a}",
+                    "submitted_by": "t",
+                    "claimed_by": "w",
+                }
+                for a in ids[:2]
+            ],
+        )
+        await conn.execute(
+            activities.update()
+            .where(id_in(conn, activities.c.id, ids[:2]))
+            .values(state=State.FAILED.value)
+        )
+        done = await complete_many(
+            conn,
+            "w",
+            9.0,
+            [Outcome(a, True, 0, "out", "Completed:Succeeded", None) for a in ids[:2]],
+        )
+        rows = (
+            await conn.execute(
+                sa.select(activities.c.state, activities.c.agent_report).where(
+                    id_in(conn, activities.c.id, ids[:2])
+                )
+            )
+        ).all()
+    assert done == dict.fromkeys(ids[:2], False)
+    assert [(r.state, r.agent_report["ok"], r.agent_report["received_at"]) for r in rows] == [
+        (State.FAILED.value, True, 9.0)
+    ] * 2

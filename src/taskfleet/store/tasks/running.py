@@ -192,7 +192,7 @@ async def complete_many(
             reports.append(
                 {
                     "b_id": o.task_id,
-                    "report": {
+                    "agent_report": {
                         "worker": worker_id,
                         "ok": o.ok,
                         "return_code": o.return_code,
@@ -230,16 +230,9 @@ async def complete_many(
     await apply_changes(conn, changes)
     if confirmed:
         await _confirm_stops(conn, worker_id, now, confirmed)
-    if reports:
-        await conn.execute(
-            activities.update()
-            .where(activities.c.id == sa.bindparam("b_id"))
-            .values(agent_report=sa.bindparam("report")),
-            reports,
-        )
+    await update_rows(conn, activities, reports, {"b_id": "id"})
     lines = [
         {"b_id": o.task_id, "command_line": o.command_line} for o in outcomes if o.command_line
     ]
-    if lines:
-        await update_rows(conn, server_tasks, lines, {"b_id": "activity_id"})
+    await update_rows(conn, server_tasks, lines, {"b_id": "activity_id"})
     return done
