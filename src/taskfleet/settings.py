@@ -310,6 +310,10 @@ HINTS_PAYLOAD_MAX = 7000
 HINTS_ALL_OVER = 20_000
 # The application_name of the listener's session (pg_stat_activity), with the pid.
 HINTS_APPLICATION = "taskfleet-hints"
+# Seconds: a computer (or relay) whose exchange a process answered this recently may
+# have been told "nothing" while a has-work hint was on its way to that process; on
+# the hint it is tickled again (the leader sends it after its per-computer interval).
+RETICKLE_WINDOW = 5.0
 
 # While it leads, the leader scans the database this often for work other processes
 # persisted (requests with a lifecycle, schedules, server tasks): server/cluster.py.

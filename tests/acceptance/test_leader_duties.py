@@ -1,18 +1,22 @@
 """Only the leader runs the leader's duties (issue 16, second slice; server/cluster.py):
-the lifecycle timers, the server-task scheduler and the reaper run in the leading
-process alone; work persisted by another process is picked up by the leader; a kill -9
+the lifecycle timers, the server-task scheduler, the reaper and the tickler run in the
+leading process alone; work persisted by another process is picked up by the leader; a kill -9
 of the leader hands the duties over and no cron schedule fires twice."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
+from taskfleet.protocol.relay import RELAY_ENROLL_PATH
+from taskfleet.protocol.tickle import TickleVerifier
 from tests.acceptance.test_servers import _running, _status
 from tests.conftest import (
     BACKEND,
@@ -24,9 +28,10 @@ from tests.conftest import (
     request_done,
     wait_until,
 )
+from tests.raw_agent import SCRIPTS_OK, enroll_raw, exchange, queued_request_for
 from tests.server_tasks import TYPES, confirmed, finished, submit, task
 
-DUTIES = ["lifecycle", "reaper", "scheduler"]
+DUTIES = ["lifecycle", "reaper", "scheduler", "tickler"]
 YEARLY = "0 0 1 1 *"  # fires once in the test: its next firing is months away
 
 
@@ -211,3 +216,86 @@ def test_tasks_submitted_through_the_other_process_are_dispatched_on_its_hint(
     ids = [submit(other, "echo", params={"msg": f"m{i}"})["task"]["id"] for i in range(3)]
     for tid in ids:
         assert finished(other, tid, timeout=20)["state"] == "succeeded"
+
+
+class _Udp:
+    """A UDP port standing in for an agent's or a relay's tickle listener."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+
+    def tickle(self, key: str, target_id: int, timeout: float = 10) -> None:
+        """Wait for a tickle for ``target_id`` that its key verifies."""
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(200)
+        verifier = TickleVerifier(bytes.fromhex(key), target_id)
+        assert verifier.verify(data, time.time()).computer_id == target_id
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _token(server: Server, kind: str) -> dict[str, Any]:
+    with server.api() as api:
+        r = api.post("/tokens", json={"kind": kind, "name": f"t-{kind}"})
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+
+def _sent(server: Server, relay: bool = False) -> float:
+    name = "taskfleet_relay_tickles_sent_total" if relay else "taskfleet_tickles_sent_total"
+    return server.metric(name)
+
+
+@pytest.mark.skipif(BACKEND != "postgresql", reason="several servers share PostgreSQL only")
+def test_only_the_leader_tickles_wherever_the_work_or_the_agent_is_and_its_successor_takes_over(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    """The tickler is a leader's duty: a computer enrolled through the other process and
+    talking only to it is tickled by the leader, at the tickle port its last info
+    exchange there gave (the ``reach`` hint); a relay revoked through the other process
+    is tickled by the leader (the ``tickle`` hint); after a kill -9 of the leader the
+    other process tickles."""
+    leader, other = _two(start_server, tmp_path)
+    first, second, relay_port = _Udp(), _Udp(), _Udp()
+    try:
+        r = enroll_raw(other, _token(other, "enroll")["token"], "pc-t", tickle_port=first.port)
+        assert r.status_code == 201, r.text
+        cid, secret, key = r.json()["computer_id"], r.json()["secret"], r.json()["tickle_key"]
+        assert exchange(other, cid, secret).status_code == 200  # no long poll: wait 0
+
+        queued_request_for(other, cid)  # made, and the agent served, where the leader is not
+        first.tickle(key, cid)
+        assert _sent(leader) >= 1 and _sent(other) == 0
+
+        # Its agent now listens elsewhere (an info exchange, on the other process only).
+        agent = {"tickle_port": second.port, "version": "t", "policy": SCRIPTS_OK}
+        info = {"ack": 0, "agent": agent}
+        assert exchange(other, cid, secret, info).status_code == 200
+        queued_request_for(other, cid)
+        second.tickle(key, cid)
+        assert _sent(other) == 0
+
+        # A relay revoked through the other process is told at once: by the leader.
+        token = _token(other, "relay")
+        body = {"token": token["token"], "name": "r1", "url": "http://r1.example:8471"}
+        rr = httpx.post(
+            other.url + RELAY_ENROLL_PATH, json={**body, "tickle_port": relay_port.port}
+        )
+        assert rr.status_code == 201, rr.text
+        with other.api() as api:
+            assert api.delete(f"/tokens/{token['id']}").status_code == 204
+        relay_port.tickle(rr.json()["tickle_key"], rr.json()["relay_id"])
+        assert _sent(leader, relay=True) >= 1 and _sent(other, relay=True) == 0
+        assert other.metric("taskfleet_tickles_forwarded_total") >= 1
+
+        leader.proc.kill9()
+        wait_until(lambda: "tickler" in _status(other)["duties"], 15, "the other process to lead")
+        queued_request_for(other, cid)
+        second.tickle(key, cid)
+        assert _sent(other) >= 1
+    finally:
+        for u in (first, second, relay_port):
+            u.close()

@@ -16,7 +16,7 @@ from taskfleet.store.schema import requests, schedules
 from tests.conftest import BACKEND
 from tests.inproc import START, FakeClock, Harness, eventually, inproc_server
 
-DUTIES = ["lifecycle", "reaper", "scheduler"]
+DUTIES = ["lifecycle", "reaper", "scheduler", "tickler"]
 # Beats only when the test calls them; no reaper pass writes in the window under test.
 QUIET = {"cluster_heartbeat": 3600.0, "reaper_interval": 3600.0}
 

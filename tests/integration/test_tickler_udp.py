@@ -1,14 +1,18 @@
-"""The server's tickle sender over a real UDP socket on loopback."""
+"""The server's tickle sender over a real UDP socket on loopback: only a leading
+tickler sends; one that does not lead hands its targets over (issue 16)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 
+import orjson
+
 from taskfleet.protocol.tickle import TickleVerifier, derive_tickle_key
 from taskfleet.server.fleet import ComputerState
-from taskfleet.server.tickler import Tickler
+from taskfleet.server.tickler import Target, Tickler
 
 MASTER = b"m" * 32
 
@@ -69,3 +73,35 @@ async def test_disabled_tickler_sends_nothing():
         assert not tickler._pending
     finally:
         await tickler.stop()
+
+
+async def test_a_tickler_that_does_not_lead_forwards_and_the_leader_sends_what_it_is_handed():
+    sock = _listener()
+    handed: list[list[Target]] = []
+    other = Tickler(MASTER, rate=1000, min_interval=1.0, leading=False)
+    other.forward = handed.append
+    leader = Tickler(MASTER, rate=1000, min_interval=1.0, leading=False)
+    leader.start()
+    try:
+        cs = _state(7, sock.getsockname()[1])
+        other.wake([cs], hinted=True)  # its has-work hint reaches the leader: nothing here
+        assert handed == []
+        other.wake([cs])
+        [[target]] = handed
+        body = orjson.dumps([target.entry(), [False, 8, 1, "host.example", 9], "junk"]).decode()
+        leader.forwarded(body)  # not leading yet: dropped
+        assert not leader._pending
+        lead = asyncio.create_task(leader.lead(lambda: None, []))
+        await asyncio.sleep(0)  # the duty starts
+        assert leader.leading
+        leader.forwarded(body)  # the host name and the junk are skipped
+        data = await _receive(sock)
+        assert TickleVerifier(derive_tickle_key(MASTER, 7, 1), 7).verify(data, time.time())
+        assert not leader._pending and leader._queued == set()
+        lead.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await lead
+        assert not leader.leading
+    finally:
+        await leader.stop()
+        sock.close()

@@ -30,7 +30,8 @@ Contract:
   next beat, and the refused write is logged. So a deposed leader's late write never
   lands: a cron schedule never fires twice across a handover.
 
-Not yet: the tickler still runs in every process (docs/scale-out.md).
+The duties (``server/runtime.py``): the tickler, the lifecycle engine's timers, the
+server-task scheduler and the reaper.
 """
 
 from __future__ import annotations

@@ -264,8 +264,7 @@ class Exchange:
                     cs.inventory_full = p.inventory_full
                 cs.in_acked, cs.out_seq, cs.out_acked = p.in_acked, p.out_seq, p.out_acked
                 if job.req.agent is not None:
-                    cs.tickle_port = job.req.agent.tickle_port
-                    cs.address = job.address
+                    self.fleet.reach(cs, job.address, job.req.agent.tickle_port, cs.via_relay)
                 if not job.fut.done():
                     job.fut.set_result(
                         {

@@ -22,8 +22,11 @@ moves them (``server/exchange.py``, ``server/outbox.py``) and memory takes the s
 values after the commit; ``mark_work`` also tells the other processes
 (``on_work``: ``server/hints.py``), whose hints come back here through
 ``mark_work(..., hint=False)`` and ``look_all``; computers and relays changed by
-another process are reloaded by ``server/fleet_load.py``. On SQLite (one process)
-memory stays the truth and nothing of this runs.
+another process are reloaded by ``server/fleet_load.py``. Where a computer's
+wake-ups go (address, tickle port, ``via_relay``) is set through ``reach``, which
+tells the others of a change (``on_reach``; they apply it with ``reached``), so
+the leader, which alone tickles, knows it whichever process served the agent. On
+SQLite (one process) memory stays the truth and nothing of this runs.
 """
 
 from __future__ import annotations
@@ -44,6 +47,14 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def reach_entry(state: ComputerState | RelayState) -> list[Any]:
+    """Where a computer's or a relay's wake-ups go, as the ``reach`` hint carries it
+    (``Fleet.reached``)."""
+    if isinstance(state, RelayState):
+        return ["relay", state.id, state.generation, state.address]
+    return [state.id, state.generation, state.address, state.tickle_port, state.via_relay]
+
+
 class ComputerState:
     __slots__ = (
         "address",
@@ -59,6 +70,7 @@ class ComputerState:
         "out_seq",
         "relay",
         "secret_hash",
+        "served_at",
         "tenant_id",
         "tickle_port",
         "via_relay",
@@ -91,6 +103,8 @@ class ComputerState:
         self.has_work = True  # unknown at load: the first exchange looks once
         self.dirty = False  # last_seen/address changed since the last flush
         self.waiter: asyncio.Event | None = None  # set while a long poll is held
+        # When this process last answered its exchange (server clock; memory only).
+        self.served_at = 0.0
         self.relay: RelayState | None = None  # the relay it is behind (computers.relay_id)
         self.via_relay = False  # its last exchange came through ``relay`` (memory only)
         # Its inventory report could not be applied: replies ask for the whole one
@@ -152,6 +166,7 @@ class RelayState:
         # once it has its new roster (then it answers them 503 and they fail over).
         self.moved_out: set[int] = set()
         self.dirty = False  # last_seen/address changed since the last flush
+        self.served_at = 0.0  # when this process last answered its exchange (memory only)
         self._version: str | None = None
 
     def check_secret(self, secret: str) -> bool:
@@ -196,6 +211,9 @@ class Fleet:
         # Told the ids ``mark_work`` is given (PostgreSQL: the has-work hint to the
         # other server processes, server/hints.py); None: one process, nobody to tell.
         self.on_work: Callable[[list[int]], None] | None = None
+        # Told a computer whose wake-ups now go elsewhere (``reach``; PostgreSQL: the
+        # ``reach`` hint, so the leader, which tickles, knows); None: nobody to tell.
+        self.on_reach: Callable[[ComputerState | RelayState], None] | None = None
 
     def get(self, computer_id: int) -> ComputerState | None:
         return self.computers.get(computer_id)
@@ -309,6 +327,67 @@ class Fleet:
                 cs.wake()
                 woken.append(cs)
         return woken
+
+    def reach(
+        self,
+        cs: ComputerState,
+        address: str | None,
+        tickle_port: int | None,
+        via_relay: bool,
+        *,
+        tell: bool = True,
+    ) -> None:
+        """Where ``cs``'s wake-ups go, as an exchange (or, not ``tell``, another server
+        process's ``reach`` hint) just showed: its address, its agent's tickle port,
+        and whether its agent speaks through its relay. A change is told
+        (``on_reach``); the same values again cost nothing."""
+        via = via_relay and cs.relay is not None
+        if cs.address == address and cs.tickle_port == tickle_port and cs.via_relay == via:
+            return
+        cs.address, cs.tickle_port, cs.via_relay = address, tickle_port, via
+        if tell and self.on_reach is not None:
+            self.on_reach(cs)
+
+    def reach_relay(self, rs: RelayState, address: str | None, *, tell: bool = True) -> None:
+        """``reach`` for a relay: the address its exchange came from."""
+        if rs.address != address:
+            rs.address = address
+            if tell and self.on_reach is not None:
+                self.on_reach(rs)
+
+    def served_since(self, states: Iterable[ComputerState], since: float) -> list[ComputerState]:
+        """Those whose last exchange (or their relay's, if they speak through it) this
+        process answered after ``since``."""
+        out = []
+        for cs in states:
+            via = cs.relay if cs.via_relay else None
+            if (via.served_at if via is not None else cs.served_at) > since:
+                out.append(cs)
+        return out
+
+    def reached(self, entries: list[Any]) -> None:
+        """Another server process's ``reach`` hint (``reach_entry`` each): applied to
+        the computers and relays known here at that generation; a malformed entry is
+        skipped."""
+        for e in entries:
+            if isinstance(e, list) and len(e) == 4 and e[0] == "relay":
+                _, rid, gen, address = e
+                rs = self.relays.get(rid) if type(rid) is int else None
+                if rs is not None and rs.generation == gen and isinstance(address, str):
+                    self.reach_relay(rs, address, tell=False)
+                continue
+            if not (isinstance(e, list) and len(e) == 5):
+                continue
+            cid, gen, address, port, via = e
+            cs = self.computers.get(cid) if type(cid) is int else None
+            if (
+                cs is not None
+                and cs.generation == gen
+                and isinstance(via, bool)
+                and (address is None or isinstance(address, str))
+                and (port is None or (type(port) is int and 0 < port < 65536))
+            ):
+                self.reach(cs, address, port, via, tell=False)
 
     def look_all(self) -> None:
         """Every computer and relay looks once at its next exchange, and long polls end

@@ -11,14 +11,18 @@ Contract:
   ``publish_ids(topic, ids)`` is the same for any topic: ids of one topic published
   at the same moment are coalesced into one hint, split so each payload stays under
   NOTIFY's 8000 bytes (``HINTS_PAYLOAD_MAX``), or sent as "all" past
-  ``HINTS_ALL_OVER`` ids. ``publish(topic, body)`` sends any other short hint.
+  ``HINTS_ALL_OVER`` ids. ``publish_entries(topic, entries)`` sends keyed JSON
+  entries the same way (coalesced by key: the last one of a key wins; a body is a
+  JSON list of them). ``publish(topic, body)`` sends any other short hint.
 * ``subscribe(topic, handler)``: ``handler(body)`` is called for each hint of that topic
   from ANOTHER process (a process's own hints are not echoed to it: it acted on them
   already); it may be a coroutine function. Topics used here: ``work`` (ids, or
   "all"), ``computers`` and ``relays`` (ids to reload, ``server/fleet_load.py``),
   ``windows`` (reload the maintenance windows), ``task-cancel`` (server task ids
   canceled while running: the embedded worker that runs one stops it), ``tasks``
-  (server tasks submitted elsewhere: the leader's scheduler catches up at once).
+  (server tasks submitted elsewhere: the leader's scheduler catches up at once),
+  ``tickle`` (wake-ups for the leader to send, ``server/tickler.py``), ``reach``
+  (where computers' wake-ups go changed: ``Fleet.reach``).
 * Hints are hints: one may be lost (a listener reconnecting, a process starting).
   After every (re)connect of the listener each ``on_connect`` callback runs (the
   fleet's catch-up: every computer looks once, as at load), and every
@@ -34,9 +38,10 @@ import contextlib
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -59,6 +64,8 @@ WORK = "work"
 WINDOWS = "windows"  # a group's maintenance window or membership changed: reload
 TASK_CANCEL = "task-cancel"  # server tasks canceled while running: stop them if here
 TASKS = "tasks"  # server tasks submitted by a process that does not lead: catch up now
+TICKLE = "tickle"  # wake-ups for the leader to send (server/tickler.py)
+REACH = "reach"  # where computers' wake-ups go changed (Fleet.reach)
 ALL = "all"
 _PING = "ping"
 
@@ -68,6 +75,15 @@ def parse_ids(body: str) -> list[int] | None:
     if body == ALL:
         return None
     return [int(x) for x in body.split(",") if x.isdigit()]
+
+
+def parse_entries(body: str) -> list[Any]:
+    """A hint's JSON list of entries (none if it is not one); each is checked by its user."""
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return []
+    return raw if isinstance(raw, list) else []
 
 
 def split_ids(ids: Iterable[int], limit: int = HINTS_PAYLOAD_MAX) -> list[str]:
@@ -82,6 +98,26 @@ def split_ids(ids: Iterable[int], limit: int = HINTS_PAYLOAD_MAX) -> list[str]:
         cur = f"{cur},{s}" if cur else s
     if cur:
         out.append(cur)
+    return out
+
+
+def split_entries(entries: Iterable[bytes], limit: int = HINTS_PAYLOAD_MAX) -> list[str]:
+    """JSON-encoded entries as JSON lists of at most ``limit`` characters each (an
+    entry longer than that alone is dropped: a hint is never worth a failed NOTIFY)."""
+    out: list[str] = []
+    cur: list[bytes] = []
+    size = 2
+    for e in entries:
+        if len(e) + 2 > limit:
+            log.warning("a hint entry of %d bytes dropped", len(e))
+            continue
+        if cur and size + 1 + len(e) > limit:
+            out.append((b"[" + b",".join(cur) + b"]").decode())
+            cur, size = [], 2
+        size += len(e) + (1 if cur else 0)
+        cur.append(e)
+    if cur:
+        out.append((b"[" + b",".join(cur) + b"]").decode())
     return out
 
 
@@ -106,6 +142,9 @@ class Hints:
 
     def publish_ids(self, topic: str, ids: Iterable[int]) -> None:
         """Tell the other processes about these ids (coalesced with others of the topic)."""
+
+    def publish_entries(self, topic: str, entries: Mapping[str, Any]) -> None:
+        """Tell the other processes these keyed JSON entries (coalesced by key)."""
 
     def publish(self, topic: str, body: str) -> None:
         """Tell the other processes (``body``: short text, under HINTS_PAYLOAD_MAX)."""
@@ -138,6 +177,7 @@ class PgHints(Hints):
         self._send_engine: AsyncEngine = create_async_engine(url, pool_size=1, max_overflow=0)
         self._ids: dict[str, set[int]] = {}  # topic -> ids to send
         self._all: set[str] = set()  # topics to send as "all"
+        self._entries: dict[str, dict[str, bytes]] = {}  # topic -> key -> JSON entry
         self._out: list[tuple[str, str]] = []
         self._wake = asyncio.Event()
         self._pong = asyncio.Event()
@@ -155,6 +195,16 @@ class PgHints(Hints):
             self._all.add(topic)
             del self._ids[topic]
         self._wake.set()
+
+    def publish_entries(self, topic: str, entries: Mapping[str, Any]) -> None:
+        pending = self._entries.setdefault(topic, {})
+        for key, entry in entries.items():
+            try:
+                pending[key] = orjson.dumps(entry)
+            except TypeError:  # not JSON (text with a lone surrogate): skipped, not fatal
+                log.warning("a %s hint entry that is not JSON dropped", topic)
+        if pending:
+            self._wake.set()
 
     def publish(self, topic: str, body: str) -> None:
         self._out.append((topic, body))
@@ -185,7 +235,9 @@ class PgHints(Hints):
         items += [(topic, ALL) for topic in self._all]
         for topic, ids in self._ids.items():
             items += [(topic, b) for b in split_ids(ids)]
-        self._out, self._ids, self._all = [], {}, set()
+        for topic, entries in self._entries.items():
+            items += [(topic, b) for b in split_entries(entries.values())]
+        self._out, self._ids, self._all, self._entries = [], {}, set(), {}
         return items
 
     async def _flush(self) -> None:

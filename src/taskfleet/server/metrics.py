@@ -53,6 +53,11 @@ TICKLES_SKIPPED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+TICKLES_FORWARDED = Counter(
+    "taskfleet_tickles_forwarded_total",
+    "Wake-ups handed to the leading server process, which sends them (issue 16)",
+    registry=REGISTRY,
+)
 COMPUTERS = Gauge("taskfleet_computers", "Enrolled computers", registry=REGISTRY)
 LONG_POLLS = Gauge(
     "taskfleet_long_polls", "Agent exchanges held open now (long polls)", registry=REGISTRY

@@ -366,10 +366,12 @@ def _entry_jobs(
         if cs.last_seen is None or cs.last_seen < seen:
             cs.last_seen = seen
             cs.dirty = True
+        address = cs.address
         if entry.address is not None and entry.request.agent is None:
-            cs.address = entry.address  # an info exchange stores it with the rest
+            address = entry.address  # an info exchange stores it with the rest
             cs.dirty = True
-        cs.via_relay = True  # its agent speaks through the relay: tickle the relay
+        # Its agent speaks through the relay: tickle the relay.
+        fleet.reach(cs, address, cs.tickle_port, True)
         jobs.append(
             ExchangeJob(cs, request, entry.address or cs.address, have, cs.last_seen, budget)
         )

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,15 +36,18 @@ from taskfleet.server import fleet_load, jobs, metrics, relays, requests, schedu
 from taskfleet.server.cluster import Cluster, Deposed
 from taskfleet.server.content import ContentStore
 from taskfleet.server.exchange import Exchange
-from taskfleet.server.fleet import Fleet
+from taskfleet.server.fleet import Fleet, reach_entry
 from taskfleet.server.fleet_load import FleetLoader
 from taskfleet.server.hints import (
+    REACH,
     TASK_CANCEL,
     TASKS,
+    TICKLE,
     WINDOWS,
     WORK,
     Hints,
     PgHints,
+    parse_entries,
     parse_ids,
 )
 from taskfleet.server.kernel import token_hash
@@ -64,6 +67,7 @@ from taskfleet.settings import (
     POLL_INTERVAL,
     REAPER_INTERVAL,
     RELAY_POLL_INTERVAL,
+    RETICKLE_WINDOW,
     SERVER_HEARTBEAT,
     TICKLE_MIN_INTERVAL,
     TICKLE_RATE,
@@ -157,9 +161,15 @@ class Runtime:
         return self.manager
 
 
+def give_work(rt: Runtime, computer_ids: Iterable[int]) -> None:
+    """After a commit that gave these computers work: they look at their next exchange
+    (in every server process: the has-work hint), and the leader tickles them."""
+    rt.tickler.wake(rt.fleet.mark_work(computer_ids), hinted=True)
+
+
 def wake_targets(rt: Runtime, created: requests.Created) -> None:
     """After a request commits: its computers have work; tickle them."""
-    rt.tickler.wake(rt.fleet.mark_work(created.computer_ids))
+    give_work(rt, created.computer_ids)
     rt.lifecycle_engine.watch(created.request)
 
 
@@ -170,7 +180,7 @@ def queued_orders(rt: Runtime, last: dict[int, int]) -> None:
         cs = rt.fleet.get(cid)
         if cs is not None:
             cs.out_seq = max(cs.out_seq, seq)
-    rt.tickler.wake(rt.fleet.mark_work(last))
+    give_work(rt, last)
 
 
 async def windows_changed(rt: Runtime, computer_ids: set[int]) -> None:
@@ -225,11 +235,9 @@ async def start(config: ServerConfig) -> Runtime:
         rate=config.tickle_rate,
         min_interval=config.tickle_min_interval,
         enabled=config.tickles,
+        leading=False,  # until its duty starts (server/cluster.py)
     )
     tickler.start()
-    # A relay backs off while the server is away (up to RELAY_RETRY_MAX); telling every
-    # relay the server is back brings their spooled results home within seconds.
-    tickler.wake_relays(rs for rs in fleet.relays.values() if not rs.revoked)
     rt = Runtime(
         config=config,
         read=read_engine,
@@ -266,7 +274,7 @@ async def start(config: ServerConfig) -> Runtime:
     rt.lifecycle = Lifecycle(
         rt.cluster.fenced(writer.run),
         read_engine,
-        lambda cids: tickler.wake(fleet.mark_work(cids)),
+        lambda cids: give_work(rt, cids),
         clock=config.clock,
         interval=config.lifecycle_interval,
         fire=lambda sid: fire_schedule(rt, sid),
@@ -280,7 +288,11 @@ async def start(config: ServerConfig) -> Runtime:
     rt.tasks.append(asyncio.create_task(_flush_seen(rt), name="last-seen"))
     await _start_tasks(rt, config)
     # The leader's duties (issue 16): started when this process gains the lead (on
-    # SQLite at once, in cluster.start), canceled when it loses it.
+    # SQLite at once, in cluster.start), canceled when it loses it. The tickler's first:
+    # the work the others find as they start is tickled. It tickles every relay as it
+    # starts: a relay backs off while the server is away (up to RELAY_RETRY_MAX), and
+    # hearing it is back brings their spooled results home within seconds.
+    rt.cluster.duty("tickler", lambda ready: tickler.lead(ready, fleet.relays.values()))
     rt.cluster.duty("lifecycle", rt.lifecycle.lead)
     rt.cluster.duty("scheduler", rt.task_manager.lead)
     rt.cluster.duty("reaper", lambda ready: _reaper(rt, ready))
@@ -304,12 +316,26 @@ async def _start_hints(rt: Runtime) -> None:
     hints = rt.hints = PgHints(rt.config.database_url)
     loader = rt.loader = FleetLoader(rt.read, fleet)
 
-    def work(body: str) -> None:
+    def work(body: str) -> Awaitable[None] | None:
         ids = parse_ids(body)
         if ids is None:
             fleet.look_all()
-        else:  # the process that hears it tickles too (tickles are idempotent, paced)
-            tickler.wake(fleet.mark_work(ids, hint=False))
+            return None
+        woken = fleet.mark_work(ids, hint=False)
+        if not tickler.leading:
+            # The leader may have tickled them before this hint came, and they may have
+            # been answered "nothing" here meanwhile: tickle them again (the leader does).
+            tickler.wake(fleet.served_since(woken, rt.now() - RETICKLE_WINDOW))
+            return None
+        tickler.wake(woken, hinted=True)
+        unknown = [i for i in ids if fleet.get(i) is None]
+        return tickle_unknown(unknown) if unknown else None
+
+    async def tickle_unknown(ids: list[int]) -> None:
+        # Enrolled through another process and never seen here: the leader loads them
+        # (with their address and port as stored) to tickle them.
+        await loader.computers(ids)
+        tickler.wake((cs for i in ids if (cs := fleet.get(i)) is not None), hinted=True)
 
     async def changed_computers(body: str) -> None:
         await loader.computers(parse_ids(body) or [])
@@ -335,6 +361,8 @@ async def _start_hints(rt: Runtime) -> None:
         rt.tasks.append(asyncio.get_running_loop().create_task(changed_windows("")))
 
     hints.subscribe(WORK, work)
+    hints.subscribe(TICKLE, tickler.forwarded)
+    hints.subscribe(REACH, lambda body: fleet.reached(parse_entries(body)))
     hints.subscribe("computers", changed_computers)
     hints.subscribe("relays", changed_relays)
     hints.subscribe(WINDOWS, changed_windows)
@@ -342,6 +370,10 @@ async def _start_hints(rt: Runtime) -> None:
     hints.subscribe(TASKS, lambda _body: rt.manager.hinted() if rt.manager else None)
     hints.on_connect(reconnected)
     fleet.on_work = hints.work
+    fleet.on_reach = lambda cs: hints.publish_entries(REACH, {str(cs.id): reach_entry(cs)})
+    tickler.forward = lambda targets: hints.publish_entries(
+        TICKLE, {f"{int(t.relay)} {t.id}": t.entry() for t in targets}
+    )
     await hints.start()
 
 

@@ -192,7 +192,6 @@ async def exchange(rt: Runtime, request: Request) -> Response:
     if isinstance(cs, str):
         return _refuse("auth", 401, cs)
     computer_id = cs.id
-    cs.via_relay = False  # it speaks to the server directly: wake it directly
     body = await read_body(request, MAX_BODY_BYTES)
     if body is None:
         return _refuse("too-large", 413, f"exchange body over {MAX_BODY_BYTES} bytes")
@@ -206,10 +205,11 @@ async def exchange(rt: Runtime, request: Request) -> Response:
     offer = await _identity(rt, cs, req.identity, now)
     if isinstance(offer, Response):
         return offer
-    cs.last_seen = now
+    cs.last_seen = cs.served_at = now
     cs.dirty = True
-    if req.agent is None:
-        cs.address = address  # the agent's info exchange updates it in the database
+    # It speaks to the server directly: wake it directly, where it is (an info
+    # exchange stores its address and port in the database, with the rest).
+    rt.fleet.reach(cs, address if req.agent is None else cs.address, cs.tickle_port, False)
 
     def quiet() -> bool:
         return (

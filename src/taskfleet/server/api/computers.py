@@ -22,7 +22,7 @@ from taskfleet.server.api.deps import (
     router_for,
 )
 from taskfleet.server.kernel import ApiError
-from taskfleet.server.runtime import fleet_changed
+from taskfleet.server.runtime import fleet_changed, give_work
 
 log = logging.getLogger("taskfleet.server")
 router = router_for()
@@ -120,7 +120,7 @@ async def decide_identity(rt: Rt, computer_id: Id, body: IdentityIn, p: Admin) -
             if cs.relay is not None:
                 cs.relay.roster_changed()  # its relay stops refusing it, starts afresh
             # Its queued work is handed out at its next exchange: wake it.
-            rt.tickler.wake(rt.fleet.mark_work([cs.id]))
+            give_work(rt, [cs.id])
         fleet_changed(rt, computer_ids=[res.computer_id])  # the other processes too
 
     res = await rt.writer.run(

@@ -168,8 +168,8 @@ async def exchange(rt: Runtime, request: Request) -> Response:
         kind = "malformed" if isinstance(exc, orjson.JSONDecodeError) else "invalid"
         return _refuse(kind, 400, f"bad relay exchange: {exc}")
     now = rt.config.clock()
-    rs.last_seen = now
-    rs.address = request.client.host if request.client else rs.address
+    rs.last_seen = rs.served_at = now
+    rt.fleet.reach_relay(rs, request.client.host if request.client else rs.address)
     rs.dirty = True
     if req.stats:
         rs.stats = {**req.stats, "reported_at": now}
