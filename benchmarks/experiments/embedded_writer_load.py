@@ -55,14 +55,16 @@ def _timed(cls: Any, name: str, label: str) -> None:
 
 async def main(rate: float, n: int, workers: int) -> None:
     _timed(writer_mod.Writer, "_fns", "writer function-job transactions")
+    if hasattr(writer_mod.Writer, "_syncs"):  # run_sync jobs (session 12); absent before
+        _timed(writer_mod.Writer, "_syncs", "writer sync-job transactions")
     _timed(runner_mod._Batcher, "_run", "worker claim/result batches")
     sa.event.listen(sa.engine.Engine, "before_cursor_execute", _count)
     claim_and_complete = runner_mod.Worker._claim_and_complete
 
-    async def mixed(self: Any, conn: Any, items: list[Any]) -> Any:
+    def mixed(self: Any, conn: Any, items: list[Any]) -> Any:
         claims = sum(1 for i in items if isinstance(i, runner_mod._Claim))
         MIXES[(claims, len(items) - claims)] += 1
-        return await claim_and_complete(self, conn, items)
+        return claim_and_complete(self, conn, items)
 
     runner_mod.Worker._claim_and_complete = mixed  # type: ignore[method-assign]
     tmp = Path(tempfile.mkdtemp())

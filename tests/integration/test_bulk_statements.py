@@ -77,7 +77,7 @@ async def test_a_batch_moves_each_row_with_its_own_values_and_history(engine):
         tenant = (await conn.execute(sa.select(tenants.c.id))).scalar_one()
         sa.event.listen(engine.sync_engine, "before_cursor_execute", count)
         try:
-            await apply_changes(conn, [_claim(a, tenant, 1000 + a) for a in ids])
+            await conn.run_sync(apply_changes, [_claim(a, tenant, 1000 + a) for a in ids])
         finally:
             sa.event.remove(engine.sync_engine, "before_cursor_execute", count)
         rows = (
@@ -115,7 +115,7 @@ async def test_one_stale_row_refuses_the_whole_batch(engine):
             )
         with pytest.raises(ConcurrentChange, match="1 activities changed concurrently"):
             async with conn.begin():
-                await apply_changes(conn, [_claim(a, tenant, 5.0) for a in ids])
+                await conn.run_sync(apply_changes, [_claim(a, tenant, 5.0) for a in ids])
         states = (
             await conn.execute(
                 sa.select(activities.c.state).where(id_in(conn, activities.c.id, ids))
@@ -133,7 +133,7 @@ async def test_an_over_long_reason_is_refused_not_cut(engine):
             tenant = (await conn.execute(sa.select(tenants.c.id))).scalar_one()
         with pytest.raises(sa.exc.DBAPIError, match="too long"):
             async with conn.begin():
-                await apply_changes(conn, [_claim(ids[0], tenant, 5.0, reason="x" * 2001)])
+                await conn.run_sync(apply_changes, [_claim(ids[0], tenant, 5.0, reason="x" * 2001)])
         state = (
             await conn.execute(sa.select(activities.c.state).where(activities.c.id == ids[0]))
         ).scalar_one()
@@ -147,7 +147,7 @@ async def test_a_json_column_in_a_batch_is_stored_as_json(engine):
         changes = [_claim(a, tenant, 7.0) for a in ids[:3]]
         for i, ch in enumerate(changes):
             ch.values["agent_report"] = {"worker": "w", "n": i, "text": "é\u0000x"[:1] + "\u2028"}
-        await apply_changes(conn, changes)
+        await conn.run_sync(apply_changes, changes)
         rows = (
             await conn.execute(
                 sa.select(activities.c.id, activities.c.agent_report).where(
@@ -190,8 +190,8 @@ async def test_a_result_a_worker_can_no_longer_act_on_is_recorded_on_the_task(en
             .where(id_in(conn, activities.c.id, ids[:2]))
             .values(state=State.FAILED.value)
         )
-        done = await complete_many(
-            conn,
+        done = await conn.run_sync(
+            complete_many,
             "w",
             9.0,
             [Outcome(a, True, 0, "out", "Completed:Succeeded", None) for a in ids[:2]],

@@ -36,16 +36,16 @@ def test_unpack_reads_a_single_id_as_older_servers_published_it_and_refuses_garb
 def test_batcher_runs_what_arrives_together_in_one_transaction_and_never_shares_a_claim() -> None:
     calls: list[list[int]] = []
 
-    async def run_tx(fn: Any) -> Any:
+    async def run_sync(fn: Any) -> Any:
         await asyncio.sleep(0)
-        return await fn(None)
+        return fn(None)
 
-    async def many(_conn: Any, items: list[int]) -> dict[int, Any]:
+    def many(_conn: Any, items: list[int]) -> dict[int, Any]:
         calls.append(list(items))
         return {i: f"claimed {i}" for i in items}
 
     async def main() -> tuple[list[Any], list[Any]]:
-        b = _Batcher(run_tx, many, key=lambda i: i, repeat=lambda i: f"duplicate {i}")
+        b = _Batcher(run_sync, many, key=lambda i: i, repeat=lambda i: f"duplicate {i}")
         try:
             return await asyncio.gather(b.call_many([1, 2, 3]), b.call_many([3, 4]))
         finally:
@@ -58,16 +58,16 @@ def test_batcher_runs_what_arrives_together_in_one_transaction_and_never_shares_
 
 
 def test_batcher_retries_each_group_alone_when_a_mixed_batch_fails() -> None:
-    async def run_tx(fn: Any) -> Any:
-        return await fn(None)
+    async def run_sync(fn: Any) -> Any:
+        return fn(None)
 
-    async def many(_conn: Any, items: list[int]) -> dict[int, Any]:
+    def many(_conn: Any, items: list[int]) -> dict[int, Any]:
         if any(i < 0 for i in items):
             raise RuntimeError("bad result")
         return {i: "ok" for i in items}
 
     async def main() -> tuple[Any, Any]:
-        b = _Batcher(run_tx, many, key=lambda i: i, group=lambda i: i < 0)
+        b = _Batcher(run_sync, many, key=lambda i: i, group=lambda i: i < 0)
         try:
             return await asyncio.gather(b.call(-1), b.call(2), return_exceptions=True)
         finally:
@@ -86,7 +86,9 @@ def test_a_task_canceled_while_it_waits_for_a_run_slot_never_takes_one() -> None
         raise AssertionError("no database here")
 
     async def main() -> tuple[bool, bool, bool, int]:
-        w = Worker(queue=EmbeddedQueue(), types={}, run_tx=run_tx, pg=False, concurrency=1)
+        w = Worker(
+            queue=EmbeddedQueue(), types={}, run_tx=run_tx, run_sync=run_tx, pg=False, concurrency=1
+        )
         await w._slots.acquire()  # another task runs
         stop = StopRequest()
         waiting = asyncio.create_task(w._slot_unless_stopped(stop))
@@ -121,14 +123,17 @@ def test_an_embedded_worker_claims_the_next_task_in_the_transaction_storing_a_re
     ids = [1, 2, 3, 4]
     batches: list[list[tuple[str, int]]] = []
 
-    async def run_tx(fn: Any) -> Any:
+    async def run_sync(fn: Any) -> Any:
         await asyncio.sleep(0)  # the writer's queue: a turn at least
-        return await fn(None)
+        return fn(None)
+
+    async def run_tx(fn: Any) -> Any:
+        raise AssertionError("claims and results go through run_sync")
 
     async def main() -> None:
         stored = asyncio.Event()
 
-        async def claim_and_complete(_w: Worker, _conn: Any, items: list[Any]) -> dict[Any, Any]:
+        def claim_and_complete(_w: Worker, _conn: Any, items: list[Any]) -> dict[Any, Any]:
             out: dict[Any, Any] = {}
             batch = []
             for i in items:
@@ -150,7 +155,7 @@ def test_an_embedded_worker_claims_the_next_task_in_the_transaction_storing_a_re
         monkeypatch.setattr(Worker, "_heartbeat", no_heartbeat)
         q = EmbeddedQueue()
         types = {s.name: s for s in BUILTINS}
-        w = Worker(queue=q, types=types, run_tx=run_tx, pg=False, concurrency=1)
+        w = Worker(queue=q, types=types, run_tx=run_tx, run_sync=run_sync, pg=False, concurrency=1)
         running_worker = asyncio.create_task(w.run())
         try:
             await q.publish(ids)

@@ -507,8 +507,8 @@ class Exchange:
                         "agent_status": None,
                     }
                 )
-        await apply_changes(conn, changes)
-        await insert_events(conn, events)
+        await conn.run_sync(apply_changes, changes)
+        await conn.run_sync(insert_events, events)
         if reports:
             await conn.execute(
                 activities.update()
@@ -733,7 +733,7 @@ class Exchange:
             )
         # The computers' out_seq is stored with the exchange's other counters.
         await box.write(conn, counters=False)
-        await apply_changes(conn, changes)
+        await conn.run_sync(apply_changes, changes)
         metrics.DELIVERED.inc(len(changes))
 
 

@@ -76,7 +76,7 @@ async def cancel_open_work(
         )
         for r in rows
     ]
-    await apply_changes(conn, changes)
+    await conn.run_sync(apply_changes, changes)
     return [r.id for r in rows]
 
 

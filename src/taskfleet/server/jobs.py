@@ -237,7 +237,7 @@ async def terminate(
             sig = signer.sign(body)
             box.append(cid, r.tenant_id, lambda seq: terminate_message(seq, op, body, sig))  # noqa: B023
             out.ordered.append(op)
-    await apply_changes(conn, changes)
+    await conn.run_sync(apply_changes, changes)
     await box.write(conn, counters=True)
     out.notify = box.last()
     deadline = now + (JOB_TERMINATE_WAIT if wait is None else wait)
@@ -318,7 +318,7 @@ async def reap_terminations(conn: AsyncConnection, now: float, limit: int = 5000
         )
         for r in rows
     ]
-    await apply_changes(conn, changes)
+    await conn.run_sync(apply_changes, changes)
     for job_id, ended in await conn.execute(_stopped_jobs()):
         await conn.execute(
             jobs.update()

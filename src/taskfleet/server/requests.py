@@ -296,8 +296,8 @@ async def _create(
             now=now,
         )
         states[cid] = (state, _why(state, opts, request_id, wave))
-    rows = await insert_activities(
-        conn,
+    rows = await conn.run_sync(
+        insert_activities,
         [
             {
                 "tenant_id": p.tenant_id,
@@ -316,8 +316,8 @@ async def _create(
             for cid in ids
         ],
     )
-    await insert_events(
-        conn,
+    await conn.run_sync(
+        insert_events,
         [
             (
                 aid,
@@ -510,7 +510,7 @@ async def cancel(
             body = cancel_body(computer=cid, generation=r.generation, op=op)
             sig = signer.sign(body)
             box.append(cid, p.tenant_id, lambda seq: cancel_message(seq, op, body, sig))  # noqa: B023
-    await apply_changes(conn, changes)
+    await conn.run_sync(apply_changes, changes)
     await box.write(conn, counters=True)
     await audit(
         conn,

@@ -458,6 +458,7 @@ def _start_embedded_worker(rt: Runtime, config: ServerConfig) -> None:
             queue=queue,
             types=specs,
             run_tx=rt.writer.run,
+            run_sync=rt.writer.run_sync,
             pg=pg,
             concurrency=config.workers,
             heartbeat_interval=config.worker_heartbeat,

@@ -249,10 +249,9 @@ class TaskManager(TaskHolds):
 
     # -- submit and cancel ---------------------------------------------------------
 
-    async def _tenant_name(self, conn: Any, tenant_id: int) -> str | None:
-        name = (
-            await conn.execute(sa.select(tenants.c.name).where(tenants.c.id == tenant_id))
-        ).scalar()
+    @staticmethod
+    def _tenant_name(conn: sa.Connection, tenant_id: int) -> str | None:
+        name = conn.execute(sa.select(tenants.c.name).where(tenants.c.id == tenant_id)).scalar()
         return None if name is None else str(name)
 
     def _check(
@@ -297,7 +296,7 @@ class TaskManager(TaskHolds):
         not_before: float | None,
         hold: dict[str, Any] | None = None,
     ) -> tuple[submission.Submitted, Pending]:
-        scope_tenant, group = await self._scope(conn, p, type_, tenant, group)
+        scope_tenant, group = await conn.run_sync(self._scope, p, type_, tenant, group)
         held = await self.hold_for(conn, p, hold)
         sub = await submission.submit(
             conn,
@@ -315,22 +314,20 @@ class TaskManager(TaskHolds):
             self._new_holds[sub.id] = held[2]
         return sub, Pending(sub.id, type_, scope_tenant, group, not_before)
 
-    async def _scope(
-        self, conn: Any, p: Principal, type_: str, tenant: str | None, group: str | None
+    def _scope(
+        self, conn: sa.Connection, p: Principal, type_: str, tenant: str | None, group: str | None
     ) -> tuple[int | None, str | None]:
         scope_tenant = None
         if self.specs[type_].scope == "tenant":
             # The submitter's own tenant: naming another is refused alike whether it
             # exists or not (a tenant's existence is not for others to learn).
             scope_tenant = p.tenant_id
-            if tenant is not None and tenant != await self._tenant_name(conn, p.tenant_id):
+            if tenant is not None and tenant != self._tenant_name(conn, p.tenant_id):
                 raise ApiError(403, "a token may only submit tasks for its own tenant")
         if group is not None:
-            found = (
-                await conn.execute(
-                    sa.select(groups.c.id).where(
-                        groups.c.tenant_id == p.tenant_id, groups.c.name == group
-                    )
+            found = conn.execute(
+                sa.select(groups.c.id).where(
+                    groups.c.tenant_id == p.tenant_id, groups.c.name == group
                 )
             ).scalar()
             if found is None:
@@ -419,11 +416,11 @@ class TaskManager(TaskHolds):
                 raise ApiError(exc.status, f"task {i}: {exc.message}") from None
         now = self.clock()
 
-        async def fn(conn: Any) -> list[tuple[submission.Submitted, Pending]]:
+        def fn(conn: sa.Connection) -> list[tuple[submission.Submitted, Pending]]:
             news = []
             for i, (item, clean) in enumerate(checked):
                 try:
-                    scope_tenant, group = await self._scope(
+                    scope_tenant, group = self._scope(
                         conn, p, item["type"], item.get("tenant"), item.get("group")
                     )
                 except ApiError as exc:
@@ -433,7 +430,7 @@ class TaskManager(TaskHolds):
                         item["type"], scope_tenant, group, clean, item.get("not_before")
                     )
                 )
-            subs = await submission.submit_many(
+            subs = submission.submit_many(
                 conn, owner_tenant=p.tenant_id, actor=p.actor, items=news, now=now
             )
             return [
@@ -441,7 +438,7 @@ class TaskManager(TaskHolds):
                 for sub, t in zip(subs, news, strict=True)
             ]
 
-        results = await self.writer.run(fn, after=self._accepted)
+        results = await self.writer.run_sync(fn, after=self._accepted)
         for (item, _), (sub, _) in zip(checked, results, strict=True):
             self._log_submitted(p, item["type"], sub)
         return [

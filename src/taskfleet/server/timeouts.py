@@ -55,7 +55,7 @@ async def _time_out(
         )
         for row in rows
     ]
-    await apply_changes(conn, changes)
+    await conn.run_sync(apply_changes, changes)
     return [row.id for row in rows]
 
 

@@ -6,6 +6,9 @@ columns that change alongside; ``apply_changes`` updates the rows and appends
 one history event per change, in the caller's transaction. Rows are updated
 only if they are still in the state the transition starts from, so a racing
 writer cannot be overwritten silently.
+The writing functions are synchronous (a ``Connection``) so that a hot writer
+transaction runs whole as one synchronous function (``Writer.run_sync``); async code
+calls them as ``await conn.run_sync(apply_changes, changes)``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.states import FINAL_STATES, Transition
 from taskfleet.store.bulk import TEXT_MATCH, insert_rows, update_rows
@@ -38,7 +40,7 @@ class Change:
     values: dict[str, Any] = field(default_factory=dict)
 
 
-async def apply_changes(conn: AsyncConnection, changes: list[Change]) -> None:
+def apply_changes(conn: sa.Connection, changes: list[Change]) -> None:
     if not changes:
         return
     by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -60,21 +62,21 @@ async def apply_changes(conn: AsyncConnection, changes: list[Change]) -> None:
         # statistics was seen to pick the (state, ...) indexes over the primary
         # key and read every Queued row per update (730 rows per claimed task
         # against 25 with this; bench_tasks.py, 2026-11-22).
-        matched = await update_rows(
+        matched = update_rows(
             conn, activities, rows, {"b_id": "id", "b_from": "state" + TEXT_MATCH}
         )
         if matched < len(rows):
             raise ConcurrentChange(f"{len(rows) - matched} activities changed concurrently")
-    await insert_events(conn, [(ch.activity_id, ch.tenant_id, ch.transition) for ch in changes])
+    insert_events(conn, [(ch.activity_id, ch.tenant_id, ch.transition) for ch in changes])
     finished = conn.info.get(FINISHED)
     if finished is not None:
         finished.update(ch.activity_id for ch in changes if ch.transition.to_state in FINAL_STATES)
 
 
-async def insert_events(conn: AsyncConnection, rows: list[tuple[int, int, Transition]]) -> None:
+def insert_events(conn: sa.Connection, rows: list[tuple[int, int, Transition]]) -> None:
     if not rows:
         return
-    await insert_rows(
+    insert_rows(
         conn,
         activity_events,
         [
@@ -93,7 +95,7 @@ async def insert_events(conn: AsyncConnection, rows: list[tuple[int, int, Transi
     )
 
 
-async def insert_activities(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
+def insert_activities(conn: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
     """Insert activity rows, returning their ids in order, with few statements.
 
     PostgreSQL: INSERT ... RETURNING in pages (ordered by SQLAlchemy). SQLite:
@@ -104,13 +106,13 @@ async def insert_activities(conn: AsyncConnection, rows: list[dict[str, Any]]) -
     if not rows:
         return []
     if conn.dialect.name == "postgresql":
-        result = await conn.execute(
+        result = conn.execute(
             activities.insert().returning(activities.c.id, sort_by_parameter_order=True), rows
         )
         return [int(i) for i in result.scalars().all()]
-    before = (await conn.execute(sa.select(sa.func.max(activities.c.id)))).scalar() or 0
-    await conn.execute(activities.insert(), rows)
-    after = (await conn.execute(sa.select(sa.func.max(activities.c.id)))).scalar() or 0
+    before = conn.execute(sa.select(sa.func.max(activities.c.id))).scalar() or 0
+    conn.execute(activities.insert(), rows)
+    after = conn.execute(sa.select(sa.func.max(activities.c.id))).scalar() or 0
     if after - before != len(rows):
         raise ConcurrentChange("activity ids were not consecutive; retry the batch")
     return list(range(int(before) + 1, int(after) + 1))

@@ -12,9 +12,12 @@ Contract:
 On PostgreSQL the last two are ONE statement over ``unnest`` of one array per column
 (the executemany they replace runs one statement per row: parse-free, but a
 statement's start, snapshot and end each time, on a worker's hot path). On SQLite they
-are one executemany, one call into the database thread. Tables with JSON columns in
-the rows take the executemany path on both: arrays of JSON do not round-trip through
-the driver. Each statement object is built once per shape (table, keys) and reused.
+are one executemany. Tables with JSON columns in the rows take the executemany path on
+both: arrays of JSON do not round-trip through the driver. Each statement object is
+built once per shape (table, keys) and reused.
+``insert_rows`` and ``update_rows`` are synchronous (a ``Connection``): the writer's hot
+transactions run whole as one synchronous function (``Writer.run_sync``); async code
+calls them through ``await conn.run_sync(update_rows, ...)``.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 TEXT_MATCH = "||''"  # suffix in ``update_rows``'s ``match``: compare as text (see above)
 
 
-def _pg(conn: AsyncConnection) -> bool:
+def _pg(conn: AsyncConnection | sa.Connection) -> bool:
     return conn.dialect.name == "postgresql"
 
 
-def id_in(conn: AsyncConnection, column: sa.ColumnElement[Any], ids: list[int]) -> Any:
+def id_in(
+    conn: AsyncConnection | sa.Connection, column: sa.ColumnElement[Any], ids: list[int]
+) -> Any:
     if _pg(conn):
         return column == sa.any_(sa.bindparam(None, list(ids), type_=ARRAY(sa.BigInteger)))
     return column.in_(ids)
@@ -107,29 +112,27 @@ def _arrays(names: tuple[str, ...], rows: list[dict[str, Any]]) -> dict[str, lis
     return {f"a_{n}": [r[n] for r in rows] for n in names}
 
 
-async def insert_rows(conn: AsyncConnection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+def insert_rows(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     names = tuple(sorted(rows[0]))
     if not _pg(conn) or not _arrayable(table, list(names)):
-        await conn.execute(table.insert(), rows)
+        conn.execute(table.insert(), rows)
         return
-    await conn.execute(_insert(table, names), _arrays(names, rows))
+    conn.execute(_insert(table, names), _arrays(names, rows))
 
 
-async def update_rows(
-    conn: AsyncConnection, table: sa.Table, rows: list[dict[str, Any]], match: dict[str, str]
+def update_rows(
+    conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], match: dict[str, str]
 ) -> int:
     """Rows must share their keys. ``match`` maps each ``b_*`` key to its column."""
     if not rows:
         return 0
     names = tuple(sorted(rows[0]))
     if not _pg(conn) or not _arrayable(table, [match.get(n, n) for n in names]):
-        result = await conn.execute(_update(table, names, match, each=True), rows)
+        result = conn.execute(_update(table, names, match, each=True), rows)
         # Not every driver counts executemany rows: then trust the batch.
         return len(rows) if result.rowcount in (-1, None) else int(result.rowcount)
     return int(
-        (
-            await conn.execute(_update(table, names, match, each=False), _arrays(names, rows))
-        ).rowcount
+        conn.execute(_update(table, names, match, each=False), _arrays(names, rows)).rowcount
     )

@@ -4,6 +4,8 @@ Contract: ``database_url`` accepts what an administrator types
 (``sqlite:///path``, a bare path, ``postgresql://...``) and returns the async
 driver URL; ``create_engine`` applies the settings each engine needs for
 durability (SQLite: WAL, synchronous=FULL, foreign keys, a busy timeout);
+``sync_writer_engine`` is the SQLite writer's synchronous twin engine (same file,
+same settings) for the writer's one-hand-over transactions (``Writer.run_sync``).
 ``upgrade`` brings a database to the newest Alembic revision.
 ``secure_data_dir`` and ``prepare_sqlite`` keep the server's secrets private:
 the data folder is created 0700 and the SQLite file (it holds the signing seed
@@ -137,6 +139,27 @@ def create_engine(
         sa.event.listen(engine.sync_engine, "begin", _sqlite_begin_immediate)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=pre_ping, **kwargs)
+
+
+def sync_writer_engine(engine: AsyncEngine) -> sa.Engine:
+    """A synchronous (pysqlite) engine on the SQLite file of the async writer ``engine``,
+    with the writer's settings: WAL, synchronous=FULL, foreign keys, busy timeout,
+    BEGIN IMMEDIATE. One connection, used from one thread at a time (the writer's own,
+    which serialises it with the async writer connection). The file already exists with
+    its 0600 mode (``prepare_sqlite``); SQLite gives -wal and -shm the same mode."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite":
+        raise ValueError(f"a synchronous writer engine is for SQLite, not {url.drivername}")
+    sync = sa.create_engine(
+        url.set(drivername="sqlite+pysqlite"),
+        pool_size=1,
+        max_overflow=0,
+        # Only the writer's thread uses it; a cleanup at exit from another is no error.
+        connect_args={"check_same_thread": False},
+    )
+    sa.event.listen(sync, "connect", _sqlite_manual_transactions)
+    sa.event.listen(sync, "begin", _sqlite_begin_immediate)
+    return sync
 
 
 def _alembic_config(url: str) -> Any:

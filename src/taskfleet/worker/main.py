@@ -46,12 +46,17 @@ async def _main(
         async with engine.begin() as conn:
             return await fn(conn)
 
+    async def run_sync(fn: Any) -> Any:
+        async with engine.begin() as conn:
+            return await conn.run_sync(fn)
+
     queue = open_queue(queue_url)
     await queue.connect()
     worker = Worker(
         queue=queue,
         types=specs,
         run_tx=run_tx,
+        run_sync=run_sync,
         pg=not db.is_sqlite(database),
         concurrency=concurrency,
         heartbeat_interval=heartbeat_interval,

@@ -53,6 +53,9 @@ from taskfleet.worker.handlers import StopRequest, run_handler
 log = logging.getLogger("taskfleet.worker")
 
 RunTx = Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]]
+# Runs a synchronous ``fn(conn)`` in a write transaction (``Writer.run_sync``; a separate
+# worker process: ``AsyncConnection.run_sync``).
+RunSync = Callable[[Callable[[Any], Any]], Awaitable[Any]]
 
 
 class _Batcher:
@@ -70,14 +73,14 @@ class _Batcher:
 
     def __init__(
         self,
-        run_tx: RunTx,
-        many: Callable[[Any, list[Any]], Awaitable[dict[Hashable, Any]]],
+        run_sync: RunSync,
+        many: Callable[[Any, list[Any]], dict[Hashable, Any]],
         key: Callable[[Any], Hashable],
         group: Callable[[Any], Hashable] = lambda _: None,
         repeat: Callable[[Any], Any] | None = None,
     ) -> None:
-        self.run_tx = run_tx
-        self.many = many
+        self.run_sync = run_sync
+        self.many = many  # synchronous: the transaction runs whole as one function
         self.key = key
         self.group = group
         self.repeat = repeat
@@ -134,7 +137,7 @@ class _Batcher:
 
     async def _run(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
         items = [item for item, _ in batch]
-        results = await self.run_tx(functools.partial(self._many, items))
+        results = await self.run_sync(functools.partial(self._many, items))
         seen: set[Hashable] = set()
         for item, fut in batch:
             k = self.key(item)
@@ -149,8 +152,8 @@ class _Batcher:
             if not fut.done():
                 fut.set_exception(exc)
 
-    async def _many(self, items: list[Any], conn: Any) -> dict[Hashable, Any]:
-        return await self.many(conn, items)
+    def _many(self, items: list[Any], conn: Any) -> dict[Hashable, Any]:
+        return self.many(conn, items)
 
     def close(self) -> None:
         if self._task is not None:
@@ -168,6 +171,7 @@ class Worker:
         queue: DispatchQueue,
         types: dict[str, TaskTypeSpec],
         run_tx: RunTx,
+        run_sync: RunSync,
         pg: bool,
         concurrency: int = 4,
         heartbeat_interval: float = WORKER_HEARTBEAT_INTERVAL,
@@ -199,23 +203,23 @@ class Worker:
         # Claims and results go through one batcher: a transaction records the
         # results that are ready and claims the deliveries that arrived.
         self._db = _Batcher(
-            run_tx,
+            run_sync,
             self._claim_and_complete,
             key=lambda item: (type(item).__name__, item.task_id),
             group=lambda item: type(item).__name__,
             repeat=lambda _: "delivered twice at once; the other copy runs it",
         )
 
-    async def _claim_and_complete(self, conn: Any, items: list[Any]) -> dict[Hashable, Any]:
+    def _claim_and_complete(self, conn: Any, items: list[Any]) -> dict[Hashable, Any]:
         now = time.time()
         out: dict[Hashable, Any] = {}
         outcomes = [i for i in items if isinstance(i, running.Outcome)]
         if outcomes:
-            done = await running.complete_many(conn, self.id, now, outcomes)
+            done = running.complete_many(conn, self.id, now, outcomes)
             out.update((("Outcome", tid), v) for tid, v in done.items())
         claims = [i.task_id for i in items if isinstance(i, _Claim)]
         if claims:
-            got = await running.claim_many(conn, claims, self.id, now, pg=self.pg)
+            got = running.claim_many(conn, claims, self.id, now, pg=self.pg)
             out.update((("_Claim", tid), v) for tid, v in got.items())
         return out
 

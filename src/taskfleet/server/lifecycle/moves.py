@@ -58,7 +58,7 @@ async def move(
         )
         for r in rows
     ]
-    await apply_changes(conn, changes)
+    await conn.run_sync(apply_changes, changes)
     return [c.activity_id for c in changes]
 
 

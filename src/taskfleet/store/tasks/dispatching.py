@@ -91,7 +91,7 @@ async def mark_dispatched(conn: AsyncConnection, ids: list[int], now: float) -> 
         for r in rows
         if r.state == State.SCHEDULED.value
     ]
-    await apply_changes(conn, changes)
+    await conn.run_sync(apply_changes, changes)
     await conn.execute(
         server_tasks.update()
         .where(id_in(conn, server_tasks.c.activity_id, ids))

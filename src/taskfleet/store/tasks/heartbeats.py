@@ -138,7 +138,7 @@ async def reap_workers(
         changes.append(
             Change(r.id, r.tenant_id, t, {"finished_at": now, "result_line": HEARTBEAT_LOST})
         )
-    await apply_changes(conn, changes)
+    await conn.run_sync(apply_changes, changes)
     await conn.execute(
         workers.update().where(workers.c.id.in_(silent)).values(status="lost", running=[])
     )

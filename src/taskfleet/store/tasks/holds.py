@@ -56,7 +56,7 @@ async def move_held(
         SERVER, State(row.state), target, cause=cause, actor=actor, at=now, reason=reason
     )
     values = {"finished_at": now} if target in FINAL_STATES else {}
-    await apply_changes(conn, [Change(row.id, row.tenant_id, t, values)])
+    await conn.run_sync(apply_changes, [Change(row.id, row.tenant_id, t, values)])
     if hold is not None:
         await conn.execute(
             server_tasks.update().where(server_tasks.c.activity_id == row.id).values(hold=hold)

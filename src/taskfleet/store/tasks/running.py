@@ -5,6 +5,10 @@ the same time: only a Queued, unclaimed task can be claimed, by one worker.
 ``complete_many`` moves a claimed task to its outcome, records a report it can no longer
 act on without moving the state, and releases a held (canceled) task with what really
 happened.
+Both are synchronous (a ``Connection``): the embedded worker's claim/result transaction
+runs whole as one function on the writer (``Writer.run_sync``: on SQLite one hand-over to
+the database thread per transaction, not several per statement); other async callers
+use ``await conn.run_sync(claim_many, ...)``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.states import Cause, State, transition
 from taskfleet.store.activities import Change, apply_changes, insert_events
@@ -32,8 +35,8 @@ class Claimed:
     group: str | None
 
 
-async def claim_many(
-    conn: AsyncConnection, task_ids: list[int], worker_id: str, now: float, *, pg: bool
+def claim_many(
+    conn: sa.Connection, task_ids: list[int], worker_id: str, now: float, *, pg: bool
 ) -> dict[int, Claimed | str]:
     """Take dispatched tasks for ``worker_id``, or say per task why not (already
     claimed, canceled...). The worker batches the deliveries that arrive together."""
@@ -53,7 +56,7 @@ async def claim_many(
     )
     if pg:
         q = q.with_for_update(of=activities)
-    rows = {r.id: r for r in await conn.execute(q)}
+    rows = {r.id: r for r in conn.execute(q)}
     out: dict[int, Claimed | str] = {}
     changes: list[Change] = []
     for tid in task_ids:
@@ -77,9 +80,9 @@ async def claim_many(
             changes.append(Change(tid, row.tenant_id, t, {"delivered_at": now}))
             out[tid] = Claimed(tid, row.type, row.params, row.scope_tenant, row.group_name)
     if changes:
-        await apply_changes(conn, changes)
+        apply_changes(conn, changes)
         # One statement for the batch: the same values for every claimed row.
-        await conn.execute(
+        conn.execute(
             server_tasks.update()
             .where(id_in(conn, server_tasks.c.activity_id, [ch.activity_id for ch in changes]))
             .values(claimed_by=worker_id, claimed_at=now)
@@ -109,14 +112,14 @@ def _stop_text(o: Outcome) -> str:
     )
 
 
-async def _confirm_stops(
-    conn: AsyncConnection, worker_id: str, now: float, confirmed: list[tuple[Outcome, int]]
+def _confirm_stops(
+    conn: sa.Connection, worker_id: str, now: float, confirmed: list[tuple[Outcome, int]]
 ) -> None:
     """Held tasks whose worker reported: what really happened is recorded (result,
     output, history); the state stays Canceled and the slot is free."""
     for o, _ in confirmed:
         text = _stop_text(o)
-        await conn.execute(
+        conn.execute(
             activities.update()
             .where(activities.c.id == o.task_id)
             .values(
@@ -135,12 +138,12 @@ async def _confirm_stops(
                 },
             )
         )
-    await conn.execute(
+    conn.execute(
         server_tasks.update()
         .where(id_in(conn, server_tasks.c.activity_id, [o.task_id for o, _ in confirmed]))
         .values(stopped_at=now)
     )
-    await insert_events(
+    insert_events(
         conn,
         [
             canceled_note(
@@ -151,8 +154,8 @@ async def _confirm_stops(
     )
 
 
-async def complete_many(
-    conn: AsyncConnection, worker_id: str, now: float, outcomes: list[Outcome]
+def complete_many(
+    conn: sa.Connection, worker_id: str, now: float, outcomes: list[Outcome]
 ) -> dict[int, bool]:
     """Record workers' results; True where the state moved, False where the task was
     no longer the worker's to finish (canceled meanwhile, or failed as lost): then the
@@ -161,7 +164,7 @@ async def complete_many(
     ids = [o.task_id for o in outcomes]
     rows = {
         r.id: r
-        for r in await conn.execute(
+        for r in conn.execute(
             sa.select(
                 activities.c.id,
                 activities.c.tenant_id,
@@ -227,12 +230,12 @@ async def complete_many(
             )
         )
         done[o.task_id] = True
-    await apply_changes(conn, changes)
+    apply_changes(conn, changes)
     if confirmed:
-        await _confirm_stops(conn, worker_id, now, confirmed)
-    await update_rows(conn, activities, reports, {"b_id": "id"})
+        _confirm_stops(conn, worker_id, now, confirmed)
+    update_rows(conn, activities, reports, {"b_id": "id"})
     lines = [
         {"b_id": o.task_id, "command_line": o.command_line} for o in outcomes if o.command_line
     ]
-    await update_rows(conn, server_tasks, lines, {"b_id": "activity_id"})
+    update_rows(conn, server_tasks, lines, {"b_id": "activity_id"})
     return done

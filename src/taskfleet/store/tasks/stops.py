@@ -81,7 +81,7 @@ async def cancel(
             f"{why}; stop requested from worker {row.claimed_by}: "
             "its slot stays held until the worker confirms the handler stopped"
         )
-    await apply_changes(conn, [Change(task_id, tenant_id, t, values)])
+    await conn.run_sync(apply_changes, [Change(task_id, tenant_id, t, values)])
     if running:
         await conn.execute(
             server_tasks.update()
@@ -112,8 +112,8 @@ async def note_stop(
     await conn.execute(
         activities.update().where(activities.c.id == task_id).values(reason=note, updated_at=now)
     )
-    await insert_events(
-        conn,
+    await conn.run_sync(
+        insert_events,
         [
             canceled_note(
                 task_id, row.tenant_id, Cause.AGENT_REPORT, f"worker:{worker_id}", now, note
@@ -187,8 +187,8 @@ async def release_lost_stops(conn: AsyncConnection, now: float) -> list[Released
         .values(stopped_at=now)
     )
     tenants = {r.id: r.tenant_id for r in rows}
-    await insert_events(
-        conn,
+    await conn.run_sync(
+        insert_events,
         [
             canceled_note(tid, tenants[tid], Cause.TIMEOUT, "reaper", now, text)
             for tid, text in notes

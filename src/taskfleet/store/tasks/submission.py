@@ -109,8 +109,9 @@ async def submit(
     reason = "submitted" if retry_of is None else f"retry of {retry_of} (retry-safe type)"
     if hold is not None:
         reason = f"submitted; {hold[1]}"
-    await insert_events(
-        conn, [(task_id, owner_tenant, creation(state, actor=actor, at=now, reason=reason))]
+    await conn.run_sync(
+        insert_events,
+        [(task_id, owner_tenant, creation(state, actor=actor, at=now, reason=reason))],
     )
     return Submitted(task_id, None, state)
 
@@ -124,17 +125,18 @@ class NewTask:
     not_before: float | None
 
 
-async def submit_many(
-    conn: AsyncConnection, *, owner_tenant: int, actor: str, items: list[NewTask], now: float
+def submit_many(
+    conn: sa.Connection, *, owner_tenant: int, actor: str, items: list[NewTask], now: float
 ) -> list[Submitted]:
     """``submit`` for many tasks with a handful of statements (a batch from the API).
 
     A task equal to one not yet dispatched, or to an earlier one in the same
-    batch, is a duplicate and names that task."""
+    batch, is a duplicate and names that task. Synchronous (a ``Connection``): the
+    API's batch runs whole as one function on the writer (``Writer.run_sync``)."""
     keys = [dedupe_key(t.type, t.scope_tenant, t.group, t.params) for t in items]
     known: dict[str, tuple[int, State]] = {}
     for start in range(0, len(keys), 500):
-        rows = await conn.execute(
+        rows = conn.execute(
             sa.select(server_tasks.c.dedupe_key, server_tasks.c.activity_id, activities.c.state)
             .join(activities, activities.c.id == server_tasks.c.activity_id)
             .where(
@@ -157,7 +159,7 @@ async def submit_many(
             )
             known[key] = (-1 - i, state)  # placeholder until the id exists
             fresh.append((i, t, key, state))
-    ids = await insert_activities(
+    ids = insert_activities(
         conn,
         [
             {
@@ -177,7 +179,7 @@ async def submit_many(
         new_id[i] = tid
         known[key] = (tid, state)
     if fresh:
-        await conn.execute(
+        conn.execute(
             server_tasks.insert(),
             [
                 {
@@ -195,7 +197,7 @@ async def submit_many(
                 for i, t, key, _ in fresh
             ],
         )
-        await insert_events(
+        insert_events(
             conn,
             [
                 (new_id[i], owner_tenant, creation(state, actor=actor, at=now, reason="submitted"))
