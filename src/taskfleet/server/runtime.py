@@ -367,7 +367,7 @@ async def _start_hints(rt: Runtime) -> None:
     hints.subscribe("relays", changed_relays)
     hints.subscribe(WINDOWS, changed_windows)
     hints.subscribe(TASK_CANCEL, task_cancel)
-    hints.subscribe(TASKS, lambda _body: rt.manager.hinted() if rt.manager else None)
+    hints.subscribe(TASKS, lambda body: rt.manager.hinted(parse_ids(body)) if rt.manager else None)
     hints.on_connect(reconnected)
     fleet.on_work = hints.work
     fleet.on_reach = lambda cs: hints.publish_entries(REACH, {str(cs.id): reach_entry(cs)})
@@ -443,7 +443,7 @@ async def _start_tasks(rt: Runtime, config: ServerConfig) -> None:
         catch_up_every=config.leader_catch_up,
     )
     rt.manager.tell_cancel = lambda ids: rt.hints.publish_ids(TASK_CANCEL, ids)
-    rt.manager.tell_leader = lambda: rt.hints.publish(TASKS, "")
+    rt.manager.tell_leader = lambda ids: rt.hints.publish_ids(TASKS, ids)
     await rt.manager.start()
 
 

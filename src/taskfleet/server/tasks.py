@@ -81,8 +81,9 @@ class TaskManager(TaskHolds):
     tell_cancel: Callable[[list[int]], None] = lambda ids: None
     # Tell the leader that tasks were submitted here (PostgreSQL hints): it catches up
     # at once instead of at its next catch_up_every (a burst through a process that
-    # does not lead waited up to a second to start: benchmarks/bench_scale_out.py).
-    tell_leader: Callable[[], None] = lambda: None
+    # does not lead waited up to a second to start: benchmarks/bench_scale_out.py),
+    # reading only those tasks.
+    tell_leader: Callable[[list[int]], None] = lambda ids: None
     catch_up_every: float = LEADER_CATCH_UP
     leading: bool = field(init=False, default=False)
     # This process's embedded worker runs (set by the runtime once the lead is settled).
@@ -96,6 +97,7 @@ class TaskManager(TaskHolds):
     _new_holds: dict[int, dict[str, Any]] = field(init=False, default_factory=dict)
     _settling: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     _catch_up_now: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _hinted: set[int] | None = field(init=False, default_factory=set)  # None: scan all
 
     def __post_init__(self) -> None:
         self._types = from_specs(self.specs)
@@ -187,23 +189,25 @@ class TaskManager(TaskHolds):
             self.scheduler.running_count,
         )
 
-    async def catch_up(self) -> None:
+    async def catch_up(self, ids: list[int] | None = None) -> None:
         """Tasks other processes submitted (new to this scheduler) or canceled (still
-        pending here), in one short scan. Read and applied in the writer's order, so a
-        submission of this process is never taken for one canceled elsewhere. The
-        leader may also call it on a hint."""
+        pending here), in one short scan (``ids``: of those tasks only). Read and
+        applied in the writer's order, so a submission of this process is never taken
+        for one canceled elsewhere. The leader calls it on a hint too."""
 
         async def read(conn: Any) -> tuple[list[dispatching.OpenTask], list[Any]]:
-            return await dispatching.load_open(conn), list(await holds.held(conn))
+            return await dispatching.load_open(conn, ids), list(await holds.held(conn, ids=ids))
 
-        await self.writer.run(read, after=self._caught_up)
+        await self.writer.run(read, after=lambda found: self._caught_up(found, ids))
 
-    def _caught_up(self, found: tuple[list[dispatching.OpenTask], list[Any]]) -> None:
+    def _caught_up(
+        self, found: tuple[list[dispatching.OpenTask], list[Any]], ids: list[int] | None
+    ) -> None:
         open_tasks, held = found
         open_ids = {t.id for t in open_tasks}
-        gone = [tid for tid in self.scheduler.pending_ids() if tid not in open_ids]
-        for tid in gone:
-            self.scheduler.cancel(tid)
+        pending = self.scheduler.pending_ids() if ids is None else ids
+        # Pending here, no longer open there: canceled elsewhere.
+        gone = [tid for tid in pending if tid not in open_ids and self.scheduler.cancel(tid)]
         added = 0
         for t in open_tasks:
             if t.id in self._seen or self.scheduler.knows(t.id) or t.type not in self._types:
@@ -223,19 +227,32 @@ class TaskManager(TaskHolds):
             log.info("caught up: %d tasks submitted, %d canceled elsewhere", added, len(gone))
             self._wake.set()
 
-    def hinted(self) -> None:
-        """Another process submitted tasks: the leader catches up now (coalesced: hints
-        that come during a catch-up make one more)."""
+    def hinted(self, ids: list[int] | None) -> None:
+        """Another process submitted these tasks (None: too many to name): the leader
+        catches up with them now (coalesced: hints that come during a catch-up make
+        one more)."""
+        if ids is None or self._hinted is None:
+            self._hinted = None
+        else:
+            self._hinted.update(ids)
         self._catch_up_now.set()
 
     async def _catch_up_loop(self) -> None:
+        last_scan = time.monotonic()
         while True:
             await wait_set(self._catch_up_now, self.catch_up_every)
             self._catch_up_now.clear()
+            hinted, self._hinted = self._hinted, set()
+            # The whole scan every catch_up_every even while hints keep coming: a hint
+            # may be lost, and cancels and releases elsewhere send none.
+            scan = hinted is None or time.monotonic() - last_scan >= self.catch_up_every
+            if scan:
+                last_scan = time.monotonic()
             try:
-                await self.catch_up()
+                await self.catch_up(None if scan or hinted is None else sorted(hinted))
             except Exception:
-                log.exception("scheduler catch-up failed; retrying")
+                log.exception("scheduler catch-up failed; the next one scans everything")
+                last_scan = -self.catch_up_every
             # A burst of hints makes a scan at most every LEADER_HINT_GAP, not one each.
             await asyncio.sleep(LEADER_HINT_GAP)
 
@@ -335,22 +352,22 @@ class TaskManager(TaskHolds):
         return scope_tenant, group
 
     def _accepted(self, results: list[tuple[submission.Submitted, Pending]]) -> None:
-        told = False
+        told: list[int] = []
         for sub, pending in results:
             hold = self._new_holds.pop(sub.id, None)
             if sub.duplicate_of is not None:
                 continue
             if not self.leading:
                 # The leader's catch-up finds it in the database; told, at once.
-                if not told:
-                    self.tell_leader()
-                    told = True
+                told.append(sub.id)
                 continue
             self._seen.add(sub.id)
             if sub.state in (State.BLOCKED, State.WAITING):
                 self.track(sub.id, sub.state, hold)
             else:
                 self.scheduler.add(pending)
+        if told:
+            self.tell_leader(told)
         self._wake.set()
 
     def _log_submitted(self, p: Principal, type_: str, sub: submission.Submitted) -> None:

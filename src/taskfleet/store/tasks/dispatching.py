@@ -31,10 +31,11 @@ class OpenTask:
     dispatched: bool
 
 
-async def load_open(conn: AsyncConnection) -> list[OpenTask]:
+async def load_open(conn: AsyncConnection, ids: list[int] | None = None) -> list[OpenTask]:
     """Every task not finished (pending ones, those dispatched or running), and every
-    canceled task still held by its worker (it counts as running)."""
-    rows = await conn.execute(
+    canceled task still held by its worker (it counts as running); or only those of
+    them among ``ids``."""
+    q = (
         sa.select(
             activities.c.id,
             activities.c.state,
@@ -49,6 +50,9 @@ async def load_open(conn: AsyncConnection) -> list[OpenTask]:
         .where(sa.or_(activities.c.state.notin_([s.value for s in FINAL_STATES]), stop_pending()))
         .order_by(activities.c.id)
     )
+    if ids is not None:
+        q = q.where(id_in(conn, activities.c.id, ids))
+    rows = await conn.execute(q)
     return [
         OpenTask(
             r.id,

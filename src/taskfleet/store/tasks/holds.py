@@ -13,12 +13,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskfleet.domain.states import FINAL_STATES, Cause, State, transition
 from taskfleet.store.activities import Change, apply_changes
+from taskfleet.store.bulk import id_in
 from taskfleet.store.schema import activities, server_tasks
 from taskfleet.store.tasks import SERVER
 
 
-async def held(conn: AsyncConnection, task_id: int | None = None) -> list[Any]:
-    """Blocked and Waiting tasks with what holds them (all, or one)."""
+async def held(
+    conn: AsyncConnection, task_id: int | None = None, *, ids: list[int] | None = None
+) -> list[Any]:
+    """Blocked and Waiting tasks with what holds them (all, one, or those among ``ids``)."""
     q = (
         sa.select(
             activities.c.id,
@@ -37,6 +40,8 @@ async def held(conn: AsyncConnection, task_id: int | None = None) -> list[Any]:
     )
     if task_id is not None:
         q = q.where(activities.c.id == task_id)
+    if ids is not None:
+        q = q.where(id_in(conn, activities.c.id, ids))
     return list(await conn.execute(q.order_by(activities.c.id)))
 
 
