@@ -17,11 +17,17 @@ from taskfleet.store.schema import activities, tenants
 from taskfleet.store.tasks import SERVER
 
 
-async def test_a_failing_job_in_a_batch_rolls_back_only_its_own_writes(database_url):
+async def _started(database_url: str) -> tuple[Writer, Any]:
+    """A started writer on a migrated database, and its engine (stop both in the test)."""
     await db.upgrade(database_url)
     engine = db.create_engine(database_url, writer=True)
     writer = Writer(engine)
     writer.start()
+    return writer, engine
+
+
+async def test_a_failing_job_in_a_batch_rolls_back_only_its_own_writes(database_url):
+    writer, engine = await _started(database_url)
     after_calls: list[str] = []
 
     def insert(name: str, fail: bool = False):
@@ -65,10 +71,7 @@ def _move(aid: int, tenant: int, to: State) -> Change:
 async def test_sync_jobs_share_a_transaction_and_a_failing_one_undoes_only_itself(database_url):
     """``run_sync``: the same contract as ``run`` (on SQLite: its own thread and
     connection; on PostgreSQL: ``AsyncConnection.run_sync``)."""
-    await db.upgrade(database_url)
-    engine = db.create_engine(database_url, writer=True)
-    writer = Writer(engine)
-    writer.start()
+    writer, engine = await _started(database_url)
     after_calls: list[str] = []
 
     def insert(name: str, fail: bool = False):
@@ -107,12 +110,9 @@ async def test_sync_jobs_share_a_transaction_and_a_failing_one_undoes_only_itsel
 async def test_a_sync_job_on_a_stale_row_raises_concurrent_change_and_reports_what_it_finished(
     database_url,
 ):
-    await db.upgrade(database_url)
-    engine = db.create_engine(database_url, writer=True)
-    writer = Writer(engine)
+    writer, engine = await _started(database_url)
     finished: list[set[int]] = []
     writer.on_finished = finished.append
-    writer.start()
     try:
         stale, tenant = await writer.run(lambda c: c.run_sync(_queued_task_sync))
         await writer.run_sync(lambda c: apply_changes(c, [_move(stale, tenant, State.CANCELED)]))
@@ -157,10 +157,7 @@ async def test_the_sqlite_writer_sync_connection_is_as_durable_and_private_as_th
     if db.sqlite_path(database_url) is None:
         pytest.skip("SQLite only: PostgreSQL runs sync jobs on the async connection")
     db.prepare_sqlite(database_url)
-    await db.upgrade(database_url)
-    engine = db.create_engine(database_url, writer=True)
-    writer = Writer(engine)
-    writer.start()
+    writer, engine = await _started(database_url)
     try:
 
         def pragmas(conn: sa.Connection) -> tuple[Any, ...]:
