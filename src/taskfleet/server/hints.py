@@ -20,9 +20,9 @@ Contract:
   "all"), ``computers`` and ``relays`` (ids to reload, ``server/fleet_load.py``),
   ``windows`` (reload the maintenance windows), ``task-cancel`` (server task ids
   canceled while running: the embedded worker that runs one stops it), ``tasks``
-  (server tasks submitted elsewhere: the leader's scheduler catches up at once),
-  ``tickle`` (wake-ups for the leader to send, ``server/tickler.py``), ``reach``
-  (where computers' wake-ups go changed: ``Fleet.reach``).
+  (ids of server tasks submitted elsewhere: the leader's scheduler reads those at
+  once), ``tickle`` (wake-ups for the leader to send, ``server/tickler.py``), ``reach``
+  (where computers' and relays' wake-ups go changed: ``Fleet.reach``).
 * Hints are hints: one may be lost (a listener reconnecting, a process starting).
   After every (re)connect of the listener each ``on_connect`` callback runs (the
   fleet's catch-up: every computer looks once, as at load), and every
@@ -63,9 +63,9 @@ Handler = Callable[[str], Awaitable[None] | None]
 WORK = "work"
 WINDOWS = "windows"  # a group's maintenance window or membership changed: reload
 TASK_CANCEL = "task-cancel"  # server tasks canceled while running: stop them if here
-TASKS = "tasks"  # server tasks submitted by a process that does not lead: catch up now
+TASKS = "tasks"  # ids of server tasks a process that does not lead took: read them now
 TICKLE = "tickle"  # wake-ups for the leader to send (server/tickler.py)
-REACH = "reach"  # where computers' wake-ups go changed (Fleet.reach)
+REACH = "reach"  # where computers' and relays' wake-ups go changed (Fleet.reach)
 ALL = "all"
 _PING = "ping"
 
