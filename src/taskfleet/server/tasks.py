@@ -24,7 +24,7 @@ scheduler, the worker reaper and ``catch_up()`` every ``catch_up_every`` seconds
 (tasks other processes submitted or canceled). Its dispatch and reap writes go
 through ``fence`` (the cluster's epoch check).
 
-Why one module of about 690 lines: submit, cancel, dispatch, the reapers and the
+Why one module of about 700 lines: submit, cancel, dispatch, the reapers and the
 catch-up all move the same in-memory scheduler state after the same commits; the
 rules are in ``domain/scheduling.py``, the SQL in ``store/tasks/``, holds
 (approvals, dependencies) in ``server/task_holds.py``.
